@@ -1,0 +1,14 @@
+"""kdfast: fused knowledge-distillation losses for PyTorch.
+
+Public names only. The compiled core (`kdfast._C`) is loaded lazily: importing kdfast
+never fails because the native library is missing; calling a kernel does, with a clear
+error, while `kdfast.reference` keeps working.
+"""
+
+from kdfast import functional, reference
+from kdfast._build import build_info
+from kdfast.losses import KDLoss
+
+__version__ = "0.1.0"
+
+__all__ = ["KDLoss", "build_info", "functional", "reference", "__version__"]
