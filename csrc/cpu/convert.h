@@ -1,0 +1,121 @@
+// Element conversions between the storage dtypes (float32, bfloat16, float16, float64) and
+// the compute type, for the CPU kernels. `load_chunk` returns a pointer to n compute-type
+// values (aliasing the source when no conversion is needed); `store_chunk` writes n values
+// in the output dtype with round-to-nearest-even, keeping NaN and inf. Loops are written so
+// the compiler vectorises them; with F16C the float16 paths use the hardware converts.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "kdfast/rowmath.h"
+
+namespace kdfast {
+namespace cpu {
+
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+inline float bf16_to_float(uint16_t v) { return rowmath::bits_to_float(static_cast<int32_t>(static_cast<uint32_t>(v) << 16)); }
+
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t x = static_cast<uint32_t>(rowmath::float_to_bits(f));
+  const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+  const bool is_nan = (x & 0x7fffffffu) > 0x7f800000u;
+  return static_cast<uint16_t>(is_nan ? ((x >> 16) | 0x40u) : rounded);
+}
+
+inline float f16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  // Shift exponent and mantissa into float position, then rebias by 2^112 (handles subnormals).
+  float magnitude = rowmath::bits_to_float(static_cast<int32_t>((h & 0x7fffu) << 13)) * 5.192296858534828e33f;
+  if ((h & 0x7c00u) == 0x7c00u) {  // inf / nan
+    magnitude = rowmath::bits_to_float(static_cast<int32_t>(((h & 0x3ffu) << 13) | 0x7f800000u));
+  }
+  return rowmath::bits_to_float(static_cast<int32_t>(static_cast<uint32_t>(rowmath::float_to_bits(magnitude)) | sign));
+}
+
+inline uint16_t float_to_f16(float f) {
+  uint32_t x = static_cast<uint32_t>(rowmath::float_to_bits(f));
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  x &= 0x7fffffffu;
+  if (x >= 0x7f800000u) return static_cast<uint16_t>(sign | (x > 0x7f800000u ? 0x7e00u : 0x7c00u));
+  if (x >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: inf
+  if (x < 0x38800000u) {  // below 2^-14: half subnormal (or zero); let the FPU round
+    const float shifted = rowmath::bits_to_float(static_cast<int32_t>(x)) + 0.5f;
+    return static_cast<uint16_t>(sign | (static_cast<uint32_t>(rowmath::float_to_bits(shifted)) - 0x3f000000u));
+  }
+  const uint32_t odd = (x >> 13) & 1u;
+  x += 0xc8000fffu + odd;  // rebias exponent by -112 and round half to even
+  return static_cast<uint16_t>(sign | (x >> 13));
+}
+
+template <class In, class C>
+inline const C* load_chunk(const In* src, int64_t n, C* buf) {
+  if constexpr (std::is_same_v<In, C>) {
+    return src;
+  } else if constexpr (std::is_same_v<In, bf16_t>) {
+    const uint16_t* raw = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<C>(bf16_to_float(raw[i]));
+    return buf;
+  } else if constexpr (std::is_same_v<In, f16_t>) {
+    const uint16_t* raw = reinterpret_cast<const uint16_t*>(src);
+    int64_t i = 0;
+#if defined(__F16C__)
+    if constexpr (std::is_same_v<C, float>) {
+      for (; i + 8 <= n; i += 8) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(raw + i));
+        _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(h));
+      }
+    }
+#endif
+    for (; i < n; ++i) buf[i] = static_cast<C>(f16_to_float(raw[i]));
+    return buf;
+  } else {  // float -> double or double -> float
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<C>(src[i]);
+    return buf;
+  }
+}
+
+template <class Out, class C>
+inline void store_chunk(const C* src, int64_t n, Out* dst) {
+  if constexpr (std::is_same_v<Out, C>) {
+    if (static_cast<const void*>(src) != static_cast<const void*>(dst)) std::memcpy(dst, src, sizeof(C) * n);
+  } else if constexpr (std::is_same_v<Out, bf16_t>) {
+    uint16_t* raw = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) raw[i] = float_to_bf16(static_cast<float>(src[i]));
+  } else if constexpr (std::is_same_v<Out, f16_t>) {
+    uint16_t* raw = reinterpret_cast<uint16_t*>(dst);
+    int64_t i = 0;
+#if defined(__F16C__)
+    if constexpr (std::is_same_v<C, float>) {
+      for (; i + 8 <= n; i += 8) {
+        const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(raw + i), h);
+      }
+    }
+#endif
+    for (; i < n; ++i) raw[i] = float_to_f16(static_cast<float>(src[i]));
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<Out>(src[i]);
+  }
+}
+
+// One element converted to the compute type (the label logit).
+template <class In, class C>
+inline C load_one(const In* src) {
+  C value;
+  return *load_chunk<In, C>(src, 1, &value);
+}
+
+}  // namespace cpu
+}  // namespace kdfast

@@ -1,0 +1,111 @@
+// Run-time choice among the CPU kernel variants compiled from kd_loss_cpu.cpp, and the
+// build description. The variant list comes from the build (KDFAST_CPU_HAS_AVX2/AVX512);
+// the choice is made once, from the CPU's feature flags, the first time a kernel runs.
+// KDFAST_CPU_VARIANT=baseline|avx2|avx512 in the environment forces a (supported) variant.
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "kdfast/kdfast.h"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace kdfast {
+namespace cpu {
+#define KDFAST_DECLARE_VARIANT(name)                 \
+  namespace name {                                   \
+  int64_t kd_forward(const KDForwardArgs& args);     \
+  void kd_backward(const KDBackwardArgs& args);      \
+  }
+KDFAST_DECLARE_VARIANT(baseline)
+#if defined(KDFAST_CPU_HAS_AVX2)
+KDFAST_DECLARE_VARIANT(avx2)
+#endif
+#if defined(KDFAST_CPU_HAS_AVX512)
+KDFAST_DECLARE_VARIANT(avx512)
+#endif
+#undef KDFAST_DECLARE_VARIANT
+
+namespace {
+
+struct Variant {
+  const char* name;
+  int64_t (*forward)(const KDForwardArgs&);
+  void (*backward)(const KDBackwardArgs&);
+};
+
+bool cpu_supports(const char* name) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (std::strcmp(name, "avx2") == 0)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (std::strcmp(name, "avx512") == 0)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && cpu_supports("avx2");
+#endif
+  return std::strcmp(name, "baseline") == 0;
+}
+
+std::vector<Variant> compiled_variants() {
+  std::vector<Variant> variants;
+#if defined(KDFAST_CPU_HAS_AVX512)
+  variants.push_back({"avx512", avx512::kd_forward, avx512::kd_backward});
+#endif
+#if defined(KDFAST_CPU_HAS_AVX2)
+  variants.push_back({"avx2", avx2::kd_forward, avx2::kd_backward});
+#endif
+  variants.push_back({"baseline", baseline::kd_forward, baseline::kd_backward});
+  return variants;  // best first
+}
+
+Variant choose_variant() {
+  const std::vector<Variant> variants = compiled_variants();
+  const char* forced = std::getenv("KDFAST_CPU_VARIANT");
+  if (forced && *forced) {
+    for (const Variant& v : variants)
+      if (std::strcmp(v.name, forced) == 0 && cpu_supports(v.name)) return v;
+  }
+  for (const Variant& v : variants)
+    if (cpu_supports(v.name)) return v;
+  return variants.back();
+}
+
+const Variant& selected() {
+  static const Variant variant = choose_variant();
+  return variant;
+}
+
+}  // namespace
+}  // namespace cpu
+
+int64_t kd_forward_cpu(const KDForwardArgs& args) { return cpu::selected().forward(args); }
+void kd_backward_cpu(const KDBackwardArgs& args) { cpu::selected().backward(args); }
+
+#if defined(KDFAST_WITH_CUDA)
+void fill_cuda_build_info(BuildInfo& info);
+#endif
+
+BuildInfo build_info() {
+  BuildInfo info;
+#if defined(__clang__)
+  info.compiler = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info.compiler = std::string("gcc ") + __VERSION__;
+#else
+  info.compiler = "unknown";
+#endif
+  for (const auto& v : cpu::compiled_variants()) info.cpu_variants.push_back(v.name);
+  info.cpu_variant_selected = cpu::selected().name;
+#if defined(_OPENMP)
+  info.openmp = true;
+  info.openmp_max_threads = omp_get_max_threads();
+#endif
+#if defined(KDFAST_WITH_CUDA)
+  fill_cuda_build_info(info);
+#endif
+  return info;
+}
+
+}  // namespace kdfast

@@ -1,0 +1,386 @@
+// CPU kernels of the dense KD loss (forward statistics + loss, backward gradient).
+// This file is compiled once per instruction-set variant (baseline x86-64, AVX2+FMA+F16C,
+// AVX-512) into the namespace kdfast::cpu::KDFAST_CPU_VARIANT; dispatch.cpp picks one at run
+// time. Contract: see types.h (KDForwardArgs / KDBackwardArgs) and rowmath.h (the math).
+// Rows are split over OpenMP threads (args.num_threads, no more); each row is streamed in
+// chunks of kChunk elements: converted to the compute type into a stack buffer (or used in
+// place for float32 / float64), then swept with vectorised loops. The forward pass reads the
+// row once (JSD/TVD: a second sweep over the same, cache-resident chunks); the backward pass
+// reads it once more and writes the gradient once, multiplied by grad_output.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "convert.h"
+#include "kdfast/rowmath.h"
+#include "kdfast/types.h"
+
+#ifndef KDFAST_CPU_VARIANT
+#error "KDFAST_CPU_VARIANT must name the instruction-set variant"
+#endif
+
+namespace kdfast {
+namespace cpu {
+namespace KDFAST_CPU_VARIANT {
+
+using rowmath::Coefficients;
+using rowmath::GradRow;
+using rowmath::RowPartial;
+using rowmath::RowStats;
+
+namespace {
+
+constexpr int64_t kChunk = 2048;
+// Below this many elements per call one thread is faster than waking a team.
+constexpr int64_t kParallelThreshold = 1 << 15;
+
+template <class C>
+constexpr C kNegInf = -std::numeric_limits<C>::infinity();
+
+// ---- chunk math: operates on compute-type buffers, independent of the storage dtypes ----
+
+// Folds one chunk into the streamed statistics of a row.
+template <class C, Divergence D, bool KD, bool S1>
+void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& k, RowPartial<C>& part) {
+  const C inv_t = k.inv_temperature;
+  C chunk_max_s = kNegInf<C>;
+#pragma omp simd reduction(max : chunk_max_s)
+  for (int64_t i = 0; i < n; ++i) chunk_max_s = s[i] > chunk_max_s ? s[i] : chunk_max_s;
+  const C new_max_s = std::max(part.student_max, chunk_max_s);
+  if (new_max_s != kNegInf<C>) {
+    const C factor_t = rowmath::rescale_factor(part.student_max * inv_t, new_max_s * inv_t);
+    const C shift_t = new_max_s * inv_t;
+    C sum_t = 0, sum_1 = 0, weighted = 0;
+#pragma omp simd reduction(+ : sum_t, sum_1, weighted)
+    for (int64_t i = 0; i < n; ++i) {
+      const C b = s[i] * inv_t;
+      const C e = rowmath::exp_c(b - shift_t);
+      sum_t += e;
+      if constexpr (S1) sum_1 += rowmath::exp_c(s[i] - new_max_s);
+      if constexpr (KD && D == Divergence::ReverseKL) weighted += e > C(0) ? e * (b - t[i] * inv_t) : C(0);
+    }
+    part.student_sum_T = part.student_sum_T * factor_t + sum_t;
+    if constexpr (S1) part.student_sum_1 = part.student_sum_1 * rowmath::rescale_factor(part.student_max, new_max_s) + sum_1;
+    if constexpr (KD && D == Divergence::ReverseKL) part.weighted = part.weighted * factor_t + weighted;
+    part.student_max = new_max_s;
+  }
+  if constexpr (KD) {
+    C chunk_max_t = kNegInf<C>;
+#pragma omp simd reduction(max : chunk_max_t)
+    for (int64_t i = 0; i < n; ++i) chunk_max_t = t[i] > chunk_max_t ? t[i] : chunk_max_t;
+    const C new_max_a = std::max(part.teacher_max, chunk_max_t * inv_t);
+    if (new_max_a != kNegInf<C>) {
+      const C factor = rowmath::rescale_factor(part.teacher_max, new_max_a);
+      C sum = 0, weighted = 0;
+#pragma omp simd reduction(+ : sum, weighted)
+      for (int64_t i = 0; i < n; ++i) {
+        const C a = t[i] * inv_t;
+        const C e = rowmath::exp_c(a - new_max_a);
+        sum += e;
+        if constexpr (D == Divergence::ForwardKL) weighted += e > C(0) ? e * (a - s[i] * inv_t) : C(0);
+      }
+      part.teacher_sum = part.teacher_sum * factor + sum;
+      if constexpr (D == Divergence::ForwardKL) part.weighted = part.weighted * factor + weighted;
+      part.teacher_max = new_max_a;
+    }
+  }
+}
+
+template <class C>
+C chunk_sum(const C* s, int64_t n) {
+  C total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t i = 0; i < n; ++i) total += s[i];
+  return total;
+}
+
+// Second sweep of JSD / TVD over one chunk, with the row's log-sum-exps known.
+template <class C, Divergence D>
+void chunk_sweep(const C* s, const C* t, int64_t n, const Coefficients<C>& k, C lse_a, C lse_b, C& acc0, C& acc1) {
+  const C inv_t = k.inv_temperature;
+  C sum0 = 0, sum1 = 0;
+#pragma omp simd reduction(+ : sum0, sum1)
+  for (int64_t i = 0; i < n; ++i) {
+    const C log_p = t[i] * inv_t - lse_a;
+    const C log_q = s[i] * inv_t - lse_b;
+    C x0 = 0, x1 = 0;
+    if constexpr (D == Divergence::JSD) rowmath::jsd_terms(log_p, log_q, k, x0, x1);
+    else rowmath::tvd_terms(log_p, log_q, x0, x1);
+    sum0 += x0;
+    sum1 += x1;
+  }
+  acc0 += sum0;
+  acc1 += sum1;
+}
+
+// Gradient of one chunk (before the label fix-up), written to `out`.
+template <class C, Divergence D, bool CE, bool KD, bool S1>
+void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& k, const GradRow<C>& g, C* out) {
+  const C inv_t = k.inv_temperature;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const C b = s[i] * inv_t;
+    C value = 0;
+    if constexpr (KD) value += g.kd_factor * rowmath::divergence_grad<D>(t[i] * inv_t, b, g, k);
+    if constexpr (CE) {
+      const C r = S1 ? rowmath::exp_c(s[i] - g.lse_s) : rowmath::exp_c(b - g.lse_b);
+      value += g.ce_factor * (r - g.smooth);
+    }
+    out[i] = value;
+  }
+}
+
+// ---- selection of the chunk-math instantiation for a call's runtime options ----
+
+template <class C>
+using StatsFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, RowPartial<C>&);
+template <class C>
+using SweepFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, C, C, C&, C&);
+template <class C>
+using GradFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const GradRow<C>&, C*);
+
+template <class C, Divergence D>
+StatsFn<C> pick_stats(bool kd, bool s1) {
+  if (kd) return s1 ? chunk_stats<C, D, true, true> : chunk_stats<C, D, true, false>;
+  return s1 ? chunk_stats<C, D, false, true> : chunk_stats<C, D, false, false>;
+}
+
+template <class C, Divergence D>
+GradFn<C> pick_grad(bool ce, bool kd, bool s1) {
+  if (ce && kd) return s1 ? chunk_grad<C, D, true, true, true> : chunk_grad<C, D, true, true, false>;
+  if (ce) return s1 ? chunk_grad<C, D, true, false, true> : chunk_grad<C, D, true, false, false>;
+  return chunk_grad<C, D, false, true, false>;
+}
+
+template <class C>
+struct ChunkKernels {
+  StatsFn<C> stats;
+  SweepFn<C> sweep;  // null for the one-pass divergences
+  GradFn<C> grad;
+};
+
+template <class C, Divergence D>
+ChunkKernels<C> pick_for(const Coefficients<C>& k) {
+  ChunkKernels<C> kernels;
+  kernels.stats = pick_stats<C, D>(k.need_kd, k.need_student_1);
+  kernels.sweep = (D == Divergence::JSD || D == Divergence::TVD) && k.need_kd ? chunk_sweep<C, D> : nullptr;
+  kernels.grad = pick_grad<C, D>(k.need_ce, k.need_kd, k.need_student_1);
+  return kernels;
+}
+
+template <class C>
+ChunkKernels<C> pick_kernels(const Coefficients<C>& k) {
+  switch (k.divergence) {
+    case Divergence::ForwardKL: return pick_for<C, Divergence::ForwardKL>(k);
+    case Divergence::ReverseKL: return pick_for<C, Divergence::ReverseKL>(k);
+    case Divergence::JSD: return pick_for<C, Divergence::JSD>(k);
+    case Divergence::TVD: break;
+  }
+  return pick_for<C, Divergence::TVD>(k);
+}
+
+int threads_for(int requested, int64_t rows, int64_t vocab) {
+  if (rows * vocab < kParallelThreshold) return 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, rows)));
+}
+
+bool label_valid(const int64_t* labels, int64_t row, int64_t ignore_index) {
+  return labels == nullptr || labels[row] != ignore_index;
+}
+
+// ---- row drivers: storage dtypes S (student), T (teacher), compute type C ----
+
+template <class S, class T, class C>
+int64_t forward_impl(const KDForwardArgs& args) {
+  const Coefficients<C> k = rowmath::make_coefficients<C>(args.options);
+  const ChunkKernels<C> kernels = pick_kernels<C>(k);
+  const int64_t rows = args.rows, vocab = args.vocab;
+  const bool smooth = k.need_ce && k.label_smoothing > C(0);
+  const S* student = static_cast<const S*>(args.student);
+  const T* teacher = static_cast<const T*>(args.teacher);
+  C* row_stats = static_cast<C*>(args.row_stats);
+  const bool per_row_output = args.options.reduction == Reduction::None;
+  std::vector<C> row_loss_storage(per_row_output ? 0 : rows);
+  C* row_loss = per_row_output ? static_cast<C*>(args.loss) : row_loss_storage.data();
+  int64_t bad_labels = 0;
+
+#pragma omp parallel for num_threads(threads_for(args.num_threads, rows, vocab)) schedule(static) reduction(+ : bad_labels)
+  for (int64_t row = 0; row < rows; ++row) {
+    C* stats_out = row_stats + row * kRowStats;
+    if (!label_valid(args.labels, row, args.options.ignore_index)) {
+      row_loss[row] = C(0);
+      for (int j = 0; j < kRowStats; ++j) stats_out[j] = C(0);
+      continue;
+    }
+    const int64_t label = args.labels ? args.labels[row] : -1;
+    if (args.labels && (label < 0 || label >= vocab)) {
+      ++bad_labels;
+      row_loss[row] = std::numeric_limits<C>::quiet_NaN();
+      for (int j = 0; j < kRowStats; ++j) stats_out[j] = std::numeric_limits<C>::quiet_NaN();
+      continue;
+    }
+    alignas(64) C student_buf[kChunk];
+    alignas(64) C teacher_buf[kChunk];
+    const S* s_row = student + row * args.student_row_stride;
+    const T* t_row = teacher + row * args.teacher_row_stride;
+    RowPartial<C> part{kNegInf<C>, C(0), kNegInf<C>, C(0), C(0), C(0), C(0)};
+    double student_total = 0.0;
+    for (int64_t start = 0; start < vocab; start += kChunk) {
+      const int64_t n = std::min(kChunk, vocab - start);
+      const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
+      const C* t = k.need_kd ? load_chunk<T, C>(t_row + start, n, teacher_buf) : nullptr;
+      kernels.stats(s, t, n, k, part);
+      if (smooth) student_total += static_cast<double>(chunk_sum(s, n));
+    }
+    part.student_total = static_cast<C>(student_total);
+    C divergence = 0;
+    RowStats<C> st = rowmath::finish_stats(part, k, &divergence);
+    if (kernels.sweep) {
+      C acc0 = 0, acc1 = 0;
+      for (int64_t start = 0; start < vocab; start += kChunk) {
+        const int64_t n = std::min(kChunk, vocab - start);
+        const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
+        const C* t = load_chunk<T, C>(t_row + start, n, teacher_buf);
+        kernels.sweep(s, t, n, k, st.lse_teacher_T, st.lse_student_T, acc0, acc1);
+      }
+      divergence = k.divergence == Divergence::JSD ? rowmath::finish_jsd(acc0, acc1, k, st)
+                                                   : rowmath::finish_tvd(acc0, acc1, st);
+    }
+    C ce = 0;
+    if (k.need_ce) {
+      const C label_logit = load_one<S, C>(s_row + label);
+      ce = rowmath::cross_entropy(label_logit, st.lse_student_1, part.student_total, vocab, k.label_smoothing);
+    }
+    row_loss[row] = rowmath::combine_loss(ce, divergence, k);
+    stats_out[0] = st.lse_teacher_T;
+    stats_out[1] = st.lse_student_T;
+    stats_out[2] = st.lse_student_1;
+    stats_out[3] = st.aux;
+  }
+
+  if (!per_row_output) {
+    // Deterministic reduction: fixed order, double accumulator.
+    double total = 0.0;
+    int64_t valid = 0;
+    for (int64_t row = 0; row < rows; ++row) {
+      total += static_cast<double>(row_loss[row]);
+      valid += label_valid(args.labels, row, args.options.ignore_index) ? 1 : 0;
+    }
+    double value = total;
+    if (args.options.reduction == Reduction::Mean) value = valid > 0 ? total / static_cast<double>(valid) : 0.0;
+    if (args.options.reduction == Reduction::BatchMean) value = rows > 0 ? total / static_cast<double>(rows) : 0.0;
+    *static_cast<C*>(args.loss) = static_cast<C>(value);
+  }
+  return bad_labels;
+}
+
+template <class S, class T, class C>
+void backward_impl(const KDBackwardArgs& args) {
+  const Coefficients<C> k = rowmath::make_coefficients<C>(args.options);
+  const ChunkKernels<C> kernels = pick_kernels<C>(k);
+  const int64_t rows = args.rows, vocab = args.vocab;
+  const S* student = static_cast<const S*>(args.student);
+  const T* teacher = static_cast<const T*>(args.teacher);
+  const C* row_stats = static_cast<const C*>(args.row_stats);
+  const C* grad_output = static_cast<const C*>(args.grad_output);
+  S* grad_student = static_cast<S*>(args.grad_student);
+
+  double reduction_scale = 1.0;
+  if (args.options.reduction == Reduction::Mean) {
+    int64_t valid = 0;
+    for (int64_t row = 0; row < rows; ++row) valid += label_valid(args.labels, row, args.options.ignore_index) ? 1 : 0;
+    reduction_scale = valid > 0 ? 1.0 / static_cast<double>(valid) : 0.0;
+  } else if (args.options.reduction == Reduction::BatchMean) {
+    reduction_scale = rows > 0 ? 1.0 / static_cast<double>(rows) : 0.0;
+  }
+
+#pragma omp parallel for num_threads(threads_for(args.num_threads, rows, vocab)) schedule(static)
+  for (int64_t row = 0; row < rows; ++row) {
+    S* g_row = grad_student + row * vocab;
+    if (!label_valid(args.labels, row, args.options.ignore_index)) {
+      std::memset(static_cast<void*>(g_row), 0, sizeof(S) * vocab);
+      continue;
+    }
+    const C g = static_cast<C>(grad_output[row * args.grad_output_stride] * reduction_scale);
+    const C* st = row_stats + row * kRowStats;
+    GradRow<C> gr;
+    gr.ce_factor = g * k.alpha;
+    gr.kd_factor = g * (C(1) - k.alpha) * k.divergence_scale * k.inv_temperature;
+    gr.smooth = k.label_smoothing / static_cast<C>(vocab);
+    gr.lse_a = st[0];
+    gr.lse_b = st[1];
+    gr.lse_s = st[2];
+    gr.aux = st[3];
+    const int64_t label = args.labels ? args.labels[row] : -1;
+    const C label_step = g * k.alpha * (C(1) - k.label_smoothing);
+    alignas(64) C student_buf[kChunk];
+    alignas(64) C teacher_buf[kChunk];
+    alignas(64) C grad_buf[kChunk];
+    const S* s_row = student + row * args.student_row_stride;
+    const T* t_row = teacher + row * args.teacher_row_stride;
+    for (int64_t start = 0; start < vocab; start += kChunk) {
+      const int64_t n = std::min(kChunk, vocab - start);
+      const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
+      const C* t = k.need_kd ? load_chunk<T, C>(t_row + start, n, teacher_buf) : nullptr;
+      C* out;
+      if constexpr (std::is_same_v<S, C>) out = g_row + start;
+      else out = grad_buf;
+      kernels.grad(s, t, n, k, gr, out);
+      if (k.need_ce && label >= start && label < start + n) out[label - start] -= label_step;
+      store_chunk<S, C>(out, n, g_row + start);
+    }
+  }
+}
+
+// ---- dtype dispatch ----
+
+template <class S, class T>
+int64_t forward_for(const KDForwardArgs& args) {
+  if constexpr (std::is_same_v<S, double>) return forward_impl<S, T, double>(args);
+  else return forward_impl<S, T, float>(args);
+}
+
+template <class S, class T>
+void backward_for(const KDBackwardArgs& args) {
+  if constexpr (std::is_same_v<S, double>) backward_impl<S, T, double>(args);
+  else backward_impl<S, T, float>(args);
+}
+
+template <class Fn>
+auto with_float_types(DType student, DType teacher, Fn&& fn) {
+  auto with_teacher = [&](auto student_tag) {
+    using S = decltype(student_tag);
+    switch (teacher) {
+      case DType::BFloat16: return fn(S{}, bf16_t{});
+      case DType::Float16: return fn(S{}, f16_t{});
+      default: return fn(S{}, float{});
+    }
+  };
+  switch (student) {
+    case DType::BFloat16: return with_teacher(bf16_t{});
+    case DType::Float16: return with_teacher(f16_t{});
+    default: return with_teacher(float{});
+  }
+}
+
+}  // namespace
+
+int64_t kd_forward(const KDForwardArgs& args) {
+  if (args.student_dtype == DType::Float64) return forward_for<double, double>(args);
+  return with_float_types(args.student_dtype, args.teacher_dtype, [&](auto s, auto t) {
+    return forward_for<decltype(s), decltype(t)>(args);
+  });
+}
+
+void kd_backward(const KDBackwardArgs& args) {
+  if (args.student_dtype == DType::Float64) return backward_for<double, double>(args);
+  with_float_types(args.student_dtype, args.teacher_dtype, [&](auto s, auto t) {
+    backward_for<decltype(s), decltype(t)>(args);
+  });
+}
+
+}  // namespace KDFAST_CPU_VARIANT
+}  // namespace cpu
+}  // namespace kdfast

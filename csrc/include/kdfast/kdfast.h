@@ -1,0 +1,33 @@
+// Public entry points of the torch-free kdfast core. The binding layer (bindings.cpp) is
+// the only caller. CPU entry points run synchronously on the calling thread plus an OpenMP
+// team of args.num_threads; CUDA entry points (when compiled) enqueue on the given stream
+// and never synchronise or allocate.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kdfast/types.h"
+
+namespace kdfast {
+
+// Dense KD loss on the CPU. Returns the number of rows whose label is outside [0, vocab)
+// and not ignore_index (their loss and statistics are NaN); the caller turns it into an error.
+int64_t kd_forward_cpu(const KDForwardArgs& args);
+void kd_backward_cpu(const KDBackwardArgs& args);
+
+// Build and runtime description for kdfast.build_info().
+struct BuildInfo {
+  std::string compiler;
+  std::vector<std::string> cpu_variants;  // instruction-set variants compiled in
+  std::string cpu_variant_selected;       // the one this machine runs
+  bool openmp = false;
+  int openmp_max_threads = 1;
+  bool cuda = false;
+  std::string cuda_version;
+  std::vector<std::string> cuda_architectures;
+};
+BuildInfo build_info();
+
+}  // namespace kdfast

@@ -1,0 +1,138 @@
+// The only pybind11 file: exposes the torch-free core as kdfast._C. Every tensor arrives
+// as a raw address (int) plus dtype code, sizes and strides, already validated by the
+// Python layer (python/kdfast/ops); the GIL is released for every kernel call.
+// device_index < 0 means CPU; otherwise the CUDA kernels run on `stream` (cudaStream_t as int).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+
+#include "kdfast/kdfast.h"
+
+namespace py = pybind11;
+
+namespace kdfast {
+#if defined(KDFAST_WITH_CUDA)
+int64_t kd_forward_cuda(const KDForwardArgs& args, int device_index, uintptr_t stream);
+void kd_backward_cuda(const KDBackwardArgs& args, int device_index, uintptr_t stream);
+#endif
+}  // namespace kdfast
+
+namespace {
+
+using kdfast::DType;
+using kdfast::KDOptions;
+
+KDOptions make_options(int divergence, int reduction, double temperature, double alpha, double beta,
+                       double label_smoothing, double divergence_scale, int64_t ignore_index) {
+  KDOptions o;
+  o.divergence = static_cast<kdfast::Divergence>(divergence);
+  o.reduction = static_cast<kdfast::Reduction>(reduction);
+  o.temperature = temperature;
+  o.alpha = alpha;
+  o.beta = beta;
+  o.label_smoothing = label_smoothing;
+  o.divergence_scale = divergence_scale;
+  o.ignore_index = ignore_index;
+  return o;
+}
+
+template <class T>
+T* as_ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
+
+[[noreturn]] void no_cuda() {
+  throw std::runtime_error("kdfast was built without CUDA kernels; reinstall with a CUDA toolkit (KDFAST_CUDA=ON)");
+}
+
+int64_t kd_forward(uintptr_t student, int student_dtype, int64_t student_row_stride, uintptr_t teacher,
+                   int teacher_dtype, int64_t teacher_row_stride, uintptr_t labels, int64_t rows, int64_t vocab,
+                   int divergence, int reduction, double temperature, double alpha, double beta,
+                   double label_smoothing, double divergence_scale, int64_t ignore_index, uintptr_t loss,
+                   uintptr_t row_stats, int num_threads, int device_index, uintptr_t stream) {
+  kdfast::KDForwardArgs a;
+  a.student = as_ptr<const void>(student);
+  a.student_dtype = static_cast<DType>(student_dtype);
+  a.student_row_stride = student_row_stride;
+  a.teacher = as_ptr<const void>(teacher);
+  a.teacher_dtype = static_cast<DType>(teacher_dtype);
+  a.teacher_row_stride = teacher_row_stride;
+  a.labels = as_ptr<const int64_t>(labels);
+  a.rows = rows;
+  a.vocab = vocab;
+  a.options = make_options(divergence, reduction, temperature, alpha, beta, label_smoothing, divergence_scale, ignore_index);
+  a.loss = as_ptr<void>(loss);
+  a.row_stats = as_ptr<void>(row_stats);
+  a.num_threads = num_threads;
+  if (device_index < 0) return kdfast::kd_forward_cpu(a);
+#if defined(KDFAST_WITH_CUDA)
+  return kdfast::kd_forward_cuda(a, device_index, stream);
+#else
+  (void)stream;
+  no_cuda();
+#endif
+}
+
+void kd_backward(uintptr_t grad_output, int64_t grad_output_stride, uintptr_t student, int student_dtype,
+                 int64_t student_row_stride, uintptr_t teacher, int teacher_dtype, int64_t teacher_row_stride,
+                 uintptr_t labels, int64_t rows, int64_t vocab, int divergence, int reduction, double temperature,
+                 double alpha, double beta, double label_smoothing, double divergence_scale, int64_t ignore_index,
+                 uintptr_t row_stats, uintptr_t grad_student, int num_threads, int device_index, uintptr_t stream) {
+  kdfast::KDBackwardArgs a;
+  a.grad_output = as_ptr<const void>(grad_output);
+  a.grad_output_stride = grad_output_stride;
+  a.student = as_ptr<const void>(student);
+  a.student_dtype = static_cast<DType>(student_dtype);
+  a.student_row_stride = student_row_stride;
+  a.teacher = as_ptr<const void>(teacher);
+  a.teacher_dtype = static_cast<DType>(teacher_dtype);
+  a.teacher_row_stride = teacher_row_stride;
+  a.labels = as_ptr<const int64_t>(labels);
+  a.rows = rows;
+  a.vocab = vocab;
+  a.options = make_options(divergence, reduction, temperature, alpha, beta, label_smoothing, divergence_scale, ignore_index);
+  a.row_stats = as_ptr<const void>(row_stats);
+  a.grad_student = as_ptr<void>(grad_student);
+  a.num_threads = num_threads;
+  if (device_index < 0) return kdfast::kd_backward_cpu(a);
+#if defined(KDFAST_WITH_CUDA)
+  kdfast::kd_backward_cuda(a, device_index, stream);
+#else
+  (void)stream;
+  no_cuda();
+#endif
+}
+
+py::dict build_info() {
+  const kdfast::BuildInfo info = kdfast::build_info();
+  py::dict d;
+  d["compiler"] = info.compiler;
+  d["cpu_variants"] = info.cpu_variants;
+  d["cpu_variant_selected"] = info.cpu_variant_selected;
+  d["openmp"] = info.openmp;
+  d["openmp_max_threads"] = info.openmp_max_threads;
+  d["cuda"] = info.cuda;
+  d["cuda_version"] = info.cuda_version;
+  d["cuda_architectures"] = info.cuda_architectures;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "kdfast compiled core (torch-free); called only from kdfast.ops";
+  m.def("kd_forward", &kd_forward, py::call_guard<py::gil_scoped_release>(), py::arg("student"),
+        py::arg("student_dtype"), py::arg("student_row_stride"), py::arg("teacher"), py::arg("teacher_dtype"),
+        py::arg("teacher_row_stride"), py::arg("labels"), py::arg("rows"), py::arg("vocab"), py::arg("divergence"),
+        py::arg("reduction"), py::arg("temperature"), py::arg("alpha"), py::arg("beta"), py::arg("label_smoothing"),
+        py::arg("divergence_scale"), py::arg("ignore_index"), py::arg("loss"), py::arg("row_stats"),
+        py::arg("num_threads"), py::arg("device_index"), py::arg("stream"));
+  m.def("kd_backward", &kd_backward, py::call_guard<py::gil_scoped_release>(), py::arg("grad_output"),
+        py::arg("grad_output_stride"), py::arg("student"), py::arg("student_dtype"), py::arg("student_row_stride"),
+        py::arg("teacher"), py::arg("teacher_dtype"), py::arg("teacher_row_stride"), py::arg("labels"),
+        py::arg("rows"), py::arg("vocab"), py::arg("divergence"), py::arg("reduction"), py::arg("temperature"),
+        py::arg("alpha"), py::arg("beta"), py::arg("label_smoothing"), py::arg("divergence_scale"),
+        py::arg("ignore_index"), py::arg("row_stats"), py::arg("grad_student"), py::arg("num_threads"),
+        py::arg("device_index"), py::arg("stream"));
+  m.def("build_info", &build_info);
+}

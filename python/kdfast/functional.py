@@ -1,0 +1,116 @@
+"""Functional knowledge-distillation losses backed by kdfast's fused kernels.
+
+`kd_loss` validates its arguments (metadata only, so it traces under
+`torch.compile(fullgraph=True)`), flattens `[..., V]` inputs to rows without copying when
+the vocabulary dimension is contiguous, and calls the `kdfast::kd_loss_forward` custom op,
+whose autograd formula is the fused backward kernel. CPU and CUDA tensors run the compiled
+kernels; tensors on other devices (or CUDA when kdfast was built without CUDA kernels) use
+`kdfast.reference`, which computes the same contract in plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kdfast import _checks
+from kdfast.ops import kd_loss as _kd_ops
+from kdfast.ops._native import has_cuda_kernels
+
+__all__ = ["kd_loss"]
+
+
+def _as_rows(logits: Tensor, vocab: int) -> Tensor:
+    """[..., V] -> [rows, V] with a contiguous last dimension (a view whenever possible)."""
+    rows = logits.reshape(-1, vocab)
+    if rows.stride(-1) != 1 and vocab > 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def _uses_kernels(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and has_cuda_kernels()
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 0.0,
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    t2_scale: bool = True,
+) -> Tensor:
+    """Fused distillation loss α·CE(s, y) + (1−α)·τ·D(softmax(t/T), softmax(s/T)).
+
+    Per row, with p = softmax(t/T) (teacher), q = softmax(s/T), r = softmax(s):
+    D is `forward_kl` Σ p(log p − log q), `reverse_kl` Σ q(log q − log p), `jsd`
+    β·KL(p‖m) + (1−β)·KL(q‖m) with m = βp + (1−β)q, or `tvd` ½Σ|p − q|;
+    CE = −(1−ε)·log r_y − (ε/V)·Σ log r_i; τ = T² when `t2_scale` else 1.
+    A term whose weight (α or 1−α) is 0 is not computed at all.
+
+    Args:
+        student_logits: [..., V] float32, bfloat16, float16 or float64. Receives the gradient.
+        teacher_logits: [..., V], same shape; its dtype may differ from the student's
+            (float64 is used for both when either is float64). Treated as a constant.
+        labels: [...] int64 class indices in [0, V), or None (then every row is valid and
+            `alpha` must be 0). Rows whose label equals `ignore_index` contribute 0 and get
+            a zero gradient.
+        divergence: "forward_kl" (default), "reverse_kl", "jsd" or "tvd".
+        temperature: T > 0 (default 1.0).
+        alpha: weight of the hard-label cross-entropy, in [0, 1] (default 0.0).
+        beta: JSD mixture weight in (0, 1) (default 0.5); ignored by other divergences.
+        ignore_index: label value of rows to skip (default -100).
+        reduction: "mean" (default: sum over valid rows / number of valid rows, 0 when no
+            row is valid), "sum", "batchmean" (sum / number of rows) or "none" (per-row
+            losses with the leading shape [...]).
+        label_smoothing: ε in [0, 1) for the cross-entropy term (default 0.0).
+        t2_scale: scale the divergence by T² (default True), keeping gradient magnitudes
+            comparable across temperatures.
+
+    Returns:
+        float32 loss (float64 for float64 inputs): a scalar, or [...] for reduction="none".
+        The student gradient has the student's dtype.
+
+    Raises:
+        TypeError: logits not floating, labels not int64.
+        ValueError: mismatched shapes or vocabularies, bad options (T ≤ 0, α outside [0, 1],
+            α > 0 without labels, unknown divergence or reduction, …), mixed devices, or
+            labels outside [0, V) that are not `ignore_index`.
+    """
+    _checks.check_kd_inputs(
+        student_logits, teacher_logits, labels, divergence=divergence, temperature=temperature, alpha=alpha,
+        beta=beta, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+    )
+    if not _uses_kernels(student_logits.device):
+        from kdfast import reference
+
+        return reference.kd_loss(
+            student_logits, teacher_logits, labels, divergence=divergence, temperature=temperature, alpha=alpha,
+            beta=beta, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            t2_scale=t2_scale,
+        )
+    if student_logits.dtype == torch.float64 or teacher_logits.dtype == torch.float64:
+        student_logits = student_logits.to(torch.float64)
+        teacher_logits = teacher_logits.to(torch.float64)
+    vocab = student_logits.shape[-1]
+    leading_shape = student_logits.shape[:-1]
+    student_rows = _as_rows(student_logits, vocab)
+    teacher_rows = _as_rows(teacher_logits.detach(), vocab)
+    label_rows = labels.reshape(-1).contiguous() if labels is not None else None
+    loss, _ = _kd_ops.kd_loss_forward(
+        student_rows, teacher_rows, label_rows, divergence, reduction, float(temperature), float(alpha),
+        float(beta), float(label_smoothing), bool(t2_scale), int(ignore_index),
+    )
+    if reduction == "none":
+        loss = loss.reshape(leading_shape)
+    return loss

@@ -1,0 +1,82 @@
+"""nn.Module wrappers around `kdfast.functional`.
+
+Each module stores the loss options given at construction and forwards to the matching
+functional call; `forward` returns exactly what the functional form returns for the same
+arguments, following PyTorch's loss-module conventions (`reduction`, `ignore_index`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from kdfast import functional as F
+
+
+class KDLoss(nn.Module):
+    """Fused knowledge-distillation loss module; see `kdfast.functional.kd_loss`.
+
+    Args:
+        divergence: "forward_kl" (default), "reverse_kl", "jsd" or "tvd".
+        temperature: softmax temperature T > 0 (default 1.0).
+        alpha: weight of the hard-label cross-entropy in [0, 1] (default 0.0).
+        beta: JSD mixture weight in (0, 1) (default 0.5), used by "jsd" only.
+        ignore_index: label value whose rows contribute nothing (default -100).
+        reduction: "mean" (default), "sum", "none" or "batchmean".
+        label_smoothing: ε in [0, 1) for the cross-entropy term (default 0.0).
+        t2_scale: multiply the divergence by T² (default True).
+
+    Shape:
+        student_logits, teacher_logits: [..., V]; labels: [...] int64 or None.
+        Output: scalar, or [...] for reduction="none"; float32 (float64 for float64 inputs).
+    """
+
+    def __init__(
+        self,
+        divergence: str = "forward_kl",
+        temperature: float = 1.0,
+        alpha: float = 0.0,
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        t2_scale: bool = True,
+    ) -> None:
+        super().__init__()
+        self.divergence = divergence
+        self.temperature = temperature
+        self.alpha = alpha
+        self.beta = beta
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.t2_scale = t2_scale
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return F.kd_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            divergence=self.divergence,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            beta=self.beta,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            t2_scale=self.t2_scale,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"divergence={self.divergence!r}, temperature={self.temperature}, alpha={self.alpha}, "
+            f"beta={self.beta}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, t2_scale={self.t2_scale}"
+        )

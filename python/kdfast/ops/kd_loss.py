@@ -1,0 +1,132 @@
+"""Custom ops of the dense KD loss: `kdfast::kd_loss_forward` and `kdfast::kd_loss_backward`.
+
+Contract (inputs already validated and shaped by kdfast.functional):
+- student [rows, vocab] and teacher [rows, vocab]: float32/bfloat16/float16, or both float64;
+  last dimension contiguous, any row stride; labels None or int64 [rows] contiguous.
+- forward returns (loss, row_stats): loss is [rows] for reduction "none" else 0-dim, in the
+  compute dtype (float64 for float64 inputs, else float32); row_stats [rows, 4] holds the
+  per-row log-sum-exps the backward pass reuses. Labels outside [0, vocab) that are not
+  ignore_index raise ValueError.
+- backward returns the student gradient [rows, vocab], contiguous, in the student dtype,
+  already multiplied by grad_output (read by the kernel; no host synchronisation).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kdfast.ops._native import DIVERGENCE_CODES, DTYPE_CODES, REDUCTION_CODES, device_and_stream, native_module
+
+ROW_STATS = 4
+
+
+def compute_dtype(student: Tensor) -> torch.dtype:
+    return torch.float64 if student.dtype == torch.float64 else torch.float32
+
+
+def _divergence_scale(temperature: float, t2_scale: bool) -> float:
+    return temperature * temperature if t2_scale else 1.0
+
+
+@torch.library.custom_op("kdfast::kd_loss_forward", mutates_args=(), device_types=("cpu", "cuda"))
+def kd_loss_forward(
+    student: Tensor,
+    teacher: Tensor,
+    labels: Optional[Tensor],
+    divergence: str,
+    reduction: str,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    label_smoothing: float,
+    t2_scale: bool,
+    ignore_index: int,
+) -> tuple[Tensor, Tensor]:
+    rows, vocab = student.shape
+    dtype = compute_dtype(student)
+    loss = torch.empty((rows,) if reduction == "none" else (), dtype=dtype, device=student.device)
+    row_stats = torch.empty((rows, ROW_STATS), dtype=dtype, device=student.device)
+    device_index, stream = device_and_stream(student)
+    bad_labels = native_module().kd_forward(
+        student.data_ptr(), DTYPE_CODES[student.dtype], student.stride(0),
+        teacher.data_ptr(), DTYPE_CODES[teacher.dtype], teacher.stride(0),
+        labels.data_ptr() if labels is not None else 0, rows, vocab,
+        DIVERGENCE_CODES[divergence], REDUCTION_CODES[reduction], temperature, alpha, beta,
+        label_smoothing, _divergence_scale(temperature, t2_scale), ignore_index,
+        loss.data_ptr(), row_stats.data_ptr(), torch.get_num_threads(), device_index, stream,
+    )
+    if bad_labels:
+        bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= vocab))]
+        raise ValueError(
+            f"kd_loss: labels out of range: {bad_labels} label(s) outside [0, {vocab}) that are not "
+            f"ignore_index={ignore_index}, e.g. {bad[:5].tolist()}"
+        )
+    return loss, row_stats
+
+
+@kd_loss_forward.register_fake
+def _(student, teacher, labels, divergence, reduction, temperature, alpha, beta, label_smoothing, t2_scale,
+      ignore_index):
+    rows = student.shape[0]
+    dtype = compute_dtype(student)
+    loss = student.new_empty((rows,) if reduction == "none" else (), dtype=dtype)
+    return loss, student.new_empty((rows, ROW_STATS), dtype=dtype)
+
+
+@torch.library.custom_op("kdfast::kd_loss_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def kd_loss_backward(
+    grad_output: Tensor,
+    student: Tensor,
+    teacher: Tensor,
+    labels: Optional[Tensor],
+    row_stats: Tensor,
+    divergence: str,
+    reduction: str,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    label_smoothing: float,
+    t2_scale: bool,
+    ignore_index: int,
+) -> Tensor:
+    rows, vocab = student.shape
+    grad_student = torch.empty((rows, vocab), dtype=student.dtype, device=student.device)
+    grad_output = grad_output.to(row_stats.dtype).contiguous()
+    device_index, stream = device_and_stream(student)
+    native_module().kd_backward(
+        grad_output.data_ptr(), 1 if reduction == "none" else 0,
+        student.data_ptr(), DTYPE_CODES[student.dtype], student.stride(0),
+        teacher.data_ptr(), DTYPE_CODES[teacher.dtype], teacher.stride(0),
+        labels.data_ptr() if labels is not None else 0, rows, vocab,
+        DIVERGENCE_CODES[divergence], REDUCTION_CODES[reduction], temperature, alpha, beta,
+        label_smoothing, _divergence_scale(temperature, t2_scale), ignore_index,
+        row_stats.data_ptr(), grad_student.data_ptr(), torch.get_num_threads(), device_index, stream,
+    )
+    return grad_student
+
+
+@kd_loss_backward.register_fake
+def _(grad_output, student, teacher, labels, row_stats, divergence, reduction, temperature, alpha, beta,
+      label_smoothing, t2_scale, ignore_index):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, labels, *options = inputs
+    _, row_stats = output
+    ctx.save_for_backward(student, teacher, labels, row_stats)
+    ctx.options = options
+
+
+def _backward(ctx, grad_loss, grad_row_stats):
+    student, teacher, labels, row_stats = ctx.saved_tensors
+    grad_student = None
+    if ctx.needs_input_grad[0]:
+        grad_student = kd_loss_backward(grad_loss, student, teacher, labels, row_stats, *ctx.options)
+    return (grad_student,) + (None,) * 10
+
+
+kd_loss_forward.register_autograd(_backward, setup_context=_setup_context)
