@@ -12,6 +12,10 @@
 #include <omp.h>
 #endif
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace kdfast {
 namespace cpu {
 #define KDFAST_DECLARE_VARIANT(name)                 \
@@ -77,11 +81,32 @@ const Variant& selected() {
   return variant;
 }
 
+// A freshly allocated multi-megabyte output is about to be written once from start to end.
+// Where transparent huge pages are opt-in ("madvise" mode), ask for them on its 2 MiB-aligned
+// interior: first-touch page faults then cost 512x fewer kernel entries (measured: a 131 MB
+// gradient's faults drop from ~75 ms to ~15 ms of CPU time). A hint only; errors are ignored.
+void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  if (bytes < int64_t(4 * kHuge)) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
 }  // namespace
 }  // namespace cpu
 
 int64_t kd_forward_cpu(const KDForwardArgs& args) { return cpu::selected().forward(args); }
-void kd_backward_cpu(const KDBackwardArgs& args) { cpu::selected().backward(args); }
+
+void kd_backward_cpu(const KDBackwardArgs& args) {
+  cpu::advise_huge_pages(args.grad_student, args.rows * args.vocab * dtype_size(args.student_dtype));
+  cpu::selected().backward(args);
+}
 
 #if defined(KDFAST_WITH_CUDA)
 void fill_cuda_build_info(BuildInfo& info);

@@ -43,7 +43,8 @@ constexpr C kNegInf = -std::numeric_limits<C>::infinity();
 
 // Folds one chunk into the streamed statistics of a row.
 template <class C, Divergence D, bool KD, bool S1>
-void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& k, RowPartial<C>& part) {
+void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, RowPartial<C>& part) {
+  const Coefficients<C> k = coefficients;
   const C inv_t = k.inv_temperature;
   C chunk_max_s = kNegInf<C>;
 #pragma omp simd reduction(max : chunk_max_s)
@@ -98,7 +99,9 @@ C chunk_sum(const C* s, int64_t n) {
 
 // Second sweep of JSD / TVD over one chunk, with the row's log-sum-exps known.
 template <class C, Divergence D>
-void chunk_sweep(const C* s, const C* t, int64_t n, const Coefficients<C>& k, C lse_a, C lse_b, C& acc0, C& acc1) {
+void chunk_sweep(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, C lse_a, C lse_b, C& acc0,
+                 C& acc1) {
+  const Coefficients<C> k = coefficients;
   const C inv_t = k.inv_temperature;
   C sum0 = 0, sum1 = 0;
 #pragma omp simd reduction(+ : sum0, sum1)
@@ -117,7 +120,11 @@ void chunk_sweep(const C* s, const C* t, int64_t n, const Coefficients<C>& k, C 
 
 // Gradient of one chunk (before the label fix-up), written to `out`.
 template <class C, Divergence D, bool CE, bool KD, bool S1>
-void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& k, const GradRow<C>& g, C* out) {
+void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const GradRow<C>& grad_row,
+                C* out) {
+  // Local copies: the loop's invariants must not alias `out` for the loop to vectorise.
+  const Coefficients<C> k = coefficients;
+  const GradRow<C> g = grad_row;
   const C inv_t = k.inv_temperature;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {

@@ -46,15 +46,18 @@ KDFAST_HD int32_t float_to_bits(float f) {
 #endif
 }
 
-// exp(x) in float, branch-free so loops over it vectorise; about 1 ulp on [-87, 88].
+// exp(x) in float, branch-free so loops over it vectorise; within 2 ulp for x in [-87, 88].
 // Returns exactly 0 below -87 (and for -inf), so masked (-inf) logits give zero probability.
+// The kernels only call it with x <= 0 (logit minus a maximum or a log-sum-exp); x > 88.7
+// is outside its domain. NaN propagates.
 KDFAST_HD float exp_f32(float x) {
-  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  // Cody-Waite reduction: r = xc - n*ln2 in two parts.
-  float r = xc - n * 0.693359375f;
+  // n = round(x / ln2) by the 1.5 * 2^23 trick; its integer value sits in the low mantissa bits.
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
+  // Cody-Waite reduction: r = x - n*ln2 in two parts, |r| <= ln2/2.
+  float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
-  // exp(r) on |r| <= ln2/2: degree-6 Taylor polynomial, relative error < 1.2e-7.
+  // exp(r): degree-6 Taylor polynomial, relative error < 1.2e-7 on |r| <= ln2/2.
   float poly = 1.0f / 720.0f;
   poly = poly * r + 1.0f / 120.0f;
   poly = poly * r + 1.0f / 24.0f;
@@ -62,7 +65,8 @@ KDFAST_HD float exp_f32(float x) {
   poly = poly * r + 0.5f;
   poly = poly * r + 1.0f;
   poly = poly * r + 1.0f;
-  const float scale = bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+  // 2^n assembled in the exponent field: (n + 127) << 23, n read from the shifted bits.
+  const float scale = bits_to_float((float_to_bits(shifted) - 0x4B400000 + 127) << 23);
   const float y = poly * scale;
   return x < -87.0f ? 0.0f : y;
 }
