@@ -37,9 +37,9 @@ def test_opcheck_forward(divergence, reduction, dtype):
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_opcheck_backward(divergence, reduction):
     student, teacher, labels = _sample(teacher_dtype=torch.bfloat16)
-    _, row_stats = kd_ops.kd_loss_forward(student, teacher, labels, divergence, reduction, 2.0, 0.5, 0.5, 0.0, True, -100)
+    _, row_stats, valid_rows = kd_ops.kd_loss_forward(student, teacher, labels, divergence, reduction, 2.0, 0.5, 0.5, 0.0, True, -100)
     grad_output = torch.rand(student.shape[0]) + 0.5 if reduction == "none" else torch.tensor(0.75)
-    args = (grad_output, student, teacher, labels, row_stats, divergence, reduction, 2.0, 0.5, 0.5, 0.0, True, -100)
+    args = (grad_output, student, teacher, labels, row_stats, valid_rows, divergence, reduction, 2.0, 0.5, 0.5, 0.0, True, -100)
     torch.library.opcheck(kd_ops.kd_loss_backward, args)
 
 

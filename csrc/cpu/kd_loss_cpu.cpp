@@ -208,23 +208,18 @@ int64_t forward_impl(const KDForwardArgs& args) {
   const S* student = static_cast<const S*>(args.student);
   const T* teacher = static_cast<const T*>(args.teacher);
   C* row_stats = static_cast<C*>(args.row_stats);
-  const bool per_row_output = args.options.reduction == Reduction::None;
-  std::vector<C> row_loss_storage(per_row_output ? 0 : rows);
-  C* row_loss = per_row_output ? static_cast<C*>(args.loss) : row_loss_storage.data();
   int64_t bad_labels = 0;
 
 #pragma omp parallel for num_threads(threads_for(args.num_threads, rows, vocab)) schedule(static) reduction(+ : bad_labels)
   for (int64_t row = 0; row < rows; ++row) {
     C* stats_out = row_stats + row * kRowStats;
     if (!label_valid(args.labels, row, args.options.ignore_index)) {
-      row_loss[row] = C(0);
       for (int j = 0; j < kRowStats; ++j) stats_out[j] = C(0);
       continue;
     }
     const int64_t label = args.labels ? args.labels[row] : -1;
     if (args.labels && (label < 0 || label >= vocab)) {
       ++bad_labels;
-      row_loss[row] = std::numeric_limits<C>::quiet_NaN();
       for (int j = 0; j < kRowStats; ++j) stats_out[j] = std::numeric_limits<C>::quiet_NaN();
       continue;
     }
@@ -260,26 +255,30 @@ int64_t forward_impl(const KDForwardArgs& args) {
       const C label_logit = load_one<S, C>(s_row + label);
       ce = rowmath::cross_entropy(label_logit, st.lse_student_1, part.student_total, vocab, k.label_smoothing);
     }
-    row_loss[row] = rowmath::combine_loss(ce, divergence, k);
+    stats_out[4] = rowmath::combine_loss(ce, divergence, k);
     stats_out[0] = st.lse_teacher_T;
     stats_out[1] = st.lse_student_T;
     stats_out[2] = st.lse_student_1;
     stats_out[3] = st.aux;
   }
 
-  if (!per_row_output) {
-    // Deterministic reduction: fixed order, double accumulator.
-    double total = 0.0;
-    int64_t valid = 0;
-    for (int64_t row = 0; row < rows; ++row) {
-      total += static_cast<double>(row_loss[row]);
-      valid += label_valid(args.labels, row, args.options.ignore_index) ? 1 : 0;
-    }
+  // Deterministic reduction: fixed order, double accumulator.
+  double total = 0.0;
+  int64_t valid = 0;
+  C* loss = static_cast<C*>(args.loss);
+  for (int64_t row = 0; row < rows; ++row) {
+    const C row_loss = row_stats[row * kRowStats + 4];
+    if (args.options.reduction == Reduction::None) loss[row] = row_loss;
+    total += static_cast<double>(row_loss);
+    valid += label_valid(args.labels, row, args.options.ignore_index) ? 1 : 0;
+  }
+  if (args.options.reduction != Reduction::None) {
     double value = total;
     if (args.options.reduction == Reduction::Mean) value = valid > 0 ? total / static_cast<double>(valid) : 0.0;
     if (args.options.reduction == Reduction::BatchMean) value = rows > 0 ? total / static_cast<double>(rows) : 0.0;
-    *static_cast<C*>(args.loss) = static_cast<C>(value);
+    *loss = static_cast<C>(value);
   }
+  *static_cast<C*>(args.valid_rows) = static_cast<C>(valid);
   return bad_labels;
 }
 
@@ -296,9 +295,8 @@ void backward_impl(const KDBackwardArgs& args) {
 
   double reduction_scale = 1.0;
   if (args.options.reduction == Reduction::Mean) {
-    int64_t valid = 0;
-    for (int64_t row = 0; row < rows; ++row) valid += label_valid(args.labels, row, args.options.ignore_index) ? 1 : 0;
-    reduction_scale = valid > 0 ? 1.0 / static_cast<double>(valid) : 0.0;
+    const double valid = static_cast<double>(*static_cast<const C*>(args.valid_rows));
+    reduction_scale = valid > 0 ? 1.0 / valid : 0.0;
   } else if (args.options.reduction == Reduction::BatchMean) {
     reduction_scale = rows > 0 ? 1.0 / static_cast<double>(rows) : 0.0;
   }

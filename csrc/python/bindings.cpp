@@ -49,7 +49,7 @@ int64_t kd_forward(uintptr_t student, int student_dtype, int64_t student_row_str
                    int teacher_dtype, int64_t teacher_row_stride, uintptr_t labels, int64_t rows, int64_t vocab,
                    int divergence, int reduction, double temperature, double alpha, double beta,
                    double label_smoothing, double divergence_scale, int64_t ignore_index, uintptr_t loss,
-                   uintptr_t row_stats, int num_threads, int device_index, uintptr_t stream) {
+                   uintptr_t row_stats, uintptr_t valid_rows, int num_threads, int device_index, uintptr_t stream) {
   kdfast::KDForwardArgs a;
   a.student = as_ptr<const void>(student);
   a.student_dtype = static_cast<DType>(student_dtype);
@@ -63,6 +63,7 @@ int64_t kd_forward(uintptr_t student, int student_dtype, int64_t student_row_str
   a.options = make_options(divergence, reduction, temperature, alpha, beta, label_smoothing, divergence_scale, ignore_index);
   a.loss = as_ptr<void>(loss);
   a.row_stats = as_ptr<void>(row_stats);
+  a.valid_rows = as_ptr<void>(valid_rows);
   a.num_threads = num_threads;
   if (device_index < 0) return kdfast::kd_forward_cpu(a);
 #if defined(KDFAST_WITH_CUDA)
@@ -77,7 +78,7 @@ void kd_backward(uintptr_t grad_output, int64_t grad_output_stride, uintptr_t st
                  int64_t student_row_stride, uintptr_t teacher, int teacher_dtype, int64_t teacher_row_stride,
                  uintptr_t labels, int64_t rows, int64_t vocab, int divergence, int reduction, double temperature,
                  double alpha, double beta, double label_smoothing, double divergence_scale, int64_t ignore_index,
-                 uintptr_t row_stats, uintptr_t grad_student, int num_threads, int device_index, uintptr_t stream) {
+                 uintptr_t row_stats, uintptr_t valid_rows, uintptr_t grad_student, int num_threads, int device_index, uintptr_t stream) {
   kdfast::KDBackwardArgs a;
   a.grad_output = as_ptr<const void>(grad_output);
   a.grad_output_stride = grad_output_stride;
@@ -92,6 +93,7 @@ void kd_backward(uintptr_t grad_output, int64_t grad_output_stride, uintptr_t st
   a.vocab = vocab;
   a.options = make_options(divergence, reduction, temperature, alpha, beta, label_smoothing, divergence_scale, ignore_index);
   a.row_stats = as_ptr<const void>(row_stats);
+  a.valid_rows = as_ptr<const void>(valid_rows);
   a.grad_student = as_ptr<void>(grad_student);
   a.num_threads = num_threads;
   if (device_index < 0) return kdfast::kd_backward_cpu(a);
@@ -126,13 +128,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("teacher_row_stride"), py::arg("labels"), py::arg("rows"), py::arg("vocab"), py::arg("divergence"),
         py::arg("reduction"), py::arg("temperature"), py::arg("alpha"), py::arg("beta"), py::arg("label_smoothing"),
         py::arg("divergence_scale"), py::arg("ignore_index"), py::arg("loss"), py::arg("row_stats"),
-        py::arg("num_threads"), py::arg("device_index"), py::arg("stream"));
+        py::arg("valid_rows"), py::arg("num_threads"), py::arg("device_index"), py::arg("stream"));
   m.def("kd_backward", &kd_backward, py::call_guard<py::gil_scoped_release>(), py::arg("grad_output"),
         py::arg("grad_output_stride"), py::arg("student"), py::arg("student_dtype"), py::arg("student_row_stride"),
         py::arg("teacher"), py::arg("teacher_dtype"), py::arg("teacher_row_stride"), py::arg("labels"),
         py::arg("rows"), py::arg("vocab"), py::arg("divergence"), py::arg("reduction"), py::arg("temperature"),
         py::arg("alpha"), py::arg("beta"), py::arg("label_smoothing"), py::arg("divergence_scale"),
-        py::arg("ignore_index"), py::arg("row_stats"), py::arg("grad_student"), py::arg("num_threads"),
+        py::arg("ignore_index"), py::arg("row_stats"), py::arg("valid_rows"), py::arg("grad_student"), py::arg("num_threads"),
         py::arg("device_index"), py::arg("stream"));
   m.def("build_info", &build_info);
 }

@@ -107,7 +107,7 @@ def kd_loss(
     student_rows = _as_rows(student_logits, vocab)
     teacher_rows = _as_rows(teacher_logits.detach(), vocab)
     label_rows = labels.reshape(-1).contiguous() if labels is not None else None
-    loss, _ = _kd_ops.kd_loss_forward(
+    loss, _, _ = _kd_ops.kd_loss_forward(
         student_rows, teacher_rows, label_rows, divergence, reduction, float(temperature), float(alpha),
         float(beta), float(label_smoothing), bool(t2_scale), int(ignore_index),
     )

@@ -121,7 +121,8 @@ struct RowPartial {
   C teacher_max, teacher_sum, student_max, student_sum_T, student_sum_1, weighted, student_total;
 };
 
-// Per-row results the forward pass stores for the backward pass ([rows, 4]).
+// Per-row results the forward pass stores for the backward pass (row_stats[row, 0:4];
+// row_stats[row, 4] holds the row loss).
 template <class C>
 struct RowStats {
   C lse_teacher_T;   // log sum exp(a)

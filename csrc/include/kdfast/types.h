@@ -48,8 +48,9 @@ struct KDForwardArgs {
   int64_t vocab = 0;
   KDOptions options;
   // Outputs, in the compute dtype (float64 when the inputs are float64, else float32):
-  void* loss = nullptr;       // [rows] when reduction == None, else a single element
-  void* row_stats = nullptr;  // [rows, 4]: lse_teacher_T, lse_student_T, lse_student_1, aux
+  void* loss = nullptr;        // [rows] when reduction == None, else a single element
+  void* row_stats = nullptr;   // [rows, kRowStats]: lse_teacher_T, lse_student_T, lse_student_1, aux, row loss
+  void* valid_rows = nullptr;  // single element: number of rows whose label is not ignore_index
   int num_threads = 1;
 };
 
@@ -66,12 +67,13 @@ struct KDBackwardArgs {
   int64_t rows = 0;
   int64_t vocab = 0;
   KDOptions options;
-  const void* row_stats = nullptr;  // as written by the forward pass
+  const void* row_stats = nullptr;   // as written by the forward pass
+  const void* valid_rows = nullptr;  // as written by the forward pass (read on the device)
   void* grad_student = nullptr;     // [rows, vocab] contiguous, in the student dtype
   int num_threads = 1;
 };
 
-// Number of statistics the forward pass keeps per row for the backward pass.
-constexpr int kRowStats = 4;
+// Number of per-row values the forward pass writes to row_stats (see KDForwardArgs).
+constexpr int kRowStats = 5;
 
 }  // namespace kdfast

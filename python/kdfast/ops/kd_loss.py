@@ -3,10 +3,12 @@
 Contract (inputs already validated and shaped by kdfast.functional):
 - student [rows, vocab] and teacher [rows, vocab]: float32/bfloat16/float16, or both float64;
   last dimension contiguous, any row stride; labels None or int64 [rows] contiguous.
-- forward returns (loss, row_stats): loss is [rows] for reduction "none" else 0-dim, in the
-  compute dtype (float64 for float64 inputs, else float32); row_stats [rows, 4] holds the
-  per-row log-sum-exps the backward pass reuses. Labels outside [0, vocab) that are not
-  ignore_index raise ValueError.
+- forward returns (loss, row_stats, valid_rows), all in the compute dtype (float64 for
+  float64 inputs, else float32): loss is [rows] for reduction "none" else 0-dim; row_stats
+  [rows, 5] holds per row the log-sum-exps of t/T, s/T and s, a divergence-specific value
+  the backward pass reuses, and the row loss; valid_rows (0-dim) counts rows whose label is
+  not ignore_index (the "mean" denominator, read by the backward kernel on the device).
+  Labels outside [0, vocab) that are not ignore_index raise ValueError.
 - backward returns the student gradient [rows, vocab], contiguous, in the student dtype,
   already multiplied by grad_output (read by the kernel; no host synchronisation).
 """
@@ -20,7 +22,7 @@ from torch import Tensor
 
 from kdfast.ops._native import DIVERGENCE_CODES, DTYPE_CODES, REDUCTION_CODES, device_and_stream, native_module
 
-ROW_STATS = 4
+ROW_STATS = 5
 
 
 def compute_dtype(student: Tensor) -> torch.dtype:
@@ -44,11 +46,12 @@ def kd_loss_forward(
     label_smoothing: float,
     t2_scale: bool,
     ignore_index: int,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     rows, vocab = student.shape
     dtype = compute_dtype(student)
     loss = torch.empty((rows,) if reduction == "none" else (), dtype=dtype, device=student.device)
     row_stats = torch.empty((rows, ROW_STATS), dtype=dtype, device=student.device)
+    valid_rows = torch.empty((), dtype=dtype, device=student.device)
     device_index, stream = device_and_stream(student)
     bad_labels = native_module().kd_forward(
         student.data_ptr(), DTYPE_CODES[student.dtype], student.stride(0),
@@ -56,7 +59,7 @@ def kd_loss_forward(
         labels.data_ptr() if labels is not None else 0, rows, vocab,
         DIVERGENCE_CODES[divergence], REDUCTION_CODES[reduction], temperature, alpha, beta,
         label_smoothing, _divergence_scale(temperature, t2_scale), ignore_index,
-        loss.data_ptr(), row_stats.data_ptr(), torch.get_num_threads(), device_index, stream,
+        loss.data_ptr(), row_stats.data_ptr(), valid_rows.data_ptr(), torch.get_num_threads(), device_index, stream,
     )
     if bad_labels:
         bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= vocab))]
@@ -64,7 +67,7 @@ def kd_loss_forward(
             f"kd_loss: labels out of range: {bad_labels} label(s) outside [0, {vocab}) that are not "
             f"ignore_index={ignore_index}, e.g. {bad[:5].tolist()}"
         )
-    return loss, row_stats
+    return loss, row_stats, valid_rows
 
 
 @kd_loss_forward.register_fake
@@ -73,7 +76,7 @@ def _(student, teacher, labels, divergence, reduction, temperature, alpha, beta,
     rows = student.shape[0]
     dtype = compute_dtype(student)
     loss = student.new_empty((rows,) if reduction == "none" else (), dtype=dtype)
-    return loss, student.new_empty((rows, ROW_STATS), dtype=dtype)
+    return loss, student.new_empty((rows, ROW_STATS), dtype=dtype), student.new_empty((), dtype=dtype)
 
 
 @torch.library.custom_op("kdfast::kd_loss_backward", mutates_args=(), device_types=("cpu", "cuda"))
@@ -83,6 +86,7 @@ def kd_loss_backward(
     teacher: Tensor,
     labels: Optional[Tensor],
     row_stats: Tensor,
+    valid_rows: Tensor,
     divergence: str,
     reduction: str,
     temperature: float,
@@ -103,29 +107,29 @@ def kd_loss_backward(
         labels.data_ptr() if labels is not None else 0, rows, vocab,
         DIVERGENCE_CODES[divergence], REDUCTION_CODES[reduction], temperature, alpha, beta,
         label_smoothing, _divergence_scale(temperature, t2_scale), ignore_index,
-        row_stats.data_ptr(), grad_student.data_ptr(), torch.get_num_threads(), device_index, stream,
+        row_stats.data_ptr(), valid_rows.data_ptr(), grad_student.data_ptr(), torch.get_num_threads(), device_index, stream,
     )
     return grad_student
 
 
 @kd_loss_backward.register_fake
-def _(grad_output, student, teacher, labels, row_stats, divergence, reduction, temperature, alpha, beta,
+def _(grad_output, student, teacher, labels, row_stats, valid_rows, divergence, reduction, temperature, alpha, beta,
       label_smoothing, t2_scale, ignore_index):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
     student, teacher, labels, *options = inputs
-    _, row_stats = output
-    ctx.save_for_backward(student, teacher, labels, row_stats)
+    _, row_stats, valid_rows = output
+    ctx.save_for_backward(student, teacher, labels, row_stats, valid_rows)
     ctx.options = options
 
 
-def _backward(ctx, grad_loss, grad_row_stats):
-    student, teacher, labels, row_stats = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_row_stats, grad_valid_rows):
+    student, teacher, labels, row_stats, valid_rows = ctx.saved_tensors
     grad_student = None
     if ctx.needs_input_grad[0]:
-        grad_student = kd_loss_backward(grad_loss, student, teacher, labels, row_stats, *ctx.options)
+        grad_student = kd_loss_backward(grad_loss, student, teacher, labels, row_stats, valid_rows, *ctx.options)
     return (grad_student,) + (None,) * 10
 
 
