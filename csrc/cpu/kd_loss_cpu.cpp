@@ -41,73 +41,70 @@ constexpr C kNegInf = -std::numeric_limits<C>::infinity();
 
 // ---- chunk math: operates on compute-type buffers, independent of the storage dtypes ----
 
-// Folds one chunk into the streamed statistics of a row.
-template <class C, Divergence D, bool KD, bool S1>
+// Folds one chunk into the streamed statistics of a row: the chunk's own partial is taken
+// relative to the new running maxima, then merged (rowmath::merge_partials).
+template <class C, Divergence D, bool KD, bool S1, bool SMOOTH>
 void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, RowPartial<C>& part) {
   const Coefficients<C> k = coefficients;
   const C inv_t = k.inv_temperature;
   C chunk_max_s = kNegInf<C>;
 #pragma omp simd reduction(max : chunk_max_s)
   for (int64_t i = 0; i < n; ++i) chunk_max_s = s[i] > chunk_max_s ? s[i] : chunk_max_s;
-  const C new_max_s = std::max(part.student_max, chunk_max_s);
-  if (new_max_s != kNegInf<C>) {
-    const C factor_t = rowmath::rescale_factor(part.student_max * inv_t, new_max_s * inv_t);
-    const C shift_t = new_max_s * inv_t;
-    C sum_t = 0, sum_1 = 0, weighted = 0;
-#pragma omp simd reduction(+ : sum_t, sum_1, weighted)
-    for (int64_t i = 0; i < n; ++i) {
-      const C b = s[i] * inv_t;
-      const C e = rowmath::exp_c(b - shift_t);
-      sum_t += e;
-      if constexpr (S1) sum_1 += rowmath::exp_c(s[i] - new_max_s);
-      if constexpr (KD && D == Divergence::ReverseKL) weighted += e > C(0) ? e * (b - t[i] * inv_t) : C(0);
-    }
-    part.student_sum_T = part.student_sum_T * factor_t + sum_t;
-    if constexpr (S1) part.student_sum_1 = part.student_sum_1 * rowmath::rescale_factor(part.student_max, new_max_s) + sum_1;
-    if constexpr (KD && D == Divergence::ReverseKL) part.weighted = part.weighted * factor_t + weighted;
-    part.student_max = new_max_s;
-  }
+  C chunk_max_t = kNegInf<C>;
   if constexpr (KD) {
-    C chunk_max_t = kNegInf<C>;
 #pragma omp simd reduction(max : chunk_max_t)
     for (int64_t i = 0; i < n; ++i) chunk_max_t = t[i] > chunk_max_t ? t[i] : chunk_max_t;
-    const C new_max_a = std::max(part.teacher_max, chunk_max_t * inv_t);
-    if (new_max_a != kNegInf<C>) {
-      const C factor = rowmath::rescale_factor(part.teacher_max, new_max_a);
+  }
+  RowPartial<C> chunk = rowmath::empty_partial<C>();
+  chunk.student_max = std::max(part.student_max, chunk_max_s);
+  chunk.teacher_max = std::max(part.teacher_max, chunk_max_t);
+  chunk.count = static_cast<C>(n);
+  const C max_s = chunk.student_max, max_t = chunk.teacher_max;
+  if (max_s != kNegInf<C>) {
+    C sum_t = 0, sum_1 = 0, weighted = 0, centered = 0;
+#pragma omp simd reduction(+ : sum_t, sum_1, weighted, centered)
+    for (int64_t i = 0; i < n; ++i) {
+      const C ds = s[i] - max_s;
+      const C e = rowmath::exp_c(ds * inv_t);
+      sum_t += e;
+      if constexpr (S1) sum_1 += rowmath::exp_c(ds);
+      if constexpr (SMOOTH) centered += ds;
+      if constexpr (KD && D == Divergence::ReverseKL) weighted += e > C(0) ? e * ((ds - (t[i] - max_t)) * inv_t) : C(0);
+    }
+    chunk.student_sum_T = sum_t;
+    chunk.student_sum_1 = sum_1;
+    chunk.student_centered_total = centered;
+    chunk.weighted = weighted;
+  }
+  if constexpr (KD) {
+    if (max_t != kNegInf<C>) {
       C sum = 0, weighted = 0;
 #pragma omp simd reduction(+ : sum, weighted)
       for (int64_t i = 0; i < n; ++i) {
-        const C a = t[i] * inv_t;
-        const C e = rowmath::exp_c(a - new_max_a);
+        const C dt = t[i] - max_t;
+        const C e = rowmath::exp_c(dt * inv_t);
         sum += e;
-        if constexpr (D == Divergence::ForwardKL) weighted += e > C(0) ? e * (a - s[i] * inv_t) : C(0);
+        if constexpr (D == Divergence::ForwardKL) weighted += e > C(0) ? e * ((dt - (s[i] - max_s)) * inv_t) : C(0);
       }
-      part.teacher_sum = part.teacher_sum * factor + sum;
-      if constexpr (D == Divergence::ForwardKL) part.weighted = part.weighted * factor + weighted;
-      part.teacher_max = new_max_a;
+      chunk.teacher_sum = sum;
+      if constexpr (D == Divergence::ForwardKL) chunk.weighted = weighted;
     }
   }
+  rowmath::merge_partials(part, chunk, inv_t, k.divergence);
 }
 
-template <class C>
-C chunk_sum(const C* s, int64_t n) {
-  C total = 0;
-#pragma omp simd reduction(+ : total)
-  for (int64_t i = 0; i < n; ++i) total += s[i];
-  return total;
-}
-
-// Second sweep of JSD / TVD over one chunk, with the row's log-sum-exps known.
+// Second sweep of JSD / TVD over one chunk, with the row's maxima and log-sums known.
 template <class C, Divergence D>
-void chunk_sweep(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, C lse_a, C lse_b, C& acc0,
-                 C& acc1) {
+void chunk_sweep(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowStats<C>& stats,
+                 C& acc0, C& acc1) {
   const Coefficients<C> k = coefficients;
+  const RowStats<C> st = stats;
   const C inv_t = k.inv_temperature;
   C sum0 = 0, sum1 = 0;
 #pragma omp simd reduction(+ : sum0, sum1)
   for (int64_t i = 0; i < n; ++i) {
-    const C log_p = t[i] * inv_t - lse_a;
-    const C log_q = s[i] * inv_t - lse_b;
+    const C log_p = (t[i] - st.teacher_max) * inv_t - st.teacher_log_sum;
+    const C log_q = (s[i] - st.student_max) * inv_t - st.student_log_sum_T;
     C x0 = 0, x1 = 0;
     if constexpr (D == Divergence::JSD) rowmath::jsd_terms(log_p, log_q, k, x0, x1);
     else rowmath::tvd_terms(log_p, log_q, x0, x1);
@@ -128,11 +125,16 @@ void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& coeffi
   const C inv_t = k.inv_temperature;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const C b = s[i] * inv_t;
+    const C ds = s[i] - g.stats.student_max;
+    const C log_q = ds * inv_t - g.stats.student_log_sum_T;
+    const C q = rowmath::exp_c(log_q);
     C value = 0;
-    if constexpr (KD) value += g.kd_factor * rowmath::divergence_grad<D>(t[i] * inv_t, b, g, k);
+    if constexpr (KD) {
+      const C log_p = (t[i] - g.stats.teacher_max) * inv_t - g.stats.teacher_log_sum;
+      value += g.kd_factor * rowmath::divergence_grad<D>(log_p, log_q, q, g.stats.aux, k);
+    }
     if constexpr (CE) {
-      const C r = S1 ? rowmath::exp_c(s[i] - g.lse_s) : rowmath::exp_c(b - g.lse_b);
+      const C r = S1 ? rowmath::exp_c(ds - g.stats.student_log_sum_1) : q;  // T == 1: r == q
       value += g.ce_factor * (r - g.smooth);
     }
     out[i] = value;
@@ -144,14 +146,19 @@ void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& coeffi
 template <class C>
 using StatsFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, RowPartial<C>&);
 template <class C>
-using SweepFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, C, C, C&, C&);
+using SweepFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowStats<C>&, C&, C&);
 template <class C>
 using GradFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const GradRow<C>&, C*);
 
+template <class C, Divergence D, bool KD>
+StatsFn<C> pick_stats_smooth(bool s1, bool smooth) {
+  if (smooth) return s1 ? chunk_stats<C, D, KD, true, true> : chunk_stats<C, D, KD, false, true>;
+  return s1 ? chunk_stats<C, D, KD, true, false> : chunk_stats<C, D, KD, false, false>;
+}
+
 template <class C, Divergence D>
-StatsFn<C> pick_stats(bool kd, bool s1) {
-  if (kd) return s1 ? chunk_stats<C, D, true, true> : chunk_stats<C, D, true, false>;
-  return s1 ? chunk_stats<C, D, false, true> : chunk_stats<C, D, false, false>;
+StatsFn<C> pick_stats(bool kd, bool s1, bool smooth) {
+  return kd ? pick_stats_smooth<C, D, true>(s1, smooth) : pick_stats_smooth<C, D, false>(s1, smooth);
 }
 
 template <class C, Divergence D>
@@ -171,7 +178,7 @@ struct ChunkKernels {
 template <class C, Divergence D>
 ChunkKernels<C> pick_for(const Coefficients<C>& k) {
   ChunkKernels<C> kernels;
-  kernels.stats = pick_stats<C, D>(k.need_kd, k.need_student_1);
+  kernels.stats = pick_stats<C, D>(k.need_kd, k.need_student_1, k.need_ce && k.label_smoothing > C(0));
   kernels.sweep = (D == Divergence::JSD || D == Divergence::TVD) && k.need_kd ? chunk_sweep<C, D> : nullptr;
   kernels.grad = pick_grad<C, D>(k.need_ce, k.need_kd, k.need_student_1);
   return kernels;
@@ -204,7 +211,6 @@ int64_t forward_impl(const KDForwardArgs& args) {
   const Coefficients<C> k = rowmath::make_coefficients<C>(args.options);
   const ChunkKernels<C> kernels = pick_kernels<C>(k);
   const int64_t rows = args.rows, vocab = args.vocab;
-  const bool smooth = k.need_ce && k.label_smoothing > C(0);
   const S* student = static_cast<const S*>(args.student);
   const T* teacher = static_cast<const T*>(args.teacher);
   C* row_stats = static_cast<C*>(args.row_stats);
@@ -227,16 +233,13 @@ int64_t forward_impl(const KDForwardArgs& args) {
     alignas(64) C teacher_buf[kChunk];
     const S* s_row = student + row * args.student_row_stride;
     const T* t_row = teacher + row * args.teacher_row_stride;
-    RowPartial<C> part{kNegInf<C>, C(0), kNegInf<C>, C(0), C(0), C(0), C(0)};
-    double student_total = 0.0;
+    RowPartial<C> part = rowmath::empty_partial<C>();
     for (int64_t start = 0; start < vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, vocab - start);
       const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
       const C* t = k.need_kd ? load_chunk<T, C>(t_row + start, n, teacher_buf) : nullptr;
       kernels.stats(s, t, n, k, part);
-      if (smooth) student_total += static_cast<double>(chunk_sum(s, n));
     }
-    part.student_total = static_cast<C>(student_total);
     C divergence = 0;
     RowStats<C> st = rowmath::finish_stats(part, k, &divergence);
     if (kernels.sweep) {
@@ -245,21 +248,25 @@ int64_t forward_impl(const KDForwardArgs& args) {
         const int64_t n = std::min(kChunk, vocab - start);
         const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
         const C* t = load_chunk<T, C>(t_row + start, n, teacher_buf);
-        kernels.sweep(s, t, n, k, st.lse_teacher_T, st.lse_student_T, acc0, acc1);
+        kernels.sweep(s, t, n, k, st, acc0, acc1);
       }
       divergence = k.divergence == Divergence::JSD ? rowmath::finish_jsd(acc0, acc1, k, st)
                                                    : rowmath::finish_tvd(acc0, acc1, st);
     }
     C ce = 0;
     if (k.need_ce) {
-      const C label_logit = load_one<S, C>(s_row + label);
-      ce = rowmath::cross_entropy(label_logit, st.lse_student_1, part.student_total, vocab, k.label_smoothing);
+      const C label_logit = load_one<S, C>(s_row + label) - st.student_max;
+      ce = rowmath::cross_entropy(label_logit, st.student_log_sum_1, part.student_centered_total, vocab,
+                                  k.label_smoothing);
     }
-    stats_out[4] = rowmath::combine_loss(ce, divergence, k);
-    stats_out[0] = st.lse_teacher_T;
-    stats_out[1] = st.lse_student_T;
-    stats_out[2] = st.lse_student_1;
-    stats_out[3] = st.aux;
+    stats_out[0] = st.teacher_max;
+    stats_out[1] = st.teacher_log_sum;
+    stats_out[2] = st.student_max;
+    stats_out[3] = st.student_log_sum_T;
+    stats_out[4] = st.student_log_sum_1;
+    stats_out[5] = st.aux;
+    stats_out[6] = rowmath::combine_loss(ce, divergence, k);
+    stats_out[7] = C(0);
   }
 
   // Deterministic reduction: fixed order, double accumulator.
@@ -267,7 +274,7 @@ int64_t forward_impl(const KDForwardArgs& args) {
   int64_t valid = 0;
   C* loss = static_cast<C*>(args.loss);
   for (int64_t row = 0; row < rows; ++row) {
-    const C row_loss = row_stats[row * kRowStats + 4];
+    const C row_loss = row_stats[row * kRowStats + 6];
     if (args.options.reduction == Reduction::None) loss[row] = row_loss;
     total += static_cast<double>(row_loss);
     valid += label_valid(args.labels, row, args.options.ignore_index) ? 1 : 0;
@@ -314,10 +321,7 @@ void backward_impl(const KDBackwardArgs& args) {
     gr.ce_factor = g * k.alpha;
     gr.kd_factor = g * (C(1) - k.alpha) * k.divergence_scale * k.inv_temperature;
     gr.smooth = k.label_smoothing / static_cast<C>(vocab);
-    gr.lse_a = st[0];
-    gr.lse_b = st[1];
-    gr.lse_s = st[2];
-    gr.aux = st[3];
+    gr.stats = RowStats<C>{st[0], st[1], st[2], st[3], st[4], st[5]};
     const int64_t label = args.labels ? args.labels[row] : -1;
     const C label_step = g * k.alpha * (C(1) - k.label_smoothing);
     alignas(64) C student_buf[kChunk];

@@ -2,8 +2,9 @@
 
 `kd_loss` validates its arguments (metadata only, so it traces under
 `torch.compile(fullgraph=True)`), flattens `[..., V]` inputs to rows without copying when
-the vocabulary dimension is contiguous, and calls the `kdfast::kd_loss_forward` custom op,
-whose autograd formula is the fused backward kernel. CPU and CUDA tensors run the compiled
+the vocabulary dimension is contiguous, and calls the `kdfast::kd_loss_forward` custom op
+(under torch.compile) or the equivalent autograd.Function (eager, no dispatcher cost),
+whose backward is the fused backward kernel. CPU and CUDA tensors run the compiled
 kernels; tensors on other devices (or CUDA when kdfast was built without CUDA kernels) use
 `kdfast.reference`, which computes the same contract in plain PyTorch.
 """
@@ -107,10 +108,12 @@ def kd_loss(
     student_rows = _as_rows(student_logits, vocab)
     teacher_rows = _as_rows(teacher_logits.detach(), vocab)
     label_rows = labels.reshape(-1).contiguous() if labels is not None else None
-    loss, _, _ = _kd_ops.kd_loss_forward(
-        student_rows, teacher_rows, label_rows, divergence, reduction, float(temperature), float(alpha),
-        float(beta), float(label_smoothing), bool(t2_scale), int(ignore_index),
-    )
+    options = (divergence, reduction, float(temperature), float(alpha), float(beta), float(label_smoothing),
+               bool(t2_scale), int(ignore_index))
+    if torch.compiler.is_compiling():
+        loss, _, _ = _kd_ops.kd_loss_forward(student_rows, teacher_rows, label_rows, *options)
+    else:  # same kernels, without the custom-op dispatch cost
+        loss, _, _ = _kd_ops.EagerKDLoss.apply(student_rows, teacher_rows, label_rows, *options)
     if reduction == "none":
         loss = loss.reshape(leading_shape)
     return loss

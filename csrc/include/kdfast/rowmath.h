@@ -2,11 +2,11 @@
 // Contract: one row has student logits s, teacher logits t (length V), an optional label y.
 // With a = t/T, b = s/T:  p = softmax(a), q = softmax(b), r = softmax(s).
 // The forward pass streams the row once, keeping running maxima and rescaled sums
-// (moved onto a new maximum with `rescale_factor`, chunk by chunk or lane by lane), then `finish_stats`
-// turns them into log-sum-exps, the divergence, the cross-entropy and the row loss.
+// (`RowPartial`, combined chunk by chunk or lane by lane with `merge_partials`), then
+// `finish_stats` turns them into log-sums, the divergence, the cross-entropy and the loss.
 // JSD and TVD need normalised p and q, so they add a second sweep over the (cached) row
-// using `jsd_terms` / `tvd_terms`. The backward pass recomputes p, q, r per element from
-// the saved log-sum-exps and applies `grad_element`. Every formula here is the one
+// using `jsd_terms` / `tvd_terms`. The backward pass recomputes log p, log q, log r per
+// element from the saved maxima and log-sums and applies `divergence_grad`. Every formula here is the one
 // DESIGN.md states; kdfast.reference is its float64 oracle.
 #pragma once
 
@@ -102,33 +102,80 @@ KDFAST_HD double log_c(double x) { return ::log(x); }
 template <class C>
 KDFAST_HD C neg_inf() { return -std::numeric_limits<C>::infinity(); }
 
-// Online softmax: the factor exp(old_max - new_max) that moves sums kept relative to
-// old_max onto new_max >= old_max. A -inf old_max means "no finite entry yet": factor 0.
-template <class C>
-KDFAST_HD C rescale_factor(C old_max, C new_max) {
-  return old_max == neg_inf<C>() ? C(0) : exp_c(old_max - new_max);
-}
-
-// Streamed statistics of one row (all relative to the running maxima):
-//   teacher_max = max a_i,  teacher_sum = sum exp(a_i - teacher_max)
-//   student_max = max s_i (raw logits; the max of b is student_max / T)
-//   student_sum_T = sum exp(b_i - student_max/T),  student_sum_1 = sum exp(s_i - student_max)
-//   weighted: forward_kl  sum exp(a_i - teacher_max)(a_i - b_i)   (scales with teacher_sum)
-//             reverse_kl  sum exp(b_i - student_max/T)(b_i - a_i) (scales with student_sum_T)
-//   student_total = sum s_i (cross-entropy label smoothing)
+// Streamed statistics of one row. Everything is kept relative to the running maxima of the
+// raw logits, and every logit enters as a difference to its row maximum, (t_i - t_max)/T:
+// that difference is exact in floating point, so logits of magnitude 1e4 lose nothing.
+//   teacher_max = max t_i,   teacher_sum   = sum exp((t_i - teacher_max)/T)
+//   student_max = max s_i,   student_sum_T = sum exp((s_i - student_max)/T)
+//                            student_sum_1 = sum exp(s_i - student_max)
+//   weighted: forward_kl  sum exp((t_i-t_max)/T) ((t_i-t_max) - (s_i-s_max))/T
+//             reverse_kl  sum exp((s_i-s_max)/T) ((s_i-s_max) - (t_i-t_max))/T
+//   student_centered_total = sum (s_i - student_max)   (label smoothing), count = entries seen
 template <class C>
 struct RowPartial {
-  C teacher_max, teacher_sum, student_max, student_sum_T, student_sum_1, weighted, student_total;
+  C teacher_max, teacher_sum, student_max, student_sum_T, student_sum_1, weighted, student_centered_total, count;
 };
 
-// Per-row results the forward pass stores for the backward pass (row_stats[row, 0:4];
-// row_stats[row, 4] holds the row loss).
+template <class C>
+KDFAST_HD RowPartial<C> empty_partial() {
+  return RowPartial<C>{neg_inf<C>(), C(0), neg_inf<C>(), C(0), C(0), C(0), C(0), C(0)};
+}
+
+// Moves a partial onto larger maxima (new_teacher_max >= teacher_max, same for the student).
+// The one-pass divergences' weighted sums shift by the change of their centring.
+template <class C>
+KDFAST_HD void rebase_partial(RowPartial<C>& part, C new_teacher_max, C new_student_max, C inv_temperature,
+                              Divergence divergence) {
+  const bool teacher_seen = part.teacher_max != neg_inf<C>();
+  const bool student_seen = part.student_max != neg_inf<C>();
+  const C teacher_shift = teacher_seen ? new_teacher_max - part.teacher_max : C(0);
+  const C student_shift = student_seen ? new_student_max - part.student_max : C(0);
+  if (teacher_shift == C(0) && student_shift == C(0)) {
+    part.teacher_max = new_teacher_max;
+    part.student_max = new_student_max;
+    return;
+  }
+  const C teacher_factor = teacher_seen ? exp_c(-teacher_shift * inv_temperature) : C(0);
+  const C student_factor_T = student_seen ? exp_c(-student_shift * inv_temperature) : C(0);
+  const C student_factor_1 = student_seen ? exp_c(-student_shift) : C(0);
+  if (divergence == Divergence::ForwardKL && part.teacher_sum > C(0)) {
+    part.weighted = teacher_factor * (part.weighted - part.teacher_sum * (teacher_shift - student_shift) * inv_temperature);
+  } else if (divergence == Divergence::ReverseKL && part.student_sum_T > C(0)) {
+    part.weighted = student_factor_T * (part.weighted - part.student_sum_T * (student_shift - teacher_shift) * inv_temperature);
+  }
+  part.teacher_sum *= teacher_factor;
+  part.student_sum_T *= student_factor_T;
+  part.student_sum_1 *= student_factor_1;
+  part.student_centered_total -= part.count * student_shift;
+  part.teacher_max = new_teacher_max;
+  part.student_max = new_student_max;
+}
+
+// a += b, both first moved onto the common maxima (for lane, warp or chunk partials).
+template <class C>
+KDFAST_HD void merge_partials(RowPartial<C>& a, RowPartial<C> b, C inv_temperature, Divergence divergence) {
+  const C teacher_max = a.teacher_max > b.teacher_max ? a.teacher_max : b.teacher_max;
+  const C student_max = a.student_max > b.student_max ? a.student_max : b.student_max;
+  rebase_partial(a, teacher_max, student_max, inv_temperature, divergence);
+  rebase_partial(b, teacher_max, student_max, inv_temperature, divergence);
+  a.teacher_sum += b.teacher_sum;
+  a.student_sum_T += b.student_sum_T;
+  a.student_sum_1 += b.student_sum_1;
+  a.weighted += b.weighted;
+  a.student_centered_total += b.student_centered_total;
+  a.count += b.count;
+}
+
+// Per-row results the forward pass stores for the backward pass: row_stats[row, 0:6];
+// row_stats[row, 6] holds the row loss and row_stats[row, 7] is zero (see kRowStats).
 template <class C>
 struct RowStats {
-  C lse_teacher_T;   // log sum exp(a)
-  C lse_student_T;   // log sum exp(b)
-  C lse_student_1;   // log sum exp(s)
-  C aux;             // reverse_kl: D; jsd: KL(q || m); tvd: 1/2 sum q sign(q - p); forward_kl: 0
+  C teacher_max;        // max t
+  C teacher_log_sum;    // log sum exp((t - teacher_max)/T):  log p_i = (t_i - teacher_max)/T - teacher_log_sum
+  C student_max;        // max s
+  C student_log_sum_T;  // log sum exp((s - student_max)/T): log q_i likewise
+  C student_log_sum_1;  // log sum exp(s - student_max):     log r_i = (s_i - student_max) - student_log_sum_1
+  C aux;                // reverse_kl: D; jsd: KL(q || m); tvd: 1/2 sum q sign(q - p); forward_kl: 0
 };
 
 // Scalars every element of a row needs; built once per call.
@@ -157,36 +204,38 @@ inline Coefficients<C> make_coefficients(const KDOptions& o) {
   return k;
 }
 
-// lse from a (max, sum) pair; -inf when the row has no finite entry.
+// log of a streamed sum; -inf when the row has no finite entry.
 template <class C>
-KDFAST_HD C log_sum_exp(C max_value, C sum) {
-  return max_value == neg_inf<C>() ? neg_inf<C>() : max_value + log_c(sum);
+KDFAST_HD C log_of_sum(C sum) {
+  return sum > C(0) ? log_c(sum) : neg_inf<C>();
 }
 
-// Cross-entropy of one valid row with label y:
-//   CE = -(1 - eps) (s_y - lse_1) - (eps / V) sum_i (s_i - lse_1).
+// Cross-entropy of one valid row with label y, from max-relative quantities:
+//   CE = -(1 - eps) log r_y - (eps / V) sum_i log r_i,
+//   log r_y = (s_y - s_max) - log_sum_1,  sum_i log r_i = centered_total - V log_sum_1.
 template <class C>
-KDFAST_HD C cross_entropy(C student_label_logit, C lse_1, C student_total, int64_t vocab, C eps) {
-  C ce = -(C(1) - eps) * (student_label_logit - lse_1);
-  if (eps > C(0)) ce -= eps * (student_total / static_cast<C>(vocab) - lse_1);
+KDFAST_HD C cross_entropy(C label_logit_centered, C log_sum_1, C centered_total, int64_t vocab, C eps) {
+  C ce = -(C(1) - eps) * (label_logit_centered - log_sum_1);
+  if (eps > C(0)) ce -= eps * (centered_total / static_cast<C>(vocab) - log_sum_1);
   return ce;
 }
 
-// Log-sum-exps and the one-pass divergences (forward_kl, reverse_kl) of a row.
+// Log-sums and the one-pass divergences (forward_kl, reverse_kl) of a row.
 template <class C>
 KDFAST_HD RowStats<C> finish_stats(const RowPartial<C>& part, const Coefficients<C>& k, C* one_pass_divergence) {
   RowStats<C> st;
-  st.lse_teacher_T = log_sum_exp(part.teacher_max, part.teacher_sum);
-  st.lse_student_T = log_sum_exp(part.student_max * k.inv_temperature, part.student_sum_T);
-  st.lse_student_1 = k.need_student_1 ? log_sum_exp(part.student_max, part.student_sum_1)
-                                      : st.lse_student_T;  // T == 1 (or unused)
+  st.teacher_max = part.teacher_max;
+  st.teacher_log_sum = log_of_sum(part.teacher_sum);
+  st.student_max = part.student_max;
+  st.student_log_sum_T = log_of_sum(part.student_sum_T);
+  st.student_log_sum_1 = k.need_student_1 ? log_of_sum(part.student_sum_1) : st.student_log_sum_T;
   st.aux = C(0);
   C d = C(0);
   if (k.divergence == Divergence::ForwardKL) {
-    // sum p (a - b) - lse_a + lse_b
-    d = part.weighted / part.teacher_sum - st.lse_teacher_T + st.lse_student_T;
+    // sum p (log p - log q) = weighted / teacher_sum - log teacher_sum + log student_sum_T
+    d = part.weighted / part.teacher_sum - st.teacher_log_sum + st.student_log_sum_T;
   } else if (k.divergence == Divergence::ReverseKL) {
-    d = part.weighted / part.student_sum_T - st.lse_student_T + st.lse_teacher_T;
+    d = part.weighted / part.student_sum_T - st.student_log_sum_T + st.teacher_log_sum;
     st.aux = d;
   }
   *one_pass_divergence = d;
@@ -240,31 +289,26 @@ KDFAST_HD C finish_tvd(C abs_sum, C signed_sum, RowStats<C>& st) {
 // minus ce_factor (1 - eps) at the label.
 template <class C>
 struct GradRow {
-  C ce_factor;   // g alpha
-  C kd_factor;   // g (1 - alpha) tau / T  (the 1/T of d b / d s folded in)
-  C smooth;      // eps / V
-  C lse_a, lse_b, lse_s, aux;
+  C ce_factor;  // g alpha
+  C kd_factor;  // g (1 - alpha) tau / T  (the 1/T of d b / d s folded in)
+  C smooth;     // eps / V
+  RowStats<C> stats;
 };
 
-// d D / d b_i for one element (b = s/T), given a = t/T, b and the row's log-sum-exps.
+// d D / d b_i for one element (b = s/T), given log p_i, log q_i and q_i = exp(log q_i).
 template <Divergence D, class C>
-KDFAST_HD C divergence_grad(C a, C b, const GradRow<C>& g, const Coefficients<C>& k) {
-  const C log_q = b - g.lse_b;
-  const C q = exp_c(log_q);
+KDFAST_HD C divergence_grad(C log_p, C log_q, C q, C aux, const Coefficients<C>& k) {
   if constexpr (D == Divergence::ForwardKL) {
-    const C p = exp_c(a - g.lse_a);
-    return q - p;
+    return q - exp_c(log_p);
   } else if constexpr (D == Divergence::ReverseKL) {
-    const C log_p = a - g.lse_a;
-    return q > C(0) ? q * (log_q - log_p - g.aux) : C(0);
+    return q > C(0) ? q * (log_q - log_p - aux) : C(0);
   } else if constexpr (D == Divergence::JSD) {
-    const C p = exp_c(a - g.lse_a);
-    const C m = k.beta * p + (C(1) - k.beta) * q;
-    return q > C(0) ? (C(1) - k.beta) * q * (log_q - log_c(m) - g.aux) : C(0);
+    const C m = k.beta * exp_c(log_p) + (C(1) - k.beta) * q;
+    return q > C(0) ? (C(1) - k.beta) * q * (log_q - log_c(m) - aux) : C(0);
   } else {  // TVD
-    const C p = exp_c(a - g.lse_a);
+    const C p = exp_c(log_p);
     const C half_sign = q > p ? C(0.5) : (q < p ? C(-0.5) : C(0));
-    return q * (half_sign - g.aux);
+    return q * (half_sign - aux);
   }
 }
 

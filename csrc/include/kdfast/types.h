@@ -49,7 +49,7 @@ struct KDForwardArgs {
   KDOptions options;
   // Outputs, in the compute dtype (float64 when the inputs are float64, else float32):
   void* loss = nullptr;        // [rows] when reduction == None, else a single element
-  void* row_stats = nullptr;   // [rows, kRowStats]: lse_teacher_T, lse_student_T, lse_student_1, aux, row loss
+  void* row_stats = nullptr;   // [rows, kRowStats]: see rowmath::RowStats, then the row loss, then 0
   void* valid_rows = nullptr;  // single element: number of rows whose label is not ignore_index
   int num_threads = 1;
 };
@@ -74,6 +74,6 @@ struct KDBackwardArgs {
 };
 
 // Number of per-row values the forward pass writes to row_stats (see KDForwardArgs).
-constexpr int kRowStats = 5;
+constexpr int kRowStats = 8;
 
 }  // namespace kdfast

@@ -5,12 +5,15 @@ Contract (inputs already validated and shaped by kdfast.functional):
   last dimension contiguous, any row stride; labels None or int64 [rows] contiguous.
 - forward returns (loss, row_stats, valid_rows), all in the compute dtype (float64 for
   float64 inputs, else float32): loss is [rows] for reduction "none" else 0-dim; row_stats
-  [rows, 5] holds per row the log-sum-exps of t/T, s/T and s, a divergence-specific value
-  the backward pass reuses, and the row loss; valid_rows (0-dim) counts rows whose label is
+  [rows, 8] holds per row what the backward pass reuses (the maxima of t and s, the log-sums
+  of exp((t - max)/T), exp((s - max)/T) and exp(s - max), a divergence-specific value), then
+  the row loss and a zero; valid_rows (0-dim) counts rows whose label is
   not ignore_index (the "mean" denominator, read by the backward kernel on the device).
   Labels outside [0, vocab) that are not ignore_index raise ValueError.
 - backward returns the student gradient [rows, vocab], contiguous, in the student dtype,
   already multiplied by grad_output (read by the kernel; no host synchronisation).
+`forward_impl` / `backward_impl` are the bodies; `EagerKDLoss` runs them without the
+dispatcher for eager mode.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torch import Tensor
 
 from kdfast.ops._native import DIVERGENCE_CODES, DTYPE_CODES, REDUCTION_CODES, device_and_stream, native_module
 
-ROW_STATS = 5
+ROW_STATS = 8
 
 
 def compute_dtype(student: Tensor) -> torch.dtype:
@@ -33,8 +36,7 @@ def _divergence_scale(temperature: float, t2_scale: bool) -> float:
     return temperature * temperature if t2_scale else 1.0
 
 
-@torch.library.custom_op("kdfast::kd_loss_forward", mutates_args=(), device_types=("cpu", "cuda"))
-def kd_loss_forward(
+def forward_impl(
     student: Tensor,
     teacher: Tensor,
     labels: Optional[Tensor],
@@ -70,6 +72,24 @@ def kd_loss_forward(
     return loss, row_stats, valid_rows
 
 
+@torch.library.custom_op("kdfast::kd_loss_forward", mutates_args=(), device_types=("cpu", "cuda"))
+def kd_loss_forward(
+    student: Tensor,
+    teacher: Tensor,
+    labels: Optional[Tensor],
+    divergence: str,
+    reduction: str,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    label_smoothing: float,
+    t2_scale: bool,
+    ignore_index: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return forward_impl(student, teacher, labels, divergence, reduction, temperature, alpha, beta, label_smoothing,
+                        t2_scale, ignore_index)
+
+
 @kd_loss_forward.register_fake
 def _(student, teacher, labels, divergence, reduction, temperature, alpha, beta, label_smoothing, t2_scale,
       ignore_index):
@@ -79,8 +99,7 @@ def _(student, teacher, labels, divergence, reduction, temperature, alpha, beta,
     return loss, student.new_empty((rows, ROW_STATS), dtype=dtype), student.new_empty((), dtype=dtype)
 
 
-@torch.library.custom_op("kdfast::kd_loss_backward", mutates_args=(), device_types=("cpu", "cuda"))
-def kd_loss_backward(
+def backward_impl(
     grad_output: Tensor,
     student: Tensor,
     teacher: Tensor,
@@ -112,6 +131,27 @@ def kd_loss_backward(
     return grad_student
 
 
+@torch.library.custom_op("kdfast::kd_loss_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def kd_loss_backward(
+    grad_output: Tensor,
+    student: Tensor,
+    teacher: Tensor,
+    labels: Optional[Tensor],
+    row_stats: Tensor,
+    valid_rows: Tensor,
+    divergence: str,
+    reduction: str,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    label_smoothing: float,
+    t2_scale: bool,
+    ignore_index: int,
+) -> Tensor:
+    return backward_impl(grad_output, student, teacher, labels, row_stats, valid_rows, divergence, reduction,
+                         temperature, alpha, beta, label_smoothing, t2_scale, ignore_index)
+
+
 @kd_loss_backward.register_fake
 def _(grad_output, student, teacher, labels, row_stats, valid_rows, divergence, reduction, temperature, alpha, beta,
       label_smoothing, t2_scale, ignore_index):
@@ -134,3 +174,28 @@ def _backward(ctx, grad_loss, grad_row_stats, grad_valid_rows):
 
 
 kd_loss_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class EagerKDLoss(torch.autograd.Function):
+    """The same computation as the custom ops, for eager mode without the dispatcher.
+
+    `torch.library` custom ops cost tens of microseconds per call in Python-side dispatch;
+    outside `torch.compile` kdfast.functional calls this Function instead, which runs the
+    very same `forward_impl` / `backward_impl`. Under compilation the custom ops are used.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, *options):
+        loss, row_stats, valid_rows = forward_impl(student, teacher, labels, *options)
+        ctx.save_for_backward(student, teacher, labels, row_stats, valid_rows)
+        ctx.options = options
+        ctx.mark_non_differentiable(row_stats, valid_rows)
+        return loss, row_stats, valid_rows
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_row_stats, grad_valid_rows):
+        student, teacher, labels, row_stats, valid_rows = ctx.saved_tensors
+        grad_student = None
+        if ctx.needs_input_grad[0]:
+            grad_student = backward_impl(grad_loss, student, teacher, labels, row_stats, valid_rows, *ctx.options)
+        return (grad_student,) + (None,) * (2 + len(ctx.options))

@@ -1,0 +1,572 @@
+"""Tests of `kdfast.functional.kd_loss` (and `kdfast.KDLoss`) against the float64 oracle.
+
+Every case runs the loss under test on the given inputs and `kdfast.reference.kd_loss` on
+float64 copies of the same (already rounded) values, with a backward pass whose
+grad_output is not 1, and compares the loss and the student gradient. Tolerances follow
+DESIGN.md: the loss is computed in fp32 for every input dtype, so it must be fp32-accurate
+(relative error ≲ 1e-5); the student gradient of float32 inputs likewise; the gradient of
+bfloat16/float16 inputs is written in that dtype, so its max error may be at most twice
+the max error of the float64 gradient rounded to that dtype, plus the fp32 allowance.
+Cases are device-generic: the CUDA variants run wherever a GPU is visible.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+import kdfast
+from kdfast import functional, reference
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+REDUCTIONS = ("mean", "sum", "none", "batchmean")
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+# fp32-accuracy allowance: elementwise |actual − expected| ≤ RTOL·|expected| + NORM_ATOL·scale,
+# where scale is the largest expected magnitude, floored by the natural magnitude of the
+# quantity's terms (which matters when terms cancel, e.g. TVD gradients of peaked rows).
+LOSS_RTOL = 2e-5
+LOSS_NORM_ATOL = 1e-6
+GRAD_RTOL = 2e-5
+GRAD_NORM_ATOL = 1e-5
+
+
+def stable_seed(*parts) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+def make_grad_output(shape, seed: int, device) -> torch.Tensor:
+    """Random grad_output in [0.25, 1.75) \\ {1}: a scalar or one value per row."""
+    generator = torch.Generator().manual_seed(seed)
+    grad_output = torch.rand(tuple(shape), generator=generator, dtype=torch.float64) * 1.5 + 0.25
+    return grad_output.to(device)
+
+
+def expected_loss_shape(leading_shape, reduction: str):
+    return tuple(leading_shape) if reduction == "none" else ()
+
+
+def run_with_student_grad(loss_function, student_logits, teacher_logits, labels, grad_output, **options):
+    """Returns (loss, student gradient) of loss_function on a fresh leaf copy of the student."""
+    student_leaf = student_logits.detach().clone().requires_grad_(True)
+    loss = loss_function(student_leaf, teacher_logits, labels, **options)
+    loss.backward(grad_output.to(loss.dtype))
+    return loss.detach(), student_leaf.grad
+
+
+def run_reference_float64(student_logits, teacher_logits, labels, grad_output, **options):
+    """The oracle: the reference on exact float64 copies of the inputs."""
+    student_leaf = student_logits.detach().to(torch.float64).requires_grad_(True)
+    loss = reference.kd_loss(student_leaf, teacher_logits.detach().to(torch.float64), labels, **options)
+    loss.backward(grad_output.to(torch.float64))
+    return loss.detach(), student_leaf.grad
+
+
+def reduction_row_weight(reduction: str, labels, row_count: int, ignore_index: int = -100) -> float:
+    if reduction == "mean":
+        valid_count = row_count if labels is None else int((labels != ignore_index).sum())
+        return 1.0 / max(valid_count, 1)
+    if reduction == "batchmean":
+        return 1.0 / max(row_count, 1)
+    return 1.0
+
+
+def natural_scales(*, temperature, alpha, t2_scale=True, reduction="mean", labels=None, row_count=1, grad_output=None):
+    """(loss scale, gradient scale): the magnitude of one row's loss terms and gradient terms."""
+    tau = temperature * temperature if t2_scale else 1.0
+    loss_scale = (1.0 - alpha) * tau + alpha
+    grad_output_max = 1.0 if grad_output is None else float(grad_output.abs().max())
+    weight = grad_output_max * reduction_row_weight(reduction, labels, row_count)
+    grad_scale = weight * ((1.0 - alpha) * tau / temperature + alpha)
+    return loss_scale, grad_scale
+
+
+def assert_loss_close(actual: torch.Tensor, expected: torch.Tensor, *, loss_scale: float, context: str = "") -> None:
+    assert actual.shape == expected.shape, f"{context}: loss shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert not torch.isnan(actual).any(), f"{context}: loss has NaN: {actual}"
+    actual64 = actual.detach().to(torch.float64).cpu()
+    expected64 = expected.detach().to(torch.float64).cpu()
+    scale = max(float(expected64.abs().max()) if expected64.numel() else 0.0, loss_scale)
+    difference = (actual64 - expected64).abs()
+    allowed = LOSS_RTOL * expected64.abs() + LOSS_NORM_ATOL * scale
+    assert bool((difference <= allowed).all()), (
+        f"{context}: loss max |diff|={float(difference.max()):.3e} (allowed {float(allowed.max()):.3e}); "
+        f"actual={actual64.flatten()[:6].tolist()} expected={expected64.flatten()[:6].tolist()}"
+    )
+
+
+def assert_grad_close(actual: torch.Tensor, expected64: torch.Tensor, *, grad_scale: float, context: str = "") -> None:
+    """fp32 gradients: elementwise fp32 accuracy. bf16/fp16: ≤ 2× the rounding error of the oracle."""
+    assert actual is not None, f"{context}: student received no gradient"
+    assert actual.shape == expected64.shape, f"{context}: grad shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
+    assert torch.isfinite(actual).all(), f"{context}: non-finite gradient"
+    actual64 = actual.to(torch.float64).cpu()
+    expected64 = expected64.to(torch.float64).cpu()
+    difference = (actual64 - expected64).abs()
+    scale = max(float(expected64.abs().max()), 0.1 * grad_scale)
+    fp32_allowance = GRAD_NORM_ATOL * scale
+    if actual.dtype in (torch.float32, torch.float64):
+        allowed = GRAD_RTOL * expected64.abs() + fp32_allowance
+        assert bool((difference <= allowed).all()), (
+            f"{context}: grad max |diff|={float(difference.max()):.3e} at {divmod(int(difference.argmax()), expected64.shape[-1])}, "
+            f"max |expected|={float(expected64.abs().max()):.3e}"
+        )
+    else:
+        rounding_error = float((expected64.to(actual.dtype).to(torch.float64) - expected64).abs().max())
+        allowed = 2.0 * rounding_error + fp32_allowance
+        assert float(difference.max()) <= allowed, (
+            f"{context}: {actual.dtype} grad max |diff|={float(difference.max()):.3e} exceeds 2x the oracle's "
+            f"rounding error {rounding_error:.3e} (+{fp32_allowance:.1e})"
+        )
+
+
+def check_against_reference(student, teacher, labels, *, reduction="mean", context="", loss_function=None, **options):
+    """Runs the loss under test and the oracle, compares loss and gradient, returns both results."""
+    loss_function = functional.kd_loss if loss_function is None else loss_function
+    leading_shape = tuple(student.shape[:-1])
+    grad_output = make_grad_output(expected_loss_shape(leading_shape, reduction), stable_seed(context, "grad"), student.device)
+    loss, grad = run_with_student_grad(loss_function, student, teacher, labels, grad_output, reduction=reduction, **options)
+    expected_loss, expected_grad = run_reference_float64(student, teacher, labels, grad_output, reduction=reduction, **options)
+
+    assert loss.dtype == reference.compute_dtype_for(student.dtype, teacher.dtype), f"{context}: loss dtype {loss.dtype}"
+    assert grad.dtype == student.dtype, f"{context}: grad dtype {grad.dtype} != student dtype {student.dtype}"
+    assert tuple(loss.shape) == expected_loss_shape(leading_shape, reduction), f"{context}: loss shape {tuple(loss.shape)}"
+    loss_scale, grad_scale = natural_scales(
+        temperature=options.get("temperature", 1.0),
+        alpha=options.get("alpha", 0.0),
+        t2_scale=options.get("t2_scale", True),
+        reduction=reduction,
+        labels=None if labels is None else labels.reshape(-1),
+        row_count=math.prod(leading_shape),
+        grad_output=grad_output,
+    )
+    assert_loss_close(loss, expected_loss, loss_scale=loss_scale, context=context)
+    assert_grad_close(grad, expected_grad, grad_scale=grad_scale, context=context)
+    return (loss, grad), (expected_loss, expected_grad)
+
+
+def ignored_rows_mask(labels, ignore_index=-100):
+    return labels == ignore_index
+
+
+# --------------------------------------------------------------------------------------
+# The main matrix: divergence × reduction × dtype × temperature × alpha × label_smoothing.
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1], ids=lambda value: f"eps{value}")
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0], ids=lambda value: f"alpha{value}")
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0], ids=lambda value: f"T{value}")
+@pytest.mark.parametrize("dtype", INPUT_DTYPES, ids=lambda dtype: DTYPE_IDS[dtype])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_matches_reference(make_kd_inputs, divergence, reduction, dtype, temperature, alpha, label_smoothing):
+    context = f"{divergence}/{reduction}/{DTYPE_IDS[dtype]}/T={temperature}/alpha={alpha}/eps={label_smoothing}"
+    student, teacher, labels = make_kd_inputs(
+        (6,), 37, seed=stable_seed(context), student_dtype=dtype, ignored_fraction=0.3
+    )
+    (loss, grad), _ = check_against_reference(
+        student,
+        teacher,
+        labels,
+        reduction=reduction,
+        context=context,
+        divergence=divergence,
+        temperature=temperature,
+        alpha=alpha,
+        label_smoothing=label_smoothing,
+    )
+    ignored = ignored_rows_mask(labels)
+    assert bool(ignored.any()) and not bool(ignored.all())
+    assert bool((grad[ignored] == 0).all()), f"{context}: ignored rows received a gradient"
+    if reduction == "none":
+        assert bool((loss[ignored] == 0).all()), f"{context}: ignored rows have a nonzero loss"
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_module_equals_functional(make_kd_inputs, divergence, reduction):
+    options = dict(divergence=divergence, temperature=2.0, alpha=0.3, beta=0.4, label_smoothing=0.05, reduction=reduction)
+    student, teacher, labels = make_kd_inputs((5,), 131, seed=stable_seed("module", divergence, reduction), ignored_fraction=0.2)
+    grad_output = make_grad_output(expected_loss_shape((5,), reduction), 7, student.device)
+    module = kdfast.KDLoss(**options)
+    module_loss, module_grad = run_with_student_grad(module, student, teacher, labels, grad_output)
+    functional_loss, functional_grad = run_with_student_grad(functional.kd_loss, student, teacher, labels, grad_output, **options)
+    torch.testing.assert_close(module_loss, functional_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(module_grad, functional_grad, rtol=1e-6, atol=1e-8)
+    assert f"divergence={divergence!r}" in repr(module)
+
+
+# --------------------------------------------------------------------------------------
+# Dtypes.
+
+
+@pytest.mark.parametrize(
+    "student_dtype, teacher_dtype",
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float16),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float16),
+        (torch.float16, torch.bfloat16),
+    ],
+    ids=lambda dtype: DTYPE_IDS[dtype],
+)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_mixed_student_teacher_dtypes(make_kd_inputs, divergence, student_dtype, teacher_dtype):
+    context = f"mixed/{divergence}/{DTYPE_IDS[student_dtype]}-{DTYPE_IDS[teacher_dtype]}"
+    student, teacher, labels = make_kd_inputs(
+        (6,), 131, seed=stable_seed(context), student_dtype=student_dtype, teacher_dtype=teacher_dtype, ignored_fraction=0.2
+    )
+    (loss, grad), _ = check_against_reference(
+        student, teacher, labels, context=context, divergence=divergence, temperature=2.0, alpha=0.5, label_smoothing=0.1
+    )
+    assert loss.dtype == torch.float32
+    assert grad.dtype == student_dtype
+
+
+def test_teacher_receives_no_gradient(make_kd_inputs):
+    student, teacher, labels = make_kd_inputs((4,), 37, seed=11)
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    functional.kd_loss(student, teacher, labels, divergence="jsd", alpha=0.5, temperature=2.0).backward()
+    assert student.grad is not None and bool((student.grad != 0).any())
+    assert teacher.grad is None or bool((teacher.grad == 0).all())
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_gradcheck_float64(make_kd_inputs, divergence, reduction):
+    student, teacher, labels = make_kd_inputs((4,), 5, seed=stable_seed("gradcheck", divergence, reduction), student_dtype=torch.float64)
+    labels[1] = -100
+    student.requires_grad_(True)
+
+    def loss_of_student(student_logits):
+        return functional.kd_loss(
+            student_logits, teacher, labels, divergence=divergence, reduction=reduction,
+            temperature=1.5, alpha=0.5, beta=0.3, label_smoothing=0.1,
+        )
+
+    assert torch.autograd.gradcheck(loss_of_student, (student,), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# ignore_index and labels=None.
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_all_rows_ignored(make_kd_inputs, divergence, reduction, alpha):
+    student, teacher, labels = make_kd_inputs((2, 3), 37, seed=stable_seed("all-ignored", divergence), ignored_fraction=1.0)
+    assert bool((labels == -100).all())
+    grad_output = make_grad_output(expected_loss_shape((2, 3), reduction), 3, student.device)
+    loss, grad = run_with_student_grad(
+        functional.kd_loss, student, teacher, labels, grad_output, divergence=divergence, reduction=reduction, alpha=alpha
+    )
+    assert tuple(loss.shape) == expected_loss_shape((2, 3), reduction)
+    assert bool((loss == 0).all()), f"all rows ignored must give 0, got {loss}"
+    assert bool((grad == 0).all()), "all rows ignored must give a zero gradient"
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 0, 5])
+def test_custom_ignore_index(make_kd_inputs, ignore_index):
+    student, teacher, labels = make_kd_inputs((8,), 37, seed=stable_seed("ignore_index", ignore_index))
+    labels[::3] = ignore_index
+    context = f"ignore_index={ignore_index}"
+    (loss, grad), _ = check_against_reference(
+        student, teacher, labels, reduction="none", context=context, alpha=0.5, ignore_index=ignore_index
+    )
+    ignored = labels == ignore_index
+    assert bool((loss[ignored] == 0).all()) and bool((loss[~ignored] != 0).all())
+    assert bool((grad[ignored] == 0).all())
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_labels_none_with_alpha_zero(make_kd_inputs, divergence, reduction):
+    context = f"labels-none/{divergence}/{reduction}"
+    student, teacher, _ = make_kd_inputs((5,), 37, seed=stable_seed(context), with_labels=False)
+    (loss_without_labels, grad_without_labels), _ = check_against_reference(
+        student, teacher, None, reduction=reduction, context=context, divergence=divergence, temperature=2.0
+    )
+    all_valid_labels = torch.zeros(5, dtype=torch.long, device=student.device)
+    grad_output = make_grad_output(expected_loss_shape((5,), reduction), stable_seed(context, "grad"), student.device)
+    loss_with_labels, grad_with_labels = run_with_student_grad(
+        functional.kd_loss, student, teacher, all_valid_labels, grad_output, divergence=divergence, reduction=reduction, temperature=2.0
+    )
+    torch.testing.assert_close(loss_without_labels, loss_with_labels, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad_without_labels, grad_with_labels, rtol=1e-6, atol=1e-8)
+
+
+# --------------------------------------------------------------------------------------
+# −inf entries (masked vocabulary).
+
+MASKED_COLUMNS = [0, 3, 4, 20, 36]
+
+
+def mask_columns(logits: torch.Tensor, rows=slice(None)) -> torch.Tensor:
+    masked = logits.clone()
+    masked[rows, MASKED_COLUMNS] = float("-inf")
+    return masked
+
+
+def labels_avoiding_masked_columns(labels: torch.Tensor) -> torch.Tensor:
+    unmasked = [column for column in range(37) if column not in MASKED_COLUMNS]
+    generator = torch.Generator().manual_seed(5)
+    replacement = torch.tensor(unmasked)[torch.randint(0, len(unmasked), labels.shape, generator=generator)]
+    return torch.where(labels == -100, labels, replacement.to(labels.device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda dtype: DTYPE_IDS[dtype])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "tvd"])
+def test_teacher_only_masked_vocab(make_kd_inputs, divergence, alpha, dtype):
+    context = f"teacher-masked/{divergence}/alpha={alpha}/{DTYPE_IDS[dtype]}"
+    student, teacher, labels = make_kd_inputs((6,), 37, seed=stable_seed(context), student_dtype=dtype, ignored_fraction=0.2)
+    check_against_reference(
+        student, mask_columns(teacher), labels, reduction="sum", context=context,
+        divergence=divergence, alpha=alpha, temperature=2.0, label_smoothing=0.1,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda dtype: DTYPE_IDS[dtype])
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_student_and_teacher_masked_vocab(make_kd_inputs, divergence, alpha, dtype):
+    context = f"both-masked/{divergence}/alpha={alpha}/{DTYPE_IDS[dtype]}"
+    student, teacher, labels = make_kd_inputs((6,), 37, seed=stable_seed(context), student_dtype=dtype, ignored_fraction=0.2)
+    (loss, grad), _ = check_against_reference(
+        mask_columns(student), mask_columns(teacher), labels_avoiding_masked_columns(labels), reduction="mean",
+        context=context, divergence=divergence, alpha=alpha, temperature=0.5,
+    )
+    assert torch.isfinite(loss)
+    assert bool((grad[:, MASKED_COLUMNS] == 0).all()), f"{context}: masked vocab entries received a gradient"
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "tvd"])
+def test_student_only_masked_vocab(make_kd_inputs, divergence, alpha):
+    context = f"student-masked/{divergence}/alpha={alpha}"
+    student, teacher, labels = make_kd_inputs((6,), 37, seed=stable_seed(context), ignored_fraction=0.2)
+    (loss, grad), _ = check_against_reference(
+        mask_columns(student), teacher, labels_avoiding_masked_columns(labels), reduction="none",
+        context=context, divergence=divergence, alpha=alpha, temperature=2.0,
+    )
+    assert bool(torch.isfinite(loss).all())
+    assert bool((grad[:, MASKED_COLUMNS] == 0).all()), f"{context}: masked vocab entries received a gradient"
+
+
+@pytest.mark.parametrize(
+    "divergence, masked_side", [("forward_kl", "student"), ("reverse_kl", "teacher")]
+)
+def test_divergence_is_infinite_outside_support(make_kd_inputs, divergence, masked_side):
+    """KL(a‖b) is +inf when b is 0 where a is not; only the masked rows are affected."""
+    student, teacher, labels = make_kd_inputs((6,), 37, seed=stable_seed("infinite", divergence))
+    masked_rows = slice(0, 3)
+    if masked_side == "student":
+        student = mask_columns(student, masked_rows)
+    else:
+        teacher = mask_columns(teacher, masked_rows)
+    loss = functional.kd_loss(student, teacher, labels, divergence=divergence, reduction="none")
+    expected = reference.kd_loss(student.double(), teacher.double(), labels, divergence=divergence, reduction="none")
+    assert bool((expected[masked_rows] == float("inf")).all())
+    assert bool((loss[masked_rows] == float("inf")).all()), f"expected +inf in the masked rows, got {loss}"
+    assert_loss_close(loss[3:], expected[3:], loss_scale=1.0, context=f"infinite/{divergence}")
+
+
+# --------------------------------------------------------------------------------------
+# Large logits, vocabulary sizes, shapes and layouts.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda dtype: DTYPE_IDS[dtype])
+@pytest.mark.parametrize("layout", ["shifted", "spread"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_logits_near_ten_thousand(make_kd_inputs, divergence, layout, dtype):
+    """Logits of magnitude ~1e4: a ±1e4 shift of every entry, or entries spread over ±1e4.
+
+    At this magnitude one fp32 spacing is ~1e-3, and PyTorch's own fp32 log_softmax (which
+    forms max + log Σ as one fp32 number) is off by that much. These cases therefore use
+    DESIGN.md's same-precision rule: the max error of the loss under test and of its
+    gradient may be at most twice that of PyTorch computing the same formula in fp32 (the
+    reference run on the inputs as given), plus the usual fp32 allowance.
+    """
+    context = f"large/{divergence}/{layout}/{DTYPE_IDS[dtype]}"
+    student, teacher, labels = make_kd_inputs((6,), 131, seed=stable_seed(context), student_dtype=torch.float64, ignored_fraction=0.2)
+    if layout == "shifted":
+        student = student + 1.0e4
+        teacher = teacher - 1.0e4
+    else:
+        student = student * (1.0e4 / 3.0)
+        teacher = teacher * (1.0e4 / 3.0)
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    assert float(student.abs().max()) > 5e3
+    options = dict(reduction="sum", divergence=divergence, alpha=0.5, temperature=2.0, label_smoothing=0.1)
+    grad_output = make_grad_output((), stable_seed(context, "grad"), student.device)
+
+    loss, grad = run_with_student_grad(functional.kd_loss, student, teacher, labels, grad_output, **options)
+    fp32_loss, fp32_grad = run_with_student_grad(reference.kd_loss, student, teacher, labels, grad_output, **options)
+    expected_loss, expected_grad = run_reference_float64(student, teacher, labels, grad_output, **options)
+
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert bool(torch.isfinite(loss)) and bool(torch.isfinite(grad).all())
+    expected_loss, expected_grad = expected_loss.cpu(), expected_grad.cpu()
+
+    def max_error(result, expected):
+        return float((result.to(torch.float64).cpu() - expected).abs().max())
+
+    loss_allowed = 2.0 * max_error(fp32_loss, expected_loss) + LOSS_RTOL * float(expected_loss.abs())
+    assert max_error(loss, expected_loss) <= loss_allowed, (
+        f"{context}: loss error {max_error(loss, expected_loss):.3e} > allowed {loss_allowed:.3e} "
+        f"(loss={float(loss)}, expected={float(expected_loss)})"
+    )
+    grad_allowed = 2.0 * max_error(fp32_grad, expected_grad) + GRAD_NORM_ATOL * float(expected_grad.abs().max())
+    assert max_error(grad, expected_grad) <= grad_allowed, (
+        f"{context}: grad error {max_error(grad, expected_grad):.3e} > allowed {grad_allowed:.3e}"
+    )
+    assert bool((grad[labels == -100] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda dtype: DTYPE_IDS[dtype])
+@pytest.mark.parametrize("vocab_size", [1, 7, 1271, 50257])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_vocab_sizes(make_kd_inputs, divergence, vocab_size, dtype):
+    context = f"vocab/{divergence}/V={vocab_size}/{DTYPE_IDS[dtype]}"
+    row_count = 3 if vocab_size > 2000 else 5
+    student, teacher, labels = make_kd_inputs((row_count,), vocab_size, seed=stable_seed(context), student_dtype=dtype)
+    labels[-1] = -100
+    (loss, grad), _ = check_against_reference(
+        student, teacher, labels, reduction="mean", context=context,
+        divergence=divergence, alpha=0.5, temperature=2.0, label_smoothing=0.1,
+    )
+    if vocab_size == 1:
+        # One class: p = q = r = 1, so every term vanishes (up to fp32 rounding of exp/log).
+        assert abs(float(loss)) <= 1e-6
+        assert float(grad.abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_three_dim_inputs(make_kd_inputs, divergence, reduction):
+    context = f"3d/{divergence}/{reduction}"
+    student, teacher, labels = make_kd_inputs((2, 4), 37, seed=stable_seed(context), ignored_fraction=0.25)
+    (loss, _), _ = check_against_reference(
+        student, teacher, labels, reduction=reduction, context=context, divergence=divergence, alpha=0.5, temperature=2.0
+    )
+    flat_loss = functional.kd_loss(
+        student.reshape(8, 37), teacher.reshape(8, 37), labels.reshape(8), reduction=reduction,
+        divergence=divergence, alpha=0.5, temperature=2.0,
+    )
+    expected_flat = flat_loss.reshape(2, 4) if reduction == "none" else flat_loss
+    torch.testing.assert_close(loss, expected_flat, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_single_row_one_dim_input(make_kd_inputs, reduction):
+    student, teacher, labels = make_kd_inputs((), 37, seed=stable_seed("1d", reduction))
+    assert student.dim() == 1 and labels.dim() == 0
+    (loss, grad), _ = check_against_reference(
+        student, teacher, labels, reduction=reduction, context=f"1d/{reduction}", alpha=0.5, temperature=2.0
+    )
+    assert loss.dim() == 0 and grad.shape == (37,)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("leading_shape", [(6,), (2, 3), (1, 2, 3)], ids=lambda shape: "x".join(map(str, shape)))
+def test_reduction_output_shapes(make_kd_inputs, leading_shape, reduction):
+    student, teacher, labels = make_kd_inputs(leading_shape, 7, seed=3)
+    loss = functional.kd_loss(student, teacher, labels, reduction=reduction, alpha=0.5)
+    assert tuple(loss.shape) == expected_loss_shape(leading_shape, reduction)
+    assert loss.dtype == torch.float32
+
+
+def make_non_contiguous_case(layout: str, device, seed: int):
+    """Returns (student, teacher, labels) views on `device` that are not contiguous in the given way."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab_size = 37
+
+    def random_logits(*shape):
+        return (torch.randn(*shape, generator=generator) * 3.0).to(device)
+
+    if layout == "row_slice":  # [B, 2T, V][:, ::2]: rows 2V apart, vocab contiguous
+        student = random_logits(2, 8, vocab_size)[:, ::2]
+        teacher = random_logits(2, 8, vocab_size)[:, ::2]
+        labels = torch.randint(0, vocab_size, (2, 8), generator=generator).to(device)[:, ::2]
+    elif layout == "vocab_stride":  # [N, 2V][:, ::2]: vocab stride 2
+        student = random_logits(5, 2 * vocab_size)[:, ::2]
+        teacher = random_logits(5, 2 * vocab_size)[:, ::2]
+        labels = torch.randint(0, vocab_size, (5,), generator=generator).to(device)
+    elif layout == "transposed":  # [V, N].t(): vocab stride N
+        student = random_logits(vocab_size, 5).t()
+        teacher = random_logits(vocab_size, 5).t()
+        labels = torch.randint(0, vocab_size, (10,), generator=generator).to(device)[::2]
+    else:
+        raise AssertionError(layout)
+    assert not student.is_contiguous() and not teacher.is_contiguous()
+    return student, teacher, labels
+
+
+@pytest.mark.parametrize("layout", ["row_slice", "vocab_stride", "transposed"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_non_contiguous_inputs(device, divergence, layout):
+    context = f"noncontiguous/{divergence}/{layout}"
+    student, teacher, labels = make_non_contiguous_case(layout, device, stable_seed(context))
+    (loss, grad), _ = check_against_reference(
+        student, teacher, labels, reduction="none", context=context, divergence=divergence, alpha=0.5, temperature=2.0, label_smoothing=0.1
+    )
+    grad_output = make_grad_output(expected_loss_shape(student.shape[:-1], "none"), stable_seed(context, "grad"), student.device)
+    contiguous_loss, contiguous_grad = run_with_student_grad(
+        functional.kd_loss, student.contiguous(), teacher.contiguous(), labels.contiguous(), grad_output,
+        reduction="none", divergence=divergence, alpha=0.5, temperature=2.0, label_smoothing=0.1,
+    )
+    torch.testing.assert_close(loss, contiguous_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, contiguous_grad, rtol=1e-6, atol=1e-8)
+
+
+# --------------------------------------------------------------------------------------
+# Options beyond the matrix.
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_t2_scale_off(make_kd_inputs, divergence):
+    context = f"t2off/{divergence}"
+    student, teacher, labels = make_kd_inputs((6,), 37, seed=stable_seed(context))
+    options = dict(divergence=divergence, temperature=3.0, alpha=0.25)
+    (scaled, _), _ = check_against_reference(student, teacher, labels, context=context + "/on", t2_scale=True, **options)
+    (unscaled, _), _ = check_against_reference(student, teacher, labels, context=context + "/off", t2_scale=False, **options)
+    assert not math.isclose(float(scaled), float(unscaled), rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_beta(make_kd_inputs, beta):
+    context = f"jsd-beta/{beta}"
+    student, teacher, labels = make_kd_inputs((6,), 131, seed=stable_seed(context), ignored_fraction=0.2)
+    check_against_reference(
+        student, teacher, labels, reduction="none", context=context, divergence="jsd", beta=beta, temperature=2.0, alpha=0.2
+    )
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_identical_distributions_give_zero_divergence(make_kd_inputs, divergence):
+    student, _, labels = make_kd_inputs((6,), 37, seed=stable_seed("identical", divergence))
+    grad_output = make_grad_output((6,), 1, student.device)
+    loss, grad = run_with_student_grad(
+        functional.kd_loss, student, student.clone(), labels, grad_output, divergence=divergence,
+        temperature=2.0, reduction="none",
+    )
+    assert float(loss.abs().max()) < 1e-5
+    assert float(grad.abs().max()) < 1e-5
+
+
+def test_options_are_independent_of_call_order(make_kd_inputs):
+    """Consecutive calls with different options do not leak state into each other."""
+    student, teacher, labels = make_kd_inputs((6,), 37, seed=21)
+    first = functional.kd_loss(student, teacher, labels, divergence="tvd", temperature=4.0)
+    functional.kd_loss(student, teacher, labels, divergence="jsd", temperature=0.5, alpha=1.0, beta=0.2)
+    again = functional.kd_loss(student, teacher, labels, divergence="tvd", temperature=4.0)
+    torch.testing.assert_close(first, again, rtol=1e-6, atol=1e-7)
+
