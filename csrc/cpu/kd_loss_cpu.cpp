@@ -43,7 +43,7 @@ constexpr C kNegInf = -std::numeric_limits<C>::infinity();
 
 // Folds one chunk into the streamed statistics of a row: the chunk's own partial is taken
 // relative to the new running maxima, then merged (rowmath::merge_partials).
-template <class C, Divergence D, bool KD, bool S1, bool SMOOTH>
+template <class C, Divergence D, bool KD, int S1, bool SMOOTH>
 void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, RowPartial<C>& part) {
   const Coefficients<C> k = coefficients;
   const C inv_t = k.inv_temperature;
@@ -67,7 +67,8 @@ void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coeff
       const C ds = s[i] - max_s;
       const C e = rowmath::exp_c(ds * inv_t);
       sum_t += e;
-      if constexpr (S1) sum_1 += rowmath::exp_c(ds);
+      if constexpr (S1 == rowmath::kStudent1Exp) sum_1 += rowmath::exp_c(ds);
+      if constexpr (S1 == 2 || S1 == 4) sum_1 += rowmath::integer_power<S1>(e);
       if constexpr (SMOOTH) centered += ds;
       if constexpr (KD && D == Divergence::ReverseKL) weighted += e > C(0) ? e * ((ds - (t[i] - max_t)) * inv_t) : C(0);
     }
@@ -116,7 +117,7 @@ void chunk_sweep(const C* s, const C* t, int64_t n, const Coefficients<C>& coeff
 }
 
 // Gradient of one chunk (before the label fix-up), written to `out`.
-template <class C, Divergence D, bool CE, bool KD, bool S1>
+template <class C, Divergence D, bool CE, bool KD, int S1>
 void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const GradRow<C>& grad_row,
                 C* out) {
   // Local copies: the loop's invariants must not alias `out` for the loop to vectorise.
@@ -134,7 +135,9 @@ void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& coeffi
       value += g.kd_factor * rowmath::divergence_grad<D>(log_p, log_q, q, g.stats.aux, k);
     }
     if constexpr (CE) {
-      const C r = S1 ? rowmath::exp_c(ds - g.stats.student_log_sum_1) : q;  // T == 1: r == q
+      C r = q;  // T == 1
+      if constexpr (S1 == rowmath::kStudent1Exp) r = rowmath::exp_c(ds - g.stats.student_log_sum_1);
+      if constexpr (S1 == 2 || S1 == 4) r = rowmath::integer_power<S1>(q) * g.r_scale;
       value += g.ce_factor * (r - g.smooth);
     }
     out[i] = value;
@@ -150,22 +153,36 @@ using SweepFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, co
 template <class C>
 using GradFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const GradRow<C>&, C*);
 
+template <class C, Divergence D, bool KD, bool SMOOTH>
+StatsFn<C> pick_stats_mode(int student_1_mode) {
+  switch (student_1_mode) {
+    case rowmath::kStudent1Exp: return chunk_stats<C, D, KD, rowmath::kStudent1Exp, SMOOTH>;
+    case 2: return chunk_stats<C, D, KD, 2, SMOOTH>;
+    case 4: return chunk_stats<C, D, KD, 4, SMOOTH>;
+    default: return chunk_stats<C, D, KD, rowmath::kStudent1None, SMOOTH>;
+  }
+}
+
+template <class C, Divergence D>
+StatsFn<C> pick_stats(bool kd, int student_1_mode, bool smooth) {
+  if (kd) return smooth ? pick_stats_mode<C, D, true, true>(student_1_mode) : pick_stats_mode<C, D, true, false>(student_1_mode);
+  return smooth ? pick_stats_mode<C, D, false, true>(student_1_mode) : pick_stats_mode<C, D, false, false>(student_1_mode);
+}
+
 template <class C, Divergence D, bool KD>
-StatsFn<C> pick_stats_smooth(bool s1, bool smooth) {
-  if (smooth) return s1 ? chunk_stats<C, D, KD, true, true> : chunk_stats<C, D, KD, false, true>;
-  return s1 ? chunk_stats<C, D, KD, true, false> : chunk_stats<C, D, KD, false, false>;
+GradFn<C> pick_grad_mode(int student_1_mode) {
+  switch (student_1_mode) {
+    case rowmath::kStudent1Exp: return chunk_grad<C, D, true, KD, rowmath::kStudent1Exp>;
+    case 2: return chunk_grad<C, D, true, KD, 2>;
+    case 4: return chunk_grad<C, D, true, KD, 4>;
+    default: return chunk_grad<C, D, true, KD, rowmath::kStudent1None>;
+  }
 }
 
 template <class C, Divergence D>
-StatsFn<C> pick_stats(bool kd, bool s1, bool smooth) {
-  return kd ? pick_stats_smooth<C, D, true>(s1, smooth) : pick_stats_smooth<C, D, false>(s1, smooth);
-}
-
-template <class C, Divergence D>
-GradFn<C> pick_grad(bool ce, bool kd, bool s1) {
-  if (ce && kd) return s1 ? chunk_grad<C, D, true, true, true> : chunk_grad<C, D, true, true, false>;
-  if (ce) return s1 ? chunk_grad<C, D, true, false, true> : chunk_grad<C, D, true, false, false>;
-  return chunk_grad<C, D, false, true, false>;
+GradFn<C> pick_grad(bool ce, bool kd, int student_1_mode) {
+  if (!ce) return chunk_grad<C, D, false, true, rowmath::kStudent1None>;
+  return kd ? pick_grad_mode<C, D, true>(student_1_mode) : pick_grad_mode<C, D, false>(student_1_mode);
 }
 
 template <class C>
@@ -178,9 +195,9 @@ struct ChunkKernels {
 template <class C, Divergence D>
 ChunkKernels<C> pick_for(const Coefficients<C>& k) {
   ChunkKernels<C> kernels;
-  kernels.stats = pick_stats<C, D>(k.need_kd, k.need_student_1, k.need_ce && k.label_smoothing > C(0));
+  kernels.stats = pick_stats<C, D>(k.need_kd, k.student_1_mode, k.need_ce && k.label_smoothing > C(0));
   kernels.sweep = (D == Divergence::JSD || D == Divergence::TVD) && k.need_kd ? chunk_sweep<C, D> : nullptr;
-  kernels.grad = pick_grad<C, D>(k.need_ce, k.need_kd, k.need_student_1);
+  kernels.grad = pick_grad<C, D>(k.need_ce, k.need_kd, k.student_1_mode);
   return kernels;
 }
 
@@ -322,6 +339,10 @@ void backward_impl(const KDBackwardArgs& args) {
     gr.kd_factor = g * (C(1) - k.alpha) * k.divergence_scale * k.inv_temperature;
     gr.smooth = k.label_smoothing / static_cast<C>(vocab);
     gr.stats = RowStats<C>{st[0], st[1], st[2], st[3], st[4], st[5]};
+    gr.r_scale = k.student_1_mode == 2 || k.student_1_mode == 4
+                     ? static_cast<C>(std::exp(static_cast<double>(k.student_1_mode) * static_cast<double>(st[3]) -
+                                               static_cast<double>(st[4])))
+                     : C(0);
     const int64_t label = args.labels ? args.labels[row] : -1;
     const C label_step = g * k.alpha * (C(1) - k.label_smoothing);
     alignas(64) C student_buf[kChunk];

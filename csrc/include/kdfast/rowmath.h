@@ -178,12 +178,25 @@ struct RowStats {
   C aux;                // reverse_kl: D; jsd: KL(q || m); tvd: 1/2 sum q sign(q - p); forward_kl: 0
 };
 
+constexpr int kStudent1None = 0;
+constexpr int kStudent1Exp = 1;
+
+// x^P for the student_1 modes 2 and 4 (exp(d) = exp(d/T)^T for integer T).
+template <int P, class C>
+KDFAST_HD C integer_power(C x) {
+  if constexpr (P == 2) return x * x;
+  else { const C x2 = x * x; return x2 * x2; }
+}
+
 // Scalars every element of a row needs; built once per call.
 template <class C>
 struct Coefficients {
   C inv_temperature, alpha, beta, label_smoothing, divergence_scale;
   C log_beta, log_one_minus_beta;
   bool need_ce, need_kd, need_student_1;  // need_student_1: CE needs softmax(s) and T != 1
+  // How exp(s - max) is obtained when need_student_1: kStudent1Exp (its own exp), or for
+  // T = 2 / 4 as exp((s - max)/T)^T by squaring (2 / 4); kStudent1None when not needed.
+  int student_1_mode;
   Divergence divergence;
 };
 
@@ -200,6 +213,10 @@ inline Coefficients<C> make_coefficients(const KDOptions& o) {
   k.need_ce = o.alpha > 0.0;
   k.need_kd = o.alpha < 1.0;
   k.need_student_1 = k.need_ce && o.temperature != 1.0;
+  k.student_1_mode = !k.need_student_1 ? kStudent1None
+                     : o.temperature == 2.0 ? 2
+                     : o.temperature == 4.0 ? 4
+                                            : kStudent1Exp;
   k.divergence = o.divergence;
   return k;
 }
@@ -292,6 +309,7 @@ struct GradRow {
   C ce_factor;  // g alpha
   C kd_factor;  // g (1 - alpha) tau / T  (the 1/T of d b / d s folded in)
   C smooth;     // eps / V
+  C r_scale;    // student_1 modes 2 / 4: r = q^T exp(T log_sum_T - log_sum_1)
   RowStats<C> stats;
 };
 
