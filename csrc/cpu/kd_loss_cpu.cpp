@@ -32,7 +32,7 @@ using rowmath::RowStats;
 
 namespace {
 
-constexpr int64_t kChunk = 2048;
+constexpr int64_t kChunk = 512;
 // Below this many elements per call one thread is faster than waking a team.
 constexpr int64_t kParallelThreshold = 1 << 15;
 
