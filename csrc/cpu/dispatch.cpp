@@ -1,6 +1,7 @@
-// Run-time choice among the CPU kernel variants compiled from kd_loss_cpu.cpp, and the
-// build description. The variant list comes from the build (KDFAST_CPU_HAS_AVX2/AVX512);
-// the choice is made once, from the CPU's feature flags, the first time a kernel runs.
+// Run-time choice among the CPU kernel variants compiled from kd_loss_cpu.cpp, topk_cpu.cpp
+// and sparse_kd_cpu.cpp, and the build description. The variant list comes from the build
+// (KDFAST_CPU_HAS_AVX2/AVX512); the choice is made once, from the CPU's feature flags, the
+// first time a kernel runs.
 // KDFAST_CPU_VARIANT=baseline|avx2|avx512 in the environment forces a (supported) variant.
 #include <cstdlib>
 #include <cstring>
@@ -18,10 +19,13 @@
 
 namespace kdfast {
 namespace cpu {
-#define KDFAST_DECLARE_VARIANT(name)                 \
-  namespace name {                                   \
-  int64_t kd_forward(const KDForwardArgs& args);     \
-  void kd_backward(const KDBackwardArgs& args);      \
+#define KDFAST_DECLARE_VARIANT(name)                                     \
+  namespace name {                                                       \
+  int64_t kd_forward(const KDForwardArgs& args);                         \
+  void kd_backward(const KDBackwardArgs& args);                          \
+  void topk_compress(const TopKCompressArgs& args);                      \
+  SparseKDForwardResult sparse_kd_forward(const SparseKDForwardArgs& args); \
+  void sparse_kd_backward(const SparseKDBackwardArgs& args);             \
   }
 KDFAST_DECLARE_VARIANT(baseline)
 #if defined(KDFAST_CPU_HAS_AVX2)
@@ -38,6 +42,9 @@ struct Variant {
   const char* name;
   int64_t (*forward)(const KDForwardArgs&);
   void (*backward)(const KDBackwardArgs&);
+  void (*topk_compress)(const TopKCompressArgs&);
+  SparseKDForwardResult (*sparse_forward)(const SparseKDForwardArgs&);
+  void (*sparse_backward)(const SparseKDBackwardArgs&);
 };
 
 bool cpu_supports(const char* name) {
@@ -55,12 +62,15 @@ bool cpu_supports(const char* name) {
 std::vector<Variant> compiled_variants() {
   std::vector<Variant> variants;
 #if defined(KDFAST_CPU_HAS_AVX512)
-  variants.push_back({"avx512", avx512::kd_forward, avx512::kd_backward});
+  variants.push_back({"avx512", avx512::kd_forward, avx512::kd_backward, avx512::topk_compress,
+                      avx512::sparse_kd_forward, avx512::sparse_kd_backward});
 #endif
 #if defined(KDFAST_CPU_HAS_AVX2)
-  variants.push_back({"avx2", avx2::kd_forward, avx2::kd_backward});
+  variants.push_back({"avx2", avx2::kd_forward, avx2::kd_backward, avx2::topk_compress, avx2::sparse_kd_forward,
+                      avx2::sparse_kd_backward});
 #endif
-  variants.push_back({"baseline", baseline::kd_forward, baseline::kd_backward});
+  variants.push_back({"baseline", baseline::kd_forward, baseline::kd_backward, baseline::topk_compress,
+                      baseline::sparse_kd_forward, baseline::sparse_kd_backward});
   return variants;  // best first
 }
 
@@ -106,6 +116,17 @@ int64_t kd_forward_cpu(const KDForwardArgs& args) { return cpu::selected().forwa
 void kd_backward_cpu(const KDBackwardArgs& args) {
   cpu::advise_huge_pages(args.grad_student, args.rows * args.vocab * dtype_size(args.student_dtype));
   cpu::selected().backward(args);
+}
+
+void topk_compress_cpu(const TopKCompressArgs& args) { cpu::selected().topk_compress(args); }
+
+SparseKDForwardResult sparse_kd_forward_cpu(const SparseKDForwardArgs& args) {
+  return cpu::selected().sparse_forward(args);
+}
+
+void sparse_kd_backward_cpu(const SparseKDBackwardArgs& args) {
+  cpu::advise_huge_pages(args.grad_student, args.rows * args.vocab * dtype_size(args.student_dtype));
+  cpu::selected().sparse_backward(args);
 }
 
 #if defined(KDFAST_WITH_CUDA)

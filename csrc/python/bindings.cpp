@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <utility>
 
 #include "kdfast/kdfast.h"
 
@@ -105,6 +106,101 @@ void kd_backward(uintptr_t grad_output, int64_t grad_output_stride, uintptr_t st
 #endif
 }
 
+void topk_compress(uintptr_t teacher, int teacher_dtype, int64_t teacher_row_stride, int64_t rows, int64_t vocab,
+                   int64_t k, double temperature, uintptr_t indices, bool indices_int64, uintptr_t logprobs,
+                   uintptr_t tail_logprob, int num_threads, int device_index, uintptr_t stream) {
+  if (vocab >= (int64_t(1) << 31)) throw std::invalid_argument("compress_topk: vocab sizes of 2^31 or more are not supported");
+  kdfast::TopKCompressArgs a;
+  a.teacher = as_ptr<const void>(teacher);
+  a.teacher_dtype = static_cast<DType>(teacher_dtype);
+  a.teacher_row_stride = teacher_row_stride;
+  a.rows = rows;
+  a.vocab = vocab;
+  a.k = k;
+  a.temperature = temperature;
+  a.indices = as_ptr<void>(indices);
+  a.indices_int64 = indices_int64;
+  a.logprobs = as_ptr<void>(logprobs);
+  a.tail_logprob = as_ptr<void>(tail_logprob);
+  a.num_threads = num_threads;
+  if (device_index < 0) return kdfast::topk_compress_cpu(a);
+  (void)stream;
+  throw std::runtime_error("kdfast: compress_topk has no CUDA kernel in this build; kdfast.reference.compress_topk runs on any device");
+}
+
+kdfast::SoftLabelView make_soft_labels(uintptr_t indices, int index_type, uintptr_t logprobs, int logprob_dtype,
+                                       uintptr_t tail_logprob, int tail_dtype, int64_t k) {
+  kdfast::SoftLabelView v;
+  v.indices = as_ptr<const void>(indices);
+  v.index_type = static_cast<kdfast::IndexType>(index_type);
+  v.logprobs = as_ptr<const void>(logprobs);
+  v.logprob_dtype = static_cast<DType>(logprob_dtype);
+  v.tail_logprob = as_ptr<const void>(tail_logprob);
+  v.tail_dtype = static_cast<DType>(tail_dtype);
+  v.k = k;
+  return v;
+}
+
+[[noreturn]] void no_sparse_cuda() {
+  throw std::runtime_error("kdfast: sparse_kd_loss has no CUDA kernel in this build; kdfast.reference.sparse_kd_loss runs on any device");
+}
+
+std::pair<int64_t, int64_t> sparse_kd_forward(uintptr_t student, int student_dtype, int64_t student_row_stride,
+                                              uintptr_t indices, int index_type, uintptr_t logprobs, int logprob_dtype,
+                                              uintptr_t tail_logprob, int tail_dtype, uintptr_t labels, int64_t rows,
+                                              int64_t vocab, int64_t k, int divergence, int tail_mode, int reduction,
+                                              double temperature, double alpha, double beta, double label_smoothing,
+                                              double divergence_scale, int64_t ignore_index, uintptr_t loss,
+                                              uintptr_t row_stats, uintptr_t valid_rows, int num_threads,
+                                              int device_index, uintptr_t stream) {
+  kdfast::SparseKDForwardArgs a;
+  a.student = as_ptr<const void>(student);
+  a.student_dtype = static_cast<DType>(student_dtype);
+  a.student_row_stride = student_row_stride;
+  a.soft_labels = make_soft_labels(indices, index_type, logprobs, logprob_dtype, tail_logprob, tail_dtype, k);
+  a.labels = as_ptr<const int64_t>(labels);
+  a.rows = rows;
+  a.vocab = vocab;
+  a.options = make_options(divergence, reduction, temperature, alpha, beta, label_smoothing, divergence_scale, ignore_index);
+  a.tail = static_cast<kdfast::SparseTail>(tail_mode);
+  a.loss = as_ptr<void>(loss);
+  a.row_stats = as_ptr<double>(row_stats);
+  a.valid_rows = as_ptr<double>(valid_rows);
+  a.num_threads = num_threads;
+  (void)stream;
+  if (device_index >= 0) no_sparse_cuda();
+  const kdfast::SparseKDForwardResult result = kdfast::sparse_kd_forward_cpu(a);
+  return {result.bad_labels, result.bad_index_rows};
+}
+
+void sparse_kd_backward(uintptr_t grad_output, int64_t grad_output_stride, uintptr_t student, int student_dtype,
+                        int64_t student_row_stride, uintptr_t indices, int index_type, uintptr_t logprobs,
+                        int logprob_dtype, uintptr_t tail_logprob, int tail_dtype, uintptr_t labels, int64_t rows,
+                        int64_t vocab, int64_t k, int divergence, int tail_mode, int reduction, double temperature,
+                        double alpha, double beta, double label_smoothing, double divergence_scale,
+                        int64_t ignore_index, uintptr_t row_stats, uintptr_t valid_rows, uintptr_t grad_student,
+                        int num_threads, int device_index, uintptr_t stream) {
+  kdfast::SparseKDBackwardArgs a;
+  a.grad_output = as_ptr<const void>(grad_output);
+  a.grad_output_stride = grad_output_stride;
+  a.student = as_ptr<const void>(student);
+  a.student_dtype = static_cast<DType>(student_dtype);
+  a.student_row_stride = student_row_stride;
+  a.soft_labels = make_soft_labels(indices, index_type, logprobs, logprob_dtype, tail_logprob, tail_dtype, k);
+  a.labels = as_ptr<const int64_t>(labels);
+  a.rows = rows;
+  a.vocab = vocab;
+  a.options = make_options(divergence, reduction, temperature, alpha, beta, label_smoothing, divergence_scale, ignore_index);
+  a.tail = static_cast<kdfast::SparseTail>(tail_mode);
+  a.row_stats = as_ptr<const double>(row_stats);
+  a.valid_rows = as_ptr<const double>(valid_rows);
+  a.grad_student = as_ptr<void>(grad_student);
+  a.num_threads = num_threads;
+  (void)stream;
+  if (device_index >= 0) no_sparse_cuda();
+  kdfast::sparse_kd_backward_cpu(a);
+}
+
 py::dict build_info() {
   const kdfast::BuildInfo info = kdfast::build_info();
   py::dict d;
@@ -136,5 +232,26 @@ PYBIND11_MODULE(_C, m) {
         py::arg("alpha"), py::arg("beta"), py::arg("label_smoothing"), py::arg("divergence_scale"),
         py::arg("ignore_index"), py::arg("row_stats"), py::arg("valid_rows"), py::arg("grad_student"), py::arg("num_threads"),
         py::arg("device_index"), py::arg("stream"));
+  m.def("topk_compress", &topk_compress, py::call_guard<py::gil_scoped_release>(), py::arg("teacher"),
+        py::arg("teacher_dtype"), py::arg("teacher_row_stride"), py::arg("rows"), py::arg("vocab"), py::arg("k"),
+        py::arg("temperature"), py::arg("indices"), py::arg("indices_int64"), py::arg("logprobs"),
+        py::arg("tail_logprob"), py::arg("num_threads"), py::arg("device_index"), py::arg("stream"));
+  m.def("sparse_kd_forward", &sparse_kd_forward, py::call_guard<py::gil_scoped_release>(), py::arg("student"),
+        py::arg("student_dtype"), py::arg("student_row_stride"), py::arg("indices"), py::arg("index_type"),
+        py::arg("logprobs"), py::arg("logprob_dtype"), py::arg("tail_logprob"), py::arg("tail_dtype"),
+        py::arg("labels"), py::arg("rows"), py::arg("vocab"), py::arg("k"), py::arg("divergence"),
+        py::arg("tail_mode"), py::arg("reduction"), py::arg("temperature"), py::arg("alpha"), py::arg("beta"),
+        py::arg("label_smoothing"), py::arg("divergence_scale"), py::arg("ignore_index"), py::arg("loss"),
+        py::arg("row_stats"), py::arg("valid_rows"), py::arg("num_threads"), py::arg("device_index"),
+        py::arg("stream"));
+  m.def("sparse_kd_backward", &sparse_kd_backward, py::call_guard<py::gil_scoped_release>(),
+        py::arg("grad_output"), py::arg("grad_output_stride"), py::arg("student"), py::arg("student_dtype"),
+        py::arg("student_row_stride"), py::arg("indices"), py::arg("index_type"), py::arg("logprobs"),
+        py::arg("logprob_dtype"), py::arg("tail_logprob"), py::arg("tail_dtype"), py::arg("labels"),
+        py::arg("rows"), py::arg("vocab"), py::arg("k"), py::arg("divergence"), py::arg("tail_mode"),
+        py::arg("reduction"), py::arg("temperature"), py::arg("alpha"), py::arg("beta"),
+        py::arg("label_smoothing"), py::arg("divergence_scale"), py::arg("ignore_index"), py::arg("row_stats"),
+        py::arg("valid_rows"), py::arg("grad_student"), py::arg("num_threads"), py::arg("device_index"),
+        py::arg("stream"));
   m.def("build_info", &build_info);
 }

@@ -7,8 +7,18 @@ error, while `kdfast.reference` keeps working.
 
 from kdfast import functional, reference
 from kdfast._build import build_info
-from kdfast.losses import KDLoss
+from kdfast.losses import KDLoss, SparseKDLoss
+from kdfast.softlabels import SoftLabels, compress_topk
 
 __version__ = "0.1.0"
 
-__all__ = ["KDLoss", "build_info", "functional", "reference", "__version__"]
+__all__ = [
+    "KDLoss",
+    "SoftLabels",
+    "SparseKDLoss",
+    "build_info",
+    "compress_topk",
+    "functional",
+    "reference",
+    "__version__",
+]

@@ -6,7 +6,9 @@ the vocabulary dimension is contiguous, and calls the `kdfast::kd_loss_forward` 
 (under torch.compile) or the equivalent autograd.Function (eager, no dispatcher cost),
 whose backward is the fused backward kernel. CPU and CUDA tensors run the compiled
 kernels; tensors on other devices (or CUDA when kdfast was built without CUDA kernels) use
-`kdfast.reference`, which computes the same contract in plain PyTorch.
+`kdfast.reference`, which computes the same contract in plain PyTorch. `sparse_kd_loss`
+does the same against top-k soft labels (`kdfast.SoftLabels`) through the
+`kdfast::sparse_kd_forward` op.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from kdfast import _checks
 from kdfast.ops import kd_loss as _kd_ops
 from kdfast.ops._native import has_cuda_kernels
 
-__all__ = ["kd_loss"]
+__all__ = ["kd_loss", "sparse_kd_loss"]
 
 
 def _as_rows(logits: Tensor, vocab: int) -> Tensor:
@@ -114,6 +116,102 @@ def kd_loss(
         loss, _, _ = _kd_ops.kd_loss_forward(student_rows, teacher_rows, label_rows, *options)
     else:  # same kernels, without the custom-op dispatch cost
         loss, _, _ = _kd_ops.EagerKDLoss.apply(student_rows, teacher_rows, label_rows, *options)
+    if reduction == "none":
+        loss = loss.reshape(leading_shape)
+    return loss
+
+
+def sparse_kd_loss(
+    student_logits: Tensor,
+    soft_labels,
+    labels: Optional[Tensor] = None,
+    *,
+    divergence: str = "forward_kl",
+    temperature: Optional[float] = None,
+    alpha: float = 0.0,
+    beta: float = 0.5,
+    tail: str = "bucket",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    t2_scale: bool = True,
+) -> Tensor:
+    """Distillation loss against top-k soft labels (`kdfast.SoftLabels`).
+
+    Per row, with q = softmax(s/T) over all V student logits and the teacher's kept
+    log-probabilities log p_K and tail log-mass log p_tail:
+    - `tail="bucket"` (default): D is taken over k+1 buckets, the kept tokens plus one tail
+      bucket: student (q_K, q_tail) with log q_tail = logsumexp of the non-kept s/T minus the
+      full log-sum-exp (never 1 − Σ q_K), teacher (p_K, p_tail) renormalised to sum to 1
+      (a no-op up to rounding for labels from `compress_topk`; it absorbs the rounding of
+      16-bit storage). The gradient reaches every student logit. With k = V this is `kd_loss`.
+    - `tail="renormalize"`: D between p_K / Σ p_K and q_K / Σ q_K; only the kept logits get
+      a divergence gradient.
+    The row loss is α·CE(s, y) + (1−α)·τ·D with CE on the full student row at temperature 1
+    (label smoothing ε spread over all V), τ = T² when `t2_scale` else 1; D is `forward_kl`,
+    `reverse_kl`, `jsd` (β) or `tvd` exactly as in `kd_loss`.
+
+    Args:
+        student_logits: [..., V] float32, bfloat16, float16 or float64. Receives the gradient.
+        soft_labels: SoftLabels with leading shape [...] and vocab_size V (any storage
+            dtypes; a float64 student computes in float64). Treated as constants.
+        labels: [...] int64 class indices in [0, V), or None (every row valid; `alpha` must
+            be 0). Rows whose label equals `ignore_index` contribute 0 and get zero gradient.
+        divergence: "forward_kl" (default), "reverse_kl", "jsd" or "tvd".
+        temperature: None (default) uses `soft_labels.temperature`; any other value must
+            equal it, because log-probabilities stored at one temperature cannot be rescaled
+            to another without the raw teacher logits (which SoftLabels does not keep).
+        alpha: weight of the hard-label cross-entropy, in [0, 1] (default 0.0).
+        beta: JSD mixture weight in (0, 1) (default 0.5); used by "jsd" only.
+        tail: "bucket" (default) or "renormalize", as above.
+        ignore_index: label value of rows to skip (default -100).
+        reduction: "mean" (default: sum over valid rows / number of valid rows, 0 when no
+            row is valid), "sum", "batchmean" (sum / number of rows) or "none" (per-row
+            losses with the leading shape [...]).
+        label_smoothing: ε in [0, 1) for the cross-entropy term (default 0.0).
+        t2_scale: scale the divergence by T² (default True).
+
+    Returns:
+        float32 loss (float64 for a float64 student or float64 soft labels): a scalar, or
+        [...] for reduction="none". The student gradient has the student's dtype.
+
+    Raises:
+        TypeError: wrong types or dtypes (student not floating, labels not int64, soft_labels
+            not a SoftLabels).
+        ValueError: vocabulary or row-shape mismatch with the soft labels, a temperature that
+            differs from the soft labels', an unknown tail mode, the `kd_loss` option errors,
+            labels outside [0, V), soft-label indices outside [0, V) or repeated in a row.
+    """
+    from kdfast import softlabels as _softlabels
+    from kdfast.ops import sparse as _sparse_ops
+
+    temperature = _softlabels.check_sparse_kd_inputs(
+        student_logits, soft_labels, labels, divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
+        tail=tail, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+    )
+    if not _sparse_ops.uses_kernels(student_logits.device):
+        from kdfast import reference
+
+        return reference.sparse_kd_loss(
+            student_logits, soft_labels, labels, divergence=divergence, temperature=temperature, alpha=alpha,
+            beta=beta, tail=tail, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            t2_scale=t2_scale,
+        )
+    vocab = student_logits.shape[-1]
+    leading_shape = student_logits.shape[:-1]
+    flat = soft_labels.flatten()
+    teacher_logprobs, teacher_tail = flat.logprobs.detach(), flat.tail_logprob.detach()
+    if student_logits.dtype == torch.float64 or teacher_logprobs.dtype == torch.float64:
+        student_logits = student_logits.to(torch.float64)
+        teacher_logprobs, teacher_tail = teacher_logprobs.to(torch.float64), teacher_tail.to(torch.float64)
+    student_rows = _as_rows(student_logits, vocab)
+    label_rows = labels.reshape(-1).contiguous() if labels is not None else None
+    options = (divergence, tail, reduction, float(temperature), float(alpha), float(beta), float(label_smoothing),
+               bool(t2_scale), int(ignore_index))
+    loss = _sparse_ops.sparse_kd_loss(
+        student_rows, flat.indices.contiguous(), teacher_logprobs.contiguous(), teacher_tail.contiguous(), label_rows,
+        *options,
+    )
     if reduction == "none":
         loss = loss.reshape(leading_shape)
     return loss

@@ -80,3 +80,70 @@ class KDLoss(nn.Module):
             f"beta={self.beta}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
             f"label_smoothing={self.label_smoothing}, t2_scale={self.t2_scale}"
         )
+
+
+class SparseKDLoss(nn.Module):
+    """Distillation loss against top-k soft labels; see `kdfast.functional.sparse_kd_loss`.
+
+    Args:
+        divergence: "forward_kl" (default), "reverse_kl", "jsd" or "tvd".
+        temperature: None (default: the soft labels' own temperature) or a value equal to it.
+        alpha: weight of the hard-label cross-entropy in [0, 1] (default 0.0).
+        beta: JSD mixture weight in (0, 1) (default 0.5), used by "jsd" only.
+        tail: "bucket" (default: k kept tokens plus one tail bucket) or "renormalize".
+        ignore_index: label value whose rows contribute nothing (default -100).
+        reduction: "mean" (default), "sum", "none" or "batchmean".
+        label_smoothing: ε in [0, 1) for the cross-entropy term (default 0.0).
+        t2_scale: multiply the divergence by T² (default True).
+
+    Shape:
+        student_logits: [..., V]; soft_labels: SoftLabels with leading shape [...];
+        labels: [...] int64 or None.
+        Output: scalar, or [...] for reduction="none"; float32 (float64 for float64 inputs).
+    """
+
+    def __init__(
+        self,
+        divergence: str = "forward_kl",
+        temperature: Optional[float] = None,
+        alpha: float = 0.0,
+        beta: float = 0.5,
+        tail: str = "bucket",
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        t2_scale: bool = True,
+    ) -> None:
+        super().__init__()
+        self.divergence = divergence
+        self.temperature = temperature
+        self.alpha = alpha
+        self.beta = beta
+        self.tail = tail
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.t2_scale = t2_scale
+
+    def forward(self, student_logits: torch.Tensor, soft_labels, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return F.sparse_kd_loss(
+            student_logits,
+            soft_labels,
+            labels,
+            divergence=self.divergence,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            beta=self.beta,
+            tail=self.tail,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            t2_scale=self.t2_scale,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"divergence={self.divergence!r}, temperature={self.temperature}, alpha={self.alpha}, "
+            f"beta={self.beta}, tail={self.tail!r}, ignore_index={self.ignore_index}, "
+            f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, t2_scale={self.t2_scale}"
+        )

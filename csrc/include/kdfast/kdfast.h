@@ -17,6 +17,13 @@ namespace kdfast {
 int64_t kd_forward_cpu(const KDForwardArgs& args);
 void kd_backward_cpu(const KDBackwardArgs& args);
 
+// Top-k soft labels on the CPU: compression (one read of each teacher row) and the sparse
+// KD loss. Inputs are validated by the caller except for data-dependent errors, which the
+// forward pass counts and returns (see SparseKDForwardResult).
+void topk_compress_cpu(const TopKCompressArgs& args);
+SparseKDForwardResult sparse_kd_forward_cpu(const SparseKDForwardArgs& args);
+void sparse_kd_backward_cpu(const SparseKDBackwardArgs& args);
+
 // Build and runtime description for kdfast.build_info().
 struct BuildInfo {
   std::string compiler;

@@ -76,4 +76,99 @@ struct KDBackwardArgs {
 // Number of per-row values the forward pass writes to row_stats (see KDForwardArgs).
 constexpr int kRowStats = 8;
 
+// ---- top-k soft labels (compression and the sparse KD loss) ----
+
+// Integer dtypes of soft-label indices. Values are part of the binding contract.
+enum class IndexType : int32_t { Int64 = 0, Int32 = 1, Int16 = 2, UInt16 = 3 };
+// How the sparse loss treats the mass outside the kept tokens.
+enum class SparseTail : int32_t { Bucket = 0, Renormalize = 1 };
+
+// compress_topk: per row, the k largest teacher logits (ties: lower index first), their
+// log softmax(t/T) over the full row, and the log of the mass outside them (-inf if none).
+struct TopKCompressArgs {
+  const void* teacher = nullptr;  // [rows, vocab], vocabulary dimension contiguous
+  DType teacher_dtype = DType::Float32;
+  int64_t teacher_row_stride = 0;
+  int64_t rows = 0;
+  int64_t vocab = 0;  // < 2^31
+  int64_t k = 0;      // 1 <= k <= vocab
+  double temperature = 1.0;
+  // Outputs, contiguous: indices [rows, k] (int64 when indices_int64, else int32), sorted by
+  // descending logit; logprobs [rows, k] and tail_logprob [rows] in the compute dtype
+  // (float64 for a float64 teacher, else float32).
+  void* indices = nullptr;
+  bool indices_int64 = false;
+  void* logprobs = nullptr;
+  void* tail_logprob = nullptr;
+  int num_threads = 1;
+};
+
+// Soft labels as the sparse loss reads them: [rows, k] indices and teacher log-probabilities
+// and [rows] tail log-masses, all contiguous, in any of the storage dtypes.
+struct SoftLabelView {
+  const void* indices = nullptr;
+  IndexType index_type = IndexType::Int32;
+  const void* logprobs = nullptr;
+  DType logprob_dtype = DType::Float32;
+  const void* tail_logprob = nullptr;
+  DType tail_dtype = DType::Float32;
+  int64_t k = 0;
+};
+
+// Per-row values the sparse forward pass writes to row_stats, always in float64 (they are
+// few, and the backward pass needs absolute log-sum-exps of logits as large as 1e4), in order:
+//   0 tail_max        max of the non-kept student logits s (-inf if none, or not streamed)
+//   1 tail_log_sum_T  log sum_{non-kept} exp((s - tail_max)/T)
+//   2 student_norm    log-sum-exp of s/T over the row ("bucket") or over the kept tokens
+//                     ("renormalize"): log Q_j = s_j/T - student_norm
+//   3 lse_1           log-sum-exp of s over the row (cross-entropy)
+//   4 teacher_norm    log-sum-exp of the teacher's bucket log-probabilities (renormalisation)
+//   5 g_bar           G = sum_j Q_j dD/dQ_j
+//   6 tail_coeff      w_tail - G Q_tail (gradient of D w.r.t. a tail logit, per unit share)
+//   7 row loss
+constexpr int kSparseRowStats = 8;
+
+struct SparseKDForwardArgs {
+  const void* student = nullptr;  // [rows, vocab], vocabulary dimension contiguous
+  DType student_dtype = DType::Float32;
+  int64_t student_row_stride = 0;
+  SoftLabelView soft_labels;
+  const int64_t* labels = nullptr;  // [rows] or null (every row valid, alpha must be 0)
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  KDOptions options;
+  SparseTail tail = SparseTail::Bucket;
+  // Outputs: loss in the compute dtype (float64 for a float64 student, else float32),
+  // [rows] when reduction == None, else a single element; row_stats [rows, kSparseRowStats]
+  // and valid_rows (one element: rows whose label is not ignore_index) in float64.
+  void* loss = nullptr;
+  double* row_stats = nullptr;
+  double* valid_rows = nullptr;
+  int num_threads = 1;
+};
+
+// Error counts of a sparse forward call; the rows concerned have NaN loss and statistics.
+struct SparseKDForwardResult {
+  int64_t bad_labels = 0;       // labels outside [0, vocab) that are not ignore_index
+  int64_t bad_index_rows = 0;   // rows with an index outside [0, vocab) or a repeated index
+};
+
+struct SparseKDBackwardArgs {
+  const void* grad_output = nullptr;  // compute dtype; [rows] (stride 1) for None, else 1 element
+  int64_t grad_output_stride = 0;
+  const void* student = nullptr;
+  DType student_dtype = DType::Float32;
+  int64_t student_row_stride = 0;
+  SoftLabelView soft_labels;
+  const int64_t* labels = nullptr;
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  KDOptions options;
+  SparseTail tail = SparseTail::Bucket;
+  const double* row_stats = nullptr;   // as written by the forward pass
+  const double* valid_rows = nullptr;  // as written by the forward pass
+  void* grad_student = nullptr;        // [rows, vocab] contiguous, in the student dtype
+  int num_threads = 1;
+};
+
 }  // namespace kdfast

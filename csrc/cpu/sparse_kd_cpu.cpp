@@ -1,0 +1,458 @@
+// CPU kernels of the sparse KD loss against top-k soft labels (forward statistics + loss,
+// backward gradient). Compiled once per instruction-set variant into
+// kdfast::cpu::KDFAST_CPU_VARIANT like kd_loss_cpu.cpp; contract in types.h
+// (SparseKDForwardArgs / SparseKDBackwardArgs), per-bucket math in sparse_rowmath.h.
+//
+// Per row the k kept indices are sorted (and checked: in range, no repeats), then the student
+// row is streamed once in chunks of kChunk elements. Each chunk is copied into a stack buffer
+// (converted to float for 16-bit students), the kept logits are read out of it and replaced by
+// -inf, and vectorised loops fold what is left, exactly the non-kept entries, into the tail's
+// log-sum-exp (at T for the tail bucket, at 1 for the cross-entropy), each relative to the
+// tail's own maximum. The k+1 bucket terms are then computed in double. In "renormalize" mode
+// without cross-entropy the row is not streamed at all: only the k kept logits are read.
+// The backward pass streams the row once more and writes the gradient once: a vectorised
+// formula for tail entries (one exp each at T = 1), then the kept entries of the chunk are
+// overwritten with their own gradient before the chunk is stored.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "convert.h"
+#include "kdfast/rowmath.h"
+#include "kdfast/sparse_rowmath.h"
+#include "kdfast/types.h"
+
+#ifndef KDFAST_CPU_VARIANT
+#error "KDFAST_CPU_VARIANT must name the instruction-set variant"
+#endif
+
+namespace kdfast {
+namespace cpu {
+namespace KDFAST_CPU_VARIANT {
+
+using sparse::SparseCoefficients;
+using sparse::TailSum;
+
+namespace {
+
+constexpr int64_t kChunk = 2048;
+constexpr int64_t kParallelThreshold = 1 << 15;
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+template <class C>
+constexpr C kNegInf = -std::numeric_limits<C>::infinity();
+
+// A kept token: vocabulary index and its slot (position along k in the soft labels).
+struct KeptEntry {
+  int64_t index;
+  int64_t slot;
+};
+
+int threads_for(int requested, int64_t rows, int64_t work_per_row) {
+  if (rows * work_per_row < kParallelThreshold) return 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, rows)));
+}
+
+bool label_valid(const int64_t* labels, int64_t row, int64_t ignore_index) {
+  return labels == nullptr || labels[row] != ignore_index;
+}
+
+// Reads row `row` of the kept indices into `kept`, sorted by vocabulary index. Returns false
+// when an index is outside [0, vocab) or appears twice.
+bool load_kept(const SoftLabelView& labels, int64_t row, int64_t vocab, std::vector<KeptEntry>& kept) {
+  const int64_t k = labels.k;
+  kept.resize(static_cast<size_t>(k));
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t index = sparse::load_index(labels.indices, labels.index_type, row * k + j);
+    if (index < 0 || index >= vocab) return false;
+    kept[j] = KeptEntry{index, j};
+  }
+  std::sort(kept.begin(), kept.end(), [](const KeptEntry& a, const KeptEntry& b) { return a.index < b.index; });
+  for (int64_t j = 1; j < k; ++j)
+    if (kept[j].index == kept[j - 1].index) return false;
+  return true;
+}
+
+double log_sum_exp(const double* values, int64_t n) {
+  double top = -kInf;
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, values[i]);
+  if (top == -kInf) return -kInf;
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(values[i] - top);
+  return top + std::log(sum);
+}
+
+// What a call needs streamed from the student row.
+struct StreamPlan {
+  bool tail_at_t;   // log-sum-exp of the non-kept s/T: the tail bucket
+  bool tail_at_1;   // log-sum-exp of the non-kept s: cross-entropy when it cannot reuse the above
+  bool smoothing;   // sum of all s: label smoothing
+  bool any() const { return tail_at_t || tail_at_1 || smoothing; }
+};
+
+template <class C>
+StreamPlan plan_for(const SparseCoefficients<C>& k, double temperature) {
+  StreamPlan plan;
+  plan.tail_at_t = k.bucket && k.need_kd;
+  plan.tail_at_1 = k.need_ce && !(plan.tail_at_t && temperature == 1.0);
+  plan.smoothing = k.need_ce && k.label_smoothing > C(0);
+  return plan;
+}
+
+// Copies a chunk into the writable compute-type buffer (the kept entries get masked there).
+template <class S, class C>
+void copy_chunk(const S* src, int64_t n, C* buffer) {
+  if constexpr (std::is_same_v<S, C>) {
+    std::memcpy(buffer, src, sizeof(C) * static_cast<size_t>(n));
+  } else {
+    const C* converted = load_chunk<S, C>(src, n, buffer);
+    if (converted != buffer) std::memcpy(buffer, converted, sizeof(C) * static_cast<size_t>(n));
+  }
+}
+
+// Per-thread working memory of a row.
+struct RowScratch {
+  std::vector<KeptEntry> kept;
+  std::vector<double> kept_logits;  // raw student logits at the kept tokens, by slot
+  std::vector<double> bucket_values;
+};
+
+// ---- forward ----
+
+template <class S, class C>
+int forward_row(const SparseKDForwardArgs& args, const SparseCoefficients<C>& k, const StreamPlan& plan,
+                int64_t row, RowScratch& scratch, double* stats) {
+  const int64_t vocab = args.vocab, kk = args.soft_labels.k;
+  const double inv_t = 1.0 / args.options.temperature;
+  const S* s_row = static_cast<const S*>(args.student) + row * args.student_row_stride;
+  if (!load_kept(args.soft_labels, row, vocab, scratch.kept)) return 2;
+  const std::vector<KeptEntry>& kept = scratch.kept;
+  double* kept_logits = scratch.kept_logits.data();
+
+  TailSum tail_t, tail_1;
+  double total = 0.0;
+  int64_t nan_count = 0;
+  if (plan.any()) {
+    alignas(64) C buffer[kChunk];
+    size_t next = 0;
+    const C inv_t_c = static_cast<C>(inv_t);
+    for (int64_t start = 0; start < vocab; start += kChunk) {
+      const int64_t n = std::min(kChunk, vocab - start);
+      copy_chunk<S, C>(s_row + start, n, buffer);
+      if (plan.smoothing) {
+        double chunk_total = 0.0;
+#pragma omp simd reduction(+ : chunk_total)
+        for (int64_t i = 0; i < n; ++i) chunk_total += static_cast<double>(buffer[i]);
+        total += chunk_total;
+      }
+      for (; next < kept.size() && kept[next].index < start + n; ++next) {
+        C& value = buffer[kept[next].index - start];
+        kept_logits[kept[next].slot] = static_cast<double>(value);
+        value = kNegInf<C>;
+      }
+      C chunk_max = kNegInf<C>;
+      int32_t nans = 0;
+#pragma omp simd reduction(max : chunk_max) reduction(+ : nans)
+      for (int64_t i = 0; i < n; ++i) {
+        chunk_max = buffer[i] > chunk_max ? buffer[i] : chunk_max;
+        nans += buffer[i] != buffer[i] ? 1 : 0;
+      }
+      nan_count += nans;
+      if (chunk_max == kNegInf<C>) continue;
+      C sum_t = 0, sum_1 = 0;
+      if (plan.tail_at_t && plan.tail_at_1) {
+#pragma omp simd reduction(+ : sum_t, sum_1)
+        for (int64_t i = 0; i < n; ++i) {
+          const C centred = buffer[i] - chunk_max;
+          sum_t += rowmath::exp_c(centred * inv_t_c);
+          sum_1 += rowmath::exp_c(centred);
+        }
+      } else if (plan.tail_at_t) {
+#pragma omp simd reduction(+ : sum_t)
+        for (int64_t i = 0; i < n; ++i) sum_t += rowmath::exp_c((buffer[i] - chunk_max) * inv_t_c);
+      } else if (plan.tail_at_1) {
+#pragma omp simd reduction(+ : sum_1)
+        for (int64_t i = 0; i < n; ++i) sum_1 += rowmath::exp_c(buffer[i] - chunk_max);
+      }
+      if (plan.tail_at_t) tail_t.add(static_cast<double>(chunk_max), static_cast<double>(sum_t), inv_t);
+      if (plan.tail_at_1) tail_1.add(static_cast<double>(chunk_max), static_cast<double>(sum_1), 1.0);
+    }
+  } else {
+    for (const KeptEntry& entry : kept) kept_logits[entry.slot] = static_cast<double>(load_one<S, C>(s_row + entry.index));
+  }
+
+  // Row-level math in double over the k kept tokens (+ the tail bucket).
+  double* values = scratch.bucket_values.data();
+  for (int64_t j = 0; j < kk; ++j) values[j] = kept_logits[j] * inv_t;
+  const double lse_kept_t = log_sum_exp(values, kk);
+  const double tail_lse_t = plan.tail_at_t ? tail_t.log_sum_exp(inv_t) : -kInf;
+  const double student_norm = k.bucket ? sparse::log_add_exp(lse_kept_t, tail_lse_t) : lse_kept_t;
+  double lse_1 = student_norm;  // T == 1 in bucket mode: the full row's log-sum-exp at T
+  if (plan.tail_at_1) lse_1 = sparse::log_add_exp(log_sum_exp(kept_logits, kk), tail_1.log_sum_exp(1.0));
+
+  double divergence = 0.0, g_bar = 0.0, tail_coeff = 0.0, teacher_norm = 0.0;
+  if (k.need_kd) {
+    const SoftLabelView& labels = args.soft_labels;
+    for (int64_t j = 0; j < kk; ++j) values[j] = sparse::load_value<double>(labels.logprobs, labels.logprob_dtype, row * kk + j);
+    const double teacher_tail = k.bucket ? sparse::load_value<double>(labels.tail_logprob, labels.tail_dtype, row) : -kInf;
+    teacher_norm = sparse::log_add_exp(log_sum_exp(values, kk), teacher_tail);
+    const double beta = static_cast<double>(k.beta);
+    for (int64_t j = 0; j < kk; ++j) {
+      const auto term = sparse::bucket_term<double>(values[j] - teacher_norm, kept_logits[j] * inv_t - student_norm,
+                                                     k.divergence, beta);
+      divergence += term.divergence;
+      g_bar += term.weight;
+    }
+    if (k.bucket) {
+      const double log_q_tail = tail_lse_t - student_norm;
+      const auto term = sparse::bucket_term<double>(teacher_tail - teacher_norm, log_q_tail, k.divergence, beta);
+      divergence += term.divergence;
+      g_bar += term.weight;
+      const double q_tail = log_q_tail == -kInf ? 0.0 : std::exp(log_q_tail);
+      tail_coeff = term.weight - g_bar * q_tail;
+    }
+  }
+  double ce = 0.0;
+  if (k.need_ce) {
+    const double label_logit = static_cast<double>(load_one<S, C>(s_row + args.labels[row]));
+    const double eps = static_cast<double>(k.label_smoothing);
+    ce = -(1.0 - eps) * (label_logit - lse_1);
+    if (eps > 0.0) ce -= eps * (total / static_cast<double>(vocab) - lse_1);
+  }
+  double loss = 0.0;
+  if (k.need_ce) loss += static_cast<double>(k.alpha) * ce;
+  if (k.need_kd) loss += (1.0 - static_cast<double>(k.alpha)) * static_cast<double>(k.divergence_scale) * divergence;
+  if (nan_count > 0) loss = kNaN;
+
+  stats[0] = plan.tail_at_t || plan.tail_at_1 ? std::max(tail_t.max_value, tail_1.max_value) : -kInf;
+  stats[1] = plan.tail_at_t && tail_t.sum > 0.0 ? std::log(tail_t.sum) : (tail_t.sum != tail_t.sum ? kNaN : -kInf);
+  stats[2] = student_norm;
+  stats[3] = lse_1;
+  stats[4] = teacher_norm;
+  stats[5] = g_bar;
+  stats[6] = tail_coeff;
+  stats[7] = loss;
+  return 0;
+}
+
+template <class S, class C>
+SparseKDForwardResult forward_impl(const SparseKDForwardArgs& args) {
+  const SparseCoefficients<C> k = sparse::make_sparse_coefficients<C>(args.options, args.tail);
+  const StreamPlan plan = plan_for(k, args.options.temperature);
+  const int64_t rows = args.rows, vocab = args.vocab, kk = args.soft_labels.k;
+  double* row_stats = args.row_stats;
+  int64_t bad_labels = 0, bad_index_rows = 0;
+  const int threads = threads_for(args.num_threads, rows, plan.any() ? vocab : kk * 8);
+
+#pragma omp parallel num_threads(threads) reduction(+ : bad_labels, bad_index_rows)
+  {
+    RowScratch scratch;
+    scratch.kept_logits.resize(static_cast<size_t>(kk));
+    scratch.bucket_values.resize(static_cast<size_t>(kk));
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      double* stats = row_stats + row * kSparseRowStats;
+      if (!label_valid(args.labels, row, args.options.ignore_index)) {
+        for (int j = 0; j < kSparseRowStats; ++j) stats[j] = 0.0;
+        continue;
+      }
+      if (args.labels && (args.labels[row] < 0 || args.labels[row] >= vocab)) {
+        ++bad_labels;
+        for (int j = 0; j < kSparseRowStats; ++j) stats[j] = kNaN;
+        continue;
+      }
+      if (forward_row<S, C>(args, k, plan, row, scratch, stats) != 0) {
+        ++bad_index_rows;
+        for (int j = 0; j < kSparseRowStats; ++j) stats[j] = kNaN;
+      }
+    }
+  }
+
+  double total = 0.0;
+  int64_t valid = 0;
+  C* loss = static_cast<C*>(args.loss);
+  for (int64_t row = 0; row < rows; ++row) {
+    const double row_loss = row_stats[row * kSparseRowStats + 7];
+    if (args.options.reduction == Reduction::None) loss[row] = static_cast<C>(row_loss);
+    total += row_loss;
+    valid += label_valid(args.labels, row, args.options.ignore_index) ? 1 : 0;
+  }
+  if (args.options.reduction != Reduction::None) {
+    double value = total;
+    if (args.options.reduction == Reduction::Mean) value = valid > 0 ? total / static_cast<double>(valid) : 0.0;
+    if (args.options.reduction == Reduction::BatchMean) value = rows > 0 ? total / static_cast<double>(rows) : 0.0;
+    *loss = static_cast<C>(value);
+  }
+  *args.valid_rows = static_cast<double>(valid);
+  return SparseKDForwardResult{bad_labels, bad_index_rows};
+}
+
+// ---- backward ----
+
+// Gradient of the tail (non-kept) entries of one chunk; kept entries are overwritten later.
+//   bucket D term:   kd_factor * tail_coeff * e,  e = exp((s - tail_max)/T - tail_log_sum_T)
+//   cross-entropy:   ce_factor * (r - eps/V),     r = softmax(s): e * Q_tail when T == 1 and
+//                    the tail bucket is streamed, else exp((s - tail_max) - (lse_1 - tail_max))
+template <class C, bool KD_TAIL, bool CE, bool CE_FROM_TAIL>
+void tail_chunk_grad(const C* s, int64_t n, C* out, C tail_max, C inv_t, C tail_log_sum_t, C kd_tail, C q_tail,
+                     C ce_factor, C smooth, C log_r_offset) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const C centred = s[i] - tail_max;
+    C value = 0;
+    if constexpr (KD_TAIL) {
+      const C arg = centred * inv_t - tail_log_sum_t;
+      const C e = rowmath::exp_c(arg < C(0) ? arg : C(0));
+      value += kd_tail * e;
+      if constexpr (CE && CE_FROM_TAIL) value += ce_factor * (e * q_tail - smooth);
+    }
+    if constexpr (CE && !CE_FROM_TAIL) {
+      const C arg = centred - log_r_offset;
+      value += ce_factor * (rowmath::exp_c(arg < C(0) ? arg : C(0)) - smooth);
+    }
+    out[i] = value;
+  }
+}
+
+template <class C>
+using TailGradFn = void (*)(const C*, int64_t, C*, C, C, C, C, C, C, C, C);
+
+template <class C>
+TailGradFn<C> pick_tail_grad(bool kd_tail, bool ce, bool ce_from_tail) {
+  if (kd_tail) {
+    if (!ce) return tail_chunk_grad<C, true, false, false>;
+    return ce_from_tail ? tail_chunk_grad<C, true, true, true> : tail_chunk_grad<C, true, true, false>;
+  }
+  if (ce) return tail_chunk_grad<C, false, true, false>;
+  return nullptr;  // no gradient reaches tail entries: zeros
+}
+
+template <class S, class C>
+void backward_impl(const SparseKDBackwardArgs& args) {
+  const SparseCoefficients<C> k = sparse::make_sparse_coefficients<C>(args.options, args.tail);
+  const StreamPlan plan = plan_for(k, args.options.temperature);
+  const int64_t rows = args.rows, vocab = args.vocab, kk = args.soft_labels.k;
+  const double inv_t = 1.0 / args.options.temperature;
+  const S* student = static_cast<const S*>(args.student);
+  const C* grad_output = static_cast<const C*>(args.grad_output);
+  S* grad_student = static_cast<S*>(args.grad_student);
+  const bool kd_tail = k.need_kd && k.bucket;
+  const bool ce_from_tail = k.need_ce && kd_tail && !plan.tail_at_1;
+  const TailGradFn<C> tail_grad = pick_tail_grad<C>(kd_tail, k.need_ce, ce_from_tail);
+  const double alpha = static_cast<double>(k.alpha), eps = static_cast<double>(k.label_smoothing);
+  const double beta = static_cast<double>(k.beta);
+
+  double reduction_scale = 1.0;
+  if (args.options.reduction == Reduction::Mean) {
+    const double valid = *args.valid_rows;
+    reduction_scale = valid > 0 ? 1.0 / valid : 0.0;
+  } else if (args.options.reduction == Reduction::BatchMean) {
+    reduction_scale = rows > 0 ? 1.0 / static_cast<double>(rows) : 0.0;
+  }
+
+#pragma omp parallel num_threads(threads_for(args.num_threads, rows, vocab))
+  {
+    RowScratch scratch;
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      S* g_row = grad_student + row * vocab;
+      if (!label_valid(args.labels, row, args.options.ignore_index)) {
+        std::memset(static_cast<void*>(g_row), 0, sizeof(S) * static_cast<size_t>(vocab));
+        continue;
+      }
+      const double* st = args.row_stats + row * kSparseRowStats;
+      const double g = static_cast<double>(grad_output[row * args.grad_output_stride]) * reduction_scale;
+      const double kd_factor = k.need_kd ? g * (1.0 - alpha) * static_cast<double>(k.divergence_scale) * inv_t : 0.0;
+      const double ce_factor = k.need_ce ? g * alpha : 0.0;
+      const double smooth = eps / static_cast<double>(vocab);
+      const double tail_max = st[0], tail_log_sum_t = st[1], student_norm = st[2], lse_1 = st[3];
+      const double teacher_norm = st[4], g_bar = st[5], tail_coeff = st[6];
+      // Tail-formula scalars (a row without tail entries has tail_max = -inf: use 0 instead).
+      const bool has_tail = tail_max != -kInf;
+      const double tail_ref = has_tail ? tail_max : 0.0;
+      const double log_sum_t = has_tail && kd_tail ? tail_log_sum_t : 0.0;
+      const double q_tail = has_tail && kd_tail ? std::exp(tail_max * inv_t + tail_log_sum_t - student_norm) : 0.0;
+      load_kept(args.soft_labels, row, vocab, scratch.kept);  // validated by the forward pass
+      const std::vector<KeptEntry>& kept = scratch.kept;
+      const int64_t label = args.labels ? args.labels[row] : -1;
+      const double label_step = ce_factor * (1.0 - eps);
+
+      alignas(64) C student_buf[kChunk];
+      alignas(64) C grad_buf[kChunk];
+      const S* s_row = student + row * args.student_row_stride;
+      size_t next = 0;
+      for (int64_t start = 0; start < vocab; start += kChunk) {
+        const int64_t n = std::min(kChunk, vocab - start);
+        C* out;
+        if constexpr (std::is_same_v<S, C>) out = g_row + start;
+        else out = grad_buf;
+        const bool has_kept = next < kept.size() && kept[next].index < start + n;
+        const bool touches_label = label >= start && label < start + n;
+        const C* s = nullptr;
+        if (tail_grad) {
+          s = load_chunk<S, C>(s_row + start, n, student_buf);
+          tail_grad(s, n, out, static_cast<C>(tail_ref), static_cast<C>(inv_t), static_cast<C>(log_sum_t),
+                    static_cast<C>(kd_factor * tail_coeff), static_cast<C>(q_tail), static_cast<C>(ce_factor),
+                    static_cast<C>(smooth), static_cast<C>(lse_1 - tail_ref));
+        } else {
+          std::memset(static_cast<void*>(out), 0, sizeof(C) * static_cast<size_t>(n));
+          if (!has_kept && !touches_label) {
+            if constexpr (!std::is_same_v<S, C>) store_chunk<S, C>(out, n, g_row + start);
+            continue;
+          }
+        }
+        for (; next < kept.size() && kept[next].index < start + n; ++next) {
+          const int64_t offset = kept[next].index - start;
+          const double logit = s ? static_cast<double>(s[offset]) : static_cast<double>(load_one<S, C>(s_row + kept[next].index));
+          double value = 0.0;
+          if (k.need_kd) {
+            const double log_p = sparse::load_value<double>(args.soft_labels.logprobs, args.soft_labels.logprob_dtype,
+                                                            row * kk + kept[next].slot) - teacher_norm;
+            const double log_q = logit * inv_t - student_norm;
+            const auto term = sparse::bucket_term<double>(log_p, log_q, k.divergence, beta);
+            const double q = log_q == -kInf ? 0.0 : std::exp(log_q);
+            value += kd_factor * (term.weight - g_bar * q);
+          }
+          if (k.need_ce) value += ce_factor * (std::exp(logit - lse_1) - smooth);
+          out[offset] = static_cast<C>(value);
+        }
+        if (touches_label) out[label - start] -= static_cast<C>(label_step);
+        store_chunk<S, C>(out, n, g_row + start);
+      }
+    }
+  }
+}
+
+// ---- dtype dispatch ----
+
+template <class Fn>
+auto with_student_type(DType student, Fn&& fn) {
+  switch (student) {
+    case DType::BFloat16: return fn(bf16_t{}, float{});
+    case DType::Float16: return fn(f16_t{}, float{});
+    case DType::Float64: return fn(double{}, double{});
+    case DType::Float32: break;
+  }
+  return fn(float{}, float{});
+}
+
+}  // namespace
+
+SparseKDForwardResult sparse_kd_forward(const SparseKDForwardArgs& args) {
+  return with_student_type(args.student_dtype, [&](auto s, auto c) {
+    return forward_impl<decltype(s), decltype(c)>(args);
+  });
+}
+
+void sparse_kd_backward(const SparseKDBackwardArgs& args) {
+  with_student_type(args.student_dtype, [&](auto s, auto c) { backward_impl<decltype(s), decltype(c)>(args); });
+}
+
+}  // namespace KDFAST_CPU_VARIANT
+}  // namespace cpu
+}  // namespace kdfast

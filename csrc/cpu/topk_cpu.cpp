@@ -1,0 +1,339 @@
+// CPU kernel of compress_topk: per teacher row, the k largest logits (ties: lower index
+// first), their log softmax(t/T) over the full row, and the log of the mass outside them.
+// Compiled once per instruction-set variant into kdfast::cpu::KDFAST_CPU_VARIANT, like
+// kd_loss_cpu.cpp; contract in types.h (TopKCompressArgs), shared math in sparse_rowmath.h.
+//
+// One read of the row, in chunks of kChunk elements. The first k elements seed a candidate
+// buffer; from then on a threshold theta (the smallest value among k candidates that precede
+// the current position) splits each chunk: elements > theta are appended to the buffer,
+// elements <= theta can no longer be in the top k (k earlier candidates are at least as large,
+// and earlier wins ties) and are summed straight into the tail, exp((t - tail_max)/T) relative
+// to the tail's own running maximum. When the buffer fills it is cut back to its best k with
+// nth_element; the evicted entries join the tail sum and theta rises. The tail is therefore a
+// sum over exactly the non-kept entries, never a difference, and it keeps full relative
+// precision however small it is. Rows run in parallel over OpenMP threads.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "convert.h"
+#include "kdfast/rowmath.h"
+#include "kdfast/sparse_rowmath.h"
+#include "kdfast/types.h"
+
+#ifndef KDFAST_CPU_VARIANT
+#error "KDFAST_CPU_VARIANT must name the instruction-set variant"
+#endif
+
+namespace kdfast {
+namespace cpu {
+namespace KDFAST_CPU_VARIANT {
+
+using sparse::TailSum;
+using sparse::TopKCandidate;
+
+namespace {
+
+constexpr int64_t kChunk = 2048;
+constexpr int64_t kParallelThreshold = 1 << 15;
+
+template <class C>
+constexpr C kNegInf = -std::numeric_limits<C>::infinity();
+
+// Per-thread working memory of the selection.
+template <class C>
+struct Selection {
+  std::vector<TopKCandidate<C>> candidates;
+  std::vector<C> evicted;  // values of the entries a cut removes
+  std::vector<C> masked;   // a chunk with its hits masked to -inf (rare slow path)
+  std::vector<C> group_max;
+  int64_t count = 0;
+  int64_t k = 0;
+};
+
+// Adds sum_i exp((x_i - reference)/T) over x[0, n) to the tail, with `reference` the maximum
+// of the x_i (NaN propagates into the sum).
+template <class C>
+void add_to_tail(const C* x, int64_t n, C reference, C inv_t, TailSum& tail, double inv_t_double) {
+  if (reference == kNegInf<C>) return;
+  C sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += rowmath::exp_c((x[i] - reference) * inv_t);
+  tail.add(static_cast<double>(reference), static_cast<double>(sum), inv_t_double);
+}
+
+// Cuts the candidates back to the best k, adds the evicted ones to the tail and returns the
+// new threshold (the smallest kept value).
+template <class C>
+C cut_to_k(Selection<C>& sel, TailSum& tail, double inv_t) {
+  TopKCandidate<C>* c = sel.candidates.data();
+  const int64_t k = sel.k;
+  if (sel.count > k) {
+    std::nth_element(c, c + k, c + sel.count, sparse::candidate_before<C>);
+    C* evicted = sel.evicted.data();
+    const int64_t n = sel.count - k;
+    C evicted_max = kNegInf<C>;
+    for (int64_t i = 0; i < n; ++i) {
+      evicted[i] = c[k + i].value;
+      evicted_max = evicted[i] > evicted_max ? evicted[i] : evicted_max;
+    }
+    add_to_tail(evicted, n, evicted_max, static_cast<C>(inv_t), tail, inv_t);
+    sel.count = k;
+  }
+  C smallest = c[0].value;
+  for (int64_t i = 1; i < k; ++i) smallest = c[i].value < smallest ? c[i].value : smallest;
+  return smallest;
+}
+
+// One chunk split by a threshold: how many elements are above it (hits), and over the rest
+// their maximum and sum_i exp((x_i - theta)/T) (each term <= 1; NaN propagates). With
+// theta = -inf only the hits and the NaN count are computed.
+template <class C>
+struct ChunkSplit {
+  int64_t hits = 0;
+  int64_t nans = 0;
+  C tail_max = kNegInf<C>;
+  C sum = 0;
+};
+
+template <class C>
+ChunkSplit<C> split_chunk(const C* x, int64_t n, C theta, C inv_t) {
+  ChunkSplit<C> split;
+  int32_t hits = 0;
+  if (theta == kNegInf<C>) {
+    int32_t nans = 0;
+#pragma omp simd reduction(+ : hits, nans)
+    for (int64_t i = 0; i < n; ++i) {
+      hits += x[i] > theta ? 1 : 0;
+      nans += x[i] != x[i] ? 1 : 0;
+    }
+    split.hits = hits;
+    split.nans = nans;
+    return split;
+  }
+  C tail_max = kNegInf<C>, sum = 0;
+#pragma omp simd reduction(max : tail_max) reduction(+ : hits, sum)
+  for (int64_t i = 0; i < n; ++i) {
+    const C v = x[i];
+    const bool above = v > theta;
+    const C masked = above ? kNegInf<C> : v;
+    tail_max = masked > tail_max ? masked : tail_max;
+    hits += above ? 1 : 0;
+    sum += rowmath::exp_c((masked - theta) * inv_t);
+  }
+  split.hits = hits;
+  split.tail_max = tail_max;
+  split.sum = sum;
+  return split;
+}
+
+// Number of interleaved groups smallest_group_maximum uses for a given k: at least k, a
+// multiple of the vector width, so that the group maxima update as whole vectors.
+int64_t group_count(int64_t k) { return std::max<int64_t>(16, (k + 7) / 8 * 8); }
+
+// The smallest of the maxima of k >= 1 interleaved groups of x[0, n) (n >= k; group g holds
+// the elements i with i mod k == g; NaN is skipped). Every group holds an element at least
+// this large, so at least k elements are; for ascending data it is the k-th largest.
+template <class C>
+C smallest_group_maximum(const C* x, int64_t n, int64_t k, C* group_max) {
+  for (int64_t g = 0; g < k; ++g) group_max[g] = kNegInf<C>;
+  int64_t row = 0;
+  for (; row + k <= n; row += k) {
+    const C* values = x + row;
+#pragma omp simd
+    for (int64_t g = 0; g < k; ++g) group_max[g] = values[g] > group_max[g] ? values[g] : group_max[g];
+  }
+  for (int64_t g = 0; row + g < n; ++g) group_max[g] = x[row + g] > group_max[g] ? x[row + g] : group_max[g];
+  C smallest = std::numeric_limits<C>::infinity();
+  for (int64_t g = 0; g < k; ++g) smallest = group_max[g] < smallest ? group_max[g] : smallest;
+  return smallest;
+}
+
+// Appends the `hits` elements of x[0, n) greater than theta (as candidates for indices
+// base + i), cutting back to k whenever the buffer is full; stops after the last hit.
+// Returns the threshold for later chunks.
+template <class C>
+C extract_above(const C* x, int64_t n, int64_t base, C theta, int64_t hits, Selection<C>& sel, TailSum& tail,
+                double inv_t, C next_theta) {
+  TopKCandidate<C>* c = sel.candidates.data();
+  const int64_t capacity = static_cast<int64_t>(sel.candidates.size());
+  int64_t found = 0;
+  auto push = [&](int64_t i) {
+    c[sel.count++] = TopKCandidate<C>{x[i], static_cast<int32_t>(base + i)};
+    ++found;
+    if (sel.count == capacity) next_theta = std::max(next_theta, cut_to_k(sel, tail, inv_t));
+  };
+  int64_t i = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<C, float>) {
+    // 32 elements per test: four compares OR-ed into one mask, opened only when non-zero.
+    const __m256 threshold = _mm256_set1_ps(theta);
+    for (; i + 32 <= n && found < hits; i += 32) {
+      const __m256 a = _mm256_cmp_ps(_mm256_loadu_ps(x + i), threshold, _CMP_GT_OQ);
+      const __m256 b = _mm256_cmp_ps(_mm256_loadu_ps(x + i + 8), threshold, _CMP_GT_OQ);
+      const __m256 c2 = _mm256_cmp_ps(_mm256_loadu_ps(x + i + 16), threshold, _CMP_GT_OQ);
+      const __m256 d = _mm256_cmp_ps(_mm256_loadu_ps(x + i + 24), threshold, _CMP_GT_OQ);
+      if (_mm256_movemask_ps(_mm256_or_ps(_mm256_or_ps(a, b), _mm256_or_ps(c2, d))) == 0) continue;
+      const __m256 parts[4] = {a, b, c2, d};
+      for (int part = 0; part < 4; ++part) {
+        unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(parts[part]));
+        while (mask) {
+          push(i + part * 8 + __builtin_ctz(mask));
+          mask &= mask - 1;
+        }
+      }
+    }
+  }
+#endif
+  for (; i < n && found < hits; ++i)
+    if (x[i] > theta) push(i);
+  return next_theta;
+}
+
+template <class S, class C>
+void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Selection<C>& sel, int64_t row_index) {
+  const int64_t vocab = args.vocab, k = args.k;
+  const C inv_t_c = static_cast<C>(inv_t);
+  sel.count = 0;
+  TailSum tail;
+  C theta = kNegInf<C>;
+  bool seeded = false;
+  int64_t nan_count = 0;
+  alignas(64) C buffer[kChunk];
+  TopKCandidate<C>* c = sel.candidates.data();
+
+  for (int64_t start = 0; start < vocab; start += kChunk) {
+    const int64_t len = std::min(kChunk, vocab - start);
+    const C* x = load_chunk<S, C>(row + start, len, buffer);
+    int64_t first = 0;
+    if (!seeded && start == 0 && len >= group_count(k)) {
+      // Seed theta from the first chunk: split it into G >= k groups; every group's maximum
+      // is at least the smallest group maximum m, so k elements are >= m and anything below
+      // m is out. theta just below m makes the chunk's elements >= m its hits.
+      const C smallest_group_max = smallest_group_maximum(x, len, group_count(k), sel.group_max.data());
+      if (smallest_group_max != kNegInf<C>) {
+        theta = std::nextafter(smallest_group_max, kNegInf<C>);
+        seeded = true;
+      }
+    }
+    if (!seeded) {  // the first k elements are candidates unconditionally
+      first = std::min(len, k - sel.count);
+      for (int64_t i = 0; i < first; ++i) {
+        C value = x[i];
+        if (value != value) {  // NaN: ranked as -inf for the selection, the row's output is NaN
+          ++nan_count;
+          value = kNegInf<C>;
+        }
+        c[sel.count++] = TopKCandidate<C>{value, static_cast<int32_t>(start + i)};
+      }
+      if (sel.count < k) continue;
+      seeded = true;
+      theta = cut_to_k(sel, tail, inv_t);
+    }
+    const C* xs = x + first;
+    const int64_t n = len - first;
+    if (n == 0) continue;
+    // The tail's share of the chunk is every element <= theta; the rest are hits.
+    C chunk_theta = theta;
+    ChunkSplit<C> split = split_chunk(xs, n, chunk_theta, inv_t_c);
+    if (split.hits > std::max<int64_t>(2 * k, 256) && n >= group_count(k) && chunk_theta != kNegInf<C>) {
+      // Many hits (e.g. ascending logits): the chunk's own k group maxima give a higher bar.
+      const C local = std::nextafter(smallest_group_maximum(xs, n, group_count(k), sel.group_max.data()), kNegInf<C>);
+      if (local > chunk_theta) {
+        chunk_theta = local;
+        split = split_chunk(xs, n, chunk_theta, inv_t_c);
+      }
+    }
+    if (chunk_theta == kNegInf<C>) {
+      nan_count += split.nans;  // -inf tail entries add nothing; NaN must still poison the row
+    } else if ((split.tail_max - chunk_theta) * inv_t_c > C(-60) || split.sum != split.sum) {
+      tail.add(static_cast<double>(chunk_theta), static_cast<double>(split.sum), inv_t);
+    } else {
+      // The tail's share lies so far below theta that its terms may have underflowed: sum
+      // it again relative to its own maximum, so a tiny tail keeps its precision.
+      C* masked = sel.masked.data();
+      for (int64_t i = 0; i < n; ++i) masked[i] = xs[i] > chunk_theta ? kNegInf<C> : xs[i];
+      add_to_tail(masked, n, split.tail_max, inv_t_c, tail, inv_t);
+    }
+    const int64_t hits = split.hits;
+    // Append the hits (the chunk is cache-resident) to the candidates.
+    if (hits > 0) theta = extract_above(xs, n, start + first, chunk_theta, hits, sel, tail, inv_t, std::max(theta, chunk_theta));
+    if (start == 0 && sel.count > k) theta = cut_to_k(sel, tail, inv_t);
+  }
+  cut_to_k(sel, tail, inv_t);
+  std::sort(c, c + k, sparse::candidate_before<C>);
+
+  // Normalise over the full row: log Z = M/T + log(sum_kept exp((t - M)/T) + tail).
+  const double top = static_cast<double>(c[0].value);
+  const double reference = std::max(top, tail.max_value);
+  double kept_sum = 0.0;
+  for (int64_t i = 0; i < k; ++i) kept_sum += std::exp((static_cast<double>(c[i].value) - reference) * inv_t);
+  const double tail_scaled =
+      tail.sum > 0.0 || tail.sum != tail.sum ? tail.sum * std::exp((tail.max_value - reference) * inv_t) : 0.0;
+  const double log_total = std::log(kept_sum + tail_scaled);
+  const bool poisoned = nan_count > 0 || tail.sum != tail.sum || reference == -std::numeric_limits<double>::infinity();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+
+  C* logprobs = static_cast<C*>(args.logprobs) + row_index * k;
+  for (int64_t i = 0; i < k; ++i) {
+    const double value = (static_cast<double>(c[i].value) - reference) * inv_t - log_total;
+    logprobs[i] = static_cast<C>(poisoned ? nan : value);
+  }
+  double tail_logprob = -std::numeric_limits<double>::infinity();
+  if (tail.sum > 0.0) tail_logprob = (tail.max_value - reference) * inv_t + std::log(tail.sum) - log_total;
+  static_cast<C*>(args.tail_logprob)[row_index] = static_cast<C>(poisoned ? nan : tail_logprob);
+  if (args.indices_int64) {
+    int64_t* out = static_cast<int64_t*>(args.indices) + row_index * k;
+    for (int64_t i = 0; i < k; ++i) out[i] = c[i].index;
+  } else {
+    int32_t* out = static_cast<int32_t*>(args.indices) + row_index * k;
+    for (int64_t i = 0; i < k; ++i) out[i] = c[i].index;
+  }
+}
+
+template <class S, class C>
+void compress_impl(const TopKCompressArgs& args) {
+  const int64_t rows = args.rows, vocab = args.vocab, k = args.k;
+  const double inv_t = 1.0 / args.temperature;
+  const S* teacher = static_cast<const S*>(args.teacher);
+  const int threads = rows * vocab < kParallelThreshold
+                          ? 1
+                          : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(args.num_threads, rows)));
+  // Room for k kept entries plus the newcomers between two cuts. Cutting after about k
+  // newcomers keeps theta close to the true k-th value (few hits) at O(1) amortised cost.
+  const int64_t capacity = k + std::max<int64_t>(k, 64);
+#pragma omp parallel num_threads(threads)
+  {
+    Selection<C> sel;
+    sel.candidates.resize(static_cast<size_t>(capacity));
+    sel.evicted.resize(static_cast<size_t>(capacity));
+    sel.masked.resize(static_cast<size_t>(kChunk));
+    sel.group_max.resize(static_cast<size_t>(group_count(k)));
+    sel.k = k;
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row)
+      compress_row<S, C>(teacher + row * args.teacher_row_stride, args, inv_t, sel, row);
+  }
+}
+
+}  // namespace
+
+void topk_compress(const TopKCompressArgs& args) {
+  switch (args.teacher_dtype) {
+    case DType::Float32: return compress_impl<float, float>(args);
+    case DType::BFloat16: return compress_impl<bf16_t, float>(args);
+    case DType::Float16: return compress_impl<f16_t, float>(args);
+    case DType::Float64: return compress_impl<double, double>(args);
+  }
+}
+
+}  // namespace KDFAST_CPU_VARIANT
+}  // namespace cpu
+}  // namespace kdfast
