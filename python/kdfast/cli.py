@@ -1,0 +1,139 @@
+"""The `kdfast` command line: `kdfast demo`, `kdfast info` and `kdfast bench`.
+
+`main(argv=None) -> int` parses `argv` (default `sys.argv[1:]`), runs one subcommand and
+returns its exit status; the console script `kdfast` is `kdfast.cli:main`, and
+`python -m kdfast.cli` works too. Subcommands import what they need lazily, so `kdfast info`
+works without the demo's or the benchmark's extra dependencies.
+
+- `kdfast demo [options]`: the digits distillation demo (`kdfast.demo`, needs scikit-learn
+  and matplotlib); `kdfast demo --help` lists its options.
+- `kdfast info [--json]`: kdfast and torch versions, `kdfast.build_info()`, devices, threads.
+- `kdfast bench [args...]`: every argument after `bench` goes to `kdfast.benchmark.main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+
+def collect_info() -> Dict[str, Any]:
+    """Versions, native build information, devices and thread settings as a JSON-ready dict."""
+    import torch
+
+    import kdfast
+
+    try:
+        build = kdfast.build_info()
+    except Exception as error:  # the native library may be missing; report, don't fail
+        build = {"error": f"{type(error).__name__}: {error}"}
+    devices: List[Dict[str, Any]] = [{"type": "cpu", "name": platform.processor() or platform.machine()}]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            properties = torch.cuda.get_device_properties(index)
+            devices.append({"type": "cuda", "index": index, "name": properties.name,
+                            "capability": f"{properties.major}.{properties.minor}",
+                            "memory_gib": round(properties.total_memory / 2**30, 1)})
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append({"type": "mps"})
+    return {
+        "kdfast": getattr(kdfast, "__version__", "unknown"),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "build": build,
+        "devices": devices,
+        "threads": {"torch_intra_op": torch.get_num_threads(), "torch_inter_op": torch.get_num_interop_threads(),
+                    "cpu_count": os.cpu_count()},
+    }
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(item) for item in value) if value else "-"
+    return str(value)
+
+
+def _print_info(info: Dict[str, Any]) -> None:
+    print(f"kdfast {info['kdfast']}  torch {info['torch']} (CUDA {info['torch_cuda'] or 'none'})  "
+          f"Python {info['python']}")
+    print(f"platform: {info['platform']}")
+    print("build:")
+    if info["build"]:
+        for key, value in info["build"].items():
+            print(f"  {key}: {_format_value(value)}")
+    else:
+        print("  (no build information reported)")
+    print("devices:")
+    for device in info["devices"]:
+        details = ", ".join(f"{key}={value}" for key, value in device.items() if key != "type")
+        print(f"  {device['type']}" + (f": {details}" if details else ""))
+    threads = info["threads"]
+    print(f"threads: torch intra-op {threads['torch_intra_op']}, inter-op {threads['torch_inter_op']}, "
+          f"CPUs {threads['cpu_count']}")
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    info = collect_info()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        _print_info(info)
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from kdfast import demo
+
+    return demo.main(args=args)
+
+
+def _run_bench(argv: Sequence[str]) -> int:
+    try:
+        from kdfast import benchmark
+    except ImportError as error:
+        print(f"kdfast bench: the benchmark module is unavailable ({error})", file=sys.stderr)
+        return 2
+    status = benchmark.main(list(argv))
+    return int(status or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `kdfast` argument parser (the `bench` arguments are forwarded, not parsed here)."""
+    from kdfast import demo
+
+    parser = argparse.ArgumentParser(prog="kdfast", description="Fused knowledge-distillation losses for PyTorch.")
+    subcommands = parser.add_subparsers(dest="command", metavar="{demo,info,bench}")
+    subcommands.required = True
+    demo_parser = subcommands.add_parser(
+        "demo", help="distil a CNN into a small student on scikit-learn's digits (no download)",
+        description=demo.__doc__.split("\n\n")[0])
+    demo.build_parser(demo_parser)
+    info_parser = subcommands.add_parser("info", help="print versions, build information, devices and threads")
+    info_parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    subcommands.add_parser("bench", add_help=False,
+                           help="run the benchmark table (arguments go to kdfast.benchmark; see `kdfast bench --help`)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `kdfast` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return _run_bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "info":
+        return _run_info(args)
+    if args.command == "demo":
+        return _run_demo(args)
+    raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects unknown ones
+
+
+if __name__ == "__main__":
+    sys.exit(main())
