@@ -40,11 +40,11 @@ def test_info_json_is_machine_readable(capsys):
 def test_bench_forwards_every_argument(monkeypatch):
     received = []
     fake = types.ModuleType("kdfast.benchmark")
-    fake.main = lambda argv=None: received.append(argv) or 3
+    fake.main = lambda argv=None, prog=None: received.append((argv, prog)) or 3
     monkeypatch.setitem(sys.modules, "kdfast.benchmark", fake)
     monkeypatch.setattr(sys.modules["kdfast"], "benchmark", fake, raising=False)
     assert cli.main(["bench", "--quick", "--vocab", "1000", "--help"]) == 3
-    assert received == [["--quick", "--vocab", "1000", "--help"]]
+    assert received == [(["--quick", "--vocab", "1000", "--help"], "kdfast bench")]
 
 
 def test_missing_or_unknown_command_fails(capsys):

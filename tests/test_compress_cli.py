@@ -315,3 +315,17 @@ def test_hugging_face_teacher_from_text_with_its_tokenizer(tiny_gpt2, tmp_path):
     assert store.manifest["source"]["format"] == "text" and store.manifest["source"]["append_eos"] is True
     expected = expected_per_window(lambda ids: model(input_ids=ids).logits, np.asarray(expected_ids), 48, 4, 2.0)
     assert_close_to_reference(labels, expected, logprob_rtol=1e-3)
+
+
+def test_kdfast_console_command_runs_compress(toy, tmp_path):
+    """`kdfast compress ...` (kdfast.cli) writes the same store as `python -m kdfast.compress_cli ...`."""
+    from kdfast import cli
+
+    direct, through_cli = tmp_path / "direct", tmp_path / "cli"
+    assert main(toy_arguments(toy, direct, "--max-tokens", "200")) == 0
+    assert cli.main(["compress", *toy_arguments(toy, through_cli, "--max-tokens", "200")]) == 0
+    _, labels_direct, ids_direct = stored_arrays(direct)
+    _, labels_cli, ids_cli = stored_arrays(through_cli)
+    assert torch.equal(labels_direct.indices, labels_cli.indices)
+    assert torch.equal(labels_direct.logprobs, labels_cli.logprobs)
+    assert torch.equal(ids_direct, ids_cli)

@@ -9,12 +9,28 @@ from kdfast import functional, reference
 from kdfast._build import build_info
 from kdfast.losses import KDLoss, SparseKDLoss
 from kdfast.softlabels import SoftLabels, compress_topk
+from kdfast.store import (
+    CorruptShardError,
+    SoftLabelStore,
+    SoftLabelStoreError,
+    SoftLabelStoreWriter,
+    SoftLabelWindowDataset,
+    StoreMismatchError,
+)
+from kdfast.trainer import Distiller
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CorruptShardError",
+    "Distiller",
     "KDLoss",
+    "SoftLabelStore",
+    "SoftLabelStoreError",
+    "SoftLabelStoreWriter",
+    "SoftLabelWindowDataset",
     "SoftLabels",
+    "StoreMismatchError",
     "SparseKDLoss",
     "build_info",
     "compress_topk",

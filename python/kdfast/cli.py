@@ -1,4 +1,4 @@
-"""The `kdfast` command line: `kdfast demo`, `kdfast info` and `kdfast bench`.
+"""The `kdfast` command line: `kdfast demo`, `kdfast info`, `kdfast bench` and `kdfast compress`.
 
 `main(argv=None) -> int` parses `argv` (default `sys.argv[1:]`), runs one subcommand and
 returns its exit status; the console script `kdfast` is `kdfast.cli:main`, and
@@ -9,6 +9,8 @@ works without the demo's or the benchmark's extra dependencies.
   and matplotlib); `kdfast demo --help` lists its options.
 - `kdfast info [--json]`: kdfast and torch versions, `kdfast.build_info()`, devices, threads.
 - `kdfast bench [args...]`: every argument after `bench` goes to `kdfast.benchmark.main`.
+- `kdfast compress [options]`: run a teacher over a token stream and write its top-k soft
+  labels to a `kdfast.SoftLabelStore` (`kdfast.compress_cli`; `kdfast compress --help`).
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def _run_bench(argv: Sequence[str]) -> int:
     except ImportError as error:
         print(f"kdfast bench: the benchmark module is unavailable ({error})", file=sys.stderr)
         return 2
-    status = benchmark.main(list(argv))
+    status = benchmark.main(list(argv), prog="kdfast bench")
     return int(status or 0)
 
 
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kdfast import demo
 
     parser = argparse.ArgumentParser(prog="kdfast", description="Fused knowledge-distillation losses for PyTorch.")
-    subcommands = parser.add_subparsers(dest="command", metavar="{demo,info,bench}")
+    subcommands = parser.add_subparsers(dest="command", metavar="{demo,info,bench,compress}")
     subcommands.required = True
     demo_parser = subcommands.add_parser(
         "demo", help="distil a CNN into a small student on scikit-learn's digits (no download)",
@@ -119,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     info_parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     subcommands.add_parser("bench", add_help=False,
                            help="run the benchmark table (arguments go to kdfast.benchmark; see `kdfast bench --help`)")
+    from kdfast import compress_cli
+
+    compress_parser = subcommands.add_parser(
+        "compress", help="store a teacher's top-k soft labels for offline distillation (resumable)",
+        description="Run a teacher over a token stream and store its top-k soft labels (kdfast.SoftLabelStore).")
+    compress_cli.add_compress_arguments(compress_parser)
     return parser
 
 
@@ -132,6 +140,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _run_info(args)
     if args.command == "demo":
         return _run_demo(args)
+    if args.command == "compress":
+        from kdfast import compress_cli
+
+        return compress_cli.run_compress(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects unknown ones
 
 
