@@ -41,56 +41,54 @@ constexpr C kNegInf = -std::numeric_limits<C>::infinity();
 
 // ---- chunk math: operates on compute-type buffers, independent of the storage dtypes ----
 
-// Folds one chunk into the streamed statistics of a row: the chunk's own partial is taken
-// relative to the new running maxima, then merged (rowmath::merge_partials).
+// Folds one chunk into the streamed statistics of a row in a single sweep: both maxima
+// first (one loop), then every sum of the chunk relative to the new running maxima (one
+// loop), then a merge into the row's partial (rowmath::merge_partials).
 template <class C, Divergence D, bool KD, int S1, bool SMOOTH>
 void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, RowPartial<C>& part) {
   const Coefficients<C> k = coefficients;
   const C inv_t = k.inv_temperature;
-  C chunk_max_s = kNegInf<C>;
-#pragma omp simd reduction(max : chunk_max_s)
-  for (int64_t i = 0; i < n; ++i) chunk_max_s = s[i] > chunk_max_s ? s[i] : chunk_max_s;
-  C chunk_max_t = kNegInf<C>;
+  C chunk_max_s = kNegInf<C>, chunk_max_t = kNegInf<C>;
   if constexpr (KD) {
-#pragma omp simd reduction(max : chunk_max_t)
-    for (int64_t i = 0; i < n; ++i) chunk_max_t = t[i] > chunk_max_t ? t[i] : chunk_max_t;
+#pragma omp simd reduction(max : chunk_max_s, chunk_max_t)
+    for (int64_t i = 0; i < n; ++i) {
+      chunk_max_s = s[i] > chunk_max_s ? s[i] : chunk_max_s;
+      chunk_max_t = t[i] > chunk_max_t ? t[i] : chunk_max_t;
+    }
+  } else {
+#pragma omp simd reduction(max : chunk_max_s)
+    for (int64_t i = 0; i < n; ++i) chunk_max_s = s[i] > chunk_max_s ? s[i] : chunk_max_s;
   }
   RowPartial<C> chunk = rowmath::empty_partial<C>();
   chunk.student_max = std::max(part.student_max, chunk_max_s);
   chunk.teacher_max = std::max(part.teacher_max, chunk_max_t);
   chunk.count = static_cast<C>(n);
-  const C max_s = chunk.student_max, max_t = chunk.teacher_max;
-  if (max_s != kNegInf<C>) {
-    C sum_t = 0, sum_1 = 0, weighted = 0, centered = 0;
-#pragma omp simd reduction(+ : sum_t, sum_1, weighted, centered)
-    for (int64_t i = 0; i < n; ++i) {
-      const C ds = s[i] - max_s;
-      const C e = rowmath::exp_c(ds * inv_t);
-      sum_t += e;
-      if constexpr (S1 == rowmath::kStudent1Exp) sum_1 += rowmath::exp_c(ds);
-      if constexpr (S1 == 2 || S1 == 4) sum_1 += rowmath::integer_power<S1>(e);
-      if constexpr (SMOOTH) centered += ds;
-      if constexpr (KD && D == Divergence::ReverseKL) weighted += e > C(0) ? e * ((ds - (t[i] - max_t)) * inv_t) : C(0);
-    }
-    chunk.student_sum_T = sum_t;
-    chunk.student_sum_1 = sum_1;
-    chunk.student_centered_total = centered;
-    chunk.weighted = weighted;
-  }
-  if constexpr (KD) {
-    if (max_t != kNegInf<C>) {
-      C sum = 0, weighted = 0;
-#pragma omp simd reduction(+ : sum, weighted)
-      for (int64_t i = 0; i < n; ++i) {
-        const C dt = t[i] - max_t;
-        const C e = rowmath::exp_c(dt * inv_t);
-        sum += e;
-        if constexpr (D == Divergence::ForwardKL) weighted += e > C(0) ? e * ((dt - (s[i] - max_s)) * inv_t) : C(0);
-      }
-      chunk.teacher_sum = sum;
-      if constexpr (D == Divergence::ForwardKL) chunk.weighted = weighted;
+  // A maximum of -inf (every entry so far masked) shifts by 0 instead: the entries stay
+  // -inf and their exponentials 0, with no inf - inf.
+  const C shift_s = chunk.student_max == kNegInf<C> ? C(0) : chunk.student_max;
+  const C shift_t = chunk.teacher_max == kNegInf<C> ? C(0) : chunk.teacher_max;
+  C sum_q = 0, sum_1 = 0, sum_p = 0, weighted = 0, centered = 0;
+#pragma omp simd reduction(+ : sum_q, sum_1, sum_p, weighted, centered)
+  for (int64_t i = 0; i < n; ++i) {
+    const C ds = s[i] - shift_s;
+    const C e_q = rowmath::exp_c(ds * inv_t);
+    sum_q += e_q;
+    if constexpr (S1 == rowmath::kStudent1Exp) sum_1 += rowmath::exp_c(ds);
+    if constexpr (S1 == 2 || S1 == 4) sum_1 += rowmath::integer_power<S1>(e_q);
+    if constexpr (SMOOTH) centered += ds;
+    if constexpr (KD) {
+      const C dt = t[i] - shift_t;
+      const C e_p = rowmath::exp_c(dt * inv_t);
+      sum_p += e_p;
+      if constexpr (D == Divergence::ForwardKL) weighted += e_p > C(0) ? e_p * (dt - ds) : C(0);
+      if constexpr (D == Divergence::ReverseKL) weighted += e_q > C(0) ? e_q * (ds - dt) : C(0);
     }
   }
+  chunk.student_sum_T = sum_q;
+  chunk.student_sum_1 = sum_1;
+  chunk.student_centered_total = centered;
+  chunk.teacher_sum = sum_p;
+  chunk.weighted = weighted * inv_t;
   rowmath::merge_partials(part, chunk, inv_t, k.divergence);
 }
 
