@@ -46,7 +46,8 @@ KDFAST_HD int32_t float_to_bits(float f) {
 #endif
 }
 
-// exp(x) in float, branch-free so loops over it vectorise; within 2 ulp for x in [-87, 88].
+// exp(x) in float, branch-free so loops over it vectorise; relative error below 3e-7 on
+// [-87, 0] (measured against double: 2.5e-7 worst case).
 // Returns exactly 0 below -87 (and for -inf), so masked (-inf) logits give zero probability.
 // The kernels only call it with x <= 0 (logit minus a maximum or a log-sum-exp); x > 88.7
 // is outside its domain. NaN propagates.
@@ -71,7 +72,8 @@ KDFAST_HD float exp_f32(float x) {
   return x < -87.0f ? 0.0f : y;
 }
 
-// log(x) in float for x >= 0, branch-free; about 1 ulp. log(0) = -inf.
+// log(x) in float for x >= 0, branch-free; error below 1.2e-7 (absolute where |log x| < 1,
+// relative elsewhere; measured against double), subnormals included. log(0) = -inf.
 KDFAST_HD float log_f32(float x) {
   const bool tiny = x < 1.17549435e-38f;  // subnormal or zero: rescale by 2^23
   const float xs = tiny ? x * 8388608.0f : x;
