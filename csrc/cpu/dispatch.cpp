@@ -1,5 +1,5 @@
-// Run-time choice among the CPU kernel variants compiled from kd_loss_cpu.cpp, topk_cpu.cpp
-// and sparse_kd_cpu.cpp, and the build description. The variant list comes from the build
+// Run-time choice among the CPU kernel variants compiled from kd_loss_cpu.cpp, topk_cpu.cpp,
+// sparse_kd_cpu.cpp and multi_teacher_cpu.cpp, and the build description. The variant list comes from the build
 // (KDFAST_CPU_HAS_AVX2/AVX512); the choice is made once, from the CPU's feature flags, the
 // first time a kernel runs.
 // KDFAST_CPU_VARIANT=baseline|avx2|avx512 in the environment forces a (supported) variant.
@@ -26,6 +26,8 @@ namespace cpu {
   void topk_compress(const TopKCompressArgs& args);                      \
   SparseKDForwardResult sparse_kd_forward(const SparseKDForwardArgs& args); \
   void sparse_kd_backward(const SparseKDBackwardArgs& args);             \
+  int64_t multi_teacher_forward(const MultiTeacherKDArgs& args);         \
+  void multi_teacher_backward(const MultiTeacherKDArgs& args);           \
   }
 KDFAST_DECLARE_VARIANT(baseline)
 #if defined(KDFAST_CPU_HAS_AVX2)
@@ -45,6 +47,8 @@ struct Variant {
   void (*topk_compress)(const TopKCompressArgs&);
   SparseKDForwardResult (*sparse_forward)(const SparseKDForwardArgs&);
   void (*sparse_backward)(const SparseKDBackwardArgs&);
+  int64_t (*multi_teacher_forward)(const MultiTeacherKDArgs&);
+  void (*multi_teacher_backward)(const MultiTeacherKDArgs&);
 };
 
 bool cpu_supports(const char* name) {
@@ -63,14 +67,16 @@ std::vector<Variant> compiled_variants() {
   std::vector<Variant> variants;
 #if defined(KDFAST_CPU_HAS_AVX512)
   variants.push_back({"avx512", avx512::kd_forward, avx512::kd_backward, avx512::topk_compress,
-                      avx512::sparse_kd_forward, avx512::sparse_kd_backward});
+                      avx512::sparse_kd_forward, avx512::sparse_kd_backward, avx512::multi_teacher_forward,
+                      avx512::multi_teacher_backward});
 #endif
 #if defined(KDFAST_CPU_HAS_AVX2)
   variants.push_back({"avx2", avx2::kd_forward, avx2::kd_backward, avx2::topk_compress, avx2::sparse_kd_forward,
-                      avx2::sparse_kd_backward});
+                      avx2::sparse_kd_backward, avx2::multi_teacher_forward, avx2::multi_teacher_backward});
 #endif
   variants.push_back({"baseline", baseline::kd_forward, baseline::kd_backward, baseline::topk_compress,
-                      baseline::sparse_kd_forward, baseline::sparse_kd_backward});
+                      baseline::sparse_kd_forward, baseline::sparse_kd_backward, baseline::multi_teacher_forward,
+                      baseline::multi_teacher_backward});
   return variants;  // best first
 }
 
@@ -127,6 +133,15 @@ SparseKDForwardResult sparse_kd_forward_cpu(const SparseKDForwardArgs& args) {
 void sparse_kd_backward_cpu(const SparseKDBackwardArgs& args) {
   cpu::advise_huge_pages(args.grad_student, args.rows * args.vocab * dtype_size(args.student_dtype));
   cpu::selected().sparse_backward(args);
+}
+
+int64_t multi_teacher_forward_cpu(const MultiTeacherKDArgs& args) {
+  return cpu::selected().multi_teacher_forward(args);
+}
+
+void multi_teacher_backward_cpu(const MultiTeacherKDArgs& args) {
+  cpu::advise_huge_pages(args.grad_student, args.rows * args.vocab * dtype_size(args.student_dtype));
+  cpu::selected().multi_teacher_backward(args);
 }
 
 #if defined(KDFAST_WITH_CUDA)

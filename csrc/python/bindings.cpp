@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <utility>
+#include <vector>
 
 #include "kdfast/kdfast.h"
 
@@ -201,6 +202,75 @@ void sparse_kd_backward(uintptr_t grad_output, int64_t grad_output_stride, uintp
   kdfast::sparse_kd_backward_cpu(a);
 }
 
+// Multi-teacher KD loss: the M teachers arrive as lists of addresses and row strides (one
+// dtype for all). CPU only in this build.
+kdfast::MultiTeacherKDArgs make_multi_teacher_args(
+    uintptr_t student, int student_dtype, int64_t student_row_stride, const std::vector<uintptr_t>& teachers,
+    const std::vector<int64_t>& teacher_row_strides, int teacher_dtype, uintptr_t weights,
+    int64_t weight_teacher_stride, int64_t weight_row_stride, uintptr_t labels, int64_t rows, int64_t vocab,
+    int combine, int divergence, int reduction, double temperature, double alpha, double beta, double label_smoothing,
+    double divergence_scale, int64_t ignore_index, uintptr_t row_stats, uintptr_t valid_rows, int num_threads,
+    int device_index) {
+  if (teachers.empty() || teachers.size() != teacher_row_strides.size())
+    throw std::invalid_argument("multi_teacher_kd: need one row stride per teacher and at least one teacher");
+  if (device_index >= 0)
+    throw std::runtime_error("kdfast: multi_teacher_kd_loss has no CUDA kernel in this build; "
+                             "kdfast.methods.multi_teacher_kd_loss runs on any device");
+  kdfast::MultiTeacherKDArgs a;
+  a.student = as_ptr<const void>(student);
+  a.student_dtype = static_cast<DType>(student_dtype);
+  a.student_row_stride = student_row_stride;
+  a.teachers = reinterpret_cast<const void* const*>(teachers.data());
+  a.teacher_row_strides = teacher_row_strides.data();
+  a.teacher_dtype = static_cast<DType>(teacher_dtype);
+  a.num_teachers = static_cast<int64_t>(teachers.size());
+  a.weights = as_ptr<const void>(weights);
+  a.weight_teacher_stride = weight_teacher_stride;
+  a.weight_row_stride = weight_row_stride;
+  a.labels = as_ptr<const int64_t>(labels);
+  a.rows = rows;
+  a.vocab = vocab;
+  a.options = make_options(divergence, reduction, temperature, alpha, beta, label_smoothing, divergence_scale, ignore_index);
+  a.combine = static_cast<kdfast::Combine>(combine);
+  a.row_stats = as_ptr<void>(row_stats);
+  a.valid_rows = as_ptr<void>(valid_rows);
+  a.num_threads = num_threads;
+  return a;
+}
+
+int64_t multi_teacher_forward(uintptr_t student, int student_dtype, int64_t student_row_stride,
+                              const std::vector<uintptr_t>& teachers, const std::vector<int64_t>& teacher_row_strides,
+                              int teacher_dtype, uintptr_t weights, int64_t weight_teacher_stride,
+                              int64_t weight_row_stride, uintptr_t labels, int64_t rows, int64_t vocab, int combine,
+                              int divergence, int reduction, double temperature, double alpha, double beta,
+                              double label_smoothing, double divergence_scale, int64_t ignore_index, uintptr_t loss,
+                              uintptr_t row_stats, uintptr_t valid_rows, int num_threads, int device_index) {
+  kdfast::MultiTeacherKDArgs a = make_multi_teacher_args(
+      student, student_dtype, student_row_stride, teachers, teacher_row_strides, teacher_dtype, weights,
+      weight_teacher_stride, weight_row_stride, labels, rows, vocab, combine, divergence, reduction, temperature, alpha,
+      beta, label_smoothing, divergence_scale, ignore_index, row_stats, valid_rows, num_threads, device_index);
+  a.loss = as_ptr<void>(loss);
+  return kdfast::multi_teacher_forward_cpu(a);
+}
+
+void multi_teacher_backward(uintptr_t grad_output, int64_t grad_output_stride, uintptr_t student, int student_dtype,
+                            int64_t student_row_stride, const std::vector<uintptr_t>& teachers,
+                            const std::vector<int64_t>& teacher_row_strides, int teacher_dtype, uintptr_t weights,
+                            int64_t weight_teacher_stride, int64_t weight_row_stride, uintptr_t labels, int64_t rows,
+                            int64_t vocab, int combine, int divergence, int reduction, double temperature, double alpha,
+                            double beta, double label_smoothing, double divergence_scale, int64_t ignore_index,
+                            uintptr_t row_stats, uintptr_t valid_rows, uintptr_t grad_student, int num_threads,
+                            int device_index) {
+  kdfast::MultiTeacherKDArgs a = make_multi_teacher_args(
+      student, student_dtype, student_row_stride, teachers, teacher_row_strides, teacher_dtype, weights,
+      weight_teacher_stride, weight_row_stride, labels, rows, vocab, combine, divergence, reduction, temperature, alpha,
+      beta, label_smoothing, divergence_scale, ignore_index, row_stats, valid_rows, num_threads, device_index);
+  a.grad_output = as_ptr<const void>(grad_output);
+  a.grad_output_stride = grad_output_stride;
+  a.grad_student = as_ptr<void>(grad_student);
+  kdfast::multi_teacher_backward_cpu(a);
+}
+
 py::dict build_info() {
   const kdfast::BuildInfo info = kdfast::build_info();
   py::dict d;
@@ -253,5 +323,21 @@ PYBIND11_MODULE(_C, m) {
         py::arg("label_smoothing"), py::arg("divergence_scale"), py::arg("ignore_index"), py::arg("row_stats"),
         py::arg("valid_rows"), py::arg("grad_student"), py::arg("num_threads"), py::arg("device_index"),
         py::arg("stream"));
+  m.def("multi_teacher_forward", &multi_teacher_forward, py::call_guard<py::gil_scoped_release>(),
+        py::arg("student"), py::arg("student_dtype"), py::arg("student_row_stride"), py::arg("teachers"),
+        py::arg("teacher_row_strides"), py::arg("teacher_dtype"), py::arg("weights"),
+        py::arg("weight_teacher_stride"), py::arg("weight_row_stride"), py::arg("labels"), py::arg("rows"),
+        py::arg("vocab"), py::arg("combine"), py::arg("divergence"), py::arg("reduction"), py::arg("temperature"),
+        py::arg("alpha"), py::arg("beta"), py::arg("label_smoothing"), py::arg("divergence_scale"),
+        py::arg("ignore_index"), py::arg("loss"), py::arg("row_stats"), py::arg("valid_rows"),
+        py::arg("num_threads"), py::arg("device_index"));
+  m.def("multi_teacher_backward", &multi_teacher_backward, py::call_guard<py::gil_scoped_release>(),
+        py::arg("grad_output"), py::arg("grad_output_stride"), py::arg("student"), py::arg("student_dtype"),
+        py::arg("student_row_stride"), py::arg("teachers"), py::arg("teacher_row_strides"),
+        py::arg("teacher_dtype"), py::arg("weights"), py::arg("weight_teacher_stride"),
+        py::arg("weight_row_stride"), py::arg("labels"), py::arg("rows"), py::arg("vocab"), py::arg("combine"),
+        py::arg("divergence"), py::arg("reduction"), py::arg("temperature"), py::arg("alpha"), py::arg("beta"),
+        py::arg("label_smoothing"), py::arg("divergence_scale"), py::arg("ignore_index"), py::arg("row_stats"),
+        py::arg("valid_rows"), py::arg("grad_student"), py::arg("num_threads"), py::arg("device_index"));
   m.def("build_info", &build_info);
 }

@@ -7,7 +7,7 @@ error, while `kdfast.reference` keeps working.
 
 from kdfast import functional, reference
 from kdfast._build import build_info
-from kdfast.losses import KDLoss, SparseKDLoss
+from kdfast.losses import KDLoss, MultiTeacherKDLoss, SparseKDLoss
 from kdfast.softlabels import SoftLabels, compress_topk
 from kdfast.store import (
     CorruptShardError,
@@ -25,6 +25,7 @@ __all__ = [
     "CorruptShardError",
     "Distiller",
     "KDLoss",
+    "MultiTeacherKDLoss",
     "SoftLabelStore",
     "SoftLabelStoreError",
     "SoftLabelStoreWriter",

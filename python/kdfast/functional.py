@@ -8,7 +8,9 @@ whose backward is the fused backward kernel. CPU and CUDA tensors run the compil
 kernels; tensors on other devices (or CUDA when kdfast was built without CUDA kernels) use
 `kdfast.reference`, which computes the same contract in plain PyTorch. `sparse_kd_loss`
 does the same against top-k soft labels (`kdfast.SoftLabels`) through the
-`kdfast::sparse_kd_forward` op.
+`kdfast::sparse_kd_forward` op. `multi_teacher_kd_loss` distils from M teachers at once
+through `kdfast::multi_teacher_kd_forward` (CPU; `kdfast.methods.multi_teacher_kd_loss`
+elsewhere).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from kdfast import _checks
 from kdfast.ops import kd_loss as _kd_ops
 from kdfast.ops._native import has_cuda_kernels
 
-__all__ = ["kd_loss", "sparse_kd_loss"]
+__all__ = ["kd_loss", "multi_teacher_kd_loss", "sparse_kd_loss"]
 
 
 def _as_rows(logits: Tensor, vocab: int) -> Tensor:
@@ -212,6 +214,151 @@ def sparse_kd_loss(
         student_rows, flat.indices.contiguous(), teacher_logprobs.contiguous(), teacher_tail.contiguous(), label_rows,
         *options,
     )
+    if reduction == "none":
+        loss = loss.reshape(leading_shape)
+    return loss
+
+
+def _unchecked_teacher_weights(weights, num_teachers: int, leading_shape: torch.Size, dtype: torch.dtype,
+                               device: torch.device) -> Tensor:
+    """Teacher weights as `[M, rows]` (possibly expanded) normalised to sum 1 per row, traceable.
+
+    The value checks (finite, non-negative, positive sums on valid rows) read tensor data;
+    eager calls make them through `kdfast.methods.multi_teacher._normalised_weights`, and
+    this metadata-only version serves `torch.compile`.
+    """
+    rows = leading_shape.numel()
+    if weights is None:
+        return torch.full((num_teachers, 1), 1.0 / num_teachers, dtype=dtype, device=device).expand(num_teachers, rows)
+    if isinstance(weights, Tensor):
+        weight_tensor = weights.detach().to(device=device, dtype=dtype)
+    else:
+        weight_tensor = torch.tensor([float(w) for w in weights], dtype=dtype, device=device)
+    per_row_shape = (num_teachers,) + tuple(leading_shape)
+    if tuple(weight_tensor.shape) == (num_teachers,):
+        weight_tensor = weight_tensor.reshape(num_teachers, 1)
+    elif tuple(weight_tensor.shape) == per_row_shape:
+        weight_tensor = weight_tensor.reshape(num_teachers, rows)
+    else:
+        raise ValueError(f"weights must have shape [M] = ({num_teachers},) (per teacher) or [M, *leading shape] = "
+                         f"{per_row_shape} (per row), got {tuple(weight_tensor.shape)}")
+    totals = weight_tensor.sum(dim=0, keepdim=True)
+    normalised = torch.where(totals > 0, weight_tensor / totals.clamp_min(torch.finfo(dtype).tiny),
+                             torch.full_like(weight_tensor, 1.0 / num_teachers))
+    return normalised.expand(num_teachers, rows)
+
+
+def multi_teacher_kd_loss(
+    student_logits: Tensor,
+    teacher_logits,
+    labels: Optional[Tensor] = None,
+    *,
+    weights=None,
+    combine: str = "sum",
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 0.0,
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    t2_scale: bool = True,
+) -> Tensor:
+    """Fused multi-teacher distillation loss: one student, M teachers, one kernel.
+
+    Per row, with p_m = softmax(t_m/T), q = softmax(s/T), r = softmax(s) and weights w̄_m
+    normalised to sum 1 over the teachers (per row for per-row weights):
+    `combine="sum"` gives D = Σ_m w̄_m·D(p_m, q), `combine="mixture"` gives
+    D = D(Σ_m w̄_m·p_m, q); the row loss is α·CE(s, y) + (1−α)·τ·D with τ = T² when
+    `t2_scale` else 1 and CE = −(1−ε)·log r_y − (ε/V)·Σ log r_i. D is `forward_kl`,
+    `reverse_kl`, `jsd` (β) or `tvd` exactly as in `kd_loss`; every divergence works with
+    both combine modes. The semantics are those of `kdfast.methods.multi_teacher_kd_loss`,
+    which is the float64 oracle and the fallback on devices other than the CPU.
+
+    On the CPU the kernel reads the student row and every teacher row once in the forward
+    pass (twice for "mixture", "jsd" and "tvd", which need normalised distributions) and
+    once in the backward pass, writing the gradient once; teachers are passed by address,
+    so no [M, N, V] stack or per-teacher [N, V] temporary is created. Its extra memory is
+    the [N, 6 + 3M] per-row statistics and the student gradient.
+
+    Args:
+        student_logits: [..., V] float32, bfloat16, float16 or float64. Receives the gradient.
+        teacher_logits: a sequence of M tensors shaped like the student, or one [M, ..., V]
+            tensor (its M slices are used as views). Treated as constants. Teachers may have a
+            different dtype from the student; when the teachers' dtypes differ from one
+            another they are converted to float32 first (a copy), and a float64 student or
+            teacher makes every input float64.
+        labels: [...] int64 class indices in [0, V), or None (every row valid; `alpha` must be
+            0). Rows whose label equals `ignore_index` contribute 0 and get a zero gradient.
+        weights: None (default: uniform 1/M), M non-negative numbers or a tensor [M] (per
+            teacher), or a tensor [M, ...] with the student's leading shape (per row, e.g.
+            teacher confidences). Normalised to sum 1 over the teachers; treated as constants.
+            Every non-ignored row needs a positive sum (checked in eager mode).
+        combine: "sum" (default) or "mixture".
+        divergence: "forward_kl" (default), "reverse_kl", "jsd" or "tvd".
+        temperature: T > 0 (default 1.0).
+        alpha: weight of the hard-label cross-entropy, in [0, 1] (default 0.0).
+        beta: JSD mixture weight in (0, 1) (default 0.5); used by "jsd" only.
+        ignore_index: label value of rows to skip (default -100).
+        reduction: "mean" (default: sum over valid rows / number of valid rows, 0 when no row
+            is valid), "sum", "batchmean" (sum / number of rows) or "none" (per-row losses
+            with the leading shape [...]).
+        label_smoothing: ε in [0, 1) for the cross-entropy term (default 0.0).
+        t2_scale: scale the divergence by T² (default True).
+
+    Returns:
+        float32 loss (float64 when the student or a teacher is float64): a scalar, or [...]
+        for reduction="none". The student gradient has the student's dtype.
+
+    Raises:
+        TypeError: logits not floating, labels not int64, weights of the wrong type.
+        ValueError: mismatched shapes or devices, bad options (as `kd_loss`), an unknown
+            `combine`, labels outside [0, V) that are not `ignore_index`, and in eager mode
+            negative or non-finite weights or a zero weight sum on a non-ignored row.
+    """
+    from kdfast.methods import multi_teacher as _plain
+    from kdfast.methods._validation import require_choice
+    from kdfast.ops import multi_teacher as _multi_teacher_ops
+    from kdfast.ops._native import native_available
+
+    options = dict(weights=weights, combine=combine, divergence=divergence, temperature=temperature, alpha=alpha,
+                   beta=beta, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                   t2_scale=t2_scale)
+    uses_kernel = isinstance(student_logits, Tensor) and student_logits.device.type == "cpu"
+    # Under torch.compile the availability check is not traced; a missing core fails at the op.
+    if not uses_kernel or (not torch.compiler.is_compiling() and not native_available()):
+        return _plain.multi_teacher_kd_loss(student_logits, teacher_logits, labels, **options)
+    require_choice("combine", combine, _plain.COMBINE_MODES)
+    teachers = _plain._split_teachers(teacher_logits, student_logits)
+    for teacher in teachers:
+        _checks.check_kd_inputs(
+            student_logits, teacher, labels, divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        )
+    teacher_dtypes = {teacher.dtype for teacher in teachers}
+    if student_logits.dtype == torch.float64 or torch.float64 in teacher_dtypes:
+        student_logits = student_logits.to(torch.float64)
+        teachers = [teacher.to(torch.float64) for teacher in teachers]
+    elif len(teacher_dtypes) > 1:
+        teachers = [teacher.to(torch.float32) for teacher in teachers]
+    dtype = _multi_teacher_ops.compute_dtype(student_logits)
+    vocab = student_logits.shape[-1]
+    leading_shape = student_logits.shape[:-1]
+    student_rows = _as_rows(student_logits, vocab)
+    teacher_rows = [_as_rows(teacher.detach(), vocab) for teacher in teachers]
+    label_rows = labels.reshape(-1).contiguous() if labels is not None else None
+    kernel_options = (combine, divergence, reduction, float(temperature), float(alpha), float(beta),
+                      float(label_smoothing), bool(t2_scale), int(ignore_index))
+    if torch.compiler.is_compiling():
+        weight_rows = _unchecked_teacher_weights(weights, len(teachers), leading_shape, dtype, student_logits.device)
+        loss, _, _ = _multi_teacher_ops.multi_teacher_kd_forward(student_rows, teacher_rows, weight_rows, label_rows,
+                                                                 *kernel_options)
+    else:  # validated weights; same kernels without the custom-op dispatch cost
+        valid_rows = None if label_rows is None else label_rows != ignore_index
+        weight_rows = _plain._normalised_weights(weights, len(teachers), leading_shape, valid_rows, dtype,
+                                                 student_logits.device)
+        loss, _, _ = _multi_teacher_ops.EagerMultiTeacherKDLoss.apply(student_rows, weight_rows, label_rows,
+                                                                      kernel_options, *teacher_rows)
     if reduction == "none":
         loss = loss.reshape(leading_shape)
     return loss

@@ -147,3 +147,77 @@ class SparseKDLoss(nn.Module):
             f"beta={self.beta}, tail={self.tail!r}, ignore_index={self.ignore_index}, "
             f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, t2_scale={self.t2_scale}"
         )
+
+
+class MultiTeacherKDLoss(nn.Module):
+    """Fused multi-teacher distillation loss; see `kdfast.functional.multi_teacher_kd_loss`.
+
+    Args:
+        weights: None (default: uniform), M numbers or a tensor [M] (per teacher). Per-row
+            weights [M, ...] vary per batch, so pass them to `forward` instead.
+        combine: "sum" (default: Σ_m w̄_m·D(p_m, q)) or "mixture" (D(Σ_m w̄_m·p_m, q)).
+        divergence: "forward_kl" (default), "reverse_kl", "jsd" or "tvd".
+        temperature: softmax temperature T > 0 (default 1.0).
+        alpha: weight of the hard-label cross-entropy in [0, 1] (default 0.0).
+        beta: JSD mixture weight in (0, 1) (default 0.5), used by "jsd" only.
+        ignore_index: label value whose rows contribute nothing (default -100).
+        reduction: "mean" (default), "sum", "none" or "batchmean".
+        label_smoothing: ε in [0, 1) for the cross-entropy term (default 0.0).
+        t2_scale: multiply the divergence by T² (default True).
+
+    Shape:
+        student_logits: [..., V]; teacher_logits: a sequence of M tensors [..., V] or one
+        [M, ..., V] tensor; labels: [...] int64 or None; weights (forward, optional, overrides
+        the constructor's): [M] or [M, ...].
+        Output: scalar, or [...] for reduction="none"; float32 (float64 for float64 inputs).
+    """
+
+    def __init__(
+        self,
+        weights=None,
+        combine: str = "sum",
+        divergence: str = "forward_kl",
+        temperature: float = 1.0,
+        alpha: float = 0.0,
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        t2_scale: bool = True,
+    ) -> None:
+        super().__init__()
+        self.weights = weights
+        self.combine = combine
+        self.divergence = divergence
+        self.temperature = temperature
+        self.alpha = alpha
+        self.beta = beta
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.t2_scale = t2_scale
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits, labels: Optional[torch.Tensor] = None,
+                weights=None) -> torch.Tensor:
+        return F.multi_teacher_kd_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            weights=self.weights if weights is None else weights,
+            combine=self.combine,
+            divergence=self.divergence,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            beta=self.beta,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            t2_scale=self.t2_scale,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"combine={self.combine!r}, divergence={self.divergence!r}, temperature={self.temperature}, "
+            f"alpha={self.alpha}, beta={self.beta}, ignore_index={self.ignore_index}, "
+            f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, t2_scale={self.t2_scale}"
+        )

@@ -24,6 +24,11 @@ void topk_compress_cpu(const TopKCompressArgs& args);
 SparseKDForwardResult sparse_kd_forward_cpu(const SparseKDForwardArgs& args);
 void sparse_kd_backward_cpu(const SparseKDBackwardArgs& args);
 
+// Multi-teacher KD loss on the CPU (see MultiTeacherKDArgs). The forward pass returns the
+// number of rows with a label outside [0, vocab) that is not ignore_index (NaN rows).
+int64_t multi_teacher_forward_cpu(const MultiTeacherKDArgs& args);
+void multi_teacher_backward_cpu(const MultiTeacherKDArgs& args);
+
 // Build and runtime description for kdfast.build_info().
 struct BuildInfo {
   std::string compiler;

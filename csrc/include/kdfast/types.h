@@ -171,4 +171,52 @@ struct SparseKDBackwardArgs {
   int num_threads = 1;
 };
 
+
+// ---- multi-teacher KD loss ----
+
+// How the M teachers combine: Sum is sum_m w_m D(p_m, q); Mixture is D(sum_m w_m p_m, q).
+enum class Combine : int32_t { Sum = 0, Mixture = 1 };
+
+// Per-row values of the multi-teacher forward pass, in the compute dtype: row_stats has
+// kMultiTeacherRowStatsBase + kMultiTeacherStatsPerTeacher * M columns:
+//   0 student_max, 1 student_log_sum_T, 2 student_log_sum_1, 3 mixture aux (see
+//   rowmath::RowStats::aux, for the mixture distribution), 4 row loss, 5 zero, then per
+//   teacher m: teacher_max, teacher_log_sum, aux of D(p_m, q) (combine Sum).
+constexpr int kMultiTeacherRowStatsBase = 6;
+constexpr int kMultiTeacherStatsPerTeacher = 3;
+
+// One struct for the forward and the backward pass. Teachers are M separate tensors
+// [rows, vocab] (vocabulary contiguous), all of one dtype, each with its own row stride.
+// Weights are already normalised (sum 1 over the teachers for every valid row), in the
+// compute dtype: teacher m of row r has weight weights[m * weight_teacher_stride +
+// r * weight_row_stride] (weight_row_stride 0 for per-teacher weights).
+struct MultiTeacherKDArgs {
+  const void* student = nullptr;
+  DType student_dtype = DType::Float32;
+  int64_t student_row_stride = 0;
+  const void* const* teachers = nullptr;        // [num_teachers] row-major [rows, vocab] blocks
+  const int64_t* teacher_row_strides = nullptr;  // [num_teachers]
+  DType teacher_dtype = DType::Float32;
+  int64_t num_teachers = 0;
+  const void* weights = nullptr;
+  int64_t weight_teacher_stride = 0;
+  int64_t weight_row_stride = 0;
+  const int64_t* labels = nullptr;  // [rows] or null (every row valid, alpha must be 0)
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  KDOptions options;
+  Combine combine = Combine::Sum;
+  // Forward outputs (compute dtype): loss ([rows] for Reduction::None, else one element),
+  // row_stats (see above), valid_rows (one element). The backward pass reads the last two.
+  void* loss = nullptr;
+  void* row_stats = nullptr;
+  void* valid_rows = nullptr;
+  // Backward: grad_output in the compute dtype ([rows], stride 1, for None, else one element,
+  // stride 0); grad_student [rows, vocab] contiguous in the student dtype.
+  const void* grad_output = nullptr;
+  int64_t grad_output_stride = 0;
+  void* grad_student = nullptr;
+  int num_threads = 1;
+};
+
 }  // namespace kdfast
