@@ -1,0 +1,240 @@
+"""Distil a Hugging Face causal language model into a smaller one with kdfast's fused loss.
+
+Three entry points:
+- `causal_lm_kd_loss(student_logits, teacher_logits, labels, ...)`: the next-token KD loss
+  on `[B, L, V]` logits. Position i predicts label i+1 (the causal-LM shift that
+  `transformers` models apply to their own loss), rows whose shifted label is -100 (padding,
+  prompt tokens) are skipped, and the rest goes to `kdfast.functional.kd_loss`
+  (α·CE + (1−α)·T²·D, mean over valid tokens). It needs only torch.
+- `distillation_loss(student, teacher, batch, ...)`: runs both models on a batch (the
+  teacher frozen, under `torch.no_grad()`) and returns `(loss, student_outputs)`; usable
+  in any training loop.
+- `DistillationTrainer`: a `transformers.Trainer` subclass whose `compute_loss` runs the
+  frozen teacher on the same batch and returns `distillation_loss`'s loss. The Trainer
+  itself needs `accelerate` (a dependency of `transformers.Trainer`, not of kdfast).
+  It is built the first time the name is accessed, which imports `transformers`; when that
+  package is missing the access raises an ImportError naming `pip install 'kdfast[hf]'`.
+
+Teacher and student must share the tokenizer. Their logits may differ in width only when
+one model pads its embedding matrix; pass `vocab_size` (the tokenizer's real size) and both
+are cut to it. A fused linear + KD loss that avoids materialising the logits is not
+available yet; the logits of both models are materialised per micro-batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from kdfast import functional
+
+__all__ = ["DistillationTrainer", "causal_lm_kd_loss", "distillation_loss", "require_transformers"]
+
+INSTALL_HINT = "pip install 'kdfast[hf]' (or pip install transformers accelerate)"
+
+
+def require_transformers():
+    """Import and return the `transformers` module, or raise ImportError naming the install command."""
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError(f"kdfast.integrations.huggingface needs Hugging Face transformers: {INSTALL_HINT}") from error
+    return transformers
+
+
+def causal_lm_kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Optional[Tensor],
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    vocab_size: Optional[int] = None,
+    shift: bool = True,
+) -> Tensor:
+    """Next-token distillation loss for causal language models.
+
+    Args:
+        student_logits: `[B, L, V_s]` float32/bfloat16/float16 logits of the student; receives
+            the gradient.
+        teacher_logits: `[B, L, V_t]` logits of the teacher on the same tokens (constant).
+        labels: `[B, L]` int64 token ids with `ignore_index` at positions to skip (the
+            format of `DataCollatorForLanguageModeling(mlm=False)`), or None, in which case
+            every position is used and `alpha` must be 0.
+        temperature: T > 0 (default 1.0).
+        alpha: weight of the hard-label cross-entropy in [0, 1] (default 0.5).
+        divergence: "forward_kl" (default), "reverse_kl", "jsd" or "tvd".
+        beta: JSD mixture weight in (0, 1) (default 0.5).
+        label_smoothing: ε in [0, 1) for the cross-entropy term (default 0.0).
+        ignore_index: label value of skipped positions (default -100).
+        vocab_size: if given, both logits are cut to their first `vocab_size` entries
+            (default None: V_s must equal V_t).
+        shift: True (default) scores position i against label i+1 and drops the last
+            position; False when the caller has already aligned logits and labels.
+
+    Returns:
+        float32 scalar: the mean over valid positions of α·CE + (1−α)·T²·D (`kd_loss`
+        with reduction="mean"; 0 with zero gradient when no position is valid).
+
+    Raises:
+        ValueError: logits that are not 3-D, differing `[B, L]`, differing vocabularies
+            without `vocab_size`, a `vocab_size` larger than either vocabulary, labels not
+            `[B, L]`, plus the option errors of `kdfast.functional.kd_loss`.
+        TypeError: labels that are not int64.
+    """
+    if student_logits.dim() != 3 or teacher_logits.dim() != 3:
+        raise ValueError(f"student_logits and teacher_logits must be [B, L, V], got {tuple(student_logits.shape)} "
+                         f"and {tuple(teacher_logits.shape)}")
+    if student_logits.shape[:2] != teacher_logits.shape[:2]:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must share [B, L]")
+    if vocab_size is not None:
+        if vocab_size < 1 or vocab_size > min(student_logits.shape[-1], teacher_logits.shape[-1]):
+            raise ValueError(f"vocab_size={vocab_size} must be in [1, min(V_student={student_logits.shape[-1]}, "
+                             f"V_teacher={teacher_logits.shape[-1]})]")
+        student_logits = student_logits[..., :vocab_size]
+        teacher_logits = teacher_logits[..., :vocab_size]
+    elif student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(f"student vocabulary {student_logits.shape[-1]} != teacher vocabulary "
+                         f"{teacher_logits.shape[-1]}; the models must share a tokenizer (pass vocab_size when one "
+                         "of them pads its embedding matrix)")
+    if labels is not None:
+        if labels.dtype != torch.int64:
+            raise TypeError(f"labels must be int64, got {labels.dtype}")
+        if tuple(labels.shape) != tuple(student_logits.shape[:2]):
+            raise ValueError(f"labels {tuple(labels.shape)} must be [B, L] = {tuple(student_logits.shape[:2])}")
+    if shift:
+        student_logits = student_logits[:, :-1]
+        teacher_logits = teacher_logits[:, :-1]
+        labels = labels[:, 1:] if labels is not None else None
+    return functional.kd_loss(
+        student_logits, teacher_logits, labels, divergence=divergence, temperature=temperature, alpha=alpha,
+        beta=beta, ignore_index=ignore_index, reduction="mean", label_smoothing=label_smoothing,
+    )
+
+
+def _model_logits(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, dict) and "logits" in output:
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
+def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: Any, **options: Any):
+    """KD loss of `student` against the frozen `teacher` on one causal-LM batch.
+
+    Args:
+        student: a causal LM called as `student(**inputs)`, returning logits `[B, L, V]`
+            (a tensor, or an output with `.logits`).
+        teacher: the same kind of model on the same tokenizer; run in eval mode under
+            `torch.no_grad()`, moved to the student logits' device when it is elsewhere.
+        batch: a mapping with `labels` `[B, L]` int64 (-100 = skip) and the models' keyword
+            inputs (`input_ids`, `attention_mask`, ...). It is not modified.
+        **options: keyword options of `causal_lm_kd_loss` (temperature, alpha, divergence,
+            beta, label_smoothing, ignore_index, vocab_size, shift).
+
+    Returns:
+        `(loss, student_outputs)`: the float32 scalar of `causal_lm_kd_loss` and the
+        student's raw output.
+
+    Raises:
+        ValueError: a batch without `labels`, or `causal_lm_kd_loss`'s errors.
+        TypeError: a batch that is not a mapping.
+    """
+    if not hasattr(batch, "keys"):
+        raise TypeError(f"batch must be a mapping of model inputs, got {type(batch).__name__}")
+    inputs = dict(batch)
+    labels = inputs.pop("labels", None)
+    if labels is None:
+        raise ValueError("the batch needs 'labels' [B, L] (-100 at skipped positions); "
+                         "DataCollatorForLanguageModeling(tokenizer, mlm=False) makes them")
+    outputs = student(**inputs)
+    student_logits = _model_logits(outputs)
+    first = next(teacher.parameters(), None)
+    if first is not None and first.device != student_logits.device:
+        teacher.to(student_logits.device)
+    teacher.eval()
+    with torch.no_grad():
+        teacher_logits = _model_logits(teacher(**inputs))
+    return causal_lm_kd_loss(student_logits, teacher_logits, labels, **options), outputs
+
+
+_TRAINER_CLASS = None
+
+
+def _build_trainer_class():
+    global _TRAINER_CLASS
+    if _TRAINER_CLASS is not None:
+        return _TRAINER_CLASS
+    transformers = require_transformers()
+
+    class DistillationTrainer(transformers.Trainer):
+        """`transformers.Trainer` that distils `teacher_model` into the trained `model`.
+
+        Args:
+            teacher_model: a causal LM (`torch.nn.Module` returning logits `[B, L, V]`) that
+                shares the student's tokenizer. It is put in eval mode with
+                `requires_grad=False`, run under `torch.no_grad()` on every batch, and moved
+                to the student's device on first use. It is not saved with the student.
+            temperature: T > 0 (default 1.0).
+            alpha: weight of the hard-label cross-entropy in [0, 1] (default 0.5).
+            divergence: "forward_kl" (default), "reverse_kl", "jsd" or "tvd".
+            beta: JSD mixture weight (default 0.5).
+            label_smoothing: ε for the cross-entropy term (default 0.0).
+            vocab_size: cut both logits to this many entries (default None: they must match).
+            *args, **kwargs: passed to `transformers.Trainer` (model, args, datasets,
+                data_collator, ...).
+
+        Batches must carry `labels` `[B, L]` (e.g. from
+        `DataCollatorForLanguageModeling(tokenizer, mlm=False)`); the other entries are the
+        keyword arguments of both models. `compute_loss` returns the mean loss over the
+        micro-batch's valid tokens, and the Trainer divides it by the gradient-accumulation
+        steps, so an optimizer step uses the mean of its micro-batch means.
+        """
+
+        # compute_loss returns a per-micro-batch mean: let Trainer scale it for accumulation.
+        loss_is_scaled_for_ga = False
+
+        def __init__(self, *args: Any, teacher_model: torch.nn.Module, temperature: float = 1.0,
+                     alpha: float = 0.5, divergence: str = "forward_kl", beta: float = 0.5,
+                     label_smoothing: float = 0.0, vocab_size: Optional[int] = None, **kwargs: Any) -> None:
+            if not isinstance(teacher_model, torch.nn.Module):
+                raise TypeError(f"teacher_model must be a torch.nn.Module, got {type(teacher_model).__name__}")
+            if not (float(temperature) > 0):
+                raise ValueError(f"temperature must be > 0, got {temperature}")
+            if not 0.0 <= float(alpha) <= 1.0:
+                raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+            if teacher_model is kwargs.get("model", args[0] if args else None):
+                raise ValueError("teacher_model must be a different module from the student model")
+            super().__init__(*args, **kwargs)
+            # Older Trainer versions decide loss scaling from this flag instead of loss_is_scaled_for_ga.
+            self.model_accepts_loss_kwargs = False
+            self.teacher_model = teacher_model.eval().requires_grad_(False)
+            self.kd_options = dict(temperature=float(temperature), alpha=float(alpha), divergence=divergence,
+                                   beta=float(beta), label_smoothing=float(label_smoothing), vocab_size=vocab_size)
+
+        def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+            """`distillation_loss(model, teacher_model, inputs)`; `num_items_in_batch` is unused
+            (the loss is a per-micro-batch mean, see the class docstring)."""
+            loss, outputs = distillation_loss(model, self.teacher_model, inputs, **self.kd_options)
+            return (loss, outputs) if return_outputs else loss
+
+    _TRAINER_CLASS = DistillationTrainer
+    return DistillationTrainer
+
+
+def __getattr__(name: str):
+    if name == "DistillationTrainer":
+        return _build_trainer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
