@@ -3,6 +3,9 @@
 // values (aliasing the source when no conversion is needed); `store_chunk` writes n values
 // in the output dtype with round-to-nearest-even, keeping NaN and inf. Loops are written so
 // the compiler vectorises them; with F16C the float16 paths use the hardware converts.
+// Everything here lives in the instruction-set variant's namespace: each variant's
+// translation unit gets its own copies, so the linker can never hand one variant's
+// (e.g. AVX2) code to another (e.g. baseline).
 #pragma once
 
 #include <cstdint>
@@ -15,8 +18,13 @@
 
 #include "kdfast/rowmath.h"
 
+#ifndef KDFAST_CPU_VARIANT
+#error "convert.h belongs to a CPU kernel variant: KDFAST_CPU_VARIANT must be defined"
+#endif
+
 namespace kdfast {
 namespace cpu {
+namespace KDFAST_CPU_VARIANT {
 
 struct bf16_t { uint16_t bits; };
 struct f16_t { uint16_t bits; };
@@ -117,5 +125,25 @@ inline C load_one(const In* src) {
   return *load_chunk<In, C>(src, 1, &value);
 }
 
+// Calls fn(student_tag, teacher_tag) with value-initialised tags of the storage types
+// (float, bf16_t, f16_t) named by the two dtypes; float64 is handled by the callers.
+template <class Fn>
+auto with_float_types(DType student, DType teacher, Fn&& fn) {
+  auto with_teacher = [&](auto student_tag) {
+    using S = decltype(student_tag);
+    switch (teacher) {
+      case DType::BFloat16: return fn(S{}, bf16_t{});
+      case DType::Float16: return fn(S{}, f16_t{});
+      default: return fn(S{}, float{});
+    }
+  };
+  switch (student) {
+    case DType::BFloat16: return with_teacher(bf16_t{});
+    case DType::Float16: return with_teacher(f16_t{});
+    default: return with_teacher(float{});
+  }
+}
+
+}  // namespace KDFAST_CPU_VARIANT
 }  // namespace cpu
 }  // namespace kdfast

@@ -376,23 +376,6 @@ void backward_for(const KDBackwardArgs& args) {
   else backward_impl<S, T, float>(args);
 }
 
-template <class Fn>
-auto with_float_types(DType student, DType teacher, Fn&& fn) {
-  auto with_teacher = [&](auto student_tag) {
-    using S = decltype(student_tag);
-    switch (teacher) {
-      case DType::BFloat16: return fn(S{}, bf16_t{});
-      case DType::Float16: return fn(S{}, f16_t{});
-      default: return fn(S{}, float{});
-    }
-  };
-  switch (student) {
-    case DType::BFloat16: return with_teacher(bf16_t{});
-    case DType::Float16: return with_teacher(f16_t{});
-    default: return with_teacher(float{});
-  }
-}
-
 }  // namespace
 
 int64_t kd_forward(const KDForwardArgs& args) {
