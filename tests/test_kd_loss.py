@@ -570,3 +570,34 @@ def test_options_are_independent_of_call_order(make_kd_inputs):
     again = functional.kd_loss(student, teacher, labels, divergence="tvd", temperature=4.0)
     torch.testing.assert_close(first, again, rtol=1e-6, atol=1e-7)
 
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_strided_views_reach_the_kernel_uncopied(device, divergence, student_dtype):
+    """Rows taken with a step and an offset (row stride != V, last dimension contiguous) are
+    passed to the kernels as they are; the gradient lands in the right rows of the base."""
+    generator = torch.Generator().manual_seed(stable_seed("strided", divergence))
+    rows, vocab = 5, 67
+    student_base = torch.randn(2 * rows + 1, vocab + 9, generator=generator).to(device=device, dtype=student_dtype)
+    teacher_base = torch.randn(3 * rows, vocab + 4, generator=generator).to(device)
+    student_base.requires_grad_(True)
+    student = student_base[1::2, 3 : 3 + vocab]  # row stride 2 * (vocab + 9), offset 1 row + 3
+    teacher = teacher_base[::3, 4:]  # row stride 3 * (vocab + 4)
+    assert student.stride() == (2 * (vocab + 9), 1) and teacher.stride() == (3 * (vocab + 4), 1)
+    labels = torch.randint(0, vocab, (rows,), generator=generator).to(device)
+    labels[2] = -100
+    options = dict(divergence=divergence, alpha=0.5, temperature=2.0, label_smoothing=0.1, reduction="sum")
+    loss = functional.kd_loss(student, teacher, labels, **options)
+    loss.backward()
+
+    student64 = student.detach().to(torch.float64).requires_grad_(True)
+    expected = reference.kd_loss(student64, teacher.to(torch.float64), labels, **options)
+    expected.backward()
+    assert_loss_close(loss, expected, loss_scale=rows, context="strided")
+    grad_in_view = student_base.grad[1::2, 3 : 3 + vocab]
+    tolerance = 2e-5 if student_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grad_in_view.to(torch.float64), student64.grad, rtol=tolerance, atol=tolerance * float(student64.grad.abs().max()))
+    untouched = student_base.grad.clone()
+    untouched[1::2, 3 : 3 + vocab] = 0
+    assert torch.count_nonzero(untouched) == 0  # nothing written outside the view

@@ -43,9 +43,11 @@ KDOptions make_options(int divergence, int reduction, double temperature, double
 template <class T>
 T* as_ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
 
+#if !defined(KDFAST_WITH_CUDA)
 [[noreturn]] void no_cuda() {
   throw std::runtime_error("kdfast was built without CUDA kernels; reinstall with a CUDA toolkit (KDFAST_CUDA=ON)");
 }
+#endif
 
 int64_t kd_forward(uintptr_t student, int student_dtype, int64_t student_row_stride, uintptr_t teacher,
                    int teacher_dtype, int64_t teacher_row_stride, uintptr_t labels, int64_t rows, int64_t vocab,

@@ -90,7 +90,10 @@ def kd_loss(
         TypeError: logits not floating, labels not int64.
         ValueError: mismatched shapes or vocabularies, bad options (T ≤ 0, α outside [0, 1],
             α > 0 without labels, unknown divergence or reduction, …), mixed devices, or
-            labels outside [0, V) that are not `ignore_index`.
+            labels outside [0, V) that are not `ignore_index` (CPU). On CUDA tensors such
+            labels do not raise, because checking would need a device-to-host
+            synchronisation: their rows get a NaN loss and gradient, so "mean", "sum" and
+            "batchmean" are NaN. Check labels beforehand where an error is needed.
     """
     _checks.check_kd_inputs(
         student_logits, teacher_logits, labels, divergence=divergence, temperature=temperature, alpha=alpha,

@@ -9,7 +9,8 @@ Contract (inputs already validated and shaped by kdfast.functional):
   of exp((t - max)/T), exp((s - max)/T) and exp(s - max), a divergence-specific value), then
   the row loss and a zero; valid_rows (0-dim) counts rows whose label is
   not ignore_index (the "mean" denominator, read by the backward kernel on the device).
-  Labels outside [0, vocab) that are not ignore_index raise ValueError.
+  Labels outside [0, vocab) that are not ignore_index raise ValueError on the CPU; on CUDA
+  (no host synchronisation) their rows' loss and gradient are NaN instead.
 - backward returns the student gradient [rows, vocab], contiguous, in the student dtype,
   already multiplied by grad_output (read by the kernel; no host synchronisation).
 `forward_impl` / `backward_impl` are the bodies; `EagerKDLoss` runs them without the
