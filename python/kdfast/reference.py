@@ -91,6 +91,22 @@ def divergence_from_log_probs(
     raise ValueError(f"unknown divergence {divergence!r}")
 
 
+def _add_cross_entropy_and_mask(row_loss, student, labels_rows, valid_rows, alpha, label_smoothing, vocab_size):
+    """row_loss (or None) + α·CE with label smoothing ε on the full student row at T = 1, then
+    0 on ignored rows: CE = −(1−ε)·log r_y − (ε/V)·Σ log r_i. Not added at all when α = 0."""
+    if alpha != 0:
+        student_log_probs_at_1 = torch.log_softmax(student, dim=-1)
+        safe_labels = torch.where(valid_rows, labels_rows, 0)
+        label_log_probs = student_log_probs_at_1.gather(-1, safe_labels[:, None]).squeeze(-1)
+        cross_entropy = -(1.0 - label_smoothing) * label_log_probs
+        if label_smoothing != 0:
+            cross_entropy = cross_entropy - (label_smoothing / vocab_size) * student_log_probs_at_1.sum(-1)
+        row_loss = alpha * cross_entropy if row_loss is None else row_loss + alpha * cross_entropy
+    if valid_rows is not None:
+        row_loss = torch.where(valid_rows, row_loss, 0.0)
+    return row_loss
+
+
 def kd_loss_rows(
     student_rows: torch.Tensor,
     teacher_rows: torch.Tensor,
@@ -136,18 +152,7 @@ def kd_loss_rows(
         divergence_rows = divergence_from_log_probs(teacher_log_probs, student_log_probs, divergence, beta)
         divergence_scale = (1.0 - alpha) * (temperature * temperature if t2_scale else 1.0)
         row_loss = divergence_scale * divergence_rows
-    if alpha != 0:
-        student_log_probs_at_1 = torch.log_softmax(student, dim=-1)
-        safe_labels = torch.where(valid_rows, labels_rows, 0)
-        label_log_probs = student_log_probs_at_1.gather(-1, safe_labels[:, None]).squeeze(-1)
-        cross_entropy = -(1.0 - label_smoothing) * label_log_probs
-        if label_smoothing != 0:
-            cross_entropy = cross_entropy - (label_smoothing / vocab_size) * student_log_probs_at_1.sum(-1)
-        row_loss = alpha * cross_entropy if row_loss is None else row_loss + alpha * cross_entropy
-
-    if valid_rows is not None:
-        row_loss = torch.where(valid_rows, row_loss, 0.0)
-    return row_loss
+    return _add_cross_entropy_and_mask(row_loss, student, labels_rows, valid_rows, alpha, label_smoothing, vocab_size)
 
 
 def kd_loss(
@@ -369,18 +374,7 @@ def sparse_kd_loss_rows(
         student_log_probs = student_buckets - torch.logsumexp(student_buckets, -1, keepdim=True)
         divergence_rows = divergence_from_log_probs(teacher_log_probs, student_log_probs, divergence, beta)
         row_loss = (1.0 - alpha) * (temperature * temperature if t2_scale else 1.0) * divergence_rows
-    if alpha != 0:
-        student_log_probs_at_1 = torch.log_softmax(student, dim=-1)
-        safe_labels = torch.where(valid_rows, labels_rows, 0)
-        label_log_probs = student_log_probs_at_1.gather(-1, safe_labels[:, None]).squeeze(-1)
-        cross_entropy = -(1.0 - label_smoothing) * label_log_probs
-        if label_smoothing != 0:
-            cross_entropy = cross_entropy - (label_smoothing / vocab_size) * student_log_probs_at_1.sum(-1)
-        row_loss = alpha * cross_entropy if row_loss is None else row_loss + alpha * cross_entropy
-
-    if valid_rows is not None:
-        row_loss = torch.where(valid_rows, row_loss, 0.0)
-    return row_loss
+    return _add_cross_entropy_and_mask(row_loss, student, labels_rows, valid_rows, alpha, label_smoothing, vocab_size)
 
 
 def sparse_kd_loss(
