@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "convert.h"
+#include "kernel_common.h"
 #include "kdfast/rowmath.h"
 #include "kdfast/types.h"
 
@@ -33,11 +34,6 @@ using rowmath::RowStats;
 namespace {
 
 constexpr int64_t kChunk = 512;
-// Below this many elements per call one thread is faster than waking a team.
-constexpr int64_t kParallelThreshold = 1 << 15;
-
-template <class C>
-constexpr C kNegInf = -std::numeric_limits<C>::infinity();
 
 // ---- chunk math: operates on compute-type buffers, independent of the storage dtypes ----
 
@@ -210,14 +206,6 @@ ChunkKernels<C> pick_kernels(const Coefficients<C>& k) {
   return pick_for<C, Divergence::TVD>(k);
 }
 
-int threads_for(int requested, int64_t rows, int64_t vocab) {
-  if (rows * vocab < kParallelThreshold) return 1;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, rows)));
-}
-
-bool label_valid(const int64_t* labels, int64_t row, int64_t ignore_index) {
-  return labels == nullptr || labels[row] != ignore_index;
-}
 
 // ---- row drivers: storage dtypes S (student), T (teacher), compute type C ----
 

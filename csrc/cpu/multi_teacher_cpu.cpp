@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "convert.h"
+#include "kernel_common.h"
 #include "kdfast/rowmath.h"
 #include "kdfast/types.h"
 
@@ -39,19 +40,6 @@ using rowmath::RowStats;
 namespace {
 
 constexpr int64_t kChunk = 512;
-constexpr int64_t kParallelThreshold = 1 << 15;
-
-template <class C>
-constexpr C kNegInf = -std::numeric_limits<C>::infinity();
-
-int threads_for(int requested, int64_t rows, int64_t work) {
-  if (work < kParallelThreshold) return 1;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, rows)));
-}
-
-bool label_valid(const int64_t* labels, int64_t row, int64_t ignore_index) {
-  return labels == nullptr || labels[row] != ignore_index;
-}
 
 // Whether the forward pass finds D(p_m, q) in its first read (combine Sum, forward / reverse KL).
 constexpr bool one_pass(Divergence d, Combine c) {
@@ -242,7 +230,7 @@ int64_t forward_impl(const MultiTeacherKDArgs& args) {
   const bool need_sweep = k.need_kd && !one_pass(D, MODE);
   int64_t bad_labels = 0;
 
-#pragma omp parallel num_threads(threads_for(args.num_threads, rows, rows * vocab * (num_teachers + 1))) reduction(+ : bad_labels)
+#pragma omp parallel num_threads(threads_for(args.num_threads, rows, vocab * (num_teachers + 1))) reduction(+ : bad_labels)
   {
     std::vector<RowPartial<C>> parts(static_cast<size_t>(num_teachers));
     std::vector<RowStats<C>> teacher_stats(static_cast<size_t>(num_teachers));
@@ -413,7 +401,7 @@ void backward_impl(const MultiTeacherKDArgs& args) {
     reduction_scale = rows > 0 ? 1.0 / static_cast<double>(rows) : 0.0;
   }
 
-#pragma omp parallel num_threads(threads_for(args.num_threads, rows, rows * vocab * (num_teachers + 1)))
+#pragma omp parallel num_threads(threads_for(args.num_threads, rows, vocab * (num_teachers + 1)))
   {
     alignas(64) C student_buf[kChunk];
     alignas(64) C teacher_buf[kChunk];

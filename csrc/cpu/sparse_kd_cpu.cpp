@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "convert.h"
+#include "kernel_common.h"
 #include "kdfast/rowmath.h"
 #include "kdfast/sparse_rowmath.h"
 #include "kdfast/types.h"
@@ -40,12 +41,9 @@ using sparse::TailSum;
 namespace {
 
 constexpr int64_t kChunk = 2048;
-constexpr int64_t kParallelThreshold = 1 << 15;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
-template <class C>
-constexpr C kNegInf = -std::numeric_limits<C>::infinity();
 
 // A kept token: vocabulary index and its slot (position along k in the soft labels).
 struct KeptEntry {
@@ -53,14 +51,6 @@ struct KeptEntry {
   int64_t slot;
 };
 
-int threads_for(int requested, int64_t rows, int64_t work_per_row) {
-  if (rows * work_per_row < kParallelThreshold) return 1;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, rows)));
-}
-
-bool label_valid(const int64_t* labels, int64_t row, int64_t ignore_index) {
-  return labels == nullptr || labels[row] != ignore_index;
-}
 
 // Reads row `row` of the kept indices into `kept`, sorted by vocabulary index. Returns false
 // when an index is outside [0, vocab) or appears twice.

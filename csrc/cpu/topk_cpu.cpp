@@ -24,6 +24,7 @@
 #endif
 
 #include "convert.h"
+#include "kernel_common.h"
 #include "kdfast/rowmath.h"
 #include "kdfast/sparse_rowmath.h"
 #include "kdfast/types.h"
@@ -42,10 +43,6 @@ using sparse::TopKCandidate;
 namespace {
 
 constexpr int64_t kChunk = 2048;
-constexpr int64_t kParallelThreshold = 1 << 15;
-
-template <class C>
-constexpr C kNegInf = -std::numeric_limits<C>::infinity();
 
 // Per-thread working memory of the selection.
 template <class C>
@@ -303,9 +300,7 @@ void compress_impl(const TopKCompressArgs& args) {
   const int64_t rows = args.rows, vocab = args.vocab, k = args.k;
   const double inv_t = 1.0 / args.temperature;
   const S* teacher = static_cast<const S*>(args.teacher);
-  const int threads = rows * vocab < kParallelThreshold
-                          ? 1
-                          : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(args.num_threads, rows)));
+  const int threads = threads_for(args.num_threads, rows, vocab);
   // Room for k kept entries plus the newcomers between two cuts. Cutting after about k
   // newcomers keeps theta close to the true k-th value (few hits) at O(1) amortised cost.
   const int64_t capacity = k + std::max<int64_t>(k, 64);
