@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kdfast/kdfast.h"
+#include "kdfast/rowmath.h"
 
 namespace py = pybind11;
 
@@ -273,6 +274,18 @@ void multi_teacher_backward(uintptr_t grad_output, int64_t grad_output_stride, u
   kdfast::multi_teacher_backward_cpu(a);
 }
 
+// exp_f32 / log_f32 of rowmath.h applied to n floats, so the tests can hold the kernels'
+// elementary functions to their stated accuracy against float64.
+void rowmath_exp_log(uintptr_t input, int64_t n, uintptr_t exp_out, uintptr_t log_out) {
+  const float* x = as_ptr<const float>(input);
+  float* e = as_ptr<float>(exp_out);
+  float* l = as_ptr<float>(log_out);
+  for (int64_t i = 0; i < n; ++i) {
+    e[i] = kdfast::rowmath::exp_f32(x[i]);
+    l[i] = kdfast::rowmath::log_f32(x[i]);
+  }
+}
+
 py::dict build_info() {
   const kdfast::BuildInfo info = kdfast::build_info();
   py::dict d;
@@ -342,4 +355,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("label_smoothing"), py::arg("divergence_scale"), py::arg("ignore_index"), py::arg("row_stats"),
         py::arg("valid_rows"), py::arg("grad_student"), py::arg("num_threads"), py::arg("device_index"));
   m.def("build_info", &build_info);
+  m.def("rowmath_exp_log", &rowmath_exp_log, py::call_guard<py::gil_scoped_release>(), py::arg("input"),
+        py::arg("n"), py::arg("exp_out"), py::arg("log_out"));
 }
