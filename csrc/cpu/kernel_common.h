@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "kdfast/types.h"
+
 #ifndef KDFAST_CPU_VARIANT
 #error "kernel_common.h belongs to a CPU kernel variant: KDFAST_CPU_VARIANT must be defined"
 #endif
@@ -31,6 +33,30 @@ inline int threads_for(int requested, int64_t rows, int64_t work_per_row) {
 // A row takes part in the loss unless its label equals ignore_index (no labels: every row).
 inline bool label_valid(const int64_t* labels, int64_t row, int64_t ignore_index) {
   return labels == nullptr || labels[row] != ignore_index;
+}
+
+// Reduces the per-row losses kept in column `loss_column` of row_stats (row width
+// `stats_width`) as options.reduction asks, in a fixed order with a double accumulator
+// (deterministic for any thread count): per-row copies for None, else one value (mean over
+// valid rows and 0 when none, sum, or sum / rows). Writes the valid-row count too.
+template <class C, class Stat, class Count>
+void reduce_row_losses(const Stat* row_stats, int64_t stats_width, int64_t loss_column, int64_t rows,
+                       const int64_t* labels, const KDOptions& options, C* loss, Count* valid_rows) {
+  double total = 0.0;
+  int64_t valid = 0;
+  for (int64_t row = 0; row < rows; ++row) {
+    const Stat row_loss = row_stats[row * stats_width + loss_column];
+    if (options.reduction == Reduction::None) loss[row] = static_cast<C>(row_loss);
+    total += static_cast<double>(row_loss);
+    valid += label_valid(labels, row, options.ignore_index) ? 1 : 0;
+  }
+  if (options.reduction != Reduction::None) {
+    double value = total;
+    if (options.reduction == Reduction::Mean) value = valid > 0 ? total / static_cast<double>(valid) : 0.0;
+    if (options.reduction == Reduction::BatchMean) value = rows > 0 ? total / static_cast<double>(rows) : 0.0;
+    *loss = static_cast<C>(value);
+  }
+  *valid_rows = static_cast<Count>(valid);
 }
 
 }  // namespace KDFAST_CPU_VARIANT

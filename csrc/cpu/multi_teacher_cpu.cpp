@@ -361,23 +361,8 @@ int64_t forward_impl(const MultiTeacherKDArgs& args) {
     }
   }
 
-  // Deterministic reduction: fixed order, double accumulator.
-  double total = 0.0;
-  int64_t valid = 0;
-  C* loss = static_cast<C*>(args.loss);
-  for (int64_t row = 0; row < rows; ++row) {
-    const C row_loss = row_stats[row * stats_width + 4];
-    if (args.options.reduction == Reduction::None) loss[row] = row_loss;
-    total += static_cast<double>(row_loss);
-    valid += label_valid(args.labels, row, args.options.ignore_index) ? 1 : 0;
-  }
-  if (args.options.reduction != Reduction::None) {
-    double value = total;
-    if (args.options.reduction == Reduction::Mean) value = valid > 0 ? total / static_cast<double>(valid) : 0.0;
-    if (args.options.reduction == Reduction::BatchMean) value = rows > 0 ? total / static_cast<double>(rows) : 0.0;
-    *loss = static_cast<C>(value);
-  }
-  *static_cast<C*>(args.valid_rows) = static_cast<C>(valid);
+  reduce_row_losses(row_stats, stats_width, 4, rows, args.labels, args.options, static_cast<C*>(args.loss),
+                    static_cast<C*>(args.valid_rows));
   return bad_labels;
 }
 

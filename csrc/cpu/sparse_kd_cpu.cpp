@@ -263,22 +263,8 @@ SparseKDForwardResult forward_impl(const SparseKDForwardArgs& args) {
     }
   }
 
-  double total = 0.0;
-  int64_t valid = 0;
-  C* loss = static_cast<C*>(args.loss);
-  for (int64_t row = 0; row < rows; ++row) {
-    const double row_loss = row_stats[row * kSparseRowStats + 7];
-    if (args.options.reduction == Reduction::None) loss[row] = static_cast<C>(row_loss);
-    total += row_loss;
-    valid += label_valid(args.labels, row, args.options.ignore_index) ? 1 : 0;
-  }
-  if (args.options.reduction != Reduction::None) {
-    double value = total;
-    if (args.options.reduction == Reduction::Mean) value = valid > 0 ? total / static_cast<double>(valid) : 0.0;
-    if (args.options.reduction == Reduction::BatchMean) value = rows > 0 ? total / static_cast<double>(rows) : 0.0;
-    *loss = static_cast<C>(value);
-  }
-  *args.valid_rows = static_cast<double>(valid);
+  reduce_row_losses(row_stats, kSparseRowStats, 7, rows, args.labels, args.options, static_cast<C*>(args.loss),
+                    args.valid_rows);
   return SparseKDForwardResult{bad_labels, bad_index_rows};
 }
 
