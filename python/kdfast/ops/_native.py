@@ -54,3 +54,13 @@ def device_and_stream(tensor: torch.Tensor) -> tuple[int, int]:
         index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
         return index, torch.cuda.current_stream(index).cuda_stream
     return -1, 0
+
+
+def compute_dtype(student: torch.Tensor) -> torch.dtype:
+    """The kernels' compute (and loss) dtype: float64 for a float64 student, else float32."""
+    return torch.float64 if student.dtype == torch.float64 else torch.float32
+
+
+def divergence_scale(temperature: float, t2_scale: bool) -> float:
+    """tau of the loss contract: T^2 when t2_scale, else 1."""
+    return temperature * temperature if t2_scale else 1.0

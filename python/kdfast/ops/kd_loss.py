@@ -24,17 +24,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kdfast.ops._native import DIVERGENCE_CODES, DTYPE_CODES, REDUCTION_CODES, device_and_stream, native_module
+from kdfast.ops._native import (
+    DIVERGENCE_CODES,
+    DTYPE_CODES,
+    REDUCTION_CODES,
+    compute_dtype,
+    device_and_stream,
+    divergence_scale,
+    native_module,
+)
 
 ROW_STATS = 8
-
-
-def compute_dtype(student: Tensor) -> torch.dtype:
-    return torch.float64 if student.dtype == torch.float64 else torch.float32
-
-
-def _divergence_scale(temperature: float, t2_scale: bool) -> float:
-    return temperature * temperature if t2_scale else 1.0
 
 
 def forward_impl(
@@ -61,7 +61,7 @@ def forward_impl(
         teacher.data_ptr(), DTYPE_CODES[teacher.dtype], teacher.stride(0),
         labels.data_ptr() if labels is not None else 0, rows, vocab,
         DIVERGENCE_CODES[divergence], REDUCTION_CODES[reduction], temperature, alpha, beta,
-        label_smoothing, _divergence_scale(temperature, t2_scale), ignore_index,
+        label_smoothing, divergence_scale(temperature, t2_scale), ignore_index,
         loss.data_ptr(), row_stats.data_ptr(), valid_rows.data_ptr(), torch.get_num_threads(), device_index, stream,
     )
     if bad_labels:
@@ -126,7 +126,7 @@ def backward_impl(
         teacher.data_ptr(), DTYPE_CODES[teacher.dtype], teacher.stride(0),
         labels.data_ptr() if labels is not None else 0, rows, vocab,
         DIVERGENCE_CODES[divergence], REDUCTION_CODES[reduction], temperature, alpha, beta,
-        label_smoothing, _divergence_scale(temperature, t2_scale), ignore_index,
+        label_smoothing, divergence_scale(temperature, t2_scale), ignore_index,
         row_stats.data_ptr(), valid_rows.data_ptr(), grad_student.data_ptr(), torch.get_num_threads(), device_index, stream,
     )
     return grad_student

@@ -28,15 +28,18 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from kdfast.ops._native import DIVERGENCE_CODES, DTYPE_CODES, REDUCTION_CODES, native_module
+from kdfast.ops._native import (
+    DIVERGENCE_CODES,
+    DTYPE_CODES,
+    REDUCTION_CODES,
+    compute_dtype,
+    divergence_scale,
+    native_module,
+)
 
 COMBINE_CODES = {"sum": 0, "mixture": 1}
 ROW_STATS_BASE = 6
 ROW_STATS_PER_TEACHER = 3
-
-
-def compute_dtype(student: Tensor) -> torch.dtype:
-    return torch.float64 if student.dtype == torch.float64 else torch.float32
 
 
 def row_stats_width(num_teachers: int) -> int:
@@ -56,7 +59,7 @@ def _common_arguments(student: Tensor, teachers: List[Tensor], weights: Tensor, 
         labels=labels.data_ptr() if labels is not None else 0, rows=rows, vocab=vocab,
         combine=COMBINE_CODES[combine], divergence=DIVERGENCE_CODES[divergence], reduction=REDUCTION_CODES[reduction],
         temperature=temperature, alpha=alpha, beta=beta, label_smoothing=label_smoothing,
-        divergence_scale=temperature * temperature if t2_scale else 1.0, ignore_index=ignore_index,
+        divergence_scale=divergence_scale(temperature, t2_scale), ignore_index=ignore_index,
         num_threads=torch.get_num_threads(), device_index=-1,
     )
 

@@ -30,6 +30,8 @@ from kdfast.ops._native import (
     DIVERGENCE_CODES,
     DTYPE_CODES,
     REDUCTION_CODES,
+    compute_dtype,
+    divergence_scale,
     device_and_stream,
     has_cuda_kernels,
     native_available,
@@ -66,10 +68,6 @@ def uses_kernels(device: torch.device) -> bool:
     return _has_kernels_for(device.type)
 
 
-def compute_dtype(student: Tensor) -> torch.dtype:
-    return torch.float64 if student.dtype == torch.float64 else torch.float32
-
-
 # ---------------------------------------------------------------------------- compression
 def topk_compress_impl(teacher: Tensor, k: int, temperature: float, int64_indices: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Body of `kdfast::topk_compress` (called directly in eager mode)."""
@@ -104,10 +102,6 @@ def _(teacher, k, temperature, int64_indices):
 
 
 # ---------------------------------------------------------------------------- sparse loss
-def _divergence_scale(temperature: float, t2_scale: bool) -> float:
-    return temperature * temperature if t2_scale else 1.0
-
-
 def _raise_bad_inputs(bad_labels: int, bad_index_rows: int, labels, indices, vocab: int, ignore_index: int) -> None:
     if bad_labels:
         bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= vocab))]
@@ -152,7 +146,7 @@ def sparse_kd_forward_impl(
         teacher_tail.data_ptr(), DTYPE_CODES[teacher_tail.dtype],
         labels.data_ptr() if labels is not None else 0, rows, vocab, k,
         DIVERGENCE_CODES[divergence], TAIL_MODE_CODES[tail_mode], REDUCTION_CODES[reduction], temperature, alpha,
-        beta, label_smoothing, _divergence_scale(temperature, t2_scale), ignore_index,
+        beta, label_smoothing, divergence_scale(temperature, t2_scale), ignore_index,
         loss.data_ptr(), row_stats.data_ptr(), valid_rows.data_ptr(), torch.get_num_threads(), device_index, stream,
     )
     if bad_labels or bad_index_rows:
@@ -226,7 +220,7 @@ def sparse_kd_backward_impl(
         teacher_tail.data_ptr(), DTYPE_CODES[teacher_tail.dtype],
         labels.data_ptr() if labels is not None else 0, rows, vocab, k,
         DIVERGENCE_CODES[divergence], TAIL_MODE_CODES[tail_mode], REDUCTION_CODES[reduction], temperature, alpha,
-        beta, label_smoothing, _divergence_scale(temperature, t2_scale), ignore_index,
+        beta, label_smoothing, divergence_scale(temperature, t2_scale), ignore_index,
         row_stats.data_ptr(), valid_rows.data_ptr(), grad_student.data_ptr(), torch.get_num_threads(),
         device_index, stream,
     )
