@@ -115,9 +115,14 @@ def backward_impl(
     label_smoothing: float,
     t2_scale: bool,
     ignore_index: int,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
+    """The gradient into a new tensor, or into `out` ([rows, vocab] contiguous, student dtype).
+
+    `out` may be `student` itself: each gradient element is written after its logit was read.
+    """
     rows, vocab = student.shape
-    grad_student = torch.empty((rows, vocab), dtype=student.dtype, device=student.device)
+    grad_student = torch.empty((rows, vocab), dtype=student.dtype, device=student.device) if out is None else out
     grad_output = grad_output.to(row_stats.dtype).contiguous()
     device_index, stream = device_and_stream(student)
     native_module().kd_backward(

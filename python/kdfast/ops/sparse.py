@@ -206,10 +206,13 @@ def sparse_kd_backward_impl(
     label_smoothing: float,
     t2_scale: bool,
     ignore_index: int,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
+    """The gradient into a new tensor, or into `out` ([rows, vocab] contiguous, student dtype,
+    not aliasing `student`: kept logits are re-read after their chunk's tail gradient is written)."""
     rows, vocab = student.shape
     k = indices.shape[1]
-    grad_student = torch.empty((rows, vocab), dtype=student.dtype, device=student.device)
+    grad_student = torch.empty((rows, vocab), dtype=student.dtype, device=student.device) if out is None else out
     grad_output = grad_output.to(compute_dtype(student)).contiguous()
     device_index, stream = device_and_stream(student)
     native_module().sparse_kd_backward(
