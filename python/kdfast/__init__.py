@@ -7,7 +7,7 @@ error, while `kdfast.reference` keeps working.
 
 from kdfast import functional, reference
 from kdfast._build import build_info
-from kdfast.losses import KDLoss, MultiTeacherKDLoss, SparseKDLoss
+from kdfast.losses import FusedLinearKDLoss, KDLoss, MultiTeacherKDLoss, SparseKDLoss
 from kdfast.softlabels import SoftLabels, compress_topk
 from kdfast.store import (
     CorruptShardError,
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CorruptShardError",
     "Distiller",
+    "FusedLinearKDLoss",
     "KDLoss",
     "MultiTeacherKDLoss",
     "SoftLabelStore",

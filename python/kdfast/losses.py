@@ -221,3 +221,61 @@ class MultiTeacherKDLoss(nn.Module):
             f"alpha={self.alpha}, beta={self.beta}, ignore_index={self.ignore_index}, "
             f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, t2_scale={self.t2_scale}"
         )
+
+
+class FusedLinearKDLoss(nn.Module):
+    """Student lm_head + distillation loss in chunks; see `kdfast.functional.fused_linear_kd_loss`.
+
+    The module holds the loss options only; the lm_head weight stays in the model and is
+    passed to `forward` (so optimisers, DDP and FSDP see it as the model's parameter).
+
+    Args:
+        chunk_size: rows per chunk, or None for the memory-based default.
+        softcap: None, or c > 0 for c·tanh(s/c) soft-capping of the student logits.
+        vocab_mapping: None, "truncate" or an int64 [V] map for a teacher of another vocabulary size.
+        divergence, temperature, alpha, beta, tail, ignore_index, reduction, label_smoothing,
+        t2_scale: as in `kdfast.functional.fused_linear_kd_loss`.
+        process_group: the torch.distributed group the vocabulary is sharded over, or None.
+
+    Shape:
+        student_hidden [..., H]; student_weight [V, H]; student_bias [V] or None; teacher:
+        logits [..., V], a (hidden [..., H_t], weight [V, H_t][, bias]) tuple, or SoftLabels;
+        labels [...] int64 or None. Output: scalar, or [...] for reduction="none".
+    """
+
+    def __init__(
+        self,
+        chunk_size: Optional[int] = None,
+        softcap: Optional[float] = None,
+        vocab_mapping=None,
+        divergence: str = "forward_kl",
+        temperature: Optional[float] = None,
+        alpha: float = 0.0,
+        beta: float = 0.5,
+        tail: str = "bucket",
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        t2_scale: bool = True,
+        process_group=None,
+    ) -> None:
+        super().__init__()
+        self.options = dict(
+            chunk_size=chunk_size, softcap=softcap, vocab_mapping=vocab_mapping, divergence=divergence,
+            temperature=temperature, alpha=alpha, beta=beta, tail=tail, ignore_index=ignore_index,
+            reduction=reduction, label_smoothing=label_smoothing, t2_scale=t2_scale, process_group=process_group,
+        )
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher,
+        labels: Optional[torch.Tensor] = None,
+        student_bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return F.fused_linear_kd_loss(student_hidden, student_weight, teacher, labels, student_bias=student_bias,
+                                      **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if k != "process_group" and v is not None)
