@@ -54,6 +54,7 @@ def kd_loss(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     t2_scale: bool = True,
+    process_group=None,
 ) -> Tensor:
     """Fused distillation loss α·CE(s, y) + (1−α)·τ·D(softmax(t/T), softmax(s/T)).
 
@@ -81,6 +82,10 @@ def kd_loss(
         label_smoothing: ε in [0, 1) for the cross-entropy term (default 0.0).
         t2_scale: scale the divergence by T² (default True), keeping gradient magnitudes
             comparable across temperatures.
+        process_group: None, or the torch.distributed group the vocabulary is sharded over
+            (tensor-parallel lm_head): each rank passes its logits shard [..., V_r] of student
+            and teacher (slices in rank order) and the global labels; the exact full-vocabulary
+            loss is computed by all-reducing row statistics (`kdfast.vocab_parallel`).
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or [...] for reduction="none".
@@ -99,6 +104,17 @@ def kd_loss(
         student_logits, teacher_logits, labels, divergence=divergence, temperature=temperature, alpha=alpha,
         beta=beta, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
     )
+    if process_group is not None:
+        from kdfast import vocab_parallel
+
+        vocab = student_logits.shape[-1]
+        return vocab_parallel.kd_loss(
+            _as_rows(student_logits, vocab), _as_rows(teacher_logits, vocab),
+            labels.reshape(-1) if labels is not None else None, process_group, soft=False,
+            options=(divergence, "bucket", reduction, float(temperature), float(alpha), float(beta),
+                     float(label_smoothing), bool(t2_scale), int(ignore_index)),
+            leading_shape=student_logits.shape[:-1],
+        )
     if not _uses_kernels(student_logits.device):
         from kdfast import reference
 
@@ -140,6 +156,7 @@ def sparse_kd_loss(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     t2_scale: bool = True,
+    process_group=None,
 ) -> Tensor:
     """Distillation loss against top-k soft labels (`kdfast.SoftLabels`).
 
@@ -175,6 +192,10 @@ def sparse_kd_loss(
             losses with the leading shape [...]).
         label_smoothing: ε in [0, 1) for the cross-entropy term (default 0.0).
         t2_scale: scale the divergence by T² (default True).
+        process_group: None, or the torch.distributed group the vocabulary is sharded over:
+            each rank passes its student logits shard [..., V_r] (slices in rank order), the
+            same SoftLabels (global ids, vocab_size = Σ V_r) and global labels; the exact
+            loss comes from all-reduced row statistics (`kdfast.vocab_parallel`).
 
     Returns:
         float32 loss (float64 for a float64 student or float64 soft labels): a scalar, or
@@ -190,10 +211,28 @@ def sparse_kd_loss(
     from kdfast import softlabels as _softlabels
     from kdfast.ops import sparse as _sparse_ops
 
+    checked = student_logits
+    if process_group is not None and isinstance(student_logits, Tensor) and isinstance(soft_labels, _softlabels.SoftLabels):
+        # a shard has fewer columns than the soft labels' vocabulary: check a full-width stand-in
+        shape = tuple(student_logits.shape[:-1]) + (soft_labels.vocab_size,)
+        checked = torch.empty_strided(shape, (0,) * len(shape), dtype=student_logits.dtype,
+                                      device=student_logits.device)
     temperature = _softlabels.check_sparse_kd_inputs(
-        student_logits, soft_labels, labels, divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
+        checked, soft_labels, labels, divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
         tail=tail, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
     )
+    if process_group is not None:
+        from kdfast import vocab_parallel
+
+        flat = soft_labels.flatten()
+        return vocab_parallel.kd_loss(
+            _as_rows(student_logits, student_logits.shape[-1]),
+            (flat.indices, flat.logprobs.detach(), flat.tail_logprob.detach()),
+            labels.reshape(-1) if labels is not None else None, process_group, soft=True,
+            options=(divergence, tail, reduction, float(temperature), float(alpha), float(beta),
+                     float(label_smoothing), bool(t2_scale), int(ignore_index)),
+            leading_shape=student_logits.shape[:-1], vocab_size=soft_labels.vocab_size,
+        )
     if not _sparse_ops.uses_kernels(student_logits.device):
         from kdfast import reference
 
@@ -502,7 +541,11 @@ def fused_linear_kd_loss(
         if vocab_mapping is not None:
             raise ValueError("fused_linear_kd_loss: vocab_mapping cannot be used with SoftLabels: their tail mass "
                              "is not split by column; compress the teacher's logits after mapping them instead")
-        temperature = _softlabels_temperature(stand_in, teacher, labels, divergence, temperature, alpha, beta, tail,
+        checked = stand_in
+        if process_group is not None:  # a shard is narrower than the soft labels' vocabulary
+            checked = torch.empty_strided(tuple(leading_shape) + (teacher.vocab_size,), (0,) * (len(leading_shape) + 1),
+                                          dtype=student_hidden.dtype, device=device)
+        temperature = _softlabels_temperature(checked, teacher, labels, divergence, temperature, alpha, beta, tail,
                                               ignore_index, reduction, label_smoothing)
         flat = teacher.flatten()
         soft = (flat.indices.contiguous(), flat.logprobs.detach().contiguous(), flat.tail_logprob.detach().contiguous())
@@ -566,10 +609,11 @@ def fused_linear_kd_loss(
 
         return vocab_parallel.fused_linear_kd_loss(
             hidden_rows, student_weight, student_bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
-            teacher_columns, soft, label_rows, chunk_rows, float(softcap or 0.0), process_group,
+            teacher_columns, soft, label_rows, chunk_size, float(softcap or 0.0), process_group,
             divergence=divergence, tail_mode=tail, reduction=reduction, temperature=float(temperature),
             alpha=float(alpha), beta=float(beta), label_smoothing=float(label_smoothing), t2_scale=bool(t2_scale),
             ignore_index=int(ignore_index), leading_shape=leading_shape,
+            soft_vocab=teacher.vocab_size if isinstance(teacher, SoftLabels) else None,
         )
     if soft[0] is not None:
         from kdfast.ops import sparse as _sparse_ops

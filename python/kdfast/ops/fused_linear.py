@@ -180,14 +180,16 @@ def forward_impl(
     soft_indices: Optional[Tensor], soft_logprobs: Optional[Tensor], soft_tail: Optional[Tensor],
     labels: Optional[Tensor], compute_grads: bool, chunk_rows: int, softcap: float, kernels: bool,
     divergence: str, tail_mode: str, reduction: str, temperature: float, alpha: float, beta: float,
-    label_smoothing: float, t2_scale: bool, ignore_index: int,
+    label_smoothing: float, t2_scale: bool, ignore_index: int, chunk_loss=None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The chunk loop; `chunk_loss` replaces the kernels' ChunkLoss (kdfast.vocab_parallel)."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     dtype = compute_dtype(hidden)
     device = hidden.device
     soft = (soft_indices, soft_logprobs, soft_tail) if soft_indices is not None else None
-    chunk_loss = ChunkLoss(soft is not None, kernels, (divergence, tail_mode, reduction, temperature, alpha, beta,
-                                                       label_smoothing, t2_scale, ignore_index))
+    if chunk_loss is None:
+        chunk_loss = ChunkLoss(soft is not None, kernels, (divergence, tail_mode, reduction, temperature, alpha, beta,
+                                                           label_smoothing, t2_scale, ignore_index))
     per_row = reduction == "none"
     grads = compute_grads and not per_row
     logits_buffer, teacher_buffer, grad_buffer = _buffers(
@@ -236,14 +238,15 @@ def backward_impl(
     soft_indices: Optional[Tensor], soft_logprobs: Optional[Tensor], soft_tail: Optional[Tensor],
     labels: Optional[Tensor], chunk_rows: int, softcap: float, kernels: bool,
     divergence: str, tail_mode: str, temperature: float, alpha: float, beta: float,
-    label_smoothing: float, t2_scale: bool, ignore_index: int,
+    label_smoothing: float, t2_scale: bool, ignore_index: int, chunk_loss=None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of Σ grad_rows·loss_rows (reduction "none"), recomputing each chunk."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     dtype = compute_dtype(hidden)
     soft = (soft_indices, soft_logprobs, soft_tail) if soft_indices is not None else None
-    chunk_loss = ChunkLoss(soft is not None, kernels, (divergence, tail_mode, "none", temperature, alpha, beta,
-                                                       label_smoothing, t2_scale, ignore_index))
+    if chunk_loss is None:
+        chunk_loss = ChunkLoss(soft is not None, kernels, (divergence, tail_mode, "none", temperature, alpha, beta,
+                                                           label_smoothing, t2_scale, ignore_index))
     logits_buffer, teacher_buffer, grad_buffer = _buffers(
         hidden, vocab, min(chunk_rows, max(rows, 1)), teacher_hidden, softcap > 0 or not chunk_loss.gradient_in_place)
     grad_rows = grad_rows.to(dtype).contiguous()
