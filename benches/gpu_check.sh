@@ -140,6 +140,11 @@ BENCH_TIME=$(( BUDGET - $(elapsed) - 120 ))
 run_step benchmark $(( BENCH_TIME > 10 ? BENCH_TIME + 15 : 10 )) "$PY" benches/gpu_bench.py "$OUT" --device cuda \
   --deadline "$BENCH_TIME"
 
+# ---- 5b. fused linear KD at the LLM shape (N=8192, V=128256, H=2048, H_t=4096, bf16) vs eager and Liger
+run_step tests_fused_linear 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_linear.py -k cuda -rfE
+run_step bench_fused_linear 150 "$PY" benches/bench_fused_linear.py --preset llm --device cuda --out "$OUT" \
+  --providers kdfast-fused,eager,liger-fused-jsd,liger-chunked-jsd
+
 # ---- 6. compute-sanitizer on small cases (unaligned and aligned rows, chunks, teams 32..1024)
 SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
 SANITIZER_TESTS="test_unaligned_rows or test_aligned_row_stride or test_float64_matches or test_out_of_range or \

@@ -228,3 +228,29 @@ def test_module_matches_functional():
     expected = fused_linear_kd_loss(h, w, (th, tw), labels, student_bias=b, chunk_size=8, divergence="reverse_kl",
                                     temperature=2.0, alpha=0.4)
     assert torch.equal(loss, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("teacher_kind", ["logits", "hidden", "soft"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_reference(teacher_kind, dtype):
+    h, w, b, th, tw, tb, labels = _make(rows=300, vocab=1271, seed=13)
+    teacher_logits = th @ tw.t() + tb
+    teacher = {"logits": teacher_logits, "hidden": (th, tw, tb),
+               "soft": kdfast.compress_topk(teacher_logits, 16)}[teacher_kind]
+    to_cuda = (lambda x: x.cuda() if isinstance(x, torch.Tensor) else
+               (tuple(t.cuda() for t in x) if isinstance(x, tuple) else
+                kdfast.SoftLabels(x.indices.cuda(), x.logprobs.cuda(), x.tail_logprob.cuda(), x.temperature,
+                                  x.vocab_size)))
+    hc, wc, bc = (x.detach().cuda().to(dtype).requires_grad_() for x in (h, w, b))
+    options = dict(divergence="jsd", alpha=0.3, reduction="mean")
+    loss = fused_linear_kd_loss(hc, wc, to_cuda(teacher), labels.cuda(), student_bias=bc, chunk_size=64, **options)
+    ref_loss, ref_inputs = _reference(hc.cpu().float(), wc.cpu().float(), bc.cpu().float(),
+                                      teacher if teacher_kind == "soft" else teacher_logits, labels,
+                                      sparse=teacher_kind == "soft", **options)
+    grads = torch.autograd.grad(loss, [hc, wc, bc])
+    ref_grads = torch.autograd.grad(ref_loss, ref_inputs)
+    rtol = 2e-5 if dtype == torch.float32 else 3e-2
+    assert abs(loss.double().cpu() - ref_loss) <= rtol * abs(ref_loss)
+    for grad, ref in zip(grads, ref_grads):
+        assert (grad.double().cpu() - ref).abs().max() <= rtol * ref.abs().max()

@@ -382,7 +382,15 @@ class EagerFusedLinearKDLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         saved = ctx.saved_tensors
-        grads = _gradients(grad_loss, saved, ctx.options, saved, backward_impl_kw)
+        if ctx.options["reduction"] != "none":
+            grad_hidden, grad_weight, grad_bias = saved
+            if bool(grad_loss == 1):  # loss.backward(): hand over the forward's gradients, no copy
+                grads = (grad_hidden, grad_weight, grad_bias if grad_bias.numel() else None)
+            else:
+                g = grad_loss.to(grad_weight.dtype)
+                grads = (grad_hidden * g, grad_weight * g, grad_bias * g if grad_bias.numel() else None)
+        else:
+            grads = _gradients(grad_loss, saved, ctx.options, saved, backward_impl_kw)
         return grads + (None,) * (12 + len(OPTION_NAMES) - 3)
 
 
