@@ -225,3 +225,19 @@ def test_missing_transformers_raises_a_clear_import_error():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "IMPORT-ERROR" in result.stdout and "pip install 'kdfast[hf]'" in result.stdout
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_fused_distillation_loss_equals_the_materialised_one(alpha):
+    teacher = tiny_llama(4, hidden=24, layers=2)
+    student = tiny_llama(5)
+    data = batch(6)
+    loss, _ = hf.distillation_loss(student, teacher, data, temperature=2.0, alpha=alpha, divergence="jsd")
+    grads = torch.autograd.grad(loss, list(student.parameters()))
+    fused, outputs = hf.distillation_loss(student, teacher, data, temperature=2.0, alpha=alpha, divergence="jsd",
+                                          fused=True)
+    assert not hasattr(outputs, "logits") or outputs.logits is None
+    fused_grads = torch.autograd.grad(fused, list(student.parameters()))
+    assert fused.item() == pytest.approx(loss.item(), rel=1e-5)
+    for a, b in zip(fused_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

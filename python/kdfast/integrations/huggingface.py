@@ -17,8 +17,12 @@ Three entry points:
 
 Teacher and student must share the tokenizer. Their logits may differ in width only when
 one model pads its embedding matrix; pass `vocab_size` (the tokenizer's real size) and both
-are cut to it. A fused linear + KD loss that avoids materialising the logits is not
-available yet; the logits of both models are materialised per micro-batch.
+are cut to it. With `fused=True` (`distillation_loss`, `DistillationTrainer`) neither model's
+logits are materialised: both run their base model to the last hidden states, and
+`kdfast.functional.fused_linear_kd_loss` computes the same loss from those and the two
+lm_head weights chunk by chunk (for models whose logits are `lm_head(hidden)`, soft-capped
+when the config sets `final_logit_softcapping`; models that rescale logits otherwise need
+`fused=False`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from torch import Tensor
 
 from kdfast import functional
 
-__all__ = ["DistillationTrainer", "causal_lm_kd_loss", "distillation_loss", "require_transformers"]
+__all__ = ["DistillationTrainer", "causal_lm_kd_loss", "distillation_loss", "fused_causal_lm_kd_loss",
+           "require_transformers"]
 
 INSTALL_HINT = "pip install 'kdfast[hf]' (or pip install transformers accelerate)"
 
@@ -131,7 +136,56 @@ def _model_logits(output: Any) -> Tensor:
     raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
 
 
-def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: Any, **options: Any):
+def _hidden_and_head(model: torch.nn.Module, inputs: dict):
+    """(last hidden states [B, L, H], lm_head weight [V, H], bias or None, softcap or None)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else None
+    if head is None or not isinstance(head, torch.nn.Linear) or base is None or base is model:
+        raise TypeError(f"fused=True needs a causal LM with a base model (`{prefix or 'base_model_prefix'}`) and a "
+                        f"Linear lm_head (get_output_embeddings()); {type(model).__name__} has neither; use fused=False")
+    output = base(**inputs)
+    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return hidden, head.weight, head.bias, softcap, output
+
+
+def fused_causal_lm_kd_loss(student: torch.nn.Module, teacher: torch.nn.Module, inputs: dict, labels: Tensor, *,
+                            temperature: float = 1.0, alpha: float = 0.5, divergence: str = "forward_kl",
+                            beta: float = 0.5, label_smoothing: float = 0.0, ignore_index: int = -100,
+                            vocab_size: Optional[int] = None, shift: bool = True):
+    """`causal_lm_kd_loss` of the two models' logits without materialising either of them.
+
+    Returns `(loss, student_base_outputs)`; the student's base-model output has the hidden
+    states but no logits.
+    """
+    hidden, weight, bias, softcap, outputs = _hidden_and_head(student, inputs)
+    with torch.no_grad():
+        teacher_hidden, teacher_weight, teacher_bias, teacher_softcap, _ = _hidden_and_head(teacher, inputs)
+    if teacher_softcap != softcap:
+        raise ValueError(f"fused=True: student softcap {softcap} and teacher softcap {teacher_softcap} differ; "
+                         "use fused=False")
+    if vocab_size is not None:
+        weight, teacher_weight = weight[:vocab_size], teacher_weight[:vocab_size]
+        bias = bias[:vocab_size] if bias is not None else None
+        teacher_bias = teacher_bias[:vocab_size] if teacher_bias is not None else None
+    if shift:
+        hidden, teacher_hidden, labels = hidden[:, :-1], teacher_hidden[:, :-1], labels[:, 1:]
+    teacher_spec = (teacher_hidden, teacher_weight) + ((teacher_bias,) if teacher_bias is not None else ())
+    if softcap:  # `softcap=` caps the student's logits only: a capped teacher's logits are materialised
+        with torch.no_grad():
+            teacher_logits = torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias)
+            teacher_spec = softcap * torch.tanh(teacher_logits / softcap)
+    loss = functional.fused_linear_kd_loss(
+        hidden, weight, teacher_spec, labels, student_bias=bias, softcap=softcap, divergence=divergence,
+        temperature=temperature, alpha=alpha, beta=beta, ignore_index=ignore_index, reduction="mean",
+        label_smoothing=label_smoothing,
+    )
+    return loss, outputs
+
+
+def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: Any, *, fused: bool = False,
+                      **options: Any):
     """KD loss of `student` against the frozen `teacher` on one causal-LM batch.
 
     Args:
@@ -141,12 +195,14 @@ def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch:
             `torch.no_grad()`, moved to the student logits' device when it is elsewhere.
         batch: a mapping with `labels` `[B, L]` int64 (-100 = skip) and the models' keyword
             inputs (`input_ids`, `attention_mask`, ...). It is not modified.
+        fused: compute the loss from the models' last hidden states and lm_head weights with
+            `fused_linear_kd_loss`, never materialising the logits (default False).
         **options: keyword options of `causal_lm_kd_loss` (temperature, alpha, divergence,
             beta, label_smoothing, ignore_index, vocab_size, shift).
 
     Returns:
         `(loss, student_outputs)`: the float32 scalar of `causal_lm_kd_loss` and the
-        student's raw output.
+        student's raw output (with `fused`, its base model's output: no logits).
 
     Raises:
         ValueError: a batch without `labels`, or `causal_lm_kd_loss`'s errors.
@@ -159,12 +215,16 @@ def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch:
     if labels is None:
         raise ValueError("the batch needs 'labels' [B, L] (-100 at skipped positions); "
                          "DataCollatorForLanguageModeling(tokenizer, mlm=False) makes them")
+    first, student_first = next(teacher.parameters(), None), next(student.parameters(), None)
+    if first is not None and student_first is not None and first.device != student_first.device:
+        teacher.to(student_first.device)
+    teacher.eval()
+    if fused:
+        return fused_causal_lm_kd_loss(student, teacher, inputs, labels, **options)
     outputs = student(**inputs)
     student_logits = _model_logits(outputs)
-    first = next(teacher.parameters(), None)
-    if first is not None and first.device != student_logits.device:
+    if first is not None and next(teacher.parameters()).device != student_logits.device:
         teacher.to(student_logits.device)
-    teacher.eval()
     with torch.no_grad():
         teacher_logits = _model_logits(teacher(**inputs))
     return causal_lm_kd_loss(student_logits, teacher_logits, labels, **options), outputs
@@ -193,6 +253,8 @@ def _build_trainer_class():
             beta: JSD mixture weight (default 0.5).
             label_smoothing: ε for the cross-entropy term (default 0.0).
             vocab_size: cut both logits to this many entries (default None: they must match).
+            fused: never materialise either model's logits (`fused_linear_kd_loss` on the last
+                hidden states and lm_head weights; default False).
             *args, **kwargs: passed to `transformers.Trainer` (model, args, datasets,
                 data_collator, ...).
 
@@ -208,7 +270,8 @@ def _build_trainer_class():
 
         def __init__(self, *args: Any, teacher_model: torch.nn.Module, temperature: float = 1.0,
                      alpha: float = 0.5, divergence: str = "forward_kl", beta: float = 0.5,
-                     label_smoothing: float = 0.0, vocab_size: Optional[int] = None, **kwargs: Any) -> None:
+                     label_smoothing: float = 0.0, vocab_size: Optional[int] = None, fused: bool = False,
+                     **kwargs: Any) -> None:
             if not isinstance(teacher_model, torch.nn.Module):
                 raise TypeError(f"teacher_model must be a torch.nn.Module, got {type(teacher_model).__name__}")
             if not (float(temperature) > 0):
@@ -222,7 +285,8 @@ def _build_trainer_class():
             self.model_accepts_loss_kwargs = False
             self.teacher_model = teacher_model.eval().requires_grad_(False)
             self.kd_options = dict(temperature=float(temperature), alpha=float(alpha), divergence=divergence,
-                                   beta=float(beta), label_smoothing=float(label_smoothing), vocab_size=vocab_size)
+                                   beta=float(beta), label_smoothing=float(label_smoothing), vocab_size=vocab_size,
+                                   fused=bool(fused))
 
         def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
             """`distillation_loss(model, teacher_model, inputs)`; `num_items_in_batch` is unused
