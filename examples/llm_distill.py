@@ -223,6 +223,45 @@ def benchmark_losses(rows: int, vocab_size: int, k: int, temperature: float, alp
     return results
 
 
+def benchmark_lm_head(rows: int, vocab_size: int, hidden: int, teacher_hidden: int, temperature: float,
+                      alpha: float) -> List[Dict[str, object]]:
+    """lm_head + loss, forward+backward w.r.t. the student's hidden states and lm_head weight:
+    materialised logits (eager loss, kdfast kd_loss) against kdfast.functional.fused_linear_kd_loss
+    with the teacher given as its hidden states and lm_head weight (its logits never built)."""
+    from kdfast.benchmark import eager_kd_loss, measure_peak_extra_mb, time_step
+
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(rows, hidden, generator=generator).requires_grad_(True)
+    w = (torch.randn(vocab_size, hidden, generator=generator) / hidden ** 0.5).requires_grad_(True)
+    th = torch.randn(rows, teacher_hidden, generator=generator)
+    tw = torch.randn(vocab_size, teacher_hidden, generator=generator) / teacher_hidden ** 0.5
+    labels = torch.randint(0, vocab_size, (rows,), generator=generator)
+    options = dict(temperature=temperature, alpha=alpha)
+
+    def materialised(loss_fn):
+        def loss():
+            with torch.no_grad():
+                teacher = F.linear(th, tw)
+            return loss_fn(F.linear(h, w), teacher, labels, **options)
+        return loss
+
+    cases = [
+        ("lm_head + eager PyTorch loss", materialised(eager_kd_loss)),
+        ("lm_head + kdfast kd_loss", materialised(functional.kd_loss)),
+        ("kdfast fused_linear_kd_loss (teacher hidden states)",
+         lambda: functional.fused_linear_kd_loss(h, w, (th, tw), labels, **options)),
+    ]
+    results = []
+    for name, loss_fn in cases:
+        def step():
+            return torch.autograd.grad(loss_fn(), (h, w))
+
+        milliseconds, _ = time_step(step, "cpu", warmup=1, max_repeats=5, min_repeats=3, budget_s=1.0)
+        peak = measure_peak_extra_mb(step, "cpu")
+        results.append({"loss": name, "ms": milliseconds, "peak_extra_mb": peak})
+    return results
+
+
 # --------------------------------------------------------------------------------------
 # Experiment
 # --------------------------------------------------------------------------------------
@@ -276,7 +315,9 @@ def run(args) -> Dict[str, object]:
                                          next_token_labels(ids), alpha=args.alpha)
 
     bench = benchmark_losses(args.batch_size * args.seq_len, vocab_size, args.k, args.temperature, args.alpha)
-    for entry in bench:
+    lm_head_bench = benchmark_lm_head(args.batch_size * args.seq_len, vocab_size, args.student_hidden,
+                                      args.teacher_hidden, args.temperature, args.alpha)
+    for entry in bench + lm_head_bench:
         print(f"loss benchmark: {entry}", flush=True)
 
     rows = []
@@ -294,6 +335,7 @@ def run(args) -> Dict[str, object]:
     return {"vocab_size": vocab_size, "teacher_ce": teacher_ce, "teacher_parameters": parameter_count(teacher),
             "teacher_seconds": teacher_seconds, "store_bytes": store.nbytes, "tokens": train_windows.numel(),
             "validation_tokens": validation_windows.numel(), "seeds": rows, "benchmark": bench,
+            "lm_head_benchmark": lm_head_bench,
             "seconds": time.perf_counter() - started}
 
 
@@ -315,11 +357,23 @@ def format_tables(args, result: Dict[str, object]) -> str:
         lines.append(f"| {label} | {rows[0]['student_parameters']:,} | {mean_std(values)} | "
                      f"{mean_std([math.exp(v) for v in values], 1)} | "
                      f"{statistics.fmean(r[key + '_seconds'] for r in rows):.0f} |")
-    lines += ["", f"| loss, forward+backward on [{args.batch_size * args.seq_len}, {result['vocab_size']}] | "
-              "median ms | peak extra MB | teacher bytes/token |", "|---|---:|---:|---:|"]
-    for entry in result["benchmark"]:
+    lines += ["", format_benchmarks(args, args.batch_size * args.seq_len, result["vocab_size"], result["benchmark"],
+                                    result.get("lm_head_benchmark", []))]
+    return "\n".join(lines)
+
+
+def format_benchmarks(args, rows: int, vocab_size: int, losses, lm_head) -> str:
+    lines = [f"| loss, forward+backward on [{rows}, {vocab_size}] | median ms | peak extra MB | teacher bytes/token |",
+             "|---|---:|---:|---:|"]
+    for entry in losses:
         peak = "n/a" if entry["peak_extra_mb"] is None else f"{entry['peak_extra_mb']:.0f}"
         lines.append(f"| {entry['loss']} | {entry['ms']:.1f} | {peak} | {entry['teacher_bytes_per_token']:,} |")
+    if lm_head:
+        lines += ["", f"| lm_head + loss, forward+backward, [{rows}, {args.student_hidden}] × [{args.student_hidden}, "
+                  f"{vocab_size}], teacher H = {args.teacher_hidden} | median ms | peak extra MB |", "|---|---:|---:|"]
+        for entry in lm_head:
+            peak = "n/a" if entry["peak_extra_mb"] is None else f"{entry['peak_extra_mb']:.0f}"
+            lines.append(f"| {entry['loss']} | {entry['ms']:.1f} | {peak} |")
     return "\n".join(lines)
 
 
@@ -347,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=os.path.join("runs", "llm_distill"))
     parser.add_argument("--smoke", action="store_true", help="seconds-long CI configuration")
+    parser.add_argument("--benchmark-only", action="store_true",
+                        help="only the loss benchmarks at the training shape (no corpus, no training)")
     return parser
 
 
@@ -365,8 +421,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("need --seq-len >= 2, --temperature > 0, --alpha in [0, 1] and --corpus-mb > 0")
     if args.k > args.vocab_size:
         raise SystemExit(f"--k ({args.k}) must not exceed --vocab-size ({args.vocab_size})")
-    require_transformers()
     torch.set_num_threads(args.threads)
+    if args.benchmark_only:
+        rows = args.batch_size * args.seq_len
+        print(format_benchmarks(args, rows, args.vocab_size,
+                                benchmark_losses(rows, args.vocab_size, args.k, args.temperature, args.alpha),
+                                benchmark_lm_head(rows, args.vocab_size, args.student_hidden, args.teacher_hidden,
+                                                  args.temperature, args.alpha)))
+        return 0
+    require_transformers()
     os.makedirs(args.out, exist_ok=True)
     result = run(args)
     print(f"\n{result['seconds']:.0f} s on {args.threads} thread(s)\n{format_tables(args, result)}")
