@@ -16,6 +16,9 @@ Contract (inputs already validated and shaped by kdfast.softlabels / kdfast.func
   multiplied by grad_output.
 The `*_impl` functions are the bodies; `compress` and `sparse_kd_loss` call them directly in
 eager mode (no dispatcher cost) and through the custom ops under torch.compile.
+CUDA tensors run the CUDA kernels when the core was built with them (build_info()["cuda_topk"]);
+there, compression takes k ≤ CUDA_MAX_TOPK (larger k uses kdfast.reference), and bad labels or
+soft-label indices give NaN rows instead of ValueError (the kernels never synchronise with the host).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from kdfast.ops._native import (
 INDEX_DTYPE_CODES = {torch.int64: 0, torch.int32: 1, torch.int16: 2, torch.uint16: 3}
 TAIL_MODE_CODES = {"bucket": 0, "renormalize": 1}
 SPARSE_ROW_STATS = 8
+# Largest k the CUDA compression kernel takes (kMaxCudaTopK in csrc/cuda/topk_compress.cu).
+CUDA_MAX_TOPK = 4096
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,8 +55,8 @@ def _kernel_devices() -> frozenset:
     if not native_available() or not hasattr(native_module(), "sparse_kd_forward"):
         return frozenset()
     devices = {"cpu"}
-    # The CUDA top-k kernels announce themselves in build_info(); until then CUDA tensors
-    # take the pure-PyTorch path.
+    # The CUDA top-k kernels announce themselves in build_info(); a core without them sends
+    # CUDA tensors down the pure-PyTorch path.
     if has_cuda_kernels() and native_module().build_info().get("cuda_topk", False):
         devices.add("cuda")
     return frozenset(devices)
@@ -66,6 +71,11 @@ def _has_kernels_for(device_type: str) -> bool:
 def uses_kernels(device: torch.device) -> bool:
     """True when tensors on `device` run the compiled top-k kernels (else: kdfast.reference)."""
     return _has_kernels_for(device.type)
+
+
+def compress_uses_kernels(device: torch.device, k: int) -> bool:
+    """True when `compress_topk` with this k runs a compiled kernel on `device`."""
+    return uses_kernels(device) and (device.type != "cuda" or k <= CUDA_MAX_TOPK)
 
 
 # ---------------------------------------------------------------------------- compression
