@@ -7,7 +7,8 @@
 # pybind11, scikit-build-core, plus nvcc, cmake and ninja.
 #
 # Usage: bash benches/gpu_check.sh OUTDIR
-# Everything goes into OUTDIR: one log per step, tests.xml, bench_*.csv, summary.md/json and
+# Everything goes into OUTDIR: one log per step, tests.xml, tests_topk.xml, bench_*.csv,
+# topk_gpu.csv/.md (compress_topk and sparse_kd_loss vs the copy bandwidth), summary.md/json and
 # SUMMARY.txt (also printed at the end). Every step has a time limit and a failing step does
 # not stop the later ones; the whole run stays within KDFAST_GPU_CHECK_BUDGET_S seconds
 # (default 450, i.e. under 8 minutes on an H100). Exit status: 0 when the build and the tests
@@ -134,6 +135,11 @@ fi
 run_step tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kd_loss_cuda.py --maxfail=25 -rfE \
   --durations=15 -o faulthandler_timeout=120 --junitxml="$OUT/tests.xml"
 TESTS_RC=$?
+# ---- 4b. CUDA tests of top-k soft labels (compress_topk, sparse_kd_loss)
+run_step tests_topk 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_cuda.py --maxfail=25 -rfE \
+  --durations=10 -o faulthandler_timeout=120 --junitxml="$OUT/tests_topk.xml"
+TOPK_TESTS_RC=$?
+(( TESTS_RC == 0 )) && TESTS_RC=$TOPK_TESTS_RC
 
 # ---- 5. copy bandwidth and the comparison table (time left after it: the sanitizer runs)
 BENCH_TIME=$(( BUDGET - $(elapsed) - 120 ))
@@ -152,6 +158,13 @@ if [[ -n "$SANITIZER" ]]; then
   run_step racecheck 45 "$SANITIZER" --tool racecheck --error-exitcode 86 \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_kd_loss_cuda.py -k "(test_vocab_sizes and bf16) or \
 (test_launch_shapes and bf16 and forward_kl and few-long)"
+  # Top-k kernels: shared-memory buffers, bitmaps and scattered kept-entry stores.
+  run_step memcheck_topk 45 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 86 \
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_cuda.py -k "test_compress_unaligned or \
+test_sparse_large_logits_unaligned or test_sparse_bad_rows or (test_compress_ties_match_cpu and 5000-1000)"
+  run_step racecheck_topk 45 "$SANITIZER" --tool racecheck --error-exitcode 86 \
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_cuda.py -k "(test_compress_sorted_rows and ascending) or \
+(test_sparse_launch_shapes and many-medium and bf16)"
 else
   STEPS+=("compute-sanitizer: skipped (not installed)")
 fi
@@ -163,7 +176,9 @@ fi
   echo
   echo "tests: $(grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$OUT/tests.log" 2>/dev/null | tail -1)"
   grep -E "^(FAILED|ERROR) " "$OUT/tests.log" 2>/dev/null | head -25
-  for tool in memcheck racecheck; do
+  echo "tests_topk: $(grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$OUT/tests_topk.log" 2>/dev/null | tail -1)"
+  grep -E "^(FAILED|ERROR) " "$OUT/tests_topk.log" 2>/dev/null | head -25
+  for tool in memcheck racecheck memcheck_topk racecheck_topk; do
     [[ -f "$OUT/$tool.log" ]] && echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool.log" | tail -1) \
 $(grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$OUT/$tool.log" | tail -1)"
   done
