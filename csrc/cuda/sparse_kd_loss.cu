@@ -470,8 +470,7 @@ void sparse_forward_typed(const SparseKDForwardArgs& args, cudaStream_t stream) 
     const size_t shared_bytes = bitmap_bytes(args.vocab);
     const int block = sparse_block_size(args.vocab);
     auto launch = [&](auto kernel) {
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)),
-                 "cudaFuncSetAttribute");
+      allow_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), shared_bytes);
       kernel<<<static_cast<unsigned>(args.rows), block, shared_bytes, stream>>>(p, k);
       check_launch("sparse_kd_forward_rows_kernel");
     };

@@ -438,8 +438,7 @@ void compress_typed(const TopKCompressArgs& args, cudaStream_t stream) {
   if (args.rows > int64_t(0x7fffffff)) throw std::invalid_argument("compress_topk (CUDA): too many rows for one launch");
   const bool vectorized = rows_are_16_byte_aligned(args.teacher, args.teacher_row_stride, sizeof(typename TX::Raw));
   auto launch = [&](auto kernel) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)),
-               "cudaFuncSetAttribute");
+    allow_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), shared_bytes);
     kernel<<<static_cast<unsigned>(args.rows), block, shared_bytes, stream>>>(p);
     check_launch("topk_compress_kernel");
   };

@@ -9,12 +9,35 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "kd_loss_cuda_common.cuh"
 
 namespace kdfast {
 namespace cuda {
+
+// ------------------------------------------------------------------ host: dynamic shared memory
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory on the current device (needed
+// above 48 KiB). The attribute is set once per kernel, device and size, so that calls during
+// CUDA-graph capture (after a warm-up call) make no runtime call at all.
+inline void allow_dynamic_shared_memory(const void* kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, size_t> granted;
+  std::lock_guard<std::mutex> lock(mutex);
+  size_t& current = granted[{device, kernel}];
+  if (current >= bytes) return;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+             "cudaFuncSetAttribute");
+  current = bytes;
+}
 
 // ------------------------------------------------------------------ order-preserving keys
 
