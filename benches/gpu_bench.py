@@ -1,6 +1,7 @@
 """GPU comparison table of the dense KD loss, with the copy-bandwidth yardstick and the issue's targets.
 
-Usage: `python benches/gpu_bench.py OUTDIR [--device cuda|cpu] [--quick] [--deadline SECONDS]`.
+Usage: `python benches/gpu_bench.py OUTDIR [--device cuda|cpu] [--quick] [--deadline SECONDS]
+[--sections dense,topk]`.
 Called by benches/gpu_check.sh; everything it writes goes into OUTDIR:
 - `copy_bandwidth.json`: device-to-device copy bandwidth (torch `copy_` of a 1 GiB buffer,
   median of 10 CUDA-event timings; GB/s = bytes read + bytes written, over time).
@@ -425,6 +426,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a check of this script")
     parser.add_argument("--deadline", type=float, default=420.0, help="seconds for all benchmark runs together")
     parser.add_argument("--topk-only", action="store_true", help="only the top-k section (topk_gpu.csv/.md)")
+    parser.add_argument("--sections", default="dense,topk",
+                        help="comma-separated: dense (the kd_loss groups), topk (the top-k section)")
     options = parser.parse_args(argv)
     outdir = Path(options.outdir).resolve()
     outdir.mkdir(parents=True, exist_ok=True)
@@ -441,7 +444,10 @@ def main(argv=None) -> int:
     print(f"copy bandwidth: {copy}", flush=True)
 
     groups = []
+    sections = set(options.sections.split(","))
     for group in benchmark_groups(options.device, options.quick):
+        if ("topk" if group.get("kind") == "topk" else "dense") not in sections:
+            continue
         remaining = options.deadline - (time.time() - started)
         if remaining < 15:
             groups.append({"group": group["name"], "status": "skipped (out of time)", "seconds": 0, "csv": None})

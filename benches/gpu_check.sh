@@ -11,8 +11,10 @@
 # topk_gpu.csv/.md (compress_topk and sparse_kd_loss vs the copy bandwidth), summary.md/json and
 # SUMMARY.txt (also printed at the end). Every step has a time limit and a failing step does
 # not stop the later ones; the whole run stays within KDFAST_GPU_CHECK_BUDGET_S seconds
-# (default 450, i.e. under 8 minutes on an H100). Exit status: 0 when the build and the tests
-# passed, 1 otherwise.
+# (default 450, i.e. under 8 minutes on an H100). KDFAST_GPU_CHECK_SECTIONS (default
+# "dense,topk") picks the kernels whose tests, benchmarks and sanitizer runs are made:
+# "topk" alone checks only compress_topk and sparse_kd_loss. Exit status: 0 when the build and
+# the tests passed, 1 otherwise.
 set -u -o pipefail
 
 OUT="${1:?usage: bash benches/gpu_check.sh OUTDIR}"
@@ -22,6 +24,7 @@ cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 PY="${PYTHON:-python3}"
 BUDGET="${KDFAST_GPU_CHECK_BUDGET_S:-450}"
+SECTIONS="${KDFAST_GPU_CHECK_SECTIONS:-dense,topk}"
 START=$(date +%s)
 STEPS=()
 
@@ -132,25 +135,30 @@ else
 fi
 
 # ---- 4. CUDA tests
-run_step tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kd_loss_cuda.py --maxfail=25 -rfE \
-  --durations=15 -o faulthandler_timeout=120 --junitxml="$OUT/tests.xml"
-TESTS_RC=$?
+TESTS_RC=0
+if [[ "$SECTIONS" == *dense* ]]; then
+  run_step tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kd_loss_cuda.py --maxfail=25 -rfE \
+    --durations=15 -o faulthandler_timeout=120 --junitxml="$OUT/tests.xml"
+  TESTS_RC=$?
+fi
 # ---- 4b. CUDA tests of top-k soft labels (compress_topk, sparse_kd_loss)
-run_step tests_topk 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_cuda.py --maxfail=25 -rfE \
-  --durations=10 -o faulthandler_timeout=120 --junitxml="$OUT/tests_topk.xml"
-TOPK_TESTS_RC=$?
-(( TESTS_RC == 0 )) && TESTS_RC=$TOPK_TESTS_RC
+if [[ "$SECTIONS" == *topk* ]]; then
+  run_step tests_topk 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_cuda.py --maxfail=25 -rfE \
+    --durations=10 -o faulthandler_timeout=120 --junitxml="$OUT/tests_topk.xml"
+  TOPK_TESTS_RC=$?
+  (( TESTS_RC == 0 )) && TESTS_RC=$TOPK_TESTS_RC
+fi
 
 # ---- 5. copy bandwidth and the comparison table (time left after it: the sanitizer runs)
 BENCH_TIME=$(( BUDGET - $(elapsed) - 120 ))
 run_step benchmark $(( BENCH_TIME > 10 ? BENCH_TIME + 15 : 10 )) "$PY" benches/gpu_bench.py "$OUT" --device cuda \
-  --deadline "$BENCH_TIME"
+  --deadline "$BENCH_TIME" --sections "$SECTIONS"
 
 # ---- 6. compute-sanitizer on small cases (unaligned and aligned rows, chunks, teams 32..1024)
 SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
 SANITIZER_TESTS="test_unaligned_rows or test_aligned_row_stride or test_float64_matches or test_out_of_range or \
 (test_vocab_sizes and bf16) or (test_launch_shapes and bf16 and forward_kl and (few-long or many-tiny))"
-if [[ -n "$SANITIZER" ]]; then
+if [[ -n "$SANITIZER" && "$SECTIONS" == *dense* ]]; then
   # Without the caching allocator every tensor is its own allocation, so reads or writes past
   # a tensor are reported instead of landing in a neighbour inside a cached block.
   run_step memcheck 70 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 86 \
@@ -158,14 +166,17 @@ if [[ -n "$SANITIZER" ]]; then
   run_step racecheck 45 "$SANITIZER" --tool racecheck --error-exitcode 86 \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_kd_loss_cuda.py -k "(test_vocab_sizes and bf16) or \
 (test_launch_shapes and bf16 and forward_kl and few-long)"
+fi
+if [[ -n "$SANITIZER" && "$SECTIONS" == *topk* ]]; then
   # Top-k kernels: shared-memory buffers, bitmaps and scattered kept-entry stores.
   run_step memcheck_topk 45 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 86 \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_cuda.py -k "test_compress_unaligned or \
 test_sparse_large_logits_unaligned or test_sparse_bad_rows or (test_compress_ties_match_cpu and 5000-1000)"
   run_step racecheck_topk 45 "$SANITIZER" --tool racecheck --error-exitcode 86 \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_cuda.py -k "(test_compress_sorted_rows and ascending) or \
-(test_sparse_launch_shapes and many-medium and bf16)"
-else
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_cuda.py -k "test_compress_k_equal_to_vocab or \
+(test_compress_ties_match_cpu and 5000-64-2) or test_sparse_gradient_reach or test_sparse_masked_teacher"
+fi
+if [[ -z "$SANITIZER" ]]; then
   STEPS+=("compute-sanitizer: skipped (not installed)")
 fi
 
