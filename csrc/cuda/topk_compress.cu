@@ -14,7 +14,9 @@
 // is <= theta (the smallest kept key) cannot be in the top k (k earlier entries are at least
 // as large and earlier wins ties), so it goes straight into the thread's tail sum; the others
 // ("hits") are appended to a shared-memory buffer at positions from a block scan
-// (deterministic). When the buffer would overflow it is cut back to the best k by a radix
+// (deterministic). The first tile seeds theta when k <= blockDim: the k-th largest of the
+// threads' maxima bounds the top k from below (k elements are at least as large), so even the
+// first tile appends only a few entries. When the buffer would overflow it is cut back to the best k by a radix
 // select on the keys in shared memory (8-bit digits, shared histogram; ties at the cut resolved
 // by a second radix select on the indices), the evicted entries join the tail sums, and theta
 // rises. At the end the k survivors are bitonic-sorted in shared memory and the row's
@@ -62,6 +64,7 @@ struct CompressShared {
   int select_bin;
   int select_above;
   int select_bin_count;
+  typename OrderedKey<C>::Key seed_keys[kCompressMaxBlock];
   C max_scratch[kCompressWarps][1];
   double sum_scratch[kCompressWarps][1];
   double kept_scratch[kCompressWarps][1];
@@ -150,7 +153,7 @@ struct BlockState {
   int current;  // which kept buffer holds the kept entries
   int kept;     // entries in it
   int fresh;    // entries in the newcomer buffer
-  bool full;    // kept == k after a cut: theta is valid
+  bool full;    // kept == k after a cut, or theta seeded from the first tile: theta is valid
   Key theta;
 };
 
@@ -303,13 +306,34 @@ __global__ void __launch_bounds__(kCompressMaxBlock) topk_compress_kernel(Compre
       load_partial_batch<TX, C>(t_row, &first, vocab, x);  // -inf past the row end
     }
     Key keys[kW];
+#pragma unroll
+    for (int e = 0; e < kW; ++e) keys[e] = Traits::from_value(x[e]);
+    if (tile == 0 && k <= team) {
+      // Seed theta from the first tile: with K the k-th largest of the threads' maxima, k
+      // elements of the tile are >= K, so no element below K can be in the top k (whatever
+      // its index). Keys of positions past the row end count as 0, below every real key.
+      Key thread_max = 0;
+#pragma unroll
+      for (int e = 0; e < kW; ++e) thread_max = first + e < vocab && keys[e] > thread_max ? keys[e] : thread_max;
+      sh.seed_keys[threadIdx.x] = thread_max;
+      __syncthreads();
+      unsigned remaining = static_cast<unsigned>(k);
+      bool all_ties = false;
+      const Key seed = radix_select<C, Key, Traits::kBits, false>(sh, team, remaining, all_ties, [&](int e, Key& key) {
+        key = sh.seed_keys[e];
+        return true;
+      });
+      if (seed > 0) {  // block-uniform
+        st.full = true;
+        st.theta = seed - 1;
+      }
+    }
     bool hit[kW];
     int hits = 0;
 #pragma unroll
     for (int e = 0; e < kW; ++e) {
       const bool inside = first + e < vocab;
       nan_count += inside && x[e] != x[e] ? 1 : 0;
-      keys[e] = Traits::from_value(x[e]);
       hit[e] = inside && (!st.full || keys[e] > st.theta);
       hits += hit[e] ? 1 : 0;
       if (hit[e] || x[e] != x[e]) x[e] = negative_infinity<C>();
