@@ -389,6 +389,12 @@ def test_sparse_bad_rows_are_nan_rows():
     assert torch.isfinite(leaf.grad[[0, 2]]).all()
 
 
+def test_sparse_vocabulary_beyond_the_kernel_limit_uses_reference():
+    vocab = sparse_ops.CUDA_MAX_SPARSE_VOCAB + 3
+    student, soft_labels, labels = make_case(2, vocab, 8, seed=18, ignored_fraction=0.0)
+    assert_sparse_matches(student, soft_labels, labels, alpha=0.3, reduction="mean")
+
+
 def test_sparse_opcheck():
     student, soft_labels, labels = make_case(5, 60, 6, seed=15)
     options = ("jsd", "bucket", "mean", 2.0, 0.5, 0.5, 0.1, True, -100)
