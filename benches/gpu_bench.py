@@ -1,6 +1,7 @@
 """GPU comparison table of the dense KD loss, with the copy-bandwidth yardstick and the issue's targets.
 
-Usage: `python benches/gpu_bench.py OUTDIR [--device cuda|cpu] [--quick] [--deadline SECONDS]`.
+Usage: `python benches/gpu_bench.py OUTDIR [--device cuda|cpu] [--quick] [--deadline SECONDS]
+[--sections dense,topk]`.
 Called by benches/gpu_check.sh; everything it writes goes into OUTDIR:
 - `copy_bandwidth.json`: device-to-device copy bandwidth (torch `copy_` of a 1 GiB buffer,
   median of 10 CUDA-event timings; GB/s = bytes read + bytes written, over time).
@@ -22,6 +23,14 @@ student and teacher once (s + t; JSD/TVD sweep the row a second time, from L1/L2
 fits); backward reads both again and writes the gradient (s + t + s). fwd+bwd: 2(s + t) + s,
 i.e. 10 B/element for bf16 (the floor of any implementation being s + t + s = 6).
 `--device cpu --quick` runs the same steps on tiny CPU shapes (a check of this script).
+
+Top-k soft labels (`topk` group, run right after the headline group in its own process:
+`gpu_bench.py OUTDIR --topk-only`): `topk_gpu.csv` and `topk_gpu.md` with, per shape,
+compress_topk's median ms against the time one read of the teacher logits takes at the
+measured copy bandwidth (teacher bytes / copy GB/s, the copy's GB/s counting bytes read plus
+bytes written; target ratio <= 1.5), torch.topk + log_softmax for comparison, and sparse_kd_loss fwd+bwd in GB/s on its
+minimum bytes (student read once, gradient written once, soft labels read once) as % of the
+copy bandwidth (target >= 85%).
 """
 
 from __future__ import annotations
@@ -50,10 +59,12 @@ def benchmark_groups(device: str, quick: bool) -> List[dict]:
         return [
             dict(name="headline_bf16", dtype="bfloat16", rows=64, vocab=1000, providers="kdfast,eager", cap=120),
             dict(name="short_rows_fp32", dtype="float32", rows=256, vocab=100, providers="kdfast,eager", cap=120),
+            dict(name="topk", kind="topk", cap=120),
         ]
     everything = "kdfast,liger,compile,eager"
     return [
         dict(name="headline_bf16", dtype="bfloat16", rows=16384, vocab=131072, providers=everything, cap=170),
+        dict(name="topk", kind="topk", cap=90),
         dict(name="few_long_bf16", dtype="bfloat16", rows=64, vocab=256000, providers="kdfast,liger,eager", cap=50),
         dict(name="many_short_bf16", dtype="bfloat16", rows=65536, vocab=1000, providers="kdfast,liger,eager", cap=50),
         dict(name="headline_fp32", dtype="float32", rows=16384, vocab=131072, providers=everything, cap=150),
@@ -91,7 +102,9 @@ def measure_copy_bandwidth(device: str, quick: bool) -> Dict[str, float]:
 
 
 def run_group(group: dict, device: str, outdir: Path, timeout_s: float, quick: bool) -> dict:
-    """One `python -m kdfast.benchmark` run; returns its status."""
+    """One `python -m kdfast.benchmark` run (or the top-k section); returns its status."""
+    if group.get("kind") == "topk":
+        return run_topk_group(device, outdir, timeout_s, quick)
     csv_path = outdir / f"bench_{group['name']}.csv"
     log_path = outdir / f"bench_{group['name']}.log"
     if csv_path.exists():
@@ -253,15 +266,173 @@ def write_summary(summary: dict, groups: List[dict], copy: dict, outdir: Path) -
     return text
 
 
+# ------------------------------------------------------------------------------------------
+# Top-k soft labels: compress_topk and sparse_kd_loss against the copy-bandwidth yardstick.
+
+TOPK_SHAPES = [
+    # (teacher/student dtype, rows, vocab, k)
+    ("bfloat16", 4096, 131072, 64),
+    ("bfloat16", 2048, 256000, 100),
+    ("float32", 2048, 128256, 1024),
+    ("bfloat16", 16384, 32000, 32),
+]
+TOPK_QUICK_SHAPES = [("float32", 64, 1000, 8), ("bfloat16", 32, 5000, 50)]
+
+
+def run_topk_group(device: str, outdir: Path, timeout_s: float, quick: bool) -> dict:
+    """The top-k section in its own process (a crash or a timeout loses only this section)."""
+    log_path = outdir / "bench_topk.log"
+    command = [sys.executable, str(Path(__file__).resolve()), str(outdir), "--device", device, "--topk-only"]
+    if quick:
+        command.append("--quick")
+    started = time.time()
+    status = "ok"
+    with open(log_path, "w") as log:
+        log.write(" ".join(command) + "\n")
+        log.flush()
+        try:
+            completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=max(timeout_s, 1.0))
+            if completed.returncode != 0:
+                status = f"exit code {completed.returncode}"
+        except subprocess.TimeoutExpired:
+            status = f"timed out after {timeout_s:.0f} s"
+    return {"group": "topk", "status": status, "seconds": round(time.time() - started, 1),
+            "csv": "topk_gpu.csv" if (outdir / "topk_gpu.csv").exists() else None}
+
+
+def _median_ms(function, device: str, repeats: int) -> float:
+    """Median time of function() in ms (CUDA events on the GPU), after one warm-up call."""
+    import torch
+
+    function()
+    samples = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            function()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            function()
+            samples.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(samples)
+
+
+def topk_section(device: str, outdir: Path, quick: bool) -> int:
+    """Times the top-k kernels; writes topk_gpu.csv and topk_gpu.md into outdir."""
+    import torch
+
+    import kdfast
+    from kdfast import functional
+
+    copy_path = outdir / "copy_bandwidth.json"
+    copy = json.loads(copy_path.read_text()) if copy_path.exists() else {}
+    if "gbps" not in copy:
+        copy = measure_copy_bandwidth(device, quick)
+    copy_gbps = copy["gbps"]
+    repeats = 5 if quick else 10
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    machine = copy.get("device", device)
+    records = []
+    for dtype_name, rows, vocab, k in (TOPK_QUICK_SHAPES if quick else TOPK_SHAPES):
+        dtype = getattr(torch, dtype_name)
+        size = torch.empty((), dtype=dtype).element_size()
+        generator = torch.Generator(device=device).manual_seed(rows + vocab + k)
+        teacher = (torch.randn(rows, vocab, generator=generator, device=device) * 3).to(dtype)
+        student = (torch.randn(rows, vocab, generator=generator, device=device) * 3).to(dtype)
+        labels = torch.randint(0, vocab, (rows,), generator=generator, device=device)
+        teacher_bytes = rows * vocab * size
+        one_read_ms = teacher_bytes / (copy_gbps * 1e9) * 1e3
+
+        def base(provider, pass_name, median_ms, minimum_bytes, **extra):
+            gbps = minimum_bytes / (median_ms * 1e-3) / 1e9
+            return {"machine": machine, "commit": commit, "dtype": dtype_name, "N": rows, "V": vocab, "k": k,
+                    "provider": provider, "pass": pass_name, "median_ms": round(median_ms, 4),
+                    "min_bytes": minimum_bytes, "gbps_min_bytes": round(gbps, 1),
+                    "pct_copy_bandwidth": round(100 * gbps / copy_gbps, 1), "one_read_ms": round(one_read_ms, 4),
+                    "ratio_to_one_read": round(median_ms / one_read_ms, 3), **extra}
+
+        # compress_topk: reads the teacher once, writes k indices (int32) + k logprobs + 1 tail per row.
+        compress_out = rows * (k * 8 + 4)
+        ms = _median_ms(lambda: kdfast.compress_topk(teacher, k, temperature=TEMPERATURE), device, repeats)
+        records.append(base("kdfast", "compress", ms, teacher_bytes + compress_out, target="ratio <= 1.5"))
+
+        def torch_topk():
+            logprobs = torch.log_softmax(teacher.float() / TEMPERATURE, dim=-1)
+            values, indices = logprobs.topk(k, dim=-1)
+            return values, indices.int(), torch.log1p(-values.exp().sum(-1).clamp(max=1.0))
+
+        try:
+            ms = _median_ms(torch_topk, device, repeats)
+            records.append(base("torch.topk+log_softmax", "compress", ms, teacher_bytes + compress_out))
+        except Exception as error:  # e.g. out of memory for the float32 temporary
+            print(f"torch.topk baseline failed: {type(error).__name__}: {error}", flush=True)
+
+        # sparse_kd_loss fwd+bwd: student read once, gradient written once, soft labels read once.
+        soft_labels = kdfast.compress_topk(teacher, k, temperature=TEMPERATURE)
+        leaf = student.detach().requires_grad_(True)
+
+        def sparse_step():
+            loss = functional.sparse_kd_loss(leaf, soft_labels, labels, temperature=TEMPERATURE, alpha=ALPHA)
+            (gradient,) = torch.autograd.grad(loss, leaf)
+            return gradient
+
+        sparse_bytes = 2 * rows * vocab * size + rows * (k * 8 + 4) + rows * 8
+        ms = _median_ms(sparse_step, device, repeats)
+        # kdfast's passes: the forward reads the student once, the backward reads it again and
+        # writes the gradient (3 student-sized transfers per element against the minimum's 2).
+        passes_gbps = (3 * rows * vocab * size + rows * (k * 8 + 4) * 2) / (ms * 1e-3) / 1e9
+        records.append(base("kdfast", "sparse fwd+bwd", ms, sparse_bytes, target=">= 85% of copy bandwidth",
+                            gbps_kdfast_passes=round(passes_gbps, 1),
+                            pct_copy_kdfast_passes=round(100 * passes_gbps / copy_gbps, 1)))
+        print(records[-1], flush=True)
+        del teacher, student, soft_labels, leaf
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    fields = sorted({key for record in records for key in record})
+    with open(outdir / "topk_gpu.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(records)
+    lines = [f"# kdfast top-k soft labels on {machine}", "",
+             f"Copy bandwidth {copy_gbps:.1f} GB/s (read + write); one read of the teacher = its bytes at "
+             f"that rate. T={TEMPERATURE}, alpha={ALPHA}.", "",
+             "| dtype | N | V | k | provider | pass | ms | x one read | GB/s(min) | %copy(min) | %copy(kdfast) |",
+             "|" + "---|" * 11]
+    for r in records:
+        passes = r.get("pct_copy_kdfast_passes")
+        lines.append(f"| {r['dtype']} | {r['N']} | {r['V']} | {r['k']} | {r['provider']} | {r['pass']} | "
+                     f"{r['median_ms']:.3f} | {r['ratio_to_one_read']:.2f} | {r['gbps_min_bytes']:.0f} | "
+                     f"{r['pct_copy_bandwidth']:.1f} | {'-' if passes is None else f'{passes:.1f}'} |")
+    lines += ["", "x one read: compress time / (teacher bytes at the copy bandwidth); target <= 1.5.",
+              "%copy(min): sparse fwd+bwd GB/s on its minimum bytes (student read once, gradient written once); "
+              "%copy(kdfast): on the bytes of its passes (student read twice, gradient written once); "
+              "target >= 85%."]
+    text = "\n".join(lines) + "\n"
+    (outdir / "topk_gpu.md").write_text(text)
+    print(text, flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a check of this script")
     parser.add_argument("--deadline", type=float, default=420.0, help="seconds for all benchmark runs together")
+    parser.add_argument("--topk-only", action="store_true", help="only the top-k section (topk_gpu.csv/.md)")
+    parser.add_argument("--sections", default="dense,topk",
+                        help="comma-separated: dense (the kd_loss groups), topk (the top-k section)")
     options = parser.parse_args(argv)
     outdir = Path(options.outdir).resolve()
     outdir.mkdir(parents=True, exist_ok=True)
+    if options.topk_only:
+        return topk_section(options.device, outdir, options.quick)
     started = time.time()
 
     copy: dict = {}
@@ -273,7 +444,10 @@ def main(argv=None) -> int:
     print(f"copy bandwidth: {copy}", flush=True)
 
     groups = []
+    sections = set(options.sections.split(","))
     for group in benchmark_groups(options.device, options.quick):
+        if ("topk" if group.get("kind") == "topk" else "dense") not in sections:
+            continue
         remaining = options.deadline - (time.time() - started)
         if remaining < 15:
             groups.append({"group": group["name"], "status": "skipped (out of time)", "seconds": 0, "csv": None})
@@ -283,7 +457,12 @@ def main(argv=None) -> int:
         print(f"{group['name']}: {result['status']} ({result['seconds']} s)", flush=True)
 
     summary = summarise(read_rows(outdir), copy.get("gbps"))
-    print(write_summary(summary, groups, copy, outdir), flush=True)
+    text = write_summary(summary, groups, copy, outdir)
+    topk_table = outdir / "topk_gpu.md"
+    if topk_table.exists():
+        text += "\n" + topk_table.read_text()
+        (outdir / "summary.md").write_text(text)
+    print(text, flush=True)
     return 0
 
 

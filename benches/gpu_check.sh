@@ -7,11 +7,14 @@
 # pybind11, scikit-build-core, plus nvcc, cmake and ninja.
 #
 # Usage: bash benches/gpu_check.sh OUTDIR
-# Everything goes into OUTDIR: one log per step, tests.xml, bench_*.csv, summary.md/json and
+# Everything goes into OUTDIR: one log per step, tests.xml, tests_topk.xml, bench_*.csv,
+# topk_gpu.csv/.md (compress_topk and sparse_kd_loss vs the copy bandwidth), summary.md/json and
 # SUMMARY.txt (also printed at the end). Every step has a time limit and a failing step does
 # not stop the later ones; the whole run stays within KDFAST_GPU_CHECK_BUDGET_S seconds
-# (default 450, i.e. under 8 minutes on an H100). Exit status: 0 when the build and the tests
-# passed, 1 otherwise.
+# (default 450, i.e. under 8 minutes on an H100). KDFAST_GPU_CHECK_SECTIONS (default
+# "dense,topk") picks the kernels whose tests, benchmarks and sanitizer runs are made:
+# "topk" alone checks only compress_topk and sparse_kd_loss. Exit status: 0 when the build and
+# the tests passed, 1 otherwise.
 set -u -o pipefail
 
 OUT="${1:?usage: bash benches/gpu_check.sh OUTDIR}"
@@ -21,6 +24,7 @@ cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 PY="${PYTHON:-python3}"
 BUDGET="${KDFAST_GPU_CHECK_BUDGET_S:-450}"
+SECTIONS="${KDFAST_GPU_CHECK_SECTIONS:-dense,topk}"
 START=$(date +%s)
 STEPS=()
 
@@ -131,14 +135,24 @@ else
 fi
 
 # ---- 4. CUDA tests
-run_step tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kd_loss_cuda.py --maxfail=25 -rfE \
-  --durations=15 -o faulthandler_timeout=120 --junitxml="$OUT/tests.xml"
-TESTS_RC=$?
+TESTS_RC=0
+if [[ "$SECTIONS" == *dense* ]]; then
+  run_step tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kd_loss_cuda.py --maxfail=25 -rfE \
+    --durations=15 -o faulthandler_timeout=120 --junitxml="$OUT/tests.xml"
+  TESTS_RC=$?
+fi
+# ---- 4b. CUDA tests of top-k soft labels (compress_topk, sparse_kd_loss)
+if [[ "$SECTIONS" == *topk* ]]; then
+  run_step tests_topk 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_cuda.py --maxfail=25 -rfE \
+    --durations=10 -o faulthandler_timeout=120 --junitxml="$OUT/tests_topk.xml"
+  TOPK_TESTS_RC=$?
+  (( TESTS_RC == 0 )) && TESTS_RC=$TOPK_TESTS_RC
+fi
 
 # ---- 5. copy bandwidth and the comparison table (time left after it: the sanitizer runs)
 BENCH_TIME=$(( BUDGET - $(elapsed) - 120 ))
 run_step benchmark $(( BENCH_TIME > 10 ? BENCH_TIME + 15 : 10 )) "$PY" benches/gpu_bench.py "$OUT" --device cuda \
-  --deadline "$BENCH_TIME"
+  --deadline "$BENCH_TIME" --sections "$SECTIONS"
 
 # ---- 5b. fused linear KD at the LLM shape (N=8192, V=128256, H=2048, H_t=4096, bf16) vs eager and Liger
 run_step tests_fused_linear 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_linear.py -k cuda -rfE
@@ -149,7 +163,7 @@ run_step bench_fused_linear 150 "$PY" benches/bench_fused_linear.py --preset llm
 SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
 SANITIZER_TESTS="test_unaligned_rows or test_aligned_row_stride or test_float64_matches or test_out_of_range or \
 (test_vocab_sizes and bf16) or (test_launch_shapes and bf16 and forward_kl and (few-long or many-tiny))"
-if [[ -n "$SANITIZER" ]]; then
+if [[ -n "$SANITIZER" && "$SECTIONS" == *dense* ]]; then
   # Without the caching allocator every tensor is its own allocation, so reads or writes past
   # a tensor are reported instead of landing in a neighbour inside a cached block.
   run_step memcheck 70 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 86 \
@@ -157,7 +171,17 @@ if [[ -n "$SANITIZER" ]]; then
   run_step racecheck 45 "$SANITIZER" --tool racecheck --error-exitcode 86 \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_kd_loss_cuda.py -k "(test_vocab_sizes and bf16) or \
 (test_launch_shapes and bf16 and forward_kl and few-long)"
-else
+fi
+if [[ -n "$SANITIZER" && "$SECTIONS" == *topk* ]]; then
+  # Top-k kernels: shared-memory buffers, bitmaps and scattered kept-entry stores.
+  run_step memcheck_topk 45 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 86 \
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_cuda.py -k "test_compress_unaligned or \
+test_sparse_large_logits_unaligned or test_sparse_bad_rows or (test_compress_ties_match_cpu and 5000-1000)"
+  run_step racecheck_topk 45 "$SANITIZER" --tool racecheck --error-exitcode 86 \
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_cuda.py -k "test_compress_k_equal_to_vocab or \
+(test_compress_ties_match_cpu and 5000-64-2) or test_sparse_gradient_reach or test_sparse_masked_teacher"
+fi
+if [[ -z "$SANITIZER" ]]; then
   STEPS+=("compute-sanitizer: skipped (not installed)")
 fi
 
@@ -168,7 +192,9 @@ fi
   echo
   echo "tests: $(grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$OUT/tests.log" 2>/dev/null | tail -1)"
   grep -E "^(FAILED|ERROR) " "$OUT/tests.log" 2>/dev/null | head -25
-  for tool in memcheck racecheck; do
+  echo "tests_topk: $(grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$OUT/tests_topk.log" 2>/dev/null | tail -1)"
+  grep -E "^(FAILED|ERROR) " "$OUT/tests_topk.log" 2>/dev/null | head -25
+  for tool in memcheck racecheck memcheck_topk racecheck_topk; do
     [[ -f "$OUT/$tool.log" ]] && echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool.log" | tail -1) \
 $(grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$OUT/$tool.log" | tail -1)"
   done

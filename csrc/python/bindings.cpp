@@ -19,6 +19,10 @@ namespace kdfast {
 #if defined(KDFAST_WITH_CUDA)
 int64_t kd_forward_cuda(const KDForwardArgs& args, int device_index, uintptr_t stream);
 void kd_backward_cuda(const KDBackwardArgs& args, int device_index, uintptr_t stream);
+// ---- top-k soft labels on CUDA (csrc/cuda/topk_compress.cu, csrc/cuda/sparse_kd_loss.cu) ----
+void topk_compress_cuda(const TopKCompressArgs& args, int device_index, uintptr_t stream);
+SparseKDForwardResult sparse_kd_forward_cuda(const SparseKDForwardArgs& args, int device_index, uintptr_t stream);
+void sparse_kd_backward_cuda(const SparseKDBackwardArgs& args, int device_index, uintptr_t stream);
 #endif
 }  // namespace kdfast
 
@@ -128,8 +132,12 @@ void topk_compress(uintptr_t teacher, int teacher_dtype, int64_t teacher_row_str
   a.tail_logprob = as_ptr<void>(tail_logprob);
   a.num_threads = num_threads;
   if (device_index < 0) return kdfast::topk_compress_cpu(a);
+#if defined(KDFAST_WITH_CUDA)
+  kdfast::topk_compress_cuda(a, device_index, stream);
+#else
   (void)stream;
   throw std::runtime_error("kdfast: compress_topk has no CUDA kernel in this build; kdfast.reference.compress_topk runs on any device");
+#endif
 }
 
 kdfast::SoftLabelView make_soft_labels(uintptr_t indices, int index_type, uintptr_t logprobs, int logprob_dtype,
@@ -145,9 +153,11 @@ kdfast::SoftLabelView make_soft_labels(uintptr_t indices, int index_type, uintpt
   return v;
 }
 
+#if !defined(KDFAST_WITH_CUDA)
 [[noreturn]] void no_sparse_cuda() {
   throw std::runtime_error("kdfast: sparse_kd_loss has no CUDA kernel in this build; kdfast.reference.sparse_kd_loss runs on any device");
 }
+#endif
 
 std::pair<int64_t, int64_t> sparse_kd_forward(uintptr_t student, int student_dtype, int64_t student_row_stride,
                                               uintptr_t indices, int index_type, uintptr_t logprobs, int logprob_dtype,
@@ -171,8 +181,15 @@ std::pair<int64_t, int64_t> sparse_kd_forward(uintptr_t student, int student_dty
   a.row_stats = as_ptr<double>(row_stats);
   a.valid_rows = as_ptr<double>(valid_rows);
   a.num_threads = num_threads;
+  if (device_index >= 0) {
+#if defined(KDFAST_WITH_CUDA)
+    const kdfast::SparseKDForwardResult result = kdfast::sparse_kd_forward_cuda(a, device_index, stream);
+    return {result.bad_labels, result.bad_index_rows};
+#else
+    no_sparse_cuda();
+#endif
+  }
   (void)stream;
-  if (device_index >= 0) no_sparse_cuda();
   const kdfast::SparseKDForwardResult result = kdfast::sparse_kd_forward_cpu(a);
   return {result.bad_labels, result.bad_index_rows};
 }
@@ -200,8 +217,14 @@ void sparse_kd_backward(uintptr_t grad_output, int64_t grad_output_stride, uintp
   a.valid_rows = as_ptr<const double>(valid_rows);
   a.grad_student = as_ptr<void>(grad_student);
   a.num_threads = num_threads;
+  if (device_index >= 0) {
+#if defined(KDFAST_WITH_CUDA)
+    return kdfast::sparse_kd_backward_cuda(a, device_index, stream);
+#else
+    no_sparse_cuda();
+#endif
+  }
   (void)stream;
-  if (device_index >= 0) no_sparse_cuda();
   kdfast::sparse_kd_backward_cpu(a);
 }
 
@@ -297,6 +320,9 @@ py::dict build_info() {
   d["cuda"] = info.cuda;
   d["cuda_version"] = info.cuda_version;
   d["cuda_architectures"] = info.cuda_architectures;
+  // CUDA kernels of top-k soft labels (compress_topk, sparse_kd_loss): kdfast.ops.sparse
+  // sends CUDA tensors to them when true, else to kdfast.reference.
+  d["cuda_topk"] = info.cuda;
   return d;
 }
 

@@ -355,8 +355,8 @@ def compress_topk(
     Returns:
         SoftLabels with indices [..., k] (index_dtype), logprobs [..., k] float32 (float64
         for float64 input), tail_logprob [...] in the same float dtype, the temperature and V.
-        CPU tensors (and CUDA ones when kdfast has CUDA kernels) use the fused kernel;
-        other devices use `kdfast.reference.compress_topk`.
+        CPU tensors (and CUDA ones when kdfast has CUDA kernels, for k ≤ 4096) use the fused
+        kernel; other devices use `kdfast.reference.compress_topk`.
 
     Raises:
         ValueError: k < 1 or k > V, T ≤ 0 or not finite, a 0-dim input, or an index dtype
@@ -366,7 +366,7 @@ def compress_topk(
     from kdfast.ops import sparse as sparse_ops
 
     check_compress_inputs(teacher_logits, k, temperature, index_dtype)
-    if not sparse_ops.uses_kernels(teacher_logits.device):
+    if not sparse_ops.compress_uses_kernels(teacher_logits.device, int(k)):
         from kdfast import reference
 
         return reference.compress_topk(teacher_logits, k, temperature=temperature, index_dtype=index_dtype)

@@ -16,6 +16,10 @@ Contract (inputs already validated and shaped by kdfast.softlabels / kdfast.func
   multiplied by grad_output.
 The `*_impl` functions are the bodies; `compress` and `sparse_kd_loss` call them directly in
 eager mode (no dispatcher cost) and through the custom ops under torch.compile.
+CUDA tensors run the CUDA kernels when the core was built with them (build_info()["cuda_topk"]);
+there, compression takes k ≤ CUDA_MAX_TOPK and the sparse loss V ≤ CUDA_MAX_SPARSE_VOCAB (beyond
+them kdfast.reference runs), and bad labels or soft-label indices give NaN rows instead of
+ValueError (the kernels never synchronise with the host).
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ from kdfast.ops._native import (
 INDEX_DTYPE_CODES = {torch.int64: 0, torch.int32: 1, torch.int16: 2, torch.uint16: 3}
 TAIL_MODE_CODES = {"bucket": 0, "renormalize": 1}
 SPARSE_ROW_STATS = 8
+# Largest k the CUDA compression kernel takes (kMaxCudaTopK in csrc/cuda/topk_compress.cu).
+CUDA_MAX_TOPK = 4096
+# Largest vocabulary the CUDA sparse-loss kernels take (a per-row bitmap of the kept tokens
+# lives in shared memory: 128 KiB at 2^20); larger ones run kdfast.reference on the GPU.
+CUDA_MAX_SPARSE_VOCAB = 1 << 20
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,8 +59,8 @@ def _kernel_devices() -> frozenset:
     if not native_available() or not hasattr(native_module(), "sparse_kd_forward"):
         return frozenset()
     devices = {"cpu"}
-    # The CUDA top-k kernels announce themselves in build_info(); until then CUDA tensors
-    # take the pure-PyTorch path.
+    # The CUDA top-k kernels announce themselves in build_info(); a core without them sends
+    # CUDA tensors down the pure-PyTorch path.
     if has_cuda_kernels() and native_module().build_info().get("cuda_topk", False):
         devices.add("cuda")
     return frozenset(devices)
@@ -66,6 +75,11 @@ def _has_kernels_for(device_type: str) -> bool:
 def uses_kernels(device: torch.device) -> bool:
     """True when tensors on `device` run the compiled top-k kernels (else: kdfast.reference)."""
     return _has_kernels_for(device.type)
+
+
+def compress_uses_kernels(device: torch.device, k: int) -> bool:
+    """True when `compress_topk` with this k runs a compiled kernel on `device`."""
+    return uses_kernels(device) and (device.type != "cuda" or k <= CUDA_MAX_TOPK)
 
 
 # ---------------------------------------------------------------------------- compression
@@ -315,8 +329,31 @@ def compress(teacher: Tensor, k: int, temperature: float, int64_indices: bool) -
     return topk_compress_impl(teacher, k, temperature, int64_indices)
 
 
+def _reference_loss(student, indices, teacher_logprobs, teacher_tail, labels, divergence, tail_mode, reduction,
+                    temperature, alpha, beta, label_smoothing, t2_scale, ignore_index) -> Tensor:
+    """kdfast.reference on the flattened rows, reduced as the kernels reduce."""
+    from kdfast import reference
+
+    row_loss = reference.sparse_kd_loss_rows(
+        student, indices, teacher_logprobs, teacher_tail, labels, divergence=divergence, temperature=temperature,
+        alpha=alpha, beta=beta, tail=tail_mode, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        t2_scale=t2_scale,
+    )
+    if reduction == "none":
+        return row_loss
+    total = row_loss.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "batchmean" or labels is None:
+        return total / max(row_loss.shape[0], 1)
+    return total / (labels != ignore_index).sum().clamp(min=1).to(total.dtype)
+
+
 def sparse_kd_loss(student, indices, teacher_logprobs, teacher_tail, labels, *options) -> Tensor:
-    """The sparse KD loss through the custom op (compiling) or EagerSparseKDLoss (eager)."""
+    """The sparse KD loss through the custom op (compiling) or EagerSparseKDLoss (eager); CUDA
+    rows longer than CUDA_MAX_SPARSE_VOCAB take kdfast.reference."""
+    if student.device.type == "cuda" and student.shape[-1] > CUDA_MAX_SPARSE_VOCAB:
+        return _reference_loss(student, indices, teacher_logprobs, teacher_tail, labels, *options)
     if torch.compiler.is_compiling():
         loss, _, _ = sparse_kd_forward(student, indices, teacher_logprobs, teacher_tail, labels, *options)
     else:
