@@ -9,7 +9,8 @@ given a random amount of leading silence, mixed with white or brown noise at a r
 signal-to-noise ratio, and turned into MFCCs by `speech_digits.mfcc` (the same numpy code
 the example applies to real recordings). The output is one compressed `.npz` with
 
-- `features`: float16 `[N, n_mfcc, frames]` MFCCs,
+- `features`: float16 `[N, n_mfcc, frames]` MFCCs, rounded to multiples of 1/32 (far below
+  the spread of every coefficient, ≥ 0.9) so that the file compresses to about 1.7 MB,
 - `labels`: int64 `[N]` digit 0–9,
 - `speaker`: int64 `[N]` speaker index into `speakers`,
 - `speakers`: str `[S]` names "accent+variant", `accents` / `variants`: str `[S]`,
@@ -40,6 +41,7 @@ from speech_digits import DIGITS, MFCC_CONFIG, DEFAULT_DATA, mfcc, read_wav  # n
 
 ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
            "en-029", "en-us-nyc")
+QUANTUM = 32  # features are stored as multiples of 1 / QUANTUM
 VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5",
             "klatt", "klatt2", "klatt3", "croak")
 
@@ -88,7 +90,7 @@ def build(takes: int, seed: int, accents: Sequence[str], variants: Sequence[str]
                 pitches.append(pitch)
                 snrs.append(snr)
     return {
-        "features": np.stack(features).astype(np.float16),
+        "features": (np.round(np.stack(features) * QUANTUM) / QUANTUM).astype(np.float16),
         "labels": np.asarray(labels, dtype=np.int64),
         "speaker": np.asarray(speaker_index, dtype=np.int64),
         "speakers": np.asarray([f"{a}+{v}" for a, v in speakers]),

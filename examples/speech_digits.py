@@ -256,7 +256,7 @@ class TeacherCNN(nn.Module):
 class StudentCNN(nn.Module):
     """Two narrow 3×3 conv layers, each followed by a 2×2 max-pool, global average pooling, linear."""
 
-    def __init__(self, width: int = 8, classes: int = 10) -> None:
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=40, help="student epochs")
     parser.add_argument("--teacher-epochs", type=int, default=30)
     parser.add_argument("--teacher-width", type=int, default=32, help="teacher's first conv width")
-    parser.add_argument("--student-width", type=int, default=8, help="student's first conv width")
+    parser.add_argument("--student-width", type=int, default=16, help="student's first conv width")
     parser.add_argument("--lr", type=float, default=1e-2, help="student learning rate (Adam, cosine decay)")
     parser.add_argument("--method", default="kd", choices=available_methods(),
                         help="distillation method (kdfast.methods registry)")
