@@ -21,9 +21,9 @@ shorter). Per seed: train the teacher with cross-entropy (random time shifts of 
 frames), then train the same student twice from the same initialisation and data order
 through `kdfast.Distiller`: alone (`KDLoss(alpha=1)`, plain cross-entropy) and distilled
 with `--method` (default `kd`: `KDLoss(temperature=T, alpha=α)` on the teacher's
-precomputed logits; see `kdfast.methods.available_methods()`). Prints a Markdown table of
-test accuracy (mean ± sample std over seeds), writes `results.json` to `--out`; `--smoke`
-is a seconds-long CI configuration.
+precomputed logits; see `kdfast.methods.available_methods()`), and once more per name given
+to `--compare`. Prints a Markdown table of test accuracy (mean ± sample std over seeds),
+writes `results.json` to `--out`; `--smoke` is a seconds-long CI configuration.
 """
 
 from __future__ import annotations
@@ -372,8 +372,11 @@ def run_seed(args, data: Dict[str, np.ndarray], seed: int) -> Dict[str, float]:
     teacher_logits = predict_logits(teacher, x_train)
     alone = train_student(args, x_train, y_train, teacher, teacher_logits, None, seed)
     distilled = train_student(args, x_train, y_train, teacher, teacher_logits, args.method, seed)
+    compared = {method: accuracy(train_student(args, x_train, y_train, teacher, teacher_logits, method, seed),
+                                 x_test, y_test) for method in args.compare}
     return {"seed": seed, "teacher": accuracy(teacher, x_test, y_test),
             "student_alone": accuracy(alone, x_test, y_test), "distilled": accuracy(distilled, x_test, y_test),
+            "compared": compared,
             "teacher_parameters": parameter_count(teacher), "student_parameters": parameter_count(alone),
             "train_size": len(train_index), "test_size": len(test_index),
             "train_speakers": int(len(np.unique(data["speaker"][train_index]))),
@@ -399,6 +402,14 @@ def format_table(args, rows: List[Dict[str, float]]) -> str:
         lines.append(f"| {label} | {count:,} | {mean_std([100 * r[key] for r in rows])} |")
     lines.append(f"| distilled − alone (points) | | "
                  f"{mean_std([100 * (r['distilled'] - r['student_alone']) for r in rows])} |")
+    if args.compare:
+        lines += ["", f"| method (α={args.alpha:g}, T={args.temperature:g}) | test accuracy (%) | "
+                      f"− alone (points) | better than alone |", "|---|---:|---:|---:|"]
+        for method in args.compare:
+            values = [100 * r["compared"][method] for r in rows]
+            gains = [100 * (r["compared"][method] - r["student_alone"]) for r in rows]
+            lines.append(f"| {method} | {mean_std(values)} | {mean_std(gains)} | "
+                         f"{sum(g > 0 for g in gains)}/{len(gains)} seeds |")
     return "\n".join(lines)
 
 
@@ -421,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-2, help="student learning rate (Adam, cosine decay)")
     parser.add_argument("--method", default="kd", choices=available_methods(),
                         help="distillation method (kdfast.methods registry)")
+    parser.add_argument("--compare", nargs="*", default=[], choices=available_methods(), metavar="METHOD",
+                        help="also distil with these methods (same teacher, seeds and data) and tabulate them")
     parser.add_argument("--method-weight", type=float, default=None,
                         help="weight β of the method's extra term (default: the registry's)")
     parser.add_argument("--temperature", type=float, default=4.0)
