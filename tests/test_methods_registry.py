@@ -78,7 +78,7 @@ def test_extra_term_is_added_with_its_weight(name):
     with build(name, student, teacher, images, weight=2.0) as weighted, torch.no_grad():
         teacher(images)
         total = weighted(student(images), teacher_logits, labels)
-        torch.manual_seed(0)
+        teacher(images)
         extra = weighted._extra_loss(student(images), teacher_logits)
     expected_base = kdfast.KDLoss(temperature=2.0, alpha=0.3)(student(images), teacher_logits, labels)
     torch.testing.assert_close(base, expected_base)
@@ -142,6 +142,11 @@ def test_hooks_are_removed_and_features_must_be_captured():
     assert student.embedding._forward_hooks and teacher.embedding._forward_hooks
     with pytest.raises(RuntimeError, match="found no captured features"):
         method(torch.randn(6, CLASSES), torch.randn(6, CLASSES), labels)
+    with torch.no_grad():
+        teacher_logits = teacher(images)
+    method(student(images), teacher_logits, labels)
+    with pytest.raises(RuntimeError, match="found no captured features"):  # the first call consumed them
+        method(torch.randn(6, CLASSES), teacher_logits, labels)
     method.remove()
     assert not student.embedding._forward_hooks and not teacher.embedding._forward_hooks
 

@@ -119,7 +119,9 @@ class DistillationMethod(nn.Module):
     student's and the teacher's), labels int64 `[...]` or None (then α must be 0, and `dkd`
     needs labels). Returns a 0-dim float32 tensor (float64 for float64 logits): the mean
     over rows whose label is not `ignore_index` (all rows without labels). Feature terms
-    use the features captured in the latest forward passes and are batch means.
+    use the features captured in the forward passes since the previous call (the captures
+    are cleared after every call, so a call without fresh teacher and student passes raises
+    RuntimeError rather than reusing stale features) and are batch means.
 
     Attributes:
         name: the registry name. spec: its `MethodSpec`. alpha, temperature, weight: α, T, β.
@@ -233,6 +235,9 @@ class DistillationMethod(nn.Module):
         loss = self._logit_loss(student_logits, teacher_logits, labels)
         if self.spec.extra_term is not None and self.weight > 0:
             loss = loss + self.weight * self._extra_loss(student_logits, teacher_logits).to(loss.dtype)
+        if self._captures is not None:  # each capture serves one call: stale features raise instead
+            for capture in self._captures:
+                capture.clear()
         return loss
 
     def extra_repr(self) -> str:
