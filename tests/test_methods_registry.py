@@ -178,3 +178,20 @@ def test_method_drives_the_distiller(name):
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert "accuracy" in distiller.evaluate(loader)
     method.remove()
+
+
+def test_adversarial_finds_the_number_of_classes_from_the_student():
+    student, _, images, labels = models_and_batch()
+    method = build_method("adversarial", student=student, example_inputs=images[:2])
+    assert method.adversary.discriminator.in_features == CLASSES
+    assert build_method("adversarial", num_classes=5).adversary.discriminator.in_features == 5
+    with pytest.raises(ValueError, match="needs student, example_inputs"):
+        build_method("adversarial")
+
+
+def test_label_free_mse_is_plain_logit_regression():
+    student_logits, teacher_logits = torch.randn(4, CLASSES), torch.randn(4, CLASSES)
+    loss = build_method("mse", alpha=0.0)(student_logits, teacher_logits)
+    torch.testing.assert_close(loss, ((student_logits - teacher_logits) ** 2).mean())
+    with pytest.raises(ValueError, match="'mse' with alpha=0.5 needs labels"):
+        build_method("mse")(student_logits, teacher_logits)

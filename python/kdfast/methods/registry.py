@@ -245,10 +245,12 @@ class DistillationMethod(nn.Module):
                 f"needs_teacher_forward={self.needs_teacher_forward}")
 
 
-def _probe_shapes(student: nn.Module, teacher: nn.Module, student_layer: str, teacher_layer: str,
-                  example_inputs: Any) -> Tuple[torch.Size, torch.Size, torch.Size]:
-    """Run both models once on `example_inputs` (eval mode, no grad; modes restored) and return
-    the shapes of the student's feature, the teacher's feature and the student's logits."""
+def _probe_shapes(student: nn.Module, teacher: Optional[nn.Module], student_layer: str,
+                  teacher_layer: Optional[str], example_inputs: Any
+                  ) -> Tuple[torch.Size, Optional[torch.Size], torch.Size]:
+    """Run the models once on `example_inputs` (eval mode, no grad; modes restored) and return
+    the shapes of the student's feature, the teacher's feature (None without a teacher) and
+    the student's logits."""
     def call(model: nn.Module) -> Any:
         if isinstance(example_inputs, dict):
             return model(**example_inputs)
@@ -256,14 +258,16 @@ def _probe_shapes(student: nn.Module, teacher: nn.Module, student_layer: str, te
             return model(*example_inputs)
         return model(example_inputs)
 
-    shapes = []
-    for model, layer in ((student, student_layer), (teacher, teacher_layer)):
+    shapes: List[Optional[torch.Size]] = [None, None]
+    for position, (model, layer) in enumerate(((student, student_layer), (teacher, teacher_layer))):
+        if model is None:
+            continue
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad(), FeatureCapture(model, layer, detach=True) as capture:
                 logits = _first_tensor(call(model))
-                shapes.append(_first_tensor(capture[layer]).shape)
+                shapes[position] = _first_tensor(capture[layer]).shape
         finally:
             model.train(was_training)
         if model is student:
@@ -323,9 +327,10 @@ def build_method(name: str, *, temperature: float = 4.0, alpha: float = 0.5, wei
     adversary: Optional[AdversarialKD] = None
     captures: Optional[Tuple[FeatureCapture, FeatureCapture]] = None
     if spec.needs_features or (spec.extra_term == "adversarial" and num_classes is None):
-        required = {"student": student, "teacher": teacher, "example_inputs": example_inputs}
+        required = {"student": student, "example_inputs": example_inputs}
         if spec.needs_features:
-            required.update(student_layer=student_layer, teacher_layer=teacher_layer)
+            required = {"student": student, "teacher": teacher, "example_inputs": example_inputs,
+                        "student_layer": student_layer, "teacher_layer": teacher_layer}
         missing = [key for key, value in required.items() if value is None]
         if missing:
             raise ValueError(f"method {name!r} needs {', '.join(missing)}")
@@ -347,7 +352,7 @@ def build_method(name: str, *, temperature: float = 4.0, alpha: float = 0.5, wei
                     FeatureCapture(teacher, teacher_layer, detach=True).attach())
     if spec.extra_term == "adversarial":
         if num_classes is None:
-            num_classes = int(_probe_shapes(student, teacher, "", "", example_inputs)[2][-1])
+            num_classes = int(_probe_shapes(student, None, "", None, example_inputs)[2][-1])
         adversary = AdversarialKD(Discriminator(int(num_classes), hidden_features=64))
     return DistillationMethod(name, spec, temperature=temperature, alpha=alpha, weight=weight,
                               ignore_index=ignore_index, hint=hint_module, adversary=adversary, captures=captures)
