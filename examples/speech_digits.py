@@ -10,14 +10,15 @@ the speakers (stratified by voice variant) form the test split and only `--train
 of the rest are used for training, so the model must generalise to voices it never heard.
 
 With `--speech-commands DIR` the script reads Google Speech Commands-style folders instead
-(`DIR/zero/*.wav` … `DIR/nine/*.wav`, 16-bit PCM) with Python's `wave` module and the same
+(`DIR/zero/*.wav` … `DIR/nine/*.wav`, 8/16/32-bit PCM) with Python's `wave` module and the same
 numpy MFCC code (no torchaudio); the speaker is the file-name prefix before `_nohash_`
 (the whole stem otherwise), and held-out speakers form the test split.
 
 MFCCs (`mfcc`): pre-emphasis 0.97, 25 ms Hamming frames every 20 ms, power spectrum,
 26 mel filters over 20–8000 Hz, natural log, orthonormal DCT-II keeping 13 coefficients,
-then a fixed 40-frame window (0.8 s) centred on the loudest stretch (zero-padded when
-shorter). Per seed: train the teacher with cross-entropy (random time shifts of up to ±3
+then a fixed 40-frame window (0.8 s) on the loudest stretch (a shorter clip is padded on
+both sides with its own per-coefficient minimum, i.e. silence). Teacher: a 4-layer CNN (103,722 parameters); student: a 2-layer CNN (5,130 parameters).
+Per seed: train the teacher with cross-entropy (random time shifts of up to ±3
 frames), then train the same student twice from the same initialisation and data order
 through `kdfast.Distiller`: alone (`KDLoss(alpha=1)`, plain cross-entropy) and distilled
 with `--method` (default `kd`: `KDLoss(temperature=T, alpha=α)` on the teacher's
@@ -126,9 +127,9 @@ def mfcc(samples: np.ndarray, sample_rate: int, config: Optional[Dict[str, float
     |FFT|² / n_fft with n_fft the next power of two ≥ the frame length; `mel_filters`
     triangular mel filters over [low_hz, min(high_hz, rate/2)]; log(energy + 1e-10);
     orthonormal DCT-II keeping `n_mfcc` coefficients. Finally a fixed window of `frames`
-    frames is taken, centred on the stretch of that length with the most frame energy
-    (zero-padded on both sides when the clip is shorter), so the word sits in the window
-    whatever the leading silence.
+    frames is taken: the stretch of that length with the most frame energy, or, for a
+    shorter clip, the whole clip padded on both sides with its per-coefficient minimum (the
+    quietest frame's values), so the word sits in the window whatever the leading silence.
     """
     config = dict(MFCC_CONFIG, **(config or {}))
     samples = np.asarray(samples, dtype=np.float64)
@@ -435,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", nargs="*", default=[], choices=available_methods(), metavar="METHOD",
                         help="also distil with these methods (same teacher, seeds and data) and tabulate them")
     parser.add_argument("--method-weight", type=float, default=None,
-                        help="weight β of the method's extra term (default: the registry's)")
+                        help="weight β of the extra term of --method and of every --compare method "
+                             "(default: each method's own, from the registry)")
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--alpha", type=float, default=0.5, help="hard-label weight α")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -469,8 +471,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for seed in args.seeds:
         row = run_seed(args, data, seed)
         rows.append(row)
+        compared = "".join(f"  {method} {100 * value:.2f}%" for method, value in row["compared"].items())
         print(f"seed {seed}: teacher {100 * row['teacher']:.2f}%  alone {100 * row['student_alone']:.2f}%  "
-              f"distilled {100 * row['distilled']:.2f}%", flush=True)
+              f"distilled {100 * row['distilled']:.2f}%{compared}", flush=True)
     seconds = time.perf_counter() - started
     print(f"\n{seconds:.1f} s on {args.threads} thread(s)\n{format_table(args, rows)}")
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
