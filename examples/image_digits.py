@@ -296,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "both networks, which the MLP student lacks)")
     parser.add_argument("--method-weight", type=float, default=None,
                         help="weight β of the method's extra term (default: the registry's)")
-    parser.add_argument("--tune", action="store_true", help="choose α and T by k-fold CV first (searched with forward-KL KD, "
-                        "then used by --method)")
+    parser.add_argument("--tune", action="store_true",
+                        help="choose α and T by k-fold CV first (searched with forward-KL KD, then used by --method)")
     parser.add_argument("--folds", type=int, default=3, help="folds of the α/T search")
     parser.add_argument("--tune-epochs", type=int, default=30, help="student epochs per fold in the search")
     parser.add_argument("--tune-alphas", type=float, nargs="+", default=[0.3, 0.7])

@@ -14,17 +14,18 @@ With `--speech-commands DIR` the script reads Google Speech Commands-style folde
 numpy MFCC code (no torchaudio); the speaker is the file-name prefix before `_nohash_`
 (the whole stem otherwise), and held-out speakers form the test split.
 
-MFCCs (`mfcc`): pre-emphasis 0.97, 25 ms Hamming frames every 20 ms, power spectrum,
-26 mel filters over 20–8000 Hz, natural log, orthonormal DCT-II keeping 13 coefficients,
-then a fixed 40-frame window (0.8 s) on the loudest stretch (a shorter clip is padded on
-both sides with its own per-coefficient minimum, i.e. silence). Teacher: a 4-layer CNN (103,722 parameters); student: a 2-layer CNN (5,130 parameters).
-Per seed: train the teacher with cross-entropy (random time shifts of up to ±3
-frames), then train the same student twice from the same initialisation and data order
-through `kdfast.Distiller`: alone (`KDLoss(alpha=1)`, plain cross-entropy) and distilled
-with `--method` (default `kd`: `KDLoss(temperature=T, alpha=α)` on the teacher's
-precomputed logits; see `kdfast.methods.available_methods()`), and once more per name given
-to `--compare`. Prints a Markdown table of test accuracy (mean ± sample std over seeds),
-writes `results.json` to `--out`; `--smoke` is a seconds-long CI configuration.
+MFCCs (`mfcc`): pre-emphasis 0.97, 25 ms Hamming frames every 20 ms, power spectrum, 26
+mel filters over 20–8000 Hz, natural log, orthonormal DCT-II keeping 13 coefficients, then
+a fixed 40-frame window (0.8 s) on the loudest stretch (a shorter clip is padded on both
+sides with its own per-coefficient minimum, i.e. silence). Teacher: a 4-layer CNN (103,722
+parameters); student: a 2-layer CNN (5,130 parameters). Per seed: train the teacher with
+cross-entropy (random time shifts of up to ±3 frames), then train the same student twice
+from the same initialisation and data order through `kdfast.Distiller`: alone
+(`KDLoss(alpha=1)`, plain cross-entropy) and distilled with `--method` (default `kd`:
+`KDLoss(temperature=T, alpha=α)` on the teacher's precomputed logits; see
+`kdfast.methods.available_methods()`), and once more per name given to `--compare`. Prints
+a Markdown table of test accuracy (mean ± sample std over seeds), writes `results.json` to
+`--out`; `--smoke` is a seconds-long CI configuration.
 """
 
 from __future__ import annotations

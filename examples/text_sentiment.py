@@ -302,7 +302,8 @@ def format_table(args, rows: List[Dict[str, float]]) -> str:
              f"test accuracy (%), {len(rows)} seed(s) |", "|---|---:|---:|"]
     for label, key, count in (("teacher (BiGRU)", "teacher", first["teacher_parameters"]),
                               ("student alone (CNN)", "student_alone", first["student_parameters"]),
-                              (f"student distilled ({'' if args.method == 'kd' else args.method + ', '}α={args.alpha:g}, "
+                              (f"student distilled ({'' if args.method == 'kd' else args.method + ', '}"
+                               f"α={args.alpha:g}, "
                                f"T={args.temperature:g})", "distilled",
                                first["student_parameters"])):
         lines.append(f"| {label} | {count:,} | {mean_std([100 * r[key] for r in rows])} |")
