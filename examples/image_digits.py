@@ -6,8 +6,11 @@ MNIST and CIFAR-10 (never downloaded; a dataset that is unavailable is skipped w
 message and the script still exits 0). Per dataset and seed the script trains the teacher on
 the labelled training split (hard labels, ±1-pixel random shifts, dropout), then trains the
 same student twice from the same initialisation and data order through `kdfast.Distiller`:
-alone (`KDLoss(alpha=1)`, plain cross-entropy) and distilled (`KDLoss(temperature=T,
-alpha=α)` on the teacher's precomputed logits). With `--tune` it first picks α and T by
+alone (`KDLoss(alpha=1)`, plain cross-entropy) and distilled with `--method` (default `kd`:
+`KDLoss(temperature=T, alpha=α)` on the teacher's precomputed logits; any name of
+`kdfast.methods.available_methods()` except `attention`, which needs feature maps the MLP
+student does not have; the feature methods compare the student's hidden layer with the
+teacher's last hidden layer and run the teacher live). With `--tune` it first picks α and T by
 k-fold cross-validation on the first seed's training split (`kdfast.tuning`), never touching
 the test split. It prints a Markdown table of test accuracy (mean ± sample std over seeds)
 and writes `results.json` to `--out`. `--smoke` is a seconds-long configuration for CI.
@@ -22,7 +25,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -31,6 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from kdfast.demo import TeacherCNN, load_digits_split, random_shift
 from kdfast.losses import KDLoss
+from kdfast.methods import available_methods, build_method
 from kdfast.trainer import Distiller, seed_everything
 from kdfast.tuning import distillation_objective, grid_candidates, search_kd_hyperparameters
 
@@ -103,6 +107,18 @@ def make_teacher(name: str, image_shape: Sequence[int]) -> nn.Module:
     return TeacherCNN() if name == "digits" else ConvTeacher(image_shape[0])
 
 
+def feature_layers(name: str, method: str) -> Tuple[Optional[str], Optional[str]]:
+    """(student, teacher) module names whose outputs the feature-level methods compare.
+
+    Both are the vector the classifier reads: the student MLP's hidden activation
+    (`"2"`, `[N, hidden]`) and the teacher's last hidden layer (`[N, 128]`: `TeacherCNN`'s
+    `"head.3"`, `ConvTeacher`'s pooled `"net.12"`). None for the logit-level methods.
+    """
+    if method not in ("fitnets", "similarity", "rkd", "attention"):
+        return None, None
+    return "2", ("head.3" if name == "digits" else "net.12")
+
+
 def make_student(image_shape: Sequence[int], hidden: int) -> nn.Module:
     """A one-hidden-layer MLP on the flattened image: `[N, C, H, W] -> [N, 10]`."""
     features = math.prod(image_shape)
@@ -148,17 +164,41 @@ def accuracy(model: nn.Module, images, labels) -> float:
     return (predict_logits(model, images).argmax(-1) == labels).float().mean().item()
 
 
-def train_student(image_shape, hidden: int, images, labels, teacher_logits, loss: KDLoss, epochs: int, seed: int,
-                  batch_size: int = 64, lr: float = 1e-2) -> nn.Module:
-    """A fresh student (initialised from `seed + 1000`) trained with Adam and cosine decay."""
+def train_student(image_shape, hidden: int, images, labels, teacher: nn.Module, teacher_logits,
+                  make_loss: Callable[[nn.Module], nn.Module], epochs: int, seed: int, batch_size: int = 64,
+                  lr: float = 1e-2) -> nn.Module:
+    """A fresh student (initialised from `seed + 1000`) trained with Adam and cosine decay.
+
+    `make_loss(student)` returns the loss. The teacher's precomputed logits feed it, unless
+    the loss reads teacher features (`needs_teacher_forward`, the feature methods of
+    `kdfast.methods.build_method`): then the live teacher runs on every batch.
+    """
     torch.manual_seed(seed + 1000)
     student = make_student(image_shape, hidden)
-    loader = DataLoader(TensorDataset(images, labels, teacher_logits), batch_size=batch_size, shuffle=True,
+    loss = make_loss(student)
+    live_teacher = getattr(loss, "needs_teacher_forward", False)
+    tensors = (images, labels) if live_teacher else (images, labels, teacher_logits)
+    loader = DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
-    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    extra = loss.trainable_parameters() if hasattr(loss, "trainable_parameters") else []
+    optimizer = torch.optim.Adam(list(student.parameters()) + extra, lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
-    Distiller(student, None, loss, optimizer, scheduler, seed=seed, progress=False).fit(loader, epochs=epochs)
+    Distiller(student, teacher if live_teacher else None, loss, optimizer, scheduler, seed=seed,
+              progress=False).fit(loader, epochs=epochs)
+    if hasattr(loss, "remove"):
+        loss.remove()  # the feature hooks
     return student.eval()
+
+
+def method_loss(args, name: str, teacher: nn.Module, images, temperature: float, alpha: float):
+    """`make_loss` for `train_student`: the `--method` loss from the `kdfast.methods` registry."""
+    student_layer, teacher_layer = feature_layers(name, args.method)
+
+    def make_loss(student: nn.Module) -> nn.Module:
+        return build_method(args.method, temperature=temperature, alpha=alpha, weight=args.method_weight,
+                            student=student, teacher=teacher, student_layer=student_layer,
+                            teacher_layer=teacher_layer, example_inputs=images[:8], num_classes=10)
+    return make_loss
 
 
 # --------------------------------------------------------------------------------------
@@ -193,10 +233,11 @@ def run_dataset(name: str, args) -> Optional[Dict[str, object]]:
             temperature, alpha = best["temperature"], best["alpha"]
             print(f"[{name}] {args.folds}-fold CV on the training split chose alpha={alpha:g}, T={temperature:g}")
             print(tuning_table, flush=True)
-        alone = train_student(image_shape, args.hidden, x_train, y_train, teacher_logits,
-                              KDLoss(alpha=1.0), args.epochs, seed, lr=args.lr)
-        distilled = train_student(image_shape, args.hidden, x_train, y_train, teacher_logits,
-                                  KDLoss(temperature=temperature, alpha=alpha), args.epochs, seed, lr=args.lr)
+        alone = train_student(image_shape, args.hidden, x_train, y_train, teacher, teacher_logits,
+                              lambda student: KDLoss(alpha=1.0), args.epochs, seed, lr=args.lr)
+        distilled = train_student(image_shape, args.hidden, x_train, y_train, teacher, teacher_logits,
+                                  method_loss(args, name, teacher, x_train, temperature, alpha), args.epochs,
+                                  seed, lr=args.lr)
         row = {"seed": seed, "teacher": accuracy(teacher, x_test, y_test),
                "student_alone": accuracy(alone, x_test, y_test), "distilled": accuracy(distilled, x_test, y_test),
                "teacher_parameters": parameter_count(teacher), "student_parameters": parameter_count(alone),
@@ -204,13 +245,18 @@ def run_dataset(name: str, args) -> Optional[Dict[str, object]]:
         per_seed.append(row)
         print(f"[{name}] seed {seed}: teacher {100 * row['teacher']:.2f}%  alone {100 * row['student_alone']:.2f}%  "
               f"distilled {100 * row['distilled']:.2f}%", flush=True)
-    return {"dataset": name, "temperature": temperature, "alpha": alpha, "tuning_table": tuning_table,
+    return {"dataset": name, "method": args.method, "temperature": temperature, "alpha": alpha,
+            "tuning_table": tuning_table,
             "seconds": time.perf_counter() - started, "seeds": per_seed}
 
 
 def mean_std(values: Sequence[float]) -> str:
     mean = statistics.fmean(values)
     return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
+def method_label(method: str) -> str:
+    return "" if method == "kd" else f"{method}, "
 
 
 def format_table(result: Dict[str, object]) -> str:
@@ -221,7 +267,8 @@ def format_table(result: Dict[str, object]) -> str:
              f"test accuracy (%), {len(seeds)} seed(s) |", "|---|---:|---:|"]
     for label, key, count in (("teacher (CNN)", "teacher", first["teacher_parameters"]),
                               ("student alone", "student_alone", first["student_parameters"]),
-                              (f"student distilled (α={result['alpha']:g}, T={result['temperature']:g})",
+                              (f"student distilled ({method_label(result['method'])}α={result['alpha']:g}, "
+                               f"T={result['temperature']:g})",
                                "distilled", first["student_parameters"])):
         lines.append(f"| {label} | {count:,} | {mean_std([100 * s[key] for s in seeds])} |")
     gains = [100 * (s["distilled"] - s["student_alone"]) for s in seeds]
@@ -244,7 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-2, help="student learning rate (Adam)")
     parser.add_argument("--temperature", type=float, default=3.0, help="T when not tuning")
     parser.add_argument("--alpha", type=float, default=0.7, help="hard-label weight α when not tuning")
-    parser.add_argument("--tune", action="store_true", help="choose α and T by k-fold CV first")
+    parser.add_argument("--method", default="kd", choices=available_methods(),
+                        help="distillation method (kdfast.methods registry; attention needs feature maps in "
+                             "both networks, which the MLP student lacks)")
+    parser.add_argument("--method-weight", type=float, default=None,
+                        help="weight β of the method's extra term (default: the registry's)")
+    parser.add_argument("--tune", action="store_true",
+                        help="choose α and T by k-fold CV first (searched with forward-KL KD, then used by --method)")
     parser.add_argument("--folds", type=int, default=3, help="folds of the α/T search")
     parser.add_argument("--tune-epochs", type=int, default=30, help="student epochs per fold in the search")
     parser.add_argument("--tune-alphas", type=float, nargs="+", default=[0.3, 0.7])
@@ -268,6 +321,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SystemExit(f"{name} must be >= 1, got {value}")
     if not (args.temperature > 0 and 0 <= args.alpha <= 1):
         raise SystemExit(f"need --temperature > 0 and --alpha in [0, 1], got {args.temperature}, {args.alpha}")
+    if args.method == "attention":
+        raise SystemExit("--method attention needs [N, C, H, W] feature maps in both networks; this example's "
+                         "student is an MLP (try fitnets, similarity or rkd for feature-level KD)")
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     results = []

@@ -15,7 +15,9 @@ installed and the data is reachable or cached; otherwise it skips with a message
 
 Per seed: train the teacher with cross-entropy, then train the same student twice from the
 same initialisation and data order through `kdfast.Distiller`: alone (`KDLoss(alpha=1)`)
-and distilled (`KDLoss(temperature=T, alpha=α)` on the teacher's precomputed logits).
+and distilled with `--method` (default `kd`: `KDLoss(temperature=T, alpha=α)` on the
+teacher's precomputed logits; any `kdfast.methods.available_methods()` name except
+`attention`, as the GRU teacher exposes no feature maps).
 Prints a Markdown table of test accuracy (mean ± sample std over seeds), writes
 `results.json` to `--out`; `--smoke` is a seconds-long CI configuration.
 """
@@ -30,7 +32,7 @@ import random
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -38,6 +40,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdfast.losses import KDLoss
+from kdfast.methods import available_methods, build_method
 from kdfast.trainer import Distiller, seed_everything
 
 # --------------------------------------------------------------------------------------
@@ -171,12 +174,13 @@ class ConvStudent(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, dim, padding_idx=0)
         self.conv = nn.Conv1d(dim, channels, 3, padding=1)
+        self.pool = nn.Identity()  # names the pooled features for the feature-level methods
         self.head = nn.Linear(channels, 2)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         features = F.relu(self.conv(self.embedding(ids).transpose(1, 2)))
         features = features.masked_fill((ids == 0)[:, None, :], float("-inf")).amax(-1)
-        return self.head(torch.nan_to_num(features, neginf=0.0))
+        return self.head(self.pool(torch.nan_to_num(features, neginf=0.0)))
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -217,16 +221,45 @@ def accuracy(model: nn.Module, ids, labels) -> float:
     return (predict_logits(model, ids).argmax(-1) == labels).float().mean().item()
 
 
-def train_student(vocab_size: int, ids, labels, teacher_logits, loss: KDLoss, epochs: int, seed: int,
-                  batch_size: int = 64, lr: float = 2e-2) -> nn.Module:
+def train_student(vocab_size: int, ids, labels, teacher: nn.Module, teacher_logits,
+                  make_loss: Callable[[nn.Module], nn.Module], epochs: int, seed: int, batch_size: int = 64,
+                  lr: float = 2e-2) -> nn.Module:
+    """A fresh student (initialised from `seed + 1000`) trained with Adam and cosine decay.
+
+    `make_loss(student)` returns the loss. The teacher's precomputed logits feed it, unless
+    the loss reads teacher features (`needs_teacher_forward`): then the live teacher runs on
+    every batch.
+    """
     torch.manual_seed(seed + 1000)
     student = ConvStudent(vocab_size)
-    loader = DataLoader(TensorDataset(ids, labels, teacher_logits), batch_size=batch_size, shuffle=True,
+    loss = make_loss(student)
+    live_teacher = getattr(loss, "needs_teacher_forward", False)
+    tensors = (ids, labels) if live_teacher else (ids, labels, teacher_logits)
+    loader = DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
-    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
+    extra = loss.trainable_parameters() if hasattr(loss, "trainable_parameters") else []
+    optimizer = torch.optim.Adam(list(student.parameters()) + extra, lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
-    Distiller(student, None, loss, optimizer, scheduler, seed=seed, progress=False).fit(loader, epochs=epochs)
+    Distiller(student, teacher if live_teacher else None, loss, optimizer, scheduler, seed=seed,
+              progress=False).fit(loader, epochs=epochs)
+    if hasattr(loss, "remove"):
+        loss.remove()  # the feature hooks
     return student.eval()
+
+
+def method_loss(args, teacher: nn.Module, ids) -> Callable[[nn.Module], nn.Module]:
+    """`make_loss` for `train_student`: the `--method` loss from the `kdfast.methods` registry.
+
+    Feature methods compare the student's pooled convolution features (`"pool"`, `[N, 32]`)
+    with the teacher's concatenated final GRU states (`"head.0"`, `[N, 128]`).
+    """
+    feature = args.method in ("fitnets", "similarity", "rkd", "attention")
+
+    def make_loss(student: nn.Module) -> nn.Module:
+        return build_method(args.method, temperature=args.temperature, alpha=args.alpha, weight=args.method_weight,
+                            student=student, teacher=teacher, student_layer="pool" if feature else None,
+                            teacher_layer="head.0" if feature else None, example_inputs=ids[:8], num_classes=2)
+    return make_loss
 
 
 def load_data(args, seed: int):
@@ -249,10 +282,10 @@ def run_seed(args, seed: int) -> Dict[str, float]:
     torch.manual_seed(seed)
     teacher = train_teacher(GRUTeacher(vocab_size), x_train, y_train, args.teacher_epochs, seed)
     teacher_logits = predict_logits(teacher, x_train)
-    alone = train_student(vocab_size, x_train, y_train, teacher_logits, KDLoss(alpha=1.0), args.epochs, seed,
-                          lr=args.lr)
-    distilled = train_student(vocab_size, x_train, y_train, teacher_logits,
-                              KDLoss(temperature=args.temperature, alpha=args.alpha), args.epochs, seed, lr=args.lr)
+    alone = train_student(vocab_size, x_train, y_train, teacher, teacher_logits, lambda student: KDLoss(alpha=1.0),
+                          args.epochs, seed, lr=args.lr)
+    distilled = train_student(vocab_size, x_train, y_train, teacher, teacher_logits,
+                              method_loss(args, teacher, x_train), args.epochs, seed, lr=args.lr)
     return {"seed": seed, "teacher": accuracy(teacher, x_test, y_test),
             "student_alone": accuracy(alone, x_test, y_test), "distilled": accuracy(distilled, x_test, y_test),
             "teacher_parameters": parameter_count(teacher), "student_parameters": parameter_count(alone)}
@@ -269,7 +302,9 @@ def format_table(args, rows: List[Dict[str, float]]) -> str:
              f"test accuracy (%), {len(rows)} seed(s) |", "|---|---:|---:|"]
     for label, key, count in (("teacher (BiGRU)", "teacher", first["teacher_parameters"]),
                               ("student alone (CNN)", "student_alone", first["student_parameters"]),
-                              (f"student distilled (α={args.alpha:g}, T={args.temperature:g})", "distilled",
+                              (f"student distilled ({'' if args.method == 'kd' else args.method + ', '}"
+                               f"α={args.alpha:g}, "
+                               f"T={args.temperature:g})", "distilled",
                                first["student_parameters"])):
         lines.append(f"| {label} | {count:,} | {mean_std([100 * r[key] for r in rows])} |")
     lines.append(f"| distilled − alone (points) | | "
@@ -292,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=2e-2, help="student learning rate (Adam, cosine decay)")
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--alpha", type=float, default=0.3, help="hard-label weight α")
+    parser.add_argument("--method", default="kd", choices=available_methods(),
+                        help="distillation method (kdfast.methods registry; not attention: the GRU teacher "
+                             "exposes no feature maps)")
+    parser.add_argument("--method-weight", type=float, default=None,
+                        help="weight β of the method's extra term (default: the registry's)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=os.path.join("runs", "text_sentiment"))
     parser.add_argument("--smoke", action="store_true", help="seconds-long CI configuration")
@@ -313,6 +353,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         ("--max-length", args.max_length), ("--threads", args.threads)):
         if value < 1:
             raise SystemExit(f"{name} must be >= 1, got {value}")
+    if args.method == "attention":
+        raise SystemExit("--method attention needs [N, C, *spatial] feature maps in both networks; this example's "
+                         "GRU teacher has none (try fitnets, similarity or rkd for feature-level KD)")
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()

@@ -1,15 +1,20 @@
 """Smoke tests of the worked examples in `examples/`: each script's `--smoke` configuration
 runs in-process and must print its result table and write `results.json`; `--help` works;
-unavailable datasets are skipped cleanly; and the pieces with a checkable contract (the
-synthetic review grammar's labels, the causal-LM label shift, token windows) are verified."""
+`--method` accepts registry names; unavailable datasets are skipped cleanly; and the pieces
+with a checkable contract (the synthetic review grammar's labels, the causal-LM label shift,
+token windows, the numpy MFCCs, WAV reading, the speaker-disjoint split, the Speech
+Commands folder reader) are verified."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import sys
+import wave
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,7 +35,8 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("name", ["image_digits", "text_sentiment", "llm_distill"])
+@pytest.mark.parametrize("name", ["image_digits", "text_sentiment", "speech_digits", "make_spoken_digits",
+                                  "llm_distill"])
 def test_help(name, capsys):
     if name == "llm_distill":
         pytest.importorskip("transformers")
@@ -39,7 +45,9 @@ def test_help(name, capsys):
         module.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "--smoke" in out and "usage" in out
+    assert "usage" in out and ("--smoke" in out or name == "make_spoken_digits")
+    if name in ("image_digits", "text_sentiment", "speech_digits"):
+        assert "--method" in out and "fitnets" in out
 
 
 def test_image_digits_smoke(tmp_path, capsys):
@@ -146,3 +154,152 @@ def test_llm_label_shift_and_windows():
     assert windows.tolist() == [[0, 1, 2], [3, 4, 0], ]
     with pytest.raises(RuntimeError, match="fewer than one window"):
         module.token_windows(FakeTokenizer(), ["ab"], 3)
+
+
+# --------------------------------------------------------------------------------------
+# --method: the kdfast.methods registry in the examples
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, method", [("image_digits", "dkd"), ("image_digits", "fitnets"),
+                                          ("text_sentiment", "jsd"), ("text_sentiment", "similarity"),
+                                          ("speech_digits", "attention"), ("speech_digits", "rkd")])
+def test_examples_accept_a_method(name, method, tmp_path, capsys):
+    module = load_example(name)
+    assert module.main(["--smoke", "--method", method, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"student distilled ({method}, " in out
+    saved = json.load(open(tmp_path / "results.json", encoding="utf-8"))
+    rows = saved["results"][0]["seeds"] if name == "image_digits" else saved["results"]
+    assert all(0.0 <= row["distilled"] <= 1.0 for row in rows)
+
+
+@pytest.mark.parametrize("name", ["image_digits", "text_sentiment"])
+def test_attention_is_refused_without_feature_maps(name, tmp_path):
+    module = load_example(name)
+    with pytest.raises(SystemExit, match="needs .*feature maps in both networks"):
+        module.main(["--smoke", "--method", "attention", "--out", str(tmp_path)])
+
+
+def test_unknown_method_is_rejected(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_example("speech_digits").main(["--method", "hinton"])
+    assert exit_info.value.code == 2 and "invalid choice: 'hinton'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# Speech
+# --------------------------------------------------------------------------------------
+
+
+def test_speech_digits_smoke(tmp_path, capsys):
+    module = load_example("speech_digits")
+    assert module.main(["--smoke", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| teacher (CNN) |" in out and "| student alone (small CNN) |" in out and "student distilled (kd" in out
+    saved = json.load(open(tmp_path / "results.json", encoding="utf-8"))
+    row = saved["results"][0]
+    assert row["student_parameters"] * 10 < row["teacher_parameters"]
+    assert row["train_speakers"] == 16 and row["test_speakers"] == 32 and row["test_size"] == 640
+    assert all(0.0 <= row[key] <= 1.0 for key in ("teacher", "student_alone", "distilled"))
+
+
+def test_shipped_feature_file_matches_its_description():
+    module = load_example("speech_digits")
+    assert os.path.getsize(module.DEFAULT_DATA) < 2_100_000
+    data = np.load(module.DEFAULT_DATA)
+    config = json.loads(str(data["mfcc_config"]))
+    assert config == module.MFCC_CONFIG
+    assert data["features"].dtype == np.float16 and data["features"].shape == (2560, 13, 40)
+    assert np.bincount(data["labels"]).tolist() == [256] * 10
+    assert len(data["speakers"]) == 128 and np.bincount(data["speaker"]).tolist() == [20] * 128
+    assert np.isfinite(data["features"].astype(np.float32)).all()
+
+
+def test_speaker_split_is_disjoint_and_covers_every_variant():
+    module = load_example("speech_digits")
+    data = module.load_npz(module.DEFAULT_DATA)
+    train, test = module.speaker_split(data, seed=1, test_fraction=0.25, train_speakers=32)
+    train_speakers, test_speakers = set(data["speaker"][train]), set(data["speaker"][test])
+    assert not train_speakers & test_speakers and len(train_speakers) == 32 and len(test_speakers) == 32
+    for speakers in (train_speakers, test_speakers):
+        assert {data["variants"][s] for s in speakers} == set(data["variants"])  # 16 variants, 2 speakers each
+    again = module.speaker_split(data, seed=1, test_fraction=0.25, train_speakers=32)
+    assert np.array_equal(again[0], train) and not np.array_equal(module.speaker_split(data, 2, 0.25, 32)[1], test)
+
+
+def write_wav(path, samples: np.ndarray, rate: int) -> None:
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(rate)
+        handle.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def test_wav_reading_and_mfcc_properties(tmp_path):
+    module = load_example("speech_digits")
+    rate = 16000
+    time = np.arange(int(0.5 * rate)) / rate
+    # a tone over broadband noise, so that every mel band holds energy far above the log floor
+    tone = 0.5 * np.sin(2 * math.pi * 440 * time) + 0.05 * np.random.default_rng(0).standard_normal(len(time))
+    write_wav(tmp_path / "tone.wav", tone, rate)
+    samples, read_rate = module.read_wav(str(tmp_path / "tone.wav"))
+    assert read_rate == rate and np.abs(samples - tone).max() < 1e-4
+
+    dct = module.dct_matrix(26, 26)
+    np.testing.assert_allclose(dct @ dct.T, np.eye(26), atol=1e-12)
+    bank = module.mel_filterbank(26, 512, rate, 20.0, 8000.0)
+    assert bank.shape == (26, 257) and bank.min() >= 0 and bank.max() <= 1
+    peaks = bank.argmax(axis=1) * rate / 512
+    assert np.all(np.diff(peaks) > 0)  # centres rise with the filter index
+
+    features = module.mfcc(samples, rate)
+    assert features.shape == (13, 40) and features.dtype == np.float32
+    louder = module.mfcc(samples * 4, rate)
+    # A gain changes only c0 (the log-energy average): log(16) · sqrt(26) under the orthonormal DCT.
+    centre = slice(10, 30)
+    np.testing.assert_allclose(louder[0, centre] - features[0, centre], math.log(16) * math.sqrt(26), rtol=1e-3)
+    np.testing.assert_allclose(louder[1:, centre], features[1:, centre], atol=1e-3)
+    higher = module.mfcc(0.5 * np.sin(2 * math.pi * 2000 * time), rate)
+    assert np.abs(higher[1:, centre] - features[1:, centre]).mean() > 1.0  # the spectral shape is seen
+    # Leading silence does not move the word out of the window.
+    shifted = module.mfcc(np.concatenate([np.zeros(rate // 10), samples]), rate)
+    assert shifted.shape == (13, 40)
+
+
+def make_fake_speech_commands(root, speakers: int = 4, takes: int = 2) -> None:
+    """Digit d is a 0.4 s chirp around 300·(d+1) Hz; speakers differ by pitch and noise."""
+    rng = np.random.default_rng(0)
+    rate = 16000
+    time = np.arange(int(0.4 * rate)) / rate
+    for digit, word in enumerate(load_example("speech_digits").DIGITS):
+        os.makedirs(root / word)
+        for speaker in range(speakers):
+            for take in range(takes):
+                frequency = 300 * (digit + 1) * (1 + 0.03 * speaker)
+                samples = 0.4 * np.sin(2 * math.pi * frequency * time * (1 + 0.2 * time))
+                samples += 0.01 * rng.standard_normal(len(time))
+                write_wav(root / word / f"spk{speaker:02d}ab_nohash_{take}.wav", samples, rate)
+
+
+def test_speech_commands_folder_is_read_and_trained(tmp_path, capsys):
+    module = load_example("speech_digits")
+    root = tmp_path / "speech_commands"
+    make_fake_speech_commands(root)
+    data = module.load_speech_commands(str(root))
+    assert data["features"].shape == (80, 13, 40) and np.bincount(data["labels"]).tolist() == [8] * 10
+    assert list(data["speakers"]) == ["spk00ab", "spk01ab", "spk02ab", "spk03ab"]
+    assert module.load_speech_commands(str(root), max_per_digit=3)["features"].shape[0] == 30
+    out_dir = tmp_path / "out"
+    assert module.main(["--smoke", "--speech-commands", str(root), "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "| speech commands (train 60 clips / 3 speakers, test 20 / 1)" in out
+    assert json.load(open(out_dir / "results.json", encoding="utf-8"))["arguments"]["speech_commands"] == str(root)
+
+
+def test_missing_speech_data_is_skipped(tmp_path, capsys):
+    module = load_example("speech_digits")
+    assert module.main(["--speech-commands", str(tmp_path / "absent"), "--out", str(tmp_path)]) == 0
+    assert "[speech] skipped: no wav files under" in capsys.readouterr().out
+    assert module.main(["--data", str(tmp_path / "absent.npz"), "--out", str(tmp_path)]) == 0
+    assert "[speech] skipped: no feature file" in capsys.readouterr().out

@@ -3,8 +3,10 @@
 Public names only. Logit-level losses (`logit_mse_loss`, `dkd_loss`), feature-level
 losses (`hint_loss`/`HintLoss`, `attention_transfer_loss`, `similarity_preserving_loss`),
 relational KD (`rkd_distance_loss`, `rkd_angle_loss`, `relational_kd_loss`), adversarial
-KD (`Discriminator`, `AdversarialKD`), multi-teacher KD (`multi_teacher_kd_loss`), and
-`FeatureCapture`, which records intermediate outputs by module name with forward hooks.
+KD (`Discriminator`, `AdversarialKD`), multi-teacher KD (`multi_teacher_kd_loss`),
+`FeatureCapture`, which records intermediate outputs by module name with forward hooks,
+and a registry (`build_method(name, ...)`, `available_methods()`) that turns a method name
+into a loss module usable by `kdfast.Distiller`.
 Every loss treats teacher inputs as constants, computes in float32 (float64 for float64
 inputs) and documents its paper, formula, shapes, reductions and defaults.
 """
@@ -20,9 +22,15 @@ from kdfast.methods.feature import (
 from kdfast.methods.hooks import FeatureCapture
 from kdfast.methods.logit import dkd_loss, logit_mse_loss
 from kdfast.methods.multi_teacher import multi_teacher_kd_loss
+from kdfast.methods.registry import METHODS, DistillationMethod, MethodSpec, available_methods, build_method
 from kdfast.methods.relational import rkd_angle_loss, rkd_distance_loss, relational_kd_loss
 
 __all__ = [
+    "METHODS",
+    "DistillationMethod",
+    "MethodSpec",
+    "available_methods",
+    "build_method",
     "AdversarialKD",
     "Discriminator",
     "FeatureCapture",
