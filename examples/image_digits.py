@@ -1,9 +1,10 @@
 """Image classification: distil a CNN teacher into a small MLP student, with an α/T search.
 
 Datasets: scikit-learn's bundled handwritten digits (8×8, 1,797 images, always available
-offline) and, when torchvision is installed and the files already sit under `--data-dir`,
-MNIST and CIFAR-10 (never downloaded; a dataset that is unavailable is skipped with a
-message and the script still exits 0). Per dataset and seed the script trains the teacher on
+offline) and, when their released files already sit under `--data-dir`, MNIST (the four IDX
+files, plain or .gz, also in torchvision's `MNIST/raw/` layout) and CIFAR-10 (the
+`cifar-10-batches-py` pickles), read with numpy (no torchvision needed; never downloaded; a
+dataset that is unavailable is skipped with a message and the script still exits 0). Per dataset and seed the script trains the teacher on
 the labelled training split (hard labels, ±1-pixel random shifts, dropout), then trains the
 same student twice from the same initialisation and data order through `kdfast.Distiller`:
 alone (`KDLoss(alpha=1)`, plain cross-entropy) and distilled with `--method` (default `kd`:
@@ -50,26 +51,76 @@ class DatasetUnavailable(Exception):
 # --------------------------------------------------------------------------------------
 
 
-def load_torchvision(name: str, data_dir: str, train_subset: int, seed: int):
-    """MNIST or CIFAR-10 from `data_dir` without downloading: float32 `[N, C, H, W]` in [0, 1]."""
-    try:
-        import torchvision
-    except ImportError as error:
-        raise DatasetUnavailable("torchvision is not installed") from error
-    constructor = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[name]
-    try:
-        train = constructor(data_dir, train=True, download=False)
-        test = constructor(data_dir, train=False, download=False)
-    except (RuntimeError, OSError) as error:
-        raise DatasetUnavailable(f"no {name} files under {data_dir!r} ({error})") from error
+def _read_idx(path: str) -> "numpy.ndarray":
+    """An IDX file (MNIST's format: big-endian header, then uint8 data), plain or .gz."""
+    import gzip
 
-    def tensors(dataset):
-        images = torch.as_tensor(dataset.data).float() / 255.0
-        images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
-        return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.int64)
+    import numpy
 
-    x_train, y_train = tensors(train)
-    x_test, y_test = tensors(test)
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    magic = int.from_bytes(data[0:4], "big")
+    if magic >> 8 != 0x08:  # 0x08 = unsigned byte data
+        raise DatasetUnavailable(f"{path} is not an unsigned-byte IDX file (magic {magic:#x})")
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(magic & 0xFF)]
+    offset = 4 + 4 * len(dims)
+    count = int(numpy.prod(dims))
+    if len(data) - offset != count:
+        raise DatasetUnavailable(f"{path} is truncated: {len(data) - offset} bytes of data for shape {dims}")
+    return numpy.frombuffer(data, dtype=numpy.uint8, offset=offset).reshape(dims)
+
+
+def _find(directory: str, stem: str) -> Optional[str]:
+    for name in (stem, stem + ".gz"):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def load_mnist_files(data_dir: str):
+    """MNIST from the IDX files under `data_dir` (or its `MNIST/raw/`, torchvision's layout)."""
+    for directory in (data_dir, os.path.join(data_dir, "MNIST", "raw")):
+        paths = [_find(directory, stem) for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                                      "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+        if all(paths):
+            images_train, labels_train, images_test, labels_test = (_read_idx(p) for p in paths)
+            return ((images_train[:, None], labels_train), (images_test[:, None], labels_test))
+    raise DatasetUnavailable(f"no MNIST IDX files under {data_dir!r} (train-images-idx3-ubyte[.gz], ...)")
+
+
+def load_cifar10_files(data_dir: str):
+    """CIFAR-10 from the python pickles under `data_dir/cifar-10-batches-py` (its release layout)."""
+    import pickle
+
+    import numpy
+
+    directory = os.path.join(data_dir, "cifar-10-batches-py")
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    if not all(os.path.exists(os.path.join(directory, name)) for name in names):
+        raise DatasetUnavailable(f"no CIFAR-10 batches under {directory!r} (data_batch_1..5, test_batch)")
+    parts = []
+    for name in names:
+        with open(os.path.join(directory, name), "rb") as handle:
+            batch = pickle.load(handle, encoding="bytes")
+        images = numpy.asarray(batch[b"data"], dtype=numpy.uint8).reshape(-1, 3, 32, 32)
+        parts.append((images, numpy.asarray(batch[b"labels"], dtype=numpy.int64)))
+    train = (numpy.concatenate([p[0] for p in parts[:5]]), numpy.concatenate([p[1] for p in parts[:5]]))
+    return train, parts[5]
+
+
+def load_image_files(name: str, data_dir: str, train_subset: int, seed: int):
+    """MNIST or CIFAR-10 from their released files in `data_dir` (never downloaded), read with
+    numpy: float32 `[N, C, H, W]` in [0, 1] and int64 labels; a seeded subset of the training split."""
+    (x_train, y_train), (x_test, y_test) = (load_mnist_files if name == "mnist" else load_cifar10_files)(data_dir)
+
+    def tensors(images, labels):
+        return (torch.as_tensor(images.astype("float32") / 255.0).contiguous(),
+                torch.as_tensor(labels.astype("int64")))
+
+    x_train, y_train = tensors(x_train, y_train)
+    x_test, y_test = tensors(x_test, y_test)
     if 0 < train_subset < len(y_train):
         index = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed))[:train_subset]
         x_train, y_train = x_train[index], y_train[index]
@@ -80,7 +131,7 @@ def load_split(name: str, seed: int, data_dir: str, train_subset: int):
     """Returns (x_train, y_train, x_test, y_test); raises DatasetUnavailable."""
     if name == "digits":
         return load_digits_split(seed)
-    return load_torchvision(name, data_dir, train_subset, seed)
+    return load_image_files(name, data_dir, train_subset, seed)
 
 
 # --------------------------------------------------------------------------------------
@@ -281,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS),
                         help="datasets to run; unavailable ones are skipped")
-    parser.add_argument("--data-dir", default=os.path.join("data"), help="torchvision dataset root (no download)")
+    parser.add_argument("--data-dir", default=os.path.join("data"), help="folder with MNIST IDX files or cifar-10-batches-py/ (never downloaded)")
     parser.add_argument("--train-subset", type=int, default=5000,
                         help="training images used from MNIST/CIFAR-10 (0 = all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

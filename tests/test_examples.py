@@ -64,12 +64,76 @@ def test_image_digits_smoke(tmp_path, capsys):
     assert row["train_size"] + row["test_size"] == 1797
 
 
-def test_image_unavailable_dataset_is_skipped(tmp_path, capsys, monkeypatch):
+def test_image_unavailable_dataset_is_skipped(tmp_path, capsys):
     module = load_example("image_digits")
-    monkeypatch.setitem(sys.modules, "torchvision", None)  # as if it were not installed
-    assert module.main(["--datasets", "mnist", "--out", str(tmp_path)]) == 0
-    assert "[mnist] skipped: torchvision is not installed" in capsys.readouterr().out
+    assert module.main(["--datasets", "mnist", "--data-dir", str(tmp_path / "absent"), "--out", str(tmp_path)]) == 0
+    assert "[mnist] skipped: no MNIST IDX files" in capsys.readouterr().out
     assert json.load(open(tmp_path / "results.json", encoding="utf-8"))["results"] == []
+
+
+def _write_idx(path, array, compress):
+    import gzip
+
+    import numpy
+
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + numpy.ascontiguousarray(array, dtype=numpy.uint8).tobytes()
+    with (gzip.open if compress else open)(str(path) + (".gz" if compress else ""), "wb") as handle:
+        handle.write(data)
+
+
+@pytest.mark.parametrize("layout", ["plain", "torchvision-gz"])
+def test_image_reads_mnist_idx_files(tmp_path, layout):
+    import numpy
+
+    module = load_example("image_digits")
+    rng = numpy.random.default_rng(0)
+    directory = tmp_path / "MNIST" / "raw" if layout == "torchvision-gz" else tmp_path
+    directory.mkdir(parents=True, exist_ok=True)
+    images = {"train": rng.integers(0, 256, (30, 28, 28)), "t10k": rng.integers(0, 256, (12, 28, 28))}
+    labels = {"train": rng.integers(0, 10, 30), "t10k": rng.integers(0, 10, 12)}
+    for split in ("train", "t10k"):
+        _write_idx(directory / f"{split}-images-idx3-ubyte", images[split], layout != "plain")
+        _write_idx(directory / f"{split}-labels-idx1-ubyte", labels[split], layout != "plain")
+    x_train, y_train, x_test, y_test = module.load_split("mnist", 0, str(tmp_path), 0)
+    assert x_train.shape == (30, 1, 28, 28) and x_test.shape == (12, 1, 28, 28) and x_train.dtype == torch.float32
+    assert torch.equal(x_train[:, 0], torch.as_tensor(images["train"] / 255.0, dtype=torch.float32))
+    assert torch.equal(y_test, torch.as_tensor(labels["t10k"]))
+    x_sub, y_sub, _, _ = module.load_split("mnist", 1, str(tmp_path), 10)
+    assert x_sub.shape[0] == 10 and y_sub.shape == (10,)
+    if layout == "plain":  # the whole script on these files: teacher, student alone, distilled
+        out = tmp_path / "out"
+        assert module.main(["--datasets", "mnist", "--data-dir", str(tmp_path), "--seeds", "0", "--epochs", "1",
+                            "--teacher-epochs", "1", "--out", str(out)]) == 0
+        (result,) = json.load(open(out / "results.json", encoding="utf-8"))["results"]
+        assert result["dataset"] == "mnist" and result["seeds"][0]["test_size"] == 12
+
+
+def test_image_reads_cifar10_batches_and_rejects_truncated_idx(tmp_path):
+    import pickle
+
+    import numpy
+
+    module = load_example("image_digits")
+    rng = numpy.random.default_rng(1)
+    directory = tmp_path / "cifar-10-batches-py"
+    directory.mkdir()
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = {b"data": rng.integers(0, 256, (4, 3072)).astype(numpy.uint8),
+                         b"labels": rng.integers(0, 10, 4).tolist()}
+        with open(directory / name, "wb") as handle:
+            pickle.dump(batches[name], handle)
+    x_train, y_train, x_test, y_test = module.load_split("cifar10", 0, str(tmp_path), 0)
+    assert x_train.shape == (20, 3, 32, 32) and x_test.shape == (4, 3, 32, 32)
+    first = torch.as_tensor(batches["data_batch_1"][b"data"][0].reshape(3, 32, 32) / 255.0, dtype=torch.float32)
+    assert torch.equal(x_train[0], first)
+    assert y_test.tolist() == batches["test_batch"][b"labels"]
+    _write_idx(tmp_path / "bad", numpy.zeros((3, 4, 4)), False)
+    with open(tmp_path / "bad", "r+b") as handle:
+        handle.truncate(20)
+    with pytest.raises(module.DatasetUnavailable, match="truncated"):
+        module._read_idx(str(tmp_path / "bad"))
 
 
 def test_text_sentiment_smoke(tmp_path, capsys):
