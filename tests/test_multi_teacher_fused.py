@@ -220,7 +220,9 @@ def test_gradcheck_float64(combine, divergence):
                                                 divergence=divergence, alpha=0.3, temperature=1.7,
                                                 label_smoothing=0.1, reduction="none")
 
-    assert torch.autograd.gradcheck(fn, (student.clone().requires_grad_(True),))
+    # gradcheck runs backward twice on one graph: for forward_kl the first uses the gradient
+    # the forward kernel wrote, the second the backward kernel; they agree to rounding.
+    assert torch.autograd.gradcheck(fn, (student.clone().requires_grad_(True),), nondet_tol=1e-12)
 
 
 def test_opcheck():

@@ -459,6 +459,255 @@ void backward_impl(const MultiTeacherKDArgs& args) {
   }
 }
 
+// ---- forward_kl: loss and (optionally) the gradient in one pass per input row ----
+//
+// forward_kl needs only sums of exponentials and, for the gradient, q - p̄ with
+// p̄ = Σ_m w_m p_m (combine Sum and Mixture alike). Per row, with whole-row buffers in the
+// compute type (es: exp((s - s_max)/T), mixture: p̄, scratch: one teacher's exponentials):
+//   1. student: a max pass, then one exp pass filling es (and the sums for CE);
+//   2. each teacher: a max pass (its one read from memory), an exp pass from cache giving
+//      Z_m = Σ e and A_m = Σ e (t - t_max), then p̄ += (w_m / Z_m) e;
+//   3. one pass over the row: the gradient (when asked for) and B = Σ p̄ (s - s_max)
+//      (Mixture: also Σ p̄ log p̄).
+// With Σ_i p_mi log p_mi = A_m / (T Z_m) - log Z_m and Σ_i p̄_i log q_i = B/T - log Z_s:
+//   Sum:     D = Σ_m w_m (A_m / (T Z_m) - log Z_m) - B/T + log Z_s
+//   Mixture: D = Σ_i p̄_i log p̄_i - B/T + log Z_s.
+// Each teacher row is read from memory once and exponentiated once; the student row is
+// exponentiated once (twice with CE at a temperature other than 1, 2, 4). The gradient is
+// written for grad_output = 1 (reductions applied) into args.grad_student, a contiguous
+// [rows, vocab] buffer in the compute type; the caller scales it by grad_output.
+
+template <class C>
+C row_max(const C* x, int64_t n) {
+  C m = kNegInf<C>;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+// Student exp pass: es[i] = exp((s_i - shift)/T); sums of es, of exp(s_i - shift) and of s_i - shift.
+template <class C, int S1, bool SMOOTH>
+void student_exp_row(const C* s, int64_t n, C shift, C inv_t, C* es, C& sum_t, C& sum_1, C& centered) {
+  C a = 0, b = 0, c = 0;
+#pragma omp simd reduction(+ : a, b, c)
+  for (int64_t i = 0; i < n; ++i) {
+    const C ds = s[i] - shift;
+    const C e = rowmath::exp_c(ds * inv_t);
+    es[i] = e;
+    a += e;
+    if constexpr (S1 == rowmath::kStudent1Exp) b += rowmath::exp_c(ds);
+    if constexpr (S1 == 2 || S1 == 4) b += rowmath::integer_power<S1>(e);
+    if constexpr (SMOOTH) c += ds;
+  }
+  sum_t = a;
+  sum_1 = b;
+  centered = c;
+}
+
+// Teacher exp pass: scratch[i] = exp((t_i - shift)/T); returns Z = Σ e and A = Σ e (t_i - shift).
+template <class C>
+void teacher_exp_row(const C* t, int64_t n, C shift, C inv_t, C* scratch, C& z_out, C& a_out) {
+  C z = 0, a = 0;
+#pragma omp simd reduction(+ : z, a)
+  for (int64_t i = 0; i < n; ++i) {
+    const C dt = t[i] - shift;
+    const C e = rowmath::exp_c(dt * inv_t);
+    scratch[i] = e;
+    z += e;
+    a += e > C(0) ? e * dt : C(0);
+  }
+  z_out = z;
+  a_out = a;
+}
+
+template <class C>
+void accumulate_scaled(const C* x, int64_t n, C c, bool first, C* acc) {
+  if (first) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) acc[i] = c * x[i];
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) acc[i] += c * x[i];
+  }
+}
+
+// Final pass: B = Σ p̄ (s - shift), H = Σ p̄ log p̄ (MIXTURE), and when GRAD the gradient
+// out = kd (es/Z_s - p̄) + ce (r - smooth), r per the student_1 mode S1 (r = es/Z_s at T = 1).
+template <class C, bool GRAD, bool KD, bool CE, int S1, bool MIXTURE>
+void final_row(const C* s, const C* es, const C* mixture, int64_t n, C shift, C inv_zs, C log_sum_1, C r_scale,
+               C kd, C ce, C smooth, C* out, C& b_out, C& h_out) {
+  C b = 0, h = 0;
+#pragma omp simd reduction(+ : b, h)
+  for (int64_t i = 0; i < n; ++i) {
+    const C pbar = KD ? mixture[i] : C(0);
+    if constexpr (KD) {
+      const C ds = s[i] - shift;
+      b += pbar > C(0) ? pbar * ds : C(0);
+      if constexpr (MIXTURE) h += pbar > C(0) ? pbar * rowmath::log_c(pbar) : C(0);
+    }
+    if constexpr (GRAD) {
+      const C q = es[i] * inv_zs;
+      C value = 0;
+      if constexpr (KD) value += kd * (q - pbar);
+      if constexpr (CE) {
+        C r = q;
+        if constexpr (S1 == rowmath::kStudent1Exp) r = rowmath::exp_c((s[i] - shift) - log_sum_1);
+        if constexpr (S1 == 2 || S1 == 4) r = rowmath::integer_power<S1>(es[i]) * r_scale;
+        value += ce * (r - smooth);
+      }
+      out[i] = value;
+    }
+  }
+  b_out = b;
+  h_out = h;
+}
+
+template <class C, bool GRAD, bool KD, bool MIXTURE>
+void final_row_for(int student_1_mode, bool ce, const C* s, const C* es, const C* mixture, int64_t n, C shift,
+                   C inv_zs, C log_sum_1, C r_scale, C kd, C ce_factor, C smooth, C* out, C& b, C& h) {
+  if (!ce) return final_row<C, GRAD, KD, false, rowmath::kStudent1None, MIXTURE>(s, es, mixture, n, shift, inv_zs, log_sum_1, r_scale, kd, ce_factor, smooth, out, b, h);
+  switch (student_1_mode) {
+    case rowmath::kStudent1Exp: return final_row<C, GRAD, KD, true, rowmath::kStudent1Exp, MIXTURE>(s, es, mixture, n, shift, inv_zs, log_sum_1, r_scale, kd, ce_factor, smooth, out, b, h);
+    case 2: return final_row<C, GRAD, KD, true, 2, MIXTURE>(s, es, mixture, n, shift, inv_zs, log_sum_1, r_scale, kd, ce_factor, smooth, out, b, h);
+    case 4: return final_row<C, GRAD, KD, true, 4, MIXTURE>(s, es, mixture, n, shift, inv_zs, log_sum_1, r_scale, kd, ce_factor, smooth, out, b, h);
+    default: return final_row<C, GRAD, KD, true, rowmath::kStudent1None, MIXTURE>(s, es, mixture, n, shift, inv_zs, log_sum_1, r_scale, kd, ce_factor, smooth, out, b, h);
+  }
+}
+
+template <class S, class T, class C, Combine MODE>
+int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
+  const Coefficients<C> k = rowmath::make_coefficients<C>(args.options);
+  const int64_t rows = args.rows, vocab = args.vocab, num_teachers = args.num_teachers;
+  const int64_t stats_width = kMultiTeacherRowStatsBase + kMultiTeacherStatsPerTeacher * num_teachers;
+  const S* student = static_cast<const S*>(args.student);
+  C* row_stats = static_cast<C*>(args.row_stats);
+  C* grad = static_cast<C*>(args.grad_student);
+  const C inv_t = k.inv_temperature;
+  const bool smooth = k.need_ce && k.label_smoothing > C(0);
+  constexpr bool kMixture = MODE == Combine::Mixture;
+
+  // The gradient's reduction scale needs the number of valid rows up front.
+  int64_t valid = 0;
+  for (int64_t row = 0; row < rows; ++row) valid += label_valid(args.labels, row, args.options.ignore_index) ? 1 : 0;
+  double reduction_scale = 1.0;
+  if (args.options.reduction == Reduction::Mean) reduction_scale = valid > 0 ? 1.0 / static_cast<double>(valid) : 0.0;
+  else if (args.options.reduction == Reduction::BatchMean) reduction_scale = rows > 0 ? 1.0 / static_cast<double>(rows) : 0.0;
+  const C ce_factor = static_cast<C>(reduction_scale) * k.alpha;
+  const C kd_factor = static_cast<C>(reduction_scale) * (C(1) - k.alpha) * k.divergence_scale * inv_t;
+  const C smooth_value = k.label_smoothing / static_cast<C>(vocab);
+  const C label_step = static_cast<C>(reduction_scale) * k.alpha * (C(1) - k.label_smoothing);
+  int64_t bad_labels = 0;
+
+#pragma omp parallel num_threads(threads_for(args.num_threads, rows, vocab * (num_teachers + 1))) reduction(+ : bad_labels)
+  {
+    // Whole-row buffers: converted student and teacher rows (low-precision inputs), es, p̄, scratch.
+    std::vector<C> buffers(static_cast<size_t>(vocab) * 5);
+    C* student_buf = buffers.data();
+    C* teacher_buf = student_buf + vocab;
+    C* es = teacher_buf + vocab;
+    C* mixture = es + vocab;
+    C* scratch = mixture + vocab;
+
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      C* stats_out = row_stats + row * stats_width;
+      C* g_row = grad != nullptr ? grad + row * vocab : nullptr;
+      if (!label_valid(args.labels, row, args.options.ignore_index)) {
+        for (int64_t j = 0; j < stats_width; ++j) stats_out[j] = C(0);
+        if (g_row) std::fill(g_row, g_row + vocab, C(0));
+        continue;
+      }
+      const int64_t label = args.labels ? args.labels[row] : -1;
+      if (args.labels && (label < 0 || label >= vocab)) {
+        ++bad_labels;
+        for (int64_t j = 0; j < stats_width; ++j) stats_out[j] = std::numeric_limits<C>::quiet_NaN();
+        if (g_row) std::fill(g_row, g_row + vocab, std::numeric_limits<C>::quiet_NaN());
+        continue;
+      }
+      const C* s = load_chunk<S, C>(student + row * args.student_row_stride, vocab, student_buf);
+      const C max_s = row_max(s, vocab);
+      // A row whose entries are all -inf shifts by 0 instead (no inf - inf).
+      const C shift_s = max_s == kNegInf<C> ? C(0) : max_s;
+      C sum_t = 0, sum_1 = 0, centered = 0;
+      switch (k.need_ce ? k.student_1_mode : rowmath::kStudent1None) {
+        case rowmath::kStudent1Exp:
+          if (smooth) student_exp_row<C, rowmath::kStudent1Exp, true>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered);
+          else student_exp_row<C, rowmath::kStudent1Exp, false>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered);
+          break;
+        case 2:
+          if (smooth) student_exp_row<C, 2, true>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered);
+          else student_exp_row<C, 2, false>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered);
+          break;
+        case 4:
+          if (smooth) student_exp_row<C, 4, true>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered);
+          else student_exp_row<C, 4, false>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered);
+          break;
+        default:
+          if (smooth) student_exp_row<C, rowmath::kStudent1None, true>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered);
+          else student_exp_row<C, rowmath::kStudent1None, false>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered);
+      }
+      const C log_sum_t = rowmath::log_of_sum(sum_t);
+      const C log_sum_1 = k.need_student_1 ? rowmath::log_of_sum(sum_1) : log_sum_t;
+
+      C teacher_part = 0;  // Sum: Σ_m w_m (A_m / (T Z_m) - log Z_m)
+      for (int64_t m = 0; m < num_teachers && k.need_kd; ++m) {
+        const T* t_row = static_cast<const T*>(args.teachers[m]) + row * args.teacher_row_strides[m];
+        const C* t = load_chunk<T, C>(t_row, vocab, teacher_buf);
+        const C max_t = row_max(t, vocab);
+        const C shift_t = max_t == kNegInf<C> ? C(0) : max_t;
+        C z = 0, a = 0;
+        teacher_exp_row(t, vocab, shift_t, inv_t, scratch, z, a);
+        const C w = weight_of<C>(args, m, row);
+        const C log_z = rowmath::log_of_sum(z);
+        accumulate_scaled(scratch, vocab, w / z, m == 0, mixture);
+        if (!kMixture && w > C(0)) teacher_part += w * (a * inv_t / z - log_z);
+        C* teacher_out = stats_out + kMultiTeacherRowStatsBase + kMultiTeacherStatsPerTeacher * m;
+        teacher_out[0] = shift_t;
+        teacher_out[1] = log_z;
+        teacher_out[2] = C(0);
+      }
+      if (!k.need_kd) {
+        for (int64_t j = kMultiTeacherRowStatsBase; j < stats_width; ++j) stats_out[j] = C(0);
+      }
+
+      const C inv_zs = C(1) / sum_t;
+      const C r_scale = k.student_1_mode == 2 || k.student_1_mode == 4
+                            ? static_cast<C>(std::exp(-static_cast<double>(log_sum_1)))
+                            : C(0);
+      C b = 0, h = 0;
+      C* out = g_row;
+      const int mode = k.student_1_mode;
+      if (out != nullptr) {
+        if (k.need_kd) final_row_for<C, true, true, kMixture>(mode, k.need_ce, s, es, mixture, vocab, shift_s, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, out, b, h);
+        else final_row_for<C, true, false, kMixture>(mode, k.need_ce, s, es, mixture, vocab, shift_s, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, out, b, h);
+        if (k.need_ce) out[label] -= label_step;
+      } else if (k.need_kd) {
+        final_row_for<C, false, true, kMixture>(mode, false, s, es, mixture, vocab, shift_s, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, out, b, h);
+      }
+
+      C divergence = 0;
+      if (k.need_kd) {
+        const C cross = b * inv_t - log_sum_t;  // Σ p̄ log q
+        divergence = (kMixture ? h : teacher_part) - cross;
+      }
+      C ce = 0;
+      if (k.need_ce) {
+        ce = rowmath::cross_entropy(s[label] - shift_s, log_sum_1, centered, vocab, k.label_smoothing);
+      }
+      stats_out[0] = shift_s;
+      stats_out[1] = log_sum_t;
+      stats_out[2] = log_sum_1;
+      stats_out[3] = C(0);
+      stats_out[4] = rowmath::combine_loss(ce, divergence, k);
+      stats_out[5] = C(0);
+    }
+  }
+
+  reduce_row_losses(row_stats, stats_width, 4, rows, args.labels, args.options, static_cast<C*>(args.loss),
+                    static_cast<C*>(args.valid_rows));
+  return bad_labels;
+}
+
 // ---- divergence / combine / dtype dispatch ----
 
 template <class S, class T, class C, class Fn>
@@ -481,6 +730,10 @@ auto with_mode(const MultiTeacherKDArgs& args, Fn&& fn) {
 template <class S, class T>
 int64_t forward_for(const MultiTeacherKDArgs& args) {
   using C = std::conditional_t<std::is_same_v<S, double>, double, float>;
+  if (args.options.divergence == Divergence::ForwardKL) {
+    if (args.combine == Combine::Mixture) return forward_kl_impl<S, T, C, Combine::Mixture>(args);
+    return forward_kl_impl<S, T, C, Combine::Sum>(args);
+  }
   return with_mode<S, T, C>(args, [&](auto d, auto c) {
     return forward_impl<S, T, C, decltype(d)::value, decltype(c)::value>(args);
   });

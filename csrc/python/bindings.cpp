@@ -247,12 +247,15 @@ int64_t multi_teacher_forward(uintptr_t student, int student_dtype, int64_t stud
                               int64_t weight_row_stride, uintptr_t labels, int64_t rows, int64_t vocab, int combine,
                               int divergence, int reduction, double temperature, double alpha, double beta,
                               double label_smoothing, double divergence_scale, int64_t ignore_index, uintptr_t loss,
-                              uintptr_t row_stats, uintptr_t valid_rows, int num_threads, int device_index) {
+                              uintptr_t row_stats, uintptr_t valid_rows, int num_threads, int device_index,
+                              uintptr_t grad_student) {
   kdfast::MultiTeacherKDArgs a = make_multi_teacher_args(
       student, student_dtype, student_row_stride, teachers, teacher_row_strides, teacher_dtype, weights,
       weight_teacher_stride, weight_row_stride, labels, rows, vocab, combine, divergence, reduction, temperature, alpha,
       beta, label_smoothing, divergence_scale, ignore_index, row_stats, valid_rows, num_threads, device_index);
   a.loss = as_ptr<void>(loss);
+  // forward_kl only: also the gradient for grad_output = 1, in the compute dtype (0: not wanted).
+  a.grad_student = as_ptr<void>(grad_student);
   return kdfast::multi_teacher_forward_cpu(a);
 }
 
@@ -345,7 +348,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("vocab"), py::arg("combine"), py::arg("divergence"), py::arg("reduction"), py::arg("temperature"),
         py::arg("alpha"), py::arg("beta"), py::arg("label_smoothing"), py::arg("divergence_scale"),
         py::arg("ignore_index"), py::arg("loss"), py::arg("row_stats"), py::arg("valid_rows"),
-        py::arg("num_threads"), py::arg("device_index"));
+        py::arg("num_threads"), py::arg("device_index"), py::arg("grad_student") = 0);
   m.def("multi_teacher_backward", &multi_teacher_backward, py::call_guard<py::gil_scoped_release>(),
         py::arg("grad_output"), py::arg("grad_output_stride"), py::arg("student"), py::arg("student_dtype"),
         py::arg("student_row_stride"), py::arg("teachers"), py::arg("teacher_row_strides"),

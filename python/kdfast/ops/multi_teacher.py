@@ -66,7 +66,10 @@ def _common_arguments(student: Tensor, teachers: List[Tensor], weights: Tensor, 
 
 def forward_impl(student: Tensor, teachers: List[Tensor], weights: Tensor, labels: Optional[Tensor], combine: str,
                  divergence: str, reduction: str, temperature: float, alpha: float, beta: float,
-                 label_smoothing: float, t2_scale: bool, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+                 label_smoothing: float, t2_scale: bool, ignore_index: int,
+                 grad_student: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward kernel; with `grad_student` (forward_kl only: a contiguous [rows, vocab]
+    tensor in the compute dtype) it also writes the student gradient for grad_output = 1."""
     rows, vocab = student.shape
     dtype = compute_dtype(student)
     loss = torch.empty((rows,) if reduction == "none" else (), dtype=dtype, device=student.device)
@@ -75,7 +78,8 @@ def forward_impl(student: Tensor, teachers: List[Tensor], weights: Tensor, label
     arguments = _common_arguments(student, teachers, weights, labels, combine, divergence, reduction, temperature,
                                   alpha, beta, label_smoothing, t2_scale, ignore_index)
     bad_labels = native_module().multi_teacher_forward(
-        loss=loss.data_ptr(), row_stats=row_stats.data_ptr(), valid_rows=valid_rows.data_ptr(), **arguments)
+        loss=loss.data_ptr(), row_stats=row_stats.data_ptr(), valid_rows=valid_rows.data_ptr(),
+        grad_student=grad_student.data_ptr() if grad_student is not None else 0, **arguments)
     if bad_labels:
         bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= vocab))]
         raise ValueError(
@@ -163,13 +167,24 @@ class EagerMultiTeacherKDLoss(torch.autograd.Function):
     `apply(student, weights, labels, options, *teachers)`: `options` is the tuple
     (combine, divergence, reduction, temperature, alpha, beta, label_smoothing, t2_scale,
     ignore_index); teachers come last so autograd sees them as tensors (constants here).
+
+    With forward_kl and a student that needs a gradient, the forward kernel also writes the
+    gradient for grad_output = 1 (one pass over the inputs instead of two; the buffer has
+    the student's shape in the compute dtype, whatever M is), and the backward pass only
+    scales it. A second backward (retain_graph) recomputes it with the backward kernel.
     """
 
     @staticmethod
     def forward(ctx, student, weights, labels, options, *teachers):
-        loss, row_stats, valid_rows = forward_impl(student, list(teachers), weights, labels, *options)
+        divergence = options[1]
+        grad_buffer = None
+        if ctx.needs_input_grad[0] and divergence == "forward_kl":
+            grad_buffer = torch.empty(student.shape, dtype=compute_dtype(student), device=student.device)
+        loss, row_stats, valid_rows = forward_impl(student, list(teachers), weights, labels, *options,
+                                                   grad_student=grad_buffer)
         ctx.save_for_backward(student, weights, labels, row_stats, valid_rows, *teachers)
         ctx.options = options
+        ctx.grad_buffer = grad_buffer
         ctx.mark_non_differentiable(row_stats, valid_rows)
         return loss, row_stats, valid_rows
 
@@ -178,6 +193,15 @@ class EagerMultiTeacherKDLoss(torch.autograd.Function):
         student, weights, labels, row_stats, valid_rows, *teachers = ctx.saved_tensors
         grad_student = None
         if ctx.needs_input_grad[0]:
-            grad_student = backward_impl(grad_loss, student, list(teachers), weights, labels, row_stats, valid_rows,
-                                         *ctx.options)
+            grad_buffer, ctx.grad_buffer = ctx.grad_buffer, None
+            if grad_buffer is not None:
+                grad_loss = grad_loss.to(grad_buffer.dtype)
+                if grad_loss.dim() == 1:  # reduction "none": one factor per row
+                    grad_buffer.mul_(grad_loss.unsqueeze(1))
+                elif float(grad_loss) != 1.0:
+                    grad_buffer.mul_(grad_loss)
+                grad_student = grad_buffer.to(student.dtype)
+            else:
+                grad_student = backward_impl(grad_loss, student, list(teachers), weights, labels, row_stats,
+                                             valid_rows, *ctx.options)
         return (grad_student, None, None, None) + (None,) * len(teachers)
