@@ -465,10 +465,12 @@ void backward_impl(const MultiTeacherKDArgs& args) {
 // p̄ = Σ_m w_m p_m (combine Sum and Mixture alike). Per row, with whole-row buffers in the
 // compute type (es: exp((s - s_max)/T), mixture: p̄, scratch: one teacher's exponentials):
 //   1. student: a max pass, then one exp pass filling es (and the sums for CE);
-//   2. each teacher: a max pass (its one read from memory), an exp pass from cache giving
-//      Z_m = Σ e and A_m = Σ e (t - t_max), then p̄ += (w_m / Z_m) e;
-//   3. one pass over the row: the gradient (when asked for) and B = Σ p̄ (s - s_max)
-//      (Mixture: also Σ p̄ log p̄).
+//   2. each teacher: an exp pass giving Z_m = Σ e and A_m = Σ e (t - t_max) into a scratch
+//      row; the same sweep adds the previous teacher's (w / Z) e to p̄ and takes the
+//      maximum of the next teacher's row, which is that row's one read from memory
+//      (float32 / float64 teachers; converted ones take a separate max pass);
+//   3. one pass over the row adds the last teacher to p̄ and gives the gradient (when asked
+//      for) and B = Σ p̄ (s - s_max) (Mixture: also Σ p̄ log p̄).
 // With Σ_i p_mi log p_mi = A_m / (T Z_m) - log Z_m and Σ_i p̄_i log q_i = B/T - log Z_s:
 //   Sum:     D = Σ_m w_m (A_m / (T Z_m) - log Z_m) - B/T + log Z_s
 //   Mixture: D = Σ_i p̄_i log p̄_i - B/T + log Z_s.
@@ -486,10 +488,13 @@ C row_max(const C* x, int64_t n) {
 }
 
 // Student exp pass: es[i] = exp((s_i - shift)/T); sums of es, of exp(s_i - shift) and of s_i - shift.
-template <class C, int S1, bool SMOOTH>
-void student_exp_row(const C* s, int64_t n, C shift, C inv_t, C* es, C& sum_t, C& sum_1, C& centered) {
-  C a = 0, b = 0, c = 0;
-#pragma omp simd reduction(+ : a, b, c)
+// NEXT: also the maximum of the next row to process (`next`, a teacher row), so its first
+// read from memory overlaps this pass's arithmetic.
+template <class C, int S1, bool SMOOTH, bool NEXT>
+void student_exp_row(const C* s, int64_t n, C shift, C inv_t, C* es, C& sum_t, C& sum_1, C& centered,
+                     const C* next, C& next_max) {
+  C a = 0, b = 0, c = 0, nm = kNegInf<C>;
+#pragma omp simd reduction(+ : a, b, c) reduction(max : nm)
   for (int64_t i = 0; i < n; ++i) {
     const C ds = s[i] - shift;
     const C e = rowmath::exp_c(ds * inv_t);
@@ -498,48 +503,69 @@ void student_exp_row(const C* s, int64_t n, C shift, C inv_t, C* es, C& sum_t, C
     if constexpr (S1 == rowmath::kStudent1Exp) b += rowmath::exp_c(ds);
     if constexpr (S1 == 2 || S1 == 4) b += rowmath::integer_power<S1>(e);
     if constexpr (SMOOTH) c += ds;
+    if constexpr (NEXT) nm = next[i] > nm ? next[i] : nm;
   }
   sum_t = a;
   sum_1 = b;
   centered = c;
+  next_max = nm;
+}
+
+template <class C, int S1, bool SMOOTH>
+void student_exp_row_for(const C* s, int64_t n, C shift, C inv_t, C* es, C& sum_t, C& sum_1, C& centered,
+                         const C* next, C& next_max) {
+  if (next != nullptr) student_exp_row<C, S1, SMOOTH, true>(s, n, shift, inv_t, es, sum_t, sum_1, centered, next, next_max);
+  else student_exp_row<C, S1, SMOOTH, false>(s, n, shift, inv_t, es, sum_t, sum_1, centered, next, next_max);
 }
 
 // Teacher exp pass: scratch[i] = exp((t_i - shift)/T); returns Z = Σ e and A = Σ e (t_i - shift).
-template <class C>
-void teacher_exp_row(const C* t, int64_t n, C shift, C inv_t, C* scratch, C& z_out, C& a_out) {
-  C z = 0, a = 0;
-#pragma omp simd reduction(+ : z, a)
+// Fused into the same sweep: NEXT, the maximum of the next teacher row (its read from memory
+// overlaps the arithmetic); PREV, mixture (+)= prev_c * prev (the previous teacher's
+// exponentials, = when FIRST).
+template <class C, bool NEXT, bool PREV, bool FIRST>
+void teacher_exp_row(const C* t, int64_t n, C shift, C inv_t, C* scratch, C& z_out, C& a_out, const C* next,
+                     C& next_max, const C* prev, C prev_c, C* mixture) {
+  C z = 0, a = 0, nm = kNegInf<C>;
+#pragma omp simd reduction(+ : z, a) reduction(max : nm)
   for (int64_t i = 0; i < n; ++i) {
     const C dt = t[i] - shift;
     const C e = rowmath::exp_c(dt * inv_t);
     scratch[i] = e;
     z += e;
     a += e > C(0) ? e * dt : C(0);
+    if constexpr (NEXT) nm = next[i] > nm ? next[i] : nm;
+    if constexpr (PREV) mixture[i] = (FIRST ? C(0) : mixture[i]) + prev_c * prev[i];
   }
   z_out = z;
   a_out = a;
+  next_max = nm;
 }
 
 template <class C>
-void accumulate_scaled(const C* x, int64_t n, C c, bool first, C* acc) {
-  if (first) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) acc[i] = c * x[i];
+void teacher_exp_row_for(const C* t, int64_t n, C shift, C inv_t, C* scratch, C& z, C& a, const C* next,
+                         C& next_max, const C* prev, C prev_c, C* mixture, bool first) {
+  if (next != nullptr) {
+    if (prev == nullptr) teacher_exp_row<C, true, false, false>(t, n, shift, inv_t, scratch, z, a, next, next_max, prev, prev_c, mixture);
+    else if (first) teacher_exp_row<C, true, true, true>(t, n, shift, inv_t, scratch, z, a, next, next_max, prev, prev_c, mixture);
+    else teacher_exp_row<C, true, true, false>(t, n, shift, inv_t, scratch, z, a, next, next_max, prev, prev_c, mixture);
   } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) acc[i] += c * x[i];
+    if (prev == nullptr) teacher_exp_row<C, false, false, false>(t, n, shift, inv_t, scratch, z, a, next, next_max, prev, prev_c, mixture);
+    else if (first) teacher_exp_row<C, false, true, true>(t, n, shift, inv_t, scratch, z, a, next, next_max, prev, prev_c, mixture);
+    else teacher_exp_row<C, false, true, false>(t, n, shift, inv_t, scratch, z, a, next, next_max, prev, prev_c, mixture);
   }
 }
 
 // Final pass: B = Σ p̄ (s - shift), H = Σ p̄ log p̄ (MIXTURE), and when GRAD the gradient
 // out = kd (es/Z_s - p̄) + ce (r - smooth), r per the student_1 mode S1 (r = es/Z_s at T = 1).
+// The mixture is p̄_i = mixture_scale * mixture[i] + last_c * last[i] (the last teacher's
+// exponentials are added here, in the same sweep).
 template <class C, bool GRAD, bool KD, bool CE, int S1, bool MIXTURE>
-void final_row(const C* s, const C* es, const C* mixture, int64_t n, C shift, C inv_zs, C log_sum_1, C r_scale,
-               C kd, C ce, C smooth, C* out, C& b_out, C& h_out) {
+void final_row(const C* s, const C* es, const C* mixture, C mixture_scale, const C* last, C last_c, int64_t n,
+               C shift, C inv_zs, C log_sum_1, C r_scale, C kd, C ce, C smooth, C* out, C& b_out, C& h_out) {
   C b = 0, h = 0;
 #pragma omp simd reduction(+ : b, h)
   for (int64_t i = 0; i < n; ++i) {
-    const C pbar = KD ? mixture[i] : C(0);
+    const C pbar = KD ? mixture_scale * mixture[i] + last_c * last[i] : C(0);
     if constexpr (KD) {
       const C ds = s[i] - shift;
       b += pbar > C(0) ? pbar * ds : C(0);
@@ -563,15 +589,20 @@ void final_row(const C* s, const C* es, const C* mixture, int64_t n, C shift, C 
 }
 
 template <class C, bool GRAD, bool KD, bool MIXTURE>
-void final_row_for(int student_1_mode, bool ce, const C* s, const C* es, const C* mixture, int64_t n, C shift,
-                   C inv_zs, C log_sum_1, C r_scale, C kd, C ce_factor, C smooth, C* out, C& b, C& h) {
-  if (!ce) return final_row<C, GRAD, KD, false, rowmath::kStudent1None, MIXTURE>(s, es, mixture, n, shift, inv_zs, log_sum_1, r_scale, kd, ce_factor, smooth, out, b, h);
+void final_row_for(int student_1_mode, bool ce, const C* s, const C* es, const C* mixture, C mixture_scale,
+                   const C* last, C last_c, int64_t n, C shift, C inv_zs, C log_sum_1, C r_scale, C kd, C ce_factor,
+                   C smooth, C* out, C& b, C& h) {
+#define KDFAST_FINAL_ROW(CE_, S1_) \
+  final_row<C, GRAD, KD, CE_, S1_, MIXTURE>(s, es, mixture, mixture_scale, last, last_c, n, shift, inv_zs, log_sum_1, \
+                                            r_scale, kd, ce_factor, smooth, out, b, h)
+  if (!ce) return KDFAST_FINAL_ROW(false, rowmath::kStudent1None);
   switch (student_1_mode) {
-    case rowmath::kStudent1Exp: return final_row<C, GRAD, KD, true, rowmath::kStudent1Exp, MIXTURE>(s, es, mixture, n, shift, inv_zs, log_sum_1, r_scale, kd, ce_factor, smooth, out, b, h);
-    case 2: return final_row<C, GRAD, KD, true, 2, MIXTURE>(s, es, mixture, n, shift, inv_zs, log_sum_1, r_scale, kd, ce_factor, smooth, out, b, h);
-    case 4: return final_row<C, GRAD, KD, true, 4, MIXTURE>(s, es, mixture, n, shift, inv_zs, log_sum_1, r_scale, kd, ce_factor, smooth, out, b, h);
-    default: return final_row<C, GRAD, KD, true, rowmath::kStudent1None, MIXTURE>(s, es, mixture, n, shift, inv_zs, log_sum_1, r_scale, kd, ce_factor, smooth, out, b, h);
+    case rowmath::kStudent1Exp: return KDFAST_FINAL_ROW(true, rowmath::kStudent1Exp);
+    case 2: return KDFAST_FINAL_ROW(true, 2);
+    case 4: return KDFAST_FINAL_ROW(true, 4);
+    default: return KDFAST_FINAL_ROW(true, rowmath::kStudent1None);
   }
+#undef KDFAST_FINAL_ROW
 }
 
 template <class S, class T, class C, Combine MODE>
@@ -585,6 +616,7 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
   const C inv_t = k.inv_temperature;
   const bool smooth = k.need_ce && k.label_smoothing > C(0);
   constexpr bool kMixture = MODE == Combine::Mixture;
+  constexpr bool kInPlace = std::is_same_v<T, C>;  // teachers read without conversion
 
   // The gradient's reduction scale needs the number of valid rows up front.
   int64_t valid = 0;
@@ -601,12 +633,12 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
 #pragma omp parallel num_threads(threads_for(args.num_threads, rows, vocab * (num_teachers + 1))) reduction(+ : bad_labels)
   {
     // Whole-row buffers: converted student and teacher rows (low-precision inputs), es, p̄, scratch.
-    std::vector<C> buffers(static_cast<size_t>(vocab) * 5);
+    std::vector<C> buffers(static_cast<size_t>(vocab) * 6);
     C* student_buf = buffers.data();
     C* teacher_buf = student_buf + vocab;
     C* es = teacher_buf + vocab;
     C* mixture = es + vocab;
-    C* scratch = mixture + vocab;
+    C* scratch_pair[2] = {mixture + vocab, mixture + 2 * vocab};
 
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
@@ -628,38 +660,61 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
       const C max_s = row_max(s, vocab);
       // A row whose entries are all -inf shifts by 0 instead (no inf - inf).
       const C shift_s = max_s == kNegInf<C> ? C(0) : max_s;
+      auto teacher_row = [&](int64_t m) {
+        return static_cast<const T*>(args.teachers[m]) + row * args.teacher_row_strides[m];
+      };
+      // Float32 / float64 teachers are read in place, so each pass can take the next
+      // teacher's maximum on the way; converted teachers take theirs after conversion.
+      const C* next = nullptr;
+      if constexpr (kInPlace) next = k.need_kd ? reinterpret_cast<const C*>(teacher_row(0)) : nullptr;
+      C next_max = kNegInf<C>;
       C sum_t = 0, sum_1 = 0, centered = 0;
       switch (k.need_ce ? k.student_1_mode : rowmath::kStudent1None) {
         case rowmath::kStudent1Exp:
-          if (smooth) student_exp_row<C, rowmath::kStudent1Exp, true>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered);
-          else student_exp_row<C, rowmath::kStudent1Exp, false>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered);
+          if (smooth) student_exp_row_for<C, rowmath::kStudent1Exp, true>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered, next, next_max);
+          else student_exp_row_for<C, rowmath::kStudent1Exp, false>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered, next, next_max);
           break;
         case 2:
-          if (smooth) student_exp_row<C, 2, true>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered);
-          else student_exp_row<C, 2, false>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered);
+          if (smooth) student_exp_row_for<C, 2, true>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered, next, next_max);
+          else student_exp_row_for<C, 2, false>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered, next, next_max);
           break;
         case 4:
-          if (smooth) student_exp_row<C, 4, true>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered);
-          else student_exp_row<C, 4, false>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered);
+          if (smooth) student_exp_row_for<C, 4, true>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered, next, next_max);
+          else student_exp_row_for<C, 4, false>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered, next, next_max);
           break;
         default:
-          if (smooth) student_exp_row<C, rowmath::kStudent1None, true>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered);
-          else student_exp_row<C, rowmath::kStudent1None, false>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered);
+          if (smooth) student_exp_row_for<C, rowmath::kStudent1None, true>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered, next, next_max);
+          else student_exp_row_for<C, rowmath::kStudent1None, false>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered, next, next_max);
       }
       const C log_sum_t = rowmath::log_of_sum(sum_t);
       const C log_sum_1 = k.need_student_1 ? rowmath::log_of_sum(sum_1) : log_sum_t;
 
       C teacher_part = 0;  // Sum: Σ_m w_m (A_m / (T Z_m) - log Z_m)
+      // The previous teacher's exponentials and factor w/Z, added to the mixture one pass later.
+      const C* prev = nullptr;
+      C prev_c = 0;
+      bool mixture_empty = true;
       for (int64_t m = 0; m < num_teachers && k.need_kd; ++m) {
-        const T* t_row = static_cast<const T*>(args.teachers[m]) + row * args.teacher_row_strides[m];
-        const C* t = load_chunk<T, C>(t_row, vocab, teacher_buf);
-        const C max_t = row_max(t, vocab);
+        const C* t;
+        C max_t;
+        if constexpr (kInPlace) {
+          t = reinterpret_cast<const C*>(teacher_row(m));
+          max_t = next_max;
+          next = m + 1 < num_teachers ? reinterpret_cast<const C*>(teacher_row(m + 1)) : nullptr;
+        } else {
+          t = load_chunk<T, C>(teacher_row(m), vocab, teacher_buf);
+          max_t = row_max(t, vocab);
+        }
         const C shift_t = max_t == kNegInf<C> ? C(0) : max_t;
+        C* scratch = scratch_pair[m % 2];
         C z = 0, a = 0;
-        teacher_exp_row(t, vocab, shift_t, inv_t, scratch, z, a);
+        teacher_exp_row_for(t, vocab, shift_t, inv_t, scratch, z, a, next, next_max, prev, prev_c, mixture,
+                            mixture_empty);
+        if (prev != nullptr) mixture_empty = false;
         const C w = weight_of<C>(args, m, row);
         const C log_z = rowmath::log_of_sum(z);
-        accumulate_scaled(scratch, vocab, w / z, m == 0, mixture);
+        prev = scratch;
+        prev_c = w / z;
         if (!kMixture && w > C(0)) teacher_part += w * (a * inv_t / z - log_z);
         C* teacher_out = stats_out + kMultiTeacherRowStatsBase + kMultiTeacherStatsPerTeacher * m;
         teacher_out[0] = shift_t;
@@ -669,6 +724,10 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
       if (!k.need_kd) {
         for (int64_t j = kMultiTeacherRowStatsBase; j < stats_width; ++j) stats_out[j] = C(0);
       }
+      // p̄ = mixture (unless empty) + prev_c * prev, formed in the final pass.
+      const C mixture_scale = mixture_empty ? C(0) : C(1);
+      const C* mixture_in = mixture_empty ? (prev != nullptr ? prev : es) : mixture;
+      const C* last = prev != nullptr ? prev : es;
 
       const C inv_zs = C(1) / sum_t;
       const C r_scale = k.student_1_mode == 2 || k.student_1_mode == 4
@@ -678,11 +737,11 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
       C* out = g_row;
       const int mode = k.student_1_mode;
       if (out != nullptr) {
-        if (k.need_kd) final_row_for<C, true, true, kMixture>(mode, k.need_ce, s, es, mixture, vocab, shift_s, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, out, b, h);
-        else final_row_for<C, true, false, kMixture>(mode, k.need_ce, s, es, mixture, vocab, shift_s, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, out, b, h);
+        if (k.need_kd) final_row_for<C, true, true, kMixture>(mode, k.need_ce, s, es, mixture_in, mixture_scale, last, prev_c, vocab, shift_s, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, out, b, h);
+        else final_row_for<C, true, false, kMixture>(mode, k.need_ce, s, es, mixture_in, mixture_scale, last, prev_c, vocab, shift_s, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, out, b, h);
         if (k.need_ce) out[label] -= label_step;
       } else if (k.need_kd) {
-        final_row_for<C, false, true, kMixture>(mode, false, s, es, mixture, vocab, shift_s, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, out, b, h);
+        final_row_for<C, false, true, kMixture>(mode, false, s, es, mixture_in, mixture_scale, last, prev_c, vocab, shift_s, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, out, b, h);
       }
 
       C divergence = 0;
