@@ -10,8 +10,8 @@ changes the folder, `--no-csv` skips writing). Providers, all computing the same
   `w_m·T²·F.kl_div(F.log_softmax(s/T), F.log_softmax(t_m/T), log_target=True, reduction="batchmean")`
   plus `α·F.cross_entropy(s, y)`.
 Teachers are M separate [N, V] tensors (as M models produce them). Minimum bytes of a
-forward+backward call: (M + 1)·N·V·size read twice (forward and backward) + N·V·size
-written (the gradient); the table's GB/s uses that formula for each provider.
+forward+backward call: (M + 1)·N·V·size read once + N·V·size written (the gradient); the
+table's GB/s uses that formula for each provider.
 Timing: after a warm-up call, each call is timed with `time.process_time` (CPU time of the
 process, all threads) and `time.perf_counter` (wall); the table shows the medians and the
 speed-up uses CPU time, which a busy machine disturbs less. Peak memory is the extra
@@ -120,7 +120,7 @@ def main() -> None:
             cpu_ms, wall_ms = time_step(step, options.repeats)
             peak_mb = benchmark.measure_peak_extra_mb(step, "cpu")
             results[name] = dict(loss=loss, cpu_ms=cpu_ms, wall_ms=wall_ms, peak_mb=peak_mb)
-        minimum_bytes = (2 * (num_teachers + 1) + 1) * options.rows * options.vocab * size
+        minimum_bytes = (num_teachers + 2) * options.rows * options.vocab * size
         for name, result in results.items():
             speedup = results["eager"]["cpu_ms"] / result["cpu_ms"] if "eager" in results else float("nan")
             delta = (abs(float(result["loss"]) - float(reference_loss)) if reference_loss is not None

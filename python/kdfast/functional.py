@@ -346,11 +346,15 @@ def multi_teacher_kd_loss(
     both combine modes. The semantics are those of `kdfast.methods.multi_teacher_kd_loss`,
     which is the float64 oracle and the fallback on devices other than the CPU.
 
-    On the CPU the kernel reads the student row and every teacher row once in the forward
-    pass (twice for "mixture", "jsd" and "tvd", which need normalised distributions) and
-    once in the backward pass, writing the gradient once; teachers are passed by address,
-    so no [M, N, V] stack or per-teacher [N, V] temporary is created. Its extra memory is
-    the [N, 6 + 3M] per-row statistics and the student gradient.
+    On the CPU, with "forward_kl" (either combine mode) the forward kernel reads every
+    teacher row and the student row from memory once, exponentiates each element once, and,
+    when the student needs a gradient (eager mode), writes that gradient in the same pass;
+    the backward pass only scales it by grad_output. Other divergences read the rows once
+    in the forward pass (twice for "mixture", "jsd" and "tvd", which need normalised
+    distributions) and once more in the backward pass. Teachers are passed by address, so
+    no [M, N, V] stack or per-teacher [N, V] temporary is created: the extra memory is the
+    [N, 6 + 3M] per-row statistics, the [N, V] student gradient (float32, float64 for a
+    float64 student) and a few rows per thread.
 
     Args:
         student_logits: [..., V] float32, bfloat16, float16 or float64. Receives the gradient.
