@@ -9,8 +9,8 @@ kernels; tensors on other devices (or CUDA when kdfast was built without CUDA ke
 `kdfast.reference`, which computes the same contract in plain PyTorch. `sparse_kd_loss`
 does the same against top-k soft labels (`kdfast.SoftLabels`) through the
 `kdfast::sparse_kd_forward` op. `multi_teacher_kd_loss` distils from M teachers at once
-through `kdfast::multi_teacher_kd_forward` (CPU; `kdfast.methods.multi_teacher_kd_loss`
-elsewhere).
+through `kdfast::multi_teacher_kd_forward` (CPU, and CUDA when built with CUDA kernels;
+`kdfast.methods.multi_teacher_kd_loss` elsewhere).
 """
 
 from __future__ import annotations
@@ -251,6 +251,12 @@ def _unchecked_teacher_weights(weights, num_teachers: int, leading_shape: torch.
     return normalised.expand(num_teachers, rows)
 
 
+def _multi_teacher_count(teacher_logits) -> int:
+    if isinstance(teacher_logits, Tensor):
+        return teacher_logits.shape[0] if teacher_logits.dim() > 0 else 0
+    return len(teacher_logits) if isinstance(teacher_logits, (list, tuple)) else 0
+
+
 def _is_soft_label_sequence(teacher_logits) -> bool:
     from kdfast.softlabels import SoftLabels
 
@@ -398,8 +404,9 @@ def multi_teacher_kd_loss(
     Raises:
         TypeError: logits not floating, labels not int64, weights of the wrong type.
         ValueError: mismatched shapes or devices, bad options (as `kd_loss`), an unknown
-            `combine`, labels outside [0, V) that are not `ignore_index`, and in eager mode
-            negative or non-finite weights or a zero weight sum on a non-ignored row.
+            `combine`, labels outside [0, V) that are not `ignore_index` (CPU; on CUDA
+            tensors their rows get a NaN loss and gradient, as in `kd_loss`), and in eager
+            mode negative or non-finite weights or a zero weight sum on a non-ignored row.
     """
     from kdfast.methods import multi_teacher as _plain
     from kdfast.methods._validation import require_choice
@@ -411,7 +418,10 @@ def multi_teacher_kd_loss(
                    t2_scale=t2_scale)
     if _is_soft_label_sequence(teacher_logits):
         return _multi_teacher_soft_labels(student_logits, list(teacher_logits), labels, tail=tail, **options)
-    uses_kernel = isinstance(student_logits, Tensor) and student_logits.device.type == "cpu"
+    uses_kernel = isinstance(student_logits, Tensor) and (
+        student_logits.device.type == "cpu"
+        or (student_logits.device.type == "cuda" and has_cuda_kernels()
+            and _multi_teacher_count(teacher_logits) <= _multi_teacher_ops.MAX_CUDA_TEACHERS))
     # Under torch.compile the availability check is not traced; a missing core fails at the op.
     if not uses_kernel or (not torch.compiler.is_compiling() and not native_available()):
         return _plain.multi_teacher_kd_loss(student_logits, teacher_logits, labels, **options)

@@ -16,9 +16,10 @@ Contract (inputs already validated and shaped by `kdfast.functional.multi_teache
   [0, vocab) that are not ignore_index raise ValueError.
 - backward returns the student gradient [rows, vocab], contiguous, in the student dtype,
   multiplied by grad_output inside the kernel.
-CPU only: the compiled core has no CUDA kernel for this loss (the functional falls back to
-`kdfast.methods.multi_teacher_kd_loss` elsewhere). `EagerMultiTeacherKDLoss` runs the same
-bodies without the dispatcher for eager mode.
+CPU, and CUDA when the core was built with CUDA kernels (at most MAX_CUDA_TEACHERS
+teachers; they run on the current stream and give NaN rows for out-of-range labels instead
+of raising). The functional falls back to `kdfast.methods.multi_teacher_kd_loss` elsewhere.
+`EagerMultiTeacherKDLoss` runs the same bodies without the dispatcher for eager mode.
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ from kdfast.ops._native import (
     DTYPE_CODES,
     REDUCTION_CODES,
     compute_dtype,
+    device_and_stream,
     divergence_scale,
     native_module,
 )
+
+# Most teachers the CUDA kernels take (their addresses travel in the kernel parameters).
+MAX_CUDA_TEACHERS = 16
 
 COMBINE_CODES = {"sum": 0, "mixture": 1}
 ROW_STATS_BASE = 6
@@ -50,6 +55,7 @@ def _common_arguments(student: Tensor, teachers: List[Tensor], weights: Tensor, 
                       combine: str, divergence: str, reduction: str, temperature: float, alpha: float, beta: float,
                       label_smoothing: float, t2_scale: bool, ignore_index: int) -> dict:
     rows, vocab = student.shape
+    device_index, stream = device_and_stream(student)
     return dict(
         student=student.data_ptr(), student_dtype=DTYPE_CODES[student.dtype], student_row_stride=student.stride(0),
         teachers=[teacher.data_ptr() for teacher in teachers],
@@ -60,7 +66,7 @@ def _common_arguments(student: Tensor, teachers: List[Tensor], weights: Tensor, 
         combine=COMBINE_CODES[combine], divergence=DIVERGENCE_CODES[divergence], reduction=REDUCTION_CODES[reduction],
         temperature=temperature, alpha=alpha, beta=beta, label_smoothing=label_smoothing,
         divergence_scale=divergence_scale(temperature, t2_scale), ignore_index=ignore_index,
-        num_threads=torch.get_num_threads(), device_index=-1,
+        num_threads=torch.get_num_threads(), device_index=device_index, stream=stream,
     )
 
 
@@ -104,7 +110,7 @@ def backward_impl(grad_output: Tensor, student: Tensor, teachers: List[Tensor], 
     return grad_student
 
 
-@torch.library.custom_op("kdfast::multi_teacher_kd_forward", mutates_args=(), device_types=("cpu",))
+@torch.library.custom_op("kdfast::multi_teacher_kd_forward", mutates_args=(), device_types=("cpu", "cuda"))
 def multi_teacher_kd_forward(student: Tensor, teachers: List[Tensor], weights: Tensor, labels: Optional[Tensor],
                              combine: str, divergence: str, reduction: str, temperature: float, alpha: float,
                              beta: float, label_smoothing: float, t2_scale: bool,
@@ -123,7 +129,7 @@ def _(student, teachers, weights, labels, combine, divergence, reduction, temper
     return loss, row_stats, student.new_empty((), dtype=dtype)
 
 
-@torch.library.custom_op("kdfast::multi_teacher_kd_backward", mutates_args=(), device_types=("cpu",))
+@torch.library.custom_op("kdfast::multi_teacher_kd_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def multi_teacher_kd_backward(grad_output: Tensor, student: Tensor, teachers: List[Tensor], weights: Tensor,
                               labels: Optional[Tensor], row_stats: Tensor, valid_rows: Tensor, combine: str,
                               divergence: str, reduction: str, temperature: float, alpha: float, beta: float,
@@ -178,7 +184,7 @@ class EagerMultiTeacherKDLoss(torch.autograd.Function):
     def forward(ctx, student, weights, labels, options, *teachers):
         divergence = options[1]
         grad_buffer = None
-        if ctx.needs_input_grad[0] and divergence == "forward_kl":
+        if ctx.needs_input_grad[0] and divergence == "forward_kl" and student.device.type == "cpu":
             grad_buffer = torch.empty(student.shape, dtype=compute_dtype(student), device=student.device)
         loss, row_stats, valid_rows = forward_impl(student, list(teachers), weights, labels, *options,
                                                    grad_student=grad_buffer)
