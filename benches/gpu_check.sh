@@ -131,7 +131,8 @@ else
 fi
 
 # ---- 4. CUDA tests
-run_step tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kd_loss_cuda.py --maxfail=25 -rfE \
+run_step tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kd_loss_cuda.py tests/test_multi_teacher_cuda.py \
+  --maxfail=25 -rfE \
   --durations=15 -o faulthandler_timeout=120 --junitxml="$OUT/tests.xml"
 TESTS_RC=$?
 
