@@ -525,6 +525,8 @@ void student_exp_row_for(const C* s, int64_t n, C shift, C inv_t, C* es, C& sum_
 template <class C, bool NEXT, bool PREV, bool FIRST>
 void teacher_exp_row(const C* t, int64_t n, C shift, C inv_t, C* scratch, C& z_out, C& a_out, const C* next,
                      C& next_max, const C* prev, C prev_c, C* mixture) {
+  // A -inf logit has e = 0: its dt is clamped to the lowest finite value so that e * dt = 0.
+  constexpr C kLowest = std::numeric_limits<C>::lowest();
   C z = 0, a = 0, nm = kNegInf<C>;
 #pragma omp simd reduction(+ : z, a) reduction(max : nm)
   for (int64_t i = 0; i < n; ++i) {
@@ -532,7 +534,7 @@ void teacher_exp_row(const C* t, int64_t n, C shift, C inv_t, C* scratch, C& z_o
     const C e = rowmath::exp_c(dt * inv_t);
     scratch[i] = e;
     z += e;
-    a += e > C(0) ? e * dt : C(0);
+    a += e * (dt > kLowest ? dt : kLowest);
     if constexpr (NEXT) nm = next[i] > nm ? next[i] : nm;
     if constexpr (PREV) mixture[i] = (FIRST ? C(0) : mixture[i]) + prev_c * prev[i];
   }
