@@ -163,3 +163,14 @@ def test_every_row_ignored_gives_zero():
     loss, grad = loss_and_grad(functional.multi_teacher_kd_loss, student.float(), soft_labels, labels, seed=11,
                                temperature=TEMPERATURE, alpha=0.5)
     assert float(loss) == 0.0 and bool((grad == 0).all())
+
+
+def test_module_takes_soft_labels():
+    student, _, soft_labels, labels = make_case(2, (4,), 60, 6, seed=12)
+    module = kdfast.MultiTeacherKDLoss(weights=[1.0, 3.0], temperature=TEMPERATURE, tail="renormalize", alpha=0.2)
+    expected = functional.multi_teacher_kd_loss(student, soft_labels, labels, weights=[1.0, 3.0],
+                                                temperature=TEMPERATURE, tail="renormalize", alpha=0.2)
+    bucket = functional.multi_teacher_kd_loss(student, soft_labels, labels, weights=[1.0, 3.0],
+                                              temperature=TEMPERATURE, alpha=0.2)
+    torch.testing.assert_close(module(student, soft_labels, labels), expected, rtol=0, atol=0)
+    assert not torch.allclose(expected, bucket)
