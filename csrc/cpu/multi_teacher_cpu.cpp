@@ -2,14 +2,17 @@
 // Compiled once per instruction-set variant like kd_loss_cpu.cpp (namespace
 // kdfast::cpu::KDFAST_CPU_VARIANT); dispatch.cpp picks one at run time. Contract: types.h
 // (MultiTeacherKDArgs) and rowmath.h (the per-row math, shared with the dense loss).
-// Rows are split over OpenMP threads; each row is streamed in chunks of kChunk elements.
+// Rows are split over OpenMP threads. forward_kl (either combine mode) has its own forward,
+// `forward_kl_impl` below: whole-row buffers, each input read from memory and exponentiated
+// once, and the gradient written in the same pass when asked for. The other divergences
+// stream each row in chunks of kChunk elements.
 // Forward: one read of the student row and of every teacher row gives the student's
 // statistics and, per teacher, its maximum, log-sum and (combine Sum with forward_kl or
 // reverse_kl) the one-pass divergence sum. combine Mixture, and jsd / tvd, need normalised
 // teacher distributions, so they sweep the row again (chunk by chunk; on a large
 // vocabulary this second read comes from cache or memory). Backward: one more read of
 // every row; the gradient row is written once, already multiplied by grad_output.
-// No temporary ever holds more than one chunk per thread.
+// No temporary holds more than one chunk (forward_kl: six rows) per thread.
 // The mixture distribution is formed as p̄_i = Σ_m w_m p_mi in the compute type, so a
 // token every teacher gives probability below ~1e-38 (float32) has p̄_i = 0.
 #include <algorithm>
