@@ -23,6 +23,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include "convert.h"
 #include "kernel_common.h"
 #include "kdfast/rowmath.h"
@@ -593,6 +597,30 @@ void final_row(const C* s, const C* es, const C* mixture, C mixture_scale, const
   h_out = h;
 }
 
+// dst[0:n] = src[0:n], with non-temporal stores for float32 where dst is aligned: the
+// gradient is written once and not read again here, so it need not be read into the cache
+// first. The writing thread calls store_fence() before its writes are used.
+template <class C>
+void stream_store(const C* src, int64_t n, C* dst) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<C, float>) {
+#if defined(__AVX__)
+    if ((reinterpret_cast<uintptr_t>(dst) & 31) == 0)
+      for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+#elif defined(__SSE2__)
+    if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0)
+      for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+#endif
+  }
+  if (i < n) std::memcpy(dst + i, src + i, sizeof(C) * static_cast<size_t>(n - i));
+}
+
+inline void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 template <class C, bool GRAD, bool KD, bool MIXTURE>
 void final_row_for(int student_1_mode, bool ce, const C* s, const C* es, const C* mixture, C mixture_scale,
                    const C* last, C last_c, int64_t n, C shift, C inv_zs, C log_sum_1, C r_scale, C kd, C ce_factor,
@@ -644,6 +672,7 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
     C* es = teacher_buf + vocab;
     C* mixture = es + vocab;
     C* scratch_pair[2] = {mixture + vocab, mixture + 2 * vocab};
+    alignas(64) C grad_chunk[kChunk];
 
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
@@ -742,9 +771,17 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
       C* out = g_row;
       const int mode = k.student_1_mode;
       if (out != nullptr) {
-        if (k.need_kd) final_row_for<C, true, true, kMixture>(mode, k.need_ce, s, es, mixture_in, mixture_scale, last, prev_c, vocab, shift_s, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, out, b, h);
-        else final_row_for<C, true, false, kMixture>(mode, k.need_ce, s, es, mixture_in, mixture_scale, last, prev_c, vocab, shift_s, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, out, b, h);
-        if (k.need_ce) out[label] -= label_step;
+        // Chunk by chunk through an L1 buffer, then streamed to the gradient row.
+        for (int64_t start = 0; start < vocab; start += kChunk) {
+          const int64_t n = std::min(kChunk, vocab - start);
+          C b_part = 0, h_part = 0;
+          if (k.need_kd) final_row_for<C, true, true, kMixture>(mode, k.need_ce, s + start, es + start, mixture_in + start, mixture_scale, last + start, prev_c, n, shift_s, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, grad_chunk, b_part, h_part);
+          else final_row_for<C, true, false, kMixture>(mode, k.need_ce, s + start, es + start, mixture_in + start, mixture_scale, last + start, prev_c, n, shift_s, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, grad_chunk, b_part, h_part);
+          if (k.need_ce && label >= start && label < start + n) grad_chunk[label - start] -= label_step;
+          stream_store(grad_chunk, n, out + start);
+          b += b_part;
+          h += h_part;
+        }
       } else if (k.need_kd) {
         final_row_for<C, false, true, kMixture>(mode, false, s, es, mixture_in, mixture_scale, last, prev_c, vocab, shift_s, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, out, b, h);
       }
@@ -765,6 +802,7 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
       stats_out[4] = rowmath::combine_loss(ce, divergence, k);
       stats_out[5] = C(0);
     }
+    store_fence();  // the streamed gradient rows are complete before the team's barrier
   }
 
   reduce_row_losses(row_stats, stats_width, 4, rows, args.labels, args.options, static_cast<C*>(args.loss),
