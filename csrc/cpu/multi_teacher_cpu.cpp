@@ -26,6 +26,9 @@
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include "convert.h"
 #include "kernel_common.h"
@@ -673,9 +676,18 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
     C* mixture = es + vocab;
     C* scratch_pair[2] = {mixture + vocab, mixture + 2 * vocab};
     alignas(64) C grad_chunk[kChunk];
+    // Each thread takes one contiguous block of rows, so that a row's last teacher pass can
+    // take the maximum of the next row's student logits on the way (carried_max).
+#if defined(_OPENMP)
+    const int64_t team = omp_get_num_threads(), member = omp_get_thread_num();
+#else
+    const int64_t team = 1, member = 0;
+#endif
+    const int64_t row_begin = rows * member / team, row_end = rows * (member + 1) / team;
+    int64_t carried_row = -1;
+    C carried_max = kNegInf<C>;
 
-#pragma omp for schedule(static)
-    for (int64_t row = 0; row < rows; ++row) {
+    for (int64_t row = row_begin; row < row_end; ++row) {
       C* stats_out = row_stats + row * stats_width;
       C* g_row = grad != nullptr ? grad + row * vocab : nullptr;
       if (!label_valid(args.labels, row, args.options.ignore_index)) {
@@ -691,7 +703,7 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
         continue;
       }
       const C* s = load_chunk<S, C>(student + row * args.student_row_stride, vocab, student_buf);
-      const C max_s = row_max(s, vocab);
+      const C max_s = carried_row == row ? carried_max : row_max(s, vocab);
       // A row whose entries are all -inf shifts by 0 instead (no inf - inf).
       const C shift_s = max_s == kNegInf<C> ? C(0) : max_s;
       auto teacher_row = [&](int64_t m) {
@@ -735,6 +747,9 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
           t = reinterpret_cast<const C*>(teacher_row(m));
           max_t = next_max;
           next = m + 1 < num_teachers ? reinterpret_cast<const C*>(teacher_row(m + 1)) : nullptr;
+          if constexpr (std::is_same_v<S, C>) {  // the last pass looks at the next row's student
+            if (next == nullptr && row + 1 < row_end) next = reinterpret_cast<const C*>(student + (row + 1) * args.student_row_stride);
+          }
         } else {
           t = load_chunk<T, C>(teacher_row(m), vocab, teacher_buf);
           max_t = row_max(t, vocab);
@@ -744,6 +759,10 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
         C z = 0, a = 0;
         teacher_exp_row_for(t, vocab, shift_t, inv_t, scratch, z, a, next, next_max, prev, prev_c, mixture,
                             mixture_empty);
+        if (kInPlace && std::is_same_v<S, C> && m + 1 == num_teachers && next != nullptr) {
+          carried_row = row + 1;
+          carried_max = next_max;
+        }
         if (prev != nullptr) mixture_empty = false;
         const C w = weight_of<C>(args, m, row);
         const C log_z = rowmath::log_of_sum(z);
