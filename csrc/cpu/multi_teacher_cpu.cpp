@@ -532,7 +532,8 @@ void student_exp_row_for(const C* s, int64_t n, C shift, C inv_t, C* es, C& sum_
 // Fused into the same sweep: NEXT, the maximum of the next teacher row (its read from memory
 // overlaps the arithmetic); PREV, mixture (+)= prev_c * prev (the previous teacher's
 // exponentials, = when FIRST).
-template <class C, bool NEXT, bool PREV, bool FIRST>
+// SUM: also A (combine Sum needs it; Mixture does not).
+template <class C, bool SUM, bool NEXT, bool PREV, bool FIRST>
 void teacher_exp_row(const C* t, int64_t n, C shift, C inv_t, C* scratch, C& z_out, C& a_out, const C* next,
                      C& next_max, const C* prev, C prev_c, C* mixture) {
   // A -inf logit has e = 0: its dt is clamped to the lowest finite value so that e * dt = 0.
@@ -544,7 +545,7 @@ void teacher_exp_row(const C* t, int64_t n, C shift, C inv_t, C* scratch, C& z_o
     const C e = rowmath::exp_c(dt * inv_t);
     scratch[i] = e;
     z += e;
-    a += e * (dt > kLowest ? dt : kLowest);
+    if constexpr (SUM) a += e * (dt > kLowest ? dt : kLowest);
     if constexpr (NEXT) nm = next[i] > nm ? next[i] : nm;
     if constexpr (PREV) mixture[i] = (FIRST ? C(0) : mixture[i]) + prev_c * prev[i];
   }
@@ -553,18 +554,21 @@ void teacher_exp_row(const C* t, int64_t n, C shift, C inv_t, C* scratch, C& z_o
   next_max = nm;
 }
 
-template <class C>
+template <class C, bool SUM>
 void teacher_exp_row_for(const C* t, int64_t n, C shift, C inv_t, C* scratch, C& z, C& a, const C* next,
                          C& next_max, const C* prev, C prev_c, C* mixture, bool first) {
+#define KDFAST_TEACHER_ROW(NEXT_, PREV_, FIRST_) \
+  teacher_exp_row<C, SUM, NEXT_, PREV_, FIRST_>(t, n, shift, inv_t, scratch, z, a, next, next_max, prev, prev_c, mixture)
   if (next != nullptr) {
-    if (prev == nullptr) teacher_exp_row<C, true, false, false>(t, n, shift, inv_t, scratch, z, a, next, next_max, prev, prev_c, mixture);
-    else if (first) teacher_exp_row<C, true, true, true>(t, n, shift, inv_t, scratch, z, a, next, next_max, prev, prev_c, mixture);
-    else teacher_exp_row<C, true, true, false>(t, n, shift, inv_t, scratch, z, a, next, next_max, prev, prev_c, mixture);
+    if (prev == nullptr) KDFAST_TEACHER_ROW(true, false, false);
+    else if (first) KDFAST_TEACHER_ROW(true, true, true);
+    else KDFAST_TEACHER_ROW(true, true, false);
   } else {
-    if (prev == nullptr) teacher_exp_row<C, false, false, false>(t, n, shift, inv_t, scratch, z, a, next, next_max, prev, prev_c, mixture);
-    else if (first) teacher_exp_row<C, false, true, true>(t, n, shift, inv_t, scratch, z, a, next, next_max, prev, prev_c, mixture);
-    else teacher_exp_row<C, false, true, false>(t, n, shift, inv_t, scratch, z, a, next, next_max, prev, prev_c, mixture);
+    if (prev == nullptr) KDFAST_TEACHER_ROW(false, false, false);
+    else if (first) KDFAST_TEACHER_ROW(false, true, true);
+    else KDFAST_TEACHER_ROW(false, true, false);
   }
+#undef KDFAST_TEACHER_ROW
 }
 
 // Final pass: B = Σ p̄ (s - shift), H = Σ p̄ log p̄ (MIXTURE), and when GRAD the gradient
@@ -757,8 +761,8 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
         const C shift_t = max_t == kNegInf<C> ? C(0) : max_t;
         C* scratch = scratch_pair[m % 2];
         C z = 0, a = 0;
-        teacher_exp_row_for(t, vocab, shift_t, inv_t, scratch, z, a, next, next_max, prev, prev_c, mixture,
-                            mixture_empty);
+        teacher_exp_row_for<C, !kMixture>(t, vocab, shift_t, inv_t, scratch, z, a, next, next_max, prev, prev_c,
+                                          mixture, mixture_empty);
         if (kInPlace && std::is_same_v<S, C> && m + 1 == num_teachers && next != nullptr) {
           carried_row = row + 1;
           carried_max = next_max;
