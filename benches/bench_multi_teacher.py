@@ -1,4 +1,4 @@
-"""Multi-teacher KD loss on the CPU: the fused kernel against eager PyTorch.
+"""Multi-teacher KD loss: the fused kernel against eager PyTorch (CPU, or `--device cuda`).
 
 Prints a table and appends its rows to benches/results/multi_teacher_cpu.csv (`--out DIR`
 changes the folder, `--no-csv` skips writing). Providers, all computing the same loss
@@ -10,14 +10,16 @@ changes the folder, `--no-csv` skips writing). Providers, all computing the same
   `w_m·T²·F.kl_div(F.log_softmax(s/T), F.log_softmax(t_m/T), log_target=True, reduction="batchmean")`
   plus `α·F.cross_entropy(s, y)`.
 Teachers are M separate [N, V] tensors (as M models produce them). Minimum bytes of a
-forward+backward call: (M + 1)·N·V·size read twice (forward and backward) + N·V·size
-written (the gradient); the table's GB/s uses that formula for each provider.
+forward+backward call: (M + 1)·N·V·size read once + N·V·size written (the gradient); the
+table's GB/s uses that formula for each provider.
 Timing: after a warm-up call, each call is timed with `time.process_time` (CPU time of the
 process, all threads) and `time.perf_counter` (wall); the table shows the medians and the
 speed-up uses CPU time, which a busy machine disturbs less. Peak memory is the extra
 resident memory one call holds (`kdfast.benchmark.measure_peak_extra_mb`), inputs excluded.
 Default: one thread (`--threads`), M = 4, N = 256, V = 32000, float32; `--teachers 1,2,4`
-shows how memory grows with M.
+shows how memory grows with M. With `--device cuda` (benches/gpu_bench.py runs it so), the
+inputs live on the GPU, each call is timed with CUDA events (wall ms; the cpu ms column then
+repeats it) and peak memory is torch.cuda's, inputs excluded; the CSV is multi_teacher_cuda.csv.
 """
 
 from __future__ import annotations
@@ -69,10 +71,19 @@ def make_step(fn, student, teachers, labels):
     return step
 
 
-def time_step(step, repeats):
+def time_step(step, repeats, device="cpu"):
     step()
     cpu, wall = [], []
     for _ in range(repeats):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            wall.append(start.elapsed_time(end))
+            cpu.append(wall[-1])
+            continue
         cpu_start, wall_start = time.process_time(), time.perf_counter()
         step()
         cpu.append((time.process_time() - cpu_start) * 1e3)
@@ -91,6 +102,7 @@ def main() -> None:
     parser.add_argument("--providers", default="kdfast,kdfast-mixture,eager")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--no-csv", action="store_true")
+    parser.add_argument("--device", default="cpu")
     options = parser.parse_args()
 
     torch.set_num_threads(options.threads)
@@ -99,17 +111,18 @@ def main() -> None:
     size = torch.tensor([], dtype=dtype).element_size()
     providers = [name.strip() for name in options.providers.split(",") if name.strip()]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"# {benchmark.machine_name('cpu')}, {options.threads} thread(s), load average {load:.1f}, "
+    print(f"# {benchmark.machine_name(options.device)}, {options.threads} thread(s), load average {load:.1f}, "
           f"N={options.rows}, V={options.vocab}, {options.dtype}, forward_kl T={TEMPERATURE} alpha={ALPHA}")
     header = f"{'M':>3} {'provider':<15} {'cpu ms':>9} {'wall ms':>9} {'GB/s':>7} {'peak MB':>8} {'speed-up':>8} {'max|Δloss|':>11}"
     print(header)
     records = []
     for num_teachers in [int(m) for m in options.teachers.split(",")]:
         generator = torch.Generator().manual_seed(num_teachers)
-        student = torch.randn(options.rows, options.vocab, generator=generator).to(dtype)
-        teachers = [torch.randn(options.rows, options.vocab, generator=generator).to(dtype)
+        device = options.device
+        student = torch.randn(options.rows, options.vocab, generator=generator).to(device=device, dtype=dtype)
+        teachers = [torch.randn(options.rows, options.vocab, generator=generator).to(device=device, dtype=dtype)
                     for _ in range(num_teachers)]
-        labels = torch.randint(0, options.vocab, (options.rows,), generator=generator)
+        labels = torch.randint(0, options.vocab, (options.rows,), generator=generator).to(device)
         reference_loss = None
         results = {}
         for name in providers:
@@ -117,10 +130,10 @@ def main() -> None:
             loss, _ = step()
             if name == "eager":
                 reference_loss = loss
-            cpu_ms, wall_ms = time_step(step, options.repeats)
-            peak_mb = benchmark.measure_peak_extra_mb(step, "cpu")
+            cpu_ms, wall_ms = time_step(step, options.repeats, device)
+            peak_mb = benchmark.measure_peak_extra_mb(step, device)
             results[name] = dict(loss=loss, cpu_ms=cpu_ms, wall_ms=wall_ms, peak_mb=peak_mb)
-        minimum_bytes = (2 * (num_teachers + 1) + 1) * options.rows * options.vocab * size
+        minimum_bytes = (num_teachers + 2) * options.rows * options.vocab * size
         for name, result in results.items():
             speedup = results["eager"]["cpu_ms"] / result["cpu_ms"] if "eager" in results else float("nan")
             delta = (abs(float(result["loss"]) - float(reference_loss)) if reference_loss is not None
@@ -130,14 +143,15 @@ def main() -> None:
             print(f"{num_teachers:>3} {name:<15} {result['cpu_ms']:>9.1f} {result['wall_ms']:>9.1f} {gbps:>7.2f} "
                   f"{(peak if peak is not None else float('nan')):>8.1f} {speedup:>7.1f}x {delta:>11.2e}")
             records.append(dict(
-                date=datetime.datetime.now().isoformat(timespec="seconds"), machine=benchmark.machine_name("cpu"),
+                date=datetime.datetime.now().isoformat(timespec="seconds"), machine=benchmark.machine_name(options.device),
                 platform=platform.platform(), commit=benchmark.git_commit(), threads=options.threads,
                 load_average=f"{load:.1f}", dtype=options.dtype, teachers=num_teachers, rows=options.rows,
                 vocab=options.vocab, provider=name, pass_name="fwd+bwd", cpu_ms=f"{result['cpu_ms']:.3f}",
                 wall_ms=f"{result['wall_ms']:.3f}", gb_per_s=f"{gbps:.3f}",
                 peak_extra_mb="" if peak is None else f"{peak:.1f}", speedup_vs_eager_cpu=f"{speedup:.2f}"))
     if not options.no_csv and records:
-        path = Path(options.out) / "multi_teacher_cpu.csv"
+        path = Path(options.out) / ("multi_teacher_cuda.csv" if options.device.startswith("cuda")
+                                    else "multi_teacher_cpu.csv")
         path.parent.mkdir(parents=True, exist_ok=True)
         new_file = not path.exists() or path.stat().st_size == 0
         with open(path, "a", newline="") as output:

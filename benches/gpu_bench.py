@@ -456,6 +456,27 @@ def main(argv=None) -> int:
         groups.append(result)
         print(f"{group['name']}: {result['status']} ({result['seconds']} s)", flush=True)
 
+    # Multi-teacher loss (M = 4 fused vs the eager sum of M kl_div), when time is left.
+    remaining = options.deadline - (time.time() - started)
+    multi_log = outdir / "bench_multi_teacher.log"
+    if remaining >= 15:
+        command = [sys.executable, str(Path(__file__).resolve().parent / "bench_multi_teacher.py"), "--device",
+                   options.device, "--out", str(outdir), "--repeats", "5"]
+        if not options.quick:
+            command += ["--rows", "4096", "--vocab", "32000", "--dtype", "bfloat16"]
+        else:
+            command += ["--rows", "64", "--vocab", "1000"]
+        with open(multi_log, "w") as log:
+            try:
+                status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                                        timeout=min(60.0, remaining)).returncode
+                print(f"multi_teacher: exit code {status}", flush=True)
+            except subprocess.TimeoutExpired:
+                print("multi_teacher: timed out", flush=True)
+        print(multi_log.read_text()[-2000:], flush=True)
+    else:
+        print("multi_teacher: skipped (out of time)", flush=True)
+
     summary = summarise(read_rows(outdir), copy.get("gbps"))
     text = write_summary(summary, groups, copy, outdir)
     topk_table = outdir / "topk_gpu.md"

@@ -137,7 +137,7 @@ fi
 # ---- 4. CUDA tests
 TESTS_RC=0
 if [[ "$SECTIONS" == *dense* ]]; then
-  run_step tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kd_loss_cuda.py --maxfail=25 -rfE \
+  run_step tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kd_loss_cuda.py tests/test_multi_teacher_cuda.py --maxfail=25 -rfE \
     --durations=15 -o faulthandler_timeout=120 --junitxml="$OUT/tests.xml"
   TESTS_RC=$?
 fi

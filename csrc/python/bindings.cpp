@@ -23,6 +23,9 @@ void kd_backward_cuda(const KDBackwardArgs& args, int device_index, uintptr_t st
 void topk_compress_cuda(const TopKCompressArgs& args, int device_index, uintptr_t stream);
 SparseKDForwardResult sparse_kd_forward_cuda(const SparseKDForwardArgs& args, int device_index, uintptr_t stream);
 void sparse_kd_backward_cuda(const SparseKDBackwardArgs& args, int device_index, uintptr_t stream);
+// multi-teacher (csrc/cuda/multi_teacher.cu)
+int64_t multi_teacher_forward_cuda(const MultiTeacherKDArgs& args, int device_index, uintptr_t stream);
+void multi_teacher_backward_cuda(const MultiTeacherKDArgs& args, int device_index, uintptr_t stream);
 #endif
 }  // namespace kdfast
 
@@ -229,7 +232,7 @@ void sparse_kd_backward(uintptr_t grad_output, int64_t grad_output_stride, uintp
 }
 
 // Multi-teacher KD loss: the M teachers arrive as lists of addresses and row strides (one
-// dtype for all). CPU only in this build.
+// dtype for all). device_index >= 0 runs the CUDA kernels (when built) on `stream`.
 kdfast::MultiTeacherKDArgs make_multi_teacher_args(
     uintptr_t student, int student_dtype, int64_t student_row_stride, const std::vector<uintptr_t>& teachers,
     const std::vector<int64_t>& teacher_row_strides, int teacher_dtype, uintptr_t weights,
@@ -239,9 +242,11 @@ kdfast::MultiTeacherKDArgs make_multi_teacher_args(
     int device_index) {
   if (teachers.empty() || teachers.size() != teacher_row_strides.size())
     throw std::invalid_argument("multi_teacher_kd: need one row stride per teacher and at least one teacher");
-  if (device_index >= 0)
-    throw std::runtime_error("kdfast: multi_teacher_kd_loss has no CUDA kernel in this build; "
-                             "kdfast.methods.multi_teacher_kd_loss runs on any device");
+#if defined(KDFAST_WITH_CUDA)
+  (void)device_index;
+#else
+  if (device_index >= 0) no_cuda();
+#endif
   kdfast::MultiTeacherKDArgs a;
   a.student = as_ptr<const void>(student);
   a.student_dtype = static_cast<DType>(student_dtype);
@@ -270,12 +275,23 @@ int64_t multi_teacher_forward(uintptr_t student, int student_dtype, int64_t stud
                               int64_t weight_row_stride, uintptr_t labels, int64_t rows, int64_t vocab, int combine,
                               int divergence, int reduction, double temperature, double alpha, double beta,
                               double label_smoothing, double divergence_scale, int64_t ignore_index, uintptr_t loss,
-                              uintptr_t row_stats, uintptr_t valid_rows, int num_threads, int device_index) {
+                              uintptr_t row_stats, uintptr_t valid_rows, int num_threads, int device_index,
+                              uintptr_t grad_student, uintptr_t stream) {
   kdfast::MultiTeacherKDArgs a = make_multi_teacher_args(
       student, student_dtype, student_row_stride, teachers, teacher_row_strides, teacher_dtype, weights,
       weight_teacher_stride, weight_row_stride, labels, rows, vocab, combine, divergence, reduction, temperature, alpha,
       beta, label_smoothing, divergence_scale, ignore_index, row_stats, valid_rows, num_threads, device_index);
   a.loss = as_ptr<void>(loss);
+  // forward_kl only: also the gradient for grad_output = 1, in the compute dtype (0: not wanted).
+  a.grad_student = as_ptr<void>(grad_student);
+#if defined(KDFAST_WITH_CUDA)
+  if (device_index >= 0) {
+    if (grad_student != 0) throw std::invalid_argument("multi_teacher_forward: grad_student is CPU only");
+    return kdfast::multi_teacher_forward_cuda(a, device_index, stream);
+  }
+#else
+  (void)stream;
+#endif
   return kdfast::multi_teacher_forward_cpu(a);
 }
 
@@ -286,7 +302,7 @@ void multi_teacher_backward(uintptr_t grad_output, int64_t grad_output_stride, u
                             int64_t vocab, int combine, int divergence, int reduction, double temperature, double alpha,
                             double beta, double label_smoothing, double divergence_scale, int64_t ignore_index,
                             uintptr_t row_stats, uintptr_t valid_rows, uintptr_t grad_student, int num_threads,
-                            int device_index) {
+                            int device_index, uintptr_t stream) {
   kdfast::MultiTeacherKDArgs a = make_multi_teacher_args(
       student, student_dtype, student_row_stride, teachers, teacher_row_strides, teacher_dtype, weights,
       weight_teacher_stride, weight_row_stride, labels, rows, vocab, combine, divergence, reduction, temperature, alpha,
@@ -294,6 +310,11 @@ void multi_teacher_backward(uintptr_t grad_output, int64_t grad_output_stride, u
   a.grad_output = as_ptr<const void>(grad_output);
   a.grad_output_stride = grad_output_stride;
   a.grad_student = as_ptr<void>(grad_student);
+#if defined(KDFAST_WITH_CUDA)
+  if (device_index >= 0) return kdfast::multi_teacher_backward_cuda(a, device_index, stream);
+#else
+  (void)stream;
+#endif
   kdfast::multi_teacher_backward_cpu(a);
 }
 
@@ -371,7 +392,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("vocab"), py::arg("combine"), py::arg("divergence"), py::arg("reduction"), py::arg("temperature"),
         py::arg("alpha"), py::arg("beta"), py::arg("label_smoothing"), py::arg("divergence_scale"),
         py::arg("ignore_index"), py::arg("loss"), py::arg("row_stats"), py::arg("valid_rows"),
-        py::arg("num_threads"), py::arg("device_index"));
+        py::arg("num_threads"), py::arg("device_index"), py::arg("grad_student") = 0, py::arg("stream") = 0);
   m.def("multi_teacher_backward", &multi_teacher_backward, py::call_guard<py::gil_scoped_release>(),
         py::arg("grad_output"), py::arg("grad_output_stride"), py::arg("student"), py::arg("student_dtype"),
         py::arg("student_row_stride"), py::arg("teachers"), py::arg("teacher_row_strides"),
@@ -379,7 +400,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("weight_row_stride"), py::arg("labels"), py::arg("rows"), py::arg("vocab"), py::arg("combine"),
         py::arg("divergence"), py::arg("reduction"), py::arg("temperature"), py::arg("alpha"), py::arg("beta"),
         py::arg("label_smoothing"), py::arg("divergence_scale"), py::arg("ignore_index"), py::arg("row_stats"),
-        py::arg("valid_rows"), py::arg("grad_student"), py::arg("num_threads"), py::arg("device_index"));
+        py::arg("valid_rows"), py::arg("grad_student"), py::arg("num_threads"), py::arg("device_index"),
+        py::arg("stream") = 0);
   m.def("build_info", &build_info);
   m.def("rowmath_exp_log", &rowmath_exp_log, py::call_guard<py::gil_scoped_release>(), py::arg("input"),
         py::arg("n"), py::arg("exp_out"), py::arg("log_out"));

@@ -9,8 +9,8 @@ kernels; tensors on other devices (or CUDA when kdfast was built without CUDA ke
 `kdfast.reference`, which computes the same contract in plain PyTorch. `sparse_kd_loss`
 does the same against top-k soft labels (`kdfast.SoftLabels`) through the
 `kdfast::sparse_kd_forward` op. `multi_teacher_kd_loss` distils from M teachers at once
-through `kdfast::multi_teacher_kd_forward` (CPU; `kdfast.methods.multi_teacher_kd_loss`
-elsewhere).
+through `kdfast::multi_teacher_kd_forward` (CPU, and CUDA when built with CUDA kernels;
+`kdfast.methods.multi_teacher_kd_loss` elsewhere).
 """
 
 from __future__ import annotations
@@ -290,6 +290,79 @@ def _unchecked_teacher_weights(weights, num_teachers: int, leading_shape: torch.
     return normalised.expand(num_teachers, rows)
 
 
+def _multi_teacher_count(teacher_logits) -> int:
+    if isinstance(teacher_logits, Tensor):
+        return teacher_logits.shape[0] if teacher_logits.dim() > 0 else 0
+    return len(teacher_logits) if isinstance(teacher_logits, (list, tuple)) else 0
+
+
+def _is_soft_label_sequence(teacher_logits) -> bool:
+    from kdfast.softlabels import SoftLabels
+
+    return isinstance(teacher_logits, (list, tuple)) and any(isinstance(t, SoftLabels) for t in teacher_logits)
+
+
+def _multi_teacher_soft_labels(student_logits: Tensor, teachers, labels: Optional[Tensor], *, weights, combine: str,
+                               divergence: str, temperature: float, alpha: float, beta: float, tail: str,
+                               ignore_index: int, reduction: str, label_smoothing: float, t2_scale: bool) -> Tensor:
+    """`multi_teacher_kd_loss` with M `SoftLabels` teachers (see its docstring).
+
+    "sum": Σ_m w̄_m·ℓ_m with ℓ_m the per-row `sparse_kd_loss` against teacher m (its α·CE part
+    is the same for every m and the weights sum to 1, so the CE is counted once), then
+    reduced. "mixture": the teachers' top-k distributions are mixed into one SoftLabels,
+    which is exact only when every teacher keeps the same tokens in every row.
+    """
+    from kdfast.methods import multi_teacher as _plain
+    from kdfast.methods._validation import reduce_rows, require_choice
+    from kdfast.softlabels import SoftLabels
+
+    require_choice("combine", combine, _plain.COMBINE_MODES)
+    for index, teacher in enumerate(teachers):
+        if not isinstance(teacher, SoftLabels):
+            raise TypeError(f"teacher_logits[{index}] is a {type(teacher).__name__}; a sequence of teachers must be "
+                            f"all tensors or all kdfast.SoftLabels")
+    if not isinstance(student_logits, Tensor):
+        raise TypeError(f"student_logits must be a torch.Tensor, got {type(student_logits).__name__}")
+    leading_shape = student_logits.shape[:-1]
+    compute_dtype = torch.float64 if student_logits.dtype == torch.float64 or any(
+        t.logprobs.dtype == torch.float64 for t in teachers) else torch.float32
+    label_rows = None if labels is None else labels.reshape(-1)
+    valid_rows = None if label_rows is None else label_rows != ignore_index
+    weight_rows = _plain._normalised_weights(weights, len(teachers), leading_shape, valid_rows, compute_dtype,
+                                             student_logits.device)
+    sparse_options = dict(divergence=divergence, temperature=temperature, alpha=alpha, beta=beta, tail=tail,
+                          ignore_index=ignore_index, label_smoothing=label_smoothing, t2_scale=t2_scale)
+    if combine == "sum":
+        row_loss = None
+        for teacher, teacher_weight in zip(teachers, weight_rows):
+            term = sparse_kd_loss(student_logits, teacher, labels, reduction="none", **sparse_options).reshape(-1)
+            term = teacher_weight * term.to(compute_dtype)
+            row_loss = term if row_loss is None else row_loss + term
+        return reduce_rows(row_loss.reshape(leading_shape), reduction, valid_rows)
+    first = teachers[0]
+    for index, teacher in enumerate(teachers[1:], start=1):
+        if teacher.indices.shape != first.indices.shape or not torch.equal(teacher.indices, first.indices):
+            raise ValueError(
+                f'multi_teacher_kd_loss: combine="mixture" with SoftLabels needs every teacher to keep the same '
+                f"tokens (equal indices) in every row, but teacher_logits[{index}] differs from teacher_logits[0]. "
+                "A token kept by one teacher lies in another's tail, whose mass is not split over tokens, so the "
+                'mixture distribution is not known there. Use combine="sum", or compress every teacher over '
+                "shared indices.")
+        if teacher.temperature != first.temperature or teacher.vocab_size != first.vocab_size:
+            raise ValueError("multi_teacher_kd_loss: every SoftLabels teacher must have the same temperature and "
+                             "vocab_size")
+    flat_shape = (leading_shape.numel(), first.indices.shape[-1])
+    log_weights = weight_rows.log()  # [M, rows]; -inf for a zero weight
+    mixed_logprobs = torch.stack([t.logprobs.detach().reshape(flat_shape).to(compute_dtype) + lw[:, None]
+                                  for t, lw in zip(teachers, log_weights)]).logsumexp(0)
+    mixed_tail = torch.stack([t.tail_logprob.detach().reshape(-1).to(compute_dtype) + lw
+                              for t, lw in zip(teachers, log_weights)]).logsumexp(0)
+    mixture = SoftLabels(indices=first.indices, logprobs=mixed_logprobs.reshape(first.indices.shape),
+                         tail_logprob=mixed_tail.reshape(first.tail_logprob.shape), temperature=first.temperature,
+                         vocab_size=first.vocab_size)
+    return sparse_kd_loss(student_logits, mixture, labels, reduction=reduction, **sparse_options)
+
+
 def multi_teacher_kd_loss(
     student_logits: Tensor,
     teacher_logits,
@@ -305,6 +378,7 @@ def multi_teacher_kd_loss(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     t2_scale: bool = True,
+    tail: str = "bucket",
 ) -> Tensor:
     """Fused multi-teacher distillation loss: one student, M teachers, one kernel.
 
@@ -317,11 +391,15 @@ def multi_teacher_kd_loss(
     both combine modes. The semantics are those of `kdfast.methods.multi_teacher_kd_loss`,
     which is the float64 oracle and the fallback on devices other than the CPU.
 
-    On the CPU the kernel reads the student row and every teacher row once in the forward
-    pass (twice for "mixture", "jsd" and "tvd", which need normalised distributions) and
-    once in the backward pass, writing the gradient once; teachers are passed by address,
-    so no [M, N, V] stack or per-teacher [N, V] temporary is created. Its extra memory is
-    the [N, 6 + 3M] per-row statistics and the student gradient.
+    On the CPU, with "forward_kl" (either combine mode) the forward kernel reads every
+    teacher row and the student row from memory once, exponentiates each element once, and,
+    when the student needs a gradient (eager mode), writes that gradient in the same pass;
+    the backward pass only scales it by grad_output. Other divergences read the rows once
+    in the forward pass (twice for "mixture", "jsd" and "tvd", which need normalised
+    distributions) and once more in the backward pass. Teachers are passed by address, so
+    no [M, N, V] stack or per-teacher [N, V] temporary is created: the extra memory is the
+    [N, 6 + 3M] per-row statistics, the [N, V] student gradient (float32, float64 for a
+    float64 student) and a few rows per thread.
 
     Args:
         student_logits: [..., V] float32, bfloat16, float16 or float64. Receives the gradient.
@@ -329,7 +407,15 @@ def multi_teacher_kd_loss(
             tensor (its M slices are used as views). Treated as constants. Teachers may have a
             different dtype from the student; when the teachers' dtypes differ from one
             another they are converted to float32 first (a copy), and a float64 student or
-            teacher makes every input float64.
+            teacher makes every input float64. Or a sequence of M `kdfast.SoftLabels`
+            (top-k teachers, leading shape [...], vocab_size V): each teacher's divergence
+            is then the one of `sparse_kd_loss` (per `tail`), and `temperature` must equal
+            the soft labels' temperature. "sum" computes Σ_m w̄_m·ℓ_m from M sparse losses
+            (not one fused kernel; each reads the student once). "mixture" mixes the
+            teachers' kept probabilities and tail masses into one SoftLabels, which is exact
+            only when all teachers keep the same indices in every row; otherwise it raises
+            ValueError, because a token one teacher keeps sits in another's tail bucket,
+            whose mass is not split over tokens.
         labels: [...] int64 class indices in [0, V), or None (every row valid; `alpha` must be
             0). Rows whose label equals `ignore_index` contribute 0 and get a zero gradient.
         weights: None (default: uniform 1/M), M non-negative numbers or a tensor [M] (per
@@ -347,6 +433,8 @@ def multi_teacher_kd_loss(
             with the leading shape [...]).
         label_smoothing: ε in [0, 1) for the cross-entropy term (default 0.0).
         t2_scale: scale the divergence by T² (default True).
+        tail: "bucket" (default) or "renormalize", as in `sparse_kd_loss`; used only with
+            SoftLabels teachers.
 
     Returns:
         float32 loss (float64 when the student or a teacher is float64): a scalar, or [...]
@@ -355,8 +443,9 @@ def multi_teacher_kd_loss(
     Raises:
         TypeError: logits not floating, labels not int64, weights of the wrong type.
         ValueError: mismatched shapes or devices, bad options (as `kd_loss`), an unknown
-            `combine`, labels outside [0, V) that are not `ignore_index`, and in eager mode
-            negative or non-finite weights or a zero weight sum on a non-ignored row.
+            `combine`, labels outside [0, V) that are not `ignore_index` (CPU; on CUDA
+            tensors their rows get a NaN loss and gradient, as in `kd_loss`), and in eager
+            mode negative or non-finite weights or a zero weight sum on a non-ignored row.
     """
     from kdfast.methods import multi_teacher as _plain
     from kdfast.methods._validation import require_choice
@@ -366,7 +455,12 @@ def multi_teacher_kd_loss(
     options = dict(weights=weights, combine=combine, divergence=divergence, temperature=temperature, alpha=alpha,
                    beta=beta, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                    t2_scale=t2_scale)
-    uses_kernel = isinstance(student_logits, Tensor) and student_logits.device.type == "cpu"
+    if _is_soft_label_sequence(teacher_logits):
+        return _multi_teacher_soft_labels(student_logits, list(teacher_logits), labels, tail=tail, **options)
+    uses_kernel = isinstance(student_logits, Tensor) and (
+        student_logits.device.type == "cpu"
+        or (student_logits.device.type == "cuda" and has_cuda_kernels()
+            and _multi_teacher_count(teacher_logits) <= _multi_teacher_ops.MAX_CUDA_TEACHERS))
     # Under torch.compile the availability check is not traced; a missing core fails at the op.
     if not uses_kernel or (not torch.compiler.is_compiling() and not native_available()):
         return _plain.multi_teacher_kd_loss(student_logits, teacher_logits, labels, **options)

@@ -164,11 +164,13 @@ class MultiTeacherKDLoss(nn.Module):
         reduction: "mean" (default), "sum", "none" or "batchmean".
         label_smoothing: ε in [0, 1) for the cross-entropy term (default 0.0).
         t2_scale: multiply the divergence by T² (default True).
+        tail: "bucket" (default) or "renormalize": the tail rule of SoftLabels teachers.
 
     Shape:
         student_logits: [..., V]; teacher_logits: a sequence of M tensors [..., V] or one
-        [M, ..., V] tensor; labels: [...] int64 or None; weights (forward, optional, overrides
-        the constructor's): [M] or [M, ...].
+        [M, ..., V] tensor, or a sequence of M `kdfast.SoftLabels` with leading shape [...];
+        labels: [...] int64 or None; weights (forward, optional, overrides the constructor's):
+        [M] or [M, ...].
         Output: scalar, or [...] for reduction="none"; float32 (float64 for float64 inputs).
     """
 
@@ -184,9 +186,11 @@ class MultiTeacherKDLoss(nn.Module):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         t2_scale: bool = True,
+        tail: str = "bucket",
     ) -> None:
         super().__init__()
         self.weights = weights
+        self.tail = tail
         self.combine = combine
         self.divergence = divergence
         self.temperature = temperature
@@ -213,6 +217,7 @@ class MultiTeacherKDLoss(nn.Module):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             t2_scale=self.t2_scale,
+            tail=self.tail,
         )
 
     def extra_repr(self) -> str:

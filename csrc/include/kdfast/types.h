@@ -212,7 +212,9 @@ struct MultiTeacherKDArgs {
   void* row_stats = nullptr;
   void* valid_rows = nullptr;
   // Backward: grad_output in the compute dtype ([rows], stride 1, for None, else one element,
-  // stride 0); grad_student [rows, vocab] contiguous in the student dtype.
+  // stride 0); grad_student [rows, vocab] contiguous in the student dtype. The forward pass
+  // with divergence ForwardKL also fills grad_student when it is set, then in the compute
+  // dtype and for grad_output = 1 (the caller scales it).
   const void* grad_output = nullptr;
   int64_t grad_output_stride = 0;
   void* grad_student = nullptr;

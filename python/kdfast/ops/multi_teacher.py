@@ -16,9 +16,10 @@ Contract (inputs already validated and shaped by `kdfast.functional.multi_teache
   [0, vocab) that are not ignore_index raise ValueError.
 - backward returns the student gradient [rows, vocab], contiguous, in the student dtype,
   multiplied by grad_output inside the kernel.
-CPU only: the compiled core has no CUDA kernel for this loss (the functional falls back to
-`kdfast.methods.multi_teacher_kd_loss` elsewhere). `EagerMultiTeacherKDLoss` runs the same
-bodies without the dispatcher for eager mode.
+CPU, and CUDA when the core was built with CUDA kernels (at most MAX_CUDA_TEACHERS
+teachers; they run on the current stream and give NaN rows for out-of-range labels instead
+of raising). The functional falls back to `kdfast.methods.multi_teacher_kd_loss` elsewhere.
+`EagerMultiTeacherKDLoss` runs the same bodies without the dispatcher for eager mode.
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ from kdfast.ops._native import (
     DTYPE_CODES,
     REDUCTION_CODES,
     compute_dtype,
+    device_and_stream,
     divergence_scale,
     native_module,
 )
+
+# Most teachers the CUDA kernels take (their addresses travel in the kernel parameters).
+MAX_CUDA_TEACHERS = 16
 
 COMBINE_CODES = {"sum": 0, "mixture": 1}
 ROW_STATS_BASE = 6
@@ -50,6 +55,7 @@ def _common_arguments(student: Tensor, teachers: List[Tensor], weights: Tensor, 
                       combine: str, divergence: str, reduction: str, temperature: float, alpha: float, beta: float,
                       label_smoothing: float, t2_scale: bool, ignore_index: int) -> dict:
     rows, vocab = student.shape
+    device_index, stream = device_and_stream(student)
     return dict(
         student=student.data_ptr(), student_dtype=DTYPE_CODES[student.dtype], student_row_stride=student.stride(0),
         teachers=[teacher.data_ptr() for teacher in teachers],
@@ -60,13 +66,16 @@ def _common_arguments(student: Tensor, teachers: List[Tensor], weights: Tensor, 
         combine=COMBINE_CODES[combine], divergence=DIVERGENCE_CODES[divergence], reduction=REDUCTION_CODES[reduction],
         temperature=temperature, alpha=alpha, beta=beta, label_smoothing=label_smoothing,
         divergence_scale=divergence_scale(temperature, t2_scale), ignore_index=ignore_index,
-        num_threads=torch.get_num_threads(), device_index=-1,
+        num_threads=torch.get_num_threads(), device_index=device_index, stream=stream,
     )
 
 
 def forward_impl(student: Tensor, teachers: List[Tensor], weights: Tensor, labels: Optional[Tensor], combine: str,
                  divergence: str, reduction: str, temperature: float, alpha: float, beta: float,
-                 label_smoothing: float, t2_scale: bool, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+                 label_smoothing: float, t2_scale: bool, ignore_index: int,
+                 grad_student: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward kernel; with `grad_student` (forward_kl only: a contiguous [rows, vocab]
+    tensor in the compute dtype) it also writes the student gradient for grad_output = 1."""
     rows, vocab = student.shape
     dtype = compute_dtype(student)
     loss = torch.empty((rows,) if reduction == "none" else (), dtype=dtype, device=student.device)
@@ -75,7 +84,8 @@ def forward_impl(student: Tensor, teachers: List[Tensor], weights: Tensor, label
     arguments = _common_arguments(student, teachers, weights, labels, combine, divergence, reduction, temperature,
                                   alpha, beta, label_smoothing, t2_scale, ignore_index)
     bad_labels = native_module().multi_teacher_forward(
-        loss=loss.data_ptr(), row_stats=row_stats.data_ptr(), valid_rows=valid_rows.data_ptr(), **arguments)
+        loss=loss.data_ptr(), row_stats=row_stats.data_ptr(), valid_rows=valid_rows.data_ptr(),
+        grad_student=grad_student.data_ptr() if grad_student is not None else 0, **arguments)
     if bad_labels:
         bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= vocab))]
         raise ValueError(
@@ -100,7 +110,7 @@ def backward_impl(grad_output: Tensor, student: Tensor, teachers: List[Tensor], 
     return grad_student
 
 
-@torch.library.custom_op("kdfast::multi_teacher_kd_forward", mutates_args=(), device_types=("cpu",))
+@torch.library.custom_op("kdfast::multi_teacher_kd_forward", mutates_args=(), device_types=("cpu", "cuda"))
 def multi_teacher_kd_forward(student: Tensor, teachers: List[Tensor], weights: Tensor, labels: Optional[Tensor],
                              combine: str, divergence: str, reduction: str, temperature: float, alpha: float,
                              beta: float, label_smoothing: float, t2_scale: bool,
@@ -119,7 +129,7 @@ def _(student, teachers, weights, labels, combine, divergence, reduction, temper
     return loss, row_stats, student.new_empty((), dtype=dtype)
 
 
-@torch.library.custom_op("kdfast::multi_teacher_kd_backward", mutates_args=(), device_types=("cpu",))
+@torch.library.custom_op("kdfast::multi_teacher_kd_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def multi_teacher_kd_backward(grad_output: Tensor, student: Tensor, teachers: List[Tensor], weights: Tensor,
                               labels: Optional[Tensor], row_stats: Tensor, valid_rows: Tensor, combine: str,
                               divergence: str, reduction: str, temperature: float, alpha: float, beta: float,
@@ -163,13 +173,24 @@ class EagerMultiTeacherKDLoss(torch.autograd.Function):
     `apply(student, weights, labels, options, *teachers)`: `options` is the tuple
     (combine, divergence, reduction, temperature, alpha, beta, label_smoothing, t2_scale,
     ignore_index); teachers come last so autograd sees them as tensors (constants here).
+
+    With forward_kl and a student that needs a gradient, the forward kernel also writes the
+    gradient for grad_output = 1 (one pass over the inputs instead of two; the buffer has
+    the student's shape in the compute dtype, whatever M is), and the backward pass only
+    scales it. A second backward (retain_graph) recomputes it with the backward kernel.
     """
 
     @staticmethod
     def forward(ctx, student, weights, labels, options, *teachers):
-        loss, row_stats, valid_rows = forward_impl(student, list(teachers), weights, labels, *options)
+        divergence = options[1]
+        grad_buffer = None
+        if ctx.needs_input_grad[0] and divergence == "forward_kl" and student.device.type == "cpu":
+            grad_buffer = torch.empty(student.shape, dtype=compute_dtype(student), device=student.device)
+        loss, row_stats, valid_rows = forward_impl(student, list(teachers), weights, labels, *options,
+                                                   grad_student=grad_buffer)
         ctx.save_for_backward(student, weights, labels, row_stats, valid_rows, *teachers)
         ctx.options = options
+        ctx.grad_buffer = grad_buffer
         ctx.mark_non_differentiable(row_stats, valid_rows)
         return loss, row_stats, valid_rows
 
@@ -178,6 +199,15 @@ class EagerMultiTeacherKDLoss(torch.autograd.Function):
         student, weights, labels, row_stats, valid_rows, *teachers = ctx.saved_tensors
         grad_student = None
         if ctx.needs_input_grad[0]:
-            grad_student = backward_impl(grad_loss, student, list(teachers), weights, labels, row_stats, valid_rows,
-                                         *ctx.options)
+            grad_buffer, ctx.grad_buffer = ctx.grad_buffer, None
+            if grad_buffer is not None:
+                grad_loss = grad_loss.to(grad_buffer.dtype)
+                if grad_loss.dim() == 1:  # reduction "none": one factor per row
+                    grad_buffer.mul_(grad_loss.unsqueeze(1))
+                elif float(grad_loss) != 1.0:
+                    grad_buffer.mul_(grad_loss)
+                grad_student = grad_buffer.to(student.dtype)
+            else:
+                grad_student = backward_impl(grad_loss, student, list(teachers), weights, labels, row_stats,
+                                             valid_rows, *ctx.options)
         return (grad_student, None, None, None) + (None,) * len(teachers)
