@@ -10,8 +10,10 @@ the second clause decide and "although" makes the first decide. It is not natura
 language: it tests whether a student learns compositional rules (negation, contrast) from a
 teacher, and has a known noise-free label. Training labels have `--label-noise` (default
 15%) of their labels flipped, as annotators would; test labels are clean. With
-`--dataset sst2` or `imdb` the script uses Hugging Face `datasets` when that package is
-installed and the data is reachable or cached; otherwise it skips with a message.
+`--dataset sst2` or `imdb` the script reads the released files under `--data-dir` (GLUE's
+`SST-2/train.tsv` and `dev.tsv`; `aclImdb/{train,test}/{pos,neg}/*.txt`) when they are
+there, else Hugging Face `datasets` when that package is installed and the data is
+reachable or cached; otherwise it skips with a message.
 
 Per seed: train the teacher with cross-entropy, then train the same student twice from the
 same initialisation and data order through `kdfast.Distiller`: alone (`KDLoss(alpha=1)`)
@@ -101,6 +103,54 @@ def synthetic_reviews(count: int, seed: int) -> Tuple[List[str], List[int]]:
 
 class DatasetUnavailable(Exception):
     """The requested dataset cannot be loaded here."""
+
+
+def _subset(texts, labels, size: int, seed: int):
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    order = order[:min(size, len(order))]
+    return [texts[i] for i in order], [labels[i] for i in order]
+
+
+def load_local_dataset(name: str, data_dir: str, train_size: int, test_size: int, seed: int):
+    """SST-2 or IMDB from their released files under `data_dir`, or None when they are absent.
+
+    SST-2: GLUE's `SST-2/train.tsv` and `SST-2/dev.tsv` (header `sentence<TAB>label`; dev is
+    the test split, as GLUE's test labels are hidden). IMDB: `aclImdb/{train,test}/{pos,neg}/*.txt`.
+    A seeded subset of `train_size` / `test_size` examples is taken from each split.
+    """
+    import csv
+    import glob
+
+    if name == "sst2":
+        folder = os.path.join(data_dir, "SST-2")
+        paths = [os.path.join(folder, f) for f in ("train.tsv", "dev.tsv")]
+        if not all(os.path.exists(p) for p in paths):
+            return None
+        splits = []
+        for path in paths:
+            with open(path, encoding="utf-8", newline="") as handle:
+                rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+            if not rows or "sentence" not in rows[0] or "label" not in rows[0]:
+                raise DatasetUnavailable(f"{path} lacks the header 'sentence<TAB>label'")
+            splits.append(([r["sentence"] for r in rows], [int(r["label"]) for r in rows]))
+    else:
+        folder = os.path.join(data_dir, "aclImdb")
+        if not os.path.isdir(os.path.join(folder, "train", "pos")):
+            return None
+        splits = []
+        for split in ("train", "test"):
+            texts, labels = [], []
+            for label, polarity in ((1, "pos"), (0, "neg")):
+                for path in sorted(glob.glob(os.path.join(folder, split, polarity, "*.txt"))):
+                    with open(path, encoding="utf-8") as handle:
+                        texts.append(handle.read().replace("<br />", " "))
+                    labels.append(label)
+            splits.append((texts, labels))
+    (train_texts, train_labels), (test_texts, test_labels) = splits
+    train_texts, train_labels = _subset(train_texts, train_labels, train_size, seed)
+    test_texts, test_labels = _subset(test_texts, test_labels, test_size, seed + 1)
+    return train_texts, train_labels, test_texts, test_labels
 
 
 def load_hf_dataset(name: str, train_size: int, test_size: int, seed: int):
@@ -269,6 +319,9 @@ def load_data(args, seed: int):
         rng = random.Random(20_000 + seed)
         train_labels = [1 - y if rng.random() < args.label_noise else y for y in train_labels]
         return train_texts, train_labels, test_texts, test_labels
+    local = load_local_dataset(args.dataset, args.data_dir, args.train_size, args.test_size, seed)
+    if local is not None:
+        return local
     return load_hf_dataset(args.dataset, args.train_size, args.test_size, seed)
 
 
@@ -317,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dataset", choices=("synthetic", "sst2", "imdb"), default="synthetic",
                         help="synthetic reviews (offline) or a Hugging Face dataset when reachable")
+    parser.add_argument("--data-dir", default="data",
+                        help="folder with SST-2/{train,dev}.tsv (GLUE) or aclImdb/ (IMDB), read before trying "
+                             "Hugging Face datasets")
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--test-size", type=int, default=4000)
     parser.add_argument("--label-noise", type=float, default=0.15, help="fraction of flipped training labels")

@@ -145,6 +145,33 @@ def test_text_sentiment_smoke(tmp_path, capsys):
     assert len(rows) == 1 and rows[0]["student_parameters"] < rows[0]["teacher_parameters"]
 
 
+def test_text_reads_local_sst2_and_imdb_files(tmp_path):
+    module = load_example("text_sentiment")
+    sst = tmp_path / "SST-2"
+    sst.mkdir()
+    rows = {"train": [("a fine film", 1), ("dull and slow", 0), ("great fun", 1), ("a mess", 0)],
+            "dev": [("lovely", 1), ("awful", 0)]}
+    for split, examples in rows.items():
+        (sst / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in examples),
+                                        encoding="utf-8")
+    train_texts, train_labels, test_texts, test_labels = module.load_local_dataset("sst2", str(tmp_path), 3, 10, 0)
+    assert len(train_texts) == 3 and set(zip(train_texts, train_labels)) <= set(rows["train"])
+    assert sorted(zip(test_texts, test_labels)) == sorted(rows["dev"])
+    assert module.load_local_dataset("imdb", str(tmp_path), 3, 3, 0) is None  # absent: fall through
+    for split in ("train", "test"):
+        for polarity, words in (("pos", "a wonderful<br />film"), ("neg", "a terrible film")):
+            folder = tmp_path / "aclImdb" / split / polarity
+            folder.mkdir(parents=True)
+            (folder / "0_7.txt").write_text(words, encoding="utf-8")
+    train_texts, train_labels, _, test_labels = module.load_local_dataset("imdb", str(tmp_path), 10, 10, 0)
+    assert sorted(zip(train_texts, train_labels)) == [("a terrible film", 0), ("a wonderful film", 1)]
+    assert sorted(test_labels) == [0, 1]
+    out = tmp_path / "out"  # the whole script on the SST-2 files
+    assert module.main(["--dataset", "sst2", "--data-dir", str(tmp_path), "--seeds", "0", "--epochs", "1",
+                        "--teacher-epochs", "1", "--out", str(out)]) == 0
+    assert json.load(open(out / "results.json", encoding="utf-8"))["results"]
+
+
 def _rule_label(text: str, module) -> int:
     """Re-derive a review's label from its words, independently of the grammar code."""
     positive, negative = set(module.POSITIVE), set(module.NEGATIVE)
