@@ -23,7 +23,7 @@ Contract (inputs validated and shaped by kdfast.functional.fused_linear_kd_loss)
   (else empty); the gradients for grad_output = 1 when `compute_grads` and the reduction is not
   "none" (else empty tensors). Memory above inputs and gradients: one chunk of logits (which
   the dense kernel overwrites with its own gradient), plus one teacher chunk for a
-  hidden-state or column-mapped teacher, plus one gradient chunk for soft labels.
+  hidden-state or column-mapped teacher, plus one gradient chunk for soft labels or a softcap.
 """
 
 from __future__ import annotations
