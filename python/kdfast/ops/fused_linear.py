@@ -330,10 +330,10 @@ def _(grad_rows, row_stats, hidden, weight, bias, *rest):
             torch.empty_like(bias) if bias is not None else hidden.new_empty((0,)))
 
 
-def _gradients(grad_loss: Tensor, saved: tuple, options: dict, forward_grads, op) -> tuple:
-    """(grad_hidden, grad_weight, grad_bias) from the forward's gradients or a recomputation."""
+def _gradients(grad_loss: Tensor, saved: tuple, options: dict, op) -> tuple:
+    """(grad_hidden, grad_weight, grad_bias) from the forward's gradients or a recomputation by `op`."""
     if options["reduction"] != "none":
-        grad_hidden, grad_weight, grad_bias = forward_grads
+        grad_hidden, grad_weight, grad_bias = saved
         g = grad_loss.to(grad_weight.dtype)
         return grad_hidden * g, grad_weight * g, (grad_bias * g if grad_bias.numel() else None)
     row_stats, *tensors = saved
@@ -358,7 +358,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, *unused):
     saved = ctx.saved_tensors
-    grads = _gradients(grad_loss, saved, ctx.options, saved, fused_linear_kd_backward)
+    grads = _gradients(grad_loss, saved, ctx.options, fused_linear_kd_backward)
     return grads + (None,) * (12 + len(OPTION_NAMES) - 3)
 
 
@@ -390,12 +390,8 @@ class EagerFusedLinearKDLoss(torch.autograd.Function):
                 g = grad_loss.to(grad_weight.dtype)
                 grads = (grad_hidden * g, grad_weight * g, grad_bias * g if grad_bias.numel() else None)
         else:
-            grads = _gradients(grad_loss, saved, ctx.options, saved, backward_impl_kw)
+            grads = _gradients(grad_loss, saved, ctx.options, backward_impl)
         return grads + (None,) * (12 + len(OPTION_NAMES) - 3)
-
-
-def backward_impl_kw(grad_rows, row_stats, *tensors, **options):
-    return backward_impl(grad_rows, row_stats, *tensors, **options)
 
 
 def fused_linear_kd_loss(*inputs) -> Tensor:
