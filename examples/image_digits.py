@@ -4,16 +4,17 @@ Datasets: scikit-learn's bundled handwritten digits (8×8, 1,797 images, always 
 offline) and, when their released files already sit under `--data-dir`, MNIST (the four IDX
 files, plain or .gz, also in torchvision's `MNIST/raw/` layout) and CIFAR-10 (the
 `cifar-10-batches-py` pickles), read with numpy (no torchvision needed; never downloaded; a
-dataset that is unavailable is skipped with a message and the script still exits 0). Per dataset and seed the script trains the teacher on
-the labelled training split (hard labels, ±1-pixel random shifts, dropout), then trains the
-same student twice from the same initialisation and data order through `kdfast.Distiller`:
-alone (`KDLoss(alpha=1)`, plain cross-entropy) and distilled with `--method` (default `kd`:
-`KDLoss(temperature=T, alpha=α)` on the teacher's precomputed logits; any name of
-`kdfast.methods.available_methods()` except `attention`, which needs feature maps the MLP
-student does not have; the feature methods compare the student's hidden layer with the
-teacher's last hidden layer and run the teacher live). With `--tune` it first picks α and T by
-k-fold cross-validation on the first seed's training split (`kdfast.tuning`), never touching
-the test split. It prints a Markdown table of test accuracy (mean ± sample std over seeds)
+dataset that is unavailable is skipped with a message and the script still exits 0). Per
+dataset and seed the script trains the teacher on the labelled training split (hard labels,
+±1-pixel random shifts, dropout), then trains the same student twice from the same
+initialisation and data order through `kdfast.Distiller`: alone (`KDLoss(alpha=1)`, plain
+cross-entropy) and distilled with `--method` (default `kd`: `KDLoss(temperature=T, alpha=α)`
+on the teacher's precomputed logits; any name of `kdfast.methods.available_methods()` except
+`attention`, which needs feature maps the MLP student does not have; the feature methods
+compare the student's hidden layer with the teacher's last hidden layer and run the teacher
+live). With `--tune` it first picks α and T by k-fold cross-validation on the first seed's
+training split (`kdfast.tuning`), never touching the test split. It prints a Markdown table
+of test accuracy (mean ± sample std over seeds)
 and writes `results.json` to `--out`. `--smoke` is a seconds-long configuration for CI.
 """
 
@@ -26,20 +27,21 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdfast.demo import TeacherCNN, load_digits_split, random_shift
 from kdfast.losses import KDLoss
 from kdfast.methods import available_methods, build_method
+from kdfast.supervised import accuracy, predict_logits, train_classifier
 from kdfast.trainer import Distiller, seed_everything
 from kdfast.tuning import distillation_objective, grid_candidates, search_kd_hyperparameters
 
 DATASETS = ("digits", "mnist", "cifar10")
+EVAL_BATCH = 1024  # rows per evaluation batch
 
 
 class DatasetUnavailable(Exception):
@@ -51,7 +53,7 @@ class DatasetUnavailable(Exception):
 # --------------------------------------------------------------------------------------
 
 
-def _read_idx(path: str) -> "numpy.ndarray":
+def _read_idx(path: str):
     """An IDX file (MNIST's format: big-endian header, then uint8 data), plain or .gz."""
     import gzip
 
@@ -188,31 +190,9 @@ def parameter_count(model: nn.Module) -> int:
 def train_teacher(teacher: nn.Module, images, labels, epochs: int, seed: int, batch_size: int = 64) -> nn.Module:
     """Cross-entropy with ±1-pixel random shifts, AdamW(2e-3) and cosine decay; returns it in eval mode."""
     seed_everything(seed)
-    optimizer = torch.optim.AdamW(teacher.parameters(), lr=2e-3, weight_decay=1e-4)
-    steps_per_epoch = math.ceil(len(labels) / batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    generator = torch.Generator().manual_seed(seed)
-    teacher.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator)
-        for start in range(0, len(labels), batch_size):
-            index = order[start:start + batch_size]
-            loss = F.cross_entropy(teacher(random_shift(images[index], generator)), labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    return teacher.eval()
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]).float()
-
-
-def accuracy(model: nn.Module, images, labels) -> float:
-    return (predict_logits(model, images).argmax(-1) == labels).float().mean().item()
+    train_classifier(teacher, images, labels, epochs=epochs, seed=seed, lr=2e-3, batch_size=batch_size,
+                     augment=random_shift)
+    return teacher
 
 
 def train_student(image_shape, hidden: int, images, labels, teacher: nn.Module, teacher_logits,
@@ -278,7 +258,7 @@ def run_dataset(name: str, args) -> Optional[Dict[str, object]]:
         x_train, y_train, x_test, y_test = load_split(name, seed, args.data_dir, args.train_subset)
         image_shape = tuple(x_train.shape[1:])
         teacher = train_teacher(make_teacher(name, image_shape), x_train, y_train, args.teacher_epochs, seed)
-        teacher_logits = predict_logits(teacher, x_train)
+        teacher_logits = predict_logits(teacher, x_train, EVAL_BATCH)
         if args.tune and index == 0:
             best, tuning_table = tune(name, args, x_train, y_train, teacher_logits)
             temperature, alpha = best["temperature"], best["alpha"]
@@ -289,8 +269,9 @@ def run_dataset(name: str, args) -> Optional[Dict[str, object]]:
         distilled = train_student(image_shape, args.hidden, x_train, y_train, teacher, teacher_logits,
                                   method_loss(args, name, teacher, x_train, temperature, alpha), args.epochs,
                                   seed, lr=args.lr)
-        row = {"seed": seed, "teacher": accuracy(teacher, x_test, y_test),
-               "student_alone": accuracy(alone, x_test, y_test), "distilled": accuracy(distilled, x_test, y_test),
+        row = {"seed": seed, "teacher": accuracy(teacher, x_test, y_test, EVAL_BATCH),
+               "student_alone": accuracy(alone, x_test, y_test, EVAL_BATCH),
+               "distilled": accuracy(distilled, x_test, y_test, EVAL_BATCH),
                "teacher_parameters": parameter_count(teacher), "student_parameters": parameter_count(alone),
                "train_size": len(y_train), "test_size": len(y_test)}
         per_seed.append(row)

@@ -31,7 +31,6 @@ import shutil
 import subprocess
 import sys
 import time
-import wave
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import statistics
 import sys
@@ -44,11 +43,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdfast.losses import KDLoss
 from kdfast.methods import available_methods, build_method
+from kdfast.supervised import accuracy, predict_logits, train_classifier
 from kdfast.trainer import Distiller, seed_everything
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -288,31 +287,9 @@ def random_time_shift(batch: torch.Tensor, generator: torch.Generator, max_shift
 def train_teacher(teacher: nn.Module, inputs, labels, epochs: int, seed: int, batch_size: int = 64) -> nn.Module:
     """Cross-entropy with random time shifts, AdamW(3e-3) and cosine decay; returns it in eval mode."""
     seed_everything(seed)
-    optimizer = torch.optim.AdamW(teacher.parameters(), lr=3e-3, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer,
-                                                           T_max=epochs * math.ceil(len(labels) / batch_size))
-    generator = torch.Generator().manual_seed(seed)
-    teacher.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator)
-        for start in range(0, len(labels), batch_size):
-            index = order[start:start + batch_size]
-            loss = F.cross_entropy(teacher(random_time_shift(inputs[index], generator)), labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    return teacher.eval()
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)]).float()
-
-
-def accuracy(model: nn.Module, inputs, labels) -> float:
-    return (predict_logits(model, inputs).argmax(-1) == labels).float().mean().item()
+    train_classifier(teacher, inputs, labels, epochs=epochs, seed=seed, lr=3e-3, batch_size=batch_size,
+                     augment=random_time_shift)
+    return teacher
 
 
 def train_student(args, inputs, labels, teacher: nn.Module, teacher_logits, method: Optional[str],

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import statistics
@@ -43,6 +42,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from kdfast.losses import KDLoss
 from kdfast.methods import available_methods, build_method
+from kdfast.supervised import accuracy, predict_logits, train_classifier
 from kdfast.trainer import Distiller, seed_everything
 
 # --------------------------------------------------------------------------------------
@@ -244,31 +244,8 @@ def parameter_count(model: nn.Module) -> int:
 
 def train_teacher(teacher: nn.Module, ids, labels, epochs: int, seed: int, batch_size: int = 64) -> nn.Module:
     seed_everything(seed)
-    optimizer = torch.optim.AdamW(teacher.parameters(), lr=3e-3, weight_decay=1e-4)
-    steps = epochs * math.ceil(len(labels) / batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    generator = torch.Generator().manual_seed(seed)
-    teacher.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator)
-        for start in range(0, len(labels), batch_size):
-            index = order[start:start + batch_size]
-            loss = F.cross_entropy(teacher(ids[index]), labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    return teacher.eval()
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, ids: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)]).float()
-
-
-def accuracy(model: nn.Module, ids, labels) -> float:
-    return (predict_logits(model, ids).argmax(-1) == labels).float().mean().item()
+    train_classifier(teacher, ids, labels, epochs=epochs, seed=seed, lr=3e-3, batch_size=batch_size)
+    return teacher
 
 
 def train_student(vocab_size: int, ids, labels, teacher: nn.Module, teacher_logits,

@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdfast.losses import KDLoss
+from kdfast.supervised import accuracy, train_classifier
 from kdfast.trainer import Distiller, seed_everything
 
 DEFAULT_OUT = os.path.join("runs", "demo")
@@ -111,15 +112,6 @@ def _loader(images, labels, batch_size: int, shuffle: bool, seed: int) -> DataLo
     return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    was_training = model.training
-    model.eval()
-    predictions = model(images).argmax(-1)
-    model.train(was_training)
-    return (predictions == labels).float().mean().item()
-
-
 def random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
     """Translate each image `[N, 1, H, W]` by an independent random offset in
     [-max_shift, max_shift]² pixels, filling with zeros (the digits' background)."""
@@ -139,25 +131,8 @@ def train_teacher(images, labels, epochs: int, seed: int, batch_size: int = 64):
     """
     seed_everything(seed)
     teacher = TeacherCNN()
-    optimizer = torch.optim.AdamW(teacher.parameters(), lr=2e-3, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(len(labels) / batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    curve = []
-    teacher.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator)
-        total = 0.0
-        for start in range(0, len(labels), batch_size):
-            index = order[start:start + batch_size]
-            loss = F.cross_entropy(teacher(random_shift(images[index], generator)), labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item()
-        curve.append(total / steps_per_epoch)
-    teacher.eval()
+    curve = train_classifier(teacher, images, labels, epochs=epochs, seed=seed, lr=2e-3, batch_size=batch_size,
+                             augment=random_shift)
     return teacher, curve
 
 

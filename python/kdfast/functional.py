@@ -668,7 +668,8 @@ def fused_linear_kd_loss(
                     or teacher_weight.dtype != teacher_hidden.dtype):
                 raise ValueError(
                     "fused_linear_kd_loss: a (teacher_hidden, teacher_weight[, teacher_bias]) teacher needs "
-                    f"teacher_hidden [..., H_t] with leading shape {tuple(leading_shape)} and teacher_weight [V_t, H_t] "
+                    f"teacher_hidden [..., H_t] with leading shape {tuple(leading_shape)} and teacher_weight "
+                    "[V_t, H_t] "
                     f"of the same dtype; got {tuple(getattr(teacher_hidden, 'shape', ()))} and "
                     f"{tuple(getattr(teacher_weight, 'shape', ()))}")
             if teacher_bias is not None and tuple(teacher_bias.shape) != (teacher_weight.shape[0],):
@@ -688,7 +689,8 @@ def fused_linear_kd_loss(
                             f"[, teacher_bias]) tuple or kdfast.SoftLabels, got {type(teacher).__name__}")
         for name, tensor in (("teacher", teacher_logits), ("teacher_hidden", teacher_hidden)):
             if tensor is not None and tensor.device != device:
-                raise ValueError(f"fused_linear_kd_loss: {name} is on {tensor.device} but student_hidden is on {device}")
+                raise ValueError(f"fused_linear_kd_loss: {name} is on {tensor.device} but student_hidden is on "
+                                 f"{device}")
         _checks.check_kd_inputs(
             stand_in, stand_in, labels, divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
@@ -716,7 +718,8 @@ def fused_linear_kd_loss(
                                                         or student_hidden.dtype == torch.float64)
     else:
         kernels = _uses_kernels(device)
-        if teacher_logits is not None and teacher_logits.dtype == torch.float64 and student_hidden.dtype != torch.float64:
+        mixed_float64 = teacher_logits is not None and teacher_logits.dtype == torch.float64
+        if mixed_float64 and student_hidden.dtype != torch.float64:
             kernels = False  # the kernels take float64 only for both sides; the reference takes any mix
     loss = _fused_ops.fused_linear_kd_loss(
         hidden_rows, student_weight, student_bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,

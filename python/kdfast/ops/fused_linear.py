@@ -261,7 +261,8 @@ def backward_impl(
             teacher = _teacher_chunk(start, stop, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
                                      teacher_columns, soft, teacher_buffer, dtype)
             chunk_labels = labels[start:stop] if labels is not None else None
-            grad_logits = chunk_loss.gradient(logits, teacher, chunk_labels, row_stats[start:stop] if has_stats else None,
+            stats = row_stats[start:stop] if has_stats else None
+            grad_logits = chunk_loss.gradient(logits, teacher, chunk_labels, stats,
                                               grad_rows[start:stop], "none", grad_buffer[: stop - start])
             _fold_gradient(grad_logits, logits, softcap, hidden, weight, start, stop, grad_hidden, grad_weight,
                            grad_bias)
