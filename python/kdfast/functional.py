@@ -35,6 +35,13 @@ def _as_rows(logits: Tensor, vocab: int) -> Tensor:
     return rows
 
 
+def _stand_in(leading_shape, vocab: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A [..., vocab] tensor of one stored element (zero strides): it carries the shape, dtype
+    and device the metadata checks need, without allocating a row of logits."""
+    shape = tuple(leading_shape) + (vocab,)
+    return torch.empty_strided(shape, (0,) * len(shape), dtype=dtype, device=device)
+
+
 def _uses_kernels(device: torch.device) -> bool:
     if device.type == "cpu":
         return True
@@ -214,9 +221,8 @@ def sparse_kd_loss(
     checked = student_logits
     if process_group is not None and isinstance(student_logits, Tensor) and isinstance(soft_labels, _softlabels.SoftLabels):
         # a shard has fewer columns than the soft labels' vocabulary: check a full-width stand-in
-        shape = tuple(student_logits.shape[:-1]) + (soft_labels.vocab_size,)
-        checked = torch.empty_strided(shape, (0,) * len(shape), dtype=student_logits.dtype,
-                                      device=student_logits.device)
+        checked = _stand_in(student_logits.shape[:-1], soft_labels.vocab_size, student_logits.dtype,
+                            student_logits.device)
     temperature = _softlabels.check_sparse_kd_inputs(
         checked, soft_labels, labels, divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
         tail=tail, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
@@ -626,8 +632,7 @@ def fused_linear_kd_loss(
         raise ValueError(f"fused_linear_kd_loss: softcap must be None or a finite number > 0, got {softcap!r}")
     leading_shape = student_hidden.shape[:-1]
     device = student_hidden.device
-    stand_in = torch.empty_strided(tuple(leading_shape) + (vocab,), (0,) * (len(leading_shape) + 1),
-                                   dtype=student_hidden.dtype, device=device)
+    stand_in = _stand_in(leading_shape, vocab, student_hidden.dtype, device)
 
     teacher_logits = teacher_hidden = teacher_weight = teacher_bias = teacher_columns = None
     soft = (None, None, None)
@@ -637,8 +642,7 @@ def fused_linear_kd_loss(
                              "is not split by column; compress the teacher's logits after mapping them instead")
         checked = stand_in
         if process_group is not None:  # a shard is narrower than the soft labels' vocabulary
-            checked = torch.empty_strided(tuple(leading_shape) + (teacher.vocab_size,), (0,) * (len(leading_shape) + 1),
-                                          dtype=student_hidden.dtype, device=device)
+            checked = _stand_in(leading_shape, teacher.vocab_size, student_hidden.dtype, device)
         temperature = _softlabels_temperature(checked, teacher, labels, divergence, temperature, alpha, beta, tail,
                                               ignore_index, reduction, label_smoothing)
         flat = teacher.flatten()

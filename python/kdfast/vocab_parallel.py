@@ -306,14 +306,13 @@ class SparseShardLoss:
         scaled = x / o.temperature
         grad = torch.zeros_like(x)
         student_tail, lse_r = stats[:, k].to(x.dtype), stats[:, k + 1].to(x.dtype)
+        kept_rows, kept_columns = torch.nonzero(owned, as_tuple=True)[0], local[owned]
         if o.need_kd and o.tail_mode == "bucket" and k < o.global_vocab:
             tail_share = torch.exp(scaled - torch.where(torch.isfinite(student_tail), student_tail,
                                                         torch.zeros_like(student_tail))[:, None])
             grad = grad + (grad_tail[:, None] / o.temperature) * tail_share
-            rows = torch.nonzero(owned, as_tuple=True)[0]
-            grad[rows, local[owned]] = 0.0  # kept entries are not in the tail bucket
-        rows = torch.nonzero(owned, as_tuple=True)[0]
-        grad.index_put_((rows, local[owned]), grad_kept[owned] / o.temperature, accumulate=True)
+            grad[kept_rows, kept_columns] = 0.0  # kept entries are not in the tail bucket
+        grad.index_put_((kept_rows, kept_columns), grad_kept[owned] / o.temperature, accumulate=True)
         if o.need_ce:
             grad = grad + grad_lse_r[:, None] * torch.exp(x - lse_r[:, None]) + grad_sum[:, None]
             label_rows = torch.nonzero(label_column >= 0).squeeze(1)
@@ -361,14 +360,12 @@ class _ShardRows(torch.autograd.Function):
 
 
 def _reduce(row_loss: Tensor, labels: Optional[Tensor], reduction: str, ignore_index: int) -> Tensor:
+    from kdfast.ops.fused_linear import reduction_scale
+
     if reduction == "none":
         return row_loss
-    if reduction == "sum":
-        return row_loss.sum()
-    if reduction == "batchmean":
-        return row_loss.sum() / max(row_loss.shape[0], 1)
-    valid = (labels != ignore_index).sum() if labels is not None else torch.tensor(row_loss.shape[0])
-    return row_loss.sum() / valid.clamp(min=1).to(row_loss.dtype)
+    return row_loss.sum() * reduction_scale(labels, row_loss.shape[0], reduction, ignore_index, row_loss.dtype,
+                                            row_loss.device)
 
 
 def kd_loss(student_rows: Tensor, teacher_rows, labels: Optional[Tensor], group, *, soft: bool, options: tuple,

@@ -156,7 +156,9 @@ def _fold_gradient(grad_logits: Tensor, logits: Tensor, softcap: float, hidden: 
         grad_bias.add_(grad_logits.sum(0))
 
 
-def _reduction_scale(labels: Optional[Tensor], rows: int, reduction: str, ignore_index: int, dtype, device) -> Tensor:
+def reduction_scale(labels: Optional[Tensor], rows: int, reduction: str, ignore_index: int, dtype, device) -> Tensor:
+    """The factor a summed loss takes for `reduction` ("sum": 1, "batchmean": 1/rows, "mean":
+    1/valid rows, 1 when no row is valid), as a 0-dim tensor (no host synchronisation)."""
     if reduction == "mean":
         valid = (labels != ignore_index).sum() if labels is not None else torch.tensor(rows, device=device)
         return 1.0 / valid.clamp(min=1).to(dtype)
@@ -199,7 +201,7 @@ def forward_impl(
     row_loss = torch.empty((rows,), dtype=dtype, device=device) if per_row else None
     row_stats = None
     total = torch.zeros((), dtype=dtype, device=device)
-    scale = _reduction_scale(labels, rows, reduction, ignore_index, dtype, device)
+    scale = reduction_scale(labels, rows, reduction, ignore_index, dtype, device)
     grad_hidden = torch.empty_like(hidden) if grads else empty
     grad_weight = torch.zeros_like(weight) if grads else empty
     grad_bias = torch.zeros_like(bias) if grads and bias is not None else None
@@ -348,6 +350,8 @@ OPTION_NAMES = ("compute_grads", "chunk_rows", "softcap", "kernels", "divergence
 
 
 def _setup_context(ctx, inputs, output):
+    """Saves what backward needs: the inputs and row statistics for "none" (recomputation),
+    else the forward's gradients."""
     tensors, options = inputs[:12], dict(zip(OPTION_NAMES, inputs[12:]))
     _, row_stats, grad_hidden, grad_weight, grad_bias = output
     if options["reduction"] == "none":
@@ -371,14 +375,9 @@ class EagerFusedLinearKDLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        tensors, options = inputs[:12], dict(zip(OPTION_NAMES, inputs[12:]))
-        loss, row_stats, grad_hidden, grad_weight, grad_bias = forward_impl(*inputs)
-        if options["reduction"] == "none":
-            ctx.save_for_backward(row_stats, *tensors)
-        else:
-            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.options = options
-        return loss
+        outputs = forward_impl(*inputs)
+        _setup_context(ctx, inputs, outputs)
+        return outputs[0]
 
     @staticmethod
     def backward(ctx, grad_loss):
