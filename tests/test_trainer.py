@@ -10,7 +10,6 @@ single-process training with the same global batch.
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
@@ -417,17 +416,8 @@ def _ddp_worker(rank, world_size, rendezvous, out_dir):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-def test_ddp_two_processes_match_single_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)),
-                                 nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=5):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the DDP workers did not finish within 300 s")
+def test_ddp_two_processes_match_single_process(tmp_path, spawn_workers):
+    spawn_workers(_ddp_worker, 2)
     result = torch.load(tmp_path / "result.pt", weights_only=True)
     checkpoint = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert checkpoint["world_size"] == 2 and len(checkpoint["rng_boundary"]) == 2

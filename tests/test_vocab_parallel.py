@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 
 import pytest
 import torch
@@ -20,19 +19,6 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 ROWS, VOCAB, HIDDEN, TEACHER_HIDDEN = 13, 47, 8, 6
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
-
-
-def _run(worker, world_size, tmp_path, *args, limit=300):
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(worker, args=(world_size, str(tmp_path / "rendezvous"), str(tmp_path)) + args,
-                                 nprocs=world_size, join=False, start_method="spawn")
-    deadline = time.monotonic() + limit
-    while not context.join(timeout=2):  # raises if a worker failed
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the workers did not finish within {limit} s")
 
 
 def _init(rank, world_size, rendezvous):
@@ -166,8 +152,8 @@ def _worker(rank, world_size, rendezvous, out_dir):
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_vocab_parallel_matches_single_process(world_size, tmp_path):
-    _run(_worker, world_size, tmp_path)
+def test_vocab_parallel_matches_single_process(world_size, spawn_workers):
+    spawn_workers(_worker, world_size)
 
 
 def _error_worker(rank, world_size, rendezvous, out_dir):
@@ -189,8 +175,8 @@ def _error_worker(rank, world_size, rendezvous, out_dir):
         dist.destroy_process_group()
 
 
-def test_vocab_parallel_label_range_uses_the_global_vocabulary(tmp_path):
-    _run(_error_worker, 2, tmp_path)
+def test_vocab_parallel_label_range_uses_the_global_vocabulary(spawn_workers):
+    spawn_workers(_error_worker, 2)
 
 
 # ----------------------------------------------------------------------------- DDP training
@@ -248,8 +234,8 @@ def _ddp_worker(rank, world_size, rendezvous, out_dir):
         dist.destroy_process_group()
 
 
-def test_ddp_fused_linear_training_matches_single_process(tmp_path):
-    _run(_ddp_worker, 2, tmp_path)
+def test_ddp_fused_linear_training_matches_single_process(tmp_path, spawn_workers):
+    spawn_workers(_ddp_worker, 2)
     distributed = torch.load(tmp_path / "ddp.pt", weights_only=True)
     tokens, teacher = _ddp_data()
     single = _train(_TinyLM(seed=7), tokens, teacher, steps=5, rows=slice(0, 8))
