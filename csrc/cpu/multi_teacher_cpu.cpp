@@ -32,6 +32,7 @@
 
 #include "convert.h"
 #include "kernel_common.h"
+#include "lanes.h"
 #include "kdfast/rowmath.h"
 #include "kdfast/types.h"
 
@@ -499,33 +500,34 @@ C row_max(const C* x, int64_t n) {
 
 // Student exp pass: es[i] = exp((s_i - shift)/T); sums of es, of exp(s_i - shift) and of s_i - shift.
 // NEXT: also the maximum of the next row to process (`next`, a teacher row), so its first
-// read from memory overlaps this pass's arithmetic.
+// read from memory overlaps this pass's arithmetic. exp_t, exp_1: exp(x/T) and exp(x).
 template <class C, int S1, bool SMOOTH, bool NEXT>
-void student_exp_row(const C* s, int64_t n, C shift, C inv_t, C* es, C& sum_t, C& sum_1, C& centered,
-                     const C* next, C& next_max) {
-  C a = 0, b = 0, c = 0, nm = kNegInf<C>;
-#pragma omp simd reduction(+ : a, b, c) reduction(max : nm)
-  for (int64_t i = 0; i < n; ++i) {
-    const C ds = s[i] - shift;
-    const C e = rowmath::exp_c(ds * inv_t);
-    es[i] = e;
-    a += e;
-    if constexpr (S1 == rowmath::kStudent1Exp) b += rowmath::exp_c(ds);
-    if constexpr (S1 == 2 || S1 == 4) b += rowmath::integer_power<S1>(e);
-    if constexpr (SMOOTH) c += ds;
-    if constexpr (NEXT) nm = next[i] > nm ? next[i] : nm;
-  }
-  sum_t = a;
-  sum_1 = b;
-  centered = c;
-  next_max = nm;
+void student_exp_row(const C* s, int64_t n, C shift, const ExpLanes<C>& exp_t, const ExpLanes<C>& exp_1, C* es,
+                     C& sum_t, C& sum_1, C& centered, const C* next, C& next_max) {
+  LaneSums<C, 3> acc;
+  sweep_lanes<C>(n, [&](auto lane, int64_t i) {
+    using L = Lane<decltype(lane)>;
+    auto* sums = acc.sums(lane);
+    const auto ds = L::load(s + i) - L::splat(shift);
+    const auto e = exp_t(ds);
+    store(es + i, e);
+    sums[0] = sums[0] + e;
+    if constexpr (S1 == rowmath::kStudent1Exp) sums[1] = sums[1] + exp_1(ds);
+    if constexpr (S1 == 2 || S1 == 4) sums[1] = sums[1] + rowmath::integer_power<S1>(e);
+    if constexpr (SMOOTH) sums[2] = sums[2] + ds;
+    if constexpr (NEXT) acc.max(lane) = max_(acc.max(lane), L::load(next + i));
+  });
+  sum_t = acc.total(0);
+  sum_1 = acc.total(1);
+  centered = acc.total(2);
+  next_max = acc.maximum();
 }
 
 template <class C, int S1, bool SMOOTH>
-void student_exp_row_for(const C* s, int64_t n, C shift, C inv_t, C* es, C& sum_t, C& sum_1, C& centered,
-                         const C* next, C& next_max) {
-  if (next != nullptr) student_exp_row<C, S1, SMOOTH, true>(s, n, shift, inv_t, es, sum_t, sum_1, centered, next, next_max);
-  else student_exp_row<C, S1, SMOOTH, false>(s, n, shift, inv_t, es, sum_t, sum_1, centered, next, next_max);
+void student_exp_row_for(const C* s, int64_t n, C shift, const ExpLanes<C>& exp_t, const ExpLanes<C>& exp_1, C* es,
+                         C& sum_t, C& sum_1, C& centered, const C* next, C& next_max) {
+  if (next != nullptr) student_exp_row<C, S1, SMOOTH, true>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
+  else student_exp_row<C, S1, SMOOTH, false>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
 }
 
 // Teacher exp pass: scratch[i] = exp((t_i - shift)/T); returns Z = Σ e and A = Σ e (t_i - shift).
@@ -534,31 +536,36 @@ void student_exp_row_for(const C* s, int64_t n, C shift, C inv_t, C* es, C& sum_
 // exponentials, = when FIRST).
 // SUM: also A (combine Sum needs it; Mixture does not).
 template <class C, bool SUM, bool NEXT, bool PREV, bool FIRST>
-void teacher_exp_row(const C* t, int64_t n, C shift, C inv_t, C* scratch, C& z_out, C& a_out, const C* next,
-                     C& next_max, const C* prev, C prev_c, C* mixture) {
+void teacher_exp_row(const C* t, int64_t n, C shift, const ExpLanes<C>& exp_t, C* scratch, C& z_out, C& a_out,
+                     const C* next, C& next_max, const C* prev, C prev_c, C* mixture) {
   // A -inf logit has e = 0: its dt is clamped to the lowest finite value so that e * dt = 0.
   constexpr C kLowest = std::numeric_limits<C>::lowest();
-  C z = 0, a = 0, nm = kNegInf<C>;
-#pragma omp simd reduction(+ : z, a) reduction(max : nm)
-  for (int64_t i = 0; i < n; ++i) {
-    const C dt = t[i] - shift;
-    const C e = rowmath::exp_c(dt * inv_t);
-    scratch[i] = e;
-    z += e;
-    if constexpr (SUM) a += e * (dt > kLowest ? dt : kLowest);
-    if constexpr (NEXT) nm = next[i] > nm ? next[i] : nm;
-    if constexpr (PREV) mixture[i] = (FIRST ? C(0) : mixture[i]) + prev_c * prev[i];
-  }
-  z_out = z;
-  a_out = a;
-  next_max = nm;
+  LaneSums<C, 2> acc;
+  sweep_lanes<C>(n, [&](auto lane, int64_t i) {
+    using L = Lane<decltype(lane)>;
+    auto* sums = acc.sums(lane);
+    const auto dt = L::load(t + i) - L::splat(shift);
+    const auto e = exp_t(dt);
+    store(scratch + i, e);
+    sums[0] = sums[0] + e;
+    if constexpr (SUM) sums[1] = fma_(e, max_(dt, L::splat(kLowest)), sums[1]);
+    if constexpr (NEXT) acc.max(lane) = max_(acc.max(lane), L::load(next + i));
+    if constexpr (PREV) {
+      const auto add = L::splat(prev_c) * L::load(prev + i);
+      if constexpr (FIRST) store(mixture + i, add);
+      else store(mixture + i, L::load(mixture + i) + add);
+    }
+  });
+  z_out = acc.total(0);
+  a_out = acc.total(1);
+  next_max = acc.maximum();
 }
 
 template <class C, bool SUM>
-void teacher_exp_row_for(const C* t, int64_t n, C shift, C inv_t, C* scratch, C& z, C& a, const C* next,
+void teacher_exp_row_for(const C* t, int64_t n, C shift, const ExpLanes<C>& exp_t, C* scratch, C& z, C& a, const C* next,
                          C& next_max, const C* prev, C prev_c, C* mixture, bool first) {
 #define KDFAST_TEACHER_ROW(NEXT_, PREV_, FIRST_) \
-  teacher_exp_row<C, SUM, NEXT_, PREV_, FIRST_>(t, n, shift, inv_t, scratch, z, a, next, next_max, prev, prev_c, mixture)
+  teacher_exp_row<C, SUM, NEXT_, PREV_, FIRST_>(t, n, shift, exp_t, scratch, z, a, next, next_max, prev, prev_c, mixture)
   if (next != nullptr) {
     if (prev == nullptr) KDFAST_TEACHER_ROW(true, false, false);
     else if (first) KDFAST_TEACHER_ROW(true, true, true);
@@ -680,6 +687,7 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
     C* mixture = es + vocab;
     C* scratch_pair[2] = {mixture + vocab, mixture + 2 * vocab};
     alignas(64) C grad_chunk[kChunk];
+    const ExpLanes<C> exp_t(inv_t), exp_1(C(1));
     // Each thread takes one contiguous block of rows, so that a row's last teacher pass can
     // take the maximum of the next row's student logits on the way (carried_max).
 #if defined(_OPENMP)
@@ -721,20 +729,20 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
       C sum_t = 0, sum_1 = 0, centered = 0;
       switch (k.need_ce ? k.student_1_mode : rowmath::kStudent1None) {
         case rowmath::kStudent1Exp:
-          if (smooth) student_exp_row_for<C, rowmath::kStudent1Exp, true>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered, next, next_max);
-          else student_exp_row_for<C, rowmath::kStudent1Exp, false>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered, next, next_max);
+          if (smooth) student_exp_row_for<C, rowmath::kStudent1Exp, true>(s, vocab, shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
+          else student_exp_row_for<C, rowmath::kStudent1Exp, false>(s, vocab, shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
           break;
         case 2:
-          if (smooth) student_exp_row_for<C, 2, true>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered, next, next_max);
-          else student_exp_row_for<C, 2, false>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered, next, next_max);
+          if (smooth) student_exp_row_for<C, 2, true>(s, vocab, shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
+          else student_exp_row_for<C, 2, false>(s, vocab, shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
           break;
         case 4:
-          if (smooth) student_exp_row_for<C, 4, true>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered, next, next_max);
-          else student_exp_row_for<C, 4, false>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered, next, next_max);
+          if (smooth) student_exp_row_for<C, 4, true>(s, vocab, shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
+          else student_exp_row_for<C, 4, false>(s, vocab, shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
           break;
         default:
-          if (smooth) student_exp_row_for<C, rowmath::kStudent1None, true>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered, next, next_max);
-          else student_exp_row_for<C, rowmath::kStudent1None, false>(s, vocab, shift_s, inv_t, es, sum_t, sum_1, centered, next, next_max);
+          if (smooth) student_exp_row_for<C, rowmath::kStudent1None, true>(s, vocab, shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
+          else student_exp_row_for<C, rowmath::kStudent1None, false>(s, vocab, shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
       }
       const C log_sum_t = rowmath::log_of_sum(sum_t);
       const C log_sum_1 = k.need_student_1 ? rowmath::log_of_sum(sum_1) : log_sum_t;
@@ -761,7 +769,7 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
         const C shift_t = max_t == kNegInf<C> ? C(0) : max_t;
         C* scratch = scratch_pair[m % 2];
         C z = 0, a = 0;
-        teacher_exp_row_for<C, !kMixture>(t, vocab, shift_t, inv_t, scratch, z, a, next, next_max, prev, prev_c,
+        teacher_exp_row_for<C, !kMixture>(t, vocab, shift_t, exp_t, scratch, z, a, next, next_max, prev, prev_c,
                                           mixture, mixture_empty);
         if (kInPlace && std::is_same_v<S, C> && m + 1 == num_teachers && next != nullptr) {
           carried_row = row + 1;
