@@ -195,6 +195,44 @@ def test_extreme_and_masked_logits(divergence):
     assert (grad.double() - ref_grad).abs().max() <= 1e-4 * ref_grad.abs().max() + 1e-6
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("combine", COMBINES)
+def test_forward_kl_rows_out_of_exp_range_are_redone_exactly(combine, temperature, label_smoothing):
+    # forward_kl's float32 passes first run without the exp's cutoff test and redo a row
+    # whose logits reach below max - 87 T (masked -inf logits, or a finite but wide spread).
+    # Each row below puts that in a different place: the student, the first, middle and last
+    # teacher (different fused sweeps), in the vector body (column 40) and in the scalar
+    # tail (column 202 of V = 203), next to rows in range; per-row losses and the gradient
+    # match the float64 oracle. (With label smoothing a masked student logit makes the
+    # cross-entropy infinite, so there the student's masked entries are finite but far.)
+    student, teachers, labels = make_inputs(3, (9, 203), seed=31, ignore_fraction=0.0)
+    far = -200.0 * temperature
+    masked_student = float("-inf") if label_smoothing == 0 else far
+    student[1, [5, 40, 202]] = masked_student  # every teacher masks them too
+    teachers[:, 1, [5, 40, 202]] = float("-inf")
+    teachers[0, 2, [40, 41]] = float("-inf")
+    teachers[1, 3, 202] = float("-inf")
+    teachers[2, 4, 7:30] = float("-inf")
+    student[5, 40] = far
+    teachers[1, 6, 202] = far
+    student[7, 50:60] = masked_student
+    teachers[:, 7, 50:60] = float("-inf")
+    teachers[2, 8, 3] = far
+    labels[1] = 6  # labels on logits the student can reach
+    labels[7] = 0
+    options = dict(combine=combine, temperature=temperature, alpha=0.3, label_smoothing=label_smoothing,
+                   reduction="none")
+    grad_output = make_grad_output("none", (9,), seed=32)
+    loss, grad = loss_and_grad(functional.multi_teacher_kd_loss, student.float(), list(teachers.float()), labels,
+                               grad_output.float(), **options)
+    ref_loss, ref_grad = loss_and_grad(plain_loss, student.float().double(), list(teachers.float().double()), labels,
+                                       grad_output, **options)
+    assert bool(torch.isfinite(ref_loss).all())
+    assert ((loss.double() - ref_loss).abs() <= 2e-5 * ref_loss.abs() + 1e-5).all()
+    assert (grad.double() - ref_grad).abs().max() <= 2e-5 * ref_grad.abs().max() + 1e-7
+
+
 def test_bad_labels_and_options_raise():
     student, teachers, labels = make_inputs(2, (4, 9), seed=15)
     labels[1] = 9

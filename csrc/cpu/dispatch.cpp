@@ -28,6 +28,7 @@ namespace cpu {
   void sparse_kd_backward(const SparseKDBackwardArgs& args);             \
   int64_t multi_teacher_forward(const MultiTeacherKDArgs& args);         \
   void multi_teacher_backward(const MultiTeacherKDArgs& args);           \
+  void scaled_exp(const float* x, int64_t n, float inv_t, bool cutoff, float* out); \
   }
 KDFAST_DECLARE_VARIANT(baseline)
 #if defined(KDFAST_CPU_HAS_AVX2)
@@ -49,6 +50,7 @@ struct Variant {
   void (*sparse_backward)(const SparseKDBackwardArgs&);
   int64_t (*multi_teacher_forward)(const MultiTeacherKDArgs&);
   void (*multi_teacher_backward)(const MultiTeacherKDArgs&);
+  void (*scaled_exp)(const float*, int64_t, float, bool, float*);
 };
 
 bool cpu_supports(const char* name) {
@@ -68,15 +70,16 @@ std::vector<Variant> compiled_variants() {
 #if defined(KDFAST_CPU_HAS_AVX512)
   variants.push_back({"avx512", avx512::kd_forward, avx512::kd_backward, avx512::topk_compress,
                       avx512::sparse_kd_forward, avx512::sparse_kd_backward, avx512::multi_teacher_forward,
-                      avx512::multi_teacher_backward});
+                      avx512::multi_teacher_backward, avx512::scaled_exp});
 #endif
 #if defined(KDFAST_CPU_HAS_AVX2)
   variants.push_back({"avx2", avx2::kd_forward, avx2::kd_backward, avx2::topk_compress, avx2::sparse_kd_forward,
-                      avx2::sparse_kd_backward, avx2::multi_teacher_forward, avx2::multi_teacher_backward});
+                      avx2::sparse_kd_backward, avx2::multi_teacher_forward, avx2::multi_teacher_backward,
+                      avx2::scaled_exp});
 #endif
   variants.push_back({"baseline", baseline::kd_forward, baseline::kd_backward, baseline::topk_compress,
                       baseline::sparse_kd_forward, baseline::sparse_kd_backward, baseline::multi_teacher_forward,
-                      baseline::multi_teacher_backward});
+                      baseline::multi_teacher_backward, baseline::scaled_exp});
   return variants;  // best first
 }
 
@@ -144,6 +147,16 @@ int64_t multi_teacher_forward_cpu(const MultiTeacherKDArgs& args) {
 void multi_teacher_backward_cpu(const MultiTeacherKDArgs& args) {
   cpu::advise_huge_pages(args.grad_student, args.rows * args.vocab * dtype_size(args.student_dtype));
   cpu::selected().multi_teacher_backward(args);
+}
+
+bool scaled_exp_cpu(const std::string& variant, const float* x, int64_t n, float inv_t, bool cutoff, float* out) {
+  for (const auto& v : cpu::compiled_variants()) {
+    if (variant == v.name && cpu::cpu_supports(v.name)) {
+      v.scaled_exp(x, n, inv_t, cutoff, out);
+      return true;
+    }
+  }
+  return false;
 }
 
 #if defined(KDFAST_WITH_CUDA)

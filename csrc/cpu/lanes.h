@@ -46,6 +46,8 @@ struct ScaledExp<double> {
   double inv_t;
   explicit ScaledExp(double inverse_temperature) : inv_t(inverse_temperature) {}
   double operator()(double x) const { return std::exp(x * inv_t); }
+  template <bool CUTOFF>
+  double apply(double x) const { return std::exp(x * inv_t); }
 };
 
 template <>
@@ -82,7 +84,12 @@ struct ScaledExp<float> {
     }
   }
 
-  float operator()(float x) const {
+  float operator()(float x) const { return apply<true>(x); }
+
+  // CUTOFF = false skips the test against `cutoff`: exact only for x >= cutoff (callers
+  // check the minimum of their inputs and redo the row with the test where it fails).
+  template <bool CUTOFF>
+  float apply(float x) const {
     const float shifted = x * k_scale + kMagic;
     const float n = shifted - kMagic;
     float r = x - n * step_hi;
@@ -94,6 +101,7 @@ struct ScaledExp<float> {
     float scale;
     std::memcpy(&scale, &bits, 4);
     const float y = p * scale;
+    if constexpr (!CUTOFF) return y;
     return x < cutoff ? 0.0f : y;  // NaN: the comparison is false and y is NaN
   }
 };
@@ -114,6 +122,8 @@ inline float fma_(float a, float b, float c) { return a * b + c; }
 inline double fma_(double a, double b, double c) { return a * b + c; }
 inline float max_(float a, float b) { return a > b ? a : b; }
 inline double max_(double a, double b) { return a > b ? a : b; }
+inline float min_(float a, float b) { return a < b ? a : b; }
+inline double min_(double a, double b) { return a < b ? a : b; }
 // value where condition > 0, else 0 (so 0 * inf or 0 * -inf never reaches a sum).
 inline float where_positive(float condition, float value) { return condition > 0.0f ? value : 0.0f; }
 inline double where_positive(double condition, double value) { return condition > 0.0 ? value : 0.0; }
@@ -142,6 +152,7 @@ inline F8 operator-(F8 a, F8 b) { return {_mm256_sub_ps(a.v, b.v)}; }
 inline F8 operator*(F8 a, F8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
 inline F8 fma_(F8 a, F8 b, F8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
 inline F8 max_(F8 a, F8 b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline F8 min_(F8 a, F8 b) { return {_mm256_min_ps(a.v, b.v)}; }
 inline F8 where_positive(F8 condition, F8 value) {
   return {_mm256_and_ps(_mm256_cmp_ps(condition.v, _mm256_setzero_ps(), _CMP_GT_OQ), value.v)};
 }
@@ -149,6 +160,12 @@ inline float hsum(F8 x) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(x.v), _mm256_extractf128_ps(x.v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline float hmin(F8 x) {
+  __m128 s = _mm_min_ps(_mm256_castps256_ps128(x.v), _mm256_extractf128_ps(x.v, 1));
+  s = _mm_min_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_min_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
 inline float hmax(F8 x) {
@@ -167,7 +184,9 @@ struct ScaledExpF8 {
         b1(_mm256_set1_ps(e.b1)), b2(_mm256_set1_ps(e.b2)), b3(_mm256_set1_ps(e.b3)),
         cutoff(_mm256_set1_ps(e.cutoff)), magic(_mm256_set1_ps(ScaledExp<float>::kMagic)),
         one(_mm256_set1_ps(1.0f)), table(_mm256_load_si256(reinterpret_cast<const __m256i*>(e.table))) {}
-  F8 operator()(F8 x) const {
+  F8 operator()(F8 x) const { return apply<true>(x); }
+  template <bool CUTOFF>
+  F8 apply(F8 x) const {
     const __m256 shifted = _mm256_fmadd_ps(x.v, k_scale, magic);
     const __m256 n = _mm256_sub_ps(shifted, magic);
     __m256 r = _mm256_fnmadd_ps(n, step_hi, x.v);
@@ -179,6 +198,7 @@ struct ScaledExpF8 {
     // permutevar8x32 reads the low 3 bits of each index: the table entry for k & 7.
     const __m256i bits = _mm256_add_epi32(_mm256_permutevar8x32_epi32(table, k), _mm256_slli_epi32(k, 20));
     const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+    if constexpr (!CUTOFF) return {y};
     return {_mm256_andnot_ps(_mm256_cmp_ps(x.v, cutoff, _CMP_LT_OQ), y)};
   }
 };
@@ -192,46 +212,74 @@ struct ExpLanes {
   std::conditional_t<std::is_same_v<C, float>, ScaledExpF8, ScaledExp<C>> vector;
   explicit ExpLanes(C inv_t) : scalar(inv_t), vector(scalar) {}
   F8 operator()(F8 x) const { return vector(x); }
+  template <bool CUTOFF>
+  F8 apply(F8 x) const { return vector.template apply<CUTOFF>(x); }
 #else
   explicit ExpLanes(C inv_t) : scalar(inv_t) {}
 #endif
   C operator()(C x) const { return scalar(x); }
+  template <bool CUTOFF>
+  C apply(C x) const { return scalar.template apply<CUTOFF>(x); }
+  // The smallest argument whose exp is exact without the cutoff test (float), -inf (double).
+  C scalar_cutoff() const {
+    if constexpr (std::is_same_v<C, float>) return scalar.cutoff;
+    return -std::numeric_limits<C>::infinity();
+  }
 };
 
-// K running sums and one running maximum for each lane type; total(j) and maximum() fold
-// the lanes (vector lanes first, then the scalar tail).
+// Whether float rows of this variant run on vector lanes (and try the exp without its
+// cutoff test first, see ScaledExp::apply).
+template <class C>
+constexpr bool kVectorLanes =
+#if defined(KDFAST_LANES_AVX2)
+    std::is_same_v<C, float>;
+#else
+    false;
+#endif
+
+// K running sums, one running maximum and one running minimum for each lane type;
+// total(j), maximum() and minimum() fold the lanes (vector lanes first, then the scalar tail).
 template <class C, int K>
 struct LaneSums {
+  static constexpr C kInf = std::numeric_limits<C>::infinity();
   C scalar_sums[K];
-  C scalar_max;
+  C scalar_max = -kInf, scalar_min = kInf;
 #if defined(KDFAST_LANES_AVX2)
   F8 vector_sums[K];
-  F8 vector_max;
+  F8 vector_max = Lane<F8>::splat(-std::numeric_limits<float>::infinity());
+  F8 vector_min = Lane<F8>::splat(std::numeric_limits<float>::infinity());
 #endif
   LaneSums() {
     for (int j = 0; j < K; ++j) scalar_sums[j] = C(0);
-    scalar_max = -std::numeric_limits<C>::infinity();
 #if defined(KDFAST_LANES_AVX2)
     for (int j = 0; j < K; ++j) vector_sums[j] = Lane<F8>::zero();
-    vector_max = Lane<F8>::splat(-std::numeric_limits<float>::infinity());
 #endif
   }
   C* sums(C) { return scalar_sums; }
   C& max(C) { return scalar_max; }
+  C& min(C) { return scalar_min; }
 #if defined(KDFAST_LANES_AVX2)
   F8* sums(F8) { return vector_sums; }
   F8& max(F8) { return vector_max; }
+  F8& min(F8) { return vector_min; }
+#endif
+#if defined(KDFAST_LANES_AVX2)
   C total(int j) const {
-    if constexpr (std::is_same_v<C, float>) return hsum(vector_sums[j]) + scalar_sums[j];
+    if constexpr (kVectorLanes<C>) return hsum(vector_sums[j]) + scalar_sums[j];
     return scalar_sums[j];
   }
   C maximum() const {
-    if constexpr (std::is_same_v<C, float>) return max_(hmax(vector_max), scalar_max);
+    if constexpr (kVectorLanes<C>) return max_(hmax(vector_max), scalar_max);
     return scalar_max;
+  }
+  C minimum() const {
+    if constexpr (kVectorLanes<C>) return min_(hmin(vector_min), scalar_min);
+    return scalar_min;
   }
 #else
   C total(int j) const { return scalar_sums[j]; }
   C maximum() const { return scalar_max; }
+  C minimum() const { return scalar_min; }
 #endif
 };
 

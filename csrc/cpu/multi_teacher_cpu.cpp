@@ -498,57 +498,85 @@ C row_max(const C* x, int64_t n) {
   return m;
 }
 
+// The exp passes below run twice only when needed: float rows on vector lanes first try the
+// exp without its cutoff test (and the teacher pass without clamping -inf differences),
+// tracking the row's smallest difference; where that is below the cutoff (a masked -inf
+// logit, or a spread beyond 87 T) the exps and sums are redone with the tests. Rows in range
+// give bitwise the same result either way.
+
 // Student exp pass: es[i] = exp((s_i - shift)/T); sums of es, of exp(s_i - shift) and of s_i - shift.
 // NEXT: also the maximum of the next row to process (`next`, a teacher row), so its first
 // read from memory overlaps this pass's arithmetic. exp_t, exp_1: exp(x/T) and exp(x).
-template <class C, int S1, bool SMOOTH, bool NEXT>
-void student_exp_row(const C* s, int64_t n, C shift, const ExpLanes<C>& exp_t, const ExpLanes<C>& exp_1, C* es,
+// Returns false when CHECKED is false and some s_i - shift is below a cutoff.
+template <class C, int S1, bool SMOOTH, bool NEXT, bool CHECKED>
+bool student_exp_row(const C* s, int64_t n, C shift, const ExpLanes<C>& exp_t_in, const ExpLanes<C>& exp_1_in, C* es,
                      C& sum_t, C& sum_1, C& centered, const C* next, C& next_max) {
+  // Local copies: stores through es cannot alias them, so the constants stay in registers.
+  const ExpLanes<C> exp_t = exp_t_in, exp_1 = exp_1_in;
   LaneSums<C, 3> acc;
   sweep_lanes<C>(n, [&](auto lane, int64_t i) {
     using L = Lane<decltype(lane)>;
     auto* sums = acc.sums(lane);
     const auto ds = L::load(s + i) - L::splat(shift);
-    const auto e = exp_t(ds);
+    const auto e = exp_t.template apply<CHECKED>(ds);
     store(es + i, e);
     sums[0] = sums[0] + e;
-    if constexpr (S1 == rowmath::kStudent1Exp) sums[1] = sums[1] + exp_1(ds);
+    if constexpr (S1 == rowmath::kStudent1Exp) sums[1] = sums[1] + exp_1.template apply<CHECKED>(ds);
     if constexpr (S1 == 2 || S1 == 4) sums[1] = sums[1] + rowmath::integer_power<S1>(e);
     if constexpr (SMOOTH) sums[2] = sums[2] + ds;
     if constexpr (NEXT) acc.max(lane) = max_(acc.max(lane), L::load(next + i));
+    if constexpr (!CHECKED) acc.min(lane) = min_(acc.min(lane), ds);
   });
   sum_t = acc.total(0);
   sum_1 = acc.total(1);
   centered = acc.total(2);
-  next_max = acc.maximum();
+  if constexpr (NEXT) next_max = acc.maximum();
+  if constexpr (CHECKED) return true;
+  const C low = acc.minimum();
+  return low >= exp_t_in.scalar_cutoff() && (S1 != rowmath::kStudent1Exp || low >= exp_1_in.scalar_cutoff());
 }
 
 template <class C, int S1, bool SMOOTH>
 void student_exp_row_for(const C* s, int64_t n, C shift, const ExpLanes<C>& exp_t, const ExpLanes<C>& exp_1, C* es,
                          C& sum_t, C& sum_1, C& centered, const C* next, C& next_max) {
-  if (next != nullptr) student_exp_row<C, S1, SMOOTH, true>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
-  else student_exp_row<C, S1, SMOOTH, false>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
+  next_max = kNegInf<C>;
+  if constexpr (kVectorLanes<C>) {
+    const bool in_range =
+        next != nullptr
+            ? student_exp_row<C, S1, SMOOTH, true, false>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max)
+            : student_exp_row<C, S1, SMOOTH, false, false>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
+    if (in_range) return;
+    // next_max is already known
+    student_exp_row<C, S1, SMOOTH, false, true>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, nullptr, next_max);
+    return;
+  }
+  if (next != nullptr) student_exp_row<C, S1, SMOOTH, true, true>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
+  else student_exp_row<C, S1, SMOOTH, false, true>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
 }
 
 // Teacher exp pass: scratch[i] = exp((t_i - shift)/T); returns Z = Σ e and A = Σ e (t_i - shift).
 // Fused into the same sweep: NEXT, the maximum of the next teacher row (its read from memory
 // overlaps the arithmetic); PREV, mixture (+)= prev_c * prev (the previous teacher's
 // exponentials, = when FIRST).
-// SUM: also A (combine Sum needs it; Mixture does not).
-template <class C, bool SUM, bool NEXT, bool PREV, bool FIRST>
-void teacher_exp_row(const C* t, int64_t n, C shift, const ExpLanes<C>& exp_t, C* scratch, C& z_out, C& a_out,
+// SUM: also A (combine Sum needs it; Mixture does not). Returns false when CHECKED is false
+// and some t_i - shift is below the cutoff.
+template <class C, bool SUM, bool NEXT, bool PREV, bool FIRST, bool CHECKED>
+bool teacher_exp_row(const C* t, int64_t n, C shift, const ExpLanes<C>& exp_t_in, C* scratch, C& z_out, C& a_out,
                      const C* next, C& next_max, const C* prev, C prev_c, C* mixture) {
   // A -inf logit has e = 0: its dt is clamped to the lowest finite value so that e * dt = 0.
   constexpr C kLowest = std::numeric_limits<C>::lowest();
+  const ExpLanes<C> exp_t = exp_t_in;  // a local copy, as in student_exp_row
   LaneSums<C, 2> acc;
   sweep_lanes<C>(n, [&](auto lane, int64_t i) {
     using L = Lane<decltype(lane)>;
     auto* sums = acc.sums(lane);
     const auto dt = L::load(t + i) - L::splat(shift);
-    const auto e = exp_t(dt);
+    const auto e = exp_t.template apply<CHECKED>(dt);
     store(scratch + i, e);
     sums[0] = sums[0] + e;
-    if constexpr (SUM) sums[1] = fma_(e, max_(dt, L::splat(kLowest)), sums[1]);
+    if constexpr (SUM && CHECKED) sums[1] = fma_(e, max_(dt, L::splat(kLowest)), sums[1]);
+    if constexpr (SUM && !CHECKED) sums[1] = fma_(e, dt, sums[1]);
+    if constexpr (!CHECKED) acc.min(lane) = min_(acc.min(lane), dt);
     if constexpr (NEXT) acc.max(lane) = max_(acc.max(lane), L::load(next + i));
     if constexpr (PREV) {
       const auto add = L::splat(prev_c) * L::load(prev + i);
@@ -558,24 +586,44 @@ void teacher_exp_row(const C* t, int64_t n, C shift, const ExpLanes<C>& exp_t, C
   });
   z_out = acc.total(0);
   a_out = acc.total(1);
-  next_max = acc.maximum();
+  if constexpr (NEXT) next_max = acc.maximum();
+  if constexpr (CHECKED) return true;
+  return acc.minimum() >= exp_t_in.scalar_cutoff();
+}
+
+template <class C, bool SUM, bool CHECKED>
+bool teacher_exp_row_dispatch(const C* t, int64_t n, C shift, const ExpLanes<C>& exp_t, C* scratch, C& z, C& a,
+                              const C* next, C& next_max, const C* prev, C prev_c, C* mixture, bool first) {
+#define KDFAST_TEACHER_ROW(NEXT_, PREV_, FIRST_)                                                                     \
+  teacher_exp_row<C, SUM, NEXT_, PREV_, FIRST_, CHECKED>(t, n, shift, exp_t, scratch, z, a, next, next_max, prev, \
+                                                         prev_c, mixture)
+  if (next != nullptr) {
+    if (prev == nullptr) return KDFAST_TEACHER_ROW(true, false, false);
+    if (first) return KDFAST_TEACHER_ROW(true, true, true);
+    return KDFAST_TEACHER_ROW(true, true, false);
+  }
+  if (prev == nullptr) return KDFAST_TEACHER_ROW(false, false, false);
+  if (first) return KDFAST_TEACHER_ROW(false, true, true);
+  return KDFAST_TEACHER_ROW(false, true, false);
+#undef KDFAST_TEACHER_ROW
 }
 
 template <class C, bool SUM>
-void teacher_exp_row_for(const C* t, int64_t n, C shift, const ExpLanes<C>& exp_t, C* scratch, C& z, C& a, const C* next,
-                         C& next_max, const C* prev, C prev_c, C* mixture, bool first) {
-#define KDFAST_TEACHER_ROW(NEXT_, PREV_, FIRST_) \
-  teacher_exp_row<C, SUM, NEXT_, PREV_, FIRST_>(t, n, shift, exp_t, scratch, z, a, next, next_max, prev, prev_c, mixture)
-  if (next != nullptr) {
-    if (prev == nullptr) KDFAST_TEACHER_ROW(true, false, false);
-    else if (first) KDFAST_TEACHER_ROW(true, true, true);
-    else KDFAST_TEACHER_ROW(true, true, false);
-  } else {
-    if (prev == nullptr) KDFAST_TEACHER_ROW(false, false, false);
-    else if (first) KDFAST_TEACHER_ROW(false, true, true);
-    else KDFAST_TEACHER_ROW(false, true, false);
+void teacher_exp_row_for(const C* t, int64_t n, C shift, const ExpLanes<C>& exp_t, C* scratch, C& z, C& a,
+                         const C* next, C& next_max, const C* prev, C prev_c, C* mixture, bool first) {
+  next_max = kNegInf<C>;
+  if constexpr (kVectorLanes<C>) {
+    if (teacher_exp_row_dispatch<C, SUM, false>(t, n, shift, exp_t, scratch, z, a, next, next_max, prev, prev_c,
+                                                mixture, first))
+      return;
+    // next_max and the mixture update are done: only the exps and sums are redone.
+    C unused = 0;
+    teacher_exp_row<C, SUM, false, false, false, true>(t, n, shift, exp_t, scratch, z, a, nullptr, unused, nullptr,
+                                                       C(0), nullptr);
+    return;
   }
-#undef KDFAST_TEACHER_ROW
+  teacher_exp_row_dispatch<C, SUM, true>(t, n, shift, exp_t, scratch, z, a, next, next_max, prev, prev_c, mixture,
+                                         first);
 }
 
 // Final pass: B = Σ p̄ (s - shift), H = Σ p̄ log p̄ (MIXTURE), and when GRAD the gradient
@@ -882,6 +930,17 @@ void backward_for(const MultiTeacherKDArgs& args) {
 }
 
 }  // namespace
+
+// Test hook: exp(x / T) over n floats on this variant's lanes (ScaledExp, as the forward_kl
+// passes use it); cutoff = false is the form without the cutoff test, exact for x >= -87 T.
+void scaled_exp(const float* x, int64_t n, float inv_t, bool cutoff, float* out) {
+  const ExpLanes<float> exp(inv_t);
+  sweep_lanes<float>(n, [&](auto lane, int64_t i) {
+    using L = Lane<decltype(lane)>;
+    const auto v = L::load(x + i);
+    store(out + i, cutoff ? exp.template apply<true>(v) : exp.template apply<false>(v));
+  });
+}
 
 int64_t multi_teacher_forward(const MultiTeacherKDArgs& args) {
   if (args.student_dtype == DType::Float64) return forward_for<double, double>(args);

@@ -330,6 +330,12 @@ void rowmath_exp_log(uintptr_t input, int64_t n, uintptr_t exp_out, uintptr_t lo
   }
 }
 
+// exp(x / T) of the CPU kernels' lanes on one instruction-set variant (see kdfast.h).
+bool cpu_scaled_exp(const std::string& variant, uintptr_t input, int64_t n, float inv_t, bool cutoff,
+                    uintptr_t out) {
+  return kdfast::scaled_exp_cpu(variant, as_ptr<const float>(input), n, inv_t, cutoff, as_ptr<float>(out));
+}
+
 py::dict build_info() {
   const kdfast::BuildInfo info = kdfast::build_info();
   py::dict d;
@@ -403,6 +409,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("valid_rows"), py::arg("grad_student"), py::arg("num_threads"), py::arg("device_index"),
         py::arg("stream") = 0);
   m.def("build_info", &build_info);
+  m.def("cpu_scaled_exp", &cpu_scaled_exp, py::call_guard<py::gil_scoped_release>(), py::arg("variant"),
+        py::arg("input"), py::arg("n"), py::arg("inv_t"), py::arg("cutoff"), py::arg("out"));
   m.def("rowmath_exp_log", &rowmath_exp_log, py::call_guard<py::gil_scoped_release>(), py::arg("input"),
         py::arg("n"), py::arg("exp_out"), py::arg("log_out"));
 }
