@@ -1,21 +1,26 @@
 // Lanes for the CPU kernels' exp-bound row loops: one loop body, written once as a template
-// over its lane type, runs on 8 float lanes (AVX2: `F8`) for the bulk of a row and on plain
-// float / double for the tail, the baseline variant and float64. Provides the few operations
-// those bodies use (load, store, +, -, *, fused multiply-add, max, zero-unless-positive,
-// horizontal sum / max) and `ScaledExp`, exp(x / T) for x <= 0.
+// over its lane type, runs on float vector lanes (`FV`) for the bulk of a row and on plain float /
+// double for the tail and for float64. Provides the few operations those bodies use (load,
+// store, +, -, *, fused multiply-add, max, min, zero-unless-positive, horizontal sum / max /
+// min) and `ScaledExp`, exp(x / T) for x <= 0.
+// FV is 8 lanes of AVX2 intrinsics where the variant has AVX2 and FMA (the avx2 and avx512
+// variants), else 4 lanes of GCC / Clang vector extensions that the compiler lowers to the
+// target's 128-bit vectors (SSE2 on the baseline x86-64 variant, NEON on aarch64).
 //
 // ScaledExp<float> contract: for x <= 0 and a finite temperature T > 0 with 1/T = inv_t,
-// returns exp(x * inv_t) with relative error below 2e-7 (measured against float64: 1.6e-7
-// for T in {0.7, 1, 2, 3, 20}), exactly 0 where x * inv_t < -87 (and for x = -inf), NaN for
-// NaN. 1/T is folded into the constants, so x * inv_t is never rounded on its own (that
-// rounding alone costs up to 4e-6 relative at x/T = -87 when T is not a power of two).
-// Method: k = round(8 x / (T ln2)); r = x - k T ln2 / 8 in two parts (Cody-Waite, the high
-// part has 13 significant bits so k times it is exact for |k| < 2^11); exp(r / T) by a
-// degree-3 minimax polynomial on |r / T| <= ln2 / 16 (2.7e-8); 2^(k/8) = 2^(k >> 3) times a
-// table entry 2^((k & 7) / 8), looked up with one in-register permute on AVX2. The table's
-// entries carry -(j << 20) so that one add of (bits of k) << 20 forms 2^(k >> 3) 2^(j/8).
-// Every lane type computes the same formula, so the vector and scalar paths agree to the
-// rounding of fused vs separate multiply-adds.
+// returns exp(x * inv_t) with relative error below 2e-7 (measured against float64), exactly 0
+// where x * inv_t < -87 (and for x = -inf), NaN for NaN. 1/T is folded into the constants, so
+// x * inv_t is never rounded on its own (that rounding alone costs up to 4e-6 relative at
+// x/T = -87 when T is not a power of two). Two formulas, one per build, used by every lane
+// type of that build (vector lanes and the scalar tail agree):
+// - AVX2 ("table"): k = round(8 x / (T ln2)); r = x - k T ln2 / 8 in two parts (Cody-Waite,
+//   the high part has 13 significant bits so k times it is exact for |k| < 2^11); exp(r / T)
+//   by a degree-3 minimax polynomial on |r / T| <= ln2 / 16 (2.7e-8); 2^(k/8) = 2^(k >> 3)
+//   times a table entry 2^((k & 7) / 8), looked up with one in-register permute. The
+//   entries carry -(j << 20) so that one add of (bits of k) << 20 forms 2^(k >> 3) 2^(j/8).
+//   Measured worst case 1.6e-7 for T in {0.7, 1, 2, 3, 20}.
+// - portable ("poly"): the same with k = round(x / (T ln2)), no table and a degree-6 minimax
+//   polynomial on |r / T| <= ln2 / 2 (2.1e-9). Measured worst case 1.2e-7.
 #pragma once
 
 #include <cmath>
@@ -52,44 +57,60 @@ struct ScaledExp<double> {
 
 template <>
 struct ScaledExp<float> {
-  float k_scale;      // 8 / (T ln2)
-  float step_hi;      // T ln2 / 8, high part (13 significant bits)
-  float step_lo;      // T ln2 / 8 - step_hi
-  float b1, b2, b3;   // polynomial a_j / T^j: exp(r/T) ~ 1 + b1 r + b2 r^2 + b3 r^3
-  float cutoff;       // -87 T: below it the result is 0
-  alignas(32) int32_t table[8];
-
   static constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+
+  float cutoff;  // -87 T: below it the result is 0
+  // "table": k = round(x k_scale), steps of T ln2 / 8, exp(r/T) ~ 1 + b1 r + b2 r^2 + b3 r^3.
+  float k_scale, step_hi, step_lo, b1, b2, b3;
+  alignas(32) int32_t table[8];
+  // "poly": k = round(x poly_k_scale), steps of T ln2, exp(r/T) ~ 1 + c[0] r + ... + c[5] r^6.
+  float poly_k_scale, poly_step_hi, poly_step_lo;
+  float c[6];
 
   explicit ScaledExp(float inv_t) {
     const double inv = static_cast<double>(inv_t);
     const double ln2 = 0.693147180559945309417;
+    cutoff = static_cast<float>(-87.0 / inv);
     k_scale = static_cast<float>(8.0 / ln2 * inv);
-    const double step = ln2 / 8.0 / inv;
-    int exponent = 0;
-    std::frexp(step, &exponent);
-    const double quantum = std::ldexp(1.0, exponent - 13);
-    step_hi = static_cast<float>(std::nearbyint(step / quantum) * quantum);
-    step_lo = static_cast<float>(step - static_cast<double>(step_hi));
-    // Minimax (relative error) on |u| <= 1.02 ln2/16 with the constant term fixed at 1.
+    split_step(ln2 / 8.0 / inv, step_hi, step_lo);
+    // Minimax (relative error) on |u| <= 1.02 ln2/16, constant term fixed at 1.
     b1 = static_cast<float>(1.0000000526269015 * inv);
     b2 = static_cast<float>(0.5000673953754099 * inv * inv);
     b3 = static_cast<float>(0.16664202774905942 * inv * inv * inv);
-    cutoff = static_cast<float>(-87.0 / inv);
     for (int j = 0; j < 8; ++j) {
       const float entry = static_cast<float>(std::exp2(j / 8.0));
       int32_t bits;
       std::memcpy(&bits, &entry, 4);
       table[j] = bits - (j << 20);
     }
+    poly_k_scale = static_cast<float>(inv / ln2);
+    split_step(ln2 / inv, poly_step_hi, poly_step_lo);
+    // Minimax (relative error) on |u| <= 1.01 ln2/2, constant term fixed at 1.
+    const double poly[6] = {1.0000000340794126, 0.4999999385264296, 0.16666421889011615,
+                            0.041668056637003965, 0.008374965167989867, 0.0013842711447067165};
+    double power = 1.0;
+    for (int j = 0; j < 6; ++j) {
+      power *= inv;
+      c[j] = static_cast<float>(poly[j] * power);
+    }
   }
 
   float operator()(float x) const { return apply<true>(x); }
 
-  // CUTOFF = false skips the test against `cutoff`: exact only for x >= cutoff (callers
-  // check the minimum of their inputs and redo the row with the test where it fails).
+  // The build's formula (see the file comment). CUTOFF = false skips the test against
+  // `cutoff`: exact only for x >= cutoff (callers check the minimum of their inputs and redo
+  // the row with the test where it fails).
   template <bool CUTOFF>
   float apply(float x) const {
+#if defined(KDFAST_LANES_AVX2)
+    return apply_table<CUTOFF>(x);
+#else
+    return apply_poly<CUTOFF>(x);
+#endif
+  }
+
+  template <bool CUTOFF>
+  float apply_table(float x) const {
     const float shifted = x * k_scale + kMagic;
     const float n = shifted - kMagic;
     float r = x - n * step_hi;
@@ -103,6 +124,36 @@ struct ScaledExp<float> {
     const float y = p * scale;
     if constexpr (!CUTOFF) return y;
     return x < cutoff ? 0.0f : y;  // NaN: the comparison is false and y is NaN
+  }
+
+  template <bool CUTOFF>
+  float apply_poly(float x) const {
+    const float shifted = x * poly_k_scale + kMagic;
+    const float n = shifted - kMagic;
+    float r = x - n * poly_step_hi;
+    r = r - n * poly_step_lo;
+    float p = c[5];
+    for (int j = 4; j >= 0; --j) p = p * r + c[j];
+    p = p * r + 1.0f;
+    int32_t k;
+    std::memcpy(&k, &shifted, 4);
+    // 2^k assembled in the exponent field: (k + 127) << 23, k read from the shifted bits.
+    const int32_t bits = static_cast<int32_t>(static_cast<uint32_t>(k - 0x4B400000 + 127) << 23);
+    float scale;
+    std::memcpy(&scale, &bits, 4);
+    const float y = p * scale;
+    if constexpr (!CUTOFF) return y;
+    return x < cutoff ? 0.0f : y;
+  }
+
+ private:
+  // step = hi + lo with hi rounded to 13 significant bits (k hi exact for |k| < 2^11).
+  static void split_step(double step, float& hi, float& lo) {
+    int exponent = 0;
+    std::frexp(step, &exponent);
+    const double quantum = std::ldexp(1.0, exponent - 13);
+    hi = static_cast<float>(std::nearbyint(step / quantum) * quantum);
+    lo = static_cast<float>(step - static_cast<double>(hi));
   }
 };
 
@@ -134,41 +185,42 @@ inline double hmax(double v) { return v; }
 
 #if defined(KDFAST_LANES_AVX2)
 // ---- 8 float lanes ----
-struct F8 {
+constexpr int kFloatLanes = 8;
+struct FV {
   __m256 v;
 };
 
 template <>
-struct Lane<F8> {
+struct Lane<FV> {
   using Scalar = float;
-  static F8 load(const float* p) { return {_mm256_loadu_ps(p)}; }
-  static F8 splat(float v) { return {_mm256_set1_ps(v)}; }
-  static F8 zero() { return {_mm256_setzero_ps()}; }
+  static FV load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static FV splat(float v) { return {_mm256_set1_ps(v)}; }
+  static FV zero() { return {_mm256_setzero_ps()}; }
 };
 
-inline void store(float* p, F8 x) { _mm256_storeu_ps(p, x.v); }
-inline F8 operator+(F8 a, F8 b) { return {_mm256_add_ps(a.v, b.v)}; }
-inline F8 operator-(F8 a, F8 b) { return {_mm256_sub_ps(a.v, b.v)}; }
-inline F8 operator*(F8 a, F8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
-inline F8 fma_(F8 a, F8 b, F8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
-inline F8 max_(F8 a, F8 b) { return {_mm256_max_ps(a.v, b.v)}; }
-inline F8 min_(F8 a, F8 b) { return {_mm256_min_ps(a.v, b.v)}; }
-inline F8 where_positive(F8 condition, F8 value) {
+inline void store(float* p, FV x) { _mm256_storeu_ps(p, x.v); }
+inline FV operator+(FV a, FV b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline FV operator-(FV a, FV b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline FV operator*(FV a, FV b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline FV fma_(FV a, FV b, FV c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline FV max_(FV a, FV b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline FV min_(FV a, FV b) { return {_mm256_min_ps(a.v, b.v)}; }
+inline FV where_positive(FV condition, FV value) {
   return {_mm256_and_ps(_mm256_cmp_ps(condition.v, _mm256_setzero_ps(), _CMP_GT_OQ), value.v)};
 }
-inline float hsum(F8 x) {
+inline float hsum(FV x) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(x.v), _mm256_extractf128_ps(x.v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-inline float hmin(F8 x) {
+inline float hmin(FV x) {
   __m128 s = _mm_min_ps(_mm256_castps256_ps128(x.v), _mm256_extractf128_ps(x.v, 1));
   s = _mm_min_ps(s, _mm_movehl_ps(s, s));
   s = _mm_min_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
-inline float hmax(F8 x) {
+inline float hmax(FV x) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(x.v), _mm256_extractf128_ps(x.v, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   s = _mm_max_ss(s, _mm_movehdup_ps(s));
@@ -176,17 +228,17 @@ inline float hmax(F8 x) {
 }
 
 // ScaledExp<float> on 8 lanes: the same formula, constants held in registers.
-struct ScaledExpF8 {
+struct ScaledExpFV {
   __m256 k_scale, step_hi, step_lo, b1, b2, b3, cutoff, magic, one;
   __m256i table;
-  explicit ScaledExpF8(const ScaledExp<float>& e)
+  explicit ScaledExpFV(const ScaledExp<float>& e)
       : k_scale(_mm256_set1_ps(e.k_scale)), step_hi(_mm256_set1_ps(e.step_hi)), step_lo(_mm256_set1_ps(e.step_lo)),
         b1(_mm256_set1_ps(e.b1)), b2(_mm256_set1_ps(e.b2)), b3(_mm256_set1_ps(e.b3)),
         cutoff(_mm256_set1_ps(e.cutoff)), magic(_mm256_set1_ps(ScaledExp<float>::kMagic)),
         one(_mm256_set1_ps(1.0f)), table(_mm256_load_si256(reinterpret_cast<const __m256i*>(e.table))) {}
-  F8 operator()(F8 x) const { return apply<true>(x); }
+  FV operator()(FV x) const { return apply<true>(x); }
   template <bool CUTOFF>
-  F8 apply(F8 x) const {
+  FV apply(FV x) const {
     const __m256 shifted = _mm256_fmadd_ps(x.v, k_scale, magic);
     const __m256 n = _mm256_sub_ps(shifted, magic);
     __m256 r = _mm256_fnmadd_ps(n, step_hi, x.v);
@@ -204,19 +256,79 @@ struct ScaledExpF8 {
 };
 #endif
 
-// ScaledExp for every lane type of compute type C: exp(x) for x of type C or F8.
+#if !defined(KDFAST_LANES_AVX2)
+// ---- 4 float lanes, portable: GCC / Clang vector extensions, which the compiler lowers to
+// the target's 128-bit vectors (SSE2 on baseline x86-64, NEON on aarch64) ----
+constexpr int kFloatLanes = 4;
+typedef float FVv __attribute__((vector_size(16)));
+typedef uint32_t UVv __attribute__((vector_size(16)));
+
+struct FV {
+  FVv v;
+};
+
+template <>
+struct Lane<FV> {
+  using Scalar = float;
+  static FV load(const float* p) {
+    FV r;
+    std::memcpy(&r.v, p, sizeof(FVv));
+    return r;
+  }
+  static FV splat(float x) { return {FVv{x, x, x, x}}; }
+  static FV zero() { return {FVv{}}; }
+};
+
+inline void store(float* p, FV x) { std::memcpy(p, &x.v, sizeof(FVv)); }
+inline FV operator+(FV a, FV b) { return {a.v + b.v}; }
+inline FV operator-(FV a, FV b) { return {a.v - b.v}; }
+inline FV operator*(FV a, FV b) { return {a.v * b.v}; }
+inline FV fma_(FV a, FV b, FV c) { return {a.v * b.v + c.v}; }
+inline FV max_(FV a, FV b) { return {a.v > b.v ? a.v : b.v}; }  // b where unordered, as max_(float)
+inline FV min_(FV a, FV b) { return {a.v < b.v ? a.v : b.v}; }
+inline FV where_positive(FV condition, FV value) { return {condition.v > FVv{} ? value.v : FVv{}}; }
+inline float hsum(FV x) { return (x.v[0] + x.v[1]) + (x.v[2] + x.v[3]); }
+inline float hmax(FV x) { return max_(max_(x.v[0], x.v[1]), max_(x.v[2], x.v[3])); }
+inline float hmin(FV x) { return min_(min_(x.v[0], x.v[1]), min_(x.v[2], x.v[3])); }
+
+// ScaledExp<float> on the portable lanes: its "poly" formula (no table), on whole vectors.
+struct ScaledExpFV {
+  FVv k_scale, step_hi, step_lo, cutoff, magic, one;
+  FVv c[6];
+  explicit ScaledExpFV(const ScaledExp<float>& e)
+      : k_scale(Lane<FV>::splat(e.poly_k_scale).v), step_hi(Lane<FV>::splat(e.poly_step_hi).v),
+        step_lo(Lane<FV>::splat(e.poly_step_lo).v), cutoff(Lane<FV>::splat(e.cutoff).v),
+        magic(Lane<FV>::splat(ScaledExp<float>::kMagic).v), one(Lane<FV>::splat(1.0f).v) {
+    for (int j = 0; j < 6; ++j) c[j] = Lane<FV>::splat(e.c[j]).v;
+  }
+  FV operator()(FV x) const { return apply<true>(x); }
+  template <bool CUTOFF>
+  FV apply(FV x) const {
+    const FVv shifted = x.v * k_scale + magic;
+    const FVv n = shifted - magic;
+    FVv r = x.v - n * step_hi;
+    r = r - n * step_lo;
+    FVv p = c[5];
+    for (int j = 4; j >= 0; --j) p = p * r + c[j];
+    p = p * r + one;
+    // A cast between vector types of one size keeps the bits (GCC / Clang vector semantics).
+    const UVv bits = ((UVv)shifted - 0x4B400000u + 127u) << 23;  // NOLINT: the bit cast
+    const FVv y = p * (FVv)bits;
+    if constexpr (!CUTOFF) return {y};
+    return {x.v < cutoff ? FVv{} : y};
+  }
+};
+#endif
+
+// ScaledExp for every lane type of compute type C: exp(x) for x of type C or FV.
 template <class C>
 struct ExpLanes {
   ScaledExp<C> scalar;
-#if defined(KDFAST_LANES_AVX2)
-  std::conditional_t<std::is_same_v<C, float>, ScaledExpF8, ScaledExp<C>> vector;
+  std::conditional_t<std::is_same_v<C, float>, ScaledExpFV, ScaledExp<C>> vector;
   explicit ExpLanes(C inv_t) : scalar(inv_t), vector(scalar) {}
-  F8 operator()(F8 x) const { return vector(x); }
+  FV operator()(FV x) const { return vector(x); }
   template <bool CUTOFF>
-  F8 apply(F8 x) const { return vector.template apply<CUTOFF>(x); }
-#else
-  explicit ExpLanes(C inv_t) : scalar(inv_t) {}
-#endif
+  FV apply(FV x) const { return vector.template apply<CUTOFF>(x); }
   C operator()(C x) const { return scalar(x); }
   template <bool CUTOFF>
   C apply(C x) const { return scalar.template apply<CUTOFF>(x); }
@@ -227,10 +339,11 @@ struct ExpLanes {
   }
 };
 
-// Whether float rows of this variant run on vector lanes (and try the exp without its
-// cutoff test first, see ScaledExp::apply).
+// Whether rows of compute type C first try the exp without its cutoff test (see the note
+// before student_exp_row in multi_teacher_cpu.cpp): float on AVX2 lanes, where dropping the
+// test saves two of the exp's fifteen instructions. The portable lanes always test.
 template <class C>
-constexpr bool kVectorLanes =
+constexpr bool kTryWithoutCutoff =
 #if defined(KDFAST_LANES_AVX2)
     std::is_same_v<C, float>;
 #else
@@ -244,56 +357,44 @@ struct LaneSums {
   static constexpr C kInf = std::numeric_limits<C>::infinity();
   C scalar_sums[K];
   C scalar_max = -kInf, scalar_min = kInf;
-#if defined(KDFAST_LANES_AVX2)
-  F8 vector_sums[K];
-  F8 vector_max = Lane<F8>::splat(-std::numeric_limits<float>::infinity());
-  F8 vector_min = Lane<F8>::splat(std::numeric_limits<float>::infinity());
-#endif
+  FV vector_sums[K];
+  FV vector_max = Lane<FV>::splat(-std::numeric_limits<float>::infinity());
+  FV vector_min = Lane<FV>::splat(std::numeric_limits<float>::infinity());
   LaneSums() {
-    for (int j = 0; j < K; ++j) scalar_sums[j] = C(0);
-#if defined(KDFAST_LANES_AVX2)
-    for (int j = 0; j < K; ++j) vector_sums[j] = Lane<F8>::zero();
-#endif
+    for (int j = 0; j < K; ++j) {
+      scalar_sums[j] = C(0);
+      vector_sums[j] = Lane<FV>::zero();
+    }
   }
   C* sums(C) { return scalar_sums; }
   C& max(C) { return scalar_max; }
   C& min(C) { return scalar_min; }
-#if defined(KDFAST_LANES_AVX2)
-  F8* sums(F8) { return vector_sums; }
-  F8& max(F8) { return vector_max; }
-  F8& min(F8) { return vector_min; }
-#endif
-#if defined(KDFAST_LANES_AVX2)
+  FV* sums(FV) { return vector_sums; }
+  FV& max(FV) { return vector_max; }
+  FV& min(FV) { return vector_min; }
   C total(int j) const {
-    if constexpr (kVectorLanes<C>) return hsum(vector_sums[j]) + scalar_sums[j];
+    if constexpr (std::is_same_v<C, float>) return hsum(vector_sums[j]) + scalar_sums[j];
     return scalar_sums[j];
   }
   C maximum() const {
-    if constexpr (kVectorLanes<C>) return max_(hmax(vector_max), scalar_max);
+    if constexpr (std::is_same_v<C, float>) return max_(hmax(vector_max), scalar_max);
     return scalar_max;
   }
   C minimum() const {
-    if constexpr (kVectorLanes<C>) return min_(hmin(vector_min), scalar_min);
+    if constexpr (std::is_same_v<C, float>) return min_(hmin(vector_min), scalar_min);
     return scalar_min;
   }
-#else
-  C total(int j) const { return scalar_sums[j]; }
-  C maximum() const { return scalar_max; }
-  C minimum() const { return scalar_min; }
-#endif
 };
 
-// Runs body(lane, i) over i in [0, n): in steps of 8 with lane an F8 where the variant has
-// them and C is float, then one element at a time with lane a C. The body takes the lane's
-// type (decltype) to pick its loads, accumulators and exp.
+// Runs body(lane, i) over i in [0, n): for float in steps of kFloatLanes with lane an FV, then one
+// element at a time with lane a C (the tail; every element for double). The body takes the
+// lane's type (decltype) to pick its loads, accumulators and exp.
 template <class C, class Body>
 inline void sweep_lanes(int64_t n, Body&& body) {
   int64_t i = 0;
-#if defined(KDFAST_LANES_AVX2)
   if constexpr (std::is_same_v<C, float>) {
-    for (; i + 8 <= n; i += 8) body(Lane<F8>::zero(), i);
+    for (; i + kFloatLanes <= n; i += kFloatLanes) body(Lane<FV>::zero(), i);
   }
-#endif
   for (; i < n; ++i) body(C(0), i);
 }
 

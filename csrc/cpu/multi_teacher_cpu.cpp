@@ -4,7 +4,8 @@
 // (MultiTeacherKDArgs) and rowmath.h (the per-row math, shared with the dense loss).
 // Rows are split over OpenMP threads. forward_kl (either combine mode) has its own forward,
 // `forward_kl_impl` below: whole-row buffers, each input read from memory and exponentiated
-// once, and the gradient written in the same pass when asked for. The other divergences
+// once (explicit AVX2 lanes where the variant has them, lanes.h), and the gradient written
+// in the same pass when asked for. The other divergences
 // stream each row in chunks of kChunk elements.
 // Forward: one read of the student row and of every teacher row gives the student's
 // statistics and, per teacher, its maximum, log-sum and (combine Sum with forward_kl or
@@ -489,6 +490,10 @@ void backward_impl(const MultiTeacherKDArgs& args) {
 // exponentiated once (twice with CE at a temperature other than 1, 2, 4). The gradient is
 // written for grad_output = 1 (reductions applied) into args.grad_student, a contiguous
 // [rows, vocab] buffer in the compute type; the caller scales it by grad_output.
+// The exp passes (1, 2) are written once over lanes (lanes.h): 8 float lanes with AVX2 and
+// a table-based exp(x/T), plain float / double elsewhere. Being bound by their exps (and
+// not by memory: the rows stream at a fraction of the bandwidth), they are where the time
+// goes; see lanes.h for the exp and the note before student_exp_row for its cutoff test.
 
 template <class C>
 C row_max(const C* x, int64_t n) {
@@ -498,7 +503,7 @@ C row_max(const C* x, int64_t n) {
   return m;
 }
 
-// The exp passes below run twice only when needed: float rows on vector lanes first try the
+// The exp passes below run twice only when needed: float rows on AVX2 lanes first try the
 // exp without its cutoff test (and the teacher pass without clamping -inf differences),
 // tracking the row's smallest difference; where that is below the cutoff (a masked -inf
 // logit, or a spread beyond 87 T) the exps and sums are redone with the tests. Rows in range
@@ -540,7 +545,7 @@ template <class C, int S1, bool SMOOTH>
 void student_exp_row_for(const C* s, int64_t n, C shift, const ExpLanes<C>& exp_t, const ExpLanes<C>& exp_1, C* es,
                          C& sum_t, C& sum_1, C& centered, const C* next, C& next_max) {
   next_max = kNegInf<C>;
-  if constexpr (kVectorLanes<C>) {
+  if constexpr (kTryWithoutCutoff<C>) {
     const bool in_range =
         next != nullptr
             ? student_exp_row<C, S1, SMOOTH, true, false>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max)
@@ -612,7 +617,7 @@ template <class C, bool SUM>
 void teacher_exp_row_for(const C* t, int64_t n, C shift, const ExpLanes<C>& exp_t, C* scratch, C& z, C& a,
                          const C* next, C& next_max, const C* prev, C prev_c, C* mixture, bool first) {
   next_max = kNegInf<C>;
-  if constexpr (kVectorLanes<C>) {
+  if constexpr (kTryWithoutCutoff<C>) {
     if (teacher_exp_row_dispatch<C, SUM, false>(t, n, shift, exp_t, scratch, z, a, next, next_max, prev, prev_c,
                                                 mixture, first))
       return;
