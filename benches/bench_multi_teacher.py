@@ -12,10 +12,11 @@ changes the folder, `--no-csv` skips writing). Providers, all computing the same
 Teachers are M separate [N, V] tensors (as M models produce them). Minimum bytes of a
 forward+backward call: (M + 1)·N·V·size read once + N·V·size written (the gradient); the
 table's GB/s uses that formula for each provider.
-Timing: after a warm-up call, each call is timed with `time.process_time` (CPU time of the
-process, all threads) and `time.perf_counter` (wall); the table shows the medians and the
-speed-up uses CPU time, which a busy machine disturbs less. Peak memory is the extra
-resident memory one call holds (`kdfast.benchmark.measure_peak_extra_mb`), inputs excluded.
+Timing: after a warm-up call of each provider, the providers' calls are interleaved round-robin
+(`--repeats` rounds), each timed with `time.process_time` (CPU time of the process, all
+threads) and `time.perf_counter` (wall); the table shows the medians and the speed-up uses
+CPU time, which a busy machine disturbs less. Peak memory is the extra resident memory one
+call holds (`kdfast.benchmark.measure_peak_extra_mb`), inputs excluded.
 Default: one thread (`--threads`), M = 4, N = 256, V = 32000, float32; `--teachers 1,2,4`
 shows how memory grows with M. With `--device cuda` (benches/gpu_bench.py runs it so), the
 inputs live on the GPU, each call is timed with CUDA events (wall ms; the cpu ms column then
@@ -71,24 +72,33 @@ def make_step(fn, student, teachers, labels):
     return step
 
 
-def time_step(step, repeats, device="cpu"):
-    step()
-    cpu, wall = [], []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            wall.append(start.elapsed_time(end))
-            cpu.append(wall[-1])
-            continue
-        cpu_start, wall_start = time.process_time(), time.perf_counter()
+def time_one(step, device="cpu"):
+    """(cpu ms, wall ms) of one call; on CUDA both are the CUDA-event time."""
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         step()
-        cpu.append((time.process_time() - cpu_start) * 1e3)
-        wall.append((time.perf_counter() - wall_start) * 1e3)
-    return statistics.median(cpu), statistics.median(wall)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end), start.elapsed_time(end)
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
+    step()
+    return (time.process_time() - cpu_start) * 1e3, (time.perf_counter() - wall_start) * 1e3
+
+
+def time_steps(steps, repeats, device="cpu"):
+    """Median (cpu ms, wall ms) per provider. Calls are interleaved round-robin (one call of
+    each provider per round, after a warm-up call of each), so that a change in the machine's
+    speed during the run reaches every provider alike and the ratios stay comparable."""
+    for step in steps.values():
+        step()
+    times = {name: ([], []) for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            cpu_ms, wall_ms = time_one(step, device)
+            times[name][0].append(cpu_ms)
+            times[name][1].append(wall_ms)
+    return {name: (statistics.median(cpu), statistics.median(wall)) for name, (cpu, wall) in times.items()}
 
 
 def main() -> None:
@@ -124,15 +134,18 @@ def main() -> None:
                     for _ in range(num_teachers)]
         labels = torch.randint(0, options.vocab, (options.rows,), generator=generator).to(device)
         reference_loss = None
+        steps, losses = {}, {}
+        for name in providers:
+            steps[name] = make_step(PROVIDERS[name], student, teachers, labels)
+            losses[name], _ = steps[name]()
+            if name == "eager":
+                reference_loss = losses[name]
+        timings = time_steps(steps, options.repeats, device)
         results = {}
         for name in providers:
-            step = make_step(PROVIDERS[name], student, teachers, labels)
-            loss, _ = step()
-            if name == "eager":
-                reference_loss = loss
-            cpu_ms, wall_ms = time_step(step, options.repeats, device)
-            peak_mb = benchmark.measure_peak_extra_mb(step, device)
-            results[name] = dict(loss=loss, cpu_ms=cpu_ms, wall_ms=wall_ms, peak_mb=peak_mb)
+            peak_mb = benchmark.measure_peak_extra_mb(steps[name], device)
+            cpu_ms, wall_ms = timings[name]
+            results[name] = dict(loss=losses[name], cpu_ms=cpu_ms, wall_ms=wall_ms, peak_mb=peak_mb)
         minimum_bytes = (num_teachers + 2) * options.rows * options.vocab * size
         for name, result in results.items():
             speedup = results["eager"]["cpu_ms"] / result["cpu_ms"] if "eager" in results else float("nan")
