@@ -15,6 +15,7 @@
 
 #include "convert.h"
 #include "kernel_common.h"
+#include "lanes.h"
 #include "kdfast/rowmath.h"
 #include "kdfast/types.h"
 
@@ -37,11 +38,19 @@ constexpr int64_t kChunk = 512;
 
 // ---- chunk math: operates on compute-type buffers, independent of the storage dtypes ----
 
+// exp(x / T) and exp(x) on the variant's lanes (lanes.h), built once per call.
+template <class C>
+struct RowExps {
+  ExpLanes<C> t, one;
+  explicit RowExps(C inv_t) : t(inv_t), one(C(1)) {}
+};
+
 // Folds one chunk into the streamed statistics of a row in a single sweep: both maxima
 // first (one loop), then every sum of the chunk relative to the new running maxima (one
 // loop), then a merge into the row's partial (rowmath::merge_partials).
 template <class C, Divergence D, bool KD, int S1, bool SMOOTH>
-void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, RowPartial<C>& part) {
+void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowExps<C>& exps,
+                 RowPartial<C>& part) {
   const Coefficients<C> k = coefficients;
   const C inv_t = k.inv_temperature;
   C chunk_max_s = kNegInf<C>, chunk_max_t = kNegInf<C>;
@@ -63,23 +72,28 @@ void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coeff
   // -inf and their exponentials 0, with no inf - inf.
   const C shift_s = chunk.student_max == kNegInf<C> ? C(0) : chunk.student_max;
   const C shift_t = chunk.teacher_max == kNegInf<C> ? C(0) : chunk.teacher_max;
-  C sum_q = 0, sum_1 = 0, sum_p = 0, weighted = 0, centered = 0;
-#pragma omp simd reduction(+ : sum_q, sum_1, sum_p, weighted, centered)
-  for (int64_t i = 0; i < n; ++i) {
-    const C ds = s[i] - shift_s;
-    const C e_q = rowmath::exp_c(ds * inv_t);
-    sum_q += e_q;
-    if constexpr (S1 == rowmath::kStudent1Exp) sum_1 += rowmath::exp_c(ds);
-    if constexpr (S1 == 2 || S1 == 4) sum_1 += rowmath::integer_power<S1>(e_q);
-    if constexpr (SMOOTH) centered += ds;
+  // Local copies: they must not alias the sums for the constants to stay in registers.
+  const ExpLanes<C> exp_t = exps.t, exp_1 = exps.one;
+  LaneSums<C, 5> acc;  // sums of e_q, of exp(ds) or e_q^S1, e_p, weighted, centered
+  sweep_lanes<C>(n, [&](auto lane, int64_t i) {
+    using L = Lane<decltype(lane)>;
+    auto* sums = acc.sums(lane);
+    const auto ds = L::load(s + i) - L::splat(shift_s);
+    const auto e_q = exp_t(ds);
+    sums[0] = sums[0] + e_q;
+    if constexpr (S1 == rowmath::kStudent1Exp) sums[1] = sums[1] + exp_1(ds);
+    if constexpr (S1 == 2 || S1 == 4) sums[1] = sums[1] + rowmath::integer_power<S1>(e_q);
+    if constexpr (SMOOTH) sums[4] = sums[4] + ds;
     if constexpr (KD) {
-      const C dt = t[i] - shift_t;
-      const C e_p = rowmath::exp_c(dt * inv_t);
-      sum_p += e_p;
-      if constexpr (D == Divergence::ForwardKL) weighted += e_p > C(0) ? e_p * (dt - ds) : C(0);
-      if constexpr (D == Divergence::ReverseKL) weighted += e_q > C(0) ? e_q * (ds - dt) : C(0);
+      const auto dt = L::load(t + i) - L::splat(shift_t);
+      const auto e_p = exp_t(dt);
+      sums[2] = sums[2] + e_p;
+      if constexpr (D == Divergence::ForwardKL) sums[3] = sums[3] + where_positive(e_p, e_p * (dt - ds));
+      if constexpr (D == Divergence::ReverseKL) sums[3] = sums[3] + where_positive(e_q, e_q * (ds - dt));
     }
-  }
+  });
+  const C sum_q = acc.total(0), sum_1 = acc.total(1), sum_p = acc.total(2), weighted = acc.total(3),
+          centered = acc.total(4);
   chunk.student_sum_T = sum_q;
   chunk.student_sum_1 = sum_1;
   chunk.student_centered_total = centered;
@@ -141,7 +155,7 @@ void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& coeffi
 // ---- selection of the chunk-math instantiation for a call's runtime options ----
 
 template <class C>
-using StatsFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, RowPartial<C>&);
+using StatsFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowExps<C>&, RowPartial<C>&);
 template <class C>
 using SweepFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowStats<C>&, C&, C&);
 template <class C>
@@ -213,6 +227,7 @@ template <class S, class T, class C>
 int64_t forward_impl(const KDForwardArgs& args) {
   const Coefficients<C> k = rowmath::make_coefficients<C>(args.options);
   const ChunkKernels<C> kernels = pick_kernels<C>(k);
+  const RowExps<C> exps(k.inv_temperature);
   const int64_t rows = args.rows, vocab = args.vocab;
   const S* student = static_cast<const S*>(args.student);
   const T* teacher = static_cast<const T*>(args.teacher);
@@ -241,7 +256,7 @@ int64_t forward_impl(const KDForwardArgs& args) {
       const int64_t n = std::min(kChunk, vocab - start);
       const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
       const C* t = k.need_kd ? load_chunk<T, C>(t_row + start, n, teacher_buf) : nullptr;
-      kernels.stats(s, t, n, k, part);
+      kernels.stats(s, t, n, k, exps, part);
     }
     C divergence = 0;
     RowStats<C> st = rowmath::finish_stats(part, k, &divergence);
