@@ -4,7 +4,8 @@
 // time. Contract: see types.h (KDForwardArgs / KDBackwardArgs) and rowmath.h (the math).
 // Rows are split over OpenMP threads (args.num_threads, no more); each row is streamed in
 // chunks of kChunk elements: converted to the compute type into a stack buffer (or used in
-// place for float32 / float64), then swept with vectorised loops. The forward pass reads the
+// place for float32 / float64), then swept with vectorised loops; the exp-bound sweeps (the
+// forward statistics, forward_kl's gradient) run on the lanes of lanes.h with its exp(x/T). The forward pass reads the
 // row once (JSD/TVD: a second sweep over the same, cache-resident chunks); the backward pass
 // reads it once more and writes the gradient once, multiplied by grad_output.
 #include <algorithm>
@@ -124,10 +125,46 @@ void chunk_sweep(const C* s, const C* t, int64_t n, const Coefficients<C>& coeff
   acc1 += sum1;
 }
 
-// Gradient of one chunk (before the label fix-up), written to `out`.
+// forward_kl's gradient of one chunk on the lanes (the same as chunk_grad<ForwardKL>):
+// q = exp(ds/T) / Z_q and p = exp(dt/T) / Z_p with the row's sums Z = exp(log-sum), so each
+// element takes the lanes' exp(x/T) and one product instead of a rounded x/T - log-sum.
+template <class C, bool CE, bool KD, int S1>
+void chunk_grad_forward_kl(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients,
+                           const RowExps<C>& exps, const GradRow<C>& grad_row, C* out) {
+  (void)coefficients;
+  const GradRow<C> g = grad_row;
+  const ExpLanes<C> exp_t = exps.t, exp_1 = exps.one;  // local copies, as in chunk_stats
+  const C inv_zq = static_cast<C>(std::exp(-static_cast<double>(g.stats.student_log_sum_T)));
+  const C inv_zp = KD ? static_cast<C>(std::exp(-static_cast<double>(g.stats.teacher_log_sum))) : C(0);
+  const C inv_z1 = static_cast<C>(std::exp(-static_cast<double>(g.stats.student_log_sum_1)));
+  sweep_lanes<C>(n, [&](auto lane, int64_t i) {
+    using L = Lane<decltype(lane)>;
+    const auto ds = L::load(s + i) - L::splat(g.stats.student_max);
+    const auto q = exp_t(ds) * L::splat(inv_zq);
+    auto value = L::zero();
+    if constexpr (KD) {
+      const auto p = exp_t(L::load(t + i) - L::splat(g.stats.teacher_max)) * L::splat(inv_zp);
+      value = L::splat(g.kd_factor) * (q - p);
+    }
+    if constexpr (CE) {
+      auto r = q;  // T == 1
+      if constexpr (S1 == rowmath::kStudent1Exp) r = exp_1(ds) * L::splat(inv_z1);
+      if constexpr (S1 == 2 || S1 == 4) r = rowmath::integer_power<S1>(q) * L::splat(g.r_scale);
+      value = fma_(L::splat(g.ce_factor), r - L::splat(g.smooth), value);
+    }
+    store(out + i, value);
+  });
+}
+
+// Gradient of one chunk (before the label fix-up), written to `out`; forward_kl's is
+// chunk_grad_forward_kl above.
 template <class C, Divergence D, bool CE, bool KD, int S1>
-void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const GradRow<C>& grad_row,
-                C* out) {
+void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowExps<C>& exps,
+                const GradRow<C>& grad_row, C* out) {
+  if constexpr (D == Divergence::ForwardKL) {
+    return chunk_grad_forward_kl<C, CE, KD, S1>(s, t, n, coefficients, exps, grad_row, out);
+  }
+  (void)exps;
   // Local copies: the loop's invariants must not alias `out` for the loop to vectorise.
   const Coefficients<C> k = coefficients;
   const GradRow<C> g = grad_row;
@@ -159,7 +196,8 @@ using StatsFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, co
 template <class C>
 using SweepFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowStats<C>&, C&, C&);
 template <class C>
-using GradFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const GradRow<C>&, C*);
+using GradFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowExps<C>&, const GradRow<C>&,
+                        C*);
 
 template <class C, Divergence D, bool KD, bool SMOOTH>
 StatsFn<C> pick_stats_mode(int student_1_mode) {
@@ -296,6 +334,7 @@ template <class S, class T, class C>
 void backward_impl(const KDBackwardArgs& args) {
   const Coefficients<C> k = rowmath::make_coefficients<C>(args.options);
   const ChunkKernels<C> kernels = pick_kernels<C>(k);
+  const RowExps<C> exps(k.inv_temperature);
   const int64_t rows = args.rows, vocab = args.vocab;
   const S* student = static_cast<const S*>(args.student);
   const T* teacher = static_cast<const T*>(args.teacher);
@@ -343,7 +382,7 @@ void backward_impl(const KDBackwardArgs& args) {
       C* out;
       if constexpr (std::is_same_v<S, C>) out = g_row + start;
       else out = grad_buf;
-      kernels.grad(s, t, n, k, gr, out);
+      kernels.grad(s, t, n, k, exps, gr, out);
       if (k.need_ce && label >= start && label < start + n) out[label - start] -= label_step;
       store_chunk<S, C>(out, n, g_row + start);
     }
