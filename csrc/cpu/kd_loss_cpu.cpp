@@ -5,9 +5,10 @@
 // Rows are split over OpenMP threads (args.num_threads, no more); each row is streamed in
 // chunks of kChunk elements: converted to the compute type into a stack buffer (or used in
 // place for float32 / float64), then swept with vectorised loops; the exp-bound sweeps (the
-// forward statistics, forward_kl's gradient) run on the lanes of lanes.h with its exp(x/T). The forward pass reads the
-// row once (JSD/TVD: a second sweep over the same, cache-resident chunks); the backward pass
-// reads it once more and writes the gradient once, multiplied by grad_output.
+// forward statistics, forward_kl's gradient) run on the lanes of lanes.h with its exp(x/T).
+// The forward pass reads the row once (JSD/TVD: a second sweep over the same, cache-resident
+// chunks); the backward pass reads it once more and writes the gradient once, multiplied by
+// grad_output.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
