@@ -47,6 +47,14 @@ struct RowExps {
   explicit RowExps(C inv_t) : t(inv_t), one(C(1)) {}
 };
 
+// One row's gradient factors (rowmath::GradRow) and the inverse sums 1/Z = exp(-log-sum)
+// that forward_kl's gradient on the lanes multiplies by; built once per row.
+template <class C>
+struct ChunkGradRow {
+  GradRow<C> row;
+  C inv_zq, inv_zp, inv_z1;  // 1/Z of exp(ds/T), exp(dt/T), exp(ds)
+};
+
 // Folds one chunk into the streamed statistics of a row in a single sweep: both maxima
 // first (one loop), then every sum of the chunk relative to the new running maxima (one
 // loop), then a merge into the row's partial (rowmath::merge_partials).
@@ -131,13 +139,11 @@ void chunk_sweep(const C* s, const C* t, int64_t n, const Coefficients<C>& coeff
 // element takes the lanes' exp(x/T) and one product instead of a rounded x/T - log-sum.
 template <class C, bool CE, bool KD, int S1>
 void chunk_grad_forward_kl(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients,
-                           const RowExps<C>& exps, const GradRow<C>& grad_row, C* out) {
+                           const RowExps<C>& exps, const ChunkGradRow<C>& grad_row, C* out) {
   (void)coefficients;
-  const GradRow<C> g = grad_row;
+  const GradRow<C> g = grad_row.row;
+  const C inv_zq = grad_row.inv_zq, inv_zp = grad_row.inv_zp, inv_z1 = grad_row.inv_z1;
   const ExpLanes<C> exp_t = exps.t, exp_1 = exps.one;  // local copies, as in chunk_stats
-  const C inv_zq = static_cast<C>(std::exp(-static_cast<double>(g.stats.student_log_sum_T)));
-  const C inv_zp = KD ? static_cast<C>(std::exp(-static_cast<double>(g.stats.teacher_log_sum))) : C(0);
-  const C inv_z1 = static_cast<C>(std::exp(-static_cast<double>(g.stats.student_log_sum_1)));
   sweep_lanes<C>(n, [&](auto lane, int64_t i) {
     using L = Lane<decltype(lane)>;
     const auto ds = L::load(s + i) - L::splat(g.stats.student_max);
@@ -161,14 +167,14 @@ void chunk_grad_forward_kl(const C* s, const C* t, int64_t n, const Coefficients
 // chunk_grad_forward_kl above.
 template <class C, Divergence D, bool CE, bool KD, int S1>
 void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowExps<C>& exps,
-                const GradRow<C>& grad_row, C* out) {
+                const ChunkGradRow<C>& grad_row, C* out) {
   if constexpr (D == Divergence::ForwardKL) {
     return chunk_grad_forward_kl<C, CE, KD, S1>(s, t, n, coefficients, exps, grad_row, out);
   }
   (void)exps;
   // Local copies: the loop's invariants must not alias `out` for the loop to vectorise.
   const Coefficients<C> k = coefficients;
-  const GradRow<C> g = grad_row;
+  const GradRow<C> g = grad_row.row;
   const C inv_t = k.inv_temperature;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -197,8 +203,8 @@ using StatsFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, co
 template <class C>
 using SweepFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowStats<C>&, C&, C&);
 template <class C>
-using GradFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowExps<C>&, const GradRow<C>&,
-                        C*);
+using GradFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowExps<C>&,
+                        const ChunkGradRow<C>&, C*);
 
 template <class C, Divergence D, bool KD, bool SMOOTH>
 StatsFn<C> pick_stats_mode(int student_1_mode) {
@@ -360,7 +366,8 @@ void backward_impl(const KDBackwardArgs& args) {
     }
     const C g = static_cast<C>(grad_output[row * args.grad_output_stride] * reduction_scale);
     const C* st = row_stats + row * kRowStats;
-    GradRow<C> gr;
+    ChunkGradRow<C> row_grad;
+    GradRow<C>& gr = row_grad.row;
     gr.ce_factor = g * k.alpha;
     gr.kd_factor = g * (C(1) - k.alpha) * k.divergence_scale * k.inv_temperature;
     gr.smooth = k.label_smoothing / static_cast<C>(vocab);
@@ -369,6 +376,9 @@ void backward_impl(const KDBackwardArgs& args) {
                      ? static_cast<C>(std::exp(static_cast<double>(k.student_1_mode) * static_cast<double>(st[3]) -
                                                static_cast<double>(st[4])))
                      : C(0);
+    row_grad.inv_zq = static_cast<C>(std::exp(-static_cast<double>(gr.stats.student_log_sum_T)));
+    row_grad.inv_zp = static_cast<C>(std::exp(-static_cast<double>(gr.stats.teacher_log_sum)));
+    row_grad.inv_z1 = static_cast<C>(std::exp(-static_cast<double>(gr.stats.student_log_sum_1)));
     const int64_t label = args.labels ? args.labels[row] : -1;
     const C label_step = g * k.alpha * (C(1) - k.label_smoothing);
     alignas(64) C student_buf[kChunk];
@@ -383,7 +393,7 @@ void backward_impl(const KDBackwardArgs& args) {
       C* out;
       if constexpr (std::is_same_v<S, C>) out = g_row + start;
       else out = grad_buf;
-      kernels.grad(s, t, n, k, exps, gr, out);
+      kernels.grad(s, t, n, k, exps, row_grad, out);
       if (k.need_ce && label >= start && label < start + n) out[label - start] -= label_step;
       store_chunk<S, C>(out, n, g_row + start);
     }

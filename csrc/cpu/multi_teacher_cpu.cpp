@@ -541,22 +541,30 @@ bool student_exp_row(const C* s, int64_t n, C shift, const ExpLanes<C>& exp_t_in
   return low >= exp_t_in.scalar_cutoff() && (S1 != rowmath::kStudent1Exp || low >= exp_1_in.scalar_cutoff());
 }
 
+template <class C, int S1, bool SMOOTH, bool CHECKED>
+bool student_exp_row_dispatch(const C* s, int64_t n, C shift, const ExpLanes<C>& exp_t, const ExpLanes<C>& exp_1,
+                              C* es, C& sum_t, C& sum_1, C& centered, const C* next, C& next_max) {
+  if (next != nullptr)
+    return student_exp_row<C, S1, SMOOTH, true, CHECKED>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next,
+                                                         next_max);
+  return student_exp_row<C, S1, SMOOTH, false, CHECKED>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next,
+                                                        next_max);
+}
+
 template <class C, int S1, bool SMOOTH>
 void student_exp_row_for(const C* s, int64_t n, C shift, const ExpLanes<C>& exp_t, const ExpLanes<C>& exp_1, C* es,
                          C& sum_t, C& sum_1, C& centered, const C* next, C& next_max) {
   next_max = kNegInf<C>;
   if constexpr (kTryWithoutCutoff<C>) {
-    const bool in_range =
-        next != nullptr
-            ? student_exp_row<C, S1, SMOOTH, true, false>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max)
-            : student_exp_row<C, S1, SMOOTH, false, false>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
-    if (in_range) return;
-    // next_max is already known
-    student_exp_row<C, S1, SMOOTH, false, true>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, nullptr, next_max);
+    if (student_exp_row_dispatch<C, S1, SMOOTH, false>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next,
+                                                       next_max))
+      return;
+    // next_max is already known: only the exps and sums are redone.
+    student_exp_row<C, S1, SMOOTH, false, true>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, nullptr,
+                                                next_max);
     return;
   }
-  if (next != nullptr) student_exp_row<C, S1, SMOOTH, true, true>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
-  else student_exp_row<C, S1, SMOOTH, false, true>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
+  student_exp_row_dispatch<C, S1, SMOOTH, true>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
 }
 
 // Teacher exp pass: scratch[i] = exp((t_i - shift)/T); returns Z = Σ e and A = Σ e (t_i - shift).
