@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kdfast
+from kdfast.contract import KDOptions
 from kdfast import reference
 from kdfast.functional import fused_linear_kd_loss
 
@@ -210,14 +211,35 @@ def test_torch_compile_fullgraph_forward_and_backward():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_opcheck(reduction):
+@pytest.mark.parametrize("rows", [12, 0])
+def test_opcheck(reduction, rows):
+    """Fake and real kernels agree, also with no rows (the outputs are allocated by the caller)."""
     from kdfast.ops import fused_linear as ops
 
     h, w, b, th, tw, tb, labels = _make(rows=12, vocab=17)
-    args = (h.detach(), w.detach(), b.detach(), th @ tw.t(), None, None, None, None, None, None, None, labels, True,
-            5, 0.0, True, "forward_kl", "bucket", reduction, 2.0, 0.5, 0.5, 0.0, True, -100)
+    h, th, labels = h[:rows], th[:rows], labels[:rows]
+    options = KDOptions(reduction=reduction, temperature=2.0, alpha=0.5)
+    outputs = ops.forward_outputs(h, w, b, False, True, True, options)
+    args = (h.detach(), w.detach(), b.detach(), th @ tw.t(), None, None, None, None, None, None, None, labels,
+            *outputs, True, 5, 0.0, True, *options.values())
     torch.library.opcheck(ops.fused_linear_kd_forward, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_zero_rows_reduction_none_compiles_with_matching_shapes(soft):
+    """No rows with reduction "none": the compiled (fake-traced) and eager results agree in shape."""
+    torch._dynamo.reset()
+    h, w, b, th, tw, tb, labels = _make(rows=12, vocab=17)
+    h, labels = h[:0].detach().requires_grad_(True), labels[:0]
+    teacher = kdfast.compress_topk((th @ tw.t())[:0], 5) if soft else (th @ tw.t())[:0]
+
+    def step(hidden):
+        return fused_linear_kd_loss(hidden, w, teacher, labels, reduction="none", chunk_size=4)
+
+    eager = step(h)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(h)
+    assert eager.shape == compiled.shape == (0,)
 
 
 def test_module_matches_functional():

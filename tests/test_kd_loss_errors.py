@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import kdfast
-from kdfast import _checks, functional, reference
+from kdfast import functional, reference
+from kdfast.contract import options, validation
 
 CUDA_AVAILABLE = torch.cuda.is_available()
 
@@ -157,9 +158,9 @@ def test_label_equal_to_ignore_index_is_not_out_of_range(kd_loss, device):
 def test_check_label_range_message():
     labels = torch.tensor([0, 3, 11, 40, -100])
     with pytest.raises(ValueError, match=r"labels out of range.*40.*V=12"):
-        _checks.check_label_range(labels, 12, -100)
-    _checks.check_label_range(labels[:3], 12, -100)
-    _checks.check_label_range(None, 12, -100)
+        validation.check_label_range(labels, 12, -100)
+    validation.check_label_range(labels[:3], 12, -100)
+    validation.check_label_range(None, 12, -100)
 
 
 # --------------------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def test_unknown_divergence(kd_loss):
         kd_loss(student, teacher, labels, divergence="kl")
     message = str(raised.value)
     assert "divergence" in message and "'kl'" in message
-    assert all(name in message for name in _checks.DIVERGENCES)
+    assert all(name in message for name in options.DIVERGENCES)
 
 
 def test_unknown_reduction(kd_loss):
@@ -203,7 +204,7 @@ def test_unknown_reduction(kd_loss):
         kd_loss(student, teacher, labels, reduction="average")
     message = str(raised.value)
     assert "reduction" in message and "'average'" in message
-    assert all(name in message for name in _checks.REDUCTIONS)
+    assert all(name in message for name in options.REDUCTIONS)
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0, -0.5, 1.5, float("nan")], ids=str)

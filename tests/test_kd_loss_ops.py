@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kdfast
+from kdfast.contract import KDOptions
 from kdfast.ops import kd_loss as kd_ops
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd"]
@@ -29,7 +30,8 @@ def _sample(rows=5, vocab=37, dtype=torch.float32, teacher_dtype=None, labels=Tr
 def test_opcheck_forward(divergence, reduction, dtype):
     student, teacher, labels = _sample(dtype=dtype)
     student.requires_grad_(True)
-    args = (student, teacher, labels, divergence, reduction, 2.0, 0.5, 0.5, 0.1, True, -100)
+    options = KDOptions(divergence=divergence, reduction=reduction, temperature=2.0, alpha=0.5, label_smoothing=0.1)
+    args = (student, teacher, labels, *kd_ops.forward_outputs(student, options), *options.values())
     torch.library.opcheck(kd_ops.kd_loss_forward, args)
 
 
@@ -37,16 +39,20 @@ def test_opcheck_forward(divergence, reduction, dtype):
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_opcheck_backward(divergence, reduction):
     student, teacher, labels = _sample(teacher_dtype=torch.bfloat16)
-    _, row_stats, valid_rows = kd_ops.kd_loss_forward(student, teacher, labels, divergence, reduction, 2.0, 0.5, 0.5, 0.0, True, -100)
+    options = KDOptions(divergence=divergence, reduction=reduction, temperature=2.0, alpha=0.5)
+    loss, row_stats, valid_rows = kd_ops.forward_outputs(student, options)
+    kd_ops.kd_loss_forward(student, teacher, labels, loss, row_stats, valid_rows, *options.values())
     grad_output = torch.rand(student.shape[0]) + 0.5 if reduction == "none" else torch.tensor(0.75)
-    args = (grad_output, student, teacher, labels, row_stats, valid_rows, divergence, reduction, 2.0, 0.5, 0.5, 0.0, True, -100)
+    args = (grad_output, student, teacher, labels, row_stats, valid_rows, torch.empty_like(student), *options.values())
     torch.library.opcheck(kd_ops.kd_loss_backward, args)
 
 
 def test_opcheck_without_labels():
     student, teacher, _ = _sample(labels=False)
     student.requires_grad_(True)
-    torch.library.opcheck(kd_ops.kd_loss_forward, (student, teacher, None, "forward_kl", "batchmean", 1.0, 0.0, 0.5, 0.0, True, -100))
+    options = KDOptions(reduction="batchmean")
+    args = (student, teacher, None, *kd_ops.forward_outputs(student, options), *options.values())
+    torch.library.opcheck(kd_ops.kd_loss_forward, args)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)

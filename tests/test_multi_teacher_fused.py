@@ -16,6 +16,7 @@ import torch
 import kdfast
 from kdfast import functional
 from kdfast.methods import multi_teacher_kd_loss as plain_loss
+from kdfast.contract import KDOptions
 from kdfast.ops import multi_teacher as ops
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd"]
@@ -267,8 +268,12 @@ def test_opcheck():
     student, teachers, labels = make_inputs(2, (5, 23), seed=18)
     weights = torch.tensor([[0.25] * 5, [0.75] * 5], dtype=torch.float32)
     for combine, divergence, reduction in [("sum", "forward_kl", "mean"), ("mixture", "jsd", "none")]:
-        args = (student.float().requires_grad_(True), list(teachers.float()), weights, labels, combine, divergence,
-                reduction, 2.0, 0.5, 0.5, 0.1, True, -100)
+        options = KDOptions(combine=combine, divergence=divergence, reduction=reduction, temperature=2.0, alpha=0.5,
+                            label_smoothing=0.1)
+        rows = student.shape[0]
+        outputs = (torch.empty((rows,) if reduction == "none" else ()), torch.empty(rows, 6 + 3 * 2), torch.empty(()))
+        args = (student.float().requires_grad_(True), list(teachers.float()), weights, labels, *outputs, None,
+                *options.values())
         torch.library.opcheck(ops.multi_teacher_kd_forward, args)
 
 

@@ -213,8 +213,9 @@ def test_bad_arguments():
 
 def test_opcheck_topk_compress():
     teacher = random_logits((5, 300), seed=11)
-    torch.library.opcheck(sparse_ops.topk_compress, (teacher, 7, 1.5, False))
-    torch.library.opcheck(sparse_ops.topk_compress, (teacher.bfloat16(), 7, 1.0, True))
+    for logits, index_dtype, temperature in ((teacher, torch.int32, 1.5), (teacher.bfloat16(), torch.int64, 1.0)):
+        outputs = (torch.empty(5, 7, dtype=index_dtype), torch.empty(5, 7), torch.empty(5))
+        torch.library.opcheck(sparse_ops.topk_compress, (logits, *outputs, temperature))
 
 
 # ------------------------------------------------------------------------ SoftLabels

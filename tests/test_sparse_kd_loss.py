@@ -20,6 +20,7 @@ import torch
 
 import kdfast
 from kdfast import functional, reference
+from kdfast.contract import KDOptions
 from kdfast.ops import sparse as sparse_ops
 from kdfast.softlabels import SoftLabels
 
@@ -283,15 +284,17 @@ def test_bad_inputs():
 def test_opcheck(tail, reduction, dtype):
     student, soft_labels, labels = make_case((5,), 60, 6, seed=15, dtype=dtype)
     logprobs, tail_logprob = soft_labels.logprobs, soft_labels.tail_logprob
-    options = ("jsd", tail, reduction, 2.0, 0.5, 0.5, 0.1, True, -100)
+    options = KDOptions(divergence="jsd", tail=tail, reduction=reduction, temperature=2.0, alpha=0.5,
+                        label_smoothing=0.1)
     student.requires_grad_(True)
-    forward_args = (student, soft_labels.indices, logprobs, tail_logprob, labels) + options
+    outputs = sparse_ops.forward_outputs(student, options)
+    forward_args = (student, soft_labels.indices, logprobs, tail_logprob, labels, *outputs, *options.values())
     torch.library.opcheck(sparse_ops.sparse_kd_forward, forward_args)
-    _, row_stats, valid_rows = sparse_ops.sparse_kd_forward(*forward_args)
+    _, row_stats, valid_rows = outputs
     grad_output = torch.rand(5) + 0.5 if reduction == "none" else torch.tensor(0.75)
     grad_output = grad_output.to(torch.float64 if dtype == torch.float64 else torch.float32)
     backward_args = (grad_output, student.detach(), soft_labels.indices, logprobs, tail_logprob, labels,
-                     row_stats.detach(), valid_rows.detach()) + options
+                     row_stats.detach(), valid_rows.detach(), torch.empty_like(student.detach()), *options.values())
     torch.library.opcheck(sparse_ops.sparse_kd_backward, backward_args)
 
 

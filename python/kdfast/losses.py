@@ -153,8 +153,9 @@ class MultiTeacherKDLoss(nn.Module):
     """Fused multi-teacher distillation loss; see `kdfast.functional.multi_teacher_kd_loss`.
 
     Args:
-        weights: None (default: uniform), M numbers or a tensor [M] (per teacher). Per-row
-            weights [M, ...] vary per batch, so pass them to `forward` instead.
+        weights: None (default: uniform), M numbers or a tensor [M] (per teacher), kept as
+            the buffer `weights` (numbers as float64), so `.to(device)` and `state_dict()`
+            carry it. Per-row weights [M, ...] vary per batch, so pass them to `forward` instead.
         combine: "sum" (default: Σ_m w̄_m·D(p_m, q)) or "mixture" (D(Σ_m w̄_m·p_m, q)).
         divergence: "forward_kl" (default), "reverse_kl", "jsd" or "tvd".
         temperature: softmax temperature T > 0 (default 1.0).
@@ -189,7 +190,10 @@ class MultiTeacherKDLoss(nn.Module):
         tail: str = "bucket",
     ) -> None:
         super().__init__()
-        self.weights = weights
+        # a buffer, so that `.to(device)` and state_dict carry the teacher weights
+        if weights is not None and not isinstance(weights, torch.Tensor):
+            weights = torch.tensor([float(w) for w in weights], dtype=torch.float64)
+        self.register_buffer("weights", weights.detach().clone() if weights is not None else None)
         self.tail = tail
         self.combine = combine
         self.divergence = divergence

@@ -26,7 +26,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kdfast import reference
+from kdfast.contract.options import KDOptions
+from kdfast.contract.reductions import reduction_scale
+from kdfast.ops import fused_linear as fused_linear_ops
+from kdfast.reference import dense as reference
 
 # Rows per chunk are chosen so a chunk holds about this many elements of the *average* shard
 # (the same value on every rank, so all ranks issue the same collectives).
@@ -82,9 +85,12 @@ def _log_sum_exp(values: list, group) -> list:
 
 
 class _Options:
-    def __init__(self, options: tuple, group, vocab_start: int, global_vocab: int):
+    def __init__(self, options: KDOptions, group, vocab_start: int, global_vocab: int):
+        self.options = options
         (self.divergence, self.tail_mode, self.reduction, self.temperature, self.alpha, self.beta,
-         self.label_smoothing, self.t2_scale, self.ignore_index) = options
+         self.label_smoothing, self.t2_scale, self.ignore_index) = (
+            options.divergence, options.tail, options.reduction, options.temperature, options.alpha, options.beta,
+            options.label_smoothing, options.t2_scale, options.ignore_index)
         self.group, self.vocab_start, self.global_vocab = group, vocab_start, global_vocab
         self.need_kd, self.need_ce = self.alpha != 1, self.alpha != 0
         self.kd_weight = (1.0 - self.alpha) * (self.temperature ** 2 if self.t2_scale else 1.0)
@@ -124,6 +130,10 @@ class DenseShardLoss:
     """
 
     gradient_in_place = False
+
+    @property
+    def options(self) -> KDOptions:
+        return self.o.options
 
     def __init__(self, options: _Options):
         self.o = options
@@ -229,6 +239,10 @@ class SparseShardLoss:
 
     gradient_in_place = False
 
+    @property
+    def options(self) -> KDOptions:
+        return self.o.options
+
     def __init__(self, options: _Options):
         self.o = options
 
@@ -322,7 +336,7 @@ class SparseShardLoss:
         return out.copy_(grad)
 
 
-def _shard_loss(soft: bool, options: tuple, group, vocab_start: int, global_vocab: int):
+def _shard_loss(soft: bool, options: KDOptions, group, vocab_start: int, global_vocab: int):
     o = _Options(options, group, vocab_start, global_vocab)
     return SparseShardLoss(o) if soft else DenseShardLoss(o)
 
@@ -360,23 +374,20 @@ class _ShardRows(torch.autograd.Function):
 
 
 def _reduce(row_loss: Tensor, labels: Optional[Tensor], reduction: str, ignore_index: int) -> Tensor:
-    from kdfast.ops.fused_linear import reduction_scale
-
     if reduction == "none":
         return row_loss
     return row_loss.sum() * reduction_scale(labels, row_loss.shape[0], reduction, ignore_index, row_loss.dtype,
                                             row_loss.device)
 
 
-def kd_loss(student_rows: Tensor, teacher_rows, labels: Optional[Tensor], group, *, soft: bool, options: tuple,
+def kd_loss(student_rows: Tensor, teacher_rows, labels: Optional[Tensor], group, *, soft: bool, options: KDOptions,
             leading_shape, vocab_size: Optional[int] = None) -> Tensor:
     """Vocabulary-parallel `kd_loss` / `sparse_kd_loss` on flattened rows (validated by the caller).
 
     `teacher_rows` is the teacher's logits shard [rows, V_r] or, with `soft`, the replicated
-    (indices, logprobs, tail) of SoftLabels holding global ids. `options` is (divergence,
-    tail_mode, reduction, temperature, alpha, beta, label_smoothing, t2_scale, ignore_index).
+    (indices, logprobs, tail) of SoftLabels holding global ids.
     """
-    reduction, ignore_index = options[2], options[8]
+    reduction, ignore_index = options.reduction, options.ignore_index
     vocab_start, global_vocab = shard_layout(student_rows.shape[1], group, student_rows.device)
     _check_vocab(vocab_size, global_vocab)
     _check_labels(labels, global_vocab, ignore_index)
@@ -392,36 +403,37 @@ class _FusedLinearShard(torch.autograd.Function):
     """`fused_linear_kd_loss` with a vocabulary-sharded lm_head; grad_hidden is all-reduced."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tensors, loss_fn, chunk_rows, softcap, options, compute_grads):
-        from kdfast.ops import fused_linear as ops
-
-        outputs = ops.forward_impl(hidden, weight, bias, *tensors, compute_grads, chunk_rows, softcap, False,
-                                   *options, chunk_loss=loss_fn)
-        loss, row_stats, grad_hidden, grad_weight, grad_bias = outputs
-        if options[2] == "none":
+    def forward(ctx, hidden, weight, bias, tensors, loss_fn, chunk_rows, softcap, compute_grads):
+        options = loss_fn.options
+        teacher_and_labels = tensors[:5] + (tensors[5:8] if tensors[5] is not None else None, tensors[8])
+        loss, row_stats, grad_hidden, grad_weight, grad_bias = fused_linear_ops.forward_outputs(
+            hidden, weight, bias, tensors[5] is not None, compute_grads, False, options)
+        per_row = options.reduction == "none"
+        grads = (grad_hidden, grad_weight, grad_bias if bias is not None else None)
+        fused_linear_ops.run_forward(hidden, weight, bias, *teacher_and_labels, loss, row_stats,
+                                     grads if compute_grads and not per_row else None, chunk_rows, softcap, loss_fn)
+        if per_row:
             ctx.save_for_backward(row_stats, hidden, weight, bias, *tensors)
         else:
             dist.all_reduce(grad_hidden, group=loss_fn.o.group)
             ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.loss_fn, ctx.chunk_rows, ctx.softcap, ctx.options = loss_fn, chunk_rows, softcap, options
+        ctx.loss_fn, ctx.chunk_rows, ctx.softcap = loss_fn, chunk_rows, softcap
         ctx.has_bias = bias is not None
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        from kdfast.ops import fused_linear as ops
-
-        if ctx.options[2] != "none":
+        if ctx.loss_fn.options.reduction != "none":
             grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
             g = grad_loss.to(grad_weight.dtype)
-            return (grad_hidden * g, grad_weight * g, grad_bias * g if ctx.has_bias else None) + (None,) * 6
+            return (grad_hidden * g, grad_weight * g, grad_bias * g if ctx.has_bias else None) + (None,) * 5
         row_stats, hidden, weight, bias, *tensors = ctx.saved_tensors
-        divergence, tail_mode, _, *rest = ctx.options
-        grad_hidden, grad_weight, grad_bias = ops.backward_impl(
-            grad_loss, row_stats, hidden, weight, bias, *tensors, ctx.chunk_rows, ctx.softcap, False, divergence,
-            tail_mode, *rest, chunk_loss=ctx.loss_fn)
-        dist.all_reduce(grad_hidden, group=ctx.loss_fn.o.group)
-        return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 6
+        teacher_and_labels = tuple(tensors[:5]) + (tuple(tensors[5:8]) if tensors[5] is not None else None, tensors[8])
+        grads = (torch.empty_like(hidden), torch.empty_like(weight), torch.empty_like(bias) if ctx.has_bias else None)
+        fused_linear_ops.run_backward(grad_loss, row_stats, hidden, weight, bias, *teacher_and_labels, grads,
+                                      ctx.chunk_rows, ctx.softcap, ctx.loss_fn)
+        dist.all_reduce(grads[0], group=ctx.loss_fn.o.group)
+        return grads + (None,) * 5
 
 
 def fused_linear_kd_loss(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
@@ -437,19 +449,18 @@ def fused_linear_kd_loss(hidden, weight, bias, teacher_logits, teacher_hidden, t
     if teacher_columns is not None:
         raise ValueError("fused_linear_kd_loss: vocab_mapping is not supported with process_group; shard the "
                          "teacher's vocabulary like the student's instead")
-    options = (divergence, tail_mode, reduction, temperature, alpha, beta, label_smoothing, t2_scale, ignore_index)
+    options = KDOptions(divergence=divergence, tail=tail_mode, reduction=reduction, temperature=temperature,
+                        alpha=alpha, beta=beta, label_smoothing=label_smoothing, t2_scale=t2_scale,
+                        ignore_index=ignore_index)
     vocab_start, global_vocab = shard_layout(weight.shape[0], group, hidden.device)
     _check_vocab(soft_vocab, global_vocab)
     _check_labels(labels, global_vocab, ignore_index)
     loss_fn = _shard_loss(soft[0] is not None, options, group, vocab_start, global_vocab)
     # every rank must run the same number of chunks (one set of collectives per chunk): sized
     # from the global vocabulary, never from this rank's shard
-    from kdfast.ops.fused_linear import default_chunk_rows
-
     world = dist.get_world_size(group)
-    chunk_rows = chunk_size or default_chunk_rows(hidden.shape[0], -(-global_vocab // world), hidden.dtype,
+    chunk_rows = chunk_size or fused_linear_ops.default_chunk_rows(hidden.shape[0], -(-global_vocab // world), hidden.dtype,
                                                   hidden.device)
     tensors = (teacher_logits, teacher_hidden, teacher_weight, teacher_bias, None, *soft, labels)
-    loss = _FusedLinearShard.apply(hidden, weight, bias, tensors, loss_fn, chunk_rows, softcap, options,
-                                   torch.is_grad_enabled())
+    loss = _FusedLinearShard.apply(hidden, weight, bias, tensors, loss_fn, chunk_rows, softcap, torch.is_grad_enabled())
     return loss.reshape(leading_shape) if reduction == "none" else loss

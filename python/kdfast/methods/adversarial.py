@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdfast.methods._validation import require_float_tensor, require_non_negative, require_same_device
+from kdfast.contract.validation import require_float_tensor, require_non_negative, require_same_device
 
 __all__ = ["Discriminator", "AdversarialKD"]
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdfast.methods._validation import (
-    compute_dtype,
+from kdfast.contract.options import compute_dtype
+from kdfast.contract.validation import (
     require_choice,
     require_float_tensor,
     require_positive,

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.methods._validation import (
-    ROW_REDUCTIONS,
+from kdfast.contract.options import compute_dtype
+from kdfast.contract.reductions import ROW_REDUCTIONS, reduce_rows
+from kdfast.contract.validation import (
     check_labels,
-    compute_dtype,
-    reduce_rows,
     require_choice,
     require_float_tensor,
     require_non_negative,

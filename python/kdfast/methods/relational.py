@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdfast.methods._validation import (
-    compute_dtype,
+from kdfast.contract.options import compute_dtype
+from kdfast.contract.validation import (
     require_float_tensor,
     require_non_negative,
     require_same_device,

@@ -1,19 +1,37 @@
-"""Lazy access to the compiled core and the integer codes of its enums.
+"""Lazy access to the compiled core, and the codes and limits it exports.
 
-`native_module()` imports `kdfast._C` on first use and raises a clear ImportError naming
-the fix when it is missing; importing kdfast itself never fails for that reason. The codes
-below mirror csrc/include/kdfast/types.h and are part of the binding contract.
+`native_module()` imports `kdfast._C` on first use and raises a clear ImportError naming the
+fix when it is missing; importing kdfast itself never fails for that reason. `facts()` reads,
+once, the integer codes of the core's enums, its row-statistics widths, its CUDA limits and
+whether it was built with CUDA kernels, all exported by csrc/python/bindings.cpp from the
+tables in csrc/include/kdfast/types.h; nothing here repeats a number from C++. The
+predicates below are constants to `torch.compile` (evaluated once while tracing), so the
+ops' device checks never break a graph.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Dict, Tuple
 
 import torch
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
-DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3}
-REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2, "batchmean": 3}
+__all__ = [
+    "NativeFacts",
+    "cuda_limit",
+    "device_and_stream",
+    "facts",
+    "has_cuda_kernels",
+    "has_cuda_topk_kernels",
+    "native_available",
+    "native_module",
+    "row_stats_width",
+]
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
+                 "uint16": torch.uint16}
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,30 +55,91 @@ def native_module():
         raise ImportError(
             "kdfast's compiled kernels (kdfast._C) could not be loaded: "
             f"{error}. Reinstall kdfast (pip install --force-reinstall kdfast, or "
-            "pip install -e . in a source checkout); kdfast.reference.* works without them."
+            "pip install . in a source checkout); kdfast.reference.* works without them."
         ) from error
     return module
 
 
+@dataclasses.dataclass(frozen=True)
+class NativeFacts:
+    """What the compiled core says about itself (codes keyed by torch dtype or mode name)."""
+
+    dtype_codes: Dict[torch.dtype, int]
+    index_dtype_codes: Dict[torch.dtype, int]
+    divergence_codes: Dict[str, int]
+    reduction_codes: Dict[str, int]
+    tail_codes: Dict[str, int]
+    combine_codes: Dict[str, int]
+    kd_row_stats: int
+    sparse_row_stats: int
+    multi_teacher_row_stats_base: int
+    multi_teacher_stats_per_teacher: int
+    cuda_max_teachers: int
+    cuda_max_topk: int
+    cuda_max_sparse_vocab: int
+    has_cuda: bool
+    has_cuda_topk: bool
+
+    def multi_teacher_row_stats(self, num_teachers: int) -> int:
+        """Width of the multi-teacher kernels' per-row statistics for M teachers."""
+        return self.multi_teacher_row_stats_base + self.multi_teacher_stats_per_teacher * num_teachers
+
+
+@functools.lru_cache(maxsize=None)
+def facts() -> NativeFacts:
+    """The core's exported codes and limits (read once); raises ImportError without the core."""
+    core = native_module()
+    limits = dict(core.limits)
+    return NativeFacts(
+        dtype_codes={_TORCH_DTYPES[name]: code for name, code in core.dtype_codes.items()},
+        index_dtype_codes={_TORCH_DTYPES[name]: code for name, code in core.index_dtype_codes.items()},
+        divergence_codes=dict(core.divergence_codes),
+        reduction_codes=dict(core.reduction_codes),
+        tail_codes=dict(core.tail_codes),
+        combine_codes=dict(core.combine_codes),
+        kd_row_stats=int(core.kd_row_stats),
+        sparse_row_stats=int(core.sparse_row_stats),
+        multi_teacher_row_stats_base=int(core.multi_teacher_row_stats_base),
+        multi_teacher_stats_per_teacher=int(core.multi_teacher_stats_per_teacher),
+        cuda_max_teachers=int(limits["cuda_max_teachers"]),
+        cuda_max_topk=int(limits["cuda_max_topk"]),
+        cuda_max_sparse_vocab=int(limits["cuda_max_sparse_vocab"]),
+        has_cuda=bool(core.has_cuda),
+        has_cuda_topk=bool(core.has_cuda_topk),
+    )
+
+
+@torch.compiler.assume_constant_result
 def has_cuda_kernels() -> bool:
     """True when the compiled core was built with CUDA kernels."""
-    module = _load()[0]
-    return bool(module is not None and module.build_info()["cuda"])
+    return native_available() and facts().has_cuda
 
 
-def device_and_stream(tensor: torch.Tensor) -> tuple[int, int]:
+@torch.compiler.assume_constant_result
+def has_cuda_topk_kernels() -> bool:
+    """True when the compiled core has the CUDA top-k compression and sparse-loss kernels."""
+    return native_available() and facts().has_cuda and facts().has_cuda_topk
+
+
+@torch.compiler.assume_constant_result
+def row_stats_width(kind: str, num_teachers: int = 0) -> int:
+    """Columns of a kernel family's per-row statistics: kind "kd", "sparse" or "multi_teacher"."""
+    if kind == "kd":
+        return facts().kd_row_stats
+    if kind == "sparse":
+        return facts().sparse_row_stats
+    return facts().multi_teacher_row_stats(num_teachers)
+
+
+@torch.compiler.assume_constant_result
+def cuda_limit(name: str) -> int:
+    """A CUDA kernel limit: "max_teachers", "max_topk" or "max_sparse_vocab"."""
+    return getattr(facts(), "cuda_" + name)
+
+
+def device_and_stream(tensor: torch.Tensor) -> Tuple[int, int]:
     """(device_index, stream handle) for the core: (-1, 0) on the CPU."""
     if tensor.device.type == "cuda":
         index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
         return index, torch.cuda.current_stream(index).cuda_stream
     return -1, 0
-
-
-def compute_dtype(student: torch.Tensor) -> torch.dtype:
-    """The kernels' compute (and loss) dtype: float64 for a float64 student, else float32."""
-    return torch.float64 if student.dtype == torch.float64 else torch.float32
-
-
-def divergence_scale(temperature: float, t2_scale: bool) -> float:
-    """tau of the loss contract: T^2 when t2_scale, else 1."""
-    return temperature * temperature if t2_scale else 1.0

@@ -4,26 +4,29 @@ The student's logits `hidden @ weight.T + bias` (optionally soft-capped, c·tanh
 never held whole: rows are processed `chunk_rows` at a time. Per chunk the logits are one
 matmul (torch: MKL / cuBLAS) into a reused buffer, the teacher chunk is a slice of the
 teacher logits, a matmul of the teacher's hidden states, or a slice of top-k soft labels,
-and the fused kernels of `ops/kd_loss.py` / `ops/sparse.py` give the chunk's loss and its
+and the kernel bodies of `ops/kd_loss.py` / `ops/sparse.py` give the chunk's loss and its
 logit gradient. The logit gradient is then folded into grad_hidden (one matmul) and
 accumulated into grad_weight / grad_bias, so that for the scalar reductions the forward
-pass already produces every gradient (scaled by grad_output in backward, as fused linear
-cross-entropy implementations do). Reduction "none" keeps the per-row statistics and
-recomputes the chunks in backward, because its gradient depends on the per-row grad_output.
+pass already produces every gradient (scaled by grad_output in backward). Reduction "none"
+keeps the per-row statistics and recomputes the chunks in backward, because its gradient
+depends on the per-row grad_output.
 
 Contract (inputs validated and shaped by kdfast.functional.fused_linear_kd_loss):
 - hidden [rows, H] and weight [V, H] (same floating dtype), bias None or [V]; labels None or
   int64 [rows]; exactly one teacher: `teacher_logits` [rows, V] (last dim contiguous, any row
   stride), or `teacher_hidden` [rows, H_t] with `teacher_weight` [V, H_t] (+ `teacher_bias`),
-  or the soft-label tensors (`indices`, `logprobs` [rows, k], `tail` [rows]);
-  `teacher_columns` (int64 [V], −1 = no teacher column) optionally gathers the dense teacher's
-  columns (applied after the teacher matmul).
-- forward returns (loss, row_stats, grad_hidden, grad_weight, grad_bias): loss in the compute
-  dtype (0-dim, or [rows] for "none"); row_stats the kernels' per-row statistics for "none"
-  (else empty); the gradients for grad_output = 1 when `compute_grads` and the reduction is not
-  "none" (else empty tensors). Memory above inputs and gradients: one chunk of logits (which
-  the dense kernel overwrites with its own gradient), plus one teacher chunk for a
-  hidden-state or column-mapped teacher, plus one gradient chunk for soft labels or a softcap.
+  or the soft-label tensors (`soft_indices`, `soft_logprobs` [rows, k], `soft_tail` [rows]);
+  `teacher_columns` (int64 [V], −1 = no teacher column) optionally gathers the dense
+  teacher's columns (applied after the teacher matmul).
+- the forward body writes `loss` (compute dtype; 0-dim, or [rows] for "none"), `row_stats`
+  (the kernels' per-row statistics for "none" with kernels, else [0, 0]) and, when
+  `compute_grads` and the reduction is not "none", grad_hidden, grad_weight and grad_bias
+  for grad_output = 1 (else they are empty). `forward_outputs` allocates exactly these.
+  Memory above inputs and gradients: one chunk of logits (which the dense kernel overwrites
+  with its own gradient), plus one teacher chunk for a hidden-state or column-mapped
+  teacher, plus one gradient chunk for soft labels or a softcap.
+`FusedLinearKDLossFunction` is the one autograd wrapper; `run_forward` / `run_backward` are
+the chunk loops, which `kdfast.vocab_parallel` drives with its own per-chunk loss.
 """
 
 from __future__ import annotations
@@ -33,9 +36,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kdfast.ops import kd_loss as _kd_ops
-from kdfast.ops import sparse as _sparse_ops
-from kdfast.ops._native import compute_dtype
+from kdfast.contract.options import KDOptions, compute_dtype
+from kdfast.contract.reductions import reduction_scale
+from kdfast.contract.softlabels import SoftLabels
+from kdfast.ops import kd_loss as kd_ops
+from kdfast.ops import sparse as sparse_ops
+from kdfast.ops._native import row_stats_width
+from kdfast.ops._op import define_op, launch
+from kdfast.reference import dense as dense_reference
+from kdfast.reference import sparse as sparse_reference
+
+__all__ = ["ChunkLoss", "FusedLinearKDLossFunction", "default_chunk_rows", "fused_linear_kd_backward",
+           "fused_linear_kd_forward", "fused_linear_kd_loss", "run_backward", "run_forward"]
 
 # Bytes of logits one chunk may take by default: small enough to stay out of the way of the
 # model on the CPU, large enough for full-speed matmuls on a GPU.
@@ -59,39 +71,30 @@ class ChunkLoss:
     chunk's reduction is "none" (per-row losses, statistics kept for backward) or "sum".
     """
 
-    def __init__(self, sparse: bool, kernels: bool, options: tuple):
-        (self.divergence, self.tail_mode, self.reduction, self.temperature, self.alpha, self.beta,
-         self.label_smoothing, self.t2_scale, self.ignore_index) = options
-        self.sparse, self.kernels = sparse, kernels
-
-    def _kernel_options(self, reduction: str) -> tuple:
-        base = (self.divergence,) + ((self.tail_mode,) if self.sparse else ()) + (reduction,)
-        return base + (self.temperature, self.alpha, self.beta, self.label_smoothing, self.t2_scale,
-                       self.ignore_index)
+    def __init__(self, sparse: bool, kernels: bool, options: KDOptions):
+        self.sparse, self.kernels, self.options = sparse, kernels, options
 
     def _reference_loss(self, student: Tensor, teacher, labels: Optional[Tensor], reduction: str) -> Tensor:
-        from kdfast import reference
-        from kdfast.softlabels import SoftLabels
-
-        common = dict(divergence=self.divergence, temperature=self.temperature, alpha=self.alpha, beta=self.beta,
-                      ignore_index=self.ignore_index, reduction=reduction, label_smoothing=self.label_smoothing,
-                      t2_scale=self.t2_scale)
+        o = self.options
+        common = dict(divergence=o.divergence, temperature=o.temperature, alpha=o.alpha, beta=o.beta,
+                      ignore_index=o.ignore_index, reduction=reduction, label_smoothing=o.label_smoothing,
+                      t2_scale=o.t2_scale)
         if self.sparse:
             indices, logprobs, tail = teacher
-            soft = SoftLabels(indices, logprobs, tail, self.temperature, student.shape[-1])
-            return reference.sparse_kd_loss(student, soft, labels, tail=self.tail_mode, **common)
-        return reference.kd_loss(student, teacher, labels, **common)
+            soft = SoftLabels(indices, logprobs, tail, o.temperature, student.shape[-1])
+            return sparse_reference.sparse_kd_loss(student, soft, labels, tail=o.tail, **common)
+        return dense_reference.kd_loss(student, teacher, labels, **common)
 
     def forward(self, student: Tensor, teacher, labels: Optional[Tensor], reduction: str):
         """(loss, row_stats or None) of the chunk."""
         if not self.kernels:
             with torch.no_grad():
                 return self._reference_loss(student, teacher, labels, reduction), None
-        if self.sparse:
-            loss, stats, _ = _sparse_ops.sparse_kd_forward_impl(student, *teacher, labels,
-                                                                 *self._kernel_options(reduction))
-        else:
-            loss, stats, _ = _kd_ops.forward_impl(student, teacher, labels, *self._kernel_options(reduction))
+        options = self.options.replace(reduction=reduction)
+        ops = sparse_ops if self.sparse else kd_ops
+        loss, stats, valid = ops.forward_outputs(student, options)
+        teacher_tensors = tuple(teacher) if self.sparse else (teacher,)
+        ops.forward_body(student, *teacher_tensors, labels, loss, stats, valid, options)
         return loss, stats
 
     def gradient(self, student: Tensor, teacher, labels: Optional[Tensor], row_stats: Optional[Tensor],
@@ -104,11 +107,11 @@ class ChunkLoss:
                 (grad,) = torch.autograd.grad(loss, leaf, grad_output.to(loss.dtype).expand_as(loss))
             return out.copy_(grad)
         valid = row_stats.new_ones(())  # read by the kernels for "mean" only, never used here
-        if self.sparse:
-            return _sparse_ops.sparse_kd_backward_impl(grad_output, student, *teacher, labels, row_stats, valid,
-                                                       *self._kernel_options(reduction), out=out)
-        return _kd_ops.backward_impl(grad_output, student, teacher, labels, row_stats, valid,
-                                     *self._kernel_options(reduction), out=out)
+        options = self.options.replace(reduction=reduction)
+        ops = sparse_ops if self.sparse else kd_ops
+        teacher_tensors = tuple(teacher) if self.sparse else (teacher,)
+        ops.backward_body(grad_output, student, *teacher_tensors, labels, row_stats, valid, out, options)
+        return out
 
     @property
     def gradient_in_place(self) -> bool:
@@ -156,17 +159,6 @@ def _fold_gradient(grad_logits: Tensor, logits: Tensor, softcap: float, hidden: 
         grad_bias.add_(grad_logits.sum(0))
 
 
-def reduction_scale(labels: Optional[Tensor], rows: int, reduction: str, ignore_index: int, dtype, device) -> Tensor:
-    """The factor a summed loss takes for `reduction` ("sum": 1, "batchmean": 1/rows, "mean":
-    1/valid rows, 1 when no row is valid), as a 0-dim tensor (no host synchronisation)."""
-    if reduction == "mean":
-        valid = (labels != ignore_index).sum() if labels is not None else torch.tensor(rows, device=device)
-        return 1.0 / valid.clamp(min=1).to(dtype)
-    if reduction == "batchmean":
-        return torch.tensor(1.0 / max(rows, 1), dtype=dtype, device=device)
-    return torch.ones((), dtype=dtype, device=device)
-
-
 def _buffers(hidden: Tensor, vocab: int, chunk_rows: int, teacher_hidden: Optional[Tensor], separate_gradient: bool):
     logits = torch.empty((chunk_rows, vocab), dtype=hidden.dtype, device=hidden.device)
     teacher = (torch.empty((chunk_rows, vocab), dtype=teacher_hidden.dtype, device=hidden.device)
@@ -175,36 +167,27 @@ def _buffers(hidden: Tensor, vocab: int, chunk_rows: int, teacher_hidden: Option
     return logits, teacher, gradient
 
 
-def forward_impl(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-    teacher_logits: Optional[Tensor], teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor],
-    teacher_bias: Optional[Tensor], teacher_columns: Optional[Tensor],
-    soft_indices: Optional[Tensor], soft_logprobs: Optional[Tensor], soft_tail: Optional[Tensor],
-    labels: Optional[Tensor], compute_grads: bool, chunk_rows: int, softcap: float, kernels: bool,
-    divergence: str, tail_mode: str, reduction: str, temperature: float, alpha: float, beta: float,
-    label_smoothing: float, t2_scale: bool, ignore_index: int, chunk_loss=None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The chunk loop; `chunk_loss` replaces the kernels' ChunkLoss (kdfast.vocab_parallel)."""
+def run_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_logits: Optional[Tensor],
+                teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor],
+                teacher_columns: Optional[Tensor], soft, labels: Optional[Tensor], loss: Tensor, row_stats: Tensor,
+                grads: Optional[tuple], chunk_rows: int, softcap: float, chunk_loss) -> None:
+    """The forward chunk loop: writes `loss`, `row_stats` (when non-empty) and, when `grads` is a
+    (grad_hidden, grad_weight, grad_bias or None) triple, the gradients for grad_output = 1."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     dtype = compute_dtype(hidden)
     device = hidden.device
-    soft = (soft_indices, soft_logprobs, soft_tail) if soft_indices is not None else None
-    if chunk_loss is None:
-        chunk_loss = ChunkLoss(soft is not None, kernels, (divergence, tail_mode, reduction, temperature, alpha, beta,
-                                                           label_smoothing, t2_scale, ignore_index))
-    per_row = reduction == "none"
-    grads = compute_grads and not per_row
+    options = chunk_loss.options
+    per_row = options.reduction == "none"
     logits_buffer, teacher_buffer, grad_buffer = _buffers(
         hidden, vocab, min(chunk_rows, max(rows, 1)), teacher_hidden,
-        grads and (softcap > 0 or not chunk_loss.gradient_in_place))
-    empty = hidden.new_empty((0,))
-    row_loss = torch.empty((rows,), dtype=dtype, device=device) if per_row else None
-    row_stats = None
+        grads is not None and (softcap > 0 or not chunk_loss.gradient_in_place))
+    keep_stats = per_row and row_stats.numel() > 0
     total = torch.zeros((), dtype=dtype, device=device)
-    scale = reduction_scale(labels, rows, reduction, ignore_index, dtype, device)
-    grad_hidden = torch.empty_like(hidden) if grads else empty
-    grad_weight = torch.zeros_like(weight) if grads else empty
-    grad_bias = torch.zeros_like(bias) if grads and bias is not None else None
+    scale = reduction_scale(labels, rows, options.reduction, options.ignore_index, dtype, device)
+    if grads is not None:
+        grads[1].zero_()
+        if grads[2] is not None:
+            grads[2].zero_()
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         for start in range(0, rows, chunk_rows):
             stop = min(start + chunk_rows, rows)
@@ -212,49 +195,34 @@ def forward_impl(
             teacher = _teacher_chunk(start, stop, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
                                      teacher_columns, soft, teacher_buffer, dtype)
             chunk_labels = labels[start:stop] if labels is not None else None
-            loss, stats = chunk_loss.forward(logits, teacher, chunk_labels, "none" if per_row else "sum")
+            chunk_value, stats = chunk_loss.forward(logits, teacher, chunk_labels, "none" if per_row else "sum")
             if per_row:
-                row_loss[start:stop] = loss
-                if stats is not None:
-                    if row_stats is None:
-                        row_stats = stats.new_empty((rows, stats.shape[1]))
+                loss[start:stop] = chunk_value
+                if keep_stats:
                     row_stats[start:stop] = stats
                 continue
-            total += loss
-            if grads:
+            total += chunk_value
+            if grads is not None:
                 grad_logits = chunk_loss.gradient(logits, teacher, chunk_labels, stats, scale, "sum",
                                                   grad_buffer[: stop - start])
-                _fold_gradient(grad_logits, logits, softcap, hidden, weight, start, stop, grad_hidden, grad_weight,
-                               grad_bias)
-    loss = row_loss if per_row else total * scale
-    if row_stats is None:
-        row_stats = torch.empty((0, 0), dtype=dtype, device=device)
-    return loss, row_stats, grad_hidden, grad_weight, grad_bias if grad_bias is not None else empty
+                _fold_gradient(grad_logits, logits, softcap, hidden, weight, start, stop, *grads)
+    if not per_row:
+        loss.copy_(total * scale)
 
 
-def backward_impl(
-    grad_rows: Tensor, row_stats: Tensor,
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-    teacher_logits: Optional[Tensor], teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor],
-    teacher_bias: Optional[Tensor], teacher_columns: Optional[Tensor],
-    soft_indices: Optional[Tensor], soft_logprobs: Optional[Tensor], soft_tail: Optional[Tensor],
-    labels: Optional[Tensor], chunk_rows: int, softcap: float, kernels: bool,
-    divergence: str, tail_mode: str, temperature: float, alpha: float, beta: float,
-    label_smoothing: float, t2_scale: bool, ignore_index: int, chunk_loss=None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of Σ grad_rows·loss_rows (reduction "none"), recomputing each chunk."""
+def run_backward(grad_rows: Tensor, row_stats: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                 teacher_logits: Optional[Tensor], teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor],
+                 teacher_bias: Optional[Tensor], teacher_columns: Optional[Tensor], soft, labels: Optional[Tensor],
+                 grads: tuple, chunk_rows: int, softcap: float, chunk_loss) -> None:
+    """Writes the gradients of Σ grad_rows·loss_rows (reduction "none") into `grads`, recomputing each chunk."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     dtype = compute_dtype(hidden)
-    soft = (soft_indices, soft_logprobs, soft_tail) if soft_indices is not None else None
-    if chunk_loss is None:
-        chunk_loss = ChunkLoss(soft is not None, kernels, (divergence, tail_mode, "none", temperature, alpha, beta,
-                                                           label_smoothing, t2_scale, ignore_index))
     logits_buffer, teacher_buffer, grad_buffer = _buffers(
         hidden, vocab, min(chunk_rows, max(rows, 1)), teacher_hidden, softcap > 0 or not chunk_loss.gradient_in_place)
     grad_rows = grad_rows.to(dtype).contiguous()
-    grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros_like(weight)
-    grad_bias = torch.zeros_like(bias) if bias is not None else None
+    grads[1].zero_()
+    if grads[2] is not None:
+        grads[2].zero_()
     has_stats = row_stats.numel() > 0
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, rows, chunk_rows):
@@ -266,136 +234,111 @@ def backward_impl(
             stats = row_stats[start:stop] if has_stats else None
             grad_logits = chunk_loss.gradient(logits, teacher, chunk_labels, stats,
                                               grad_rows[start:stop], "none", grad_buffer[: stop - start])
-            _fold_gradient(grad_logits, logits, softcap, hidden, weight, start, stop, grad_hidden, grad_weight,
-                           grad_bias)
-    return grad_hidden, grad_weight, grad_bias if grad_bias is not None else hidden.new_empty((0,))
+            _fold_gradient(grad_logits, logits, softcap, hidden, weight, start, stop, *grads)
 
 
 # ------------------------------------------------------------------------------ custom ops
-@torch.library.custom_op("kdfast::fused_linear_kd_forward", mutates_args=(), device_types=("cpu", "cuda"))
-def fused_linear_kd_forward(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-    teacher_logits: Optional[Tensor], teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor],
-    teacher_bias: Optional[Tensor], teacher_columns: Optional[Tensor],
-    soft_indices: Optional[Tensor], soft_logprobs: Optional[Tensor], soft_tail: Optional[Tensor],
-    labels: Optional[Tensor], compute_grads: bool, chunk_rows: int, softcap: float, kernels: bool,
-    divergence: str, tail_mode: str, reduction: str, temperature: float, alpha: float, beta: float,
-    label_smoothing: float, t2_scale: bool, ignore_index: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    outputs = forward_impl(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
-                           teacher_columns, soft_indices, soft_logprobs, soft_tail, labels, compute_grads, chunk_rows,
-                           softcap, kernels, divergence, tail_mode, reduction, temperature, alpha, beta,
-                           label_smoothing, t2_scale, ignore_index)
-    # custom ops may not return views of (or the same tensor as) another output
-    return tuple(t if t.numel() else t.clone() for t in outputs)
+def _soft(soft_indices: Optional[Tensor], soft_logprobs: Optional[Tensor], soft_tail: Optional[Tensor]):
+    return (soft_indices, soft_logprobs, soft_tail) if soft_indices is not None else None
 
 
-@fused_linear_kd_forward.register_fake
-def _(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, teacher_columns,
-      soft_indices, soft_logprobs, soft_tail, labels, compute_grads, chunk_rows, softcap, kernels, divergence,
-      tail_mode, reduction, temperature, alpha, beta, label_smoothing, t2_scale, ignore_index):
+def forward_body(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_logits: Optional[Tensor],
+                 teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor],
+                 teacher_columns: Optional[Tensor], soft_indices: Optional[Tensor], soft_logprobs: Optional[Tensor],
+                 soft_tail: Optional[Tensor], labels: Optional[Tensor], loss: Tensor, row_stats: Tensor,
+                 grad_hidden: Tensor, grad_weight: Tensor, grad_bias: Tensor, compute_grads: bool, chunk_rows: int,
+                 softcap: float, kernels: bool, options: KDOptions) -> None:
+    """Writes the outputs `forward_outputs` allocated (see the module contract)."""
+    soft = _soft(soft_indices, soft_logprobs, soft_tail)
+    grads = None
+    if compute_grads and options.reduction != "none":
+        grads = (grad_hidden, grad_weight, grad_bias if bias is not None else None)
+    run_forward(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, teacher_columns,
+                soft, labels, loss, row_stats, grads, chunk_rows, softcap, ChunkLoss(soft is not None, kernels, options))
+
+
+def backward_body(grad_rows: Tensor, row_stats: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                  teacher_logits: Optional[Tensor], teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor],
+                  teacher_bias: Optional[Tensor], teacher_columns: Optional[Tensor], soft_indices: Optional[Tensor],
+                  soft_logprobs: Optional[Tensor], soft_tail: Optional[Tensor], labels: Optional[Tensor],
+                  grad_hidden: Tensor, grad_weight: Tensor, grad_bias: Tensor, chunk_rows: int, softcap: float,
+                  kernels: bool, options: KDOptions) -> None:
+    """Writes the gradients of Σ grad_rows·loss_rows (reduction "none") into grad_hidden/weight/bias."""
+    soft = _soft(soft_indices, soft_logprobs, soft_tail)
+    run_backward(grad_rows, row_stats, hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
+                 teacher_bias, teacher_columns, soft, labels,
+                 (grad_hidden, grad_weight, grad_bias if bias is not None else None), chunk_rows, softcap,
+                 ChunkLoss(soft is not None, kernels, options))
+
+
+fused_linear_kd_forward = define_op("kdfast::fused_linear_kd_forward", forward_body,
+                                    mutates=("loss", "row_stats", "grad_hidden", "grad_weight", "grad_bias"))
+fused_linear_kd_backward = define_op("kdfast::fused_linear_kd_backward", backward_body,
+                                     mutates=("grad_hidden", "grad_weight", "grad_bias"))
+
+
+def forward_outputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sparse: bool, compute_grads: bool,
+                    kernels: bool, options: KDOptions) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, row_stats, grad_hidden, grad_weight, grad_bias) allocated for `forward_body`."""
     rows = hidden.shape[0]
     dtype = compute_dtype(hidden)
-    per_row = reduction == "none"
+    per_row = options.reduction == "none"
     loss = hidden.new_empty((rows,) if per_row else (), dtype=dtype)
     if per_row and kernels:
-        stats = (hidden.new_empty((rows, _sparse_ops.SPARSE_ROW_STATS), dtype=torch.float64)
-                 if soft_indices is not None else hidden.new_empty((rows, _kd_ops.ROW_STATS), dtype=dtype))
+        row_stats = (hidden.new_empty((rows, row_stats_width("sparse")), dtype=torch.float64) if sparse
+                     else hidden.new_empty((rows, row_stats_width("kd")), dtype=dtype))
     else:
-        stats = hidden.new_empty((0, 0), dtype=dtype)
+        row_stats = hidden.new_empty((0, 0), dtype=dtype)
     grads = compute_grads and not per_row
-    empty = hidden.new_empty((0,))
-    return (loss, stats, torch.empty_like(hidden) if grads else empty,
-            torch.empty_like(weight) if grads else hidden.new_empty((0,)),
-            torch.empty_like(bias) if grads and bias is not None else hidden.new_empty((0,)))
+    grad_hidden = torch.empty_like(hidden) if grads else hidden.new_empty((0,))
+    grad_weight = torch.empty_like(weight) if grads else hidden.new_empty((0,))
+    grad_bias = torch.empty_like(bias) if grads and bias is not None else hidden.new_empty((0,))
+    return loss, row_stats, grad_hidden, grad_weight, grad_bias
 
 
-@torch.library.custom_op("kdfast::fused_linear_kd_backward", mutates_args=(), device_types=("cpu", "cuda"))
-def fused_linear_kd_backward(
-    grad_rows: Tensor, row_stats: Tensor,
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-    teacher_logits: Optional[Tensor], teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor],
-    teacher_bias: Optional[Tensor], teacher_columns: Optional[Tensor],
-    soft_indices: Optional[Tensor], soft_logprobs: Optional[Tensor], soft_tail: Optional[Tensor],
-    labels: Optional[Tensor], chunk_rows: int, softcap: float, kernels: bool,
-    divergence: str, tail_mode: str, temperature: float, alpha: float, beta: float,
-    label_smoothing: float, t2_scale: bool, ignore_index: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return backward_impl(grad_rows, row_stats, hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
-                         teacher_bias, teacher_columns, soft_indices, soft_logprobs, soft_tail, labels, chunk_rows,
-                         softcap, kernels, divergence, tail_mode, temperature, alpha, beta, label_smoothing, t2_scale,
-                         ignore_index)
-
-
-@fused_linear_kd_backward.register_fake
-def _(grad_rows, row_stats, hidden, weight, bias, *rest):
-    return (torch.empty_like(hidden), torch.empty_like(weight),
-            torch.empty_like(bias) if bias is not None else hidden.new_empty((0,)))
-
-
-def _gradients(grad_loss: Tensor, saved: tuple, options: dict, op) -> tuple:
-    """(grad_hidden, grad_weight, grad_bias) from the forward's gradients or a recomputation by `op`."""
-    if options["reduction"] != "none":
-        grad_hidden, grad_weight, grad_bias = saved
-        g = grad_loss.to(grad_weight.dtype)
-        return grad_hidden * g, grad_weight * g, (grad_bias * g if grad_bias.numel() else None)
-    row_stats, *tensors = saved
-    backward_options = {k: v for k, v in options.items() if k not in ("reduction", "compute_grads")}
-    grad_hidden, grad_weight, grad_bias = op(grad_loss, row_stats, *tensors, **backward_options)
-    return grad_hidden, grad_weight, (grad_bias if grad_bias.numel() else None)
-
-
-OPTION_NAMES = ("compute_grads", "chunk_rows", "softcap", "kernels", "divergence", "tail_mode", "reduction",
-                "temperature", "alpha", "beta", "label_smoothing", "t2_scale", "ignore_index")
-
-
-def _setup_context(ctx, inputs, output):
-    """Saves what backward needs: the inputs and row statistics for "none" (recomputation),
-    else the forward's gradients."""
-    tensors, options = inputs[:12], dict(zip(OPTION_NAMES, inputs[12:]))
-    _, row_stats, grad_hidden, grad_weight, grad_bias = output
-    if options["reduction"] == "none":
-        ctx.save_for_backward(row_stats, *tensors)
-    else:
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-    ctx.options = options
-
-
-def _backward(ctx, grad_loss, *unused):
-    saved = ctx.saved_tensors
-    grads = _gradients(grad_loss, saved, ctx.options, fused_linear_kd_backward)
-    return grads + (None,) * (12 + len(OPTION_NAMES) - 3)
-
-
-fused_linear_kd_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-class EagerFusedLinearKDLoss(torch.autograd.Function):
-    """The custom ops' computation for eager mode, without the dispatcher's per-call cost."""
+class FusedLinearKDLossFunction(torch.autograd.Function):
+    """`apply(options, compute_grads, chunk_rows, softcap, kernels, hidden, weight, bias, teacher_logits,
+    teacher_hidden, teacher_weight, teacher_bias, teacher_columns, soft_indices, soft_logprobs, soft_tail,
+    labels) -> loss`; gradients reach hidden, weight and bias."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        outputs = forward_impl(*inputs)
-        _setup_context(ctx, inputs, outputs)
+    def forward(ctx, options: KDOptions, compute_grads: bool, chunk_rows: int, softcap: float, kernels: bool,
+                *inputs: Optional[Tensor]) -> Tensor:
+        hidden, weight, bias = inputs[:3]
+        sparse = inputs[8] is not None
+        outputs = forward_outputs(hidden, weight, bias, sparse, compute_grads, kernels, options)
+        launch(fused_linear_kd_forward, forward_body,
+               (*inputs, *outputs, compute_grads, chunk_rows, softcap, kernels), options)
+        if options.reduction == "none":
+            ctx.save_for_backward(outputs[1], *inputs)
+        else:
+            ctx.save_for_backward(*outputs[2:])
+        ctx.options, ctx.settings = options, (chunk_rows, softcap, kernels)
+        ctx.has_bias = bias is not None
         return outputs[0]
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss: Tensor):
         saved = ctx.saved_tensors
-        if ctx.options["reduction"] != "none":
+        if ctx.options.reduction != "none":
             grad_hidden, grad_weight, grad_bias = saved
-            if bool(grad_loss == 1):  # loss.backward(): hand over the forward's gradients, no copy
-                grads = (grad_hidden, grad_weight, grad_bias if grad_bias.numel() else None)
+            if not torch.compiler.is_compiling() and bool(grad_loss == 1):
+                grads = (grad_hidden, grad_weight, grad_bias)  # loss.backward(): no copy
             else:
-                g = grad_loss.to(grad_weight.dtype)
-                grads = (grad_hidden * g, grad_weight * g, grad_bias * g if grad_bias.numel() else None)
+                scale = grad_loss.to(grad_weight.dtype)
+                grads = (grad_hidden * scale, grad_weight * scale, grad_bias * scale)
         else:
-            grads = _gradients(grad_loss, saved, ctx.options, backward_impl)
-        return grads + (None,) * (12 + len(OPTION_NAMES) - 3)
+            row_stats, *inputs = saved
+            hidden, weight, bias = inputs[:3]
+            grads = (torch.empty_like(hidden), torch.empty_like(weight),
+                     torch.empty_like(bias) if bias is not None else hidden.new_empty((0,)))
+            launch(fused_linear_kd_backward, backward_body, (grad_loss, row_stats, *inputs, *grads, *ctx.settings),
+                   ctx.options)
+        grads = grads[:2] + ((grads[2] if ctx.has_bias else None),)
+        return (None,) * 5 + grads + (None,) * 9
 
 
-def fused_linear_kd_loss(*inputs) -> Tensor:
-    """Through the custom op when compiling, else through EagerFusedLinearKDLoss."""
-    if torch.compiler.is_compiling():
-        return fused_linear_kd_forward(*inputs)[0]
-    return EagerFusedLinearKDLoss.apply(*inputs)
+def fused_linear_kd_loss(options: KDOptions, compute_grads: bool, chunk_rows: int, softcap: float, kernels: bool,
+                         *inputs: Optional[Tensor]) -> Tensor:
+    """The chunked loss through `FusedLinearKDLossFunction`; `inputs` as in `forward_body`, up to labels."""
+    return FusedLinearKDLossFunction.apply(options, compute_grads, chunk_rows, softcap, kernels, *inputs)

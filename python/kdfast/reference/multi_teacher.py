@@ -3,7 +3,7 @@
 `multi_teacher_kd_loss` distils one student from M teachers, combining either the
 per-teacher divergences (`combine="sum"`) or the teachers' distributions (`"mixture"`),
 with per-teacher or per-row teacher weights. It follows the dense loss contract of
-DESIGN.md row for row (temperature, T² scaling, α-weighted hard-label cross-entropy,
+docs/design.md row for row (temperature, T² scaling, α-weighted hard-label cross-entropy,
 `ignore_index`, reductions, fp32 math, gradients to the student only) and builds on the
 divergence math of `kdfast.reference`. It is the oracle and fallback for a fused kernel
 with the same signature; this implementation reads each teacher in turn and never
@@ -16,16 +16,15 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from kdfast import reference
-from kdfast._checks import check_kd_inputs, check_label_range
-from kdfast.methods._validation import reduce_rows, require_choice
+from kdfast.contract.options import COMBINE_MODES
+from kdfast.contract.reductions import reduce_rows
+from kdfast.contract.validation import check_kd_inputs, check_label_range, require_choice
+from kdfast.reference import dense as reference
 
-__all__ = ["multi_teacher_kd_loss"]
-
-COMBINE_MODES = ("sum", "mixture")
+__all__ = ["multi_teacher_kd_loss", "normalised_weights", "split_teachers"]
 
 
-def _split_teachers(teacher_logits, student_logits: torch.Tensor) -> list:
+def split_teachers(teacher_logits, student_logits: torch.Tensor) -> list:
     """Return the teachers as a list of M tensors shaped like the student (views, no copies)."""
     if isinstance(teacher_logits, torch.Tensor):
         expected = (-1,) + tuple(student_logits.shape)
@@ -51,7 +50,7 @@ def _split_teachers(teacher_logits, student_logits: torch.Tensor) -> list:
     return teachers
 
 
-def _normalised_weights(weights, num_teachers: int, leading_shape: torch.Size,
+def normalised_weights(weights, num_teachers: int, leading_shape: torch.Size,
                         valid_rows: Optional[torch.Tensor], dtype: torch.dtype,
                         device: torch.device) -> torch.Tensor:
     """Teacher weights as an `[M, rows]` tensor whose columns sum to 1 (constants)."""
@@ -161,7 +160,7 @@ def multi_teacher_kd_loss(
     require_choice("combine", combine, COMBINE_MODES)
     if not isinstance(student_logits, torch.Tensor):
         raise TypeError(f"student_logits must be a torch.Tensor, got {type(student_logits).__name__}")
-    teachers = _split_teachers(teacher_logits, student_logits)
+    teachers = split_teachers(teacher_logits, student_logits)
     for teacher in teachers:
         check_kd_inputs(student_logits, teacher, labels, divergence=divergence, temperature=temperature,
                         alpha=alpha, beta=beta, ignore_index=ignore_index, reduction=reduction,
@@ -179,7 +178,7 @@ def multi_teacher_kd_loss(
     student_rows = student_logits.reshape(-1, vocab_size).to(compute_dtype)
     labels_rows = None if labels is None else labels.reshape(-1)
     valid_rows = None if labels_rows is None else labels_rows != ignore_index
-    row_weights = _normalised_weights(weights, len(teachers), leading_shape, valid_rows, compute_dtype, device)
+    row_weights = normalised_weights(weights, len(teachers), leading_shape, valid_rows, compute_dtype, device)
 
     def teacher_rows(teacher: torch.Tensor) -> torch.Tensor:
         rows = teacher.detach().reshape(-1, vocab_size).to(compute_dtype)

@@ -1,0 +1,82 @@
+"""The options of every kdfast loss as one frozen dataclass, and the names of its modes.
+
+`KDOptions` mirrors the C++ `kdfast::KDOptions` struct (csrc/include/kdfast/types.h) plus the
+two mode switches of the sparse and multi-teacher losses (`tail`, `combine`). It travels
+unchanged from `kdfast.functional` through the autograd wrappers to the custom ops, whose
+schemas are generated from its fields (`kdfast.ops`), so the option list is written once.
+Values are validated by `kdfast.contract.validation` before an options object is built;
+constructing one does not re-check them. The mode names here are the public spelling; the
+integer codes the compiled core uses are read from `kdfast._C` by `kdfast.ops`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+import torch
+
+__all__ = ["COMBINE_MODES", "DIVERGENCES", "KDOptions", "REDUCTIONS", "TAIL_MODES", "compute_dtype"]
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+REDUCTIONS = ("mean", "sum", "none", "batchmean")
+TAIL_MODES = ("bucket", "renormalize")
+COMBINE_MODES = ("sum", "mixture")
+
+
+@dataclasses.dataclass(frozen=True)
+class KDOptions:
+    """Scalar options of a distillation loss call (see docs/design.md, "The loss contract").
+
+    Attributes:
+        divergence: "forward_kl", "reverse_kl", "jsd" or "tvd".
+        reduction: "mean", "sum", "batchmean" or "none".
+        temperature: T > 0.
+        alpha: weight of the hard-label cross-entropy, in [0, 1].
+        beta: the generalised JSD's mixture weight, in (0, 1).
+        label_smoothing: ε in [0, 1).
+        t2_scale: scale the divergence by T² (τ = T²) when True, else τ = 1.
+        ignore_index: label value of rows that contribute nothing.
+        tail: top-k soft labels only: "bucket" or "renormalize".
+        combine: multi-teacher only: "sum" or "mixture".
+    """
+
+    divergence: str = "forward_kl"
+    reduction: str = "mean"
+    temperature: float = 1.0
+    alpha: float = 0.0
+    beta: float = 0.5
+    label_smoothing: float = 0.0
+    t2_scale: bool = True
+    ignore_index: int = -100
+    tail: str = "bucket"
+    combine: str = "sum"
+
+    @classmethod
+    def of(cls, **values) -> "KDOptions":
+        """Options from Python values, coerced to the field types (floats, bool, int)."""
+        return cls(**{name: _COERCE[name](value) for name, value in values.items()})
+
+    def replace(self, **changes) -> "KDOptions":
+        """A copy with some fields changed (e.g. `options.replace(reduction="none")`)."""
+        return dataclasses.replace(self, **changes)
+
+    def values(self) -> Tuple:
+        """The field values in declaration order: the options part of every op's arguments."""
+        return tuple(getattr(self, name) for name in FIELD_NAMES)
+
+    @property
+    def divergence_scale(self) -> float:
+        """τ of the loss contract: T² when `t2_scale`, else 1."""
+        return self.temperature * self.temperature if self.t2_scale else 1.0
+
+
+FIELD_NAMES = tuple(field.name for field in dataclasses.fields(KDOptions))
+_COERCE = {"divergence": str, "reduction": str, "temperature": float, "alpha": float, "beta": float,
+           "label_smoothing": float, "t2_scale": bool, "ignore_index": int, "tail": str, "combine": str}
+assert set(_COERCE) == set(FIELD_NAMES)
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the losses compute in: float64 when any input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32

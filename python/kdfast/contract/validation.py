@@ -1,0 +1,328 @@
+"""Input validation of every kdfast loss, from metadata only where it can be.
+
+`check_kd_inputs`, `check_compress_inputs` and `check_sparse_kd_inputs` look only at types,
+shapes, dtypes, devices and Python-scalar options, never at tensor data, so they run inside
+`torch.compile(fullgraph=True)` without a graph break or a device synchronisation; the
+functional API, the reference implementation and the custom ops' callers share them.
+`check_label_range` and `check_labels` read label data and serve the reference path and the
+method losses. Wrong tensor dtypes and argument types raise `TypeError`; every other bad
+input raises `ValueError`. Each message names the argument and shows the shapes, dtypes or
+values seen. The `require_*` functions are the small checks of the method family.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterable, Optional
+
+import torch
+
+from kdfast.contract.options import DIVERGENCES, REDUCTIONS, TAIL_MODES
+from kdfast.contract.softlabels import INDEX_DTYPE_MAX_VOCAB, INDEX_DTYPES, SoftLabels, smallest_index_dtype
+
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _shape(tensor: torch.Tensor) -> tuple:
+    return tuple(tensor.shape)
+
+
+def _is_real_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_logits_tensor(name: str, logits) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"kd_loss: {name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(
+            f"kd_loss: {name} must be a floating tensor (float32, bfloat16, float16 or float64), "
+            f"got dtype {logits.dtype} ({name}.shape={_shape(logits)})"
+        )
+    if logits.dim() == 0:
+        raise ValueError(f"kd_loss: {name} must have shape [..., V] with at least one dimension, got a 0-dim tensor")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"kd_loss: {name} has vocab size 0 ({name}.shape={_shape(logits)}); V must be at least 1")
+
+
+def _check_number_option(name: str, value) -> None:
+    if not _is_real_number(value):
+        raise TypeError(f"kd_loss: {name} must be a Python number, got {type(value).__name__} ({value!r})")
+
+
+def check_kd_inputs(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    *,
+    divergence: str,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+) -> None:
+    """Validates the arguments of a dense KD loss call using metadata only.
+
+    Args:
+        student_logits: floating tensor [..., V].
+        teacher_logits: floating tensor with the same shape as `student_logits` (its dtype may differ).
+        labels: int64 tensor with the leading shape of `student_logits`, or None.
+        divergence: one of `DIVERGENCES`.
+        temperature: finite T > 0.
+        alpha: cross-entropy weight in [0, 1]; alpha > 0 requires labels.
+        beta: JSD mixture weight in (0, 1); checked only for divergence "jsd".
+        ignore_index: integer label value marking rows that contribute nothing.
+        reduction: one of `REDUCTIONS`.
+        label_smoothing: ε in [0, 1).
+
+    Raises:
+        TypeError: a logits tensor is not float32/bfloat16/float16/float64, labels are not
+            int64, or a scalar option has the wrong Python type.
+        ValueError: any other invalid shape, device or option value.
+    """
+    check_logits_tensor("student_logits", student_logits)
+    check_logits_tensor("teacher_logits", teacher_logits)
+
+    student_shape = _shape(student_logits)
+    teacher_shape = _shape(teacher_logits)
+    both_shapes = f"(student_logits.shape={student_shape}, teacher_logits.shape={teacher_shape})"
+    if teacher_logits.shape[-1] != student_logits.shape[-1]:
+        raise ValueError(
+            f"kd_loss: teacher_logits has vocab size {teacher_logits.shape[-1]} but student_logits has "
+            f"{student_logits.shape[-1]} {both_shapes}"
+        )
+    if teacher_logits.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"kd_loss: teacher_logits has leading (row) shape {teacher_shape[:-1]} but student_logits has "
+            f"{student_shape[:-1]} {both_shapes}"
+        )
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(
+            f"kd_loss: student_logits and teacher_logits must be on the same device, got "
+            f"student_logits on {student_logits.device} and teacher_logits on {teacher_logits.device}"
+        )
+
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"kd_loss: labels must be a torch.Tensor of dtype torch.int64 or None, got {type(labels).__name__}")
+        if labels.dtype != torch.int64:
+            raise TypeError(
+                f"kd_loss: labels must have dtype torch.int64 (torch.long), got {labels.dtype} "
+                f"(labels.shape={_shape(labels)}); other integer dtypes are not accepted, convert with labels.long()"
+            )
+        if labels.shape != student_logits.shape[:-1]:
+            raise ValueError(
+                f"kd_loss: labels.shape={_shape(labels)} must equal the leading shape of student_logits "
+                f"{student_shape[:-1]} (student_logits.shape={student_shape})"
+            )
+        if labels.device != student_logits.device:
+            raise ValueError(
+                f"kd_loss: labels must be on the same device as student_logits, got labels on {labels.device} "
+                f"and student_logits on {student_logits.device}"
+            )
+
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"kd_loss: divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"kd_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+    _check_number_option("temperature", temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"kd_loss: temperature must be finite and > 0, got temperature={temperature!r}")
+
+    _check_number_option("alpha", alpha)
+    if not (0.0 <= alpha <= 1.0):
+        raise ValueError(f"kd_loss: alpha must be in [0, 1], got alpha={alpha!r}")
+    if alpha > 0 and labels is None:
+        raise ValueError(
+            f"kd_loss: alpha={alpha!r} > 0 weights a hard-label cross-entropy, so labels must be given (got labels=None)"
+        )
+
+    _check_number_option("beta", beta)
+    if divergence == "jsd" and not (0.0 < beta < 1.0):
+        raise ValueError(f"kd_loss: beta must be in (0, 1) for divergence 'jsd', got beta={beta!r}")
+
+    _check_number_option("label_smoothing", label_smoothing)
+    if not (0.0 <= label_smoothing < 1.0):
+        raise ValueError(f"kd_loss: label_smoothing must be in [0, 1), got label_smoothing={label_smoothing!r}")
+
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise TypeError(f"kd_loss: ignore_index must be a Python int, got {type(ignore_index).__name__} ({ignore_index!r})")
+
+
+def check_label_range(labels: Optional[torch.Tensor], vocab_size: int, ignore_index: int) -> None:
+    """Raises ValueError unless every label is `ignore_index` or lies in [0, vocab_size).
+
+    Reads tensor data (one device synchronisation), so it is for the reference path only.
+    """
+    if labels is None or labels.numel() == 0:
+        return
+    out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(out_of_range.any()):
+        offending_value = int(labels[out_of_range].reshape(-1)[0])
+        count = int(out_of_range.sum())
+        raise ValueError(
+            f"kd_loss: labels out of range: found label {offending_value} ({count} out-of-range label(s) in total); "
+            f"labels must be in [0, {vocab_size}) for vocab size V={vocab_size}, or equal ignore_index={ignore_index}"
+        )
+
+
+def check_compress_inputs(teacher_logits, k, temperature, index_dtype) -> None:
+    """Validates `compress_topk` arguments from metadata only (no tensor data is read)."""
+    if not isinstance(teacher_logits, torch.Tensor):
+        raise TypeError(f"compress_topk: teacher_logits must be a torch.Tensor, got {type(teacher_logits).__name__}")
+    if teacher_logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise TypeError(
+            "compress_topk: teacher_logits must be a floating tensor (float32, bfloat16, float16 or float64), got "
+            f"{teacher_logits.dtype} (shape {tuple(teacher_logits.shape)})"
+        )
+    if teacher_logits.dim() == 0:
+        raise ValueError("compress_topk: teacher_logits must have shape [..., V], got a 0-dim tensor")
+    vocab_size = teacher_logits.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"compress_topk: k must be an int, got {type(k).__name__} ({k!r})")
+    if not 1 <= k <= vocab_size:
+        raise ValueError(
+            f"compress_topk: k must satisfy 1 <= k <= V, got k={k} and V={vocab_size} "
+            f"(teacher_logits.shape={tuple(teacher_logits.shape)})"
+        )
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"compress_topk: temperature must be a Python number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"compress_topk: temperature must be finite and > 0, got temperature={temperature!r}")
+    if index_dtype not in INDEX_DTYPES:
+        raise TypeError(f"compress_topk: index_dtype must be one of {INDEX_DTYPES}, got {index_dtype}")
+    if vocab_size > INDEX_DTYPE_MAX_VOCAB[index_dtype]:
+        raise ValueError(
+            f"compress_topk: index_dtype {index_dtype} cannot hold indices of V={vocab_size}; "
+            f"use {smallest_index_dtype(vocab_size)} or wider"
+        )
+
+
+def check_sparse_kd_inputs(
+    student_logits,
+    soft_labels,
+    labels,
+    *,
+    divergence: str,
+    temperature: Optional[float],
+    alpha: float,
+    beta: float,
+    tail: str,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+) -> float:
+    """Validates `sparse_kd_loss` arguments from metadata only; returns the temperature to use.
+
+    The dense-loss options (divergence, reduction, alpha, beta, label_smoothing, labels) are
+    checked by `kdfast.check_kd_inputs`; this adds the soft-label checks.
+    """
+    if not isinstance(soft_labels, SoftLabels):
+        raise TypeError(f"sparse_kd_loss: soft_labels must be a kdfast.SoftLabels, got {type(soft_labels).__name__}")
+    if not isinstance(student_logits, torch.Tensor):
+        raise TypeError(f"sparse_kd_loss: student_logits must be a torch.Tensor, got {type(student_logits).__name__}")
+    if tail not in TAIL_MODES:
+        raise ValueError(f"sparse_kd_loss: tail must be one of {TAIL_MODES}, got {tail!r}")
+    if temperature is None:
+        temperature = soft_labels.temperature
+    else:
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+            raise TypeError(f"sparse_kd_loss: temperature must be a Python number or None, got {type(temperature).__name__}")
+        if not math.isclose(float(temperature), soft_labels.temperature, rel_tol=1e-6, abs_tol=0.0):
+            raise ValueError(
+                f"sparse_kd_loss: temperature={temperature!r} differs from the soft labels' temperature "
+                f"{soft_labels.temperature!r}; top-k log-probabilities computed at one temperature cannot be "
+                "rescaled to another without the teacher's raw logits, which SoftLabels does not keep. "
+                "Pass temperature=None, or compress the teacher again at the temperature you want."
+            )
+        temperature = float(temperature)
+    if student_logits.dim() >= 1:
+        if student_logits.shape[-1] != soft_labels.vocab_size:
+            raise ValueError(
+                f"sparse_kd_loss: student_logits has vocab size {student_logits.shape[-1]} but the soft labels "
+                f"were made for V={soft_labels.vocab_size} (student_logits.shape={tuple(student_logits.shape)})"
+            )
+        if tuple(soft_labels.shape) != tuple(student_logits.shape[:-1]):
+            raise ValueError(
+                f"sparse_kd_loss: soft labels have leading (row) shape {tuple(soft_labels.shape)} but "
+                f"student_logits has {tuple(student_logits.shape[:-1])} (student_logits.shape="
+                f"{tuple(student_logits.shape)}, soft_labels.indices.shape={tuple(soft_labels.indices.shape)})"
+            )
+        if soft_labels.device != student_logits.device:
+            raise ValueError(
+                f"sparse_kd_loss: soft labels are on {soft_labels.device} but student_logits is on "
+                f"{student_logits.device}"
+            )
+    # The dense checks (dtypes, labels, options) with the student standing in for the teacher,
+    # whose shape the soft labels already matched above.
+    check_kd_inputs(
+        student_logits, student_logits, labels, divergence=divergence, temperature=temperature, alpha=alpha,
+        beta=beta, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+    )
+    return temperature
+
+
+# --------------------------------------------------------------------------------------
+# Checks of the method family
+# --------------------------------------------------------------------------------------
+
+
+def require_float_tensor(name: str, value) -> torch.Tensor:
+    """Return `value` if it is a floating-point tensor, else raise TypeError naming it."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {value.dtype}")
+    return value
+
+
+def require_positive(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def require_non_negative(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def require_choice(name: str, value: str, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def require_same_device(**tensors: Optional[torch.Tensor]) -> None:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        seen = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        raise ValueError(f"all inputs must be on one device, got {seen}")
+
+
+def check_labels(labels, leading_shape: torch.Size, vocab_size: int, ignore_index: int,
+                 device: torch.device, logits_name: str = "student_logits") -> torch.Tensor:
+    """Validate int64 class labels of shape `leading_shape`; return them unchanged."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must have dtype torch.int64, got {labels.dtype} "
+                        f"(labels.shape={tuple(labels.shape)}); convert with labels.long()")
+    if labels.shape != leading_shape:
+        raise ValueError(f"labels must have shape {tuple(leading_shape)} (the leading shape of "
+                         f"{logits_name}), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but {logits_name} is on {device}")
+    valid = labels != ignore_index
+    if bool(((labels < 0) | (labels >= vocab_size))[valid].any()):
+        bad = labels[valid & ((labels < 0) | (labels >= vocab_size))][0].item()
+        raise ValueError(f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}, "
+                         f"got {bad}")
+    return labels
