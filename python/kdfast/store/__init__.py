@@ -1,0 +1,50 @@
+"""Crash-safe on-disk store of top-k soft labels for a token stream: `SoftLabelStore`.
+
+A store is a directory of shards plus `manifest.json`. Shard i holds the soft labels of the
+contiguous token range [start_i, stop_i) as little-endian `.npy` files (one per field:
+`indices` [n, k], `logprobs` [n, k], `tail_logprob` [n] and optionally the input
+`token_ids` [n]); the manifest records the parameters (format version, V, k, temperature,
+dtypes, teacher, tokenizer, source description) and, per shard, its token range and each
+file's byte size and checksum. The manifest is the single source of truth: a shard exists
+once the manifest that lists it has been atomically replaced. Every file is written to a
+hidden temporary name, fsynced and renamed (`os.replace`), so a crash at any moment leaves
+the previous manifest and only complete shards; files not listed in it are ignored and
+cleaned up by the next writer. Readers memory-map shards lazily (per process, so a store
+pickles cheaply into DataLoader workers), check file sizes and `.npy` headers on every
+open, and by default check each shard's checksum the first time the process touches it;
+`verify()` checks everything. Problems raise `CorruptShardError` naming the shard file.
+The format is specified in docs/soft_label_store.md.
+
+Modules: `format` (constants, storage dtypes, manifest I/O, checksums, errors), `writer`
+(`SoftLabelStoreWriter`, writer lock, removal of uncommitted files), `reader`
+(`SoftLabelStore`, including `SoftLabelStore.create`) and `dataset`
+(`SoftLabelWindowDataset`); each imports only the ones before it.
+"""
+
+from kdfast.store.dataset import SoftLabelWindowDataset
+from kdfast.store.format import (  # noqa: F401  (public names of kdfast.store outside __all__)
+    DEFAULT_SHARD_TOKENS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LOCK_NAME,
+    MANIFEST_NAME,
+    CorruptShardError,
+    SoftLabelStoreError,
+    StoreMismatchError,
+    default_checksum_algorithm,
+    file_checksum,
+    soft_label_bytes_per_token,
+)
+from kdfast.store.reader import SoftLabelStore
+from kdfast.store.writer import SoftLabelStoreWriter
+
+__all__ = [
+    "CorruptShardError",
+    "FORMAT_VERSION",
+    "SoftLabelStore",
+    "SoftLabelStoreError",
+    "SoftLabelStoreWriter",
+    "SoftLabelWindowDataset",
+    "StoreMismatchError",
+    "soft_label_bytes_per_token",
+]
