@@ -3,11 +3,11 @@
 Skipped unless a GPU is visible and kdfast was built with its CUDA kernels
 (`kdfast.build_info()["cuda"]`). Two parts:
 
-- The whole CPU test suite of tests/test_kd_loss.py (divergence × reduction × dtype × T × α ×
+- The whole CPU test suite of test_kd_loss.py (divergence × reduction × dtype × T × α ×
   label smoothing, vocabulary sizes 1/7/1271/50257, −inf entries, logits near ±1e4, ignored
   and all-ignored rows, non-contiguous rows, mixed dtypes, grad_output ≠ 1, float64
-  gradcheck, ...) is re-run here with the `device` fixture fixed to "cuda": same inputs, same
-  float64 oracle, same tolerances.
+  gradcheck, ...) runs on "cuda" as well through conftest's `device` fixture: same inputs,
+  same float64 oracle, same tolerances (kd_checks.py holds the shared comparison).
 - GPU-only cases: the launch configurations of long and short rows (one team per row from a
   warp to 1024 threads, rows cut into chunks in the backward pass), 16-byte-aligned and
   unaligned rows, float64, labels out of range (NaN rows instead of an exception: the kernels
@@ -23,11 +23,8 @@ import pytest
 import torch
 
 import kdfast
-from kdfast import functional, reference
-from kdfast.ops._native import has_cuda_kernels
-
-import test_kd_loss as cpu_suite  # tests/ is on sys.path under pytest (rootdir-relative imports)
-from test_kd_loss import (
+from kd_checks import (
+    DIVERGENCES,
     assert_grad_close,
     assert_loss_close,
     check_against_reference,
@@ -38,23 +35,13 @@ from test_kd_loss import (
     run_with_student_grad,
     stable_seed,
 )
+from kdfast import functional, reference
+from kdfast.ops._native import has_cuda_kernels
 
 CUDA_READY = torch.cuda.is_available() and has_cuda_kernels()
 pytestmark = pytest.mark.skipif(
     not CUDA_READY, reason="needs a visible GPU and kdfast built with CUDA kernels (kdfast.build_info()['cuda'])"
 )
-
-# The CPU suite, collected again in this module, where `device` below overrides conftest's.
-for _name in dir(cpu_suite):
-    if _name.startswith("test_"):
-        globals()[_name] = getattr(cpu_suite, _name)
-del _name
-
-
-@pytest.fixture
-def device() -> str:
-    return "cuda"
-
 
 def random_inputs(rows, vocab, *, seed, dtype=torch.float32, teacher_dtype=None, scale=3.0, ignore_every=4):
     """Seeded student/teacher logits [rows, vocab] and labels on the GPU; every `ignore_every`-th row ignored."""
@@ -140,7 +127,7 @@ def test_unaligned_rows(dtype, offset):
     assert misaligned == (offset * student.element_size() % 16 != 0)
 
 
-@pytest.mark.parametrize("divergence", cpu_suite.DIVERGENCES)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_aligned_row_stride_with_odd_vocab(divergence):
     """Rows 16-byte aligned (row stride padded to 1008 elements) while V = 1003 is not a multiple
     of the vector width: 16-byte loads and stores plus an element-by-element tail per row."""
@@ -154,7 +141,7 @@ def test_aligned_row_stride_with_odd_vocab(divergence):
     )
 
 
-@pytest.mark.parametrize("divergence", cpu_suite.DIVERGENCES)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_float64_matches_reference(divergence, reduction):
     context = f"float64/{divergence}/{reduction}"
@@ -283,7 +270,7 @@ def test_deterministic():
         assert torch.equal(gradient, results[0][1])
 
 
-@pytest.mark.parametrize("divergence", cpu_suite.DIVERGENCES)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_no_float32_temporary_for_bfloat16(divergence):
     """Peak memory of forward + backward above the inputs: the bf16 gradient and O(rows) buffers."""
     rows, vocab = 2048, 32768

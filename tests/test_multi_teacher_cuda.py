@@ -19,7 +19,8 @@ import torch
 from kdfast import functional
 from kdfast.methods import multi_teacher_kd_loss as plain_loss
 from kdfast.ops import multi_teacher as ops
-from kdfast.ops._native import has_cuda_kernels
+from kdfast.contract import KDOptions
+from kdfast.ops._native import facts, has_cuda_kernels
 
 CUDA_READY = torch.cuda.is_available() and has_cuda_kernels()
 pytestmark = pytest.mark.skipif(
@@ -167,7 +168,7 @@ def test_labels_out_of_range_give_nan_rows():
 
 
 def test_more_teachers_than_the_kernel_takes_fall_back():
-    student, teachers, labels = make_inputs(ops.MAX_CUDA_TEACHERS + 1, (3, 50), seed=17)
+    student, teachers, labels = make_inputs(facts().cuda_max_teachers + 1, (3, 50), seed=17)
     check_cuda_against_oracle(student, teachers, labels, "mean", seed=18, combine="mixture", temperature=2.0)
 
 
@@ -188,8 +189,11 @@ def test_deterministic_and_non_default_stream():
 def test_opcheck_and_torch_compile():
     student, teachers, labels = make_inputs(2, (5, 23), seed=20)
     weights = torch.tensor([[0.25] * 5, [0.75] * 5], dtype=torch.float32, device="cuda")
-    args = (student.cuda().requires_grad_(True), list(teachers.cuda()), weights, labels.cuda(), "mixture", "jsd",
-            "none", 2.0, 0.5, 0.5, 0.1, True, -100)
+    options = KDOptions(combine="mixture", divergence="jsd", reduction="none", temperature=2.0, alpha=0.5,
+                        label_smoothing=0.1)
+    outputs = (torch.empty(5, device="cuda"), torch.empty(5, 6 + 3 * 2, device="cuda"), torch.empty((), device="cuda"))
+    args = (student.cuda().requires_grad_(True), list(teachers.cuda()), weights, labels.cuda(), *outputs, None,
+            *options.values())
     torch.library.opcheck(ops.multi_teacher_kd_forward, args)
     torch._dynamo.reset()
 

@@ -22,8 +22,9 @@ import torch
 
 import kdfast
 from kdfast import functional, reference
+from kdfast.contract import KDOptions
 from kdfast.ops import sparse as sparse_ops
-from kdfast.ops._native import has_cuda_kernels, native_available, native_module
+from kdfast.ops._native import facts, has_cuda_kernels, native_available, native_module
 from kdfast.softlabels import SoftLabels
 
 CUDA_READY = (
@@ -181,7 +182,7 @@ def test_compress_index_dtypes(index_dtype):
 
 def test_compress_large_k_falls_back_to_reference():
     teacher = random_logits((2, 9000), seed=10)
-    k = sparse_ops.CUDA_MAX_TOPK + 1
+    k = facts().cuda_max_topk + 1
     assert not sparse_ops.compress_uses_kernels(teacher.device, k)
     soft_labels = kdfast.compress_topk(teacher, k)
     expected = reference.compress_topk(teacher, k)
@@ -199,8 +200,11 @@ def test_compress_deterministic_and_many_rows():
 
 def test_opcheck_topk_compress_cuda():
     teacher = random_logits((5, 300), seed=11)
-    torch.library.opcheck(sparse_ops.topk_compress, (teacher, 7, 2.0, False))
-    torch.library.opcheck(sparse_ops.topk_compress, (teacher.double(), 7, 0.5, True))
+    for logits, index_dtype, temperature in ((teacher, torch.int32, 2.0), (teacher.double(), torch.int64, 0.5)):
+        value_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        outputs = (torch.empty(5, 7, dtype=index_dtype, device="cuda"), torch.empty(5, 7, dtype=value_dtype, device="cuda"),
+                   torch.empty(5, dtype=value_dtype, device="cuda"))
+        torch.library.opcheck(sparse_ops.topk_compress, (logits, *outputs, temperature))
 
 
 # ---------------------------------------------------------------------------- sparse loss
@@ -390,16 +394,17 @@ def test_sparse_bad_rows_are_nan_rows():
 
 
 def test_sparse_vocabulary_beyond_the_kernel_limit_uses_reference():
-    vocab = sparse_ops.CUDA_MAX_SPARSE_VOCAB + 3
+    vocab = facts().cuda_max_sparse_vocab + 3
     student, soft_labels, labels = make_case(2, vocab, 8, seed=18, ignored_fraction=0.0)
     assert_sparse_matches(student, soft_labels, labels, alpha=0.3, reduction="mean")
 
 
 def test_sparse_opcheck():
     student, soft_labels, labels = make_case(5, 60, 6, seed=15)
-    options = ("jsd", "bucket", "mean", 2.0, 0.5, 0.5, 0.1, True, -100)
-    forward_args = (student.requires_grad_(True), soft_labels.indices, soft_labels.logprobs,
-                    soft_labels.tail_logprob, labels) + options
+    options = KDOptions(divergence="jsd", temperature=2.0, alpha=0.5, label_smoothing=0.1)
+    student.requires_grad_(True)
+    forward_args = (student, soft_labels.indices, soft_labels.logprobs, soft_labels.tail_logprob, labels,
+                    *sparse_ops.forward_outputs(student, options), *options.values())
     torch.library.opcheck(sparse_ops.sparse_kd_forward, forward_args)
 
 

@@ -8,7 +8,8 @@ error, while `kdfast.reference` keeps working.
 from kdfast import functional, reference
 from kdfast._build import build_info
 from kdfast.losses import FusedLinearKDLoss, KDLoss, MultiTeacherKDLoss, SparseKDLoss
-from kdfast.softlabels import SoftLabels, compress_topk
+from kdfast.contract.softlabels import SoftLabels
+from kdfast.functional import compress_topk
 from kdfast.store import (
     CorruptShardError,
     SoftLabelStore,
@@ -19,7 +20,7 @@ from kdfast.store import (
 )
 from kdfast.trainer import Distiller
 
-__version__ = "0.1.0"
+from kdfast._version import __version__
 
 __all__ = [
     "CorruptShardError",

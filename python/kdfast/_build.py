@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from kdfast.ops import _native
+
 
 def build_info() -> dict[str, Any]:
     """Build and runtime description of kdfast.
@@ -24,8 +26,6 @@ def build_info() -> dict[str, Any]:
         `cuda_architectures`, `torch_version`, `torch_num_threads` (threads kdfast's CPU
         kernels use per call), `cuda_devices` (names of visible GPUs).
     """
-    from kdfast.ops import _native
-
     info: dict[str, Any] = {"native": _native.native_available()}
     if info["native"]:
         info.update(_native.native_module().build_info())

@@ -2,8 +2,8 @@
 
 `main(argv=None) -> int` parses `argv` (default `sys.argv[1:]`), runs one subcommand and
 returns its exit status; the console script `kdfast` is `kdfast.cli:main`, and
-`python -m kdfast.cli` works too. Subcommands import what they need lazily, so `kdfast info`
-works without the demo's or the benchmark's extra dependencies.
+`python -m kdfast.cli` works too. Optional dependencies (scikit-learn, matplotlib, transformers,
+Liger-Kernel) are imported only when a subcommand uses them, so `kdfast info` works without them.
 
 - `kdfast demo [options]`: the digits distillation demo (`kdfast.demo`, needs scikit-learn
   and matplotlib); `kdfast demo --help` lists its options.
@@ -22,15 +22,17 @@ import platform
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
+import torch
+
+from kdfast import benchmark, compress_cli, demo
+from kdfast._build import build_info
+from kdfast._version import __version__
+
 
 def collect_info() -> Dict[str, Any]:
     """Versions, native build information, devices and thread settings as a JSON-ready dict."""
-    import torch
-
-    import kdfast
-
     try:
-        build = kdfast.build_info()
+        build = build_info()
     except Exception as error:  # the native library may be missing; report, don't fail
         build = {"error": f"{type(error).__name__}: {error}"}
     devices: List[Dict[str, Any]] = [{"type": "cpu", "name": platform.processor() or platform.machine()}]
@@ -44,7 +46,7 @@ def collect_info() -> Dict[str, Any]:
     if mps is not None and mps.is_available():
         devices.append({"type": "mps"})
     return {
-        "kdfast": getattr(kdfast, "__version__", "unknown"),
+        "kdfast": __version__,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "python": platform.python_version(),
@@ -91,25 +93,16 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from kdfast import demo
-
     return demo.main(args=args)
 
 
 def _run_bench(argv: Sequence[str]) -> int:
-    try:
-        from kdfast import benchmark
-    except ImportError as error:
-        print(f"kdfast bench: the benchmark module is unavailable ({error})", file=sys.stderr)
-        return 2
     status = benchmark.main(list(argv), prog="kdfast bench")
     return int(status or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `kdfast` argument parser (the `bench` arguments are forwarded, not parsed here)."""
-    from kdfast import demo
-
     parser = argparse.ArgumentParser(prog="kdfast", description="Fused knowledge-distillation losses for PyTorch.")
     subcommands = parser.add_subparsers(dest="command", metavar="{demo,info,bench,compress}")
     subcommands.required = True
@@ -121,8 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     info_parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     subcommands.add_parser("bench", add_help=False,
                            help="run the benchmark table (arguments go to kdfast.benchmark; see `kdfast bench --help`)")
-    from kdfast import compress_cli
-
     compress_parser = subcommands.add_parser(
         "compress", help="store a teacher's top-k soft labels for offline distillation (resumable)",
         description="Run a teacher over a token stream and store its top-k soft labels (kdfast.SoftLabelStore).")
@@ -141,8 +132,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "demo":
         return _run_demo(args)
     if args.command == "compress":
-        from kdfast import compress_cli
-
         return compress_cli.run_compress(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects unknown ones
 

@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from kdfast.softlabels import compress_topk
+from kdfast.functional import compress_topk
 from kdfast.store import DEFAULT_SHARD_TOKENS, SoftLabelStore, SoftLabelStoreError
 from kdfast.teachers import load_teacher, load_tokenizer, resolve_torch_dtype
 

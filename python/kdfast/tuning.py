@@ -24,6 +24,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from kdfast.losses import KDLoss
+from kdfast.trainer import Distiller
 
 __all__ = [
     "SearchResult",
@@ -341,11 +345,6 @@ def distillation_objective(
     Raises:
         ValueError: neither or both teacher sources, or shapes that do not match.
     """
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from kdfast.losses import KDLoss
-    from kdfast.trainer import Distiller
-
     if (teacher is None) == (teacher_logits is None):
         raise ValueError("give exactly one of teacher and teacher_logits")
     if labels.dtype != torch.int64 or labels.dim() != 1 or labels.shape[0] != inputs.shape[0]:
