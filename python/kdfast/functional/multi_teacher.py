@@ -148,8 +148,9 @@ def multi_teacher_kd_loss(
     D = D(Σ_m w̄_m·p_m, q); the row loss is α·CE(s, y) + (1−α)·τ·D with τ = T² when
     `t2_scale` else 1 and CE = −(1−ε)·log r_y − (ε/V)·Σ log r_i. D is `forward_kl`,
     `reverse_kl`, `jsd` (β) or `tvd` exactly as in `kd_loss`; every divergence works with
-    both combine modes. The semantics are those of `kdfast.methods.multi_teacher_kd_loss`,
-    which is the float64 oracle and the fallback on devices other than the CPU.
+    both combine modes. The semantics are those of `kdfast.reference.multi_teacher_kd_loss`
+    (also exported as `kdfast.methods.multi_teacher_kd_loss`), the float64 oracle and the
+    fallback on devices without the kernels.
 
     On the CPU, with "forward_kl" (either combine mode) the forward kernel reads every
     teacher row and the student row from memory once, exponentiates each element once, and,
