@@ -23,7 +23,6 @@ Presets: `--preset cpu` (N=1024, V=32000, H=512, fp32, logits teacher, the CPU t
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import inspect
 import os
@@ -39,6 +38,8 @@ PRESETS = {
     "llm": dict(rows=8192, vocab=128256, hidden=2048, teacher_hidden=4096, dtype="bfloat16", device="cuda"),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CSV_COLUMNS = ["date", "machine", "commit", "threads", "shape", "provider", "ms", "repeats", "peak_extra_mb",
+               "above_gradients_mb", "tflops", "matmul_fraction", "loss", "loss_rel_diff"]
 
 
 class Unavailable(Exception):
@@ -199,7 +200,8 @@ def main() -> None:
     print(f"\nfused linear KD, {benchmark.machine_name(args.device)}, {torch.get_num_threads()} threads, {shape}")
     if peak_matmul:
         print(f"measured {args.dtype} matmul throughput: {peak_matmul:.1f} TFLOP/s")
-    print(f"{'provider':<20}{'ms':>10}{'x fused':>9}{'peak MB':>10}{'above grads MB':>16}{'TFLOP/s':>9}{'rel diff':>10}")
+    print(f"{'provider':<20}{'ms':>10}{'x fused':>9}{'peak MB':>10}{'above grads MB':>16}{'TFLOP/s':>9}"
+          f"{'rel diff':>10}")
     for r in rows:
         ratio = r["ms"] / fused["ms"] if fused else float("nan")
         peak = "n/a" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.0f}"
@@ -208,20 +210,10 @@ def main() -> None:
               f"{r['loss_rel_diff']:>10.1e}")
     if args.no_csv or not rows:
         return
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"fused_linear_{args.device}.csv"
-    fields = ["date", "machine", "commit", "threads", "shape", "provider", "ms", "repeats", "peak_extra_mb",
-              "above_gradients_mb", "tflops", "matmul_fraction", "loss", "loss_rel_diff"]
-    new = not path.exists()
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        for r in rows:
-            writer.writerow(dict(r, date=datetime.datetime.now().isoformat(timespec="seconds"),
-                                 machine=benchmark.machine_name(args.device), commit=benchmark.git_commit(),
-                                 threads=torch.get_num_threads(), shape=shape))
+    common = dict(machine=benchmark.machine_name(args.device), commit=benchmark.git_commit(),
+                  threads=torch.get_num_threads(), shape=shape)
+    records = [dict(r, date=datetime.datetime.now().isoformat(timespec="seconds"), **common) for r in rows]
+    path = benchmark.append_csv(records, Path(args.out) / f"fused_linear_{args.device}.csv", columns=CSV_COLUMNS)
     print(f"rows appended to {os.path.relpath(path)}")
 
 

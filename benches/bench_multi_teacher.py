@@ -12,11 +12,12 @@ changes the folder, `--no-csv` skips writing). Providers, all computing the same
 Teachers are M separate [N, V] tensors (as M models produce them). Minimum bytes of a
 forward+backward call: (M + 1)·N·V·size read once + N·V·size written (the gradient); the
 table's GB/s uses that formula for each provider.
-Timing: after a warm-up call of each provider, the providers' calls are interleaved round-robin
-(`--repeats` rounds), each timed with `time.process_time` (CPU time of the process, all
-threads) and `time.perf_counter` (wall); the table shows the medians and the speed-up uses
-CPU time, which a busy machine disturbs less. Peak memory is the extra resident memory one
-call holds (`kdfast.benchmark.measure_peak_extra_mb`), inputs excluded.
+Timing (`kdfast.benchmark.time_round_robin`): after a warm-up call of each provider, the
+providers' calls are interleaved round-robin (`--repeats` rounds), each timed with
+`time.process_time` (CPU time of the process, all threads) and `time.perf_counter` (wall);
+the table shows the medians and the speed-up uses CPU time, which a busy machine disturbs
+less. Peak memory is the extra resident memory one call holds
+(`kdfast.benchmark.measure_peak_extra_mb`), inputs excluded.
 Default: one thread (`--threads`), M = 4, N = 256, V = 32000, float32; `--teachers 1,2,4`
 shows how memory grows with M. With `--device cuda` (benches/gpu_bench.py runs it so), the
 inputs live on the GPU, each call is timed with CUDA events (wall ms; the cpu ms column then
@@ -26,12 +27,8 @@ repeats it) and peak memory is torch.cuda's, inputs excluded; the CSV is multi_t
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -72,35 +69,6 @@ def make_step(fn, student, teachers, labels):
     return step
 
 
-def time_one(step, device="cpu"):
-    """(cpu ms, wall ms) of one call; on CUDA both are the CUDA-event time."""
-    if device.startswith("cuda"):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end), start.elapsed_time(end)
-    cpu_start, wall_start = time.process_time(), time.perf_counter()
-    step()
-    return (time.process_time() - cpu_start) * 1e3, (time.perf_counter() - wall_start) * 1e3
-
-
-def time_steps(steps, repeats, device="cpu"):
-    """Median (cpu ms, wall ms) per provider. Calls are interleaved round-robin (one call of
-    each provider per round, after a warm-up call of each), so that a change in the machine's
-    speed during the run reaches every provider alike and the ratios stay comparable."""
-    for step in steps.values():
-        step()
-    times = {name: ([], []) for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            cpu_ms, wall_ms = time_one(step, device)
-            times[name][0].append(cpu_ms)
-            times[name][1].append(wall_ms)
-    return {name: (statistics.median(cpu), statistics.median(wall)) for name, (cpu, wall) in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--teachers", default="4", help="comma-separated teacher counts M (default 4)")
@@ -120,11 +88,13 @@ def main() -> None:
     dtype = getattr(torch, options.dtype)
     size = torch.tensor([], dtype=dtype).element_size()
     providers = [name.strip() for name in options.providers.split(",") if name.strip()]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = benchmark.load_average()
     print(f"# {benchmark.machine_name(options.device)}, {options.threads} thread(s), load average {load:.1f}, "
           f"N={options.rows}, V={options.vocab}, {options.dtype}, forward_kl T={TEMPERATURE} alpha={ALPHA}")
-    header = f"{'M':>3} {'provider':<15} {'cpu ms':>9} {'wall ms':>9} {'GB/s':>7} {'peak MB':>8} {'speed-up':>8} {'max|Δloss|':>11}"
+    header = (f"{'M':>3} {'provider':<15} {'cpu ms':>9} {'wall ms':>9} {'GB/s':>7} {'peak MB':>8} {'speed-up':>8} "
+              f"{'max|Δloss|':>11}")
     print(header)
+    machine, commit = benchmark.machine_name(options.device), benchmark.git_commit()
     records = []
     for num_teachers in [int(m) for m in options.teachers.split(",")]:
         generator = torch.Generator().manual_seed(num_teachers)
@@ -140,7 +110,7 @@ def main() -> None:
             losses[name], _ = steps[name]()
             if name == "eager":
                 reference_loss = losses[name]
-        timings = time_steps(steps, options.repeats, device)
+        timings = benchmark.time_round_robin(steps, options.repeats, device)
         results = {}
         for name in providers:
             peak_mb = benchmark.measure_peak_extra_mb(steps[name], device)
@@ -156,8 +126,8 @@ def main() -> None:
             print(f"{num_teachers:>3} {name:<15} {result['cpu_ms']:>9.1f} {result['wall_ms']:>9.1f} {gbps:>7.2f} "
                   f"{(peak if peak is not None else float('nan')):>8.1f} {speedup:>7.1f}x {delta:>11.2e}")
             records.append(dict(
-                date=datetime.datetime.now().isoformat(timespec="seconds"), machine=benchmark.machine_name(options.device),
-                platform=platform.platform(), commit=benchmark.git_commit(), threads=options.threads,
+                date=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine,
+                platform=platform.platform(), commit=commit, threads=options.threads,
                 load_average=f"{load:.1f}", dtype=options.dtype, teachers=num_teachers, rows=options.rows,
                 vocab=options.vocab, provider=name, pass_name="fwd+bwd", cpu_ms=f"{result['cpu_ms']:.3f}",
                 wall_ms=f"{result['wall_ms']:.3f}", gb_per_s=f"{gbps:.3f}",
@@ -165,13 +135,7 @@ def main() -> None:
     if not options.no_csv and records:
         path = Path(options.out) / ("multi_teacher_cuda.csv" if options.device.startswith("cuda")
                                     else "multi_teacher_cpu.csv")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new_file = not path.exists() or path.stat().st_size == 0
-        with open(path, "a", newline="") as output:
-            writer = csv.DictWriter(output, fieldnames=list(records[0]))
-            if new_file:
-                writer.writeheader()
-            writer.writerows(records)
+        path = benchmark.append_csv(records, path, columns=list(records[0]))
         print(f"# wrote {path}")
 
 

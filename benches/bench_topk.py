@@ -25,13 +25,10 @@ Example: `python benches/bench_topk.py --quick` (small shapes, seconds).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -43,7 +40,7 @@ try:
 except ImportError:  # run from a checkout without installing: use python/ next to benches/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
     import kdfast
-from kdfast.benchmark import git_commit, machine_name
+from kdfast.benchmark import append_csv, git_commit, load_average, machine_name, time_within_budget
 
 RESULT_COLUMNS = [
     "timestamp", "machine", "cores", "threads", "commit", "load_average", "benchmark", "dtype", "N", "V", "k",
@@ -79,30 +76,15 @@ def eager_bucket_loss(student: torch.Tensor, soft_labels, labels: torch.Tensor, 
     teacher_buckets = torch.cat([soft_labels.logprobs.float(), soft_labels.tail_logprob.float()[..., None]], -1)
     teacher_log_buckets = teacher_buckets - torch.logsumexp(teacher_buckets, -1, keepdim=True)
     teacher_probs = teacher_log_buckets.exp()
-    divergence = torch.where(teacher_probs > 0, teacher_probs * (teacher_log_buckets - student_log_buckets), 0.0).sum(-1)
+    divergence = torch.where(teacher_probs > 0, teacher_probs * (teacher_log_buckets - student_log_buckets),
+                             0.0).sum(-1)
     valid = labels != ignore_index
     cross_entropy = F.cross_entropy(student.float(), labels, ignore_index=ignore_index, reduction="none")
     rows = alpha * cross_entropy + (1 - alpha) * temperature * temperature * divergence
     return torch.where(valid, rows, 0.0).sum() / valid.sum().clamp(min=1)
 
 
-# ----------------------------------------------------------------------------- timing
-
-
-def time_call(step: Callable[[], object], *, repeats: int, min_repeats: int, budget: float, warmup: int = 1):
-    """(median wall ms, median CPU ms, repeats): stops after `repeats` or once `budget` seconds are spent."""
-    for _ in range(warmup):
-        step()
-    walls, cpus = [], []
-    spent = 0.0
-    while len(walls) < repeats and (len(walls) < min_repeats or spent < budget):
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        step()
-        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        walls.append(wall * 1e3)
-        cpus.append(cpu * 1e3)
-        spent += wall
-    return statistics.median(walls), statistics.median(cpus), len(walls)
+# ----------------------------------------------------------------------------- checks
 
 
 def relative_difference(value: torch.Tensor, expected: torch.Tensor) -> float:
@@ -136,8 +118,8 @@ def bench_compress(dtype, rows, vocab, k, options, results: List[Dict]) -> None:
             difference = relative_difference(logprobs.float(), expected[1])
             if difference > 1e-4:
                 status = f"differs from eager: rel {difference:.1e}"
-            wall, cpu, repeats = time_call(step, repeats=options.repeats, min_repeats=options.min_repeats,
-                                           budget=options.budget)
+            wall, cpu, repeats = time_within_budget(step, repeats=options.repeats,
+                                                    min_repeats=options.min_repeats, budget_s=options.budget)
         except Exception as error:  # keep going: one failing provider must not end the table
             wall = cpu = float("nan")
             repeats, status = 0, f"failed: {type(error).__name__}: {str(error)[:80]}"
@@ -188,8 +170,8 @@ def bench_sparse_loss(dtype, rows, vocab, k, options, results: List[Dict]) -> No
                     difference = relative_difference(loss, expected_loss)
                     if difference > 1e-4:
                         status = f"differs from eager: rel {difference:.1e}"
-                wall, cpu, repeats = time_call(step, repeats=options.repeats, min_repeats=options.min_repeats,
-                                               budget=options.budget)
+                wall, cpu, repeats = time_within_budget(step, repeats=options.repeats,
+                                                        min_repeats=options.min_repeats, budget_s=options.budget)
             except Exception as error:  # keep going: one failing provider must not end the table
                 wall = cpu = float("nan")
                 repeats, status = 0, f"failed: {type(error).__name__}: {str(error)[:80]}"
@@ -256,15 +238,11 @@ def format_storage(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(path: Path, columns: List[str], rows: List[Dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({key: (f"{value:.4f}" if isinstance(value, float) else value) for key, value in row.items()})
+def append_rows(path: Path, columns: List[str], rows: List[Dict]) -> None:
+    """Appends rows to `path` (`kdfast.benchmark.append_csv`), floats with 4 decimals, other keys dropped."""
+    records = [{key: (f"{value:.4f}" if isinstance(value, float) else value) for key, value in row.items()
+                if key in columns} for row in rows]
+    append_csv(records, path, columns=columns)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -297,7 +275,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     options = parse_args(argv)
     torch.set_num_threads(options.threads)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     print(f"kdfast {kdfast.__version__}, torch {torch.__version__}, {machine_name('cpu')}, "
           f"{torch.get_num_threads()} thread(s), load average {load:.1f} ({os.cpu_count()} cores)")
     results: List[Dict] = []
@@ -320,9 +298,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not options.no_csv:
         out = Path(options.out)
         if results:
-            write_csv(out / "topk_cpu.csv", RESULT_COLUMNS, [{**common, **row} for row in results])
+            append_rows(out / "topk_cpu.csv", RESULT_COLUMNS, [{**common, **row} for row in results])
         if storage:
-            write_csv(out / "topk_storage.csv", STORAGE_COLUMNS,
+            append_rows(out / "topk_storage.csv", STORAGE_COLUMNS,
                       [{"timestamp": common["timestamp"], "commit": common["commit"], **row} for row in storage])
     return 0
 

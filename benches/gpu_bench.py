@@ -39,13 +39,17 @@ import argparse
 import csv
 import json
 import math
-import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
+
+import torch
+
+import kdfast
+from kdfast import functional
+from kdfast.benchmark import git_commit, machine_name, median_ms, write_csv
 
 HEADLINE = dict(dtype="bfloat16", rows=16384, vocab=131072, divergence="forward_kl")
 TEMPERATURE = 2.0
@@ -74,31 +78,12 @@ def benchmark_groups(device: str, quick: bool) -> List[dict]:
 
 
 def measure_copy_bandwidth(device: str, quick: bool) -> Dict[str, float]:
-    """Median GB/s of `dst.copy_(src)` (bytes read + bytes written per second)."""
-    import torch
-
+    """Median GB/s of `dst.copy_(src)` (bytes read + bytes written per second), 3 warm-up copies then 10 timed."""
     nbytes = (64 if quick else 1024) * 2**20
     source = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     destination = torch.empty_like(source)
-    samples = []
-    for repeat in range(13):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            destination.copy_(source)
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1e3
-        else:
-            begin = time.perf_counter()
-            destination.copy_(source)
-            seconds = time.perf_counter() - begin
-        if repeat >= 3:
-            samples.append(seconds)
-    median = statistics.median(samples)
-    result = {"bytes": nbytes, "median_s": median, "gbps": 2 * nbytes / median / 1e9,
-              "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"}
-    return result
+    median = median_ms(lambda: destination.copy_(source), device, repeats=10, warmup=3) / 1e3
+    return {"bytes": nbytes, "median_s": median, "gbps": 2 * nbytes / median / 1e9, "device": machine_name(device)}
 
 
 def run_group(group: dict, device: str, outdir: Path, timeout_s: float, quick: bool) -> dict:
@@ -231,7 +216,8 @@ def _cell(value, digits=2) -> str:
 def write_summary(summary: dict, groups: List[dict], copy: dict, outdir: Path) -> str:
     lines = [f"# kdfast dense KD loss on {copy.get('device', '?')}", ""]
     copied_mib = copy.get("bytes", 0) / 2**20
-    lines.append(f"Copy bandwidth (torch copy_ of {copied_mib:.0f} MiB, read + write): {_cell(copy.get('gbps'), 1)} GB/s")
+    lines.append(f"Copy bandwidth (torch copy_ of {copied_mib:.0f} MiB, read + write): "
+                 f"{_cell(copy.get('gbps'), 1)} GB/s")
     lines.append(f"T={TEMPERATURE}, alpha={ALPHA}; GB/s(min) = minimum bytes (inputs read once, gradient written "
                  "once) / time; GB/s(kdfast) = bytes of kdfast's passes (fwd: s+t, fwd+bwd: 2(s+t)+s per element) / "
                  "time; % = of the copy bandwidth.")
@@ -300,43 +286,16 @@ def run_topk_group(device: str, outdir: Path, timeout_s: float, quick: bool) -> 
             "csv": "topk_gpu.csv" if (outdir / "topk_gpu.csv").exists() else None}
 
 
-def _median_ms(function, device: str, repeats: int) -> float:
-    """Median time of function() in ms (CUDA events on the GPU), after one warm-up call."""
-    import torch
-
-    function()
-    samples = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            function()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            function()
-            samples.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(samples)
-
-
 def topk_section(device: str, outdir: Path, quick: bool) -> int:
     """Times the top-k kernels; writes topk_gpu.csv and topk_gpu.md into outdir."""
-    import torch
-
-    import kdfast
-    from kdfast import functional
-
     copy_path = outdir / "copy_bandwidth.json"
     copy = json.loads(copy_path.read_text()) if copy_path.exists() else {}
     if "gbps" not in copy:
         copy = measure_copy_bandwidth(device, quick)
     copy_gbps = copy["gbps"]
     repeats = 5 if quick else 10
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip()
-    machine = copy.get("device", device)
+    commit = git_commit()
+    machine = machine_name(device)
     records = []
     for dtype_name, rows, vocab, k in (TOPK_QUICK_SHAPES if quick else TOPK_SHAPES):
         dtype = getattr(torch, dtype_name)
@@ -358,7 +317,7 @@ def topk_section(device: str, outdir: Path, quick: bool) -> int:
 
         # compress_topk: reads the teacher once, writes k indices (int32) + k logprobs + 1 tail per row.
         compress_out = rows * (k * 8 + 4)
-        ms = _median_ms(lambda: kdfast.compress_topk(teacher, k, temperature=TEMPERATURE), device, repeats)
+        ms = median_ms(lambda: kdfast.compress_topk(teacher, k, temperature=TEMPERATURE), device, repeats)
         records.append(base("kdfast", "compress", ms, teacher_bytes + compress_out, target="ratio <= 1.5"))
 
         def torch_topk():
@@ -367,7 +326,7 @@ def topk_section(device: str, outdir: Path, quick: bool) -> int:
             return values, indices.int(), torch.log1p(-values.exp().sum(-1).clamp(max=1.0))
 
         try:
-            ms = _median_ms(torch_topk, device, repeats)
+            ms = median_ms(torch_topk, device, repeats)
             records.append(base("torch.topk+log_softmax", "compress", ms, teacher_bytes + compress_out))
         except Exception as error:  # e.g. out of memory for the float32 temporary
             print(f"torch.topk baseline failed: {type(error).__name__}: {error}", flush=True)
@@ -382,7 +341,7 @@ def topk_section(device: str, outdir: Path, quick: bool) -> int:
             return gradient
 
         sparse_bytes = 2 * rows * vocab * size + rows * (k * 8 + 4) + rows * 8
-        ms = _median_ms(sparse_step, device, repeats)
+        ms = median_ms(sparse_step, device, repeats)
         # kdfast's passes: the forward reads the student once, the backward reads it again and
         # writes the gradient (3 student-sized transfers per element against the minimum's 2).
         passes_gbps = (3 * rows * vocab * size + rows * (k * 8 + 4) * 2) / (ms * 1e-3) / 1e9
@@ -390,15 +349,11 @@ def topk_section(device: str, outdir: Path, quick: bool) -> int:
                             gbps_kdfast_passes=round(passes_gbps, 1),
                             pct_copy_kdfast_passes=round(100 * passes_gbps / copy_gbps, 1)))
         print(records[-1], flush=True)
-        del teacher, student, soft_labels, leaf
+        teacher = student = soft_labels = leaf = None  # free this shape's tensors before the next one
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    fields = sorted({key for record in records for key in record})
-    with open(outdir / "topk_gpu.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(records)
+    write_csv(records, outdir / "topk_gpu.csv", columns=sorted({key for record in records for key in record}))
     lines = [f"# kdfast top-k soft labels on {machine}", "",
              f"Copy bandwidth {copy_gbps:.1f} GB/s (read + write); one read of the teacher = its bytes at "
              f"that rate. T={TEMPERATURE}, alpha={ALPHA}.", "",

@@ -14,8 +14,18 @@ from __future__ import annotations
 
 import pytest
 
-from kdfast.benchmark import (DTYPES, PASSES, PROVIDERS, Case, ProviderUnavailable, make_inputs, make_provider,
-                              make_step, minimum_bytes, synchronize)
+from kdfast.benchmark import (
+    DTYPES,
+    PASSES,
+    PROVIDERS,
+    Case,
+    ProviderUnavailable,
+    make_inputs,
+    make_provider,
+    make_step,
+    minimum_bytes,
+    synchronize,
+)
 
 ROWS = 256
 VOCABS = [

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import types
 
 import pytest
@@ -39,10 +38,8 @@ def test_info_json_is_machine_readable(capsys):
 
 def test_bench_forwards_every_argument(monkeypatch):
     received = []
-    fake = types.ModuleType("kdfast.benchmark")
-    fake.main = lambda argv=None, prog=None: received.append((argv, prog)) or 3
-    monkeypatch.setitem(sys.modules, "kdfast.benchmark", fake)
-    monkeypatch.setattr(sys.modules["kdfast"], "benchmark", fake, raising=False)
+    fake = types.SimpleNamespace(main=lambda argv=None, prog=None: received.append((argv, prog)) or 3)
+    monkeypatch.setattr(cli, "benchmark", fake)
     assert cli.main(["bench", "--quick", "--vocab", "1000", "--help"]) == 3
     assert received == [(["--quick", "--vocab", "1000", "--help"], "kdfast bench")]
 
