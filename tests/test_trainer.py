@@ -1,4 +1,4 @@
-"""Tests of `kdfast.Distiller` (python/kdfast/trainer.py) on tiny CPU models.
+"""Tests of `kdfast.Distiller` (python/kdfast/trainer/) on tiny CPU models.
 
 They check properties, not smoke: resuming from a checkpoint (after an interrupt, a crash
 or `max_steps`) reproduces an uninterrupted run bit for bit; gradient accumulation equals
