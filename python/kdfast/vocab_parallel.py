@@ -410,8 +410,9 @@ class _FusedLinearShard(torch.autograd.Function):
             hidden, weight, bias, tensors[5] is not None, compute_grads, False, options)
         per_row = options.reduction == "none"
         grads = (grad_hidden, grad_weight, grad_bias if bias is not None else None)
-        fused_linear_ops.run_forward(hidden, weight, bias, *teacher_and_labels, loss, row_stats,
-                                     grads if compute_grads and not per_row else None, chunk_rows, softcap, loss_fn)
+        row_stats = fused_linear_ops.run_forward(hidden, weight, bias, *teacher_and_labels, loss, None,
+                                                 grads if compute_grads and not per_row else None, chunk_rows,
+                                                 softcap, loss_fn)
         if per_row:
             ctx.save_for_backward(row_stats, hidden, weight, bias, *tensors)
         else:

@@ -169,10 +169,13 @@ def _buffers(hidden: Tensor, vocab: int, chunk_rows: int, teacher_hidden: Option
 
 def run_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_logits: Optional[Tensor],
                 teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor],
-                teacher_columns: Optional[Tensor], soft, labels: Optional[Tensor], loss: Tensor, row_stats: Tensor,
-                grads: Optional[tuple], chunk_rows: int, softcap: float, chunk_loss) -> None:
-    """The forward chunk loop: writes `loss`, `row_stats` (when non-empty) and, when `grads` is a
-    (grad_hidden, grad_weight, grad_bias or None) triple, the gradients for grad_output = 1."""
+                teacher_columns: Optional[Tensor], soft, labels: Optional[Tensor], loss: Tensor,
+                row_stats: Optional[Tensor], grads: Optional[tuple], chunk_rows: int, softcap: float,
+                chunk_loss) -> Tensor:
+    """The forward chunk loop: writes `loss`, the per-row statistics of reduction "none" into
+    `row_stats` (when non-empty; None allocates them at the width the chunk loss gives) and,
+    when `grads` is a (grad_hidden, grad_weight, grad_bias or None) triple, the gradients for
+    grad_output = 1. Returns the statistics ([0, 0] when none are kept)."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     dtype = compute_dtype(hidden)
     device = hidden.device
@@ -181,7 +184,7 @@ def run_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_
     logits_buffer, teacher_buffer, grad_buffer = _buffers(
         hidden, vocab, min(chunk_rows, max(rows, 1)), teacher_hidden,
         grads is not None and (softcap > 0 or not chunk_loss.gradient_in_place))
-    keep_stats = per_row and row_stats.numel() > 0
+    keep_stats = per_row and (row_stats is None or row_stats.numel() > 0)
     total = torch.zeros((), dtype=dtype, device=device)
     scale = reduction_scale(labels, rows, options.reduction, options.ignore_index, dtype, device)
     if grads is not None:
@@ -198,7 +201,9 @@ def run_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_
             chunk_value, stats = chunk_loss.forward(logits, teacher, chunk_labels, "none" if per_row else "sum")
             if per_row:
                 loss[start:stop] = chunk_value
-                if keep_stats:
+                if keep_stats and stats is not None:
+                    if row_stats is None:
+                        row_stats = stats.new_empty((rows, stats.shape[1]))
                     row_stats[start:stop] = stats
                 continue
             total += chunk_value
@@ -208,6 +213,7 @@ def run_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_
                 _fold_gradient(grad_logits, logits, softcap, hidden, weight, start, stop, *grads)
     if not per_row:
         loss.copy_(total * scale)
+    return row_stats if row_stats is not None else hidden.new_empty((0, 0), dtype=dtype)
 
 
 def run_backward(grad_rows: Tensor, row_stats: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
