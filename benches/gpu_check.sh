@@ -137,13 +137,15 @@ fi
 # ---- 4. CUDA tests
 TESTS_RC=0
 if [[ "$SECTIONS" == *dense* ]]; then
-  run_step tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_kd_loss_cuda.py tests/test_multi_teacher_cuda.py --maxfail=25 -rfE \
+  # the dense CPU suite runs on "cuda" through conftest's device fixture: -k cuda selects those cases
+  run_step tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/functional/test_kd_loss.py \
+    tests/functional/test_kd_loss_cuda.py tests/functional/test_multi_teacher_cuda.py -k cuda --maxfail=25 -rfE \
     --durations=15 -o faulthandler_timeout=120 --junitxml="$OUT/tests.xml"
   TESTS_RC=$?
 fi
 # ---- 4b. CUDA tests of top-k soft labels (compress_topk, sparse_kd_loss)
 if [[ "$SECTIONS" == *topk* ]]; then
-  run_step tests_topk 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_cuda.py --maxfail=25 -rfE \
+  run_step tests_topk 150 "$PY" -m pytest -q -p no:cacheprovider tests/functional/test_sparse_cuda.py --maxfail=25 -rfE \
     --durations=10 -o faulthandler_timeout=120 --junitxml="$OUT/tests_topk.xml"
   TOPK_TESTS_RC=$?
   (( TESTS_RC == 0 )) && TESTS_RC=$TOPK_TESTS_RC
@@ -155,7 +157,7 @@ run_step benchmark $(( BENCH_TIME > 10 ? BENCH_TIME + 15 : 10 )) "$PY" benches/g
   --deadline "$BENCH_TIME" --sections "$SECTIONS"
 
 # ---- 5b. fused linear KD at the LLM shape (N=8192, V=128256, H=2048, H_t=4096, bf16) vs eager and Liger
-run_step tests_fused_linear 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_linear.py -k cuda -rfE
+run_step tests_fused_linear 60 "$PY" -m pytest -q -p no:cacheprovider tests/functional/test_fused_linear.py -k cuda -rfE
 run_step bench_fused_linear 150 "$PY" benches/bench_fused_linear.py --preset llm --device cuda --out "$OUT" \
   --providers kdfast-fused,eager,liger-fused-jsd,liger-chunked-jsd
 
@@ -167,18 +169,19 @@ if [[ -n "$SANITIZER" && "$SECTIONS" == *dense* ]]; then
   # Without the caching allocator every tensor is its own allocation, so reads or writes past
   # a tensor are reported instead of landing in a neighbour inside a cached block.
   run_step memcheck 70 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 86 \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_kd_loss_cuda.py -k "$SANITIZER_TESTS"
+    "$PY" -m pytest -q -p no:cacheprovider tests/functional/test_kd_loss.py tests/functional/test_kd_loss_cuda.py \
+    -k "cuda and ($SANITIZER_TESTS)"
   run_step racecheck 45 "$SANITIZER" --tool racecheck --error-exitcode 86 \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_kd_loss_cuda.py -k "(test_vocab_sizes and bf16) or \
-(test_launch_shapes and bf16 and forward_kl and few-long)"
+    "$PY" -m pytest -q -p no:cacheprovider tests/functional/test_kd_loss.py tests/functional/test_kd_loss_cuda.py \
+    -k "cuda and ((test_vocab_sizes and bf16) or (test_launch_shapes and bf16 and forward_kl and few-long))"
 fi
 if [[ -n "$SANITIZER" && "$SECTIONS" == *topk* ]]; then
   # Top-k kernels: shared-memory buffers, bitmaps and scattered kept-entry stores.
   run_step memcheck_topk 45 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 86 \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_cuda.py -k "test_compress_unaligned or \
+    "$PY" -m pytest -q -p no:cacheprovider tests/functional/test_sparse_cuda.py -k "test_compress_unaligned or \
 test_sparse_large_logits_unaligned or test_sparse_bad_rows or (test_compress_ties_match_cpu and 5000-1000)"
   run_step racecheck_topk 45 "$SANITIZER" --tool racecheck --error-exitcode 86 \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_sparse_cuda.py -k "test_compress_k_equal_to_vocab or \
+    "$PY" -m pytest -q -p no:cacheprovider tests/functional/test_sparse_cuda.py -k "test_compress_k_equal_to_vocab or \
 (test_compress_ties_match_cpu and 5000-64-2) or test_sparse_gradient_reach or test_sparse_masked_teacher"
 fi
 if [[ -z "$SANITIZER" ]]; then

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import kdfast
-from kdfast.contract import KDOptions
 from kdfast import reference
+from kdfast.contract import KDOptions
 from kdfast.functional import fused_linear_kd_loss
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")

@@ -11,14 +11,13 @@ import importlib.util
 import json
 import math
 import os
-import sys
 import wave
 
 import numpy as np
 import pytest
 import torch
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
 
 
 def load_example(name: str):

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from kdfast import functional
+from kdfast.contract import KDOptions
 from kdfast.methods import multi_teacher_kd_loss as plain_loss
 from kdfast.ops import multi_teacher as ops
-from kdfast.contract import KDOptions
 from kdfast.ops._native import facts, has_cuda_kernels
 
 CUDA_READY = torch.cuda.is_available() and has_cuda_kernels()

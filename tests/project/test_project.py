@@ -17,7 +17,7 @@ import pytest
 
 import kdfast
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "python" / "kdfast"
 MAX_LINES = 500
 

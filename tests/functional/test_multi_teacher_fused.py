@@ -15,8 +15,8 @@ import torch
 
 import kdfast
 from kdfast import functional
-from kdfast.methods import multi_teacher_kd_loss as plain_loss
 from kdfast.contract import KDOptions
+from kdfast.methods import multi_teacher_kd_loss as plain_loss
 from kdfast.ops import multi_teacher as ops
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd"]
