@@ -1,7 +1,7 @@
 // Run-time choice among the CPU kernel variants compiled from kd_loss_cpu.cpp, topk_cpu.cpp,
-// sparse_kd_cpu.cpp and multi_teacher_cpu.cpp, and the build description. The variant list comes from the build
-// (KDFAST_CPU_HAS_AVX2/AVX512); the choice is made once, from the CPU's feature flags, the
-// first time a kernel runs.
+// sparse_kd_cpu.cpp, multi_teacher_cpu.cpp and multi_teacher_forward_kl_cpu.cpp, and the build
+// description. The variant list comes from the build (KDFAST_CPU_HAS_AVX2/AVX512); the choice
+// is made once, from the CPU's feature flags, the first time a kernel runs.
 // KDFAST_CPU_VARIANT=baseline|avx2|avx512 in the environment forces a (supported) variant.
 #include <cstdlib>
 #include <cstring>

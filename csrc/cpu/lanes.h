@@ -340,8 +340,8 @@ struct ExpLanes {
 };
 
 // Whether rows of compute type C first try the exp without its cutoff test (see the note
-// before student_exp_row in multi_teacher_cpu.cpp): float on AVX2 lanes, where dropping the
-// test saves two of the exp's fifteen instructions. The portable lanes always test.
+// before student_exp_row in multi_teacher_forward_kl_cpu.cpp): float on AVX2 lanes, where
+// dropping the test saves two of the exp's fifteen instructions. The portable lanes always test.
 template <class C>
 constexpr bool kTryWithoutCutoff =
 #if defined(KDFAST_LANES_AVX2)

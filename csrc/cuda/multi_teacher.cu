@@ -1,17 +1,17 @@
 // CUDA kernels of the multi-teacher KD loss (forward statistics + loss, backward gradient).
 // Contract: types.h (MultiTeacherKDArgs, the row_stats layout shared with the CPU kernel) and
 // rowmath.h (the per-element math, shared with the CPU kernels). One block of kThreads
-// threads per row (rows strided over the grid); up to kMaxTeachers teachers, whose addresses
-// and row strides travel by value in the kernel parameters (the core allocates no device
-// memory). Forward, per row: the student's maximum and sums, each teacher's maximum and
-// log-sum, then one sweep per teacher (combine Sum) or one sweep over all teachers
-// (Mixture: p̄_i = Σ_m w_m p_mi) for the divergence; a second single-block kernel reduces
-// the row losses in a fixed order (deterministic). Backward, per row: one sweep that reads
-// the student element and the M teacher elements and writes the gradient, multiplied by
-// grad_output (read on the device, with the valid-row count for "mean"). Rows with a label
-// outside [0, vocab) that is not ignore_index get NaN statistics, loss and gradient (no
-// device-to-host synchronisation to report them). Elements are loaded one at a time
-// (coalesced across the block); the dense kernels' vectorised streaming is not used here.
+// threads per row (rows strided over the grid); up to kCudaMaxTeachers (types.h) teachers,
+// whose addresses and row strides travel by value in the kernel parameters (the core
+// allocates no device memory). Forward, per row: the student's maximum and sums, each
+// teacher's maximum and log-sum, then one sweep per teacher (combine Sum) or one sweep over
+// all teachers (Mixture: p̄_i = Σ_m w_m p_mi) for the divergence; a second single-block
+// kernel reduces the row losses in a fixed order (deterministic). Backward, per row: one
+// sweep that reads the student element and the M teacher elements and writes the gradient,
+// multiplied by grad_output (read on the device, with the valid-row count for "mean"). Rows
+// with a label outside [0, vocab) that is not ignore_index get NaN statistics, loss and
+// gradient (no device-to-host synchronisation to report them). Elements are loaded one at a
+// time (coalesced across the block); the dense kernels' vectorised streaming is not used here.
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
@@ -25,14 +25,13 @@ namespace kdfast {
 namespace cuda {
 namespace {
 
-constexpr int kMaxTeachers = 16;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kReduceThreads = 1024;
 
 struct TeacherTable {
-  const void* rows[kMaxTeachers];
-  int64_t row_strides[kMaxTeachers];
+  const void* rows[kCudaMaxTeachers];
+  int64_t row_strides[kCudaMaxTeachers];
 };
 
 struct MultiParams {
@@ -153,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) multi_teacher_forward_kernel(MultiPa
     const C log_sum_1 = k.need_student_1 ? rowmath::log_of_sum(sums[1]) : log_sum_t;
 
     C divergence = C(0), mixture_aux = C(0);
-    C teacher_shift[kMaxTeachers], teacher_log_sum[kMaxTeachers];
+    C teacher_shift[kCudaMaxTeachers], teacher_log_sum[kCudaMaxTeachers];
     if (k.need_kd) {
       for (int m = 0; m < p.num_teachers; ++m) {
         const void* t_base = p.teachers.rows[m];
@@ -308,8 +307,8 @@ __global__ void __launch_bounds__(kThreads) multi_teacher_backward_kernel(MultiP
 
 template <class C>
 MultiParams make_params(const MultiTeacherKDArgs& args) {
-  if (args.num_teachers < 1 || args.num_teachers > kMaxTeachers) {
-    throw std::invalid_argument("multi_teacher_kd CUDA: between 1 and " + std::to_string(kMaxTeachers) +
+  if (args.num_teachers < 1 || args.num_teachers > kCudaMaxTeachers) {
+    throw std::invalid_argument("multi_teacher_kd CUDA: between 1 and " + std::to_string(kCudaMaxTeachers) +
                                 " teachers are supported, got " + std::to_string(args.num_teachers));
   }
   MultiParams p{};

@@ -11,7 +11,8 @@
 // loss are NaN (so a reduced loss is NaN too), its gradient is NaN, nothing is written outside
 // the row, and the forward returns zero counts. Everything is enqueued on `stream`; nothing
 // synchronises or allocates (CUDA-graph safe). The vocabulary is limited by a per-row bitmap
-// of V bits in shared memory (up to 2^20 entries on devices with 128 KiB of it per block).
+// of V bits in shared memory: at most kCudaMaxSparseVocab (types.h, 2^20: 128 KiB), and less
+// on devices that offer less shared memory per block.
 //
 // Forward (sparse_kd_forward_rows_kernel, one block per row): the kept indices are checked and
 // marked in the shared bitmap, then the student row is streamed once with 16-byte loads (next
@@ -432,6 +433,10 @@ inline int sparse_block_size(int64_t vocab) {
 inline size_t bitmap_bytes(int64_t vocab) { return static_cast<size_t>((vocab + 31) / 32) * sizeof(unsigned); }
 
 inline void check_bitmap_fits(int64_t vocab, const char* function) {
+  if (vocab > kCudaMaxSparseVocab) {
+    throw std::invalid_argument(std::string(function) + ": vocabulary size " + std::to_string(vocab) +
+                                " exceeds the kernel's limit " + std::to_string(kCudaMaxSparseVocab));
+  }
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   int limit = 0;

@@ -5,7 +5,7 @@
 // them (−inf when none), computed as a log-sum-exp over exactly the non-kept entries (never
 // 1 − Σ), so it stays exact when tiny. NaN anywhere in a row, or a row of only −inf, gives NaN
 // log-probabilities and tail (its indices then follow the order with NaN ranked as −inf).
-// Supports 1 <= k <= kMaxCudaTopK; enqueued on `stream`, no allocation, no synchronisation.
+// Supports 1 <= k <= kCudaMaxTopK (types.h); enqueued on `stream`, no allocation, no synchronisation.
 //
 // Kernel: one block per row reads the row once from memory, in tiles of blockDim x W
 // consecutive elements (W = 8 for float math, 2 for float64; 16-byte loads, the next tile's
@@ -37,8 +37,6 @@ namespace kdfast {
 namespace cuda {
 namespace {
 
-// Largest k the CUDA kernel handles (its candidate buffers live in shared memory).
-constexpr int64_t kMaxCudaTopK = 4096;
 constexpr int kCompressMaxBlock = 512;
 constexpr int kCompressWarps = kCompressMaxBlock / 32;
 
@@ -478,9 +476,9 @@ void compress_typed(const TopKCompressArgs& args, cudaStream_t stream) {
 
 void topk_compress_cuda(const TopKCompressArgs& args, int device_index, uintptr_t stream_handle) {
   if (args.k < 1 || args.k > args.vocab) throw std::invalid_argument("compress_topk (CUDA): need 1 <= k <= vocab");
-  if (args.k > cuda::kMaxCudaTopK) {
+  if (args.k > kCudaMaxTopK) {
     throw std::invalid_argument("compress_topk (CUDA): k=" + std::to_string(args.k) + " exceeds the kernel's limit " +
-                                std::to_string(cuda::kMaxCudaTopK));
+                                std::to_string(kCudaMaxTopK));
   }
   cuda::check_vocab_fits(args.vocab, "compress_topk (CUDA)");
   cuda::DeviceGuard guard(device_index);

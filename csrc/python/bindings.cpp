@@ -2,9 +2,14 @@
 // as a raw address (int) plus dtype code, sizes and strides, already validated by the
 // Python layer (python/kdfast/ops); the GIL is released for every kernel call.
 // device_index < 0 means CPU; otherwise the CUDA kernels run on `stream` (cudaStream_t as int).
+// Besides the kernels the module exports, as attributes, the integer codes of the core's enums
+// (dtype_codes, divergence_codes, reduction_codes, tail_codes, combine_codes,
+// index_dtype_codes: name -> code, from the tables in types.h), the row_stats widths, the
+// CUDA kernels' limits (limits) and whether they are compiled in (has_cuda, has_cuda_topk).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 #include <utility>
@@ -51,6 +56,29 @@ KDOptions make_options(int divergence, int reduction, double temperature, double
 template <class T>
 T* as_ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
 
+// The LossInputs part of every loss's arguments: student, labels, sizes, options, threads.
+void fill_loss_inputs(kdfast::LossInputs& a, uintptr_t student, int student_dtype, int64_t student_row_stride,
+                      uintptr_t labels, int64_t rows, int64_t vocab, const KDOptions& options, int num_threads) {
+  a.student = as_ptr<const void>(student);
+  a.student_dtype = static_cast<DType>(student_dtype);
+  a.student_row_stride = student_row_stride;
+  a.labels = as_ptr<const int64_t>(labels);
+  a.rows = rows;
+  a.vocab = vocab;
+  a.options = options;
+  a.num_threads = num_threads;
+}
+
+// The inputs kd_forward and kd_backward share.
+void fill_dense_inputs(kdfast::KDInputs& a, uintptr_t student, int student_dtype, int64_t student_row_stride,
+                       uintptr_t teacher, int teacher_dtype, int64_t teacher_row_stride, uintptr_t labels, int64_t rows,
+                       int64_t vocab, const KDOptions& options, int num_threads) {
+  fill_loss_inputs(a, student, student_dtype, student_row_stride, labels, rows, vocab, options, num_threads);
+  a.teacher = as_ptr<const void>(teacher);
+  a.teacher_dtype = static_cast<DType>(teacher_dtype);
+  a.teacher_row_stride = teacher_row_stride;
+}
+
 #if !defined(KDFAST_WITH_CUDA)
 [[noreturn]] void no_cuda() {
   throw std::runtime_error("kdfast was built without CUDA kernels; reinstall with a CUDA toolkit (KDFAST_CUDA=ON)");
@@ -63,20 +91,14 @@ int64_t kd_forward(uintptr_t student, int student_dtype, int64_t student_row_str
                    double label_smoothing, double divergence_scale, int64_t ignore_index, uintptr_t loss,
                    uintptr_t row_stats, uintptr_t valid_rows, int num_threads, int device_index, uintptr_t stream) {
   kdfast::KDForwardArgs a;
-  a.student = as_ptr<const void>(student);
-  a.student_dtype = static_cast<DType>(student_dtype);
-  a.student_row_stride = student_row_stride;
-  a.teacher = as_ptr<const void>(teacher);
-  a.teacher_dtype = static_cast<DType>(teacher_dtype);
-  a.teacher_row_stride = teacher_row_stride;
-  a.labels = as_ptr<const int64_t>(labels);
-  a.rows = rows;
-  a.vocab = vocab;
-  a.options = make_options(divergence, reduction, temperature, alpha, beta, label_smoothing, divergence_scale, ignore_index);
+  fill_dense_inputs(a, student, student_dtype, student_row_stride, teacher, teacher_dtype, teacher_row_stride, labels,
+                    rows, vocab,
+                    make_options(divergence, reduction, temperature, alpha, beta, label_smoothing, divergence_scale,
+                                 ignore_index),
+                    num_threads);
   a.loss = as_ptr<void>(loss);
   a.row_stats = as_ptr<void>(row_stats);
   a.valid_rows = as_ptr<void>(valid_rows);
-  a.num_threads = num_threads;
   if (device_index < 0) return kdfast::kd_forward_cpu(a);
 #if defined(KDFAST_WITH_CUDA)
   return kdfast::kd_forward_cuda(a, device_index, stream);
@@ -90,24 +112,19 @@ void kd_backward(uintptr_t grad_output, int64_t grad_output_stride, uintptr_t st
                  int64_t student_row_stride, uintptr_t teacher, int teacher_dtype, int64_t teacher_row_stride,
                  uintptr_t labels, int64_t rows, int64_t vocab, int divergence, int reduction, double temperature,
                  double alpha, double beta, double label_smoothing, double divergence_scale, int64_t ignore_index,
-                 uintptr_t row_stats, uintptr_t valid_rows, uintptr_t grad_student, int num_threads, int device_index, uintptr_t stream) {
+                 uintptr_t row_stats, uintptr_t valid_rows, uintptr_t grad_student, int num_threads, int device_index,
+                 uintptr_t stream) {
   kdfast::KDBackwardArgs a;
+  fill_dense_inputs(a, student, student_dtype, student_row_stride, teacher, teacher_dtype, teacher_row_stride, labels,
+                    rows, vocab,
+                    make_options(divergence, reduction, temperature, alpha, beta, label_smoothing, divergence_scale,
+                                 ignore_index),
+                    num_threads);
   a.grad_output = as_ptr<const void>(grad_output);
   a.grad_output_stride = grad_output_stride;
-  a.student = as_ptr<const void>(student);
-  a.student_dtype = static_cast<DType>(student_dtype);
-  a.student_row_stride = student_row_stride;
-  a.teacher = as_ptr<const void>(teacher);
-  a.teacher_dtype = static_cast<DType>(teacher_dtype);
-  a.teacher_row_stride = teacher_row_stride;
-  a.labels = as_ptr<const int64_t>(labels);
-  a.rows = rows;
-  a.vocab = vocab;
-  a.options = make_options(divergence, reduction, temperature, alpha, beta, label_smoothing, divergence_scale, ignore_index);
   a.row_stats = as_ptr<const void>(row_stats);
   a.valid_rows = as_ptr<const void>(valid_rows);
   a.grad_student = as_ptr<void>(grad_student);
-  a.num_threads = num_threads;
   if (device_index < 0) return kdfast::kd_backward_cpu(a);
 #if defined(KDFAST_WITH_CUDA)
   kdfast::kd_backward_cuda(a, device_index, stream);
@@ -120,7 +137,8 @@ void kd_backward(uintptr_t grad_output, int64_t grad_output_stride, uintptr_t st
 void topk_compress(uintptr_t teacher, int teacher_dtype, int64_t teacher_row_stride, int64_t rows, int64_t vocab,
                    int64_t k, double temperature, uintptr_t indices, bool indices_int64, uintptr_t logprobs,
                    uintptr_t tail_logprob, int num_threads, int device_index, uintptr_t stream) {
-  if (vocab >= (int64_t(1) << 31)) throw std::invalid_argument("compress_topk: vocab sizes of 2^31 or more are not supported");
+  if (vocab >= (int64_t(1) << 31))
+    throw std::invalid_argument("compress_topk: vocab sizes of 2^31 or more are not supported");
   kdfast::TopKCompressArgs a;
   a.teacher = as_ptr<const void>(teacher);
   a.teacher_dtype = static_cast<DType>(teacher_dtype);
@@ -139,7 +157,8 @@ void topk_compress(uintptr_t teacher, int teacher_dtype, int64_t teacher_row_str
   kdfast::topk_compress_cuda(a, device_index, stream);
 #else
   (void)stream;
-  throw std::runtime_error("kdfast: compress_topk has no CUDA kernel in this build; kdfast.reference.compress_topk runs on any device");
+  throw std::runtime_error(
+      "kdfast: compress_topk has no CUDA kernel in this build; kdfast.reference.compress_topk runs on any device");
 #endif
 }
 
@@ -156,9 +175,20 @@ kdfast::SoftLabelView make_soft_labels(uintptr_t indices, int index_type, uintpt
   return v;
 }
 
+// The inputs sparse_kd_forward and sparse_kd_backward share.
+void fill_sparse_inputs(kdfast::SparseKDInputs& a, uintptr_t student, int student_dtype, int64_t student_row_stride,
+                        uintptr_t indices, int index_type, uintptr_t logprobs, int logprob_dtype,
+                        uintptr_t tail_logprob, int tail_dtype, uintptr_t labels, int64_t rows, int64_t vocab,
+                        int64_t k, int tail_mode, const KDOptions& options, int num_threads) {
+  fill_loss_inputs(a, student, student_dtype, student_row_stride, labels, rows, vocab, options, num_threads);
+  a.soft_labels = make_soft_labels(indices, index_type, logprobs, logprob_dtype, tail_logprob, tail_dtype, k);
+  a.tail = static_cast<kdfast::SparseTail>(tail_mode);
+}
+
 #if !defined(KDFAST_WITH_CUDA)
 [[noreturn]] void no_sparse_cuda() {
-  throw std::runtime_error("kdfast: sparse_kd_loss has no CUDA kernel in this build; kdfast.reference.sparse_kd_loss runs on any device");
+  throw std::runtime_error(
+      "kdfast: sparse_kd_loss has no CUDA kernel in this build; kdfast.reference.sparse_kd_loss runs on any device");
 }
 #endif
 
@@ -171,19 +201,14 @@ std::pair<int64_t, int64_t> sparse_kd_forward(uintptr_t student, int student_dty
                                               uintptr_t row_stats, uintptr_t valid_rows, int num_threads,
                                               int device_index, uintptr_t stream) {
   kdfast::SparseKDForwardArgs a;
-  a.student = as_ptr<const void>(student);
-  a.student_dtype = static_cast<DType>(student_dtype);
-  a.student_row_stride = student_row_stride;
-  a.soft_labels = make_soft_labels(indices, index_type, logprobs, logprob_dtype, tail_logprob, tail_dtype, k);
-  a.labels = as_ptr<const int64_t>(labels);
-  a.rows = rows;
-  a.vocab = vocab;
-  a.options = make_options(divergence, reduction, temperature, alpha, beta, label_smoothing, divergence_scale, ignore_index);
-  a.tail = static_cast<kdfast::SparseTail>(tail_mode);
+  fill_sparse_inputs(a, student, student_dtype, student_row_stride, indices, index_type, logprobs, logprob_dtype,
+                     tail_logprob, tail_dtype, labels, rows, vocab, k, tail_mode,
+                     make_options(divergence, reduction, temperature, alpha, beta, label_smoothing, divergence_scale,
+                                  ignore_index),
+                     num_threads);
   a.loss = as_ptr<void>(loss);
   a.row_stats = as_ptr<double>(row_stats);
   a.valid_rows = as_ptr<double>(valid_rows);
-  a.num_threads = num_threads;
   if (device_index >= 0) {
 #if defined(KDFAST_WITH_CUDA)
     const kdfast::SparseKDForwardResult result = kdfast::sparse_kd_forward_cuda(a, device_index, stream);
@@ -205,21 +230,16 @@ void sparse_kd_backward(uintptr_t grad_output, int64_t grad_output_stride, uintp
                         int64_t ignore_index, uintptr_t row_stats, uintptr_t valid_rows, uintptr_t grad_student,
                         int num_threads, int device_index, uintptr_t stream) {
   kdfast::SparseKDBackwardArgs a;
+  fill_sparse_inputs(a, student, student_dtype, student_row_stride, indices, index_type, logprobs, logprob_dtype,
+                     tail_logprob, tail_dtype, labels, rows, vocab, k, tail_mode,
+                     make_options(divergence, reduction, temperature, alpha, beta, label_smoothing, divergence_scale,
+                                  ignore_index),
+                     num_threads);
   a.grad_output = as_ptr<const void>(grad_output);
   a.grad_output_stride = grad_output_stride;
-  a.student = as_ptr<const void>(student);
-  a.student_dtype = static_cast<DType>(student_dtype);
-  a.student_row_stride = student_row_stride;
-  a.soft_labels = make_soft_labels(indices, index_type, logprobs, logprob_dtype, tail_logprob, tail_dtype, k);
-  a.labels = as_ptr<const int64_t>(labels);
-  a.rows = rows;
-  a.vocab = vocab;
-  a.options = make_options(divergence, reduction, temperature, alpha, beta, label_smoothing, divergence_scale, ignore_index);
-  a.tail = static_cast<kdfast::SparseTail>(tail_mode);
   a.row_stats = as_ptr<const double>(row_stats);
   a.valid_rows = as_ptr<const double>(valid_rows);
   a.grad_student = as_ptr<void>(grad_student);
-  a.num_threads = num_threads;
   if (device_index >= 0) {
 #if defined(KDFAST_WITH_CUDA)
     return kdfast::sparse_kd_backward_cuda(a, device_index, stream);
@@ -248,9 +268,10 @@ kdfast::MultiTeacherKDArgs make_multi_teacher_args(
   if (device_index >= 0) no_cuda();
 #endif
   kdfast::MultiTeacherKDArgs a;
-  a.student = as_ptr<const void>(student);
-  a.student_dtype = static_cast<DType>(student_dtype);
-  a.student_row_stride = student_row_stride;
+  fill_loss_inputs(a, student, student_dtype, student_row_stride, labels, rows, vocab,
+                   make_options(divergence, reduction, temperature, alpha, beta, label_smoothing, divergence_scale,
+                                ignore_index),
+                   num_threads);
   a.teachers = reinterpret_cast<const void* const*>(teachers.data());
   a.teacher_row_strides = teacher_row_strides.data();
   a.teacher_dtype = static_cast<DType>(teacher_dtype);
@@ -258,14 +279,9 @@ kdfast::MultiTeacherKDArgs make_multi_teacher_args(
   a.weights = as_ptr<const void>(weights);
   a.weight_teacher_stride = weight_teacher_stride;
   a.weight_row_stride = weight_row_stride;
-  a.labels = as_ptr<const int64_t>(labels);
-  a.rows = rows;
-  a.vocab = vocab;
-  a.options = make_options(divergence, reduction, temperature, alpha, beta, label_smoothing, divergence_scale, ignore_index);
   a.combine = static_cast<kdfast::Combine>(combine);
   a.row_stats = as_ptr<void>(row_stats);
   a.valid_rows = as_ptr<void>(valid_rows);
-  a.num_threads = num_threads;
   return a;
 }
 
@@ -336,6 +352,23 @@ bool cpu_scaled_exp(const std::string& variant, uintptr_t input, int64_t n, floa
   return kdfast::scaled_exp_cpu(variant, as_ptr<const float>(input), n, inv_t, cutoff, as_ptr<float>(out));
 }
 
+#if defined(KDFAST_WITH_CUDA)
+constexpr bool kHasCuda = true;
+#else
+constexpr bool kHasCuda = false;
+#endif
+// The CUDA kernels of top-k soft labels (compress_topk, sparse_kd_loss) come with every CUDA
+// build: kdfast.ops.sparse sends CUDA tensors to them when true, else to kdfast.reference.
+constexpr bool kHasCudaTopK = kHasCuda;
+
+// An enum's name table (types.h) as a Python dict name -> integer code.
+template <class E, std::size_t N>
+py::dict code_dict(const kdfast::NamedCode<E> (&table)[N]) {
+  py::dict codes;
+  for (const kdfast::NamedCode<E>& entry : table) codes[entry.name] = static_cast<int>(entry.code);
+  return codes;
+}
+
 py::dict build_info() {
   const kdfast::BuildInfo info = kdfast::build_info();
   py::dict d;
@@ -347,9 +380,7 @@ py::dict build_info() {
   d["cuda"] = info.cuda;
   d["cuda_version"] = info.cuda_version;
   d["cuda_architectures"] = info.cuda_architectures;
-  // CUDA kernels of top-k soft labels (compress_topk, sparse_kd_loss): kdfast.ops.sparse
-  // sends CUDA tensors to them when true, else to kdfast.reference.
-  d["cuda_topk"] = info.cuda;
+  d["cuda_topk"] = kHasCudaTopK;
   return d;
 }
 
@@ -368,8 +399,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("teacher"), py::arg("teacher_dtype"), py::arg("teacher_row_stride"), py::arg("labels"),
         py::arg("rows"), py::arg("vocab"), py::arg("divergence"), py::arg("reduction"), py::arg("temperature"),
         py::arg("alpha"), py::arg("beta"), py::arg("label_smoothing"), py::arg("divergence_scale"),
-        py::arg("ignore_index"), py::arg("row_stats"), py::arg("valid_rows"), py::arg("grad_student"), py::arg("num_threads"),
-        py::arg("device_index"), py::arg("stream"));
+        py::arg("ignore_index"), py::arg("row_stats"), py::arg("valid_rows"), py::arg("grad_student"),
+        py::arg("num_threads"), py::arg("device_index"), py::arg("stream"));
   m.def("topk_compress", &topk_compress, py::call_guard<py::gil_scoped_release>(), py::arg("teacher"),
         py::arg("teacher_dtype"), py::arg("teacher_row_stride"), py::arg("rows"), py::arg("vocab"), py::arg("k"),
         py::arg("temperature"), py::arg("indices"), py::arg("indices_int64"), py::arg("logprobs"),
@@ -413,4 +444,22 @@ PYBIND11_MODULE(_C, m) {
         py::arg("input"), py::arg("n"), py::arg("inv_t"), py::arg("cutoff"), py::arg("out"));
   m.def("rowmath_exp_log", &rowmath_exp_log, py::call_guard<py::gil_scoped_release>(), py::arg("input"),
         py::arg("n"), py::arg("exp_out"), py::arg("log_out"));
+
+  m.attr("dtype_codes") = code_dict(kdfast::kDTypeNames);
+  m.attr("divergence_codes") = code_dict(kdfast::kDivergenceNames);
+  m.attr("reduction_codes") = code_dict(kdfast::kReductionNames);
+  m.attr("tail_codes") = code_dict(kdfast::kSparseTailNames);
+  m.attr("combine_codes") = code_dict(kdfast::kCombineNames);
+  m.attr("index_dtype_codes") = code_dict(kdfast::kIndexTypeNames);
+  m.attr("kd_row_stats") = py::int_(kdfast::kRowStats);
+  m.attr("sparse_row_stats") = py::int_(kdfast::kSparseRowStats);
+  m.attr("multi_teacher_row_stats_base") = py::int_(kdfast::kMultiTeacherRowStatsBase);
+  m.attr("multi_teacher_stats_per_teacher") = py::int_(kdfast::kMultiTeacherStatsPerTeacher);
+  py::dict limits;
+  limits["cuda_max_teachers"] = py::int_(kdfast::kCudaMaxTeachers);
+  limits["cuda_max_topk"] = py::int_(kdfast::kCudaMaxTopK);
+  limits["cuda_max_sparse_vocab"] = py::int_(kdfast::kCudaMaxSparseVocab);
+  m.attr("limits") = limits;
+  m.attr("has_cuda") = py::bool_(kHasCuda);
+  m.attr("has_cuda_topk") = py::bool_(kHasCudaTopK);
 }

@@ -7,7 +7,7 @@
 // JSD and TVD need normalised p and q, so they add a second sweep over the (cached) row
 // using `jsd_terms` / `tvd_terms`. The backward pass recomputes log p, log q, log r per
 // element from the saved maxima and log-sums and applies `divergence_grad`. Every formula here is the one
-// DESIGN.md states; kdfast.reference is its float64 oracle.
+// docs/design.md states; kdfast.reference is its float64 oracle.
 #pragma once
 
 #include <cmath>

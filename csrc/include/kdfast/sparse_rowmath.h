@@ -8,7 +8,7 @@
 // per bucket, the divergence term d_j and w_j = Q_j ∂D/∂Q_j (`bucket_term`). With
 // Ḡ = Σ_j w_j, the gradient of D with respect to b_u is w_j − Ḡ Q_j for a kept token u = K_j
 // and exp(b_u − log Σ_tail e^b) (w_tail − Ḡ Q_tail) for a tail token u. Formulas match
-// kdfast.reference.sparse_kd_loss (the float64 oracle) and DESIGN.md.
+// kdfast.reference.sparse_kd_loss (the float64 oracle) and docs/design.md.
 #pragma once
 
 #include <cmath>

@@ -1,16 +1,47 @@
-// kdfast core types: the dtype/divergence/reduction enums and the plain argument structs
-// that every kernel (CPU and CUDA) receives. Torch-free and pybind11-free: the binding layer
-// fills these from integers and raw pointers; kernels never see Python or torch objects.
-// Integer values of the enums are part of the binding contract (python/kdfast/ops mirrors them).
+// kdfast core types: the dtype/divergence/reduction enums, their names, the limits of the CUDA
+// kernels, and the plain argument structs that every kernel (CPU and CUDA) receives.
+// Torch-free and pybind11-free: the binding layer fills these from integers and raw pointers;
+// kernels never see Python or torch objects. The integer values of the enums are part of the
+// binding contract: kdfast._C exports each enum's name table below (dtype_codes,
+// divergence_codes, ...) and the limits (limits), and python/kdfast/ops reads them from there.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace kdfast {
 
+// One entry of an enum's name table: the name Python uses and the enumerator.
+template <class E>
+struct NamedCode {
+  const char* name;
+  E code;
+};
+
+// True when table[i] holds code i for every i: a table lists its enum's codes once, in order.
+template <class E, std::size_t N>
+constexpr bool codes_in_order(const NamedCode<E> (&table)[N]) {
+  for (std::size_t i = 0; i < N; ++i)
+    if (static_cast<std::size_t>(table[i].code) != i) return false;
+  return true;
+}
+
 enum class DType : int32_t { Float32 = 0, BFloat16 = 1, Float16 = 2, Float64 = 3 };
+inline constexpr NamedCode<DType> kDTypeNames[] = {
+    {"float32", DType::Float32}, {"bfloat16", DType::BFloat16}, {"float16", DType::Float16},
+    {"float64", DType::Float64}};
+static_assert(codes_in_order(kDTypeNames));
+
 enum class Divergence : int32_t { ForwardKL = 0, ReverseKL = 1, JSD = 2, TVD = 3 };
+inline constexpr NamedCode<Divergence> kDivergenceNames[] = {
+    {"forward_kl", Divergence::ForwardKL}, {"reverse_kl", Divergence::ReverseKL}, {"jsd", Divergence::JSD},
+    {"tvd", Divergence::TVD}};
+static_assert(codes_in_order(kDivergenceNames));
+
 enum class Reduction : int32_t { None = 0, Sum = 1, Mean = 2, BatchMean = 3 };
+inline constexpr NamedCode<Reduction> kReductionNames[] = {
+    {"none", Reduction::None}, {"sum", Reduction::Sum}, {"mean", Reduction::Mean}, {"batchmean", Reduction::BatchMean}};
+static_assert(codes_in_order(kReductionNames));
 
 inline int dtype_size(DType d) {
   switch (d) {
@@ -22,7 +53,20 @@ inline int dtype_size(DType d) {
   return 0;
 }
 
-// Options shared by the forward and backward passes of the dense KD loss.
+// ---- limits of the CUDA kernels (here so that the binding layer sees them with or without CUDA) ----
+
+// Most teachers the multi-teacher CUDA kernels take: their addresses and row strides travel by
+// value in the kernel parameters (csrc/cuda/multi_teacher.cu).
+constexpr int kCudaMaxTeachers = 16;
+// Largest k of the CUDA top-k compression: its candidate buffers live in shared memory
+// (csrc/cuda/topk_compress.cu).
+constexpr int64_t kCudaMaxTopK = 4096;
+// Largest vocabulary of the CUDA sparse-loss forward kernel: a per-row bitmap of the kept
+// tokens lives in shared memory, 128 KiB at 2^20 (csrc/cuda/sparse_kd_loss.cu); a device with
+// less shared memory per block lowers it further.
+constexpr int64_t kCudaMaxSparseVocab = int64_t(1) << 20;
+
+// Options shared by the forward and backward passes of every loss (dense, sparse, multi-teacher).
 struct KDOptions {
   Divergence divergence = Divergence::ForwardKL;
   Reduction reduction = Reduction::Mean;
@@ -34,43 +78,43 @@ struct KDOptions {
   int64_t ignore_index = -100;
 };
 
-// Rows are the flattened leading dimensions; the vocabulary dimension is contiguous
-// (stride 1) and consecutive rows are `*_row_stride` elements apart.
-struct KDForwardArgs {
+// What the forward and backward passes of every loss receive alike: the student logits, the
+// hard labels, the sizes, the options and the thread count. Rows are the flattened leading
+// dimensions; the vocabulary dimension is contiguous (stride 1) and consecutive rows are
+// `*_row_stride` elements apart.
+struct LossInputs {
   const void* student = nullptr;
   DType student_dtype = DType::Float32;
   int64_t student_row_stride = 0;
-  const void* teacher = nullptr;
-  DType teacher_dtype = DType::Float32;
-  int64_t teacher_row_stride = 0;
   const int64_t* labels = nullptr;  // [rows] or null (every row valid, alpha must be 0)
   int64_t rows = 0;
   int64_t vocab = 0;
   KDOptions options;
+  int num_threads = 1;
+};
+
+// ---- dense KD loss ----
+
+// Inputs of both passes of the dense KD loss: LossInputs plus one teacher's logits.
+struct KDInputs : LossInputs {
+  const void* teacher = nullptr;
+  DType teacher_dtype = DType::Float32;
+  int64_t teacher_row_stride = 0;
+};
+
+struct KDForwardArgs : KDInputs {
   // Outputs, in the compute dtype (float64 when the inputs are float64, else float32):
   void* loss = nullptr;        // [rows] when reduction == None, else a single element
   void* row_stats = nullptr;   // [rows, kRowStats]: see rowmath::RowStats, then the row loss, then 0
   void* valid_rows = nullptr;  // single element: number of rows whose label is not ignore_index
-  int num_threads = 1;
 };
 
-struct KDBackwardArgs {
+struct KDBackwardArgs : KDInputs {
   const void* grad_output = nullptr;  // compute dtype; [rows] (stride 1) for None, else 1 element
   int64_t grad_output_stride = 0;     // 1 for reduction None, 0 otherwise
-  const void* student = nullptr;
-  DType student_dtype = DType::Float32;
-  int64_t student_row_stride = 0;
-  const void* teacher = nullptr;
-  DType teacher_dtype = DType::Float32;
-  int64_t teacher_row_stride = 0;
-  const int64_t* labels = nullptr;
-  int64_t rows = 0;
-  int64_t vocab = 0;
-  KDOptions options;
-  const void* row_stats = nullptr;   // as written by the forward pass
-  const void* valid_rows = nullptr;  // as written by the forward pass (read on the device)
-  void* grad_student = nullptr;     // [rows, vocab] contiguous, in the student dtype
-  int num_threads = 1;
+  const void* row_stats = nullptr;    // as written by the forward pass
+  const void* valid_rows = nullptr;   // as written by the forward pass (read on the device)
+  void* grad_student = nullptr;       // [rows, vocab] contiguous, in the student dtype
 };
 
 // Number of per-row values the forward pass writes to row_stats (see KDForwardArgs).
@@ -80,8 +124,16 @@ constexpr int kRowStats = 8;
 
 // Integer dtypes of soft-label indices. Values are part of the binding contract.
 enum class IndexType : int32_t { Int64 = 0, Int32 = 1, Int16 = 2, UInt16 = 3 };
+inline constexpr NamedCode<IndexType> kIndexTypeNames[] = {
+    {"int64", IndexType::Int64}, {"int32", IndexType::Int32}, {"int16", IndexType::Int16},
+    {"uint16", IndexType::UInt16}};
+static_assert(codes_in_order(kIndexTypeNames));
+
 // How the sparse loss treats the mass outside the kept tokens.
 enum class SparseTail : int32_t { Bucket = 0, Renormalize = 1 };
+inline constexpr NamedCode<SparseTail> kSparseTailNames[] = {{"bucket", SparseTail::Bucket},
+                                                             {"renormalize", SparseTail::Renormalize}};
+static_assert(codes_in_order(kSparseTailNames));
 
 // compress_topk: per row, the k largest teacher logits (ties: lower index first), their
 // log softmax(t/T) over the full row, and the log of the mass outside them (-inf if none).
@@ -128,23 +180,19 @@ struct SoftLabelView {
 //   7 row loss
 constexpr int kSparseRowStats = 8;
 
-struct SparseKDForwardArgs {
-  const void* student = nullptr;  // [rows, vocab], vocabulary dimension contiguous
-  DType student_dtype = DType::Float32;
-  int64_t student_row_stride = 0;
+// Inputs of both passes of the sparse KD loss: LossInputs plus the soft labels and the tail mode.
+struct SparseKDInputs : LossInputs {
   SoftLabelView soft_labels;
-  const int64_t* labels = nullptr;  // [rows] or null (every row valid, alpha must be 0)
-  int64_t rows = 0;
-  int64_t vocab = 0;
-  KDOptions options;
   SparseTail tail = SparseTail::Bucket;
+};
+
+struct SparseKDForwardArgs : SparseKDInputs {
   // Outputs: loss in the compute dtype (float64 for a float64 student, else float32),
   // [rows] when reduction == None, else a single element; row_stats [rows, kSparseRowStats]
   // and valid_rows (one element: rows whose label is not ignore_index) in float64.
   void* loss = nullptr;
   double* row_stats = nullptr;
   double* valid_rows = nullptr;
-  int num_threads = 1;
 };
 
 // Error counts of a sparse forward call; the rows concerned have NaN loss and statistics.
@@ -153,22 +201,12 @@ struct SparseKDForwardResult {
   int64_t bad_index_rows = 0;   // rows with an index outside [0, vocab) or a repeated index
 };
 
-struct SparseKDBackwardArgs {
+struct SparseKDBackwardArgs : SparseKDInputs {
   const void* grad_output = nullptr;  // compute dtype; [rows] (stride 1) for None, else 1 element
   int64_t grad_output_stride = 0;
-  const void* student = nullptr;
-  DType student_dtype = DType::Float32;
-  int64_t student_row_stride = 0;
-  SoftLabelView soft_labels;
-  const int64_t* labels = nullptr;
-  int64_t rows = 0;
-  int64_t vocab = 0;
-  KDOptions options;
-  SparseTail tail = SparseTail::Bucket;
   const double* row_stats = nullptr;   // as written by the forward pass
   const double* valid_rows = nullptr;  // as written by the forward pass
   void* grad_student = nullptr;        // [rows, vocab] contiguous, in the student dtype
-  int num_threads = 1;
 };
 
 
@@ -176,6 +214,8 @@ struct SparseKDBackwardArgs {
 
 // How the M teachers combine: Sum is sum_m w_m D(p_m, q); Mixture is D(sum_m w_m p_m, q).
 enum class Combine : int32_t { Sum = 0, Mixture = 1 };
+inline constexpr NamedCode<Combine> kCombineNames[] = {{"sum", Combine::Sum}, {"mixture", Combine::Mixture}};
+static_assert(codes_in_order(kCombineNames));
 
 // Per-row values of the multi-teacher forward pass, in the compute dtype: row_stats has
 // kMultiTeacherRowStatsBase + kMultiTeacherStatsPerTeacher * M columns:
@@ -185,15 +225,13 @@ enum class Combine : int32_t { Sum = 0, Mixture = 1 };
 constexpr int kMultiTeacherRowStatsBase = 6;
 constexpr int kMultiTeacherStatsPerTeacher = 3;
 
-// One struct for the forward and the backward pass. Teachers are M separate tensors
-// [rows, vocab] (vocabulary contiguous), all of one dtype, each with its own row stride.
-// Weights are already normalised (sum 1 over the teachers for every valid row), in the
-// compute dtype: teacher m of row r has weight weights[m * weight_teacher_stride +
-// r * weight_row_stride] (weight_row_stride 0 for per-teacher weights).
-struct MultiTeacherKDArgs {
-  const void* student = nullptr;
-  DType student_dtype = DType::Float32;
-  int64_t student_row_stride = 0;
+// One struct for the forward and the backward pass: LossInputs plus the teachers and their
+// weights, then the outputs of both passes. Teachers are M separate tensors [rows, vocab]
+// (vocabulary contiguous), all of one dtype, each with its own row stride. Weights are
+// already normalised (sum 1 over the teachers for every valid row), in the compute dtype:
+// teacher m of row r has weight weights[m * weight_teacher_stride + r * weight_row_stride]
+// (weight_row_stride 0 for per-teacher weights).
+struct MultiTeacherKDArgs : LossInputs {
   const void* const* teachers = nullptr;        // [num_teachers] row-major [rows, vocab] blocks
   const int64_t* teacher_row_strides = nullptr;  // [num_teachers]
   DType teacher_dtype = DType::Float32;
@@ -201,10 +239,6 @@ struct MultiTeacherKDArgs {
   const void* weights = nullptr;
   int64_t weight_teacher_stride = 0;
   int64_t weight_row_stride = 0;
-  const int64_t* labels = nullptr;  // [rows] or null (every row valid, alpha must be 0)
-  int64_t rows = 0;
-  int64_t vocab = 0;
-  KDOptions options;
   Combine combine = Combine::Sum;
   // Forward outputs (compute dtype): loss ([rows] for Reduction::None, else one element),
   // row_stats (see above), valid_rows (one element). The backward pass reads the last two.
@@ -218,7 +252,6 @@ struct MultiTeacherKDArgs {
   const void* grad_output = nullptr;
   int64_t grad_output_stride = 0;
   void* grad_student = nullptr;
-  int num_threads = 1;
 };
 
 }  // namespace kdfast
