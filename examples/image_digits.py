@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS),
                         help="datasets to run; unavailable ones are skipped")
-    parser.add_argument("--data-dir", default=os.path.join("data"), help="folder with MNIST IDX files or cifar-10-batches-py/ (never downloaded)")
+    parser.add_argument("--data-dir", default=os.path.join("data"),
+                        help="folder with MNIST IDX files or cifar-10-batches-py/ (never downloaded)")
     parser.add_argument("--train-subset", type=int, default=5000,
                         help="training images used from MNIST/CIFAR-10 (0 = all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

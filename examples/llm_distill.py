@@ -219,7 +219,8 @@ def benchmark_losses(rows: int, vocab_size: int, k: int, temperature: float, alp
         peak = measure_peak_extra_mb(step, "cpu")
         if teacher_bytes is None:
             teacher_bytes = (soft.indices.element_size() + soft.logprobs.element_size()) * k + 4
-        results.append({"loss": name, "ms": milliseconds, "peak_extra_mb": peak, "teacher_bytes_per_token": teacher_bytes})
+        results.append({"loss": name, "ms": milliseconds, "peak_extra_mb": peak,
+                        "teacher_bytes_per_token": teacher_bytes})
     return results
 
 

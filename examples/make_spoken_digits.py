@@ -36,7 +36,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speech_digits import DIGITS, MFCC_CONFIG, DEFAULT_DATA, mfcc, read_wav  # noqa: E402
+from speech_digits import DEFAULT_DATA, DIGITS, MFCC_CONFIG, mfcc, read_wav  # noqa: E402
 
 ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
            "en-029", "en-us-nyc")

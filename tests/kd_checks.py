@@ -105,7 +105,8 @@ def assert_grad_close(actual: torch.Tensor, expected64: torch.Tensor, *, grad_sc
     if actual.dtype in (torch.float32, torch.float64):
         allowed = GRAD_RTOL * expected64.abs() + fp32_allowance
         assert bool((difference <= allowed).all()), (
-            f"{context}: grad max |diff|={float(difference.max()):.3e} at {divmod(int(difference.argmax()), expected64.shape[-1])}, "
+            f"{context}: grad max |diff|={float(difference.max()):.3e} "
+            f"at {divmod(int(difference.argmax()), expected64.shape[-1])}, "
             f"max |expected|={float(expected64.abs().max()):.3e}"
         )
     else:
@@ -121,13 +122,20 @@ def check_against_reference(student, teacher, labels, *, reduction="mean", conte
     """Runs the loss under test and the oracle, compares loss and gradient, returns both results."""
     loss_function = functional.kd_loss if loss_function is None else loss_function
     leading_shape = tuple(student.shape[:-1])
-    grad_output = make_grad_output(expected_loss_shape(leading_shape, reduction), stable_seed(context, "grad"), student.device)
-    loss, grad = run_with_student_grad(loss_function, student, teacher, labels, grad_output, reduction=reduction, **options)
-    expected_loss, expected_grad = run_reference_float64(student, teacher, labels, grad_output, reduction=reduction, **options)
+    grad_output = make_grad_output(expected_loss_shape(leading_shape, reduction), stable_seed(context, "grad"),
+                                   student.device)
+    loss, grad = run_with_student_grad(loss_function, student, teacher, labels, grad_output, reduction=reduction,
+                                       **options)
+    expected_loss, expected_grad = run_reference_float64(student, teacher, labels, grad_output, reduction=reduction,
+                                                         **options)
 
-    assert loss.dtype == reference.compute_dtype_for(student.dtype, teacher.dtype), f"{context}: loss dtype {loss.dtype}"
+    assert loss.dtype == reference.compute_dtype_for(student.dtype, teacher.dtype), (
+        f"{context}: loss dtype {loss.dtype}"
+    )
     assert grad.dtype == student.dtype, f"{context}: grad dtype {grad.dtype} != student dtype {student.dtype}"
-    assert tuple(loss.shape) == expected_loss_shape(leading_shape, reduction), f"{context}: loss shape {tuple(loss.shape)}"
+    assert tuple(loss.shape) == expected_loss_shape(leading_shape, reduction), (
+        f"{context}: loss shape {tuple(loss.shape)}"
+    )
     loss_scale, grad_scale = natural_scales(
         temperature=options.get("temperature", 1.0),
         alpha=options.get("alpha", 0.0),

@@ -7,9 +7,10 @@ error, while `kdfast.reference` keeps working.
 
 from kdfast import functional, reference
 from kdfast._build import build_info
-from kdfast.losses import FusedLinearKDLoss, KDLoss, MultiTeacherKDLoss, SparseKDLoss
+from kdfast._version import __version__
 from kdfast.contract.softlabels import SoftLabels
 from kdfast.functional import compress_topk
+from kdfast.losses import FusedLinearKDLoss, KDLoss, MultiTeacherKDLoss, SparseKDLoss
 from kdfast.store import (
     CorruptShardError,
     SoftLabelStore,
@@ -19,8 +20,6 @@ from kdfast.store import (
     StoreMismatchError,
 )
 from kdfast.trainer import Distiller
-
-from kdfast._version import __version__
 
 __all__ = [
     "CorruptShardError",

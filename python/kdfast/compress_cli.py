@@ -66,9 +66,11 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                         help="storage dtype of the kept log-probabilities (default float16); the tail is float32")
     parser.add_argument("--index-dtype", choices=("auto", "uint16", "int32"), default="auto",
-                        help="storage dtype of indices and token ids (default auto: uint16 when V <= 65536, else int32)")
+                        help="storage dtype of indices and token ids "
+                             "(default auto: uint16 when V <= 65536, else int32)")
     parser.add_argument("--teacher-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                        help="Hugging Face teacher weights/compute dtype (default auto: bfloat16 on CUDA, else float32)")
+                        help="Hugging Face teacher weights/compute dtype "
+                             "(default auto: bfloat16 on CUDA, else float32)")
     parser.add_argument("--device", default="cpu", help="teacher device, e.g. cpu, cuda, cuda:1 (default cpu)")
     parser.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of --data")
     parser.add_argument("--no-token-ids", action="store_true", help="do not store the input token ids in the shards")
@@ -106,7 +108,8 @@ def _read_text_tokens(path: str, tokenizer, append_eos: bool) -> np.ndarray:
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
 
 
-def load_token_stream(path: str, data_format: str = "auto", tokenizer=None, append_eos: bool = True) -> Tuple[np.ndarray, str]:
+def load_token_stream(path: str, data_format: str = "auto", tokenizer=None,
+                      append_eos: bool = True) -> Tuple[np.ndarray, str]:
     """Reads the token stream to compress.
 
     Args:
@@ -129,9 +132,11 @@ def load_token_stream(path: str, data_format: str = "auto", tokenizer=None, appe
     elif data_format == "pt":
         loaded = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(loaded, (list, tuple)):
-            loaded = torch.cat([torch.as_tensor(item).reshape(-1) for item in loaded]) if loaded else torch.zeros(0, dtype=torch.int64)
+            loaded = (torch.cat([torch.as_tensor(item).reshape(-1) for item in loaded]) if loaded
+                      else torch.zeros(0, dtype=torch.int64))
         if not isinstance(loaded, torch.Tensor):
-            raise ValueError(f"{path}: expected a tensor or a list of tensors of token ids, got {type(loaded).__name__}")
+            raise ValueError(f"{path}: expected a tensor or a list of tensors of token ids, "
+                             f"got {type(loaded).__name__}")
         array = loaded.reshape(-1).to(torch.int64).numpy()
     elif data_format == "text":
         if tokenizer is None:
@@ -335,7 +340,8 @@ def _run_compress(args: argparse.Namespace) -> int:
                 token_ids = torch.from_numpy(np.asarray(tokens[first:end], dtype=np.int64)).view(windows, -1)
                 logits = teacher(token_ids)
                 if logits.shape[-1] != vocab_size:
-                    raise ValueError(f"teacher returned V={logits.shape[-1]} for tokens [{first}, {end}), earlier V={vocab_size}")
+                    raise ValueError(f"teacher returned V={logits.shape[-1]} for tokens [{first}, {end}), "
+                                     f"earlier V={vocab_size}")
                 if bool(torch.isnan(logits).any()):
                     raise ValueError(f"teacher logits contain NaN for tokens [{first}, {end})")
                 labels = compress_topk(logits, args.k, temperature=args.temperature, index_dtype=torch.int32).flatten()
@@ -370,7 +376,8 @@ def _run_compress(args: argparse.Namespace) -> int:
     reader = SoftLabelStore(args.out, verify="size")
     per_token = reader.bytes_per_token
     if interrupted:
-        say(f"kdfast compress: interrupted; {len(reader)} of {num_tokens} tokens committed in {args.out} (rerun with --resume)")
+        say(f"kdfast compress: interrupted; {len(reader)} of {num_tokens} tokens committed in {args.out} "
+            f"(rerun with --resume)")
         return EXIT_INTERRUPTED
     say(
         f"kdfast compress: {len(reader)} tokens in {reader.num_shards} shards at {args.out} "

@@ -265,7 +265,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
                         help=f"KD temperature T (default {DEFAULT_TEMPERATURE:g})")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
-                        help=f"weight of the hard-label cross-entropy in the distilled loss (default {DEFAULT_ALPHA:g})")
+                        help=f"weight of the hard-label cross-entropy in the distilled loss "
+                             f"(default {DEFAULT_ALPHA:g})")
     parser.add_argument("--hidden", type=int, default=128, help="student hidden width (default 128)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: the models are too small to gain from more)")

@@ -292,7 +292,8 @@ def search_kd_hyperparameters(
             try:
                 score = float(score)
             except (TypeError, ValueError) as error:
-                raise ValueError(f"the objective must return a number, got {score!r} for {params}, fold {fold}") from error
+                raise ValueError(f"the objective must return a number, "
+                                 f"got {score!r} for {params}, fold {fold}") from error
             if not math.isfinite(score):
                 raise ValueError(f"the objective returned {score} for {params}, fold {fold}")
             scores.append(score)

@@ -460,8 +460,8 @@ def fused_linear_kd_loss(hidden, weight, bias, teacher_logits, teacher_hidden, t
     # every rank must run the same number of chunks (one set of collectives per chunk): sized
     # from the global vocabulary, never from this rank's shard
     world = dist.get_world_size(group)
-    chunk_rows = chunk_size or fused_linear_ops.default_chunk_rows(hidden.shape[0], -(-global_vocab // world), hidden.dtype,
-                                                  hidden.device)
+    chunk_rows = chunk_size or fused_linear_ops.default_chunk_rows(hidden.shape[0], -(-global_vocab // world),
+                                                                   hidden.dtype, hidden.device)
     tensors = (teacher_logits, teacher_hidden, teacher_weight, teacher_bias, None, *soft, labels)
     loss = _FusedLinearShard.apply(hidden, weight, bias, tensors, loss_fn, chunk_rows, softcap, torch.is_grad_enabled())
     return loss.reshape(leading_shape) if reduction == "none" else loss

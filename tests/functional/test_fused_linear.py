@@ -260,10 +260,13 @@ def test_cuda_matches_reference(teacher_kind, dtype):
     teacher_logits = th @ tw.t() + tb
     teacher = {"logits": teacher_logits, "hidden": (th, tw, tb),
                "soft": kdfast.compress_topk(teacher_logits, 16)}[teacher_kind]
-    to_cuda = (lambda x: x.cuda() if isinstance(x, torch.Tensor) else
-               (tuple(t.cuda() for t in x) if isinstance(x, tuple) else
-                kdfast.SoftLabels(x.indices.cuda(), x.logprobs.cuda(), x.tail_logprob.cuda(), x.temperature,
-                                  x.vocab_size)))
+
+    def to_cuda(x):
+        return (x.cuda() if isinstance(x, torch.Tensor) else
+                (tuple(t.cuda() for t in x) if isinstance(x, tuple) else
+                 kdfast.SoftLabels(x.indices.cuda(), x.logprobs.cuda(), x.tail_logprob.cuda(), x.temperature,
+                                   x.vocab_size)))
+
     hc, wc, bc = (x.detach().cuda().to(dtype).requires_grad_() for x in (h, w, b))
     options = dict(divergence="jsd", alpha=0.3, reduction="mean")
     loss = fused_linear_kd_loss(hc, wc, to_cuda(teacher), labels.cuda(), student_bias=bc, chunk_size=64, **options)

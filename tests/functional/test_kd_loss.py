@@ -71,12 +71,15 @@ def test_matches_reference(make_kd_inputs, divergence, reduction, dtype, tempera
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_module_equals_functional(make_kd_inputs, divergence, reduction):
-    options = dict(divergence=divergence, temperature=2.0, alpha=0.3, beta=0.4, label_smoothing=0.05, reduction=reduction)
-    student, teacher, labels = make_kd_inputs((5,), 131, seed=stable_seed("module", divergence, reduction), ignored_fraction=0.2)
+    options = dict(divergence=divergence, temperature=2.0, alpha=0.3, beta=0.4, label_smoothing=0.05,
+                   reduction=reduction)
+    student, teacher, labels = make_kd_inputs((5,), 131, seed=stable_seed("module", divergence, reduction),
+                                              ignored_fraction=0.2)
     grad_output = make_grad_output(expected_loss_shape((5,), reduction), 7, student.device)
     module = kdfast.KDLoss(**options)
     module_loss, module_grad = run_with_student_grad(module, student, teacher, labels, grad_output)
-    functional_loss, functional_grad = run_with_student_grad(functional.kd_loss, student, teacher, labels, grad_output, **options)
+    functional_loss, functional_grad = run_with_student_grad(functional.kd_loss, student, teacher, labels, grad_output,
+                                                             **options)
     torch.testing.assert_close(module_loss, functional_loss, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(module_grad, functional_grad, rtol=1e-6, atol=1e-8)
     assert f"divergence={divergence!r}" in repr(module)
@@ -102,10 +105,12 @@ def test_module_equals_functional(make_kd_inputs, divergence, reduction):
 def test_mixed_student_teacher_dtypes(make_kd_inputs, divergence, student_dtype, teacher_dtype):
     context = f"mixed/{divergence}/{DTYPE_IDS[student_dtype]}-{DTYPE_IDS[teacher_dtype]}"
     student, teacher, labels = make_kd_inputs(
-        (6,), 131, seed=stable_seed(context), student_dtype=student_dtype, teacher_dtype=teacher_dtype, ignored_fraction=0.2
+        (6,), 131, seed=stable_seed(context), student_dtype=student_dtype, teacher_dtype=teacher_dtype,
+        ignored_fraction=0.2,
     )
     (loss, grad), _ = check_against_reference(
-        student, teacher, labels, context=context, divergence=divergence, temperature=2.0, alpha=0.5, label_smoothing=0.1
+        student, teacher, labels, context=context, divergence=divergence, temperature=2.0, alpha=0.5,
+        label_smoothing=0.1,
     )
     assert loss.dtype == torch.float32
     assert grad.dtype == student_dtype
@@ -123,7 +128,8 @@ def test_teacher_receives_no_gradient(make_kd_inputs):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_gradcheck_float64(make_kd_inputs, divergence, reduction):
-    student, teacher, labels = make_kd_inputs((4,), 5, seed=stable_seed("gradcheck", divergence, reduction), student_dtype=torch.float64)
+    student, teacher, labels = make_kd_inputs((4,), 5, seed=stable_seed("gradcheck", divergence, reduction),
+                                              student_dtype=torch.float64)
     labels[1] = -100
     student.requires_grad_(True)
 
@@ -144,11 +150,13 @@ def test_gradcheck_float64(make_kd_inputs, divergence, reduction):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_all_rows_ignored(make_kd_inputs, divergence, reduction, alpha):
-    student, teacher, labels = make_kd_inputs((2, 3), 37, seed=stable_seed("all-ignored", divergence), ignored_fraction=1.0)
+    student, teacher, labels = make_kd_inputs((2, 3), 37, seed=stable_seed("all-ignored", divergence),
+                                              ignored_fraction=1.0)
     assert bool((labels == -100).all())
     grad_output = make_grad_output(expected_loss_shape((2, 3), reduction), 3, student.device)
     loss, grad = run_with_student_grad(
-        functional.kd_loss, student, teacher, labels, grad_output, divergence=divergence, reduction=reduction, alpha=alpha
+        functional.kd_loss, student, teacher, labels, grad_output, divergence=divergence, reduction=reduction,
+        alpha=alpha,
     )
     assert tuple(loss.shape) == expected_loss_shape((2, 3), reduction)
     assert bool((loss == 0).all()), f"all rows ignored must give 0, got {loss}"
@@ -179,7 +187,8 @@ def test_labels_none_with_alpha_zero(make_kd_inputs, divergence, reduction):
     all_valid_labels = torch.zeros(5, dtype=torch.long, device=student.device)
     grad_output = make_grad_output(expected_loss_shape((5,), reduction), stable_seed(context, "grad"), student.device)
     loss_with_labels, grad_with_labels = run_with_student_grad(
-        functional.kd_loss, student, teacher, all_valid_labels, grad_output, divergence=divergence, reduction=reduction, temperature=2.0
+        functional.kd_loss, student, teacher, all_valid_labels, grad_output, divergence=divergence, reduction=reduction,
+        temperature=2.0,
     )
     torch.testing.assert_close(loss_without_labels, loss_with_labels, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad_without_labels, grad_with_labels, rtol=1e-6, atol=1e-8)
@@ -209,7 +218,8 @@ def labels_avoiding_masked_columns(labels: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "tvd"])
 def test_teacher_only_masked_vocab(make_kd_inputs, divergence, alpha, dtype):
     context = f"teacher-masked/{divergence}/alpha={alpha}/{DTYPE_IDS[dtype]}"
-    student, teacher, labels = make_kd_inputs((6,), 37, seed=stable_seed(context), student_dtype=dtype, ignored_fraction=0.2)
+    student, teacher, labels = make_kd_inputs((6,), 37, seed=stable_seed(context), student_dtype=dtype,
+                                              ignored_fraction=0.2)
     check_against_reference(
         student, mask_columns(teacher), labels, reduction="sum", context=context,
         divergence=divergence, alpha=alpha, temperature=2.0, label_smoothing=0.1,
@@ -221,7 +231,8 @@ def test_teacher_only_masked_vocab(make_kd_inputs, divergence, alpha, dtype):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_student_and_teacher_masked_vocab(make_kd_inputs, divergence, alpha, dtype):
     context = f"both-masked/{divergence}/alpha={alpha}/{DTYPE_IDS[dtype]}"
-    student, teacher, labels = make_kd_inputs((6,), 37, seed=stable_seed(context), student_dtype=dtype, ignored_fraction=0.2)
+    student, teacher, labels = make_kd_inputs((6,), 37, seed=stable_seed(context), student_dtype=dtype,
+                                              ignored_fraction=0.2)
     (loss, grad), _ = check_against_reference(
         mask_columns(student), mask_columns(teacher), labels_avoiding_masked_columns(labels), reduction="mean",
         context=context, divergence=divergence, alpha=alpha, temperature=0.5,
@@ -278,7 +289,8 @@ def test_logits_near_ten_thousand(make_kd_inputs, divergence, layout, dtype):
     reference run on the inputs as given), plus the usual fp32 allowance.
     """
     context = f"large/{divergence}/{layout}/{DTYPE_IDS[dtype]}"
-    student, teacher, labels = make_kd_inputs((6,), 131, seed=stable_seed(context), student_dtype=torch.float64, ignored_fraction=0.2)
+    student, teacher, labels = make_kd_inputs((6,), 131, seed=stable_seed(context), student_dtype=torch.float64,
+                                              ignored_fraction=0.2)
     if layout == "shifted":
         student = student + 1.0e4
         teacher = teacher - 1.0e4
@@ -337,7 +349,8 @@ def test_three_dim_inputs(make_kd_inputs, divergence, reduction):
     context = f"3d/{divergence}/{reduction}"
     student, teacher, labels = make_kd_inputs((2, 4), 37, seed=stable_seed(context), ignored_fraction=0.25)
     (loss, _), _ = check_against_reference(
-        student, teacher, labels, reduction=reduction, context=context, divergence=divergence, alpha=0.5, temperature=2.0
+        student, teacher, labels, reduction=reduction, context=context, divergence=divergence, alpha=0.5,
+        temperature=2.0,
     )
     flat_loss = functional.kd_loss(
         student.reshape(8, 37), teacher.reshape(8, 37), labels.reshape(8), reduction=reduction,
@@ -398,9 +411,11 @@ def test_non_contiguous_inputs(device, divergence, layout):
     context = f"noncontiguous/{divergence}/{layout}"
     student, teacher, labels = make_non_contiguous_case(layout, device, stable_seed(context))
     (loss, grad), _ = check_against_reference(
-        student, teacher, labels, reduction="none", context=context, divergence=divergence, alpha=0.5, temperature=2.0, label_smoothing=0.1
+        student, teacher, labels, reduction="none", context=context, divergence=divergence, alpha=0.5, temperature=2.0,
+        label_smoothing=0.1,
     )
-    grad_output = make_grad_output(expected_loss_shape(student.shape[:-1], "none"), stable_seed(context, "grad"), student.device)
+    grad_output = make_grad_output(expected_loss_shape(student.shape[:-1], "none"), stable_seed(context, "grad"),
+                                   student.device)
     contiguous_loss, contiguous_grad = run_with_student_grad(
         functional.kd_loss, student.contiguous(), teacher.contiguous(), labels.contiguous(), grad_output,
         reduction="none", divergence=divergence, alpha=0.5, temperature=2.0, label_smoothing=0.1,
@@ -418,8 +433,10 @@ def test_t2_scale_off(make_kd_inputs, divergence):
     context = f"t2off/{divergence}"
     student, teacher, labels = make_kd_inputs((6,), 37, seed=stable_seed(context))
     options = dict(divergence=divergence, temperature=3.0, alpha=0.25)
-    (scaled, _), _ = check_against_reference(student, teacher, labels, context=context + "/on", t2_scale=True, **options)
-    (unscaled, _), _ = check_against_reference(student, teacher, labels, context=context + "/off", t2_scale=False, **options)
+    (scaled, _), _ = check_against_reference(student, teacher, labels, context=context + "/on", t2_scale=True,
+                                             **options)
+    (unscaled, _), _ = check_against_reference(student, teacher, labels, context=context + "/off", t2_scale=False,
+                                               **options)
     assert not math.isclose(float(scaled), float(unscaled), rel_tol=1e-3)
 
 
@@ -428,7 +445,8 @@ def test_jsd_beta(make_kd_inputs, beta):
     context = f"jsd-beta/{beta}"
     student, teacher, labels = make_kd_inputs((6,), 131, seed=stable_seed(context), ignored_fraction=0.2)
     check_against_reference(
-        student, teacher, labels, reduction="none", context=context, divergence="jsd", beta=beta, temperature=2.0, alpha=0.2
+        student, teacher, labels, reduction="none", context=context, divergence="jsd", beta=beta, temperature=2.0,
+        alpha=0.2,
     )
 
 
@@ -479,7 +497,8 @@ def test_strided_views_reach_the_kernel_uncopied(device, divergence, student_dty
     assert_loss_close(loss, expected, loss_scale=rows, context="strided")
     grad_in_view = student_base.grad[1::2, 3 : 3 + vocab]
     tolerance = 2e-5 if student_dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(grad_in_view.to(torch.float64), student64.grad, rtol=tolerance, atol=tolerance * float(student64.grad.abs().max()))
+    torch.testing.assert_close(grad_in_view.to(torch.float64), student64.grad, rtol=tolerance,
+                               atol=tolerance * float(student64.grad.abs().max()))
     untouched = student_base.grad.clone()
     untouched[1::2, 3 : 3 + vocab] = 0
     assert torch.count_nonzero(untouched) == 0  # nothing written outside the view

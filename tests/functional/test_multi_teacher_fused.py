@@ -63,7 +63,8 @@ def test_float64_matches_plain(divergence, combine, reduction):
     options = dict(combine=combine, divergence=divergence, reduction=reduction, temperature=2.0, alpha=0.3,
                    label_smoothing=0.1, weights=[1.0, 2.0, 0.5], beta=0.3)
     grad_output = make_grad_output(reduction, shape[:-1], seed=2)
-    loss, grad = loss_and_grad(functional.multi_teacher_kd_loss, student, list(teachers), labels, grad_output, **options)
+    loss, grad = loss_and_grad(functional.multi_teacher_kd_loss, student, list(teachers), labels, grad_output,
+                               **options)
     ref_loss, ref_grad = loss_and_grad(plain_loss, student, list(teachers), labels, grad_output, **options)
     assert loss.dtype == torch.float64 and grad.dtype == torch.float64
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)

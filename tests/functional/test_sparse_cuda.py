@@ -202,7 +202,8 @@ def test_opcheck_topk_compress_cuda():
     teacher = random_logits((5, 300), seed=11)
     for logits, index_dtype, temperature in ((teacher, torch.int32, 2.0), (teacher.double(), torch.int64, 0.5)):
         value_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        outputs = (torch.empty(5, 7, dtype=index_dtype, device="cuda"), torch.empty(5, 7, dtype=value_dtype, device="cuda"),
+        outputs = (torch.empty(5, 7, dtype=index_dtype, device="cuda"),
+                   torch.empty(5, 7, dtype=value_dtype, device="cuda"),
                    torch.empty(5, dtype=value_dtype, device="cuda"))
         torch.library.opcheck(sparse_ops.topk_compress, (logits, *outputs, temperature))
 

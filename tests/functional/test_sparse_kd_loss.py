@@ -92,7 +92,8 @@ def assert_close_to_reference(student, soft_labels, labels, *, seed=0, **options
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("tail", TAILS)
 def test_matches_reference(tail, divergence, reduction, dtype):
-    student, soft_labels, labels = make_case((3, 5), 1271, 17, seed=zlib.crc32(f"{tail}/{divergence}".encode()) % 1000, dtype=dtype)
+    student, soft_labels, labels = make_case((3, 5), 1271, 17, seed=zlib.crc32(f"{tail}/{divergence}".encode()) % 1000,
+                                             dtype=dtype)
     assert_close_to_reference(
         student, soft_labels, labels, divergence=divergence, tail=tail, reduction=reduction, alpha=0.3,
         label_smoothing=0.1, beta=0.3,

@@ -38,7 +38,8 @@ def batch(seed: int, size: int = 3, length: int = 11):
 
 
 def eager_formula(student, teacher, labels, temperature, alpha):
-    s, t, y = student[:, :-1].reshape(-1, student.shape[-1]), teacher[:, :-1].reshape(-1, teacher.shape[-1]), labels[:, 1:].reshape(-1)
+    s, t, y = (student[:, :-1].reshape(-1, student.shape[-1]), teacher[:, :-1].reshape(-1, teacher.shape[-1]),
+               labels[:, 1:].reshape(-1))
     valid = y != -100
     s, t, y = s[valid].double(), t[valid].double(), y[valid]
     log_q = torch.log_softmax(s / temperature, -1)
@@ -122,7 +123,8 @@ def test_distillation_loss_matches_formula_and_keeps_batch():
     data = batch(3)
     model_inputs = {k: v for k, v in data.items() if k != "labels"}
     with torch.no_grad():
-        expected = eager_formula(student(**model_inputs).logits, teacher(**model_inputs).logits, data["labels"], 2.0, 0.3)
+        expected = eager_formula(student(**model_inputs).logits, teacher(**model_inputs).logits, data["labels"],
+                                 2.0, 0.3)
     loss, outputs = hf.distillation_loss(student, teacher, data, temperature=2.0, alpha=0.3)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert outputs.logits.shape == (3, 11, VOCAB)

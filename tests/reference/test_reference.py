@@ -183,7 +183,8 @@ def test_cross_entropy_closed_form():
     torch.testing.assert_close(plain, torch.tensor([-math.log(0.75), -math.log(0.25)], dtype=torch.float64))
     smoothed = reference.kd_loss(student, teacher, labels, alpha=1.0, label_smoothing=0.2, reduction="none")
     smoothing_part = 0.1 * (math.log(0.75) + math.log(0.25))
-    expected = torch.tensor([-0.8 * math.log(0.75) - smoothing_part, -0.8 * math.log(0.25) - smoothing_part], dtype=torch.float64)
+    expected = torch.tensor([-0.8 * math.log(0.75) - smoothing_part, -0.8 * math.log(0.25) - smoothing_part],
+                            dtype=torch.float64)
     torch.testing.assert_close(smoothed, expected)
     # CE is taken at temperature 1 whatever T is.
     at_temperature = reference.kd_loss(student, teacher, labels, alpha=1.0, temperature=3.0, reduction="none")
@@ -376,7 +377,8 @@ def test_reductions_relate_to_row_losses():
     assert rows.shape == (6,) and float(rows[0]) == 0.0 and float(rows[4]) == 0.0
     torch.testing.assert_close(reference.kd_loss(student, teacher, labels, reduction="sum", **options), rows.sum())
     torch.testing.assert_close(reference.kd_loss(student, teacher, labels, reduction="mean", **options), rows.sum() / 4)
-    torch.testing.assert_close(reference.kd_loss(student, teacher, labels, reduction="batchmean", **options), rows.sum() / 6)
+    torch.testing.assert_close(reference.kd_loss(student, teacher, labels, reduction="batchmean", **options),
+                               rows.sum() / 6)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -402,10 +404,12 @@ def test_labels_none_equals_all_rows_valid():
 
 def test_shapes_of_none_reduction():
     student, teacher, labels = random_case(6, 5, seed=20)
-    assert reference.kd_loss(student.reshape(2, 3, 5), teacher.reshape(2, 3, 5), labels.reshape(2, 3), reduction="none").shape == (2, 3)
+    assert reference.kd_loss(student.reshape(2, 3, 5), teacher.reshape(2, 3, 5), labels.reshape(2, 3),
+                             reduction="none").shape == (2, 3)
     single = reference.kd_loss(student[0], teacher[0], labels[0], reduction="none", alpha=0.5)
     assert single.dim() == 0
-    torch.testing.assert_close(single, reference.kd_loss(student[:1], teacher[:1], labels[:1], reduction="none", alpha=0.5)[0])
+    torch.testing.assert_close(single, reference.kd_loss(student[:1], teacher[:1], labels[:1], reduction="none",
+                                                         alpha=0.5)[0])
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)

@@ -122,7 +122,8 @@ def assert_close_to_reference(stored, expected, logprob_rtol):
 def run_cli_subprocess(arguments, log_path, delay):
     environment = dict(os.environ, TOY_TEACHER_DELAY=str(delay), OMP_NUM_THREADS="1")
     log = open(log_path, "w")
-    return subprocess.Popen([sys.executable, "-m", "kdfast.compress_cli", *arguments], stderr=log, stdout=log, env=environment), log
+    return subprocess.Popen([sys.executable, "-m", "kdfast.compress_cli", *arguments], stderr=log, stdout=log,
+                            env=environment), log
 
 
 def wait_for_shards(process, out, count, timeout=60.0):
@@ -152,7 +153,8 @@ def test_function_teacher_store_matches_the_teacher_window_by_window(toy, tmp_pa
     store, labels, token_ids = stored_arrays(out)
     assert store.complete and len(store) == 1000 and store.num_shards == 10
     assert (store.vocab_size, store.k, store.temperature) == (TOY_VOCAB, 8, 1.5)
-    assert store.dtypes == {"indices": "uint16", "logprobs": "float32", "tail_logprob": "float32", "token_ids": "uint16"}
+    assert store.dtypes == {"indices": "uint16", "logprobs": "float32", "tail_logprob": "float32",
+                            "token_ids": "uint16"}
     assert store.bytes_per_token == {"soft_labels": 8 * (2 + 4) + 4, "token_ids": 2, "total": 54}
     assert store.manifest["teacher"] == spec
     assert store.manifest["source"]["num_tokens"] == 1000 and store.manifest["source"]["seq_len"] == 32
@@ -205,7 +207,8 @@ def test_bad_arguments_exit_2_with_a_message(toy, tmp_path, capsys, extra, messa
 
 
 # --------------------------------------------------------------------------- interruptions
-def test_killed_run_leaves_a_consistent_store_and_resume_equals_an_uninterrupted_run(toy, uninterrupted_toy_store, tmp_path):
+def test_killed_run_leaves_a_consistent_store_and_resume_equals_an_uninterrupted_run(toy, uninterrupted_toy_store,
+                                                                                     tmp_path):
     out, log_path = tmp_path / "killed", tmp_path / "killed.log"
     process, log = run_cli_subprocess(toy_arguments(toy, out), log_path, delay=0.03)
     try:
@@ -271,7 +274,8 @@ def tiny_gpt2(tmp_path_factory):
     model = transformers.GPT2LMHeadModel(config).eval()
     model.save_pretrained(directory)
     words = ["[UNK]", "<eos>"] + [f"w{number}" for number in range(100)]
-    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
+    word_level = tokenizers.Tokenizer(tokenizers.models.WordLevel({word: i for i, word in enumerate(words)},
+                                                                  unk_token="[UNK]"))
     word_level.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]", eos_token="<eos>")
     tokenizer.save_pretrained(directory)

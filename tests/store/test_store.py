@@ -70,7 +70,8 @@ def assert_same_soft_labels(actual: SoftLabels, expected: SoftLabels) -> None:
     assert torch.equal(actual.tail_logprob, expected.tail_logprob)
 
 
-def write_store(directory, labels: SoftLabels, *, shard_tokens: int, chunks=(37, 100, 5), token_ids=None, **create_args):
+def write_store(directory, labels: SoftLabels, *, shard_tokens: int, chunks=(37, 100, 5), token_ids=None,
+                **create_args):
     """Writes `labels` (rows appended in chunks of the given sizes, cycling) and closes the writer."""
     with SoftLabelStore.create(
         directory,
@@ -174,7 +175,8 @@ def test_manifest_records_the_run(tmp_path):
         manifest = json.load(handle)
     assert manifest["format"] == "kdfast.SoftLabelStore" and manifest["format_version"] == 1
     assert (manifest["vocab_size"], manifest["k"], manifest["temperature"]) == (300, 5, 2.0)
-    assert manifest["dtypes"] == {"indices": "uint16", "logprobs": "float16", "tail_logprob": "float32", "token_ids": None}
+    assert manifest["dtypes"] == {"indices": "uint16", "logprobs": "float16", "tail_logprob": "float32",
+                                  "token_ids": None}
     assert manifest["teacher"] == "my/teacher" and manifest["tokenizer"] == "my/tokenizer"
     assert manifest["source"] == {"dataset": "unit-test", "seq_len": 35}
     assert manifest["metadata"] == {"note": "free text"}
@@ -451,7 +453,8 @@ def test_writer_killed_mid_run_leaves_a_consistent_prefix_that_resume_completes(
     assert_same_soft_labels(survivor[:], expected[: len(survivor)])
 
     labels = random_soft_labels(rows, 300, 4, seed=21)
-    with SoftLabelStore.create(directory, vocab_size=300, k=4, temperature=1.0, shard_tokens=shard_tokens, resume=True) as writer:
+    with SoftLabelStore.create(directory, vocab_size=300, k=4, temperature=1.0, shard_tokens=shard_tokens,
+                               resume=True) as writer:
         assert writer.num_tokens == len(survivor)
         writer.append(labels[writer.num_tokens :])
         writer.close(complete=True)

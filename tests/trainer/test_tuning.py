@@ -52,7 +52,8 @@ def test_kfold_rejects_wrong_label_length():
 
 def test_grid_and_random_candidates():
     grid = tuning.grid_candidates([0.1, 0.9], [1.0, 2.0, 4.0])
-    assert len(grid) == 6 and grid[0] == {"alpha": 0.1, "temperature": 1.0} and grid[-1] == {"alpha": 0.9, "temperature": 4.0}
+    assert (len(grid) == 6 and grid[0] == {"alpha": 0.1, "temperature": 1.0}
+            and grid[-1] == {"alpha": 0.9, "temperature": 4.0})
     draws = tuning.random_candidates(50, alpha_range=(0.2, 0.6), temperature_range=(2.0, 5.0), seed=1)
     assert len(draws) == 50
     assert all(0.2 <= d["alpha"] <= 0.6 and 2.0 <= d["temperature"] <= 5.0 for d in draws)

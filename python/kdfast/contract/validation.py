@@ -107,7 +107,8 @@ def check_kd_inputs(
 
     if labels is not None:
         if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"kd_loss: labels must be a torch.Tensor of dtype torch.int64 or None, got {type(labels).__name__}")
+            raise TypeError(f"kd_loss: labels must be a torch.Tensor of dtype torch.int64 or None, "
+                            f"got {type(labels).__name__}")
         if labels.dtype != torch.int64:
             raise TypeError(
                 f"kd_loss: labels must have dtype torch.int64 (torch.long), got {labels.dtype} "
@@ -138,7 +139,8 @@ def check_kd_inputs(
         raise ValueError(f"kd_loss: alpha must be in [0, 1], got alpha={alpha!r}")
     if alpha > 0 and labels is None:
         raise ValueError(
-            f"kd_loss: alpha={alpha!r} > 0 weights a hard-label cross-entropy, so labels must be given (got labels=None)"
+            f"kd_loss: alpha={alpha!r} > 0 weights a hard-label cross-entropy, "
+            f"so labels must be given (got labels=None)"
         )
 
     _check_number_option("beta", beta)
@@ -150,7 +152,8 @@ def check_kd_inputs(
         raise ValueError(f"kd_loss: label_smoothing must be in [0, 1), got label_smoothing={label_smoothing!r}")
 
     if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
-        raise TypeError(f"kd_loss: ignore_index must be a Python int, got {type(ignore_index).__name__} ({ignore_index!r})")
+        raise TypeError(f"kd_loss: ignore_index must be a Python int, "
+                        f"got {type(ignore_index).__name__} ({ignore_index!r})")
 
 
 def check_label_range(labels: Optional[torch.Tensor], vocab_size: int, ignore_index: int) -> None:
@@ -231,7 +234,8 @@ def check_sparse_kd_inputs(
         temperature = soft_labels.temperature
     else:
         if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-            raise TypeError(f"sparse_kd_loss: temperature must be a Python number or None, got {type(temperature).__name__}")
+            raise TypeError(f"sparse_kd_loss: temperature must be a Python number or None, "
+                            f"got {type(temperature).__name__}")
         if not math.isclose(float(temperature), soft_labels.temperature, rel_tol=1e-6, abs_tol=0.0):
             raise ValueError(
                 f"sparse_kd_loss: temperature={temperature!r} differs from the soft labels' temperature "

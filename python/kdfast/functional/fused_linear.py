@@ -212,8 +212,8 @@ def fused_linear_kd_loss(
                 raise ValueError(f"fused_linear_kd_loss: {name} is on {tensor.device} but student_hidden is on "
                                  f"{device}")
         check_kd_inputs(
-            shape_carrier, shape_carrier, labels, divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
-            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            shape_carrier, shape_carrier, labels, divergence=divergence, temperature=temperature, alpha=alpha,
+            beta=beta, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
         )
 
     hidden_rows = student_hidden.reshape(-1, hidden_size)

@@ -34,7 +34,8 @@ from torch import Tensor
 
 from kdfast import functional
 
-__all__ = ["DistillationTrainer", "causal_lm_kd_loss", "distillation_loss", "fused_causal_lm_kd_loss",
+# DistillationTrainer needs transformers, so it is built on first access by the module-level __getattr__ below
+__all__ = ["DistillationTrainer", "causal_lm_kd_loss", "distillation_loss", "fused_causal_lm_kd_loss",  # noqa: F822
            "require_transformers"]
 
 INSTALL_HINT = "pip install 'kdfast[hf]' (or pip install transformers accelerate)"
@@ -143,7 +144,8 @@ def _hidden_and_head(model: torch.nn.Module, inputs: dict):
     base = getattr(model, prefix, None) if prefix else None
     if head is None or not isinstance(head, torch.nn.Linear) or base is None or base is model:
         raise TypeError(f"fused=True needs a causal LM with a base model (`{prefix or 'base_model_prefix'}`) and a "
-                        f"Linear lm_head (get_output_embeddings()); {type(model).__name__} has neither; use fused=False")
+                        f"Linear lm_head (get_output_embeddings()); {type(model).__name__} has neither; "
+                        f"use fused=False")
     output = base(**inputs)
     hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)

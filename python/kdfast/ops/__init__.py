@@ -6,8 +6,10 @@ contiguous; shaping, validation and the choice between kernels and the pure-PyTo
 fallback happen in `kdfast.functional`.
 """
 
-from kdfast.ops import kd_loss  # noqa: F401  (registers torch.ops.kdfast.kd_loss_*)
-from kdfast.ops import fused_linear  # noqa: F401  (registers torch.ops.kdfast.fused_linear_kd_*)
-from kdfast.ops import multi_teacher  # noqa: F401  (registers torch.ops.kdfast.multi_teacher_kd_*)
-from kdfast.ops import sparse  # noqa: F401  (registers torch.ops.kdfast.topk_compress, sparse_kd_*)
+from kdfast.ops import (
+    fused_linear,  # noqa: F401  (registers torch.ops.kdfast.fused_linear_kd_*)
+    kd_loss,  # noqa: F401  (registers torch.ops.kdfast.kd_loss_*)
+    multi_teacher,  # noqa: F401  (registers torch.ops.kdfast.multi_teacher_kd_*)
+    sparse,  # noqa: F401  (registers torch.ops.kdfast.topk_compress, sparse_kd_*)
+)
 from kdfast.ops._native import native_available, native_module  # noqa: F401

@@ -260,7 +260,8 @@ def forward_body(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher
     if compute_grads and options.reduction != "none":
         grads = (grad_hidden, grad_weight, grad_bias if bias is not None else None)
     run_forward(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, teacher_columns,
-                soft, labels, loss, row_stats, grads, chunk_rows, softcap, ChunkLoss(soft is not None, kernels, options))
+                soft, labels, loss, row_stats, grads, chunk_rows, softcap,
+                ChunkLoss(soft is not None, kernels, options))
 
 
 def backward_body(grad_rows: Tensor, row_stats: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],

@@ -32,7 +32,8 @@ def compute_dtype_for(student_dtype: torch.dtype, teacher_dtype: torch.dtype) ->
     return torch.float32
 
 
-def _weighted_log_ratio_sum(weight: torch.Tensor, log_numerator: torch.Tensor, log_denominator: torch.Tensor) -> torch.Tensor:
+def _weighted_log_ratio_sum(weight: torch.Tensor, log_numerator: torch.Tensor,
+                            log_denominator: torch.Tensor) -> torch.Tensor:
     """Σ_i w_i (log a_i − log b_i) over the last dim, where terms with w_i == 0 are exactly 0.
 
     The log-difference itself is masked (not the product), so a −inf or NaN difference in a

@@ -168,7 +168,8 @@ def sparse_kd_loss(
     vocab_size = student_logits.shape[-1]
     check_label_range(labels, vocab_size, ignore_index)
     flat = soft_labels.flatten()
-    indices = flat.indices.to(torch.int32).to(torch.int64) if flat.indices.dtype == torch.uint16 else flat.indices.to(torch.int64)
+    indices = (flat.indices.to(torch.int32).to(torch.int64) if flat.indices.dtype == torch.uint16
+               else flat.indices.to(torch.int64))
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= vocab_size):
         raise ValueError(f"sparse_kd_loss: soft_labels.indices must lie in [0, {vocab_size})")
     leading_shape = student_logits.shape[:-1]
