@@ -21,9 +21,9 @@ from kdfast.methods.feature import (
 )
 from kdfast.methods.hooks import FeatureCapture
 from kdfast.methods.logit import dkd_loss, logit_mse_loss
+from kdfast.methods.multi_teacher import multi_teacher_kd_loss
 from kdfast.methods.registry import METHODS, DistillationMethod, MethodSpec, available_methods, build_method
 from kdfast.methods.relational import relational_kd_loss, rkd_angle_loss, rkd_distance_loss
-from kdfast.reference.multi_teacher import multi_teacher_kd_loss
 
 __all__ = [
     "METHODS",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -75,7 +75,7 @@ def _writes_nothing(*arguments) -> None:
     return None
 
 
-def launch(op, body: Callable, arguments: Sequence, options: KDOptions = None) -> None:
+def launch(op, body: Callable, arguments: Sequence, options: Optional[KDOptions] = None) -> None:
     """Runs one op: through the dispatcher when compiling, else its body directly."""
     if torch.compiler.is_compiling():
         if options is None:

@@ -63,6 +63,32 @@ SHARD_FILE = re.compile(r"^shard-(\d{6,})\.(indices|logprobs|tail_logprob|token_
 _CHECKSUM_CHUNK = 8 << 20
 
 
+class ManifestFields:
+    """The manifest's scalar fields as properties; the reader and the writer both expose them."""
+
+    manifest: Dict[str, Any]
+
+    @property
+    def vocab_size(self) -> int:
+        """V, the teacher's vocabulary size."""
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def k(self) -> int:
+        """Kept tokens per row."""
+        return int(self.manifest["k"])
+
+    @property
+    def temperature(self) -> float:
+        """Temperature T the soft labels were computed at."""
+        return float(self.manifest["temperature"])
+
+    @property
+    def complete(self) -> bool:
+        """Whether the writer marked the store finished (all source tokens written)."""
+        return bool(self.manifest.get("complete", False))
+
+
 class SoftLabelStoreError(Exception):
     """Base class of the errors raised by `SoftLabelStore` and its writer."""
 

@@ -31,6 +31,7 @@ from kdfast.store.format import (
     STORAGE_DTYPES,
     TORCH_TO_NAME,
     CorruptShardError,
+    ManifestFields,
     SoftLabelStoreError,
     StoreMismatchError,
     default_checksum_algorithm,
@@ -45,7 +46,7 @@ from kdfast.store.format import (
 from kdfast.store.writer import SoftLabelStoreWriter, acquire_writer_lock, release_writer_lock, remove_store_files
 
 
-class SoftLabelStore:
+class SoftLabelStore(ManifestFields):
     """Reads a soft-label store by token range, memory-mapping its shards.
 
     `store[start:stop]` returns a `SoftLabels` with `indices` [n, k], `logprobs` [n, k],
@@ -91,20 +92,8 @@ class SoftLabelStore:
             self._check_sizes(shard)
         return self
 
-    @property
-    def vocab_size(self) -> int:
-        """V, the teacher's vocabulary size."""
-        return int(self.manifest["vocab_size"])
 
-    @property
-    def k(self) -> int:
-        """Kept tokens per row."""
-        return int(self.manifest["k"])
 
-    @property
-    def temperature(self) -> float:
-        """Temperature T the soft labels were computed at."""
-        return float(self.manifest["temperature"])
 
     @property
     def dtypes(self) -> Dict[str, Optional[str]]:
@@ -116,10 +105,6 @@ class SoftLabelStore:
         """Whether shards also store the input token ids."""
         return self.manifest["dtypes"].get("token_ids") is not None
 
-    @property
-    def complete(self) -> bool:
-        """Whether the writer marked the store finished (all source tokens written)."""
-        return bool(self.manifest.get("complete", False))
 
     @property
     def num_shards(self) -> int:

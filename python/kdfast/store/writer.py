@@ -25,6 +25,7 @@ from kdfast.store.format import (
     MANIFEST_NAME,
     SHARD_FILE,
     STORAGE_DTYPES,
+    ManifestFields,
     SoftLabelStoreError,
     StoreMismatchError,
     file_checksum,
@@ -79,7 +80,7 @@ def remove_store_files(directory: str, *, include_manifest: bool, keep_shards: i
 
 
 # --------------------------------------------------------------------------- writer
-class SoftLabelStoreWriter:
+class SoftLabelStoreWriter(ManifestFields):
     """Appends soft labels to a store, committing one shard at a time. Made by `SoftLabelStore.create`.
 
     Rows are buffered in memory and written as a shard every `shard_tokens` rows; each
@@ -123,21 +124,9 @@ class SoftLabelStoreWriter:
         """Whether `close()`/`abort()` ran (or a commit failed); no more appends then."""
         return self._pending is None
 
-    @property
-    def vocab_size(self) -> int:
-        return int(self.manifest["vocab_size"])
 
-    @property
-    def k(self) -> int:
-        return int(self.manifest["k"])
 
-    @property
-    def temperature(self) -> float:
-        return float(self.manifest["temperature"])
 
-    @property
-    def complete(self) -> bool:
-        return bool(self.manifest["complete"])
 
     def _check_open(self) -> None:
         if self._pending is None:
