@@ -41,6 +41,7 @@ import torch
 from torch.nn import functional as F
 
 from kdfast import compress_topk, functional
+from kdfast.benchmark import eager_kd_loss, measure_peak_extra_mb, time_step
 from kdfast.integrations.huggingface import causal_lm_kd_loss, require_transformers
 from kdfast.store import SoftLabelStore, SoftLabelWindowDataset
 from kdfast.trainer import seed_everything
@@ -195,8 +196,6 @@ def write_store(teacher, windows: torch.Tensor, directory: str, k: int, temperat
 
 
 def benchmark_losses(rows: int, vocab_size: int, k: int, temperature: float, alpha: float) -> List[Dict[str, object]]:
-    from kdfast.benchmark import eager_kd_loss, measure_peak_extra_mb, time_step
-
     generator = torch.Generator().manual_seed(0)
     student = (3 * torch.randn(rows, vocab_size, generator=generator)).requires_grad_(True)
     teacher = 3 * torch.randn(rows, vocab_size, generator=generator)
@@ -229,8 +228,6 @@ def benchmark_lm_head(rows: int, vocab_size: int, hidden: int, teacher_hidden: i
     """lm_head + loss, forward+backward w.r.t. the student's hidden states and lm_head weight:
     materialised logits (eager loss, kdfast kd_loss) against kdfast.functional.fused_linear_kd_loss
     with the teacher given as its hidden states and lm_head weight (its logits never built)."""
-    from kdfast.benchmark import eager_kd_loss, measure_peak_extra_mb, time_step
-
     generator = torch.Generator().manual_seed(0)
     h = torch.randn(rows, hidden, generator=generator).requires_grad_(True)
     w = (torch.randn(vocab_size, hidden, generator=generator) / hidden ** 0.5).requires_grad_(True)
