@@ -399,18 +399,25 @@ def kd_loss(student_rows: Tensor, teacher_rows, labels: Optional[Tensor], group,
     return loss.reshape(leading_shape) if reduction == "none" else loss
 
 
+def _teacher_and_labels(tensors) -> tuple:
+    """The chunk loops' teacher arguments and labels from `tensors` (teacher logits, hidden, weight,
+    bias, columns, soft indices, logprobs, tail, labels): the soft-label triple becomes one argument."""
+    soft = tuple(tensors[5:8]) if tensors[5] is not None else None
+    return tuple(tensors[:5]) + (soft, tensors[8])
+
+
 class _FusedLinearShard(torch.autograd.Function):
     """`fused_linear_kd_loss` with a vocabulary-sharded lm_head; grad_hidden is all-reduced."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, tensors, loss_fn, chunk_rows, softcap, compute_grads):
         options = loss_fn.options
-        teacher_and_labels = tensors[:5] + (tensors[5:8] if tensors[5] is not None else None, tensors[8])
-        loss, row_stats, grad_hidden, grad_weight, grad_bias = fused_linear_ops.forward_outputs(
+        # no kernels here, so forward_outputs allocates no statistics: run_forward sizes them for the shard loss
+        loss, _, grad_hidden, grad_weight, grad_bias = fused_linear_ops.forward_outputs(
             hidden, weight, bias, tensors[5] is not None, compute_grads, False, options)
         per_row = options.reduction == "none"
         grads = (grad_hidden, grad_weight, grad_bias if bias is not None else None)
-        row_stats = fused_linear_ops.run_forward(hidden, weight, bias, *teacher_and_labels, loss, None,
+        row_stats = fused_linear_ops.run_forward(hidden, weight, bias, *_teacher_and_labels(tensors), loss, None,
                                                  grads if compute_grads and not per_row else None, chunk_rows,
                                                  softcap, loss_fn)
         if per_row:
@@ -429,9 +436,8 @@ class _FusedLinearShard(torch.autograd.Function):
             g = grad_loss.to(grad_weight.dtype)
             return (grad_hidden * g, grad_weight * g, grad_bias * g if ctx.has_bias else None) + (None,) * 5
         row_stats, hidden, weight, bias, *tensors = ctx.saved_tensors
-        teacher_and_labels = tuple(tensors[:5]) + (tuple(tensors[5:8]) if tensors[5] is not None else None, tensors[8])
         grads = (torch.empty_like(hidden), torch.empty_like(weight), torch.empty_like(bias) if ctx.has_bias else None)
-        fused_linear_ops.run_backward(grad_loss, row_stats, hidden, weight, bias, *teacher_and_labels, grads,
+        fused_linear_ops.run_backward(grad_loss, row_stats, hidden, weight, bias, *_teacher_and_labels(tensors), grads,
                                       ctx.chunk_rows, ctx.softcap, ctx.loss_fn)
         dist.all_reduce(grads[0], group=ctx.loss_fn.o.group)
         return grads + (None,) * 5

@@ -12,6 +12,7 @@ integer codes the compiled core uses are read from `kdfast._C` by `kdfast.ops`.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Tuple
 
 import torch
@@ -55,7 +56,7 @@ class KDOptions:
     @classmethod
     def of(cls, **values) -> "KDOptions":
         """Options from Python values, coerced to the field types (floats, bool, int)."""
-        return cls(**{name: _COERCE[name](value) for name, value in values.items()})
+        return cls(**{name: FIELD_TYPES[name](value) for name, value in values.items()})
 
     def replace(self, **changes) -> "KDOptions":
         """A copy with some fields changed (e.g. `options.replace(reduction="none")`)."""
@@ -72,9 +73,8 @@ class KDOptions:
 
 
 FIELD_NAMES = tuple(field.name for field in dataclasses.fields(KDOptions))
-_COERCE = {"divergence": str, "reduction": str, "temperature": float, "alpha": float, "beta": float,
-           "label_smoothing": float, "t2_scale": bool, "ignore_index": int, "tail": str, "combine": str}
-assert set(_COERCE) == set(FIELD_NAMES)
+# the field annotations as types (str, float, bool, int): `of` coerces with them, `kdfast.ops` builds op schemas
+FIELD_TYPES = typing.get_type_hints(KDOptions)
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:

@@ -29,11 +29,6 @@ __all__ = [
     "row_stats_width",
 ]
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                 "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
-                 "uint16": torch.uint16}
-
-
 @functools.lru_cache(maxsize=None)
 def _load():
     try:
@@ -91,8 +86,8 @@ def facts() -> NativeFacts:
     core = native_module()
     limits = dict(core.limits)
     return NativeFacts(
-        dtype_codes={_TORCH_DTYPES[name]: code for name, code in core.dtype_codes.items()},
-        index_dtype_codes={_TORCH_DTYPES[name]: code for name, code in core.index_dtype_codes.items()},
+        dtype_codes={getattr(torch, name): code for name, code in core.dtype_codes.items()},
+        index_dtype_codes={getattr(torch, name): code for name, code in core.index_dtype_codes.items()},
         divergence_codes=dict(core.divergence_codes),
         reduction_codes=dict(core.reduction_codes),
         tail_codes=dict(core.tail_codes),

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from kdfast.contract.options import FIELD_NAMES, KDOptions
+from kdfast.contract.options import FIELD_NAMES, FIELD_TYPES, KDOptions
 
 __all__ = ["define_op", "launch"]
 
@@ -35,8 +35,7 @@ def _parameters(body: Callable) -> tuple[list, bool]:
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     parameters = [inspect.Parameter(name, kind, annotation=hints[name]) for name in names]
     if takes_options:
-        option_hints = typing.get_type_hints(KDOptions)
-        parameters += [inspect.Parameter(name, kind, annotation=option_hints[name]) for name in FIELD_NAMES]
+        parameters += [inspect.Parameter(name, kind, annotation=FIELD_TYPES[name]) for name in FIELD_NAMES]
     return parameters, takes_options
 
 
