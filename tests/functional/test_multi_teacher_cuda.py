@@ -191,7 +191,7 @@ def test_opcheck_and_torch_compile():
     weights = torch.tensor([[0.25] * 5, [0.75] * 5], dtype=torch.float32, device="cuda")
     options = KDOptions(combine="mixture", divergence="jsd", reduction="none", temperature=2.0, alpha=0.5,
                         label_smoothing=0.1)
-    outputs = (torch.empty(5, device="cuda"), torch.empty(5, 6 + 3 * 2, device="cuda"), torch.empty((), device="cuda"))
+    outputs = ops.forward_outputs(student.cuda(), 2, options)
     args = (student.cuda().requires_grad_(True), list(teachers.cuda()), weights, labels.cuda(), *outputs, None,
             *options.values())
     torch.library.opcheck(ops.multi_teacher_kd_forward, args)

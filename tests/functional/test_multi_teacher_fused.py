@@ -271,8 +271,7 @@ def test_opcheck():
     for combine, divergence, reduction in [("sum", "forward_kl", "mean"), ("mixture", "jsd", "none")]:
         options = KDOptions(combine=combine, divergence=divergence, reduction=reduction, temperature=2.0, alpha=0.5,
                             label_smoothing=0.1)
-        rows = student.shape[0]
-        outputs = (torch.empty((rows,) if reduction == "none" else ()), torch.empty(rows, 6 + 3 * 2), torch.empty(()))
+        outputs = ops.forward_outputs(student.float(), 2, options)
         args = (student.float().requires_grad_(True), list(teachers.float()), weights, labels, *outputs, None,
                 *options.values())
         torch.library.opcheck(ops.multi_teacher_kd_forward, args)

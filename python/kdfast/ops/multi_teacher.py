@@ -33,7 +33,7 @@ from kdfast.contract.options import KDOptions, compute_dtype
 from kdfast.ops._native import device_and_stream, facts, native_module, row_stats_width
 from kdfast.ops._op import define_op, launch
 
-__all__ = ["MultiTeacherKDLossFunction", "multi_teacher_kd_backward", "multi_teacher_kd_forward",
+__all__ = ["MultiTeacherKDLossFunction", "forward_outputs", "multi_teacher_kd_backward", "multi_teacher_kd_forward",
            "multi_teacher_kd_loss"]
 
 
@@ -90,6 +90,15 @@ multi_teacher_kd_forward = define_op("kdfast::multi_teacher_kd_forward", forward
 multi_teacher_kd_backward = define_op("kdfast::multi_teacher_kd_backward", backward_body, mutates=("grad_student",))
 
 
+def forward_outputs(student: Tensor, num_teachers: int, options: KDOptions) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, row_stats, valid_rows), allocated for `forward_body` with `num_teachers` teachers."""
+    rows = student.shape[0]
+    dtype = compute_dtype(student)
+    loss = student.new_empty((rows,) if options.reduction == "none" else (), dtype=dtype)
+    row_stats = student.new_empty((rows, row_stats_width("multi_teacher", num_teachers)), dtype=dtype)
+    return loss, row_stats, student.new_empty((), dtype=dtype)
+
+
 class MultiTeacherKDLossFunction(torch.autograd.Function):
     """`apply(student, weights, labels, options, *teachers) -> loss`.
 
@@ -105,15 +114,11 @@ class MultiTeacherKDLossFunction(torch.autograd.Function):
     def forward(ctx, student: Tensor, weights: Tensor, labels: Optional[Tensor], options: KDOptions,
                 *teachers: Tensor) -> Tensor:
         teachers = list(teachers)
-        rows = student.shape[0]
-        dtype = compute_dtype(student)
-        loss = student.new_empty((rows,) if options.reduction == "none" else (), dtype=dtype)
-        row_stats = student.new_empty((rows, row_stats_width("multi_teacher", len(teachers))), dtype=dtype)
-        valid_rows = student.new_empty((), dtype=dtype)
+        loss, row_stats, valid_rows = forward_outputs(student, len(teachers), options)
         grad_buffer = None
         if (ctx.needs_input_grad[0] and options.divergence == "forward_kl" and student.device.type == "cpu"
                 and not torch.compiler.is_compiling()):
-            grad_buffer = torch.empty(student.shape, dtype=dtype, device=student.device)
+            grad_buffer = torch.empty(student.shape, dtype=compute_dtype(student), device=student.device)
         launch(multi_teacher_kd_forward, forward_body,
                (student, teachers, weights, labels, loss, row_stats, valid_rows, grad_buffer), options)
         ctx.save_for_backward(student, weights, labels, row_stats, valid_rows, *teachers)
