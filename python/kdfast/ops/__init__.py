@@ -1,9 +1,11 @@
 """Custom-op layer: the only code that touches the compiled core `kdfast._C`.
 
-Each op is a `torch.library.custom_op` with a fake (meta) kernel and, where it has a
-gradient, `register_autograd`. Ops take 2-D `[rows, vocab]` tensors whose last dimension is
-contiguous; shaping, validation and the choice between kernels and the pure-PyTorch
-fallback happen in `kdfast.functional`.
+Each op is an out-variant `torch.library.custom_op` defined by `_op.define_op`: it writes
+into outputs its caller allocated, so its fake kernel does nothing, and each loss family has
+one `torch.autograd.Function` that calls it (through the dispatcher only under
+torch.compile). Ops take 2-D `[rows, vocab]` tensors whose last dimension is contiguous;
+shaping, validation and the choice between kernels and the pure-PyTorch fallback happen in
+`kdfast.functional`.
 """
 
 from kdfast.ops import (
