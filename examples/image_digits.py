@@ -15,7 +15,11 @@ compare the student's hidden layer with the teacher's last hidden layer and run 
 live). With `--tune` it first picks α and T by k-fold cross-validation on the first seed's
 training split (`kdfast.tuning`), never touching the test split. It prints a Markdown table
 of test accuracy (mean ± sample std over seeds)
-and writes `results.json` to `--out`. `--smoke` is a seconds-long configuration for CI.
+and writes `results.json` to `--out`. `--smoke` is a seconds-long configuration for CI whose
+numbers are not meaningful (it says so in its output).
+
+Needs: scikit-learn (the digits data; the `examples` extra). Two runs with the same seeds
+and `--threads` print the same numbers on the same machine.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ from kdfast.methods import available_methods, build_method
 from kdfast.supervised import accuracy, predict_logits, train_classifier
 from kdfast.trainer import Distiller, seed_everything
 from kdfast.tuning import distillation_objective, grid_candidates, search_kd_hyperparameters
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _shared import SMOKE_NOTE, markdown_table  # noqa: E402
 
 DATASETS = ("digits", "mnist", "cifar10")
 EVAL_BATCH = 1024  # rows per evaluation batch
@@ -187,9 +194,13 @@ def parameter_count(model: nn.Module) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def train_teacher(teacher: nn.Module, images, labels, epochs: int, seed: int, batch_size: int = 64) -> nn.Module:
-    """Cross-entropy with ±1-pixel random shifts, AdamW(2e-3) and cosine decay; returns it in eval mode."""
+def train_teacher(make: Callable[[], nn.Module], images, labels, epochs: int, seed: int,
+                  batch_size: int = 64) -> nn.Module:
+    """Builds the teacher with `make()` after seeding every generator with `seed` (so its
+    initialisation repeats), then trains it with cross-entropy, ±1-pixel random shifts,
+    AdamW(2e-3) and cosine decay; returns it in eval mode."""
     seed_everything(seed)
+    teacher = make()
     train_classifier(teacher, images, labels, epochs=epochs, seed=seed, lr=2e-3, batch_size=batch_size,
                      augment=random_shift)
     return teacher
@@ -257,13 +268,13 @@ def run_dataset(name: str, args) -> Optional[Dict[str, object]]:
     for index, seed in enumerate(args.seeds):
         x_train, y_train, x_test, y_test = load_split(name, seed, args.data_dir, args.train_subset)
         image_shape = tuple(x_train.shape[1:])
-        teacher = train_teacher(make_teacher(name, image_shape), x_train, y_train, args.teacher_epochs, seed)
+        teacher = train_teacher(lambda: make_teacher(name, image_shape), x_train, y_train, args.teacher_epochs, seed)
         teacher_logits = predict_logits(teacher, x_train, EVAL_BATCH)
         if args.tune and index == 0:
             best, tuning_table = tune(name, args, x_train, y_train, teacher_logits)
             temperature, alpha = best["temperature"], best["alpha"]
             print(f"[{name}] {args.folds}-fold CV on the training split chose alpha={alpha:g}, T={temperature:g}")
-            print(tuning_table, flush=True)
+            print(f"{SMOKE_NOTE}\n{tuning_table}" if args.smoke else tuning_table, flush=True)
         alone = train_student(image_shape, args.hidden, x_train, y_train, teacher, teacher_logits,
                               lambda student: KDLoss(alpha=1.0), args.epochs, seed, lr=args.lr)
         distilled = train_student(image_shape, args.hidden, x_train, y_train, teacher, teacher_logits,
@@ -282,9 +293,11 @@ def run_dataset(name: str, args) -> Optional[Dict[str, object]]:
             "seconds": time.perf_counter() - started, "seeds": per_seed}
 
 
-def mean_std(values: Sequence[float]) -> str:
+def mean_std(values: Sequence[float], signed: bool = False) -> str:
+    """"mean ± sample std" with two decimals (the mean alone for one value); `signed` writes +/−."""
     mean = statistics.fmean(values)
-    return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
+    text = f"{mean:+.2f}".replace("-", "−") if signed else f"{mean:.2f}"
+    return f"{text} ± {statistics.stdev(values):.2f}" if len(values) > 1 else text
 
 
 def method_label(method: str) -> str:
@@ -295,50 +308,63 @@ def format_table(result: Dict[str, object]) -> str:
     """Markdown table of test accuracy (%) for teacher, student alone and distilled student."""
     seeds = result["seeds"]
     first = seeds[0]
-    lines = [f"| {result['dataset']} (train {first['train_size']}, test {first['test_size']}) | parameters | "
-             f"test accuracy (%), {len(seeds)} seed(s) |", "|---|---:|---:|"]
+    header = [f"{result['dataset']} (train {first['train_size']}, test {first['test_size']})", "parameters",
+              f"test accuracy (%), {len(seeds)} seed(s)"]
+    rows = []
     for label, key, count in (("teacher (CNN)", "teacher", first["teacher_parameters"]),
                               ("student alone", "student_alone", first["student_parameters"]),
                               (f"student distilled ({method_label(result['method'])}α={result['alpha']:g}, "
                                f"T={result['temperature']:g})",
                                "distilled", first["student_parameters"])):
-        lines.append(f"| {label} | {count:,} | {mean_std([100 * s[key] for s in seeds])} |")
+        rows.append([label, f"{count:,}", mean_std([100 * s[key] for s in seeds])])
     gains = [100 * (s["distilled"] - s["student_alone"]) for s in seeds]
-    lines.append(f"| distilled − alone (points) | | {mean_std(gains)} |")
-    return "\n".join(lines)
+    rows.append(["distilled − alone (points)", "", mean_std(gains, signed=True)])
+    return markdown_table(header, rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS),
-                        help="datasets to run; unavailable ones are skipped")
-    parser.add_argument("--data-dir", default=os.path.join("data"),
-                        help="folder with MNIST IDX files or cifar-10-batches-py/ (never downloaded)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS), metavar="NAME",
+                        help=f"datasets to run, from {', '.join(DATASETS)}; unavailable ones are skipped "
+                             "(default: all)")
+    parser.add_argument("--data-dir", default="data",
+                        help="folder with MNIST IDX files or cifar-10-batches-py/, never downloaded "
+                             "(default: %(default)s)")
     parser.add_argument("--train-subset", type=int, default=5000,
-                        help="training images used from MNIST/CIFAR-10 (0 = all)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=60, help="student epochs")
-    parser.add_argument("--teacher-epochs", type=int, default=60)
-    parser.add_argument("--hidden", type=int, default=128, help="student hidden width")
-    parser.add_argument("--lr", type=float, default=1e-2, help="student learning rate (Adam)")
-    parser.add_argument("--temperature", type=float, default=3.0, help="T when not tuning")
-    parser.add_argument("--alpha", type=float, default=0.7, help="hard-label weight α when not tuning")
-    parser.add_argument("--method", default="kd", choices=available_methods(),
-                        help="distillation method (kdfast.methods registry; attention needs feature maps in "
-                             "both networks, which the MLP student lacks)")
+                        help="training images used from MNIST/CIFAR-10, 0 = all (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="seeds to run and average over (default: 0 1 2)")
+    parser.add_argument("--epochs", type=int, default=60, help="student epochs (default: %(default)s)")
+    parser.add_argument("--teacher-epochs", type=int, default=60, help="teacher epochs (default: %(default)s)")
+    parser.add_argument("--hidden", type=int, default=128, help="student hidden width (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="student learning rate, Adam (default: %(default)g)")
+    parser.add_argument("--temperature", type=float, default=3.0,
+                        help="KD temperature T when not tuning (default: %(default)g)")
+    parser.add_argument("--alpha", type=float, default=0.7,
+                        help="hard-label weight α when not tuning (default: %(default)g)")
+    parser.add_argument("--method", default="kd", choices=available_methods(), metavar="NAME",
+                        help=f"distillation method from the kdfast.methods registry: "
+                             f"{', '.join(available_methods())}; attention needs feature maps in both networks, "
+                             "which the MLP student lacks (default: %(default)s)")
     parser.add_argument("--method-weight", type=float, default=None,
                         help="weight β of the method's extra term (default: the registry's)")
     parser.add_argument("--tune", action="store_true",
                         help="choose α and T by k-fold CV first (searched with forward-KL KD, then used by --method)")
-    parser.add_argument("--folds", type=int, default=3, help="folds of the α/T search")
-    parser.add_argument("--tune-epochs", type=int, default=30, help="student epochs per fold in the search")
-    parser.add_argument("--tune-alphas", type=float, nargs="+", default=[0.3, 0.7])
-    parser.add_argument("--tune-temperatures", type=float, nargs="+", default=[1.0, 3.0, 6.0])
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--out", default=os.path.join("runs", "image_digits"), help="output directory")
+    parser.add_argument("--folds", type=int, default=3, help="folds of the α/T search (default: %(default)s)")
+    parser.add_argument("--tune-epochs", type=int, default=30,
+                        help="student epochs per fold in the search (default: %(default)s)")
+    parser.add_argument("--tune-alphas", type=float, nargs="+", default=[0.3, 0.7],
+                        help="α values searched by --tune (default: 0.3 0.7)")
+    parser.add_argument("--tune-temperatures", type=float, nargs="+", default=[1.0, 3.0, 6.0],
+                        help="T values searched by --tune (default: 1 3 6)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads; results repeat exactly for the same value "
+                             "(default: %(default)s)")
+    parser.add_argument("--out", default=os.path.join("runs", "image_digits"),
+                        help="output directory for results.json (default: %(default)s)")
     parser.add_argument("--smoke", action="store_true",
-                        help="seconds-long CI configuration: digits, one seed, 2 epochs, a 2×1 grid with 2 folds")
+                        help="seconds-long CI configuration: digits, one seed, 2 epochs, a 2×1 grid with 2 folds; "
+                             "its numbers are not meaningful")
     return parser
 
 
@@ -359,6 +385,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "student is an MLP (try fitnets, similarity or rkd for feature-level KD)")
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
+    if args.smoke:
+        print(SMOKE_NOTE, flush=True)
     results = []
     for name in args.datasets:
         try:
@@ -367,7 +395,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"[{name}] skipped: {reason}")
             continue
         results.append(result)
-        print(f"\n{name}: {result['seconds']:.1f} s on {args.threads} thread(s)\n{format_table(result)}\n", flush=True)
+        note = f"{SMOKE_NOTE}\n" if args.smoke else ""
+        print(f"\n{name}: {result['seconds']:.1f} s on {args.threads} thread(s)\n{note}{format_table(result)}\n",
+              flush=True)
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
         json.dump({"arguments": vars(args), "results": results}, handle, indent=1)
     return 0

@@ -20,7 +20,12 @@ The table reports validation cross-entropy (nats/token) and perplexity, mean ± 
 over seeds. A loss benchmark at the training shape compares kdfast's dense and top-k losses
 with the same loss written in eager PyTorch (`kdfast.benchmark.eager_kd_loss`): median
 forward+backward time and peak extra memory, plus the bytes per token the teacher signal
-occupies. `--smoke` is a seconds-long CI configuration (small vocabulary and corpus).
+occupies. `--smoke` is a seconds-long CI configuration (small vocabulary and corpus) whose
+numbers are not meaningful (it says so in its output).
+
+Needs: Hugging Face `transformers` and `tokenizers` (both in the `examples` extra; a missing
+one stops the script with the `pip` line to run). Two runs with the same seeds and
+`--threads` print the same cross-entropies on the same machine; the timings vary.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ from kdfast.benchmark import eager_kd_loss, measure_peak_extra_mb, time_step
 from kdfast.integrations.huggingface import causal_lm_kd_loss, require_transformers
 from kdfast.store import SoftLabelStore, SoftLabelWindowDataset
 from kdfast.trainer import seed_everything
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _shared import SMOKE_NOTE, markdown_table, require, significant  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # Corpus and tokenizer
@@ -312,11 +320,12 @@ def run(args) -> Dict[str, object]:
         return functional.sparse_kd_loss(model(input_ids=ids).logits, dataset.to_soft_labels(batch),
                                          next_token_labels(ids), alpha=args.alpha)
 
+    bench_started = time.perf_counter()
     bench = benchmark_losses(args.batch_size * args.seq_len, vocab_size, args.k, args.temperature, args.alpha)
     lm_head_bench = benchmark_lm_head(args.batch_size * args.seq_len, vocab_size, args.student_hidden,
                                       args.teacher_hidden, args.temperature, args.alpha)
-    for entry in bench + lm_head_bench:
-        print(f"loss benchmark: {entry}", flush=True)
+    print(f"loss benchmarks: {len(bench) + len(lm_head_bench)} cases measured "
+          f"({time.perf_counter() - bench_started:.1f} s; tables at the end)", flush=True)
 
     rows = []
     for seed in args.seeds:
@@ -343,62 +352,77 @@ def mean_std(values: Sequence[float], digits: int = 3) -> str:
 
 
 def format_tables(args, result: Dict[str, object]) -> str:
+    """The validation table (cross-entropy, perplexity, training time) and the benchmark tables."""
     rows = result["seeds"]
-    lines = [f"| model (V = {result['vocab_size']:,}) | parameters | validation CE (nats/token) | perplexity | "
-             f"train s/run |", "|---|---:|---:|---:|---:|",
-             f"| teacher ({args.teacher_layers}×{args.teacher_hidden}, seed 0) | {result['teacher_parameters']:,} | "
-             f"{result['teacher_ce']:.3f} | {math.exp(result['teacher_ce']):.1f} | {result['teacher_seconds']:.0f} |"]
+    table = [[f"teacher ({args.teacher_layers}×{args.teacher_hidden}, seed 0)", f"{result['teacher_parameters']:,}",
+              f"{result['teacher_ce']:.3f}", f"{math.exp(result['teacher_ce']):.1f}",
+              f"{result['teacher_seconds']:.1f}"]]
     for label, key in (("student alone (CE)", "alone"),
                        (f"student, dense KD (α={args.alpha:g}, T={args.temperature:g})", "dense"),
                        (f"student, top-{args.k} KD from the store", "topk")):
         values = [r[key] for r in rows]
-        lines.append(f"| {label} | {rows[0]['student_parameters']:,} | {mean_std(values)} | "
-                     f"{mean_std([math.exp(v) for v in values], 1)} | "
-                     f"{statistics.fmean(r[key + '_seconds'] for r in rows):.0f} |")
-    lines += ["", format_benchmarks(args, args.batch_size * args.seq_len, result["vocab_size"], result["benchmark"],
-                                    result.get("lm_head_benchmark", []))]
-    return "\n".join(lines)
+        table.append([label, f"{rows[0]['student_parameters']:,}", mean_std(values),
+                      mean_std([math.exp(v) for v in values], 1),
+                      f"{statistics.fmean(r[key + '_seconds'] for r in rows):.1f}"])
+    header = [f"model (V = {result['vocab_size']:,})", "parameters",
+              f"validation CE (nats/token), {len(rows)} seed(s)", "perplexity", "train s/run"]
+    return "\n\n".join([markdown_table(header, table),
+                         format_benchmarks(args, args.batch_size * args.seq_len, result["vocab_size"],
+                                           result["benchmark"], result.get("lm_head_benchmark", []))])
+
+
+def _megabytes(value: Optional[float]) -> str:
+    return "n/a" if value is None else significant(value)
 
 
 def format_benchmarks(args, rows: int, vocab_size: int, losses, lm_head) -> str:
-    lines = [f"| loss, forward+backward on [{rows}, {vocab_size}] | median ms | peak extra MB | teacher bytes/token |",
-             "|---|---:|---:|---:|"]
-    for entry in losses:
-        peak = "n/a" if entry["peak_extra_mb"] is None else f"{entry['peak_extra_mb']:.0f}"
-        lines.append(f"| {entry['loss']} | {entry['ms']:.1f} | {peak} | {entry['teacher_bytes_per_token']:,} |")
+    """The loss benchmark tables: median milliseconds and peak extra megabytes, three significant digits."""
+    tables = [markdown_table(
+        [f"loss, forward+backward on [{rows}, {vocab_size}]", "median ms", "peak extra MB", "teacher bytes/token"],
+        [[entry["loss"], significant(entry["ms"]), _megabytes(entry["peak_extra_mb"]),
+          f"{entry['teacher_bytes_per_token']:,}"] for entry in losses])]
     if lm_head:
-        lines += ["", f"| lm_head + loss, forward+backward, [{rows}, {args.student_hidden}] × [{args.student_hidden}, "
-                  f"{vocab_size}], teacher H = {args.teacher_hidden} | median ms | peak extra MB |", "|---|---:|---:|"]
-        for entry in lm_head:
-            peak = "n/a" if entry["peak_extra_mb"] is None else f"{entry['peak_extra_mb']:.0f}"
-            lines.append(f"| {entry['loss']} | {entry['ms']:.1f} | {peak} |")
-    return "\n".join(lines)
+        tables.append(markdown_table(
+            [f"lm_head + loss, forward+backward, [{rows}, {args.student_hidden}] × [{args.student_hidden}, "
+             f"{vocab_size}], teacher H = {args.teacher_hidden}", "median ms", "peak extra MB"],
+            [[entry["loss"], significant(entry["ms"]), _megabytes(entry["peak_extra_mb"])] for entry in lm_head]))
+    return "\n\n".join(tables)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--vocab-size", type=int, default=32768, help="BPE vocabulary size")
-    parser.add_argument("--corpus-mb", type=float, default=8.0, help="MB of standard-library source to use")
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vocab-size", type=int, default=32768, help="BPE vocabulary size (default: %(default)s)")
+    parser.add_argument("--corpus-mb", type=float, default=8.0,
+                        help="MB of standard-library source to read (default: %(default)g)")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per training window (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per step (default: %(default)s)")
     parser.add_argument("--train-windows", type=int, default=1024,
-                        help="training windows kept (a seeded random subset; the store covers exactly these)")
-    parser.add_argument("--max-validation-windows", type=int, default=256)
-    parser.add_argument("--teacher-hidden", type=int, default=128)
-    parser.add_argument("--teacher-layers", type=int, default=2)
-    parser.add_argument("--student-hidden", type=int, default=64)
-    parser.add_argument("--student-layers", type=int, default=1)
-    parser.add_argument("--teacher-steps", type=int, default=300)
-    parser.add_argument("--student-steps", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--alpha", type=float, default=0.5, help="hard-label weight α")
-    parser.add_argument("--k", type=int, default=32, help="soft labels kept per token in the store")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=os.path.join("runs", "llm_distill"))
-    parser.add_argument("--smoke", action="store_true", help="seconds-long CI configuration")
+                        help="training windows kept, a seeded random subset; the store covers exactly these "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-validation-windows", type=int, default=256,
+                        help="validation windows scored (default: %(default)s)")
+    parser.add_argument("--teacher-hidden", type=int, default=128, help="teacher hidden size (default: %(default)s)")
+    parser.add_argument("--teacher-layers", type=int, default=2, help="teacher layers (default: %(default)s)")
+    parser.add_argument("--student-hidden", type=int, default=64, help="student hidden size (default: %(default)s)")
+    parser.add_argument("--student-layers", type=int, default=1, help="student layers (default: %(default)s)")
+    parser.add_argument("--teacher-steps", type=int, default=300, help="teacher training steps (default: %(default)s)")
+    parser.add_argument("--student-steps", type=int, default=150,
+                        help="training steps of each student run (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=3e-3,
+                        help="peak AdamW learning rate, warm-up then cosine decay (default: %(default)g)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="KD temperature T (default: %(default)g)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="hard-label weight α (default: %(default)g)")
+    parser.add_argument("--k", type=int, default=32,
+                        help="soft labels kept per token in the store (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="student seeds to run and average over (default: 0 1 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads; losses repeat exactly for the same value (default: %(default)s)")
+    parser.add_argument("--out", default=os.path.join("runs", "llm_distill"),
+                        help="output directory: tokenizer cache, soft-label store, results.json (default: %(default)s)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds-long CI configuration: 512-token vocabulary, 80 kB of source, a few steps; "
+                             "its numbers are not meaningful")
     parser.add_argument("--benchmark-only", action="store_true",
                         help="only the loss benchmarks at the training shape (no corpus, no training)")
     return parser
@@ -420,6 +444,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.k > args.vocab_size:
         raise SystemExit(f"--k ({args.k}) must not exceed --vocab-size ({args.vocab_size})")
     torch.set_num_threads(args.threads)
+    if args.smoke:
+        print(SMOKE_NOTE, flush=True)
     if args.benchmark_only:
         rows = args.batch_size * args.seq_len
         print(format_benchmarks(args, rows, args.vocab_size,
@@ -427,10 +453,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 benchmark_lm_head(rows, args.vocab_size, args.student_hidden, args.teacher_hidden,
                                                   args.temperature, args.alpha)))
         return 0
-    require_transformers()
+    for module in ("transformers", "tokenizers"):
+        require(module, "examples", ["transformers", "tokenizers"], "llm_distill.py")
     os.makedirs(args.out, exist_ok=True)
     result = run(args)
-    print(f"\n{result['seconds']:.0f} s on {args.threads} thread(s)\n{format_tables(args, result)}")
+    note = f"{SMOKE_NOTE}\n" if args.smoke else ""
+    print(f"\n{result['seconds']:.0f} s on {args.threads} thread(s)\n{note}{format_tables(args, result)}")
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
         json.dump({"arguments": vars(args), **result}, handle, indent=1)
     return 0

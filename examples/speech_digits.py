@@ -25,7 +25,11 @@ from the same initialisation and data order through `kdfast.Distiller`: alone
 `KDLoss(temperature=T, alpha=α)` on the teacher's precomputed logits; see
 `kdfast.methods.available_methods()`), and once more per name given to `--compare`. Prints
 a Markdown table of test accuracy (mean ± sample std over seeds), writes `results.json` to
-`--out`; `--smoke` is a seconds-long CI configuration.
+`--out`; `--smoke` is a seconds-long CI configuration whose numbers are not meaningful (it
+says so in its output).
+
+Needs: numpy (a dependency of kdfast) and nothing else: no audio library, no espeak-ng. Two
+runs with the same seeds and `--threads` print the same numbers on the same machine.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ from kdfast.losses import KDLoss
 from kdfast.methods import available_methods, build_method
 from kdfast.supervised import accuracy, predict_logits, train_classifier
 from kdfast.trainer import Distiller, seed_everything
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _shared import SMOKE_NOTE, markdown_table  # noqa: E402
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "spoken_digits_mfcc.npz")
@@ -362,66 +369,84 @@ def run_seed(args, data: Dict[str, np.ndarray], seed: int) -> Dict[str, float]:
             "test_speakers": int(len(np.unique(data["speaker"][test_index])))}
 
 
-def mean_std(values: Sequence[float]) -> str:
+def mean_std(values: Sequence[float], signed: bool = False) -> str:
+    """"mean ± sample std" with two decimals (the mean alone for one value); `signed` writes +/−."""
     mean = statistics.fmean(values)
-    return f"{mean:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{mean:.2f}"
+    text = f"{mean:+.2f}".replace("-", "−") if signed else f"{mean:.2f}"
+    return f"{text} ± {statistics.stdev(values):.2f}" if len(values) > 1 else text
 
 
 def format_table(args, rows: List[Dict[str, float]]) -> str:
-    """Markdown table of test accuracy (%) for teacher, student alone and distilled student."""
+    """Markdown table of test accuracy (%) for teacher, student alone and distilled student
+    (and, with `--compare`, a second table with one row per compared method)."""
     first = rows[0]
     name = "speech commands" if args.speech_commands else "espeak digits"
-    lines = [f"| {name} (train {first['train_size']} clips / {first['train_speakers']} speakers, test "
-             f"{first['test_size']} / {first['test_speakers']}) | parameters | test accuracy (%), "
-             f"{len(rows)} seed(s) |", "|---|---:|---:|"]
-    for label, key, count in (("teacher (CNN)", "teacher", first["teacher_parameters"]),
-                              ("student alone (small CNN)", "student_alone", first["student_parameters"]),
-                              (f"student distilled ({args.method}, α={args.alpha:g}, T={args.temperature:g})",
-                               "distilled", first["student_parameters"])):
-        lines.append(f"| {label} | {count:,} | {mean_std([100 * r[key] for r in rows])} |")
-    lines.append(f"| distilled − alone (points) | | "
-                 f"{mean_std([100 * (r['distilled'] - r['student_alone']) for r in rows])} |")
+    header = [f"{name} (train {first['train_size']} clips / {first['train_speakers']} speakers, test "
+              f"{first['test_size']} / {first['test_speakers']})", "parameters",
+              f"test accuracy (%), {len(rows)} seed(s)"]
+    table = [[label, f"{count:,}", mean_std([100 * r[key] for r in rows])] for label, key, count in (
+        ("teacher (CNN)", "teacher", first["teacher_parameters"]),
+        ("student alone (small CNN)", "student_alone", first["student_parameters"]),
+        (f"student distilled ({args.method}, α={args.alpha:g}, T={args.temperature:g})", "distilled",
+         first["student_parameters"]))]
+    table.append(["distilled − alone (points)", "",
+                  mean_std([100 * (r["distilled"] - r["student_alone"]) for r in rows], signed=True)])
+    text = markdown_table(header, table)
     if args.compare:
-        lines += ["", f"| method (α={args.alpha:g}, T={args.temperature:g}) | test accuracy (%) | "
-                      f"− alone (points) | better than alone |", "|---|---:|---:|---:|"]
+        compared = []
         for method in args.compare:
             values = [100 * r["compared"][method] for r in rows]
             gains = [100 * (r["compared"][method] - r["student_alone"]) for r in rows]
-            lines.append(f"| {method} | {mean_std(values)} | {mean_std(gains)} | "
-                         f"{sum(g > 0 for g in gains)}/{len(gains)} seeds |")
-    return "\n".join(lines)
+            compared.append([method, mean_std(values), mean_std(gains, signed=True),
+                             f"{sum(g > 0 for g in gains)}/{len(gains)} seeds"])
+        text += "\n\n" + markdown_table([f"method (α={args.alpha:g}, T={args.temperature:g})", "test accuracy (%)",
+                                          "− alone (points)", "better than alone"], compared)
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", default=DEFAULT_DATA, help="MFCC feature file from make_spoken_digits.py")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=DEFAULT_DATA,
+                        help="MFCC feature file from make_spoken_digits.py (default: data/spoken_digits_mfcc.npz "
+                             "beside this script)")
     parser.add_argument("--speech-commands", default=None, metavar="DIR",
                         help="read DIR/zero/*.wav … DIR/nine/*.wav instead of --data")
     parser.add_argument("--max-per-digit", type=int, default=0,
-                        help="with --speech-commands: at most this many files per digit (0 = all)")
-    parser.add_argument("--test-fraction", type=float, default=0.25, help="fraction of speakers held out for test")
+                        help="with --speech-commands: at most this many files per digit, 0 = all "
+                             "(default: %(default)s)")
+    parser.add_argument("--test-fraction", type=float, default=0.25,
+                        help="fraction of speakers held out for test (default: %(default)g)")
     parser.add_argument("--train-speakers", type=int, default=32,
-                        help="training speakers used from the rest (0 = all)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=40, help="student epochs")
-    parser.add_argument("--teacher-epochs", type=int, default=30)
-    parser.add_argument("--teacher-width", type=int, default=32, help="teacher's first conv width")
-    parser.add_argument("--student-width", type=int, default=16, help="student's first conv width")
-    parser.add_argument("--lr", type=float, default=1e-2, help="student learning rate (Adam, cosine decay)")
-    parser.add_argument("--method", default="kd", choices=available_methods(),
-                        help="distillation method (kdfast.methods registry)")
+                        help="training speakers used from the rest, 0 = all (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="seeds to run and average over (default: 0 1 2)")
+    parser.add_argument("--epochs", type=int, default=40, help="student epochs (default: %(default)s)")
+    parser.add_argument("--teacher-epochs", type=int, default=30, help="teacher epochs (default: %(default)s)")
+    parser.add_argument("--teacher-width", type=int, default=32,
+                        help="teacher's first conv width (default: %(default)s)")
+    parser.add_argument("--student-width", type=int, default=16,
+                        help="student's first conv width (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-2,
+                        help="student learning rate, Adam with cosine decay (default: %(default)g)")
+    parser.add_argument("--method", default="kd", choices=available_methods(), metavar="NAME",
+                        help=f"distillation method from the kdfast.methods registry: "
+                             f"{', '.join(available_methods())} (default: %(default)s)")
     parser.add_argument("--compare", nargs="*", default=[], choices=available_methods(), metavar="METHOD",
-                        help="also distil with these methods (same teacher, seeds and data) and tabulate them")
+                        help="also distil with these methods (same teacher, seeds and data) and tabulate them "
+                             "(default: none)")
     parser.add_argument("--method-weight", type=float, default=None,
                         help="weight β of the extra term of --method and of every --compare method "
                              "(default: each method's own, from the registry)")
-    parser.add_argument("--temperature", type=float, default=4.0)
-    parser.add_argument("--alpha", type=float, default=0.5, help="hard-label weight α")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--out", default=os.path.join("runs", "speech_digits"), help="output directory")
+    parser.add_argument("--temperature", type=float, default=4.0, help="KD temperature T (default: %(default)g)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="hard-label weight α (default: %(default)g)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads; results repeat exactly for the same value "
+                             "(default: %(default)s)")
+    parser.add_argument("--out", default=os.path.join("runs", "speech_digits"),
+                        help="output directory for results.json (default: %(default)s)")
     parser.add_argument("--smoke", action="store_true",
-                        help="seconds-long CI configuration: one seed, 16 training speakers, 2 epochs")
+                        help="seconds-long CI configuration: one seed, 16 training speakers, 2 epochs; "
+                             "its numbers are not meaningful")
     return parser
 
 
@@ -439,6 +464,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SystemExit(f"{name} must be >= 1, got {value}")
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
+    if args.smoke:
+        print(SMOKE_NOTE, flush=True)
     started = time.perf_counter()
     try:
         data = load_data(args)
@@ -453,7 +480,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"seed {seed}: teacher {100 * row['teacher']:.2f}%  alone {100 * row['student_alone']:.2f}%  "
               f"distilled {100 * row['distilled']:.2f}%{compared}", flush=True)
     seconds = time.perf_counter() - started
-    print(f"\n{seconds:.1f} s on {args.threads} thread(s)\n{format_table(args, rows)}")
+    note = f"{SMOKE_NOTE}\n" if args.smoke else ""
+    print(f"\n{seconds:.1f} s on {args.threads} thread(s)\n{note}{format_table(args, rows)}")
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
         json.dump({"arguments": vars(args), "seconds": seconds, "results": rows}, handle, indent=1)
     return 0

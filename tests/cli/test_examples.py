@@ -1,21 +1,29 @@
-"""Smoke tests of the worked examples in `examples/`: each script's `--smoke` configuration
-runs in-process and must print its result table and write `results.json`; `--help` works;
-`--method` accepts registry names; unavailable datasets are skipped cleanly; and the pieces
-with a checkable contract (the synthetic review grammar's labels, the causal-LM label shift,
-token windows, the numpy MFCCs, WAV reading, the speaker-disjoint split, the Speech
-Commands folder reader) are verified."""
+"""Smoke tests of the worked examples in `examples/` (and of `kdfast demo`'s reproducibility):
+each script's `--smoke` configuration runs in-process, must say that its numbers are not
+meaningful, print its result table and write `results.json`; two runs with the same seed
+print the same numbers whatever the global random state before them; `--help` works and
+every option has a help line naming its default at most once; `--method` accepts registry
+names; unavailable datasets are skipped cleanly; and the pieces with a checkable contract
+(the synthetic review grammar's labels, the causal-LM label shift, token windows, the numpy
+MFCCs, WAV reading, the speaker-disjoint split, the Speech Commands folder reader) are
+verified."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
 import os
+import random
+import re
 import wave
 
 import numpy as np
 import pytest
 import torch
+
+from kdfast import demo
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
 
@@ -25,6 +33,19 @@ def load_example(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def has_row(out: str, label: str, whole: bool = True) -> bool:
+    """Whether `out` holds a Markdown table row whose first cell is `label` (or starts with it)."""
+    end = r" *\|" if whole else ""
+    return re.search(r"^\| " + re.escape(label) + end, out, re.M) is not None
+
+
+def assert_smoke_notice(out: str) -> None:
+    """The smoke notice opens the output and stands beside the result table."""
+    notice = load_example("_shared").SMOKE_NOTE
+    assert out.startswith(notice) and "not meaningful" in notice
+    assert re.search(rf"^{re.escape(notice)}\n\| ", out, re.M)
 
 
 @pytest.fixture(autouse=True)
@@ -49,11 +70,60 @@ def test_help(name, capsys):
         assert "--method" in out and "fitnets" in out
 
 
+@pytest.mark.parametrize("name", ["image_digits", "text_sentiment", "speech_digits", "make_spoken_digits",
+                                  "llm_distill", "demo"])
+def test_every_option_has_help_with_its_default_once(name):
+    if name == "llm_distill":
+        pytest.importorskip("transformers")
+    parser = demo.build_parser() if name == "demo" else load_example(name).build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help and len(action.help) > 10, f"{action.option_strings} has no help"
+        text = formatter._expand_help(action)
+        assert text.lower().count("default") <= 1, f"{action.option_strings}: {text!r}"
+        if action.default not in (None, False) and not isinstance(action.default, list):
+            assert "default" in text.lower(), f"{action.option_strings} does not name its default: {text!r}"
+
+
+def printed_numbers(out: str) -> str:
+    """The output with wall-clock times blanked and the smoke notice's lines kept."""
+    return re.sub(r"\d+(\.\d+)? s on", "… s on", out)
+
+
+@pytest.mark.parametrize("name", ["image_digits", "text_sentiment", "demo"])
+def test_same_seed_same_numbers(name, tmp_path, capsys):
+    """Two runs with the same seed print identical numbers, although the global generators
+    (which a fresh process seeds at random) are in different states before each run."""
+    if name == "demo":
+        pytest.importorskip("matplotlib")
+
+        def run():
+            return demo.main(["--quick", "--epochs", "2", "--out", str(tmp_path)])
+    else:
+        module = load_example(name)
+
+        def run():
+            return module.main(["--smoke", "--out", str(tmp_path)])
+    outputs = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        random.seed(state)
+        np.random.seed(state)
+        assert run() == 0
+        outputs.append(printed_numbers(capsys.readouterr().out))
+    assert re.search(r"\d+\.\d\d", outputs[0]) and outputs[0] == outputs[1]
+    if name == "demo":  # --quick is the demo's smoke configuration and says so
+        assert outputs[0].startswith(demo.QUICK_NOTE) and "not meaningful" in demo.QUICK_NOTE
+
+
 def test_image_digits_smoke(tmp_path, capsys):
     module = load_example("image_digits")
     assert module.main(["--smoke", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| teacher (CNN) |" in out and "| student alone |" in out and "student distilled" in out
+    assert_smoke_notice(out)
+    assert has_row(out, "teacher (CNN)") and has_row(out, "student alone") and "student distilled" in out
     assert "fold 0" in out  # the cross-validated α/T table
     result = json.load(open(tmp_path / "results.json", encoding="utf-8"))["results"][0]
     assert result["dataset"] == "digits" and len(result["seeds"]) == 1
@@ -139,7 +209,8 @@ def test_text_sentiment_smoke(tmp_path, capsys):
     module = load_example("text_sentiment")
     assert module.main(["--smoke", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| teacher (BiGRU) |" in out and "| student alone (CNN) |" in out
+    assert_smoke_notice(out)
+    assert has_row(out, "teacher (BiGRU)") and has_row(out, "student alone (CNN)")
     rows = json.load(open(tmp_path / "results.json", encoding="utf-8"))["results"]
     assert len(rows) == 1 and rows[0]["student_parameters"] < rows[0]["teacher_parameters"]
 
@@ -218,8 +289,12 @@ def test_llm_distill_smoke(tmp_path, capsys):
     module = load_example("llm_distill")
     assert module.main(["--smoke", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| student, dense KD" in out and "| student, top-8 KD from the store" in out
-    assert "| kdfast kd_loss, dense |" in out and "| eager PyTorch, dense |" in out
+    assert_smoke_notice(out)
+    assert has_row(out, "student, dense KD", whole=False) and has_row(out, "student, top-8 KD from the store")
+    assert has_row(out, "kdfast kd_loss, dense") and has_row(out, "eager PyTorch, dense")
+    assert "{'" not in out  # tables, not raw dicts
+    (milliseconds,) = re.findall(r"^\| kdfast kd_loss, dense +\| +(\S+) +\|", out, re.M)
+    assert len(milliseconds.replace(".", "").lstrip("0")) <= 3  # three significant digits
     result = json.load(open(tmp_path / "results.json", encoding="utf-8"))
     assert result["vocab_size"] <= 512 and result["store_bytes"] > 0
     row = result["seeds"][0]
@@ -286,7 +361,9 @@ def test_speech_digits_smoke(tmp_path, capsys):
     module = load_example("speech_digits")
     assert module.main(["--smoke", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| teacher (CNN) |" in out and "| student alone (small CNN) |" in out and "student distilled (kd" in out
+    assert_smoke_notice(out)
+    assert has_row(out, "teacher (CNN)") and has_row(out, "student alone (small CNN)")
+    assert "student distilled (kd" in out
     saved = json.load(open(tmp_path / "results.json", encoding="utf-8"))
     row = saved["results"][0]
     assert row["student_parameters"] * 10 < row["teacher_parameters"]

@@ -15,6 +15,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from kdfast.contract.install import install_hint  # noqa: E402
 from kdfast.integrations import huggingface as hf  # noqa: E402
 
 VOCAB = 67
@@ -226,7 +227,7 @@ def test_missing_transformers_raises_a_clear_import_error():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "IMPORT-ERROR" in result.stdout and "pip install 'kdfast[hf]'" in result.stdout
+    assert "IMPORT-ERROR" in result.stdout and install_hint("hf", ["transformers", "accelerate"]) in result.stdout
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.4])
@@ -243,3 +244,14 @@ def test_fused_distillation_loss_equals_the_materialised_one(alpha):
     assert fused.item() == pytest.approx(loss.item(), rel=1e-5)
     for a, b in zip(fused_grads, grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, scale", [("logit_scale", 0.0625), ("logits_scaling", 2.0)])
+def test_fused_refuses_models_that_scale_their_logits(name, scale):
+    student, teacher = tiny_llama(5), tiny_llama(4)
+    setattr(student.config, name, scale)
+    with pytest.raises(ValueError, match=f"config.{name}"):
+        hf.distillation_loss(student, teacher, batch(6), fused=True)
+    setattr(student.config, name, 1.0)  # a scale of one changes nothing and is accepted
+    loss, _ = hf.distillation_loss(student, teacher, batch(6), fused=True)
+    assert torch.isfinite(loss)

@@ -13,7 +13,12 @@ Three entry points:
   frozen teacher on the same batch and returns `distillation_loss`'s loss. The Trainer
   itself needs `accelerate` (a dependency of `transformers.Trainer`, not of kdfast).
   It is built the first time the name is accessed, which imports `transformers`; when that
-  package is missing the access raises an ImportError naming `pip install 'kdfast[hf]'`.
+  package is missing the access raises an ImportError naming the install command
+  (`INSTALL_HINT`: `pip install 'kdfast[hf]'` for a wheel from an index, the packages under
+  the checkout's `constraints.txt` for a source install; `kdfast.contract.install`).
+
+A copy-paste recipe with both models loaded by `AutoModelForCausalLM` is in
+docs/huggingface.md.
 
 Teacher and student must share the tokenizer. Their logits may differ in width only when
 one model pads its embedding matrix; pass `vocab_size` (the tokenizer's real size) and both
@@ -21,8 +26,9 @@ are cut to it. With `fused=True` (`distillation_loss`, `DistillationTrainer`) ne
 logits are materialised: both run their base model to the last hidden states, and
 `kdfast.functional.fused_linear_kd_loss` computes the same loss from those and the two
 lm_head weights chunk by chunk (for models whose logits are `lm_head(hidden)`, soft-capped
-when the config sets `final_logit_softcapping`; models that rescale logits otherwise need
-`fused=False`).
+when the config sets `final_logit_softcapping`; a config that rescales logits with
+`logit_scale` (Cohere) or `logits_scaling` (Granite) is refused with a message to use
+`fused=False`, and other custom logit transforms are not detected).
 """
 
 from __future__ import annotations
@@ -33,12 +39,13 @@ import torch
 from torch import Tensor
 
 from kdfast import functional
+from kdfast.contract.install import install_hint
 
 # DistillationTrainer needs transformers, so it is built on first access by the module-level __getattr__ below
 __all__ = ["DistillationTrainer", "causal_lm_kd_loss", "distillation_loss", "fused_causal_lm_kd_loss",  # noqa: F822
            "require_transformers"]
 
-INSTALL_HINT = "pip install 'kdfast[hf]' (or pip install transformers accelerate)"
+INSTALL_HINT = install_hint("hf", ["transformers", "accelerate"])
 
 
 def require_transformers():
@@ -146,6 +153,12 @@ def _hidden_and_head(model: torch.nn.Module, inputs: dict):
         raise TypeError(f"fused=True needs a causal LM with a base model (`{prefix or 'base_model_prefix'}`) and a "
                         f"Linear lm_head (get_output_embeddings()); {type(model).__name__} has neither; "
                         f"use fused=False")
+    config = getattr(model, "config", None)
+    for name in ("logit_scale", "logits_scaling"):
+        scale = getattr(config, name, None)
+        if scale is not None and float(scale) != 1.0:
+            raise ValueError(f"fused=True: {type(model).__name__} scales its logits (config.{name}={scale}), which "
+                             "the fused loss does not apply; use fused=False")
     output = base(**inputs)
     hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
@@ -160,6 +173,11 @@ def fused_causal_lm_kd_loss(student: torch.nn.Module, teacher: torch.nn.Module, 
 
     Returns `(loss, student_base_outputs)`; the student's base-model output has the hidden
     states but no logits.
+
+    Raises:
+        TypeError: a model without a base model and a Linear lm_head.
+        ValueError: a model whose config scales its logits (`logit_scale`, `logits_scaling`),
+            student and teacher with different soft-caps, plus `fused_linear_kd_loss`'s errors.
     """
     hidden, weight, bias, softcap, outputs = _hidden_and_head(student, inputs)
     with torch.no_grad():
@@ -207,7 +225,8 @@ def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch:
         student's raw output (with `fused`, its base model's output: no logits).
 
     Raises:
-        ValueError: a batch without `labels`, or `causal_lm_kd_loss`'s errors.
+        ValueError: a batch without `labels`, or `causal_lm_kd_loss`'s errors (with `fused`,
+            `fused_causal_lm_kd_loss`'s).
         TypeError: a batch that is not a mapping.
     """
     if not hasattr(batch, "keys"):
