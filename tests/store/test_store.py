@@ -32,6 +32,7 @@ from kdfast.store import (
     StoreMismatchError,
     soft_label_bytes_per_token,
 )
+from kdfast.store.manifest import write_manifest
 
 
 def random_soft_labels(rows: int, vocab_size: int, k: int, *, temperature: float = 1.0, seed: int = 0) -> SoftLabels:
@@ -173,7 +174,7 @@ def test_manifest_records_the_run(tmp_path):
     )
     with open(tmp_path / "store" / "manifest.json") as handle:
         manifest = json.load(handle)
-    assert manifest["format"] == "kdfast.SoftLabelStore" and manifest["format_version"] == 1
+    assert manifest["format"] == "kdfast.SoftLabelStore" and manifest["format_version"] == 2
     assert (manifest["vocab_size"], manifest["k"], manifest["temperature"]) == (300, 5, 2.0)
     assert manifest["dtypes"] == {"indices": "uint16", "logprobs": "float16", "tail_logprob": "float32",
                                   "token_ids": None}
@@ -351,9 +352,10 @@ def test_tampered_shard_fails_its_checksum(small_store):
     with pytest.raises(CorruptShardError, match=r"shard-000002\.tail_logprob\.npy fails its .* checksum"):
         store[130:131]
     unchecked = SoftLabelStore(small_store.directory, verify="size")
-    unchecked[130:131]  # reads without a checksum ...
+    with pytest.raises(CorruptShardError, match=r"shard-000002\.tail_logprob\.npy fails its sampled"):
+        unchecked[130:131]  # files this small are sampled whole
     with pytest.raises(CorruptShardError, match=r"(?s)1 corrupt shard file.*shard-000002\.tail_logprob\.npy"):
-        unchecked.verify()  # ... until verified
+        unchecked.verify()
     with pytest.raises(CorruptShardError, match=r"shard-000002"):
         SoftLabelStore.create(
             small_store.directory, vocab_size=300, k=8, temperature=1.0, with_token_ids=True, resume=True
@@ -371,17 +373,17 @@ def test_shard_with_a_wrong_header_is_detected_even_with_a_matching_checksum(sma
     from kdfast.store import file_checksum
 
     entry["checksum"] = file_checksum(path, manifest["checksum"])
-    json.dump(manifest, open(manifest_path, "w"))
+    write_manifest(directory, manifest, durable=False)  # a consistent manifest with a fresh checksum
     with pytest.raises(CorruptShardError, match=r"shard-000000\.logprobs\.npy holds uint16"):
-        SoftLabelStore(directory)[0:1]
+        SoftLabelStore(directory)
 
 
 # --------------------------------------------------------------------------- data loading
 def test_store_pickles_without_open_maps_and_feeds_dataloader_workers(small_store):
-    small_store[0:200]  # opens every shard in this process
-    assert small_store._maps
+    small_store[0:200]  # checks every shard in this process
+    assert small_store._verified == set(range(small_store.num_shards))
     clone = pickle.loads(pickle.dumps(small_store))
-    assert clone._maps == {}
+    assert clone._verified == set()  # each process checks the shards it reads
     assert_same_soft_labels(clone[5:150], small_store[5:150])
 
     dataset = SoftLabelWindowDataset(small_store, seq_len=30)

@@ -1,23 +1,26 @@
-"""Crash-safe on-disk store of top-k soft labels for a token stream: `SoftLabelStore`.
+"""Crash-safe, checked on-disk store of top-k soft labels for a token stream: `SoftLabelStore`.
 
 A store is a directory of shards plus `manifest.json`. Shard i holds the soft labels of the
 contiguous token range [start_i, stop_i) as little-endian `.npy` files (one per field:
 `indices` [n, k], `logprobs` [n, k], `tail_logprob` [n] and optionally the input
 `token_ids` [n]); the manifest records the parameters (format version, V, k, temperature,
-dtypes, teacher, tokenizer, source description) and, per shard, its token range and each
-file's byte size and checksum. The manifest is the single source of truth: a shard exists
-once the manifest that lists it has been atomically replaced. Every file is written to a
-hidden temporary name, fsynced and renamed (`os.replace`), so a crash at any moment leaves
-the previous manifest and only complete shards; files not listed in it are ignored and
-cleaned up by the next writer. Readers memory-map shards lazily (per process, so a store
-pickles cheaply into DataLoader workers), check file sizes and `.npy` headers on every
-open, and by default check each shard's checksum the first time the process touches it;
-`verify()` checks everything. Problems raise `CorruptShardError` naming the shard file.
-The format is specified in docs/soft_label_store.md.
+dtypes, teacher, tokenizer, source description), per shard its token range and each
+file's byte size and checksums, and a checksum of its own fields. The manifest is the
+single source of truth: a shard exists once the manifest that lists it has been atomically
+replaced. Every file is written to a hidden temporary name, fsynced and renamed
+(`os.replace`), so a crash at any moment leaves the previous manifest and only complete
+shards; files not listed in it are ignored and cleaned up by the next writer. Opening a
+store checks the manifest (checksum, fields, shard table) and every shard file's size and
+`.npy` header; a process checks each shard's checksums the first time it reads it, and
+`verify()` checks everything. Reads keep no file open, so a store pickles cheaply into
+DataLoader workers. Problems raise `ManifestError` or `CorruptShardError` naming the file
+and the field. `SoftLabelWindowDataset` yields windows with labels aligned with the soft
+labels. The format is specified in docs/soft_label_store.md.
 
-Modules: `format` (constants, storage dtypes, manifest I/O, checksums, errors), `writer`
-(`SoftLabelStoreWriter`, writer lock, removal of uncommitted files), `reader`
-(`SoftLabelStore`, including `SoftLabelStore.create`) and `dataset`
+Modules: `format` (constants, storage dtypes, file checksums, errors), `manifest` (the
+manifest's checksum, atomic writes, reading and validation), `shards` (shard file checks and
+reads), `writer` (`SoftLabelStoreWriter`, `open_writer`, writer lock, removal of uncommitted
+files), `reader` (`SoftLabelStore`, including `SoftLabelStore.create`) and `dataset`
 (`SoftLabelWindowDataset`); each imports only the ones before it.
 """
 
@@ -29,6 +32,7 @@ from kdfast.store.format import (  # noqa: F401  (public names of kdfast.store o
     LOCK_NAME,
     MANIFEST_NAME,
     CorruptShardError,
+    ManifestError,
     SoftLabelStoreError,
     StoreMismatchError,
     default_checksum_algorithm,
@@ -41,6 +45,7 @@ from kdfast.store.writer import SoftLabelStoreWriter
 __all__ = [
     "CorruptShardError",
     "FORMAT_VERSION",
+    "ManifestError",
     "SoftLabelStore",
     "SoftLabelStoreError",
     "SoftLabelStoreWriter",

@@ -1,24 +1,25 @@
-"""On-disk format of a soft-label store: constants, storage dtypes, manifest I/O, checksums and errors.
+"""On-disk format of a soft-label store: constants, storage dtypes, file checksums and errors.
 
 A store is a directory of shards plus `manifest.json`. Shard i holds the soft labels of the
 contiguous token range [start_i, stop_i) as little-endian `.npy` files (one per field:
 `indices` [n, k], `logprobs` [n, k], `tail_logprob` [n] and optionally the input
 `token_ids` [n]); the manifest records the parameters (format version, V, k, temperature,
 dtypes, teacher, tokenizer, source description) and, per shard, its token range and each
-file's byte size and checksum. This module knows the names, dtypes and limits of that
-format, reads and atomically replaces the manifest, checksums files and defines the
-errors; it holds no store state. The format is specified in docs/soft_label_store.md.
+file's byte size and checksums. This module knows the names, dtypes and limits of that
+format, checksums files (whole, or sampled at both ends), writes temporary files and
+defines the errors (`SoftLabelStoreError` with the `path` and `field` concerned, and its
+subclasses); it holds no store state. The manifest's own checksum, reading and validation
+are in `kdfast.store.manifest`. The format is specified in docs/soft_label_store.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
 import os
 import re
-from typing import Any, Dict, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -30,7 +31,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 
 FORMAT_NAME = "kdfast.SoftLabelStore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)  # version 1: no manifest checksum, no sampled file checksums
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".writer.lock"
 DEFAULT_SHARD_TOKENS = 1 << 18
@@ -60,6 +62,8 @@ LOGPROB_STORAGE = ("float16", "bfloat16", "float32")
 INDEX_MAX_VOCAB = {"uint16": 1 << 16, "int16": 1 << 15, "int32": (1 << 31) - 1, "int64": (1 << 63) - 1}
 FIELDS = ("indices", "logprobs", "tail_logprob", "token_ids")
 SHARD_FILE = re.compile(r"^shard-(\d{6,})\.(indices|logprobs|tail_logprob|token_ids)\.npy$")
+FILE_CHECKSUMS = ("xxh3_128", "blake2b-128", "sha256")
+SAMPLE_BYTES = 64 << 10  # bytes hashed at each end of a file by `sample_checksum`
 _CHECKSUM_CHUNK = 8 << 20
 
 
@@ -90,7 +94,22 @@ class ManifestFields:
 
 
 class SoftLabelStoreError(Exception):
-    """Base class of the errors raised by `SoftLabelStore` and its writer."""
+    """Base class of the errors raised by `SoftLabelStore` and its writer.
+
+    Attributes:
+        path: the file the error is about (manifest or shard file), or None.
+        field: the manifest field or shard field concerned (e.g. "temperature",
+            "shards[2].stop", "logprobs"), or None.
+    """
+
+    def __init__(self, message: str, *, path: Optional[str] = None, field: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.field = field
+
+
+class ManifestError(SoftLabelStoreError):
+    """`manifest.json` is malformed, was edited after it was written, or contradicts the shards."""
 
 
 class CorruptShardError(SoftLabelStoreError):
@@ -148,7 +167,7 @@ def _new_hasher(algorithm: str):
         return hashlib.blake2b(digest_size=16)
     if algorithm == "sha256":
         return hashlib.sha256()
-    raise SoftLabelStoreError(f"unknown checksum algorithm {algorithm!r} in the manifest")
+    raise SoftLabelStoreError(f"unknown checksum algorithm {algorithm!r} in the manifest", field="checksum")
 
 
 def file_checksum(path: str, algorithm: str) -> str:
@@ -160,6 +179,26 @@ def file_checksum(path: str, algorithm: str) -> str:
             if not chunk:
                 break
             hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def sample_checksum(path: str, algorithm: str) -> str:
+    """Hex digest (`algorithm`) of a file's size and its first and last `SAMPLE_BYTES` bytes.
+
+    A cheap identity check of a shard file (two small reads): it covers the `.npy` header
+    and the first and last rows, so a file swapped with another shard's, or one whose ends
+    were damaged, fails it. Files up to 2·SAMPLE_BYTES are hashed whole.
+    """
+    hasher = _new_hasher(algorithm)
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        hasher.update(str(size).encode("ascii") + b"\n")
+        if size <= 2 * SAMPLE_BYTES:
+            hasher.update(handle.read())
+        else:
+            hasher.update(handle.read(SAMPLE_BYTES))
+            handle.seek(size - SAMPLE_BYTES)
+            hasher.update(handle.read(SAMPLE_BYTES))
     return hasher.hexdigest()
 
 
@@ -177,51 +216,6 @@ def fsync_directory(directory: str) -> None:
 def temporary_name(directory: str, final_name: str) -> str:
     """Path of the hidden, per-process temporary file written before renaming to `final_name`."""
     return os.path.join(directory, f".{final_name}.tmp-{os.getpid()}")
-
-
-def write_manifest(directory: str, manifest: Mapping[str, Any], durable: bool) -> None:
-    """Atomically replaces `directory/manifest.json` (temporary file, fsync, rename)."""
-    temporary = temporary_name(directory, MANIFEST_NAME)
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(manifest, handle, indent=1, sort_keys=False)
-            handle.write("\n")
-            handle.flush()
-            if durable:
-                os.fsync(handle.fileno())
-        os.replace(temporary, os.path.join(directory, MANIFEST_NAME))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
-    if durable:
-        fsync_directory(directory)
-
-
-def read_manifest(directory: str) -> Dict[str, Any]:
-    """The parsed `manifest.json` of `directory`, after checking its format name and version.
-
-    Raises:
-        FileNotFoundError: `directory` has no manifest.
-        SoftLabelStoreError: the manifest is not valid JSON, not a store manifest, or of
-            another format version.
-    """
-    path = os.path.join(directory, MANIFEST_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"SoftLabelStore: no {MANIFEST_NAME} in {directory!r}; it is not a soft-label store")
-    with open(path, "r", encoding="utf-8") as handle:
-        try:
-            manifest = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise SoftLabelStoreError(f"SoftLabelStore: {path} is not valid JSON: {error}") from None
-    if manifest.get("format") != FORMAT_NAME:
-        raise SoftLabelStoreError(f"SoftLabelStore: {path} is not a {FORMAT_NAME} manifest")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise SoftLabelStoreError(
-            f"SoftLabelStore: {path} has format_version {version}; this kdfast reads version {FORMAT_VERSION}"
-        )
-    return manifest
 
 
 def utc_now() -> str:

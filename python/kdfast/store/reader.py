@@ -1,53 +1,43 @@
 """Reading a soft-label store by token range: `SoftLabelStore`.
 
-The store reflects its manifest as read at open (or `reload()`): shards listed there are
-memory-mapped lazily, per process, so a store pickles cheaply into DataLoader workers.
-File sizes are checked on every open, `.npy` headers on a shard's first use and, by
-default, each shard's checksum the first time the process touches it; `verify()` checks
-everything. Problems raise `CorruptShardError` naming the shard file. `SoftLabelStore.create`
-validates the parameters, builds or checks the manifest (resume) under the writer lock and
-returns a `SoftLabelStoreWriter`. The format is specified in docs/soft_label_store.md.
+The store reflects its manifest as read at open (or `reload()`). Opening reads and checks
+the manifest (fields, shard table, its checksum; see `kdfast.store.manifest`) and every
+listed shard file's size and `.npy` header (see `kdfast.store.shards`). The first time a
+process reads a shard it also checks the shard's files against their checksums (whole
+files with `verify="checksum"`, the default; both ends with `verify="size"`); `verify()`
+checks everything. Rows are read with positional reads that keep no file open, so a store
+pickles cheaply into DataLoader workers and works with any number of shards. Problems
+raise `ManifestError` or `CorruptShardError` naming the file. `SoftLabelStore.create`
+returns a `SoftLabelStoreWriter` (see `kdfast.store.writer.open_writer`). The format is
+specified in docs/soft_label_store.md.
 """
 
 from __future__ import annotations
 
 import bisect
-import math
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
 import numpy as np
 import torch
 
-from kdfast.contract.softlabels import SoftLabels, smallest_index_dtype
+from kdfast.contract.softlabels import SoftLabels
 from kdfast.store.format import (
     DEFAULT_SHARD_TOKENS,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    INDEX_MAX_VOCAB,
-    INDEX_STORAGE,
-    LOGPROB_STORAGE,
-    MANIFEST_NAME,
     STORAGE_DTYPES,
-    TORCH_TO_NAME,
     CorruptShardError,
     ManifestFields,
     SoftLabelStoreError,
-    StoreMismatchError,
-    default_checksum_algorithm,
     file_checksum,
-    json_normalised,
-    read_manifest,
-    soft_label_bytes_per_token,
-    storage_dtype_name,
-    utc_now,
-    write_manifest,
+    sample_checksum,
 )
-from kdfast.store.writer import SoftLabelStoreWriter, acquire_writer_lock, release_writer_lock, remove_store_files
+from kdfast.store.manifest import read_manifest
+from kdfast.store.shards import ShardFile, check_identity, open_shard_file, read_rows
+from kdfast.store.writer import SoftLabelStoreWriter, open_writer
 
 
 class SoftLabelStore(ManifestFields):
-    """Reads a soft-label store by token range, memory-mapping its shards.
+    """Reads a soft-label store by token range.
 
     `store[start:stop]` returns a `SoftLabels` with `indices` [n, k], `logprobs` [n, k],
     `tail_logprob` [n] in the storage dtypes (e.g. uint16/float16/float32; convert with
@@ -56,20 +46,25 @@ class SoftLabelStore(ManifestFields):
     steps other than 1 are not supported. The store reflects the manifest as it was when
     it was opened (`reload()` re-reads it), so it can be read while a writer appends.
 
-    Instances are picklable and hold no open file until a shard is read; each process
-    (e.g. each DataLoader worker) opens its own memory maps on first use.
+    Opening validates the manifest (every field, the shard table, its checksum) and checks
+    every shard file's size and `.npy` header against it. Instances are picklable and hold
+    no open file: each read opens the shard files it needs and closes them again, so a
+    store may have any number of shards. Every read checks that the indices lie in
+    [0, vocab_size).
 
     Args:
         directory: the store directory (contains manifest.json).
-        verify: "checksum" (default): file sizes are checked on open, and a shard's sizes,
-            `.npy` headers and checksums the first time this process reads it (one full
-            read of that shard); "size": the same without checksums (use after one
-            `verify()` when shards are large). Both raise `CorruptShardError` naming the
-            shard file.
+        verify: when this process first reads a shard, check its files' "checksum"
+            (default; one full read of the shard per process) or, with "size", only a
+            checksum of each file's first and last 64 KiB (for large stores already checked
+            once with `verify()`).
 
     Raises:
         FileNotFoundError: no manifest in `directory`.
-        CorruptShardError: a listed shard file is missing or has the wrong size.
+        ManifestError: the manifest is malformed, edited after it was written, or
+            inconsistent (naming the field).
+        CorruptShardError: a listed shard file is missing, has the wrong size or a header
+            that does not match the manifest (naming the file).
     """
 
     def __init__(self, directory: Union[str, os.PathLike], *, verify: str = "checksum") -> None:
@@ -77,23 +72,23 @@ class SoftLabelStore(ManifestFields):
             raise ValueError(f"SoftLabelStore: verify must be 'checksum' or 'size', got {verify!r}")
         self.directory = os.fspath(directory)
         self.verify_mode = verify
-        self._maps: Dict[int, Dict[str, np.ndarray]] = {}
+        self._verified: Set[int] = set()
         self.reload()
 
     # ------------------------------------------------------------ manifest view
     def reload(self) -> "SoftLabelStore":
-        """Re-reads the manifest (e.g. to see shards appended since opening); returns self."""
+        """Re-reads the manifest (e.g. to see shards appended since opening) and rechecks every shard file's
+        size and header; returns self."""
         manifest = read_manifest(self.directory)
+        fields = [field for field, dtype in manifest["dtypes"].items() if dtype is not None]
+        files = [{field: open_shard_file(self.directory, shard, field, manifest) for field in fields}
+                 for shard in manifest["shards"]]
         self.manifest = manifest
         self._shards: List[Dict[str, Any]] = list(manifest["shards"])
         self._starts = [shard["start"] for shard in self._shards]
-        self._maps = {}
-        for shard in self._shards:
-            self._check_sizes(shard)
+        self._files: List[Dict[str, ShardFile]] = files
+        self._verified = set()
         return self
-
-
-
 
     @property
     def dtypes(self) -> Dict[str, Optional[str]]:
@@ -104,7 +99,6 @@ class SoftLabelStore(ManifestFields):
     def has_token_ids(self) -> bool:
         """Whether shards also store the input token ids."""
         return self.manifest["dtypes"].get("token_ids") is not None
-
 
     @property
     def num_shards(self) -> int:
@@ -120,6 +114,14 @@ class SoftLabelStore(ManifestFields):
         """Total size of all shard files on disk (payload plus .npy headers)."""
         return sum(entry["bytes"] for shard in self._shards for entry in shard["files"].values())
 
+    @property
+    def window(self) -> Optional[int]:
+        """Tokens per teacher window (`manifest["source"]["seq_len"]`, as `kdfast compress` records it), or
+        None when the manifest does not say."""
+        source = self.manifest.get("source")
+        length = source.get("seq_len") if isinstance(source, dict) else None
+        return length if isinstance(length, int) and not isinstance(length, bool) and length > 0 else None
+
     def __len__(self) -> int:
         """Number of committed tokens (rows)."""
         return int(self.manifest["num_tokens"])
@@ -133,91 +135,66 @@ class SoftLabelStore(ManifestFields):
     # ------------------------------------------------------------ pickling
     def __getstate__(self) -> Dict[str, Any]:
         state = self.__dict__.copy()
-        state["_maps"] = {}
+        state["_verified"] = set()  # every process checks the shards it reads itself
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
 
     # ------------------------------------------------------------ shard access
-    def _path(self, entry: Mapping[str, Any]) -> str:
-        return os.path.join(self.directory, entry["file"])
-
-    def _check_sizes(self, shard: Mapping[str, Any]) -> None:
-        for field, entry in shard["files"].items():
-            path = self._path(entry)
-            try:
-                size = os.stat(path).st_size
-            except FileNotFoundError:
-                raise CorruptShardError(
-                    f"SoftLabelStore: shard file {entry['file']} ({field} of tokens [{shard['start']}, "
-                    f"{shard['stop']})) is missing from {self.directory}"
-                ) from None
-            if size != entry["bytes"]:
-                raise CorruptShardError(
-                    f"SoftLabelStore: shard file {entry['file']} has {size} bytes, the manifest records "
-                    f"{entry['bytes']} (truncated or modified)"
-                )
-
-    def _check_checksums(self, shard: Mapping[str, Any]) -> None:
+    def _check_checksums(self, shard_number: int, whole: bool) -> None:
         algorithm = self.manifest["checksum"]
-        for entry in shard["files"].values():
-            actual = file_checksum(self._path(entry), algorithm)
-            if actual != entry["checksum"]:
+        for field, entry in self._shards[shard_number]["files"].items():
+            path = os.path.join(self.directory, entry["file"])
+            if whole:
+                expected, actual = entry["checksum"], file_checksum(path, algorithm)
+            elif "sample" in entry:
+                expected, actual = entry["sample"], sample_checksum(path, algorithm)
+            else:  # format version 1 recorded no sampled checksum
+                continue
+            if actual != expected:
+                what = "" if whole else "sampled (first and last 64 KiB) "
                 raise CorruptShardError(
-                    f"SoftLabelStore: shard file {entry['file']} fails its {algorithm} checksum "
-                    f"(expected {entry['checksum']}, found {actual}): the file was modified or damaged"
-                )
+                    f"SoftLabelStore: shard file {entry['file']} fails its {what}{algorithm} checksum "
+                    f"(expected {expected}, found {actual}): the file was modified, damaged or swapped with another",
+                    path=path, field=field)
 
-    def _shard_arrays(self, shard_number: int) -> Dict[str, np.ndarray]:
-        arrays = self._maps.get(shard_number)
-        if arrays is not None:
-            return arrays
-        shard = self._shards[shard_number]
-        self._check_sizes(shard)
-        if self.verify_mode == "checksum":
-            self._check_checksums(shard)
-        rows = shard["stop"] - shard["start"]
-        arrays = {}
-        for field, entry in shard["files"].items():
-            dtype_name = self.manifest["dtypes"][field]
-            expected_shape = (rows, self.k) if field in ("indices", "logprobs") else (rows,)
-            expected_dtype = STORAGE_DTYPES[dtype_name][0]
-            path = self._path(entry)
-            try:
-                array = np.load(path, mmap_mode="r", allow_pickle=False)
-            except (ValueError, OSError) as error:
-                raise CorruptShardError(
-                    f"SoftLabelStore: shard file {entry['file']} is not a readable .npy file: {error}"
-                ) from None
-            if array.shape != expected_shape or array.dtype != expected_dtype or not array.flags.c_contiguous:
-                raise CorruptShardError(
-                    f"SoftLabelStore: shard file {entry['file']} holds {array.dtype}{list(array.shape)}, the manifest "
-                    f"implies {expected_dtype}{list(expected_shape)}"
-                )
-            arrays[field] = array
-        self._maps[shard_number] = arrays
-        return arrays
+    def _shard_files(self, shard_number: int) -> Dict[str, ShardFile]:
+        """The checked files of a shard; on this process's first use, checks them against their checksums."""
+        if shard_number not in self._verified:
+            for shard_file in self._files[shard_number].values():
+                check_identity(shard_file)
+            self._check_checksums(shard_number, whole=self.verify_mode == "checksum")
+            self._verified.add(shard_number)
+        return self._files[shard_number]
 
     def _normalise_range(self, start: Optional[int], stop: Optional[int]) -> Tuple[int, int]:
         start, stop, step = slice(start, stop).indices(len(self))
         return start, max(start, stop)
 
     def _gather(self, field: str, start: int, stop: int) -> torch.Tensor:
-        """Copies rows [start, stop) of one field out of the memory maps into a new tensor."""
+        """Reads rows [start, stop) of one field from the shard files into a new tensor."""
         dtype_name = self.manifest["dtypes"][field]
-        numpy_dtype, torch_dtype = STORAGE_DTYPES[dtype_name]
+        numpy_dtype = STORAGE_DTYPES[dtype_name][0]
         trailing = (self.k,) if field in ("indices", "logprobs") else ()
         output = np.empty((stop - start,) + trailing, dtype=numpy_dtype)
         shard_number = max(0, bisect.bisect_right(self._starts, start) - 1)
         position = start
         while position < stop:
             shard = self._shards[shard_number]
-            arrays = self._shard_arrays(shard_number)
+            shard_file = self._shard_files(shard_number)[field]
             local_start = position - shard["start"]
-            local_stop = min(stop, shard["stop"]) - shard["start"]
-            count = local_stop - local_start
-            output[position - start : position - start + count] = arrays[field][local_start:local_stop]
+            count = min(stop, shard["stop"]) - position
+            chunk = output[position - start : position - start + count]
+            read_rows(shard_file, local_start, chunk)
+            if field == "indices" and chunk.size:
+                low, high = int(chunk.min()), int(chunk.max())
+                if low < 0 or high >= self.vocab_size:
+                    bad = high if high >= self.vocab_size else low
+                    raise CorruptShardError(
+                        f"SoftLabelStore: shard file {shard_file.name} holds index {bad} "
+                        f"in tokens [{position}, {position + count}), outside [0, vocab_size={self.vocab_size}): "
+                        "the shard or the manifest's vocab_size is wrong", path=shard_file.path, field="vocab_size")
             position += count
             shard_number += 1
         tensor = torch.from_numpy(output)
@@ -230,6 +207,10 @@ class SoftLabelStore(ManifestFields):
 
         Returns:
             SoftLabels with indices [n, k], logprobs [n, k], tail_logprob [n] on the CPU.
+
+        Raises:
+            CorruptShardError: a shard file read fails its checksum, was replaced since the
+                store was opened, or holds indices outside [0, vocab_size).
         """
         start, stop = self._normalise_range(start, stop)
         return SoftLabels(
@@ -247,7 +228,8 @@ class SoftLabelStore(ManifestFields):
             SoftLabelStoreError: the store was written without token ids.
         """
         if not self.has_token_ids:
-            raise SoftLabelStoreError(f"SoftLabelStore: {self.directory} was written without token ids")
+            raise SoftLabelStoreError(f"SoftLabelStore: {self.directory} was written without token ids",
+                                      path=self.directory, field="token_ids")
         start, stop = self._normalise_range(start, stop)
         ids = self._gather("token_ids", start, stop)
         return ids.to(torch.int32).to(torch.int64) if ids.dtype == torch.uint16 else ids.to(torch.int64)
@@ -277,28 +259,30 @@ class SoftLabelStore(ManifestFields):
         return [(shard["start"], shard["stop"]) for shard in self._shards]
 
     def verify(self) -> None:
-        """Checks every shard's size, checksum and `.npy` header.
+        """Checks every shard file's size, `.npy` header and checksums (a full read of the store).
 
         Raises:
             CorruptShardError: listing every bad shard file found.
         """
         problems = []
+        fields = [field for field, dtype in self.manifest["dtypes"].items() if dtype is not None]
         for shard_number, shard in enumerate(self._shards):
-            self._maps.pop(shard_number, None)
+            self._verified.discard(shard_number)
             try:
-                self._check_sizes(shard)
-                self._check_checksums(shard)
-                saved_mode, self.verify_mode = self.verify_mode, "size"
-                try:
-                    self._shard_arrays(shard_number)
-                finally:
-                    self.verify_mode = saved_mode
+                files = {field: open_shard_file(self.directory, shard, field, self.manifest) for field in fields}
+                if files != self._files[shard_number]:
+                    raise CorruptShardError(
+                        f"SoftLabelStore: a file of shard {shard_number} was replaced or modified after the store "
+                        "was opened; reopen the store (or call reload())", path=self.directory)
+                self._check_checksums(shard_number, whole=True)
+                self._check_checksums(shard_number, whole=False)
+                self._verified.add(shard_number)
             except CorruptShardError as error:
                 problems.append(str(error))
         if problems:
             raise CorruptShardError(
-                f"{len(problems)} corrupt shard file(s) in {self.directory}:\n" + "\n".join(problems)
-            )
+                f"{len(problems)} corrupt shard file(s) in {self.directory}:\n" + "\n".join(problems),
+                path=self.directory)
 
     # ------------------------------------------------------------ writing
     @staticmethod
@@ -352,98 +336,11 @@ class SoftLabelStore(ManifestFields):
         Raises:
             FileExistsError: a store exists and neither resume nor overwrite is set.
             StoreMismatchError: resume with different parameters.
-            CorruptShardError: resume over a damaged committed shard.
+            CorruptShardError, ManifestError: resume over a damaged shard or manifest.
         """
-        directory = os.fspath(directory)
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-            raise ValueError(f"SoftLabelStore.create: vocab_size must be a positive int, got {vocab_size!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab_size:
-            raise ValueError(
-                f"SoftLabelStore.create: k must be an int with 1 <= k <= vocab_size={vocab_size}, got {k!r}"
-            )
-        temperature = float(temperature)
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"SoftLabelStore.create: temperature must be finite and > 0, got {temperature}")
-        if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
-            raise ValueError(f"SoftLabelStore.create: shard_tokens must be a positive int, got {shard_tokens!r}")
-        if resume and overwrite:
-            raise ValueError("SoftLabelStore.create: resume and overwrite are mutually exclusive")
-        if index_dtype is None:
-            index_name = TORCH_TO_NAME[smallest_index_dtype(vocab_size)]
-        else:
-            index_name = storage_dtype_name(index_dtype, INDEX_STORAGE, "index_dtype")
-        if vocab_size > INDEX_MAX_VOCAB[index_name]:
-            raise ValueError(
-                f"SoftLabelStore.create: index_dtype {index_name} cannot hold indices of V={vocab_size} "
-                f"(max V {INDEX_MAX_VOCAB[index_name]})"
-            )
-        logprob_name = storage_dtype_name(logprob_dtype, LOGPROB_STORAGE, "logprob_dtype")
-        token_bytes = STORAGE_DTYPES[index_name][0].itemsize if with_token_ids else 0
-        soft_bytes = soft_label_bytes_per_token(k, index_name, logprob_name)
-        parameters = {
-            "vocab_size": vocab_size,
-            "k": k,
-            "temperature": temperature,
-            "dtypes": {
-                "indices": index_name,
-                "logprobs": logprob_name,
-                "tail_logprob": "float32",
-                "token_ids": index_name if with_token_ids else None,
-            },
-            "teacher": teacher,
-            "tokenizer": tokenizer,
-            "source": json_normalised(dict(source)) if source is not None else None,
-        }
-        os.makedirs(directory, exist_ok=True)
-        lock = acquire_writer_lock(directory)
-        try:
-            manifest_path = os.path.join(directory, MANIFEST_NAME)
-            exists = os.path.exists(manifest_path)
-            if exists and overwrite:
-                remove_store_files(directory, include_manifest=True)
-                exists = False
-            if exists and not resume:
-                raise FileExistsError(
-                    f"SoftLabelStore.create: {directory} already holds a soft-label store; pass resume=True "
-                    "(CLI: --resume) to continue it or overwrite=True to replace it"
-                )
-            if exists:
-                manifest = read_manifest(directory)
-                differences = [
-                    f"{name}: stored {manifest.get(name)!r}, requested {value!r}"
-                    for name, value in parameters.items()
-                    if manifest.get(name) != value
-                ]
-                if differences:
-                    raise StoreMismatchError(
-                        f"SoftLabelStore: cannot resume {directory}: parameters differ from the stored run:\n  "
-                        + "\n  ".join(differences)
-                    )
-                reader = SoftLabelStore(directory, verify="size")
-                reader.verify()
-                manifest["shard_tokens"] = shard_tokens
-            else:
-                manifest = {
-                    "format": FORMAT_NAME,
-                    "format_version": FORMAT_VERSION,
-                    **parameters,
-                    "bytes_per_token": {
-                        "soft_labels": soft_bytes,
-                        "token_ids": token_bytes,
-                        "total": soft_bytes + token_bytes,
-                    },
-                    "checksum": default_checksum_algorithm(),
-                    "shard_tokens": shard_tokens,
-                    "metadata": json_normalised(dict(metadata)) if metadata is not None else {},
-                    "created": utc_now(),
-                    "updated": utc_now(),
-                    "complete": False,
-                    "num_tokens": 0,
-                    "shards": [],
-                }
-            remove_store_files(directory, include_manifest=False, keep_shards=len(manifest["shards"]))
-            write_manifest(directory, manifest, durable)
-        except BaseException:
-            release_writer_lock(lock)
-            raise
-        return SoftLabelStoreWriter(directory, manifest, lock, durable, reader_class=SoftLabelStore)
+        return open_writer(
+            directory, reader_class=SoftLabelStore, vocab_size=vocab_size, k=k, temperature=temperature,
+            index_dtype=index_dtype, logprob_dtype=logprob_dtype, with_token_ids=with_token_ids,
+            shard_tokens=shard_tokens, teacher=teacher, tokenizer=tokenizer, source=source, metadata=metadata,
+            resume=resume, overwrite=overwrite, durable=durable,
+        )

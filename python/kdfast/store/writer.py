@@ -4,36 +4,50 @@ Every file is written to a hidden temporary name, fsynced and renamed (`os.repla
 shard exists once the manifest that lists it has been atomically replaced, so a crash at
 any moment leaves the previous manifest and only complete shards; files not listed in it
 are removed by the next writer (`remove_store_files`). One writer per directory is enforced
-with a POSIX advisory lock (`acquire_writer_lock`). Writers are made by
-`SoftLabelStore.create`, which passes the store class that `reader()` opens.
+with a POSIX advisory lock (`acquire_writer_lock`). Writers are made by `open_writer` (the
+body of `SoftLabelStore.create`), which validates the parameters, builds a new manifest or
+checks and verifies an existing one (resume) under the writer lock; it is passed the store
+class that verifies a resumed store and that `reader()` opens.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import numpy as np
 import torch
 
-from kdfast.contract.softlabels import SoftLabels
+from kdfast.contract.softlabels import SoftLabels, smallest_index_dtype
 from kdfast.store.format import (
+    DEFAULT_SHARD_TOKENS,
     FIELDS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
     INDEX_MAX_VOCAB,
+    INDEX_STORAGE,
     LOCK_NAME,
+    LOGPROB_STORAGE,
     MANIFEST_NAME,
     SHARD_FILE,
     STORAGE_DTYPES,
+    TORCH_TO_NAME,
     ManifestFields,
     SoftLabelStoreError,
     StoreMismatchError,
+    default_checksum_algorithm,
     file_checksum,
     fsync_directory,
+    json_normalised,
+    sample_checksum,
+    soft_label_bytes_per_token,
+    storage_dtype_name,
     temporary_name,
     utc_now,
-    write_manifest,
 )
+from kdfast.store.manifest import read_manifest, write_manifest
 
 try:  # POSIX advisory lock against two writers on one directory
     import fcntl as _fcntl
@@ -224,6 +238,7 @@ class SoftLabelStoreWriter(ManifestFields):
                     "file": final_name,
                     "bytes": os.path.getsize(temporary),
                     "checksum": file_checksum(temporary, algorithm),
+                    "sample": sample_checksum(temporary, algorithm),
                 }
                 final_path = os.path.join(self.directory, final_name)
                 os.replace(temporary, final_path)
@@ -246,7 +261,7 @@ class SoftLabelStoreWriter(ManifestFields):
         try:
             # The commit point. If it fails before the rename, the shard files are orphans
             # (numbered past the manifest's shards) that the next writer removes.
-            write_manifest(self.directory, manifest, self._durable)
+            manifest = write_manifest(self.directory, manifest, self._durable)
         except BaseException:
             self._fail()
             raise
@@ -281,8 +296,7 @@ class SoftLabelStoreWriter(ManifestFields):
             self.flush()
             if complete:
                 manifest = dict(self.manifest, complete=True, updated=utc_now())
-                write_manifest(self.directory, manifest, self._durable)
-                self.manifest = manifest
+                self.manifest = write_manifest(self.directory, manifest, self._durable)
         finally:
             self._pending = None
             release_writer_lock(self._lock)
@@ -313,3 +327,119 @@ class SoftLabelStoreWriter(ManifestFields):
     def reader(self, *, verify: str = "size") -> Any:
         """A `SoftLabelStore` over the rows committed so far."""
         return self._reader_class(self.directory, verify=verify)
+
+
+# --------------------------------------------------------------------------- creation
+def open_writer(
+    directory: Union[str, os.PathLike],
+    *,
+    reader_class: type,
+    vocab_size: int,
+    k: int,
+    temperature: float,
+    index_dtype: Optional[Union[str, torch.dtype]] = None,
+    logprob_dtype: Union[str, torch.dtype] = "float16",
+    with_token_ids: bool = False,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    teacher: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    source: Optional[Mapping[str, Any]] = None,
+    metadata: Optional[Mapping[str, Any]] = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    durable: bool = True,
+) -> SoftLabelStoreWriter:
+    """The implementation of `SoftLabelStore.create` (documented there); `reader_class` verifies on resume."""
+    directory = os.fspath(directory)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"SoftLabelStore.create: vocab_size must be a positive int, got {vocab_size!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab_size:
+        raise ValueError(
+            f"SoftLabelStore.create: k must be an int with 1 <= k <= vocab_size={vocab_size}, got {k!r}"
+        )
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"SoftLabelStore.create: temperature must be finite and > 0, got {temperature}")
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
+        raise ValueError(f"SoftLabelStore.create: shard_tokens must be a positive int, got {shard_tokens!r}")
+    if resume and overwrite:
+        raise ValueError("SoftLabelStore.create: resume and overwrite are mutually exclusive")
+    if index_dtype is None:
+        index_name = TORCH_TO_NAME[smallest_index_dtype(vocab_size)]
+    else:
+        index_name = storage_dtype_name(index_dtype, INDEX_STORAGE, "index_dtype")
+    if vocab_size > INDEX_MAX_VOCAB[index_name]:
+        raise ValueError(
+            f"SoftLabelStore.create: index_dtype {index_name} cannot hold indices of V={vocab_size} "
+            f"(max V {INDEX_MAX_VOCAB[index_name]})"
+        )
+    logprob_name = storage_dtype_name(logprob_dtype, LOGPROB_STORAGE, "logprob_dtype")
+    token_bytes = STORAGE_DTYPES[index_name][0].itemsize if with_token_ids else 0
+    soft_bytes = soft_label_bytes_per_token(k, index_name, logprob_name)
+    parameters = {
+        "vocab_size": vocab_size,
+        "k": k,
+        "temperature": temperature,
+        "dtypes": {
+            "indices": index_name,
+            "logprobs": logprob_name,
+            "tail_logprob": "float32",
+            "token_ids": index_name if with_token_ids else None,
+        },
+        "teacher": teacher,
+        "tokenizer": tokenizer,
+        "source": json_normalised(dict(source)) if source is not None else None,
+    }
+    os.makedirs(directory, exist_ok=True)
+    lock = acquire_writer_lock(directory)
+    try:
+        manifest_path = os.path.join(directory, MANIFEST_NAME)
+        exists = os.path.exists(manifest_path)
+        if exists and overwrite:
+            remove_store_files(directory, include_manifest=True)
+            exists = False
+        if exists and not resume:
+            raise FileExistsError(
+                f"SoftLabelStore.create: {directory} already holds a soft-label store; pass resume=True "
+                "(CLI: --resume) to continue it or overwrite=True to replace it"
+            )
+        if exists:
+            manifest = read_manifest(directory)
+            differences = [
+                f"{name}: stored {manifest.get(name)!r}, requested {value!r}"
+                for name, value in parameters.items()
+                if manifest.get(name) != value
+            ]
+            if differences:
+                raise StoreMismatchError(
+                    f"SoftLabelStore: cannot resume {directory}: parameters differ from the stored run:\n  "
+                    + "\n  ".join(differences)
+                )
+            reader_class(directory, verify="size").verify()
+            manifest["shard_tokens"] = shard_tokens
+            manifest["format_version"] = FORMAT_VERSION  # a version-1 store gains its manifest checksum
+        else:
+            manifest = {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                **parameters,
+                "bytes_per_token": {
+                    "soft_labels": soft_bytes,
+                    "token_ids": token_bytes,
+                    "total": soft_bytes + token_bytes,
+                },
+                "checksum": default_checksum_algorithm(),
+                "shard_tokens": shard_tokens,
+                "metadata": json_normalised(dict(metadata)) if metadata is not None else {},
+                "created": utc_now(),
+                "updated": utc_now(),
+                "complete": False,
+                "num_tokens": 0,
+                "shards": [],
+            }
+        remove_store_files(directory, include_manifest=False, keep_shards=len(manifest["shards"]))
+        manifest = write_manifest(directory, manifest, durable)
+    except BaseException:
+        release_writer_lock(lock)
+        raise
+    return SoftLabelStoreWriter(directory, manifest, lock, durable, reader_class=reader_class)

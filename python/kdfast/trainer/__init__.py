@@ -28,9 +28,13 @@ Contract at the boundary:
   every training call of the loss) step once per micro-batch on that micro-batch's gradient
   alone, so nothing of theirs is accumulated or divided; during `fit` each of them is
   clipped to `max_grad_norm` separately, just before its own step.
-- Checkpoints are single files written to a temporary file in the same directory, synced,
-  then moved over the destination with `os.replace`: a checkpoint path always holds either
-  the previous complete checkpoint or the new one. They hold the state as of the last
+- Checkpoints are single files written to a temporary file in the same directory, sealed
+  with the SHA-256 of their bytes (stored as the archive's zip comment, so `torch.load`
+  still reads them), synced, then moved over the destination with `os.replace`: a
+  checkpoint path always holds either the previous complete checkpoint or the new one.
+  Loading verifies the checksum first: a damaged, truncated, empty or foreign file raises
+  `CheckpointError` (a ValueError) naming it and restores nothing; a checkpoint written
+  before the seal existed loads with a warning that it cannot be verified. They hold the state as of the last
   completed optimizer step: student, optimizer, scheduler, the loss's `state_dict()` when
   it is an `nn.Module` (None for a plain function), the `state_dict()` of every optimizer
   and learning-rate scheduler the loss module holds (by attribute path, e.g.
@@ -40,8 +44,8 @@ Contract at the boundary:
 """
 
 from kdfast.trainer.batches import Batch  # noqa: F401  (the batch type, for annotations)
-from kdfast.trainer.checkpoint import CHECKPOINT_FORMAT, atomic_save  # noqa: F401  (the checkpoint format tag)
+from kdfast.trainer.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_save  # noqa: F401  (format tag)
 from kdfast.trainer.distiller import Callback, Distiller
 from kdfast.trainer.rng import seed_everything
 
-__all__ = ["Callback", "Distiller", "atomic_save", "seed_everything"]
+__all__ = ["Callback", "CheckpointError", "Distiller", "atomic_save", "seed_everything"]

@@ -293,10 +293,10 @@ class Distiller:
         checkpoint without loss entries leaves the loss as it is.
 
         Raises:
-            FileNotFoundError: nothing at `path`.
-            ValueError: `path` is not a Distiller checkpoint, or it does not fit this Distiller
-                (no scheduler state for its scheduler; loss state for another kind of loss).
-                Nothing is restored then.
+            FileNotFoundError: nothing at `path`. CheckpointError (a ValueError): the file is
+                damaged, truncated, empty or not a Distiller checkpoint (see `read_checkpoint`).
+            ValueError: it does not fit this Distiller (no scheduler state for its scheduler;
+                loss state for another kind of loss). Nothing is restored in either case.
         """
         path = os.fspath(path)
         state = read_checkpoint(path)
