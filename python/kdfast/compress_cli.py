@@ -1,78 +1,121 @@
 """`kdfast compress`: run a teacher over a token stream and write its top-k soft labels to a store.
 
-The token stream (a `.npy`/`.pt` array of token ids, flattened, or a text file tokenised
-line by line) is cut into consecutive windows of `--seq-len` tokens (the last one may be
-shorter); the teacher sees each window on its own and the soft labels of token i are
-`compress_topk` of the teacher's logits at i (its prediction of token i + 1 given the
-window up to i). Full windows go to the teacher `--batch-size` at a time in a fixed plan,
-so a resumed run recomputes exactly the batches an uninterrupted run would and the result
-does not depend on where a run stopped. Output: a `kdfast.SoftLabelStore` in `--out`.
-`--resume` continues an interrupted run after verifying the committed shards and the run
-parameters (a mismatch is an error). Ctrl-C (or SIGTERM) stops after the current batch and
-commits what was computed; a second Ctrl-C aborts and discards the uncommitted rows.
-Exit codes: 0 done, 2 bad arguments or a store/data mismatch, 130 interrupted.
+The token stream (a `.npy`/`.pt` array of integer token ids, flattened, or a text file
+tokenised line by line; `kdfast.token_stream`) is cut into consecutive windows of
+`--seq-len` tokens (the last one may be shorter); the teacher sees each window on its own
+and the soft labels of token i are `compress_topk` of the teacher's logits at i (its
+prediction of token i + 1 given the window up to i). Full windows go to the teacher
+`--batch-size` at a time in a fixed plan, so a resumed run recomputes exactly the batches
+an uninterrupted run would and the result does not depend on where a run stopped.
+Output: a `kdfast.SoftLabelStore` in `--out`. `--resume` continues an interrupted run after
+verifying the committed shards and the run parameters (a mismatch is an error). Ctrl-C
+(or SIGTERM) stops after the current batch and commits what was computed; a second Ctrl-C
+aborts and discards the uncommitted rows.
 
-`add_compress_arguments(parser)` and `run_compress(args)` plug into the `kdfast` console
-script; `python -m kdfast.compress_cli ...` runs it on its own.
+The summary reports the teacher's mass kept by the top-k (mean and 5th percentile of
+1 − exp(tail_logprob) over the tokens computed) and warns when the mean is below 90%.
+`--suggest-k` runs the teacher on the first few batches only, writes nothing, and prints
+k ∈ {1, 2, 4, ...} against kept mass and bytes per token (`kdfast.kept_mass`).
+
+Every user error (bad option, missing or non-integer data, a teacher that does not load
+or returns the wrong shape, an absent device, an unwritable `--out`) is one line
+`kdfast compress: error: ...` on stderr. Exit codes: 0 done, 2 user error or a
+store/data mismatch, 130 interrupted. `add_compress_arguments(parser)` and
+`run_compress(args)` plug into the `kdfast` console script; `python -m kdfast.compress_cli`
+runs it on its own.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import itertools
 import os
 import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from kdfast.argparsing import EXIT_OK, CommandParser, UsageError, report_error
+from kdfast.contract.softlabels import smallest_index_dtype
 from kdfast.functional import compress_topk
-from kdfast.store import DEFAULT_SHARD_TOKENS, SoftLabelStore, SoftLabelStoreError
-from kdfast.teachers import load_teacher, load_tokenizer, resolve_torch_dtype
+from kdfast.kept_mass import (
+    KeptMassStats,
+    candidate_ks,
+    coverage_rows,
+    format_coverage_table,
+    kept_mass_by_k,
+    kept_mass_warning,
+)
+from kdfast.store import DEFAULT_SHARD_TOKENS, SoftLabelStore, SoftLabelStoreError, soft_label_bytes_per_token
+from kdfast.teachers import (
+    TeacherError,
+    default_tokenizer,
+    load_teacher,
+    load_tokenizer,
+    parse_device,
+    resolve_torch_dtype,
+)
+from kdfast.token_stream import (
+    DATA_FORMATS,
+    TokenStreamError,
+    batch_plan,
+    data_format_of,
+    load_token_stream,
+    token_stream_checksum,
+)
 
 __all__ = ["add_compress_arguments", "run_compress", "main", "load_token_stream", "batch_plan"]
 
-EXIT_OK = 0
-EXIT_USAGE = 2
+PROG = "kdfast compress"
 EXIT_INTERRUPTED = 130
-_TEXT_LINES_PER_CALL = 1024
-_HASH_CHUNK_TOKENS = 1 << 22
+SUGGEST_K_CAP = 1024  # --suggest-k tabulates k up to this (or V, or --k if larger)
+SUGGEST_K_CALLS = 4  # --suggest-k runs the teacher on this many batches of the plan
 
 
 def add_compress_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the `kdfast compress` options to `parser` and returns it."""
-    parser.add_argument("--teacher", required=True,
-                        help="Hugging Face causal LM (hub name or local directory), or module:function / "
-                             "file.py:function mapping token ids [B, L] to logits [B, L, V]")
-    parser.add_argument("--data", required=True,
-                        help="token ids (.npy or .pt, any shape, flattened) or a text file (one document per line)")
-    parser.add_argument("--data-format", choices=("auto", "npy", "pt", "text"), default="auto",
-                        help="how to read --data (default: by extension; anything but .npy/.pt/.pth is text)")
-    parser.add_argument("--tokenizer", default=None,
+    parser.add_argument("--teacher", required=True, metavar="SPEC",
+                        help="Hugging Face causal LM (hub name or local directory), or a Python function mapping "
+                             "token ids [B, L] to logits [B, L, V]: file.py:FUNCTION, file.py (function `teacher`) "
+                             "or module:FUNCTION (module.py in the current directory first)")
+    parser.add_argument("--data", required=True, metavar="PATH",
+                        help="integer token ids (.npy or .pt, any shape, flattened) or a text file "
+                             "(one document per line)")
+    parser.add_argument("--data-format", choices=DATA_FORMATS, default="auto",
+                        help="how to read --data (default %(default)s: by extension; anything but .npy/.pt/.pth "
+                             "is text)")
+    parser.add_argument("--tokenizer", default=None, metavar="NAME",
                         help="tokenizer for text data (default: the teacher, when it is a Hugging Face model)")
     parser.add_argument("--no-eos", action="store_true",
                         help="text data: do not append the tokenizer's EOS token after each line")
-    parser.add_argument("--out", required=True, help="store directory")
-    parser.add_argument("--k", type=int, default=64, help="teacher tokens kept per position (default 64)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T (default 1.0)")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per teacher window (default 512)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per teacher call (default 8)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="store directory (required unless --suggest-k)")
+    parser.add_argument("--k", type=int, default=64, help="teacher tokens kept per position (default %(default)s)")
+    parser.add_argument("--suggest-k", action="store_true",
+                        help=f"run the teacher on the first {SUGGEST_K_CALLS} batches only, write nothing, and print "
+                             "k = 1, 2, 4, ... against the teacher's mass kept and bytes per token")
+    parser.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                        help="softmax temperature (default %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per teacher window (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per teacher call (default %(default)s)")
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
-                        help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS})")
+                        help="tokens per shard (default %(default)s)")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
-                        help="storage dtype of the kept log-probabilities (default float16); the tail is float32")
+                        help="storage dtype of the kept log-probabilities (default %(default)s); the tail is float32")
     parser.add_argument("--index-dtype", choices=("auto", "uint16", "int32"), default="auto",
                         help="storage dtype of indices and token ids "
-                             "(default auto: uint16 when V <= 65536, else int32)")
+                             "(default %(default)s: uint16 when V <= 65536, else int32)")
     parser.add_argument("--teacher-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="Hugging Face teacher weights/compute dtype "
-                             "(default auto: bfloat16 on CUDA, else float32)")
-    parser.add_argument("--device", default="cpu", help="teacher device, e.g. cpu, cuda, cuda:1 (default cpu)")
-    parser.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of --data")
+                             "(default %(default)s: bfloat16 on CUDA, else float32)")
+    parser.add_argument("--device", default="cpu",
+                        help="teacher device: cpu, cuda, cuda:N or mps (default %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                        help="use only the first N tokens of --data")
     parser.add_argument("--no-token-ids", action="store_true", help="do not store the input token ids in the shards")
     resume_group = parser.add_mutually_exclusive_group()
     resume_group.add_argument("--resume", action="store_true",
@@ -81,94 +124,8 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--no-fsync", action="store_true",
                         help="skip fsync after each shard: still safe if the process dies, not if the machine does")
     parser.add_argument("--trust-remote-code", action="store_true", help="passed to Hugging Face from_pretrained")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary (warnings still print)")
     return parser
-
-
-# --------------------------------------------------------------------------- data
-def _read_text_tokens(path: str, tokenizer, append_eos: bool) -> np.ndarray:
-    eos = getattr(tokenizer, "eos_token_id", None) if append_eos else None
-    pieces: List[np.ndarray] = []
-
-    def encode(lines: List[str]) -> None:
-        for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]:
-            pieces.append(np.asarray(list(ids) + ([eos] if eos is not None else []), dtype=np.int64))
-
-    with open(path, "r", encoding="utf-8") as handle:
-        lines: List[str] = []
-        for line in handle:
-            line = line.rstrip("\n")
-            if line.strip():
-                lines.append(line)
-            if len(lines) == _TEXT_LINES_PER_CALL:
-                encode(lines)
-                lines = []
-        if lines:
-            encode(lines)
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-
-
-def load_token_stream(path: str, data_format: str = "auto", tokenizer=None,
-                      append_eos: bool = True) -> Tuple[np.ndarray, str]:
-    """Reads the token stream to compress.
-
-    Args:
-        path: `.npy` (memory-mapped) or `.pt`/`.pth` (a tensor, or a list of tensors or ints)
-            of integer token ids, flattened in row-major order; or a text file, every
-            non-empty line tokenised without special tokens, followed by EOS if
-            `append_eos` and the tokenizer has one.
-        data_format: "auto" (by extension), "npy", "pt" or "text".
-        tokenizer: a Hugging Face tokenizer, required for text.
-
-    Returns:
-        (token ids as a 1-D integer numpy array, the format used).
-    """
-    if data_format == "auto":
-        extension = os.path.splitext(path)[1].lower()
-        data_format = {".npy": "npy", ".pt": "pt", ".pth": "pt"}.get(extension, "text")
-    if data_format == "npy":
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-        array = array.reshape(-1)
-    elif data_format == "pt":
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(loaded, (list, tuple)):
-            loaded = (torch.cat([torch.as_tensor(item).reshape(-1) for item in loaded]) if loaded
-                      else torch.zeros(0, dtype=torch.int64))
-        if not isinstance(loaded, torch.Tensor):
-            raise ValueError(f"{path}: expected a tensor or a list of tensors of token ids, "
-                             f"got {type(loaded).__name__}")
-        array = loaded.reshape(-1).to(torch.int64).numpy()
-    elif data_format == "text":
-        if tokenizer is None:
-            raise ValueError(f"{path} is read as text and needs a tokenizer: pass --tokenizer")
-        array = _read_text_tokens(path, tokenizer, append_eos)
-    else:
-        raise ValueError(f"unknown data format {data_format!r}")
-    if array.dtype.kind not in "iu":
-        raise ValueError(f"{path}: token ids must be integers, got dtype {array.dtype}")
-    return array, data_format
-
-
-def _token_stream_checksum(tokens: np.ndarray) -> str:
-    """blake2b-128 of the token ids as little-endian int64, independent of the file's dtype."""
-    hasher = hashlib.blake2b(digest_size=16)
-    for start in range(0, tokens.shape[0], _HASH_CHUNK_TOKENS):
-        hasher.update(np.ascontiguousarray(tokens[start : start + _HASH_CHUNK_TOKENS], dtype="<i8").tobytes())
-    return hasher.hexdigest()
-
-
-def batch_plan(num_tokens: int, seq_len: int, batch_size: int) -> Iterator[Tuple[int, int, int]]:
-    """Yields (first token, end token, windows) of every teacher call, in order.
-
-    Full windows of `seq_len` are grouped `batch_size` at a time from token 0; a final
-    shorter window, if any, is its own call. The plan depends only on its arguments.
-    """
-    full_windows = num_tokens // seq_len
-    for first_window in range(0, full_windows, batch_size):
-        windows = min(batch_size, full_windows - first_window)
-        yield first_window * seq_len, (first_window + windows) * seq_len, windows
-    if num_tokens % seq_len:
-        yield full_windows * seq_len, num_tokens, 1
 
 
 # --------------------------------------------------------------------------- signals
@@ -206,85 +163,150 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
-# --------------------------------------------------------------------------- run
-def _error(message: str) -> int:
-    print(f"kdfast compress: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
-
-
-def _check_arguments(args: argparse.Namespace) -> Optional[str]:
+# --------------------------------------------------------------------------- checks
+def _check_arguments(args: argparse.Namespace) -> None:
     for name in ("k", "seq_len", "batch_size", "shard_tokens"):
         value = getattr(args, name)
         if value < 1:
-            return f"--{name.replace('_', '-')} must be >= 1, got {value}"
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not (args.temperature > 0 and np.isfinite(args.temperature)):
-        return f"--temperature must be finite and > 0, got {args.temperature}"
+        raise UsageError(f"--temperature must be finite and > 0, got {args.temperature}")
     if args.max_tokens is not None and args.max_tokens < 1:
-        return f"--max-tokens must be >= 1, got {args.max_tokens}"
-    return None
+        raise UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.out is None and not args.suggest_k:
+        raise UsageError("the following arguments are required: --out (or pass --suggest-k)")
 
 
+def _check_output(out: str) -> None:
+    """Fails early, before the teacher loads, when `out` cannot become a store directory."""
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--out {out} exists and is not a directory")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: no permission to create files in {parent}")
+
+
+def _token_tensor(tokens: np.ndarray, first: int, end: int, windows: int) -> torch.Tensor:
+    """Tokens [first, end) as a fresh int64 tensor [windows, (end - first) / windows] (a copy: the map is read-only)."""
+    return torch.from_numpy(np.array(tokens[first:end], dtype=np.int64)).view(windows, -1)
+
+
+def _check_logits(logits: torch.Tensor, vocab_size: int, first: int, end: int) -> None:
+    if logits.shape[-1] != vocab_size:
+        raise UsageError(f"the teacher returned V={logits.shape[-1]} for tokens [{first}, {end}), "
+                         f"earlier V={vocab_size}")
+    if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
+        raise UsageError(f"the teacher's logits contain NaN or +inf for tokens [{first}, {end})")
+
+
+def _index_dtype_name(args: argparse.Namespace, vocab_size: int) -> str:
+    if args.index_dtype != "auto":
+        return args.index_dtype
+    return str(smallest_index_dtype(vocab_size)).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------- run
 def run_compress(args: argparse.Namespace) -> int:
     """Runs `kdfast compress` with parsed arguments (see `add_compress_arguments`); returns the exit code."""
     try:
         return _run_compress(args)
+    except UsageError as error:
+        return report_error(PROG, error)
     except KeyboardInterrupt:  # before the store was opened, e.g. while the teacher loads
         print("kdfast compress: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
+def _load_inputs(args: argparse.Namespace):
+    """(teacher, token ids, data format, tokenizer name, V) after every check that needs no store."""
+    try:
+        parse_device(args.device)
+        data_format = data_format_of(args.data, args.data_format)
+        tokenizer_name, tokenizer = args.tokenizer, None
+        if data_format == "text":
+            tokenizer_name = tokenizer_name or default_tokenizer(args.teacher)
+            if tokenizer_name is None:
+                raise UsageError(f"{args.data} is read as text and a function teacher needs --tokenizer")
+            tokenizer = load_tokenizer(tokenizer_name, trust_remote_code=args.trust_remote_code)
+        if tokenizer_name is not None and os.path.exists(tokenizer_name):
+            tokenizer_name = os.path.abspath(tokenizer_name)
+        tokens, data_format = load_token_stream(args.data, data_format, tokenizer, append_eos=not args.no_eos)
+        if args.max_tokens is not None:
+            tokens = tokens[: args.max_tokens]
+        if tokens.shape[0] == 0:
+            raise UsageError(f"{args.data} holds no tokens")
+        if int(tokens.min()) < 0:
+            raise UsageError(f"{args.data}: token ids must be >= 0, found {int(tokens.min())}")
+        teacher = load_teacher(args.teacher, device=args.device,
+                               dtype=resolve_torch_dtype(args.teacher_dtype, args.device),
+                               trust_remote_code=args.trust_remote_code)
+        # One short forward pass tells the vocabulary size (the logits width, which can exceed
+        # the tokenizer's vocabulary) before the store is opened.
+        probe = teacher(_token_tensor(tokens, 0, 1, 1))
+    except (TeacherError, TokenStreamError, ImportError) as error:
+        raise UsageError(str(error)) from None
+    vocab_size = int(probe.shape[-1])
+    _check_logits(probe, vocab_size, 0, 1)
+    if args.k > vocab_size:
+        raise UsageError(f"--k {args.k} exceeds the teacher's vocabulary size {vocab_size}")
+    if int(tokens.max()) >= vocab_size:
+        raise UsageError(f"{args.data}: token id {int(tokens.max())} is outside the teacher's vocabulary "
+                         f"of {vocab_size}")
+    return teacher, tokens, data_format, tokenizer_name, vocab_size
+
+
+def _suggest_k(args: argparse.Namespace, teacher, tokens: np.ndarray, vocab_size: int) -> int:
+    """Prints the coverage table of k over the first `SUGGEST_K_CALLS` batches; writes nothing."""
+    limit = min(vocab_size, max(SUGGEST_K_CAP, args.k))
+    ks = candidate_ks(limit, extra=[args.k])
+    parts = {k: [] for k in ks}
+    sampled = 0
+    for first, end, windows in itertools.islice(batch_plan(int(tokens.shape[0]), args.seq_len, args.batch_size),
+                                                SUGGEST_K_CALLS):
+        logits = teacher(_token_tensor(tokens, first, end, windows))
+        _check_logits(logits, vocab_size, first, end)
+        labels = compress_topk(logits, limit, temperature=args.temperature, index_dtype=torch.int32).flatten()
+        for k, mass in kept_mass_by_k(labels.logprobs, ks, labels.tail_logprob).items():
+            parts[k].append(mass)
+        sampled = end
+    index_dtype = _index_dtype_name(args, vocab_size)
+    rows = coverage_rows({k: np.concatenate(chunks) for k, chunks in parts.items()},
+                         lambda k: soft_label_bytes_per_token(k, index_dtype, args.dtype))
+    print(f"teacher {teacher.name} over the first {sampled} tokens of {args.data} (V={vocab_size}, "
+          f"T={args.temperature}): mass kept by the top k")
+    print(format_coverage_table(rows, marked=args.k))
+    token_ids = "" if args.no_token_ids else f"; the token ids add {2 if index_dtype == 'uint16' else 4}"
+    print(f"bytes/token: soft labels with {index_dtype} indices and {args.dtype} log-probabilities "
+          f"(dense bfloat16 rows: {2 * vocab_size}){token_ids}")
+    return EXIT_OK
+
+
 def _run_compress(args: argparse.Namespace) -> int:
-    problem = _check_arguments(args)
-    if problem:
-        return _error(problem)
+    _check_arguments(args)
+    if not args.suggest_k:
+        _check_output(args.out)
     quiet = args.quiet
 
     def say(message: str) -> None:
         if not quiet:
             print(message, file=sys.stderr)
 
-    try:
-        teacher = load_teacher(
-            args.teacher,
-            device=args.device,
-            dtype=resolve_torch_dtype(args.teacher_dtype, args.device),
-            trust_remote_code=args.trust_remote_code,
-        )
-        tokenizer_name = args.tokenizer
-        tokenizer = None
-        data_format = args.data_format
-        if data_format == "auto":
-            data_format = {".npy": "npy", ".pt": "pt", ".pth": "pt"}.get(os.path.splitext(args.data)[1].lower(), "text")
-        if data_format == "text":
-            tokenizer_name = tokenizer_name or teacher.default_tokenizer
-            if tokenizer_name is None:
-                return _error(f"{args.data} is text; a function teacher needs --tokenizer")
-            tokenizer = load_tokenizer(tokenizer_name, trust_remote_code=args.trust_remote_code)
-        if tokenizer_name is not None and os.path.exists(tokenizer_name):
-            tokenizer_name = os.path.abspath(tokenizer_name)
-        tokens, data_format = load_token_stream(args.data, data_format, tokenizer, append_eos=not args.no_eos)
-    except (OSError, ValueError, TypeError, ImportError, AttributeError) as error:
-        return _error(str(error))
-    if args.max_tokens is not None:
-        tokens = tokens[: args.max_tokens]
+    teacher, tokens, data_format, tokenizer_name, vocab_size = _load_inputs(args)
     num_tokens = int(tokens.shape[0])
-    if num_tokens == 0:
-        return _error(f"{args.data} holds no tokens")
-    if int(tokens.min()) < 0:
-        return _error(f"{args.data}: token ids must be >= 0, found {int(tokens.min())}")
-
-    # One short forward pass tells the vocabulary size (the logits width, which can exceed
-    # the tokenizer's vocabulary) before the store is opened.
-    probe = teacher(torch.as_tensor(np.asarray(tokens[:1], dtype=np.int64)).view(1, 1))
-    vocab_size = int(probe.shape[-1])
-    if args.k > vocab_size:
-        return _error(f"--k {args.k} exceeds the teacher's vocabulary size {vocab_size}")
-    if int(tokens.max()) >= vocab_size:
-        return _error(f"{args.data}: token id {int(tokens.max())} is outside the teacher's vocabulary of {vocab_size}")
+    if args.suggest_k:
+        try:
+            return _suggest_k(args, teacher, tokens, vocab_size)
+        except TeacherError as error:
+            raise UsageError(str(error)) from None
     source = {
         "format": data_format,
         "num_tokens": num_tokens,
-        "token_checksum": _token_stream_checksum(tokens),
+        "token_checksum": token_stream_checksum(tokens),
         "seq_len": args.seq_len,
         "append_eos": (not args.no_eos) if data_format == "text" else None,
     }
@@ -314,7 +336,9 @@ def _run_compress(args: argparse.Namespace) -> int:
             durable=not args.no_fsync,
         )
     except (SoftLabelStoreError, FileExistsError, ValueError) as error:
-        return _error(str(error))
+        raise UsageError(str(error)) from None
+    except OSError as error:
+        raise UsageError(f"cannot create the store in {args.out}: {error.strerror or error}") from None
 
     stored = writer.num_tokens
     if writer.complete or stored >= num_tokens:
@@ -323,30 +347,26 @@ def _run_compress(args: argparse.Namespace) -> int:
         return EXIT_OK
     if stored:
         say(f"kdfast compress: resuming {args.out} at token {stored} of {num_tokens}")
-    from tqdm.auto import tqdm
-
     progress = tqdm(
         total=num_tokens, initial=stored, unit="tok", unit_scale=True, disable=quiet,
         dynamic_ncols=True, smoothing=0.05, desc="compress",
     )
     started = time.perf_counter()
     computed = 0
+    kept = KeptMassStats()
     interrupted = False
     try:
         with _StopRequest(announce=not quiet) as stop:
             for first, end, windows in batch_plan(num_tokens, args.seq_len, args.batch_size):
                 if end <= stored:
                     continue
-                token_ids = torch.from_numpy(np.asarray(tokens[first:end], dtype=np.int64)).view(windows, -1)
+                token_ids = _token_tensor(tokens, first, end, windows)
                 logits = teacher(token_ids)
-                if logits.shape[-1] != vocab_size:
-                    raise ValueError(f"teacher returned V={logits.shape[-1]} for tokens [{first}, {end}), "
-                                     f"earlier V={vocab_size}")
-                if bool(torch.isnan(logits).any()):
-                    raise ValueError(f"teacher logits contain NaN for tokens [{first}, {end})")
+                _check_logits(logits, vocab_size, first, end)
                 labels = compress_topk(logits, args.k, temperature=args.temperature, index_dtype=torch.int32).flatten()
                 skip = stored - first if first < stored else 0
                 writer.append(labels[skip:], None if args.no_token_ids else token_ids.reshape(-1)[skip:])
+                kept.update(labels.tail_logprob[skip:])
                 stored = end
                 computed += end - first - skip
                 progress.update(end - first - skip)
@@ -363,14 +383,18 @@ def _run_compress(args: argparse.Namespace) -> int:
             f"committed in {args.out} (rerun with --resume)"
         )
         return EXIT_INTERRUPTED
-    except (ValueError, TypeError) as error:
+    except (UsageError, TeacherError, OSError) as error:
         writer.abort()
         progress.close()
-        return _error(str(error))
+        message = str(error) if not isinstance(error, OSError) else f"cannot write to {args.out}: {error}"
+        if writer.num_tokens:
+            message += f" ({writer.num_tokens} tokens are committed in {args.out}; rerun with --resume once fixed)"
+        raise UsageError(message) from None
     except BaseException:
         writer.abort()
         progress.close()
         raise
+    progress.set_postfix(shards=len(writer.manifest["shards"]))  # the last shard is committed on close
     progress.close()
     elapsed = max(time.perf_counter() - started, 1e-9)
     reader = SoftLabelStore(args.out, verify="size")
@@ -380,17 +404,23 @@ def _run_compress(args: argparse.Namespace) -> int:
             f"(rerun with --resume)")
         return EXIT_INTERRUPTED
     say(
-        f"kdfast compress: {len(reader)} tokens in {reader.num_shards} shards at {args.out} "
+        f"kdfast compress: {len(reader)} tokens in {reader.num_shards} shard{'s' * (reader.num_shards != 1)} "
+        f"at {args.out} "
         f"({computed / elapsed:,.0f} tokens/s this run); {per_token['soft_labels']} bytes/token of soft labels "
         f"+ {per_token['token_ids']} of token ids (dense bfloat16 rows: {2 * vocab_size} bytes/token)"
     )
+    say(f"kdfast compress: teacher mass kept by the top-{args.k}: mean {100 * kept.mean:.1f}%, "
+        f"5th percentile {100 * kept.percentile(5):.1f}% (over the {kept.count} tokens computed this run)")
+    warning = kept_mass_warning(kept.mean)
+    if warning:
+        print(f"kdfast compress: warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     """A standalone parser for `python -m kdfast.compress_cli`."""
-    parser = argparse.ArgumentParser(
-        prog="kdfast compress",
+    parser = CommandParser(
+        prog=PROG,
         description="Run a teacher over a token stream and store its top-k soft labels (kdfast.SoftLabelStore).",
     )
     return add_compress_arguments(parser)

@@ -9,9 +9,13 @@ only, under `torch.no_grad`) and `fwd+bwd` (loss plus the gradient of the scalar
 respect to the student logits). Reported per row: median wall time over adaptive repeats after
 warmup, effective GB/s against the minimum bytes moved, speed-ups against eager and compile,
 and peak memory above the inputs. The table goes to stdout, progress to stderr, and rows are
-appended to a CSV file (`--out PATH`, `--no-csv`). A provider that fails (out of memory,
-compile error, wrong result) gets a row whose status says so, and the run continues.
-`main` returns 0 on success (also when providers failed) and 2 on bad options.
+appended to a CSV file only where asked: `--out PATH`, or `<csv_dir>/kd_loss_<device>.csv`
+when the caller passes `csv_dir` (benches/bench_kd_loss.py passes benches/results/);
+`--no-csv` writes none. Every option is checked before anything runs (the loss options
+against the loss contract, the device against this machine, `--out` for writability); a
+bad one is one line `PROG: error: ...` on stderr and exit status 2. A provider that fails
+(out of memory, compile error, wrong result) gets a row whose status says so, and the run
+continues. `main` returns 0 on success (also when providers failed) and 2 on bad options.
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from kdfast.argparsing import EXIT_OK, CommandParser, report_error
 from kdfast.benchmark.baselines import Provider, ProviderUnavailable, make_provider, make_step
 from kdfast.benchmark.cases import DIVERGENCES, DTYPES, PASSES, PROVIDERS, Case, make_inputs, minimum_bytes
 from kdfast.benchmark.memory import malloc_for_timing, measure_peak_extra_mb
@@ -42,6 +48,7 @@ from kdfast.benchmark.results import (
     machine_name,
 )
 from kdfast.benchmark.timing import synchronize, time_step
+from kdfast.contract.validation import check_kd_inputs
 
 __all__ = ["build_parser", "main", "run_case"]
 
@@ -188,7 +195,10 @@ def _csv_list(text: str) -> List[str]:
 
 
 def _int_list(text: str) -> List[int]:
-    return [int(item) for item in _csv_list(text)]
+    try:
+        return [int(item) for item in _csv_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
@@ -200,42 +210,90 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     Returns:
         The parser.
     """
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=prog,
         description="Time the dense KD loss (kdfast vs eager PyTorch vs torch.compile vs Liger-Kernel) "
-                    "forward and forward+backward; print a table and append CSV rows.")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+                    "forward and forward+backward and print a table; --out PATH also appends the rows to a CSV file.")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--dtypes", type=_csv_list, default=None,
                         help="comma list of float32,bfloat16,float16 (default: float32,bfloat16)")
     parser.add_argument("--rows", type=_int_list, default=None, help="comma list of N (default: 256,1024)")
     parser.add_argument("--vocab", type=_int_list, default=None, help="comma list of V (default: 32000,128256)")
     parser.add_argument("--divergence", type=_csv_list, default=["forward_kl"],
                         help=f"comma list of {','.join(DIVERGENCES)} (default: forward_kl)")
-    parser.add_argument("--temperature", type=float, default=2.0, help="default: 2.0")
-    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label CE (default: 0.5)")
-    parser.add_argument("--beta", type=float, default=0.5, help="JSD mixture weight (default: 0.5)")
-    parser.add_argument("--label-smoothing", type=float, default=0.0, help="default: 0.0")
-    parser.add_argument("--passes", type=_csv_list, default=list(PASSES), help="comma list of fwd,fwd+bwd")
+    parser.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T (default: %(default)s)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label CE (default: %(default)s)")
+    parser.add_argument("--beta", type=float, default=0.5, help="JSD mixture weight (default: %(default)s)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0,
+                        help="label smoothing of the hard-label CE (default: %(default)s)")
+    parser.add_argument("--passes", type=_csv_list, default=list(PASSES),
+                        help="comma list of fwd,fwd+bwd (default: both)")
     parser.add_argument("--providers", type=_csv_list, default=None,
                         help=f"comma list of {','.join(PROVIDERS)} (default: all; liger only with --device cuda; "
                              "--quick leaves out compile unless named here)")
-    parser.add_argument("--repeats", type=int, default=20, help="most timed repeats per measurement (default: 20)")
-    parser.add_argument("--min-repeats", type=int, default=3, help="fewest timed repeats (default: 3)")
+    parser.add_argument("--repeats", type=int, default=20,
+                        help="most timed repeats per measurement (default: %(default)s)")
+    parser.add_argument("--min-repeats", type=int, default=3, help="fewest timed repeats (default: %(default)s)")
     parser.add_argument("--budget", type=float, default=2.0,
                         help="seconds of timed calls aimed at per measurement; slow providers get fewer "
-                             "repeats, never under --min-repeats (default: 2.0)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default: 2)")
+                             "repeats, never under --min-repeats (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the run (default: leave PyTorch's setting, all cores)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes (N=16, V=1000), few repeats: a smoke test that takes seconds")
-    parser.add_argument("--out", default=None,
-                        help="CSV file to append to (default: benches/results/kd_loss_<device>.csv from the "
-                             "repository root, else ./kd_loss_<device>.csv)")
-    parser.add_argument("--no-csv", action="store_true", help="print the table only")
+    parser.add_argument("--out", default=None, metavar="PATH",
+                        help="CSV file to append the rows to (default: none; benches/bench_kd_loss.py appends to "
+                             "benches/results/kd_loss_<device>.csv)")
+    parser.add_argument("--no-csv", action="store_true", help="write no CSV file, whatever --out or the script says")
     return parser
+
+
+def _check_device(device: str) -> Optional[str]:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"unknown device {device!r}; expected cpu, cuda or cuda:N"
+    if parsed.type == "cpu":
+        return None
+    if parsed.type != "cuda":
+        return f"unsupported device {device!r}; expected cpu, cuda or cuda:N"
+    if not torch.cuda.is_available():
+        return f"--device {device}: torch.cuda.is_available() is False (torch {torch.__version__})"
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+    return None
+
+
+def _check_loss_options(options: argparse.Namespace) -> Optional[str]:
+    """The loss options against the loss contract itself (kdfast.contract), on metadata-only tensors."""
+    logits = torch.empty(1, 2, device="meta")
+    labels = torch.zeros(1, dtype=torch.int64, device="meta")
+    for divergence in options.divergence:
+        try:
+            check_kd_inputs(logits, logits, labels, divergence=divergence, temperature=options.temperature,
+                            alpha=options.alpha, beta=options.beta, ignore_index=-100, reduction="mean",
+                            label_smoothing=options.label_smoothing)
+        except (TypeError, ValueError) as error:
+            message = str(error)
+            return message.split(": ", 1)[1] if message.startswith("kd_loss: ") else message
+    return None
+
+
+def _check_out(path: str) -> Optional[str]:
+    target = Path(path).resolve()
+    if target.is_dir():
+        return f"--out {path} is a directory; expected a CSV file path"
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"--out {path}: {parent} is a file, not a directory"
+    if not os.access(parent if not target.exists() else target, os.W_OK):
+        return f"--out {path}: not writable"
+    return None
 
 
 def _resolve_options(options: argparse.Namespace) -> Optional[str]:
@@ -261,35 +319,49 @@ def _resolve_options(options: argparse.Namespace) -> Optional[str]:
     for pass_name in options.passes:
         if pass_name not in PASSES:
             return f"unknown pass {pass_name!r}; expected fwd or fwd+bwd"
+    for name in ("divergence", "providers", "passes"):
+        if not getattr(options, name):
+            return f"--{name} names nothing"
     if any(n <= 0 for n in options.rows) or any(v <= 0 for v in options.vocab):
         return "--rows and --vocab must be positive"
     if options.repeats < 1 or options.min_repeats < 1:
         return "--repeats and --min-repeats must be at least 1"
-    if options.device.startswith("cuda") and not torch.cuda.is_available():
-        return "--device cuda requested but torch.cuda.is_available() is False"
-    if not (options.device == "cpu" or options.device.startswith("cuda")):
-        return f"unsupported device {options.device!r}; expected cpu or cuda"
+    if options.min_repeats > options.repeats:
+        return f"--min-repeats {options.min_repeats} exceeds --repeats {options.repeats}"
+    if not (math.isfinite(options.budget) and options.budget > 0):
+        return f"--budget must be a positive number of seconds, got {options.budget}"
+    if options.warmup < 0:
+        return f"--warmup must be >= 0, got {options.warmup}"
     if options.threads is not None and options.threads < 1:
         return "--threads must be at least 1"
+    problem = _check_device(options.device) or _check_loss_options(options)
+    if problem:
+        return problem
+    if options.out is not None and not options.no_csv:
+        return _check_out(options.out)
     return None
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None,
+         csv_dir: Union[str, os.PathLike, None] = None) -> int:
     """Runs the KD-loss comparison table.
 
     Args:
         argv: command-line arguments (default: sys.argv[1:]); `--help` lists them.
         prog: program name for usage and help.
+        csv_dir: where `kd_loss_<device>.csv` is appended to when `--out` is not given
+            (default None: no CSV without `--out`).
 
     Returns:
         0 on success (also when some providers failed), 2 on bad options.
     """
     parser = build_parser(prog)
     options = parser.parse_args(argv)
+    if options.out is None and csv_dir is not None:
+        options.out = str(default_csv_path(options.device, csv_dir))
     error = _resolve_options(options)
     if error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(parser.prog, error)
     device = options.device
     if device == "cpu":
         malloc_for_timing()
@@ -326,9 +398,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
           "beyond what was allocated before it (10^6 bytes).")
     for note in notes:
         print(f"note: {note}")
-    if not options.no_csv and results:
-        path = Path(options.out) if options.out else default_csv_path(device)
-        written = append_csv(csv_rows(results, device), path)
+    if options.out is not None and not options.no_csv and results:
+        written = append_csv(csv_rows(results, device), Path(options.out))
         print(f"CSV: {len(results)} rows appended to {written}")
     sys.stdout.flush()
-    return 0
+    return EXIT_OK

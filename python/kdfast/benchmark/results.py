@@ -5,7 +5,8 @@ from `kdfast.build_info()`) go into every result row. `CSV_COLUMNS`, `csv_rows` 
 `format_table` turn the result dicts of the KD-loss table (keys case, pass_name, provider,
 median_ms, repeats, peak_extra_mb, status, gbps, speedup_vs_eager, speedup_vs_compile) into CSV
 records and the printed table. `append_csv` and `write_csv` write any benchmark's records;
-appending never mixes two headers in one file.
+appending never mixes two headers in one file. Nothing here picks a file on its own: callers
+pass the path (`default_csv_path(device, directory)` names the KD-loss table's file).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Union
 
 import torch
 
@@ -293,10 +294,6 @@ def write_csv(records: List[Dict[str, object]], path: Path, columns: Sequence[st
     return path
 
 
-def default_csv_path(device: str) -> Path:
-    """benches/results/kd_loss_<device>.csv when run from the repository root, else ./kd_loss_<device>.csv."""
-    cwd = Path.cwd()
-    name = f"kd_loss_{device.split(':')[0]}.csv"
-    if (cwd / "benches").is_dir() and (cwd / "pyproject.toml").is_file():
-        return cwd / "benches" / "results" / name
-    return cwd / name
+def default_csv_path(device: str, directory: Union[str, os.PathLike]) -> Path:
+    """`directory`/kd_loss_<device type>.csv: where a script that keeps its results appends the KD-loss rows."""
+    return Path(directory) / f"kd_loss_{device.split(':')[0]}.csv"
