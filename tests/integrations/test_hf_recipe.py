@@ -24,7 +24,7 @@ tokenizers = pytest.importorskip("tokenizers")
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ("the a student teacher model learns from its soft labels and hard ones while every token counts "
          "slowly quickly small large").split()
-LINES = 24  # three batches of 8 per epoch
+LINES = 96  # twelve batches of 8 per epoch; about 770 tokens, three windows of 256 for the store
 
 
 def python_blocks(path: Path):
@@ -42,7 +42,7 @@ def local_tokenizer():
 
 @pytest.fixture
 def recipe_env(tmp_path, monkeypatch):
-    """Working directory with train.txt; from_pretrained redirected; returns the loaded models by name."""
+    """Working directory with train.txt; from_pretrained redirected; returns {(name, order): (model, initial state)}."""
     torch.set_num_threads(1)
     monkeypatch.chdir(tmp_path)
     rng = random.Random(0)
@@ -55,10 +55,10 @@ def recipe_env(tmp_path, monkeypatch):
     def load_model(name, *args, **kwargs):
         torch.manual_seed(zlib.crc32(name.encode()))  # a different random model per name
         config = transformers.LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+            vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
         model = transformers.LlamaForCausalLM(config)
-        loaded[name] = (model, {key: value.clone() for key, value in model.state_dict().items()})
+        loaded[(name, len(loaded))] = (model, {key: value.clone() for key, value in model.state_dict().items()})
         return model
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", staticmethod(lambda *a, **k: tokenizer))
@@ -88,6 +88,9 @@ def test_the_recipe_runs_as_written(recipe_env, capsys):
     printed = re.findall(r"^step (\d+): loss (\S+)$", capsys.readouterr().out, re.M)
     assert printed and all(math.isfinite(float(loss)) for _, loss in printed)
     assert math.isfinite(namespace["loss"].item()) and namespace["loss"].requires_grad
+    # the offline block: a store of the teacher's top-64 that the student trained from, window by window
+    assert namespace["dataset"].store.k == 64 and namespace["dataset"].store.vocab_size == 96
+    assert namespace["step"] + 1 == len(namespace["loader"]) >= 1
 
     student, student_start = _loaded(recipe_env, namespace["student"])
     teacher, teacher_start = _loaded(recipe_env, namespace["teacher"])
