@@ -13,19 +13,22 @@ from kdfast.functional import compress_topk
 from kdfast.losses import FusedLinearKDLoss, KDLoss, MultiTeacherKDLoss, SparseKDLoss
 from kdfast.store import (
     CorruptShardError,
+    ManifestError,
     SoftLabelStore,
     SoftLabelStoreError,
     SoftLabelStoreWriter,
     SoftLabelWindowDataset,
     StoreMismatchError,
 )
-from kdfast.trainer import Distiller
+from kdfast.trainer import CheckpointError, Distiller
 
 __all__ = [
+    "CheckpointError",
     "CorruptShardError",
     "Distiller",
     "FusedLinearKDLoss",
     "KDLoss",
+    "ManifestError",
     "MultiTeacherKDLoss",
     "SoftLabelStore",
     "SoftLabelStoreError",

@@ -8,7 +8,7 @@
   of a row are sorted in descending order, so the first k' of them are what a store written
   with k' would hold; bytes per token are those of such a store.
 - `kdfast store verify PATH`: the full check of every shard file's size, header and
-  checksum (`SoftLabelStore.verify()`, a read of the whole store).
+  checksum (`SoftLabelStore.verify()`, a read of the whole store), with a progress bar.
 
 Only the store's public API is used. Exit codes: 0 fine, 2 not a store, a damaged store or
 a bad option (one line `kdfast store ...: error: ...` on stderr). `add_store_arguments` and
@@ -25,6 +25,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from kdfast.argparsing import EXIT_OK, CommandParser, UsageError, report_error
 from kdfast.kept_mass import candidate_ks, coverage_rows, format_coverage_table, kept_mass_by_k
@@ -163,8 +164,10 @@ def _run_verify(args: argparse.Namespace) -> int:
         print(f"kdfast store verify: checking {store.num_shards} shard(s), {store.nbytes / 1e6:,.1f} MB, "
               f"of {args.path} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
+    bar = tqdm(total=len(store), unit="tok", unit_scale=True, desc="verify", disable=args.quiet, file=sys.stderr)
     try:
-        store.verify()
+        with bar:
+            store.verify(progress=lambda shard_number, tokens: bar.update(tokens))
     except SoftLabelStoreError as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise UsageError("; ".join(lines)) from None

@@ -286,3 +286,21 @@ def test_a_store_with_more_shards_than_the_open_file_limit_reads_fine(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "read 300 rows from 100 shards" in result.stdout
     assert len(os.listdir(tmp_path / "many")) > 64 * 4  # 400 shard files, a manifest, the lock
+
+
+def test_verify_reports_progress_once_per_shard_even_past_a_bad_one(store):
+    seen = []
+    store.verify(progress=lambda shard_number, tokens: seen.append((shard_number, tokens)))
+    assert [number for number, _ in seen] == list(range(store.num_shards))
+    assert [tokens for _, tokens in seen] == [stop - start for start, stop in store.shard_ranges()]
+    path = os.path.join(store.directory, "shard-000000.logprobs.npy")
+    with open(path, "r+b") as handle:  # one flipped bit in the payload, size and header intact
+        handle.seek(-1, os.SEEK_END)
+        last = handle.read(1)
+        handle.seek(-1, os.SEEK_END)
+        handle.write(bytes([last[0] ^ 1]))
+    seen.clear()
+    reopened = SoftLabelStore(store.directory, verify="size")
+    with pytest.raises(CorruptShardError, match=r"shard-000000\.logprobs\.npy"):
+        reopened.verify(progress=lambda shard_number, tokens: seen.append(shard_number))
+    assert seen == list(range(store.num_shards))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -258,8 +258,12 @@ class SoftLabelStore(ManifestFields):
         """[(start, stop), ...] token range of every committed shard, in order."""
         return [(shard["start"], shard["stop"]) for shard in self._shards]
 
-    def verify(self) -> None:
+    def verify(self, progress: Optional[Callable[[int, int], None]] = None) -> None:
         """Checks every shard file's size, `.npy` header and checksums (a full read of the store).
+
+        Args:
+            progress: None, or a callable `progress(shard_number, shard_tokens)` called after
+                each shard is checked (e.g. to advance a progress bar).
 
         Raises:
             CorruptShardError: listing every bad shard file found.
@@ -279,6 +283,8 @@ class SoftLabelStore(ManifestFields):
                 self._verified.add(shard_number)
             except CorruptShardError as error:
                 problems.append(str(error))
+            if progress is not None:
+                progress(shard_number, int(shard["stop"]) - int(shard["start"]))
         if problems:
             raise CorruptShardError(
                 f"{len(problems)} corrupt shard file(s) in {self.directory}:\n" + "\n".join(problems),
