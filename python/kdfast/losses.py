@@ -1,8 +1,11 @@
 """nn.Module wrappers around `kdfast.functional`.
 
-Each module stores the loss options given at construction and forwards to the matching
-functional call; `forward` returns exactly what the functional form returns for the same
-arguments, following PyTorch's loss-module conventions (`reduction`, `ignore_index`).
+Each module validates the loss options given at construction (with the checks, and so the
+messages, of the matching functional call: `kdfast.contract.validation`), stores them and
+forwards to the functional call; `forward` returns exactly what the functional form returns
+for the same arguments, following PyTorch's loss-module conventions (`reduction`,
+`ignore_index`). Options that depend on the inputs (labels for α > 0, a temperature equal to
+the soft labels', vocabulary maps against the vocabularies) are checked per call.
 """
 
 from __future__ import annotations
@@ -13,6 +16,21 @@ import torch
 from torch import nn
 
 from kdfast import functional as F
+from kdfast.contract.options import COMBINE_MODES
+from kdfast.contract.validation import (
+    FUSED_LINEAR_NAMES,
+    KD_NAMES,
+    MULTI_TEACHER_NAMES,
+    SPARSE_NAMES,
+    check_chunk_size,
+    check_kd_options,
+    check_softcap,
+    check_tail,
+    check_tail_options,
+    check_vocab_mapping_kind,
+    require_choice,
+)
+from kdfast.reference.multi_teacher import normalised_weights
 
 
 class KDLoss(nn.Module):
@@ -31,6 +49,10 @@ class KDLoss(nn.Module):
     Shape:
         student_logits, teacher_logits: [..., V]; labels: [...] int64 or None.
         Output: scalar, or [...] for reduction="none"; float32 (float64 for float64 inputs).
+
+    Raises:
+        TypeError / ValueError: an invalid option, at construction, with the message of
+            `kdfast.functional.kd_loss`.
     """
 
     def __init__(
@@ -45,6 +67,9 @@ class KDLoss(nn.Module):
         t2_scale: bool = True,
     ) -> None:
         super().__init__()
+        check_kd_options(divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
+                         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                         names=KD_NAMES)
         self.divergence = divergence
         self.temperature = temperature
         self.alpha = alpha
@@ -100,6 +125,10 @@ class SparseKDLoss(nn.Module):
         student_logits: [..., V]; soft_labels: SoftLabels with leading shape [...];
         labels: [...] int64 or None.
         Output: scalar, or [...] for reduction="none"; float32 (float64 for float64 inputs).
+
+    Raises:
+        TypeError / ValueError: an invalid option, at construction, with the message of
+            `kdfast.functional.sparse_kd_loss`.
     """
 
     def __init__(
@@ -115,6 +144,9 @@ class SparseKDLoss(nn.Module):
         t2_scale: bool = True,
     ) -> None:
         super().__init__()
+        check_tail_options(tail=tail, temperature=temperature, divergence=divergence, alpha=alpha, beta=beta,
+                           ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                           names=SPARSE_NAMES)
         self.divergence = divergence
         self.temperature = temperature
         self.alpha = alpha
@@ -173,6 +205,11 @@ class MultiTeacherKDLoss(nn.Module):
         labels: [...] int64 or None; weights (forward, optional, overrides the constructor's):
         [M] or [M, ...].
         Output: scalar, or [...] for reduction="none"; float32 (float64 for float64 inputs).
+
+    Raises:
+        TypeError / ValueError: an invalid option or teacher weights (not [M], negative, not
+            finite, or summing to 0), at construction, with the message of
+            `kdfast.functional.multi_teacher_kd_loss`.
     """
 
     def __init__(
@@ -190,10 +227,15 @@ class MultiTeacherKDLoss(nn.Module):
         tail: str = "bucket",
     ) -> None:
         super().__init__()
+        require_choice("combine", combine, COMBINE_MODES)
+        check_tail(tail, MULTI_TEACHER_NAMES)
+        check_kd_options(divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
+                         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                         names=MULTI_TEACHER_NAMES)
         # a buffer, so that `.to(device)` and state_dict carry the teacher weights
-        if weights is not None and not isinstance(weights, torch.Tensor):
-            weights = torch.tensor([float(w) for w in weights], dtype=torch.float64)
-        self.register_buffer("weights", weights.detach().clone() if weights is not None else None)
+        if weights is not None:
+            weights = _checked_teacher_weights(weights)
+        self.register_buffer("weights", weights)
         self.tail = tail
         self.combine = combine
         self.divergence = divergence
@@ -232,6 +274,27 @@ class MultiTeacherKDLoss(nn.Module):
         )
 
 
+def _checked_teacher_weights(weights) -> torch.Tensor:
+    """Per-teacher weights ([M] tensor or M numbers, numbers kept as float64) after the checks
+    of the functional call: finite, non-negative, with a positive sum."""
+    if isinstance(weights, torch.Tensor):
+        if weights.dim() != 1:
+            raise ValueError(f"multi_teacher_kd_loss: weights given to MultiTeacherKDLoss must have shape [M] (one "
+                             f"per teacher), got {tuple(weights.shape)}; pass per-row weights [M, ...] to forward")
+        count, device = weights.shape[0], weights.device
+    else:
+        try:
+            count = len(weights)
+        except TypeError:
+            count = 0
+        device = torch.device("cpu")
+    if device.type != "meta":  # the checks read the values
+        normalised_weights(weights, count, torch.Size(()), None, torch.float64, device)  # raises on bad weights
+    if isinstance(weights, torch.Tensor):
+        return weights.detach().clone()
+    return torch.tensor([float(w) for w in weights], dtype=torch.float64)
+
+
 class FusedLinearKDLoss(nn.Module):
     """Student lm_head + distillation loss in chunks; see `kdfast.functional.fused_linear_kd_loss`.
 
@@ -250,6 +313,10 @@ class FusedLinearKDLoss(nn.Module):
         student_hidden [..., H]; student_weight [V, H]; student_bias [V] or None; teacher:
         logits [..., V], a (hidden [..., H_t], weight [V, H_t][, bias]) tuple, or SoftLabels;
         labels [...] int64 or None. Output: scalar, or [...] for reduction="none".
+
+    Raises:
+        TypeError / ValueError: an invalid option, at construction, with the message of
+            `kdfast.functional.fused_linear_kd_loss`.
     """
 
     def __init__(
@@ -269,6 +336,12 @@ class FusedLinearKDLoss(nn.Module):
         process_group=None,
     ) -> None:
         super().__init__()
+        check_chunk_size(chunk_size, FUSED_LINEAR_NAMES)
+        check_softcap(softcap, FUSED_LINEAR_NAMES)
+        check_vocab_mapping_kind(vocab_mapping, FUSED_LINEAR_NAMES)
+        check_tail_options(tail=tail, temperature=temperature, divergence=divergence, alpha=alpha, beta=beta,
+                           ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                           names=FUSED_LINEAR_NAMES)
         self.options = dict(
             chunk_size=chunk_size, softcap=softcap, vocab_mapping=vocab_mapping, divergence=divergence,
             temperature=temperature, alpha=alpha, beta=beta, tail=tail, ignore_index=ignore_index,

@@ -12,9 +12,11 @@ Contract: call on every rank of `group` with the same rows, the same (global) la
 options, and each rank's shard (shard sizes may differ; their sum is V; shards follow rank
 order). Labels are global vocabulary ids; SoftLabels hold global ids and are replicated.
 The arithmetic runs in float32 (float64 for float64 logits) with plain PyTorch operations
-on row chunks of the shard (so it works on any device and backend: gloo, NCCL); the number
-of collectives per call is the same on every rank. Row chunking keeps temporaries to a few
-[chunk, V_r] buffers.
+on row chunks of the shard (so it works on any device and backend: gloo, NCCL); each
+gradient is rounded once to the logits' dtype. The number of collectives per call is the
+same on every rank. Row chunking keeps temporaries to a few [chunk, V_r] buffers.
+Second-order gradients (a backward pass with create_graph=True) are not available here: such
+a backward raises RuntimeError instead of returning a gradient without a graph.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kdfast.contract.options import KDOptions
+from kdfast.contract.options import KDOptions, compute_dtype
 from kdfast.contract.reductions import reduction_scale
 from kdfast.ops import fused_linear as fused_linear_ops
 from kdfast.reference import dense as reference
@@ -336,6 +338,16 @@ class SparseShardLoss:
         return out.copy_(grad)
 
 
+def _refuse_second_order(function: str) -> None:
+    """Raises RuntimeError in a backward pass that records a graph (create_graph=True), eager mode."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"{function} with process_group does not support second-order gradients (a backward pass with "
+            f"create_graph=True): its gradient is computed from all-reduced row statistics without a graph. "
+            f"Call {function} without process_group (on gathered logits) where a gradient of the gradient is needed."
+        )
+
+
 def _shard_loss(soft: bool, options: KDOptions, group, vocab_start: int, global_vocab: int):
     o = _Options(options, group, vocab_start, global_vocab)
     return SparseShardLoss(o) if soft else DenseShardLoss(o)
@@ -363,6 +375,7 @@ class _ShardRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows):
+        _refuse_second_order("sparse_kd_loss" if ctx.soft else "kd_loss")
         student, labels, stats, *teacher = ctx.saved_tensors
         grad = torch.empty_like(student)
         for start in range(0, student.shape[0], ctx.chunk_rows):
@@ -431,9 +444,10 @@ class _FusedLinearShard(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        _refuse_second_order("fused_linear_kd_loss")
         if ctx.loss_fn.options.reduction != "none":
             grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-            g = grad_loss.to(grad_weight.dtype)
+            g = grad_loss.to(compute_dtype(grad_weight))  # one rounding: the products are computed in this dtype
             return (grad_hidden * g, grad_weight * g, grad_bias * g if ctx.has_bias else None) + (None,) * 5
         row_stats, hidden, weight, bias, *tensors = ctx.saved_tensors
         grads = (torch.empty_like(hidden), torch.empty_like(weight), torch.empty_like(bias) if ctx.has_bias else None)
@@ -466,8 +480,9 @@ def fused_linear_kd_loss(hidden, weight, bias, teacher_logits, teacher_hidden, t
     # every rank must run the same number of chunks (one set of collectives per chunk): sized
     # from the global vocabulary, never from this rank's shard
     world = dist.get_world_size(group)
+    logits_dtype = compute_dtype(hidden) if softcap > 0 else hidden.dtype  # soft-capped logits: compute dtype
     chunk_rows = chunk_size or fused_linear_ops.default_chunk_rows(hidden.shape[0], -(-global_vocab // world),
-                                                                   hidden.dtype, hidden.device)
+                                                                   logits_dtype, hidden.device)
     tensors = (teacher_logits, teacher_hidden, teacher_weight, teacher_bias, None, *soft, labels)
     loss = _FusedLinearShard.apply(hidden, weight, bias, tensors, loss_fn, chunk_rows, softcap, torch.is_grad_enabled())
     return loss.reshape(leading_shape) if reduction == "none" else loss

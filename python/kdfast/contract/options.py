@@ -66,6 +66,12 @@ class KDOptions:
         """The field values in declaration order: the options part of every op's arguments."""
         return tuple(getattr(self, name) for name in FIELD_NAMES)
 
+    def row_options(self) -> dict:
+        """The options a per-row loss takes, as keyword arguments of `kdfast.reference`'s row
+        functions: divergence, temperature, alpha, beta, ignore_index, label_smoothing, t2_scale."""
+        return dict(divergence=self.divergence, temperature=self.temperature, alpha=self.alpha, beta=self.beta,
+                    ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, t2_scale=self.t2_scale)
+
     @property
     def divergence_scale(self) -> float:
         """τ of the loss contract: T² when `t2_scale`, else 1."""

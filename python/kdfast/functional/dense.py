@@ -74,7 +74,10 @@ def kd_loss(
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or [...] for reduction="none".
-        The student gradient has the student's dtype.
+        The student gradient has the student's dtype. In a backward pass with
+        create_graph=True the gradient is recomputed with differentiable PyTorch operations
+        and carries a graph, so second-order gradients (e.g. a gradient penalty) are exact;
+        with `process_group` such a backward raises RuntimeError.
 
     Raises:
         TypeError: logits not floating, labels not int64.

@@ -15,10 +15,19 @@ import torch
 from torch import Tensor
 
 from kdfast import vocab_parallel
-from kdfast.contract.options import KDOptions
+from kdfast.contract.options import KDOptions, compute_dtype
 from kdfast.contract.softlabels import SoftLabels
-from kdfast.contract.validation import check_kd_inputs, check_logits_tensor, check_sparse_kd_inputs
-from kdfast.functional._rows import stand_in, uses_kernels
+from kdfast.contract.validation import (
+    FUSED_LINEAR_NAMES,
+    check_chunk_size,
+    check_labels_metadata,
+    check_logits_tensor,
+    check_softcap,
+    check_sparse_kd_inputs,
+    check_tail_options,
+    check_vocab_mapping_kind,
+)
+from kdfast.functional._rows import uses_kernels
 from kdfast.ops import fused_linear as fused_linear_ops
 from kdfast.ops import sparse as sparse_ops
 
@@ -35,10 +44,7 @@ def _resolve_teacher_vocab(teacher_vocab: int, vocab: int, vocab_mapping, device
                 "probability) or an int64 index map of shape [student vocab] to say how they correspond"
             )
         return None
-    if isinstance(vocab_mapping, str):
-        if vocab_mapping != "truncate":
-            raise ValueError(f"fused_linear_kd_loss: vocab_mapping must be None, 'truncate' or an int64 tensor, "
-                             f"got {vocab_mapping!r}")
+    if isinstance(vocab_mapping, str):  # "truncate" (checked by check_vocab_mapping_kind)
         if teacher_vocab < vocab:
             raise ValueError(
                 f"fused_linear_kd_loss: vocab_mapping='truncate' needs a teacher vocabulary at least as large as the "
@@ -46,9 +52,6 @@ def _resolve_teacher_vocab(teacher_vocab: int, vocab: int, vocab_mapping, device
                 "tokens the teacher lacks"
             )
         return vocab
-    if not isinstance(vocab_mapping, Tensor) or vocab_mapping.dtype != torch.int64:
-        raise TypeError("fused_linear_kd_loss: vocab_mapping must be None, 'truncate' or an int64 tensor, got "
-                        f"{getattr(vocab_mapping, 'dtype', type(vocab_mapping).__name__)}")
     if tuple(vocab_mapping.shape) != (vocab,):
         raise ValueError(f"fused_linear_kd_loss: vocab_mapping must have shape [student vocab] = ({vocab},), got "
                          f"{tuple(vocab_mapping.shape)}")
@@ -90,7 +93,13 @@ def fused_linear_kd_loss(
     gradient come from the fused kernels, and the gradient is folded into grad_hidden,
     grad_weight and grad_bias at once. Memory above the inputs and parameter gradients: one
     chunk of logits, plus one teacher chunk for a hidden-state or index-mapped teacher, plus
-    one gradient chunk for soft labels or `softcap`.
+    one gradient chunk for soft labels or `softcap` (with `softcap` and bfloat16/float16
+    hidden states, the capped logits and their gradient are float32 chunks). The matmuls run
+    in the hidden states' dtype; the soft cap, the loss and the logit gradient in float32
+    (float64 for float64 inputs), the logit gradient being rounded once for the gradient
+    matmuls. A backward pass with create_graph=True recomputes the loss on the whole [N, V]
+    logits with differentiable PyTorch operations, so second-order gradients are exact
+    (not with `process_group`, which raises RuntimeError there).
 
     Args:
         student_hidden: [..., H] float32, bfloat16, float16 or float64. Receives a gradient.
@@ -104,7 +113,8 @@ def fused_linear_kd_loss(
             `ignore_index` contribute 0 and no gradient.
         student_bias: None or [V]. Receives a gradient.
         chunk_size: rows per chunk; None picks the largest power of two whose [chunk, V]
-            logits fit 32 MiB on the CPU or 256 MiB on a GPU (`ops.fused_linear.default_chunk_rows`).
+            logits fit 32 MiB on the CPU or 256 MiB on a GPU (`ops.fused_linear.default_chunk_rows`;
+            soft-capped logits counted in float32 for bfloat16/float16 hidden states).
         softcap: None, or c > 0 for Gemma-style logit soft-capping c·tanh(s/c) (with its gradient).
         vocab_mapping: how a teacher vocabulary of another size maps to the student's: None
             (sizes must match), "truncate" (the teacher's columns past V are padding: they are
@@ -123,7 +133,8 @@ def fused_linear_kd_loss(
         float32 loss (float64 for float64 inputs): a scalar, or [...] for reduction="none".
 
     Raises:
-        TypeError / ValueError: bad dtypes, shapes, devices or options, naming the argument;
+        TypeError / ValueError: bad dtypes, shapes, devices or options, naming the argument
+            as this function calls it (`student_hidden`, `student_weight`, `teacher`, ...);
             a teacher vocabulary size that differs from V without `vocab_mapping`.
     """
     for name, tensor in (("student_hidden", student_hidden), ("student_weight", student_weight)):
@@ -142,13 +153,11 @@ def fused_linear_kd_loss(
                                      or student_bias.device != student_hidden.device):
         raise ValueError(f"fused_linear_kd_loss: student_bias must be [V] = ({vocab},) with the hidden states' dtype "
                          f"and device, got shape {tuple(student_bias.shape)}, {student_bias.dtype}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"fused_linear_kd_loss: chunk_size must be None or a positive int, got {chunk_size!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < float("inf")):
-        raise ValueError(f"fused_linear_kd_loss: softcap must be None or a finite number > 0, got {softcap!r}")
+    check_chunk_size(chunk_size)
+    check_softcap(softcap)
+    check_vocab_mapping_kind(vocab_mapping)
     leading_shape = student_hidden.shape[:-1]
     device = student_hidden.device
-    shape_carrier = stand_in(leading_shape, vocab, student_hidden.dtype, device)
 
     teacher_logits = teacher_hidden = teacher_weight = teacher_bias = teacher_columns = None
     soft = (None, None, None)
@@ -156,22 +165,27 @@ def fused_linear_kd_loss(
         if vocab_mapping is not None:
             raise ValueError("fused_linear_kd_loss: vocab_mapping cannot be used with SoftLabels: their tail mass "
                              "is not split by column; compress the teacher's logits after mapping them instead")
-        checked = shape_carrier
-        if process_group is not None:  # a shard is narrower than the soft labels' vocabulary
-            checked = stand_in(leading_shape, teacher.vocab_size, student_hidden.dtype, device)
-        temperature = _softlabels_temperature(checked, teacher, labels, divergence, temperature, alpha, beta, tail,
-                                              ignore_index, reduction, label_smoothing)
+        # with process_group, the weight is one shard of the soft labels' vocabulary
+        temperature = check_sparse_kd_inputs(
+            student_hidden, teacher, labels, divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
+            tail=tail, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            names=FUSED_LINEAR_NAMES, vocab_size=teacher.vocab_size if process_group is not None else vocab,
+        )
         flat = teacher.flatten()
         soft = (flat.indices.contiguous(), flat.logprobs.detach().contiguous(), flat.tail_logprob.detach().contiguous())
         if student_hidden.dtype == torch.float64:
             soft = (soft[0], soft[1].to(torch.float64), soft[2].to(torch.float64))
     else:
         temperature = 1.0 if temperature is None else temperature
+        check_tail_options(tail=tail, temperature=temperature, divergence=divergence, alpha=alpha, beta=beta,
+                           ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                           names=FUSED_LINEAR_NAMES)
+        check_labels_metadata(student_hidden, labels, alpha, FUSED_LINEAR_NAMES)
         if isinstance(teacher, Tensor):
             if teacher.shape[:-1] != leading_shape:
                 raise ValueError(f"fused_linear_kd_loss: teacher logits have leading shape {tuple(teacher.shape[:-1])} "
                                  f"but student_hidden has {tuple(leading_shape)}")
-            check_logits_tensor("teacher logits", teacher)
+            check_logits_tensor("teacher", teacher, FUSED_LINEAR_NAMES)
             columns = _resolve_teacher_vocab(teacher.shape[-1], vocab, vocab_mapping, device)
             teacher_logits = teacher.detach().reshape(-1, teacher.shape[-1])
             if teacher_logits.stride(-1) != 1:
@@ -195,7 +209,7 @@ def fused_linear_kd_loss(
             if teacher_bias is not None and tuple(teacher_bias.shape) != (teacher_weight.shape[0],):
                 raise ValueError(f"fused_linear_kd_loss: teacher_bias must be [V_t] = ({teacher_weight.shape[0]},), "
                                  f"got {tuple(teacher_bias.shape)}")
-            check_logits_tensor("teacher_hidden", teacher_hidden)
+            check_logits_tensor("teacher_hidden", teacher_hidden, FUSED_LINEAR_NAMES)
             columns = _resolve_teacher_vocab(teacher_weight.shape[0], vocab, vocab_mapping, device)
             teacher_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
             teacher_weight = teacher_weight.detach()
@@ -211,15 +225,13 @@ def fused_linear_kd_loss(
             if tensor is not None and tensor.device != device:
                 raise ValueError(f"fused_linear_kd_loss: {name} is on {tensor.device} but student_hidden is on "
                                  f"{device}")
-        check_kd_inputs(
-            shape_carrier, shape_carrier, labels, divergence=divergence, temperature=temperature, alpha=alpha,
-            beta=beta, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-        )
 
     hidden_rows = student_hidden.reshape(-1, hidden_size)
     label_rows = labels.reshape(-1).contiguous() if labels is not None else None
     rows = hidden_rows.shape[0]
-    chunk_rows = chunk_size or fused_linear_ops.default_chunk_rows(rows, vocab, student_hidden.dtype, device)
+    # soft-capped logits are held in the compute dtype (float32 for bfloat16/float16 hidden states)
+    logits_dtype = compute_dtype(student_hidden) if softcap else student_hidden.dtype
+    chunk_rows = chunk_size or fused_linear_ops.default_chunk_rows(rows, vocab, logits_dtype, device)
     if process_group is not None:
         return vocab_parallel.fused_linear_kd_loss(
             hidden_rows, student_weight, student_bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
@@ -249,10 +261,3 @@ def fused_linear_kd_loss(
         loss = loss.reshape(leading_shape)
     return loss
 
-
-def _softlabels_temperature(checked, soft_labels, labels, divergence, temperature, alpha, beta, tail, ignore_index,
-                            reduction, label_smoothing) -> float:
-    return check_sparse_kd_inputs(
-        checked, soft_labels, labels, divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
-        tail=tail, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-    )

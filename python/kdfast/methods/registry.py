@@ -20,12 +20,16 @@ the end of a `with method:` block). Learnable parts the student's optimiser must
 (the FitNets regressor) are returned by `trainable_parameters()`; the adversarial
 discriminator has its own optimiser and takes one step inside every call made with
 autograd enabled while the module is in training mode (so `Distiller.evaluate`, which runs
-under `torch.no_grad()`, never trains it).
+under `torch.no_grad()`, never trains it). Options are validated when the method is built.
+When several terms read bfloat16/float16 student logits (α·CE beside a `mse` or `dkd` term,
+or the adversarial term), the logits are converted to float32 once, so the terms' gradients
+add up in float32 and are rounded to the logits' dtype once.
 """
 
 from __future__ import annotations
 
 import difflib
+import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -33,6 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kdfast.contract.options import compute_dtype
 from kdfast.losses import KDLoss
 from kdfast.methods.adversarial import AdversarialKD, Discriminator
 from kdfast.methods.feature import HintLoss, attention_transfer_loss, similarity_preserving_loss
@@ -136,6 +141,7 @@ class DistillationMethod(nn.Module):
                  adversary: Optional[AdversarialKD] = None,
                  captures: Optional[Tuple[FeatureCapture, FeatureCapture]] = None) -> None:
         super().__init__()
+        _check_method_options(temperature, alpha, weight, ignore_index)
         self.name, self.spec = name, spec
         self.temperature, self.alpha, self.weight = float(temperature), float(alpha), float(weight)
         self.ignore_index = int(ignore_index)
@@ -211,8 +217,9 @@ class DistillationMethod(nn.Module):
         kind = self.spec.extra_term
         if kind == "adversarial":
             assert self.adversary is not None
-            student_rows = student_logits.reshape(-1, student_logits.shape[-1]).float()
-            teacher_rows = teacher_logits.reshape(-1, teacher_logits.shape[-1]).float()
+            dtype = compute_dtype(student_logits, teacher_logits)
+            student_rows = student_logits.reshape(-1, student_logits.shape[-1]).to(dtype)
+            teacher_rows = teacher_logits.reshape(-1, teacher_logits.shape[-1]).to(dtype)
             if self.training and torch.is_grad_enabled():
                 self.adversary.discriminator_step(student_rows, teacher_rows)
             return self.adversary.generator_loss(student_rows)
@@ -232,8 +239,17 @@ class DistillationMethod(nn.Module):
             return similarity_preserving_loss(student, teacher)
         return relational_kd_loss(student, teacher)  # "rkd"
 
+    def _terms_read_logits(self) -> int:
+        """How many separately computed terms read the student logits."""
+        extra = self.spec.extra_term == "adversarial" and self.weight > 0
+        cross_entropy_apart = self.kd is None and self.alpha > 0  # the fused KDLoss adds α·CE itself
+        return 1 + int(extra) + int(cross_entropy_apart)
+
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if isinstance(student_logits, torch.Tensor) and self._terms_read_logits() > 1:
+            # one conversion: the terms' gradients add up in the compute dtype, then are rounded once
+            student_logits = student_logits.to(compute_dtype(student_logits))
         loss = self._logit_loss(student_logits, teacher_logits, labels)
         if self.spec.extra_term is not None and self.weight > 0:
             loss = loss + self.weight * self._extra_loss(student_logits, teacher_logits).to(loss.dtype)
@@ -245,6 +261,19 @@ class DistillationMethod(nn.Module):
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, temperature={self.temperature}, alpha={self.alpha}, weight={self.weight}, "
                 f"needs_teacher_forward={self.needs_teacher_forward}")
+
+
+def _check_method_options(temperature, alpha, weight, ignore_index) -> None:
+    """T > 0, α ∈ [0, 1], β ≥ 0 and an int ignore_index, checked when a method is built."""
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+            and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 <= alpha <= 1):
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 <= weight < float("inf")):
+        raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} ({ignore_index!r})")
 
 
 def _probe_shapes(student: nn.Module, teacher: Optional[nn.Module], student_layer: str,
@@ -317,13 +346,8 @@ def build_method(name: str, *, temperature: float = 4.0, alpha: float = 0.5, wei
         hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
         raise ValueError(f"unknown distillation method {name!r}{hint}; valid names: {', '.join(METHODS)}")
     spec = METHODS[name]
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-    if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     weight = spec.default_weight if weight is None else weight
-    if not (isinstance(weight, (int, float)) and weight >= 0):
-        raise ValueError(f"weight must be a number >= 0, got {weight!r}")
+    _check_method_options(temperature, alpha, weight, ignore_index)
 
     hint_module: Optional[HintLoss] = None
     adversary: Optional[AdversarialKD] = None

@@ -3,7 +3,9 @@
 Inputs are batch-first embeddings `[N, ...]` of student and teacher (flattened to
 `[N, D_s]` and `[N, D_t]`; the widths may differ because only relations between the N
 samples are compared). The math runs in float32 (float64 when an input is float64), losses
-are 0-dim tensors in that dtype, gradients flow to the student only. Bad input raises
+are 0-dim tensors in that dtype, gradients flow to the student only; a bfloat16/float16
+student's gradient is computed in float32 and rounded once (`relational_kd_loss` converts the
+student once, so its distance and angle parts add up before the rounding). Bad input raises
 TypeError/ValueError naming the argument and the shapes seen.
 """
 
@@ -160,9 +162,11 @@ def relational_kd_loss(student_embeddings: torch.Tensor, teacher_embeddings: tor
     _check_embedding_pair(student_embeddings, teacher_embeddings,
                           minimum_batch=3 if angle_weight > 0 else 2)
     dtype = compute_dtype(student_embeddings, teacher_embeddings)
-    total = student_embeddings.new_zeros((), dtype=dtype)
+    # one conversion: both parts' gradients add up in `dtype` and are rounded to the student's dtype once
+    student, teacher = student_embeddings.to(dtype), teacher_embeddings.detach().to(dtype)
+    total = student.new_zeros(())
     if distance_weight > 0:
-        total = total + distance_weight * rkd_distance_loss(student_embeddings, teacher_embeddings)
+        total = total + distance_weight * rkd_distance_loss(student, teacher)
     if angle_weight > 0:
-        total = total + angle_weight * rkd_angle_loss(student_embeddings, teacher_embeddings)
+        total = total + angle_weight * rkd_angle_loss(student, teacher)
     return total

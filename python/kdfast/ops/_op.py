@@ -9,6 +9,12 @@ cannot disagree (the allocation is the caller's, the same under tracing and in e
 `launch` calls the op under `torch.compile` and the body directly otherwise, skipping the
 dispatcher's per-call cost in eager mode. Each argument list is thus written once: in the
 body's `def`.
+
+The backward ops compute first-order gradients only, and their outputs have no graph. When a
+backward pass runs with `create_graph=True` (`creating_graph()`), each autograd wrapper
+instead recomputes its loss from the saved inputs with differentiable PyTorch operations
+(`kdfast.reference`) and returns `differentiable_gradients` of it, so second-order gradients
+(gradient penalties, `gradgradcheck`) are exact rather than silently zero.
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ import typing
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch import Tensor
 
 from kdfast.contract.options import FIELD_NAMES, FIELD_TYPES, KDOptions
 
-__all__ = ["define_op", "launch"]
+__all__ = ["creating_graph", "define_op", "differentiable_gradients", "launch"]
 
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -85,3 +92,31 @@ def launch(op, body: Callable, arguments: Sequence, options: Optional[KDOptions]
         body(*arguments)
     else:
         body(*arguments, options)
+
+
+def creating_graph() -> bool:
+    """True inside a backward pass that records a graph of its own (`create_graph=True`) in eager
+    mode. Under torch.compile the backward is traced once, for first-order gradients."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def differentiable_gradients(loss_fn: Callable[[], Tensor], inputs: Sequence[Optional[Tensor]],
+                             needs_grad: Sequence[bool], grad_output: Tensor) -> tuple:
+    """d(grad_output · loss_fn())/d input for each input with `needs_grad`, with create_graph=True.
+
+    `loss_fn` recomputes the loss from `inputs` (saved tensors, still attached to the caller's
+    graph) with differentiable operations, so the gradients are differentiable in the inputs
+    and in `grad_output`. Returns one entry per input: None where no gradient is needed, zeros
+    where the loss does not depend on the input.
+    """
+    wanted = [index for index, (tensor, needed) in enumerate(zip(inputs, needs_grad)) if needed and tensor is not None]
+    result = [None] * len(inputs)
+    if not wanted:
+        return tuple(result)
+    with torch.enable_grad():
+        loss = loss_fn()
+        grads = torch.autograd.grad(loss, [inputs[i] for i in wanted], grad_output.to(loss.dtype),
+                                    create_graph=True, allow_unused=True)
+    for index, grad in zip(wanted, grads):
+        result[index] = grad if grad is not None else torch.zeros_like(inputs[index])
+    return tuple(result)

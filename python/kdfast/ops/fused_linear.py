@@ -18,6 +18,8 @@ Contract (inputs validated and shaped by kdfast.functional.fused_linear_kd_loss)
   or the soft-label tensors (`soft_indices`, `soft_logprobs` [rows, k], `soft_tail` [rows]);
   `teacher_columns` (int64 [V], −1 = no teacher column) optionally gathers the dense
   teacher's columns (applied after the teacher matmul).
+- labels outside [0, V) that are not ignore_index raise ValueError naming fused_linear_kd_loss
+  (read before the chunk loop, except with the CUDA kernels, whose rows get NaN instead).
 - the forward body writes `loss` (compute dtype; 0-dim, or [rows] for "none"), `row_stats`
   (the kernels' per-row statistics for "none" with kernels, else [0, 0]) and, when
   `compute_grads` and the reduction is not "none", grad_hidden, grad_weight and grad_bias
@@ -25,8 +27,14 @@ Contract (inputs validated and shaped by kdfast.functional.fused_linear_kd_loss)
   Memory above inputs and gradients: one chunk of logits (which the dense kernel overwrites
   with its own gradient), plus one teacher chunk for a hidden-state or column-mapped
   teacher, plus one gradient chunk for soft labels or a softcap.
+- dtypes: the matmuls run in the hidden states' dtype. The soft cap c·tanh(s/c), the loss
+  and the logit gradient (with the cap's derivative 1 − tanh²) are computed in the compute
+  dtype (float32 for bfloat16/float16 inputs, in a capped-logits chunk of that dtype), and
+  the logit gradient is rounded once to the hidden states' dtype before the gradient matmuls.
 `FusedLinearKDLossFunction` is the one autograd wrapper; `run_forward` / `run_backward` are
-the chunk loops, which `kdfast.vocab_parallel` drives with its own per-chunk loss.
+the chunk loops, which `kdfast.vocab_parallel` drives with its own per-chunk loss. With
+create_graph=True the backward pass differentiates `differentiable_loss` (the whole [rows, V]
+logits in plain PyTorch, `kdfast.reference`) instead, so second-order gradients are exact.
 """
 
 from __future__ import annotations
@@ -39,15 +47,17 @@ from torch import Tensor
 from kdfast.contract.options import KDOptions, compute_dtype
 from kdfast.contract.reductions import reduction_scale
 from kdfast.contract.softlabels import SoftLabels
+from kdfast.contract.validation import FUSED_LINEAR_NAMES, check_label_range
 from kdfast.ops import kd_loss as kd_ops
 from kdfast.ops import sparse as sparse_ops
 from kdfast.ops._native import row_stats_width
-from kdfast.ops._op import define_op, launch
+from kdfast.ops._op import creating_graph, define_op, differentiable_gradients, launch
 from kdfast.reference import dense as dense_reference
 from kdfast.reference import sparse as sparse_reference
 
-__all__ = ["ChunkLoss", "FusedLinearKDLossFunction", "default_chunk_rows", "fused_linear_kd_backward",
-           "fused_linear_kd_forward", "fused_linear_kd_loss", "run_backward", "run_forward"]
+__all__ = ["ChunkLoss", "FusedLinearKDLossFunction", "default_chunk_rows", "differentiable_loss",
+           "fused_linear_kd_backward", "fused_linear_kd_forward", "fused_linear_kd_loss", "run_backward",
+           "run_forward"]
 
 # Bytes of logits one chunk may take by default: small enough to stay out of the way of the
 # model on the CPU, large enough for full-speed matmuls on a GPU.
@@ -76,9 +86,7 @@ class ChunkLoss:
 
     def _reference_loss(self, student: Tensor, teacher, labels: Optional[Tensor], reduction: str) -> Tensor:
         o = self.options
-        common = dict(divergence=o.divergence, temperature=o.temperature, alpha=o.alpha, beta=o.beta,
-                      ignore_index=o.ignore_index, reduction=reduction, label_smoothing=o.label_smoothing,
-                      t2_scale=o.t2_scale)
+        common = dict(reduction=reduction, **o.row_options())
         if self.sparse:
             indices, logprobs, tail = teacher
             soft = SoftLabels(indices, logprobs, tail, o.temperature, student.shape[-1])
@@ -138,33 +146,60 @@ def _teacher_chunk(start: int, stop: int, teacher_logits, teacher_hidden, teache
 
 
 def _student_chunk(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], softcap: float, start: int, stop: int,
-                   buffer: Tensor) -> Tensor:
-    chunk = buffer[: stop - start]
+                   buffers) -> Tensor:
+    """The chunk's student logits: h·Wᵀ + b in the hidden states' dtype, soft-capped in the compute dtype."""
+    chunk = buffers.raw[: stop - start]
     torch.matmul(hidden[start:stop], weight.t(), out=chunk)
     if bias is not None:
         chunk.add_(bias)
-    if softcap > 0:
-        chunk.div_(softcap).tanh_().mul_(softcap)
-    return chunk
+    if softcap <= 0:
+        return chunk
+    capped = buffers.capped[: stop - start]
+    if capped.dtype != chunk.dtype:
+        capped.copy_(chunk)  # exact: bfloat16/float16 to float32
+    return capped.div_(softcap).tanh_().mul_(softcap)
 
 
-def _fold_gradient(grad_logits: Tensor, logits: Tensor, softcap: float, hidden: Tensor, weight: Tensor,
+def _fold_gradient(grad_logits: Tensor, logits: Tensor, softcap: float, buffers, hidden: Tensor, weight: Tensor,
                    start: int, stop: int, grad_hidden: Tensor, grad_weight: Tensor, grad_bias: Optional[Tensor]):
     """Chain the chunk's logit gradient through the soft cap and the linear layer."""
-    if softcap > 0:  # d(c·tanh(x/c))/dx = 1 − (capped/c)²; `logits` is free to overwrite now
+    if softcap > 0:  # d(c·tanh(x/c))/dx = 1 − (capped/c)², in the compute dtype; `logits` is free to overwrite now
         grad_logits.mul_(logits.div_(softcap).square_().neg_().add_(1))
-    torch.matmul(grad_logits, weight, out=grad_hidden[start:stop])
-    grad_weight.addmm_(grad_logits.t(), hidden[start:stop])
     if grad_bias is not None:
         grad_bias.add_(grad_logits.sum(0))
+    if grad_logits.dtype != hidden.dtype:  # the one rounding of the logit gradient, for the matmuls
+        grad_logits = buffers.raw[: stop - start].copy_(grad_logits)
+    torch.matmul(grad_logits, weight, out=grad_hidden[start:stop])
+    grad_weight.addmm_(grad_logits.t(), hidden[start:stop])
 
 
-def _buffers(hidden: Tensor, vocab: int, chunk_rows: int, teacher_hidden: Optional[Tensor], separate_gradient: bool):
-    logits = torch.empty((chunk_rows, vocab), dtype=hidden.dtype, device=hidden.device)
-    teacher = (torch.empty((chunk_rows, vocab), dtype=teacher_hidden.dtype, device=hidden.device)
-               if teacher_hidden is not None else None)
-    gradient = torch.empty_like(logits) if separate_gradient else logits
-    return logits, teacher, gradient
+class _Buffers:
+    """The [chunk, V] buffers one chunk loop reuses.
+
+    `raw`: the logits h·Wᵀ + b in the hidden states' dtype. `capped` (softcap only): the
+    soft-capped logits in the compute dtype, `raw` itself unless the hidden states are
+    bfloat16/float16. `teacher`: the teacher's logits of a hidden-state teacher. `gradient`:
+    where the chunk's logit gradient goes: `raw` when the loss writes it over its input, else
+    a buffer of the logits' dtype (the compute dtype with a softcap, whose derivative needs
+    the capped logits after the loss has run).
+    """
+
+    def __init__(self, hidden: Tensor, vocab: int, chunk_rows: int, teacher_hidden: Optional[Tensor], softcap: float,
+                 gradient_in_place: bool, with_gradient: bool):
+        shape, device = (chunk_rows, vocab), hidden.device
+        dtype = compute_dtype(hidden)
+        self.raw = torch.empty(shape, dtype=hidden.dtype, device=device)
+        self.capped = None
+        if softcap > 0:
+            self.capped = self.raw if hidden.dtype == dtype else torch.empty(shape, dtype=dtype, device=device)
+        self.teacher = (torch.empty(shape, dtype=teacher_hidden.dtype, device=device)
+                        if teacher_hidden is not None else None)
+        self.gradient = None
+        if with_gradient:
+            if softcap > 0:
+                self.gradient = torch.empty(shape, dtype=dtype, device=device)
+            else:
+                self.gradient = self.raw if gradient_in_place else torch.empty_like(self.raw)
 
 
 def run_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_logits: Optional[Tensor],
@@ -181,9 +216,8 @@ def run_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_
     device = hidden.device
     options = chunk_loss.options
     per_row = options.reduction == "none"
-    logits_buffer, teacher_buffer, grad_buffer = _buffers(
-        hidden, vocab, min(chunk_rows, max(rows, 1)), teacher_hidden,
-        grads is not None and (softcap > 0 or not chunk_loss.gradient_in_place))
+    buffers = _Buffers(hidden, vocab, min(chunk_rows, max(rows, 1)), teacher_hidden, softcap,
+                       chunk_loss.gradient_in_place, grads is not None)
     keep_stats = per_row and (row_stats is None or row_stats.numel() > 0)
     total = torch.zeros((), dtype=dtype, device=device)
     scale = reduction_scale(labels, rows, options.reduction, options.ignore_index, dtype, device)
@@ -194,9 +228,9 @@ def run_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         for start in range(0, rows, chunk_rows):
             stop = min(start + chunk_rows, rows)
-            logits = _student_chunk(hidden, weight, bias, softcap, start, stop, logits_buffer)
+            logits = _student_chunk(hidden, weight, bias, softcap, start, stop, buffers)
             teacher = _teacher_chunk(start, stop, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
-                                     teacher_columns, soft, teacher_buffer, dtype)
+                                     teacher_columns, soft, buffers.teacher, dtype)
             chunk_labels = labels[start:stop] if labels is not None else None
             chunk_value, stats = chunk_loss.forward(logits, teacher, chunk_labels, "none" if per_row else "sum")
             if per_row:
@@ -209,8 +243,8 @@ def run_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher_
             total += chunk_value
             if grads is not None:
                 grad_logits = chunk_loss.gradient(logits, teacher, chunk_labels, stats, scale, "sum",
-                                                  grad_buffer[: stop - start])
-                _fold_gradient(grad_logits, logits, softcap, hidden, weight, start, stop, *grads)
+                                                  buffers.gradient[: stop - start])
+                _fold_gradient(grad_logits, logits, softcap, buffers, hidden, weight, start, stop, *grads)
     if not per_row:
         loss.copy_(total * scale)
     return row_stats if row_stats is not None else hidden.new_empty((0, 0), dtype=dtype)
@@ -223,8 +257,8 @@ def run_backward(grad_rows: Tensor, row_stats: Tensor, hidden: Tensor, weight: T
     """Writes the gradients of Σ grad_rows·loss_rows (reduction "none") into `grads`, recomputing each chunk."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     dtype = compute_dtype(hidden)
-    logits_buffer, teacher_buffer, grad_buffer = _buffers(
-        hidden, vocab, min(chunk_rows, max(rows, 1)), teacher_hidden, softcap > 0 or not chunk_loss.gradient_in_place)
+    buffers = _Buffers(hidden, vocab, min(chunk_rows, max(rows, 1)), teacher_hidden, softcap,
+                       chunk_loss.gradient_in_place, True)
     grad_rows = grad_rows.to(dtype).contiguous()
     grads[1].zero_()
     if grads[2] is not None:
@@ -233,14 +267,14 @@ def run_backward(grad_rows: Tensor, row_stats: Tensor, hidden: Tensor, weight: T
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, rows, chunk_rows):
             stop = min(start + chunk_rows, rows)
-            logits = _student_chunk(hidden, weight, bias, softcap, start, stop, logits_buffer)
+            logits = _student_chunk(hidden, weight, bias, softcap, start, stop, buffers)
             teacher = _teacher_chunk(start, stop, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
-                                     teacher_columns, soft, teacher_buffer, dtype)
+                                     teacher_columns, soft, buffers.teacher, dtype)
             chunk_labels = labels[start:stop] if labels is not None else None
             stats = row_stats[start:stop] if has_stats else None
             grad_logits = chunk_loss.gradient(logits, teacher, chunk_labels, stats,
-                                              grad_rows[start:stop], "none", grad_buffer[: stop - start])
-            _fold_gradient(grad_logits, logits, softcap, hidden, weight, start, stop, *grads)
+                                              grad_rows[start:stop], "none", buffers.gradient[: stop - start])
+            _fold_gradient(grad_logits, logits, softcap, buffers, hidden, weight, start, stop, *grads)
 
 
 # ------------------------------------------------------------------------------ custom ops
@@ -255,6 +289,8 @@ def forward_body(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher
                  grad_hidden: Tensor, grad_weight: Tensor, grad_bias: Tensor, compute_grads: bool, chunk_rows: int,
                  softcap: float, kernels: bool, options: KDOptions) -> None:
     """Writes the outputs `forward_outputs` allocated (see the module contract)."""
+    if not (kernels and labels is not None and labels.is_cuda):  # else the kernels give NaN rows, without a sync
+        check_label_range(labels, weight.shape[0], options.ignore_index, FUSED_LINEAR_NAMES)
     soft = _soft(soft_indices, soft_logprobs, soft_tail)
     grads = None
     if compute_grads and options.reduction != "none":
@@ -303,6 +339,31 @@ def forward_outputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], spar
     return loss, row_stats, grad_hidden, grad_weight, grad_bias
 
 
+def differentiable_loss(inputs, softcap: float, options: KDOptions) -> Tensor:
+    """The loss `forward_body` computes, written with differentiable PyTorch operations on the
+    whole [rows, V] logits (`kdfast.reference`): twice differentiable in hidden, weight and
+    bias. `inputs`: hidden, weight, bias, the teacher tensors and labels, as in `forward_body`."""
+    (hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, teacher_columns,
+     soft_indices, soft_logprobs, soft_tail, labels) = inputs
+    dtype = compute_dtype(hidden)
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits.to(dtype) / softcap)
+    soft = _soft(soft_indices, soft_logprobs, soft_tail)
+    rows, vocab = logits.shape
+    buffer = None
+    if teacher_hidden is not None:
+        buffer = torch.empty((rows, vocab), dtype=teacher_hidden.dtype, device=hidden.device)
+    with torch.no_grad():
+        teacher = _teacher_chunk(0, rows, teacher_logits, teacher_hidden, teacher_weight, teacher_bias, teacher_columns,
+                                 soft, buffer, dtype)
+    if soft is not None:
+        return sparse_ops.differentiable_loss(logits, *teacher, labels, options)
+    return kd_ops.differentiable_loss(logits, teacher, labels, options)
+
+
 class FusedLinearKDLossFunction(torch.autograd.Function):
     """`apply(options, compute_grads, chunk_rows, softcap, kernels, hidden, weight, bias, teacher_logits,
     teacher_hidden, teacher_weight, teacher_bias, teacher_columns, soft_indices, soft_logprobs, soft_tail,
@@ -316,10 +377,11 @@ class FusedLinearKDLossFunction(torch.autograd.Function):
         outputs = forward_outputs(hidden, weight, bias, sparse, compute_grads, kernels, options)
         launch(fused_linear_kd_forward, forward_body,
                (*inputs, *outputs, compute_grads, chunk_rows, softcap, kernels), options)
+        # the inputs are kept for reduction "none" (recomputed chunks) and for second-order gradients
         if options.reduction == "none":
             ctx.save_for_backward(outputs[1], *inputs)
         else:
-            ctx.save_for_backward(*outputs[2:])
+            ctx.save_for_backward(*outputs[2:], *inputs)
         ctx.options, ctx.settings = options, (chunk_rows, softcap, kernels)
         ctx.has_bias = bias is not None
         return outputs[0]
@@ -327,12 +389,17 @@ class FusedLinearKDLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         saved = ctx.saved_tensors
+        if creating_graph():  # second-order gradients: a differentiable recomputation
+            inputs = saved[1:] if ctx.options.reduction == "none" else saved[3:]
+            grads = differentiable_gradients(lambda: differentiable_loss(inputs, ctx.settings[1], ctx.options),
+                                             inputs[:3], ctx.needs_input_grad[5:8], grad_loss)
+            return (None,) * 5 + grads + (None,) * 9
         if ctx.options.reduction != "none":
-            grad_hidden, grad_weight, grad_bias = saved
+            grad_hidden, grad_weight, grad_bias = saved[:3]
             if not torch.compiler.is_compiling() and bool(grad_loss == 1):
                 grads = (grad_hidden, grad_weight, grad_bias)  # loss.backward(): no copy
-            else:
-                scale = grad_loss.to(grad_weight.dtype)
+            else:  # one rounding: the product is computed in the compute dtype
+                scale = grad_loss.to(compute_dtype(grad_weight))
                 grads = (grad_hidden * scale, grad_weight * scale, grad_bias * scale)
         else:
             row_stats, *inputs = saved

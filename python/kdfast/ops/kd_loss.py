@@ -15,7 +15,9 @@ Contract (inputs already validated and shaped by kdfast.functional):
   already multiplied by grad_output (read by the kernel; no host synchronisation); it may
   write over `student` itself, each element after its logit was read.
 `KDLossFunction` is the one autograd wrapper; `forward_outputs` allocates what the forward
-body writes, so the chunked fused-linear loss can call the bodies on its own buffers.
+body writes, so the chunked fused-linear loss can call the bodies on its own buffers. A
+backward pass with create_graph=True differentiates `differentiable_loss` (the same loss in
+plain PyTorch) instead of running the backward op, so second-order gradients are exact.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ import torch
 from torch import Tensor
 
 from kdfast.contract.options import KDOptions, compute_dtype
+from kdfast.contract.reductions import reduce_rows
+from kdfast.contract.validation import check_label_range
 from kdfast.ops._native import device_and_stream, facts, native_module, row_stats_width
-from kdfast.ops._op import define_op, launch
+from kdfast.ops._op import creating_graph, define_op, differentiable_gradients, launch
+from kdfast.reference import dense as dense_reference
 
-__all__ = ["KDLossFunction", "backward_body", "forward_body", "forward_outputs", "kd_loss", "kd_loss_backward",
-           "kd_loss_forward"]
+__all__ = ["KDLossFunction", "backward_body", "differentiable_loss", "forward_body", "forward_outputs", "kd_loss",
+           "kd_loss_backward", "kd_loss_forward"]
 
 
 def _raise_bad_labels(count: int, labels: Tensor, vocab: int, ignore_index: int) -> None:
@@ -90,6 +95,16 @@ def forward_outputs(student: Tensor, options: KDOptions) -> tuple[Tensor, Tensor
     return loss, student.new_empty((rows, row_stats_width("kd")), dtype=dtype), student.new_empty((), dtype=dtype)
 
 
+def differentiable_loss(student: Tensor, teacher: Tensor, labels: Optional[Tensor], options: KDOptions) -> Tensor:
+    """The loss `forward_body` computes, written with differentiable PyTorch operations
+    (`kdfast.reference.dense`): twice differentiable in the student. Reads the labels (their
+    range is checked, as the CPU kernels do)."""
+    check_label_range(labels, student.shape[1], options.ignore_index)
+    row_loss = dense_reference.kd_loss_rows(student, teacher, labels, **options.row_options())
+    valid = labels != options.ignore_index if labels is not None else None
+    return reduce_rows(row_loss, options.reduction, valid)
+
+
 class KDLossFunction(torch.autograd.Function):
     """`apply(student, teacher, labels, options) -> loss`; the gradient flows to the student only."""
 
@@ -105,7 +120,10 @@ class KDLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         student, teacher, labels, row_stats, valid_rows = ctx.saved_tensors
         grad_student = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and creating_graph():  # second-order gradients: a differentiable recomputation
+            grad_student, = differentiable_gradients(lambda: differentiable_loss(student, teacher, labels, ctx.options),
+                                                     (student,), (True,), grad_loss)
+        elif ctx.needs_input_grad[0]:
             grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
             launch(kd_loss_backward, backward_body,
                    (grad_loss, student, teacher, labels, row_stats, valid_rows, grad_student), ctx.options)

@@ -19,7 +19,9 @@ Contract (inputs already validated and shaped by `kdfast.functional.multi_teache
 - the backward body writes the student gradient [rows, vocab] in the student dtype,
   multiplied by grad_output inside the kernel.
 CPU, and CUDA when the core was built with CUDA kernels (at most the core's
-`cuda_max_teachers` teachers). `MultiTeacherKDLossFunction` is the one autograd wrapper.
+`cuda_max_teachers` teachers). `MultiTeacherKDLossFunction` is the one autograd wrapper; with
+create_graph=True its backward differentiates `differentiable_loss` (the same loss in plain
+PyTorch, `kdfast.reference.multi_teacher`), so second-order gradients are exact.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from torch import Tensor
 
 from kdfast.contract.options import KDOptions, compute_dtype
 from kdfast.ops._native import device_and_stream, facts, native_module, row_stats_width
-from kdfast.ops._op import define_op, launch
+from kdfast.ops._op import creating_graph, define_op, differentiable_gradients, launch
+from kdfast.reference import multi_teacher as multi_teacher_reference
 
-__all__ = ["MultiTeacherKDLossFunction", "forward_outputs", "multi_teacher_kd_backward", "multi_teacher_kd_forward",
-           "multi_teacher_kd_loss"]
+__all__ = ["MultiTeacherKDLossFunction", "differentiable_loss", "forward_outputs", "multi_teacher_kd_backward",
+           "multi_teacher_kd_forward", "multi_teacher_kd_loss"]
 
 
 def _common_arguments(student: Tensor, teachers: List[Tensor], weights: Tensor, labels: Optional[Tensor],
@@ -99,6 +102,16 @@ def forward_outputs(student: Tensor, num_teachers: int, options: KDOptions) -> t
     return loss, row_stats, student.new_empty((), dtype=dtype)
 
 
+def differentiable_loss(student: Tensor, teachers: List[Tensor], weights: Tensor, labels: Optional[Tensor],
+                        options: KDOptions) -> Tensor:
+    """The loss `forward_body` computes, written with differentiable PyTorch operations
+    (`kdfast.reference.multi_teacher`): twice differentiable in the student. Reads the labels
+    and weights (checked as in eager calls)."""
+    return multi_teacher_reference.multi_teacher_kd_loss(
+        student, teachers, labels, weights=weights, combine=options.combine, reduction=options.reduction,
+        **options.row_options())
+
+
 class MultiTeacherKDLossFunction(torch.autograd.Function):
     """`apply(student, weights, labels, options, *teachers) -> loss`.
 
@@ -130,7 +143,12 @@ class MultiTeacherKDLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         student, weights, labels, row_stats, valid_rows, *teachers = ctx.saved_tensors
         grad_student = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and creating_graph():  # second-order gradients: a differentiable recomputation
+            ctx.grad_buffer = None
+            grad_student, = differentiable_gradients(
+                lambda: differentiable_loss(student, teachers, weights, labels, ctx.options), (student,), (True,),
+                grad_loss)
+        elif ctx.needs_input_grad[0]:
             grad_buffer, ctx.grad_buffer = ctx.grad_buffer, None
             if grad_buffer is not None:
                 grad_loss = grad_loss.to(grad_buffer.dtype)

@@ -17,7 +17,9 @@ Contract (inputs already validated and shaped by kdfast.functional):
 CUDA tensors run the CUDA kernels when the core was built with them; there compression takes
 k ≤ the core's `cuda_max_topk` and the sparse loss V ≤ `cuda_max_sparse_vocab` (beyond them
 kdfast.reference runs), and bad labels or indices give NaN rows instead of ValueError (the
-kernels never synchronise with the host). `SparseKDLossFunction` is the one autograd wrapper.
+kernels never synchronise with the host). `SparseKDLossFunction` is the one autograd wrapper;
+with create_graph=True its backward differentiates `differentiable_loss` (the same loss in
+plain PyTorch), so second-order gradients are exact.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import torch
 from torch import Tensor
 
 from kdfast.contract.options import KDOptions, compute_dtype
+from kdfast.contract.reductions import reduce_rows
+from kdfast.contract.validation import check_label_range
 from kdfast.ops._native import (
     cuda_limit,
     device_and_stream,
@@ -37,10 +41,11 @@ from kdfast.ops._native import (
     native_module,
     row_stats_width,
 )
-from kdfast.ops._op import define_op, launch
+from kdfast.ops._op import creating_graph, define_op, differentiable_gradients, launch
+from kdfast.reference import sparse as sparse_reference
 
-__all__ = ["SparseKDLossFunction", "compress", "compress_uses_kernels", "sparse_kd_backward", "sparse_kd_forward",
-           "sparse_kd_loss", "topk_compress", "uses_kernels"]
+__all__ = ["SparseKDLossFunction", "compress", "compress_uses_kernels", "differentiable_loss", "sparse_kd_backward",
+           "sparse_kd_forward", "sparse_kd_loss", "topk_compress", "uses_kernels"]
 
 
 @torch.compiler.assume_constant_result
@@ -162,6 +167,22 @@ def forward_outputs(student: Tensor, options: KDOptions) -> tuple[Tensor, Tensor
     return loss, row_stats, student.new_empty((), dtype=torch.float64)
 
 
+def differentiable_loss(student: Tensor, indices: Tensor, teacher_logprobs: Tensor, teacher_tail: Tensor,
+                        labels: Optional[Tensor], options: KDOptions) -> Tensor:
+    """The loss `forward_body` computes, written with differentiable PyTorch operations
+    (`kdfast.reference.sparse`): twice differentiable in the student. Reads the labels and
+    indices (their range is checked, as the CPU kernels do)."""
+    vocab = student.shape[1]
+    check_label_range(labels, vocab, options.ignore_index)
+    kept = indices.to(torch.int32).to(torch.int64) if indices.dtype == torch.uint16 else indices.to(torch.int64)
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= vocab):
+        raise ValueError(f"sparse_kd_loss: soft_labels.indices must lie in [0, {vocab})")
+    row_loss = sparse_reference.sparse_kd_loss_rows(student, kept, teacher_logprobs, teacher_tail, labels,
+                                                    tail=options.tail, **options.row_options())
+    valid = labels != options.ignore_index if labels is not None else None
+    return reduce_rows(row_loss, options.reduction, valid)
+
+
 class SparseKDLossFunction(torch.autograd.Function):
     """`apply(student, indices, teacher_logprobs, teacher_tail, labels, options) -> loss`."""
 
@@ -179,7 +200,11 @@ class SparseKDLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         student, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows = ctx.saved_tensors
         grad_student = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and creating_graph():  # second-order gradients: a differentiable recomputation
+            grad_student, = differentiable_gradients(
+                lambda: differentiable_loss(student, indices, teacher_logprobs, teacher_tail, labels, ctx.options),
+                (student,), (True,), grad_loss)
+        elif ctx.needs_input_grad[0]:
             grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
             launch(sparse_kd_backward, backward_body, (grad_loss, student, indices, teacher_logprobs, teacher_tail,
                                                        labels, row_stats, valid_rows, grad_student), ctx.options)
