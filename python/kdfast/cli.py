@@ -16,7 +16,8 @@ works without them.
 - `kdfast bench [args...]`: every argument after `bench` goes to `kdfast.benchmark.main`.
 - `kdfast compress [options]`: run a teacher over a token stream and write its top-k soft
   labels to a `kdfast.SoftLabelStore` (`kdfast.compress_cli`; `kdfast compress --help`).
-- `kdfast store info|verify PATH`: summarise or check a store (`kdfast.store_cli`).
+- `kdfast store info|verify PATH...`, `kdfast store merge OUT PATH...`: summarise, check
+  or concatenate stores (`kdfast.store_cli`).
 """
 
 from __future__ import annotations
@@ -178,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a teacher over a token stream and store its top-k soft labels (kdfast.SoftLabelStore).")
     compress_cli.add_compress_arguments(compress_parser)
     store_parser = subcommands.add_parser(
-        "store", help="summarise (info) or check (verify) a soft-label store",
-        description="Inspect and check a soft-label store written by kdfast compress.")
+        "store", help="summarise (info), check (verify) or concatenate (merge) soft-label stores",
+        description="Inspect, check and merge soft-label stores written by kdfast compress.")
     store_cli.add_store_arguments(store_parser)
     return parser
 

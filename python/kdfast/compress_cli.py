@@ -10,7 +10,9 @@ an uninterrupted run would and the result does not depend on where a run stopped
 Output: a `kdfast.SoftLabelStore` in `--out`. `--resume` continues an interrupted run after
 verifying the committed shards and the run parameters (a mismatch is an error). Ctrl-C
 (or SIGTERM) stops after the current batch and commits what was computed; a second Ctrl-C
-aborts and discards the uncommitted rows.
+aborts and discards the uncommitted rows. Under torchrun (WORLD_SIZE > 1) every rank runs
+this command and the ranks share the shards of one store (`kdfast.compress_run.run_on_ranks`),
+which equals the one-process store.
 
 The summary reports the teacher's mass kept by the top-k (mean and 5th percentile of
 1 − exp(tail_logprob) over the tokens computed) and warns when the mean is below 90%.
@@ -30,9 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Any, Dict, Optional, Sequence
 
@@ -40,18 +40,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kdfast.argparsing import EXIT_OK, CommandParser, UsageError, report_error
+from kdfast.argparsing import EXIT_OK, EXIT_USAGE, CommandParser, UsageError, report_error
+from kdfast.compress_run import (
+    EXIT_INTERRUPTED,
+    RankError,
+    StopRequest,
+    check_logits,
+    labelled_rows,
+    report_summary,
+    run_on_ranks,
+    token_tensor,
+)
 from kdfast.contract.softlabels import smallest_index_dtype
 from kdfast.functional import compress_topk
-from kdfast.kept_mass import (
-    KeptMassStats,
-    candidate_ks,
-    coverage_rows,
-    format_coverage_table,
-    kept_mass_by_k,
-    kept_mass_warning,
-)
+from kdfast.kept_mass import KeptMassStats, candidate_ks, coverage_rows, format_coverage_table, kept_mass_by_k
 from kdfast.store import DEFAULT_SHARD_TOKENS, SoftLabelStore, SoftLabelStoreError, soft_label_bytes_per_token
+from kdfast.store.distributed import distributed_environment
 from kdfast.teachers import (
     TeacherError,
     default_tokenizer,
@@ -72,7 +76,6 @@ from kdfast.token_stream import (
 __all__ = ["add_compress_arguments", "run_compress", "main", "load_token_stream", "batch_plan"]
 
 PROG = "kdfast compress"
-EXIT_INTERRUPTED = 130
 SUGGEST_K_CAP = 1024  # --suggest-k tabulates k up to this (or V, or --k if larger)
 SUGGEST_K_CALLS = 4  # --suggest-k runs the teacher on this many batches of the plan
 
@@ -128,41 +131,6 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
-# --------------------------------------------------------------------------- signals
-class _StopRequest:
-    """First SIGINT/SIGTERM sets `requested`; a second SIGINT raises KeyboardInterrupt.
-
-    The notice is written with `os.write` (no Python-level buffering), which is safe inside
-    a signal handler even when the interrupted code was printing.
-    """
-
-    def __init__(self, announce: bool) -> None:
-        self.requested = False
-        self._announce = announce
-        self._previous: Dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        if self._announce:
-            os.write(
-                2,
-                b"\nkdfast compress: stopping after the current batch and committing it "
-                b"(press Ctrl-C again to abort without committing)\n",
-            )
-
-    def __enter__(self) -> "_StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
 # --------------------------------------------------------------------------- checks
 def _check_arguments(args: argparse.Namespace) -> None:
     for name in ("k", "seq_len", "batch_size", "shard_tokens"):
@@ -191,19 +159,6 @@ def _check_output(out: str) -> None:
         raise UsageError(f"--out {out}: no permission to create files in {parent}")
 
 
-def _token_tensor(tokens: np.ndarray, first: int, end: int, windows: int) -> torch.Tensor:
-    """Tokens [first, end) as a fresh int64 tensor [windows, (end - first) / windows] (a copy: the map is read-only)."""
-    return torch.from_numpy(np.array(tokens[first:end], dtype=np.int64)).view(windows, -1)
-
-
-def _check_logits(logits: torch.Tensor, vocab_size: int, first: int, end: int) -> None:
-    if logits.shape[-1] != vocab_size:
-        raise UsageError(f"the teacher returned V={logits.shape[-1]} for tokens [{first}, {end}), "
-                         f"earlier V={vocab_size}")
-    if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
-        raise UsageError(f"the teacher's logits contain NaN or +inf for tokens [{first}, {end})")
-
-
 def _index_dtype_name(args: argparse.Namespace, vocab_size: int) -> str:
     if args.index_dtype != "auto":
         return args.index_dtype
@@ -216,7 +171,10 @@ def run_compress(args: argparse.Namespace) -> int:
     try:
         return _run_compress(args)
     except UsageError as error:
-        return report_error(PROG, error)
+        ranks = distributed_environment()
+        if ranks is None or ranks[0] == 0 or isinstance(error, RankError):  # rank 0 reports the ranks' errors
+            return report_error(PROG, error)
+        return EXIT_USAGE
     except KeyboardInterrupt:  # before the store was opened, e.g. while the teacher loads
         print("kdfast compress: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -247,11 +205,11 @@ def _load_inputs(args: argparse.Namespace):
                                trust_remote_code=args.trust_remote_code)
         # One short forward pass tells the vocabulary size (the logits width, which can exceed
         # the tokenizer's vocabulary) before the store is opened.
-        probe = teacher(_token_tensor(tokens, 0, 1, 1))
+        probe = teacher(token_tensor(tokens, 0, 1, 1))
     except (TeacherError, TokenStreamError, ImportError) as error:
         raise UsageError(str(error)) from None
     vocab_size = int(probe.shape[-1])
-    _check_logits(probe, vocab_size, 0, 1)
+    check_logits(probe, vocab_size, 0, 1)
     if args.k > vocab_size:
         raise UsageError(f"--k {args.k} exceeds the teacher's vocabulary size {vocab_size}")
     if int(tokens.max()) >= vocab_size:
@@ -268,8 +226,8 @@ def _suggest_k(args: argparse.Namespace, teacher, tokens: np.ndarray, vocab_size
     sampled = 0
     for first, end, windows in itertools.islice(batch_plan(int(tokens.shape[0]), args.seq_len, args.batch_size),
                                                 SUGGEST_K_CALLS):
-        logits = teacher(_token_tensor(tokens, first, end, windows))
-        _check_logits(logits, vocab_size, first, end)
+        logits = teacher(token_tensor(tokens, first, end, windows))
+        check_logits(logits, vocab_size, first, end)
         labels = compress_topk(logits, limit, temperature=args.temperature, index_dtype=torch.int32).flatten()
         for k, mass in kept_mass_by_k(labels.logprobs, ks, labels.tail_logprob).items():
             parts[k].append(mass)
@@ -286,26 +244,12 @@ def _suggest_k(args: argparse.Namespace, teacher, tokens: np.ndarray, vocab_size
     return EXIT_OK
 
 
-def _run_compress(args: argparse.Namespace) -> int:
-    _check_arguments(args)
-    if not args.suggest_k:
-        _check_output(args.out)
-    quiet = args.quiet
-
-    def say(message: str) -> None:
-        if not quiet:
-            print(message, file=sys.stderr)
-
-    teacher, tokens, data_format, tokenizer_name, vocab_size = _load_inputs(args)
-    num_tokens = int(tokens.shape[0])
-    if args.suggest_k:
-        try:
-            return _suggest_k(args, teacher, tokens, vocab_size)
-        except TeacherError as error:
-            raise UsageError(str(error)) from None
+def _store_arguments(args: argparse.Namespace, data_format: str, tokenizer_name: Optional[str], tokens: np.ndarray,
+                     vocab_size: int) -> Dict[str, Any]:
+    """The keyword arguments of `SoftLabelStore.create` for this run (parameters, source, metadata)."""
     source = {
         "format": data_format,
-        "num_tokens": num_tokens,
+        "num_tokens": int(tokens.shape[0]),
         "token_checksum": token_stream_checksum(tokens),
         "seq_len": args.seq_len,
         "append_eos": (not args.no_eos) if data_format == "text" else None,
@@ -317,24 +261,48 @@ def _run_compress(args: argparse.Namespace) -> int:
         "device": args.device,
         "kdfast_command": "compress",
     }
+    return dict(vocab_size=vocab_size, k=args.k, temperature=args.temperature,
+                index_dtype=None if args.index_dtype == "auto" else args.index_dtype, logprob_dtype=args.dtype,
+                with_token_ids=not args.no_token_ids, shard_tokens=args.shard_tokens, teacher=args.teacher_name,
+                tokenizer=tokenizer_name, source=source, metadata=metadata, resume=args.resume,
+                overwrite=args.overwrite, durable=not args.no_fsync)
+
+
+def _load_named_inputs(args: argparse.Namespace):
+    """`_load_inputs`, recording the teacher's name in `args.teacher_name` for the manifest."""
+    loaded = _load_inputs(args)
+    args.teacher_name = loaded[0].name
+    return loaded
+
+
+def _suggest_k_or_usage(args: argparse.Namespace, teacher, tokens: np.ndarray, vocab_size: int) -> int:
     try:
-        writer = SoftLabelStore.create(
-            args.out,
-            vocab_size=vocab_size,
-            k=args.k,
-            temperature=args.temperature,
-            index_dtype=None if args.index_dtype == "auto" else args.index_dtype,
-            logprob_dtype=args.dtype,
-            with_token_ids=not args.no_token_ids,
-            shard_tokens=args.shard_tokens,
-            teacher=teacher.name,
-            tokenizer=tokenizer_name,
-            source=source,
-            metadata=metadata,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            durable=not args.no_fsync,
-        )
+        return _suggest_k(args, teacher, tokens, vocab_size)
+    except TeacherError as error:
+        raise UsageError(str(error)) from None
+
+
+def _run_compress(args: argparse.Namespace) -> int:
+    _check_arguments(args)
+    if not args.suggest_k:
+        _check_output(args.out)
+    ranks = distributed_environment()
+    if ranks is not None:
+        return run_on_ranks(args, ranks, load_inputs=_load_named_inputs, suggest_k=_suggest_k_or_usage,
+                            store_arguments=_store_arguments)
+    quiet = args.quiet
+
+    def say(message: str) -> None:
+        if not quiet:
+            print(message, file=sys.stderr)
+
+    teacher, tokens, data_format, tokenizer_name, vocab_size = _load_named_inputs(args)
+    num_tokens = int(tokens.shape[0])
+    if args.suggest_k:
+        return _suggest_k_or_usage(args, teacher, tokens, vocab_size)
+    try:
+        writer = SoftLabelStore.create(args.out, **_store_arguments(args, data_format, tokenizer_name, tokens,
+                                                                     vocab_size))
     except (SoftLabelStoreError, FileExistsError, ValueError) as error:
         raise UsageError(str(error)) from None
     except OSError as error:
@@ -356,20 +324,12 @@ def _run_compress(args: argparse.Namespace) -> int:
     kept = KeptMassStats()
     interrupted = False
     try:
-        with _StopRequest(announce=not quiet) as stop:
-            for first, end, windows in batch_plan(num_tokens, args.seq_len, args.batch_size):
-                if end <= stored:
-                    continue
-                token_ids = _token_tensor(tokens, first, end, windows)
-                logits = teacher(token_ids)
-                _check_logits(logits, vocab_size, first, end)
-                labels = compress_topk(logits, args.k, temperature=args.temperature, index_dtype=torch.int32).flatten()
-                skip = stored - first if first < stored else 0
-                writer.append(labels[skip:], None if args.no_token_ids else token_ids.reshape(-1)[skip:])
-                kept.update(labels.tail_logprob[skip:])
-                stored = end
-                computed += end - first - skip
-                progress.update(end - first - skip)
+        with StopRequest(announce=not quiet) as stop:
+            for labels, token_ids in labelled_rows(teacher, tokens, args, vocab_size, stored, num_tokens):
+                writer.append(labels, None if args.no_token_ids else token_ids)
+                kept.update(labels.tail_logprob)
+                computed += token_ids.shape[0]
+                progress.update(token_ids.shape[0])
                 progress.set_postfix(shards=len(writer.manifest["shards"]), refresh=False)
                 if stop.requested:
                     interrupted = True
@@ -396,24 +356,11 @@ def _run_compress(args: argparse.Namespace) -> int:
         raise
     progress.set_postfix(shards=len(writer.manifest["shards"]))  # the last shard is committed on close
     progress.close()
-    elapsed = max(time.perf_counter() - started, 1e-9)
-    reader = SoftLabelStore(args.out, verify="size")
-    per_token = reader.bytes_per_token
     if interrupted:
-        say(f"kdfast compress: interrupted; {len(reader)} of {num_tokens} tokens committed in {args.out} "
+        say(f"kdfast compress: interrupted; {writer.num_tokens} of {num_tokens} tokens committed in {args.out} "
             f"(rerun with --resume)")
         return EXIT_INTERRUPTED
-    say(
-        f"kdfast compress: {len(reader)} tokens in {reader.num_shards} shard{'s' * (reader.num_shards != 1)} "
-        f"at {args.out} "
-        f"({computed / elapsed:,.0f} tokens/s this run); {per_token['soft_labels']} bytes/token of soft labels "
-        f"+ {per_token['token_ids']} of token ids (dense bfloat16 rows: {2 * vocab_size} bytes/token)"
-    )
-    say(f"kdfast compress: teacher mass kept by the top-{args.k}: mean {100 * kept.mean:.1f}%, "
-        f"5th percentile {100 * kept.percentile(5):.1f}% (over the {kept.count} tokens computed this run)")
-    warning = kept_mass_warning(kept.mean)
-    if warning:
-        print(f"kdfast compress: warning: {warning}", file=sys.stderr)
+    report_summary(args, vocab_size, computed, time.perf_counter() - started, kept, say)
     return EXIT_OK
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -151,15 +151,26 @@ def token_stream_checksum(tokens: np.ndarray) -> str:
     return hasher.hexdigest()
 
 
-def batch_plan(num_tokens: int, seq_len: int, batch_size: int) -> Iterator[Tuple[int, int, int]]:
+def batch_plan(num_tokens: int, seq_len: int, batch_size: int, *, start: int = 0,
+               stop: Optional[int] = None) -> Iterator[Tuple[int, int, int]]:
     """Yields (first token, end token, windows) of every teacher call, in order.
 
     Full windows of `seq_len` are grouped `batch_size` at a time from token 0; a final
     shorter window, if any, is its own call. The plan depends only on its arguments.
+    With `start`/`stop`, only the calls that hold a token of [start, stop) are yielded
+    (found without walking the calls before them), so processes that share out the
+    tokens make exactly the calls of one process.
     """
+    stop = num_tokens if stop is None else min(stop, num_tokens)
+    start = max(start, 0)
+    if start >= stop:
+        return
     full_windows = num_tokens // seq_len
-    for first_window in range(0, full_windows, batch_size):
+    for first_window in range(start // seq_len // batch_size * batch_size, full_windows, batch_size):
+        if first_window * seq_len >= stop:
+            return
         windows = min(batch_size, full_windows - first_window)
-        yield first_window * seq_len, (first_window + windows) * seq_len, windows
-    if num_tokens % seq_len:
+        if (first_window + windows) * seq_len > start:
+            yield first_window * seq_len, (first_window + windows) * seq_len, windows
+    if num_tokens % seq_len and full_windows * seq_len < stop:
         yield full_windows * seq_len, num_tokens, 1

@@ -15,15 +15,20 @@ store checks the manifest (checksum, fields, shard table) and every shard file's
 `verify()` checks everything. Reads keep no file open, so a store pickles cheaply into
 DataLoader workers. Problems raise `ManifestError` or `CorruptShardError` naming the file
 and the field. `SoftLabelWindowDataset` yields windows with labels aligned with the soft
-labels. The format is specified in docs/soft_label_store.md.
+labels; `SoftLabelWindowBatches` yields batches split by rank and DataLoader worker, and
+`kdfast.store.distributed.DistributedStoreWriter` lets the ranks of a process group fill
+one store. The format is specified in docs/soft_label_store.md.
 
 Modules: `format` (constants, storage dtypes, file checksums, errors), `manifest` (the
 manifest's checksum, atomic writes, reading and validation), `shards` (shard file checks and
-reads), `writer` (`SoftLabelStoreWriter`, `open_writer`, writer lock, removal of uncommitted
-files), `reader` (`SoftLabelStore`, including `SoftLabelStore.create`) and `dataset`
-(`SoftLabelWindowDataset`); each imports only the ones before it.
+reads), `pending` (shards written but not yet committed), `writer` (`SoftLabelStoreWriter`,
+`open_writer`, writer lock, removal of uncommitted files), `reader` (`SoftLabelStore`,
+including `SoftLabelStore.create`), `dataset` (`SoftLabelWindowDataset`), `batches`
+(`SoftLabelWindowBatches`), `distributed` (`DistributedStoreWriter`) and `merge`
+(`merge_stores`); each imports only the ones before it.
 """
 
+from kdfast.store.batches import SoftLabelWindowBatches
 from kdfast.store.dataset import SoftLabelWindowDataset
 from kdfast.store.format import (  # noqa: F401  (public names of kdfast.store outside __all__)
     DEFAULT_SHARD_TOKENS,
@@ -39,6 +44,7 @@ from kdfast.store.format import (  # noqa: F401  (public names of kdfast.store o
     file_checksum,
     soft_label_bytes_per_token,
 )
+from kdfast.store.merge import MergeMismatchError, merge_stores
 from kdfast.store.reader import SoftLabelStore
 from kdfast.store.writer import SoftLabelStoreWriter
 
@@ -46,10 +52,13 @@ __all__ = [
     "CorruptShardError",
     "FORMAT_VERSION",
     "ManifestError",
+    "MergeMismatchError",
     "SoftLabelStore",
     "SoftLabelStoreError",
     "SoftLabelStoreWriter",
+    "SoftLabelWindowBatches",
     "SoftLabelWindowDataset",
     "StoreMismatchError",
+    "merge_stores",
     "soft_label_bytes_per_token",
 ]

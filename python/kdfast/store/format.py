@@ -213,9 +213,12 @@ def fsync_directory(directory: str) -> None:
         os.close(descriptor)
 
 
-def temporary_name(directory: str, final_name: str) -> str:
-    """Path of the hidden, per-process temporary file written before renaming to `final_name`."""
-    return os.path.join(directory, f".{final_name}.tmp-{os.getpid()}")
+def temporary_name(directory: str, final_name: str, tag: str = "") -> str:
+    """Path of the hidden, per-process temporary file written before renaming to `final_name`.
+
+    `tag` (e.g. "r3-" for rank 3) keeps the names of processes on different machines apart.
+    """
+    return os.path.join(directory, f".{final_name}.tmp-{tag}{os.getpid()}")
 
 
 def utc_now() -> str:

@@ -172,12 +172,22 @@ class SoftLabelStore(ManifestFields):
         start, stop, step = slice(start, stop).indices(len(self))
         return start, max(start, stop)
 
-    def _gather(self, field: str, start: int, stop: int) -> torch.Tensor:
-        """Reads rows [start, stop) of one field from the shard files into a new tensor."""
-        dtype_name = self.manifest["dtypes"][field]
-        numpy_dtype = STORAGE_DTYPES[dtype_name][0]
-        trailing = (self.k,) if field in ("indices", "logprobs") else ()
-        output = np.empty((stop - start,) + trailing, dtype=numpy_dtype)
+    def read_into(self, field: str, start: int, out: np.ndarray) -> None:
+        """Reads rows [start, start + len(out)) of one field straight from the shard files into `out`.
+
+        Args:
+            field: "indices", "logprobs", "tail_logprob" or "token_ids".
+            start: first row, 0 <= start and start + len(out) <= len(store).
+            out: C-contiguous array [n, k] (indices, logprobs) or [n] in the storage dtype
+                (`numpy.dtype` of `STORAGE_DTYPES`; uint16 bits for bfloat16), e.g. a view
+                of a slot of a (pinned) batch tensor: no other copy is made.
+
+        Raises:
+            CorruptShardError: as `read`.
+        """
+        stop = start + out.shape[0]
+        if start < 0 or stop > len(self):
+            raise IndexError(f"SoftLabelStore: rows [{start}, {stop}) are outside the {len(self)} stored rows")
         shard_number = max(0, bisect.bisect_right(self._starts, start) - 1)
         position = start
         while position < stop:
@@ -185,7 +195,7 @@ class SoftLabelStore(ManifestFields):
             shard_file = self._shard_files(shard_number)[field]
             local_start = position - shard["start"]
             count = min(stop, shard["stop"]) - position
-            chunk = output[position - start : position - start + count]
+            chunk = out[position - start : position - start + count]
             read_rows(shard_file, local_start, chunk)
             if field == "indices" and chunk.size:
                 low, high = int(chunk.min()), int(chunk.max())
@@ -197,6 +207,13 @@ class SoftLabelStore(ManifestFields):
                         "the shard or the manifest's vocab_size is wrong", path=shard_file.path, field="vocab_size")
             position += count
             shard_number += 1
+
+    def _gather(self, field: str, start: int, stop: int) -> torch.Tensor:
+        """Reads rows [start, stop) of one field from the shard files into a new tensor."""
+        dtype_name = self.manifest["dtypes"][field]
+        trailing = (self.k,) if field in ("indices", "logprobs") else ()
+        output = np.empty((stop - start,) + trailing, dtype=STORAGE_DTYPES[dtype_name][0])
+        self.read_into(field, start, output)
         tensor = torch.from_numpy(output)
         if dtype_name == "bfloat16":
             tensor = tensor.view(torch.bfloat16)
@@ -331,8 +348,11 @@ class SoftLabelStore(ManifestFields):
             resume: reopen an existing store and append after its committed tokens. The
                 committed shards are verified (sizes and checksums) and V, k, T, dtypes,
                 token-id storage, teacher, tokenizer and source must equal the recorded
-                ones, else `StoreMismatchError` names each difference. Without a store in
-                `directory`, starts a new one.
+                ones, else `StoreMismatchError` names each difference. Shards that the
+                ranks of an interrupted several-process run wrote but did not commit are
+                committed when their files pass their checksums and they continue the
+                store; the others are removed. Without a store in `directory`, starts a
+                new one.
             overwrite: delete an existing store's manifest and shard files first.
             durable: fsync files and the directory after each write (default True).
 

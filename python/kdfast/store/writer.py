@@ -3,7 +3,9 @@
 Every file is written to a hidden temporary name, fsynced and renamed (`os.replace`), and a
 shard exists once the manifest that lists it has been atomically replaced, so a crash at
 any moment leaves the previous manifest and only complete shards; files not listed in it
-are removed by the next writer (`remove_store_files`). One writer per directory is enforced
+are removed by the next writer (`remove_store_files`); shards that several processes wrote
+but did not commit (`kdfast.store.pending`) are checked and committed by a resuming writer
+when they continue the store (`commit_written`). One writer per directory is enforced
 with a POSIX advisory lock (`acquire_writer_lock`). Writers are made by `open_writer` (the
 body of `SoftLabelStore.create`), which validates the parameters, builds a new manifest or
 checks and verifies an existing one (resume) under the writer lock; it is passed the store
@@ -15,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Container, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -38,16 +40,20 @@ from kdfast.store.format import (
     SoftLabelStoreError,
     StoreMismatchError,
     default_checksum_algorithm,
-    file_checksum,
-    fsync_directory,
     json_normalised,
-    sample_checksum,
     soft_label_bytes_per_token,
     storage_dtype_name,
-    temporary_name,
     utc_now,
 )
 from kdfast.store.manifest import read_manifest, write_manifest
+from kdfast.store.pending import (
+    PENDING_FILE,
+    check_entry,
+    contiguous_entries,
+    read_pending_entries,
+    remove_pending_entries,
+    write_shard_files,
+)
 
 try:  # POSIX advisory lock against two writers on one directory
     import fcntl as _fcntl
@@ -80,17 +86,71 @@ def release_writer_lock(handle) -> None:
         handle.close()
 
 
-def remove_store_files(directory: str, *, include_manifest: bool, keep_shards: int = 0) -> None:
-    """Removes temporary files, shard files numbered ≥ keep_shards and optionally the manifest."""
+def remove_store_files(directory: str, *, include_manifest: bool, keep_shards: int = 0,
+                       keep: Container[int] = ()) -> None:
+    """Removes temporary files, shard files (and pending entries) numbered ≥ keep_shards except those
+    in `keep`, pending entries of committed shards, and optionally the manifest."""
     for name in os.listdir(directory):
         path = os.path.join(directory, name)
-        match = SHARD_FILE.match(name)
+        match = SHARD_FILE.match(name) or PENDING_FILE.match(name)
         if name.startswith(".") and ".tmp-" in name:
             os.remove(path)
-        elif match and int(match.group(1)) >= keep_shards:
+        elif match and PENDING_FILE.match(name) and int(match.group(1)) < keep_shards:
+            os.remove(path)
+        elif match and int(match.group(1)) >= keep_shards and int(match.group(1)) not in keep:
             os.remove(path)
         elif include_manifest and name == MANIFEST_NAME:
             os.remove(path)
+
+
+def to_storage(manifest: Mapping[str, Any], soft_labels: SoftLabels, token_ids: Optional[torch.Tensor],
+               where: str) -> Dict[str, np.ndarray]:
+    """The rows of `soft_labels` (and `token_ids`) as the store's storage arrays, after checking them.
+
+    Args:
+        manifest: the store's manifest (k, V, T, dtypes). where: the store, for messages.
+        soft_labels: any leading shape (flattened), with the store's k, V and T.
+        token_ids: integer tensor with as many elements, required iff the store keeps token ids.
+
+    Returns:
+        {field: numpy array [n, k] or [n] in the storage dtype} (bfloat16 as its uint16 bits).
+    """
+    if not isinstance(soft_labels, SoftLabels):
+        raise TypeError(f"append expects SoftLabels, got {type(soft_labels).__name__}")
+    found = (soft_labels.k, soft_labels.vocab_size, soft_labels.temperature)
+    wanted = (int(manifest["k"]), int(manifest["vocab_size"]), float(manifest["temperature"]))
+    if found != wanted:
+        raise StoreMismatchError(
+            f"append: soft labels have (k, vocab_size, temperature) = {found}, the store expects {wanted}"
+        )
+    dtypes = manifest["dtypes"]
+    logprob_dtype = STORAGE_DTYPES[dtypes["logprobs"]][1]
+    rows = soft_labels.flatten().to(
+        "cpu", index_dtype=STORAGE_DTYPES[dtypes["indices"]][1], logprob_dtype=logprob_dtype,
+        tail_dtype=torch.float32,
+    )
+    count = rows.tail_logprob.shape[0]
+    arrays: Dict[str, np.ndarray] = {}
+    if dtypes["token_ids"] is not None:
+        if token_ids is None:
+            raise ValueError(f"append: the store {where} keeps token ids; pass token_ids")
+        ids = token_ids.detach().reshape(-1).to("cpu", torch.int64)
+        if ids.numel() != count:
+            raise ValueError(f"append: token_ids has {ids.numel()} elements, the soft labels have {count} rows")
+        limit = INDEX_MAX_VOCAB[dtypes["token_ids"]]
+        if count and (int(ids.min()) < 0 or int(ids.max()) >= limit):
+            raise ValueError(
+                f"append: token ids must lie in [0, {limit}) for {dtypes['token_ids']} storage, "
+                f"found [{int(ids.min())}, {int(ids.max())}]"
+            )
+        arrays["token_ids"] = ids.numpy().astype(STORAGE_DTYPES[dtypes["token_ids"]][0])
+    elif token_ids is not None:
+        raise ValueError(f"append: the store {where} was created without token ids; do not pass token_ids")
+    arrays["indices"] = rows.indices.numpy()
+    arrays["logprobs"] = (rows.logprobs.view(torch.uint16) if logprob_dtype == torch.bfloat16
+                          else rows.logprobs).numpy()
+    arrays["tail_logprob"] = rows.tail_logprob.numpy()
+    return arrays
 
 
 # --------------------------------------------------------------------------- writer
@@ -118,10 +178,7 @@ class SoftLabelStoreWriter(ManifestFields):
         self._durable = durable
         self._pending: Dict[str, List[np.ndarray]] = {field: [] for field in FIELDS}
         self._pending_rows = 0
-        dtypes = manifest["dtypes"]
-        self._index_dtype = STORAGE_DTYPES[dtypes["indices"]][1]
-        self._logprob_dtype = STORAGE_DTYPES[dtypes["logprobs"]][1]
-        self._with_token_ids = dtypes["token_ids"] is not None
+        self.kept_pending: Dict[int, Dict[str, Any]] = {}  # set by open_writer(keep_pending=True)
 
     @property
     def num_tokens(self) -> int:
@@ -137,10 +194,6 @@ class SoftLabelStoreWriter(ManifestFields):
     def closed(self) -> bool:
         """Whether `close()`/`abort()` ran (or a commit failed); no more appends then."""
         return self._pending is None
-
-
-
-
 
     def _check_open(self) -> None:
         if self._pending is None:
@@ -162,40 +215,10 @@ class SoftLabelStoreWriter(ManifestFields):
             raise SoftLabelStoreError(
                 f"SoftLabelStoreWriter: {self.directory} is marked complete; nothing may be appended"
             )
-        if not isinstance(soft_labels, SoftLabels):
-            raise TypeError(f"append expects SoftLabels, got {type(soft_labels).__name__}")
-        found = (soft_labels.k, soft_labels.vocab_size, soft_labels.temperature)
-        wanted = (self.k, self.vocab_size, self.temperature)
-        if found != wanted:
-            raise StoreMismatchError(
-                f"append: soft labels have (k, vocab_size, temperature) = {found}, the store expects {wanted}"
-            )
-        rows = soft_labels.flatten().to(
-            "cpu", index_dtype=self._index_dtype, logprob_dtype=self._logprob_dtype, tail_dtype=torch.float32
-        )
-        count = rows.tail_logprob.shape[0]
-        if self._with_token_ids:
-            if token_ids is None:
-                raise ValueError(f"append: the store {self.directory} keeps token ids; pass token_ids")
-            ids = token_ids.detach().reshape(-1).to("cpu", torch.int64)
-            if ids.numel() != count:
-                raise ValueError(f"append: token_ids has {ids.numel()} elements, the soft labels have {count} rows")
-            limit = INDEX_MAX_VOCAB[self.manifest["dtypes"]["token_ids"]]
-            if count and (int(ids.min()) < 0 or int(ids.max()) >= limit):
-                raise ValueError(
-                    f"append: token ids must lie in [0, {limit}) for {self.manifest['dtypes']['token_ids']} storage, "
-                    f"found [{int(ids.min())}, {int(ids.max())}]"
-                )
-            self._pending["token_ids"].append(
-                ids.numpy().astype(STORAGE_DTYPES[self.manifest["dtypes"]["token_ids"]][0])
-            )
-        elif token_ids is not None:
-            raise ValueError(f"append: the store {self.directory} was created without token ids; do not pass token_ids")
-        self._pending["indices"].append(rows.indices.numpy())
-        logprobs = rows.logprobs.view(torch.uint16) if self._logprob_dtype == torch.bfloat16 else rows.logprobs
-        self._pending["logprobs"].append(logprobs.numpy())
-        self._pending["tail_logprob"].append(rows.tail_logprob.numpy())
-        self._pending_rows += count
+        arrays = to_storage(self.manifest, soft_labels, token_ids, self.directory)
+        for field, array in arrays.items():
+            self._pending[field].append(array)
+        self._pending_rows += arrays["tail_logprob"].shape[0]
         shard_tokens = int(self.manifest["shard_tokens"])
         while self._pending_rows >= shard_tokens:
             self._commit(shard_tokens)
@@ -217,39 +240,10 @@ class SoftLabelStoreWriter(ManifestFields):
             self._pending[field] = [joined[rows:]] if joined.shape[0] > rows else []
         shard_number = len(self.manifest["shards"])
         start = self.num_tokens
-        files: Dict[str, Dict[str, Any]] = {}
-        written: List[str] = []
-        algorithm = self.manifest["checksum"]
         try:
-            for field in FIELDS:
-                if field not in taken:
-                    continue
-                final_name = f"shard-{shard_number:06d}.{field}.npy"
-                temporary = temporary_name(self.directory, final_name)
-                written.append(temporary)
-                with open(temporary, "wb") as handle:
-                    np.lib.format.write_array(
-                        handle, np.ascontiguousarray(taken[field]), version=(1, 0), allow_pickle=False
-                    )
-                    handle.flush()
-                    if self._durable:
-                        os.fsync(handle.fileno())
-                files[field] = {
-                    "file": final_name,
-                    "bytes": os.path.getsize(temporary),
-                    "checksum": file_checksum(temporary, algorithm),
-                    "sample": sample_checksum(temporary, algorithm),
-                }
-                final_path = os.path.join(self.directory, final_name)
-                os.replace(temporary, final_path)
-                written[-1] = final_path
-            if self._durable:
-                fsync_directory(self.directory)
+            files = write_shard_files(self.directory, shard_number, taken, self.manifest["checksum"], self._durable)
         except BaseException:
-            # Not listed in any manifest yet: remove them so that nothing half-written stays.
-            for path in written:
-                with contextlib.suppress(OSError):
-                    os.remove(path)
+            # Not listed in any manifest yet: write_shard_files removed them, nothing half-written stays.
             self._fail()
             raise
         manifest = dict(self.manifest)
@@ -282,6 +276,33 @@ class SoftLabelStoreWriter(ManifestFields):
         self._pending = {field: [] for field in FIELDS}
         self._pending_rows = 0
         return dropped
+
+    def commit_written(self, entries: Sequence[Mapping[str, Any]], *, complete: bool = False) -> None:
+        """Commits shards whose files other processes wrote and checked (`kdfast.store.pending`), in one manifest
+        replacement, and removes their pending entries.
+
+        Args:
+            entries: manifest entries of shards numbered len(shards), len(shards) + 1, ...,
+                each starting where the previous one stops (the first at `num_tokens`).
+            complete: also mark the store complete.
+
+        Raises:
+            SoftLabelStoreError: rows are buffered, or the entries do not continue the shard table.
+        """
+        self._check_open()
+        if self._pending_rows:
+            raise SoftLabelStoreError(f"SoftLabelStoreWriter: {self.directory} has buffered rows; flush() first")
+        chosen = contiguous_entries(self.manifest, {int(entry["index"]): entry for entry in entries})
+        if len(chosen) != len(entries):
+            raise SoftLabelStoreError(f"SoftLabelStoreWriter: the shards to commit to {self.directory} do not "
+                                      f"continue its {len(self.manifest['shards'])} committed shards")
+        manifest = dict(self.manifest, updated=utc_now())
+        manifest["shards"] = list(self.manifest["shards"]) + chosen
+        manifest["num_tokens"] = chosen[-1]["stop"] if chosen else self.num_tokens
+        if complete:
+            manifest["complete"] = True
+        self.manifest = write_manifest(self.directory, manifest, self._durable)
+        remove_pending_entries(self.directory, [entry["index"] for entry in chosen])
 
     def close(self, *, complete: bool = False) -> None:
         """Commits buffered rows, optionally marks the store complete, and releases the lock.
@@ -348,8 +369,15 @@ def open_writer(
     resume: bool = False,
     overwrite: bool = False,
     durable: bool = True,
+    keep_pending: bool = False,
 ) -> SoftLabelStoreWriter:
-    """The implementation of `SoftLabelStore.create` (documented there); `reader_class` verifies on resume."""
+    """The implementation of `SoftLabelStore.create` (documented there); `reader_class` verifies on resume.
+
+    On resume, shards written but not committed by an earlier run of several processes
+    (`kdfast.store.pending`) whose files pass their checksums are committed when they
+    continue the committed shards; the others are removed unless `keep_pending`, which
+    keeps the intact ones (the writer's `kept_pending` maps their numbers to their entries).
+    """
     directory = os.fspath(directory)
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"SoftLabelStore.create: vocab_size must be a positive int, got {vocab_size!r}")
@@ -418,7 +446,18 @@ def open_writer(
             reader_class(directory, verify="size").verify()
             manifest["shard_tokens"] = shard_tokens
             manifest["format_version"] = FORMAT_VERSION  # a version-1 store gains its manifest checksum
+            intact = {number: entry for number, entry in read_pending_entries(directory, manifest).items()
+                      if number >= len(manifest["shards"]) and check_entry(directory, entry, manifest, whole=True)
+                      is None}
+            adopted = contiguous_entries(manifest, intact)
+            if adopted:
+                manifest["shards"] = list(manifest["shards"]) + adopted
+                manifest["num_tokens"] = adopted[-1]["stop"]
+                manifest["updated"] = utc_now()
+            kept = {number: entry for number, entry in intact.items()
+                    if keep_pending and number >= len(manifest["shards"])}
         else:
+            kept = {}
             manifest = {
                 "format": FORMAT_NAME,
                 "format_version": FORMAT_VERSION,
@@ -437,9 +476,11 @@ def open_writer(
                 "num_tokens": 0,
                 "shards": [],
             }
-        remove_store_files(directory, include_manifest=False, keep_shards=len(manifest["shards"]))
+        remove_store_files(directory, include_manifest=False, keep_shards=len(manifest["shards"]), keep=kept)
         manifest = write_manifest(directory, manifest, durable)
     except BaseException:
         release_writer_lock(lock)
         raise
-    return SoftLabelStoreWriter(directory, manifest, lock, durable, reader_class=reader_class)
+    writer = SoftLabelStoreWriter(directory, manifest, lock, durable, reader_class=reader_class)
+    writer.kept_pending = kept
+    return writer
