@@ -305,13 +305,13 @@ class FusedLinearKDLoss(nn.Module):
         chunk_size: rows per chunk, or None for the memory-based default.
         softcap: None, or c > 0 for c·tanh(s/c) soft-capping of the student logits.
         vocab_mapping: None, "truncate" or an int64 [V] map for a teacher of another vocabulary size.
-        divergence, temperature, alpha, beta, tail, ignore_index, reduction, label_smoothing,
-        t2_scale: as in `kdfast.functional.fused_linear_kd_loss`.
+        divergence, temperature, alpha, beta, tail, ignore_index, reduction, label_smoothing, t2_scale: as in
+            `kdfast.functional.fused_linear_kd_loss`.
         process_group: the torch.distributed group the vocabulary is sharded over, or None.
 
     Shape:
         student_hidden [..., H]; student_weight [V, H]; student_bias [V] or None; teacher:
-        logits [..., V], a (hidden [..., H_t], weight [V, H_t][, bias]) tuple, or SoftLabels;
+        logits [..., V], a (hidden [..., H_t], weight [V, H_t], optional bias) tuple, or SoftLabels;
         labels [...] int64 or None. Output: scalar, or [...] for reduction="none".
 
     Raises:

@@ -122,8 +122,8 @@ def fused_linear_kd_loss(
             not given a zero logit), or an int64 tensor [V] giving each student token's teacher
             column (−1: the teacher gives it probability 0). Not available for SoftLabels,
             whose tail mass cannot be split by column.
-        divergence, temperature, alpha, beta, ignore_index, reduction, label_smoothing,
-        t2_scale: as in `kd_loss` (temperature None means 1.0, or the soft labels' own).
+        divergence, temperature, alpha, beta, ignore_index, reduction, label_smoothing, t2_scale: as in
+            `kd_loss` (temperature None means 1.0, or the soft labels' own).
         tail: "bucket" or "renormalize" for SoftLabels, as in `sparse_kd_loss`.
         process_group: a torch.distributed group over which the vocabulary is sharded
             (tensor-parallel lm_head): each rank passes its [V_r, H] weight shard, its teacher
