@@ -3,7 +3,8 @@
 Public names only. Logit-level losses (`logit_mse_loss`, `dkd_loss`), feature-level
 losses (`hint_loss`/`HintLoss`, `attention_transfer_loss`, `similarity_preserving_loss`),
 relational KD (`rkd_distance_loss`, `rkd_angle_loss`, `relational_kd_loss`), adversarial
-KD (`Discriminator`, `AdversarialKD`), multi-teacher KD (`multi_teacher_kd_loss`),
+KD (`Discriminator`, `AdversarialKD`), data-free adversarial KD with a generator of inputs
+(`Generator`, `DataFreeKD`), multi-teacher KD (`multi_teacher_kd_loss`),
 `FeatureCapture`, which records intermediate outputs by module name with forward hooks,
 and a registry (`build_method(name, ...)`, `available_methods()`) that turns a method name
 into a loss module usable by `kdfast.Distiller`.
@@ -12,6 +13,7 @@ inputs) and documents its paper, formula, shapes, reductions and defaults.
 """
 
 from kdfast.methods.adversarial import AdversarialKD, Discriminator
+from kdfast.methods.data_free import DataFreeKD, Generator
 from kdfast.methods.feature import (
     HintLoss,
     attention_map,
@@ -33,6 +35,8 @@ __all__ = [
     "build_method",
     "AdversarialKD",
     "Discriminator",
+    "DataFreeKD",
+    "Generator",
     "FeatureCapture",
     "HintLoss",
     "attention_map",

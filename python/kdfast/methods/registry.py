@@ -40,6 +40,7 @@ from torch.nn import functional as F
 from kdfast.contract.options import compute_dtype
 from kdfast.losses import KDLoss
 from kdfast.methods.adversarial import AdversarialKD, Discriminator
+from kdfast.methods.data_free import DataFreeKD, build_data_free
 from kdfast.methods.feature import HintLoss, attention_transfer_loss, similarity_preserving_loss
 from kdfast.methods.hooks import FeatureCapture
 from kdfast.methods.logit import dkd_loss, logit_mse_loss
@@ -54,7 +55,8 @@ class MethodSpec:
 
     Attributes:
         logit_term: "forward_kl", "reverse_kl", "jsd", "tvd", "mse" or "dkd" (the D above).
-        extra_term: None, "fitnets", "attention", "similarity", "rkd" or "adversarial" (E).
+        extra_term: None, "fitnets", "attention", "similarity", "rkd" or "adversarial" (E);
+            "generator" marks `data_free`, built as a `DataFreeKD` (logit_term "l1" is its default D).
         default_weight: β used when `build_method(weight=None)`; 0 without an extra term.
         summary: one line for help texts.
     """
@@ -87,6 +89,8 @@ METHODS: Dict[str, MethodSpec] = {
     "rkd": MethodSpec("forward_kl", "rkd", 25.0, "KD + Park et al. 2019 relational KD (distance + 2·angle)"),
     "adversarial": MethodSpec("forward_kl", "adversarial", 0.1,
                               "KD + a logit discriminator (Xu et al. 2018), non-saturating generator term"),
+    "data_free": MethodSpec("l1", "generator", 0.0,
+                            "Fang et al. 2019 data-free adversarial KD: a generator of disagreement inputs"),
 }
 
 
@@ -310,12 +314,12 @@ def build_method(name: str, *, temperature: float = 4.0, alpha: float = 0.5, wei
                  student: Optional[nn.Module] = None, teacher: Optional[nn.Module] = None,
                  student_layer: Optional[str] = None, teacher_layer: Optional[str] = None,
                  example_inputs: Any = None, num_classes: Optional[int] = None,
-                 ignore_index: int = -100) -> DistillationMethod:
+                 ignore_index: int = -100, **options: Any) -> "DistillationMethod | DataFreeKD":
     """Build the loss of a registered distillation method.
 
     Args:
         name: one of `available_methods()`: kd, reverse_kl, jsd, tvd, mse, dkd, fitnets,
-            attention, similarity, rkd, adversarial.
+            attention, similarity, rkd, adversarial, data_free.
         temperature: T > 0 of the logit term (default 4.0; `mse` ignores it).
         alpha: weight α ∈ [0, 1] of the hard-label cross-entropy (default 0.5).
         weight: β ≥ 0 of the extra term (default None: the method's `default_weight`).
@@ -332,9 +336,13 @@ def build_method(name: str, *, temperature: float = 4.0, alpha: float = 0.5, wei
             Required by the feature methods and (unless `num_classes` is given) adversarial.
         num_classes: V, the logits' width, for the adversarial discriminator.
         ignore_index: label value whose rows are left out (default -100).
+        **options: method-specific options; only `data_free` takes any (its generator,
+            discrepancy and priors: see `kdfast.methods.data_free.build_data_free`).
 
     Returns:
-        A `DistillationMethod` (see its docstring for the call contract).
+        A `DistillationMethod` (see its docstring for the call contract); for `data_free` a
+        `DataFreeKD`, called the same way on real data and trained without data by
+        `kdfast.trainer.DataFreeDistiller`.
 
     Raises:
         ValueError: unknown name (the message lists the valid names), α outside [0, 1],
@@ -348,6 +356,11 @@ def build_method(name: str, *, temperature: float = 4.0, alpha: float = 0.5, wei
     spec = METHODS[name]
     weight = spec.default_weight if weight is None else weight
     _check_method_options(temperature, alpha, weight, ignore_index)
+    if spec.extra_term == "generator":
+        return build_data_free(temperature=temperature, alpha=alpha, weight=weight, teacher=teacher,
+                               example_inputs=example_inputs, ignore_index=ignore_index, **options)
+    if options:
+        raise TypeError(f"method {name!r} takes no options, got {sorted(options)}")
 
     hint_module: Optional[HintLoss] = None
     adversary: Optional[AdversarialKD] = None

@@ -41,11 +41,17 @@ Contract at the boundary:
   `"adversary.optimizer"`), counters, history and every rank's generator states.
   `load_checkpoint` restores all of them; a checkpoint without loss entries leaves the
   loss as it is.
+
+`DataFreeDistiller` (a `Distiller`) trains without a data loader against one teacher with a
+`kdfast.methods.DataFreeKD`: `fit_data_free(steps)` alternates student updates and generator
+steps on generated inputs; its checkpoints add nothing new to the format (the generator is
+the loss module's state, its optimiser and scheduler loss-owned entries).
 """
 
 from kdfast.trainer.batches import Batch  # noqa: F401  (the batch type, for annotations)
 from kdfast.trainer.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_save  # noqa: F401  (format tag)
+from kdfast.trainer.data_free import DataFreeDistiller
 from kdfast.trainer.distiller import Callback, Distiller
 from kdfast.trainer.rng import seed_everything
 
-__all__ = ["Callback", "CheckpointError", "Distiller", "atomic_save", "seed_everything"]
+__all__ = ["Callback", "CheckpointError", "DataFreeDistiller", "Distiller", "atomic_save", "seed_everything"]

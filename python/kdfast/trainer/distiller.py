@@ -98,8 +98,9 @@ class Distiller:
             outlives its process group can hang in its destructor.
 
     Attributes:
-        step: optimizer steps done. epoch: epochs completed. history: dict with lists
-        `"train"` (one dict per step), `"eval"` and `"epoch"`; saved in checkpoints.
+        step: optimizer steps done.
+        epoch: epochs completed.
+        history: dict with lists `"train"` (one dict per step), `"eval"` and `"epoch"`; saved in checkpoints.
     """
 
     def __init__(
