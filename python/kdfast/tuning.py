@@ -338,10 +338,15 @@ def distillation_objective(
 
     Args:
         make_student: builds a new student mapping `inputs[i]` batches to logits `[B, C]`.
-        inputs: `[N, ...]` float tensor. labels: `[N]` int64 class indices.
-        teacher: a frozen module giving logits `[B, C]`, or
-        teacher_logits: precomputed `[N, C]` teacher logits (exactly one of the two).
-        epochs (default 10), batch_size (default 64), lr (default 1e-2), seed (default 0).
+        inputs: `[N, ...]` float tensor.
+        labels: `[N]` int64 class indices.
+        teacher: a frozen module giving logits `[B, C]` (exactly one of `teacher` and
+            `teacher_logits`).
+        teacher_logits: precomputed `[N, C]` teacher logits.
+        epochs: training epochs per fold (default 10).
+        batch_size: mini-batch size (default 64).
+        lr: Adam learning rate (default 1e-2).
+        seed: base seed; fold f uses `seed + f` (default 0).
 
     Raises:
         ValueError: neither or both teacher sources, or shapes that do not match.
