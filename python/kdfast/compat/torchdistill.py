@@ -39,7 +39,7 @@ class KDLoss(nn.KLDivLoss):
 
     Args:
         student_module_path, student_module_io, teacher_module_path, teacher_module_io: where
-            forward finds the logits in torchdistill's io dicts (io_dict[path][io]); None to
+            forward finds the logits in torchdistill's io dicts (`io_dict[path][io]`); None to
             call forward with tensors.
         temperature: τ > 0.
         alpha: weight of the cross-entropy (None or 0: the soft loss alone).
