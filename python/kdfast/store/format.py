@@ -14,6 +14,7 @@ are in `kdfast.store.manifest`. The format is specified in docs/soft_label_store
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -219,6 +220,28 @@ def temporary_name(directory: str, final_name: str, tag: str = "") -> str:
     `tag` (e.g. "r3-" for rank 3) keeps the names of processes on different machines apart.
     """
     return os.path.join(directory, f".{final_name}.tmp-{tag}{os.getpid()}")
+
+
+def atomic_write_text(directory: str, name: str, text: str, durable: bool, tag: str = "") -> None:
+    """Writes `text` to `directory/name` atomically: a hidden temporary file, then a rename.
+
+    With `durable` the file and the directory entry are fsynced. The temporary file is
+    removed when anything fails (including KeyboardInterrupt), and the error is re-raised.
+    """
+    temporary = temporary_name(directory, name, tag)
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(temporary, os.path.join(directory, name))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+    if durable:
+        fsync_directory(directory)
 
 
 def utc_now() -> str:

@@ -16,7 +16,6 @@ docs/soft_label_store.md.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -36,9 +35,8 @@ from kdfast.store.format import (
     READABLE_FORMAT_VERSIONS,
     STORAGE_DTYPES,
     ManifestError,
-    fsync_directory,
+    atomic_write_text,
     soft_label_bytes_per_token,
-    temporary_name,
 )
 
 CHECKSUM_KEY = "manifest_checksum"
@@ -214,21 +212,8 @@ def write_manifest(directory: str, manifest: Mapping[str, Any], durable: bool) -
     """
     written = {name: value for name, value in manifest.items() if name != CHECKSUM_KEY}
     written[CHECKSUM_KEY] = manifest_checksum(written)
-    temporary = temporary_name(directory, MANIFEST_NAME)
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(written, handle, indent=1, sort_keys=False, allow_nan=False)
-            handle.write("\n")
-            handle.flush()
-            if durable:
-                os.fsync(handle.fileno())
-        os.replace(temporary, os.path.join(directory, MANIFEST_NAME))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
-    if durable:
-        fsync_directory(directory)
+    text = json.dumps(written, indent=1, sort_keys=False, allow_nan=False) + "\n"
+    atomic_write_text(directory, MANIFEST_NAME, text, durable)
     return written
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from kdfast.store.format import (
     FIELDS,
     CorruptShardError,
+    atomic_write_text,
     file_checksum,
     fsync_directory,
     sample_checksum,
@@ -107,21 +108,8 @@ def write_pending_entry(directory: str, entry: Mapping[str, Any], key: str, dura
         entry: the shard's manifest entry {"index", "start", "stop", "files"}.
         key: `store_key` of the store's manifest.
     """
-    name = pending_name(entry["index"])
-    temporary = temporary_name(directory, name, tag)
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump({"store_key": key, "shard": dict(entry)}, handle, sort_keys=True)
-            handle.flush()
-            if durable:
-                os.fsync(handle.fileno())
-        os.replace(temporary, os.path.join(directory, name))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
-    if durable:
-        fsync_directory(directory)
+    text = json.dumps({"store_key": key, "shard": dict(entry)}, sort_keys=True)
+    atomic_write_text(directory, pending_name(entry["index"]), text, durable, tag)
 
 
 def read_pending_entries(directory: str, manifest: Mapping[str, Any]) -> Dict[int, Dict[str, Any]]:
