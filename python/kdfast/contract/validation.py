@@ -23,6 +23,20 @@ from kdfast.contract.softlabels import INDEX_DTYPE_MAX_VOCAB, INDEX_DTYPES, Soft
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
+# The temperatures every loss accepts, [1e-20, 1e20]. Within it the float32 kernels' row
+# math cannot overflow: 1/T, the scale of a logit difference (h / T with h >= 2^-33) and
+# τ = T² stay inside their ranges for any vocabulary. Beyond it the loss itself (τ·D, with
+# D's float32 rounding) and 1/T leave the float32 range.
+TEMPERATURE_RANGE = (1e-20, 1e20)
+
+
+def check_temperature(function: str, temperature) -> None:
+    """Raises ValueError unless temperature is finite and in TEMPERATURE_RANGE."""
+    low, high = TEMPERATURE_RANGE
+    if not (math.isfinite(temperature) and low <= temperature <= high):
+        raise ValueError(f"{function}: temperature must be finite and in [{low:g}, {high:g}] (T > 0; the float32 "
+                         f"kernels' range), got temperature={temperature!r}")
+
 
 def _shape(tensor: torch.Tensor) -> tuple:
     return tuple(tensor.shape)
@@ -71,7 +85,7 @@ def check_kd_inputs(
         teacher_logits: floating tensor with the same shape as `student_logits` (its dtype may differ).
         labels: int64 tensor with the leading shape of `student_logits`, or None.
         divergence: one of `DIVERGENCES`.
-        temperature: finite T > 0.
+        temperature: finite T in TEMPERATURE_RANGE, [1e-20, 1e20].
         alpha: cross-entropy weight in [0, 1]; alpha > 0 requires labels.
         beta: JSD mixture weight in (0, 1); checked only for divergence "jsd".
         ignore_index: integer label value marking rows that contribute nothing.
@@ -131,8 +145,7 @@ def check_kd_inputs(
         raise ValueError(f"kd_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
     _check_number_option("temperature", temperature)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"kd_loss: temperature must be finite and > 0, got temperature={temperature!r}")
+    check_temperature("kd_loss", temperature)
 
     _check_number_option("alpha", alpha)
     if not (0.0 <= alpha <= 1.0):
@@ -194,8 +207,7 @@ def check_compress_inputs(teacher_logits, k, temperature, index_dtype) -> None:
         )
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"compress_topk: temperature must be a Python number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"compress_topk: temperature must be finite and > 0, got temperature={temperature!r}")
+    check_temperature("compress_topk", temperature)
     if index_dtype not in INDEX_DTYPES:
         raise TypeError(f"compress_topk: index_dtype must be one of {INDEX_DTYPES}, got {index_dtype}")
     if vocab_size > INDEX_DTYPE_MAX_VOCAB[index_dtype]:
