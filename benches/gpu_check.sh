@@ -1,29 +1,34 @@
 #!/usr/bin/env bash
 # One-shot verification of kdfast's CUDA kernels on a bare GPU machine (no network needed):
-# builds the package with its CUDA kernels for the GPU present, runs the CUDA tests, measures
-# the copy bandwidth and prints the comparison table (kdfast vs eager PyTorch vs torch.compile
-# vs Liger-Kernel, installed from .whl/*.whl when present), then runs a few of the tests under
-# compute-sanitizer (memcheck, racecheck) when it is installed. Needs python3 with torch, triton,
-# pybind11, scikit-build-core, plus nvcc, cmake and ninja.
+# builds the package with its CUDA kernels for the GPU present (or takes a prebuilt extension),
+# runs the CUDA tests, measures the copy bandwidth and prints the comparison table (kdfast vs
+# eager PyTorch vs torch.compile vs Liger-Kernel, installed from .whl/*.whl when present), then
+# runs a few of the tests under compute-sanitizer (memcheck, racecheck) when it is installed.
+# Needs python3 with torch, triton, pytest, pybind11, scikit-build-core, plus nvcc, cmake, ninja.
 #
 # Usage: bash benches/gpu_check.sh OUTDIR
-# Everything goes into OUTDIR: one log per step, tests.xml, tests_topk.xml, bench_*.csv,
-# topk_gpu.csv/.md (compress_topk and sparse_kd_loss vs the copy bandwidth), summary.md/json and
-# SUMMARY.txt (also printed at the end). Every step has a time limit and a failing step does
-# not stop the later ones; the whole run stays within KDFAST_GPU_CHECK_BUDGET_S seconds
-# (default 450, i.e. under 8 minutes on an H100). KDFAST_GPU_CHECK_SECTIONS (default
-# "dense,topk") picks the kernels whose tests, benchmarks and sanitizer runs are made:
-# "topk" alone checks only compress_topk and sparse_kd_loss. Exit status: 0 when the build and
-# the tests passed, 1 otherwise.
+# OUTDIR receives two files: gpu_check.tar.gz (every log, tests*.xml, bench_*.csv, topk_gpu.*,
+# summary.md/json, SUMMARY.txt) and SUMMARY.txt, which is also printed last. The steps write
+# into a scratch folder that is packed at the end. Every step has a time limit and a failing
+# step does not stop the later ones; the whole run stays within KDFAST_GPU_CHECK_BUDGET_S
+# seconds (default 300). KDFAST_GPU_CHECK_SECTIONS (default "dense,topk") picks the kernels
+# whose tests, benchmarks and sanitizer runs are made: "topk" alone checks only compress_topk
+# and sparse_kd_loss. KDFAST_PREBUILT names a folder holding a prebuilt
+# _C.cpython-*.so for this Python (built with KDFAST_CUDA=ON): it is used when it imports with
+# its CUDA kernels, which saves the build. Exit status: 0 when the build and the tests passed,
+# 1 otherwise.
 set -u -o pipefail
 
-OUT="${1:?usage: bash benches/gpu_check.sh OUTDIR}"
+DEST="${1:?usage: bash benches/gpu_check.sh OUTDIR}"
+mkdir -p "$DEST"
+DEST="$(cd "$DEST" && pwd)"
+SCRATCH="$(mktemp -d)"
+OUT="$SCRATCH/gpu_check"
 mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 PY="${PYTHON:-python3}"
-BUDGET="${KDFAST_GPU_CHECK_BUDGET_S:-450}"
+BUDGET="${KDFAST_GPU_CHECK_BUDGET_S:-300}"
 SECTIONS="${KDFAST_GPU_CHECK_SECTIONS:-dense,topk}"
 START=$(date +%s)
 STEPS=()
@@ -107,8 +112,19 @@ EOF
 }
 export PY ARCH
 export -f build_with_pip build_with_cmake check_import
-run_step build 300 bash -c build_with_pip && run_step import_check 60 bash -c check_import
-if ! grep -q "'cuda': True" "$OUT/import_check.log" 2>/dev/null; then
+use_prebuilt() {
+  cp -v "$KDFAST_PREBUILT"/_C.cpython-*.so python/kdfast/ && PYTHONPATH="$REPO/python" check_import
+}
+export REPO KDFAST_PREBUILT="${KDFAST_PREBUILT:-}"
+export -f use_prebuilt
+if [[ -n "$KDFAST_PREBUILT" ]] && compgen -G "$KDFAST_PREBUILT/_C.cpython-*.so" > /dev/null &&
+  run_step import_prebuilt 60 bash -c use_prebuilt; then
+  export PYTHONPATH="$REPO/python${PYTHONPATH:+:$PYTHONPATH}"
+else
+  [[ -n "$KDFAST_PREBUILT" ]] && (cd "$KDFAST_PREBUILT" && for f in _C.cpython-*.so; do rm -f "$REPO/python/kdfast/$f"; done)
+  run_step build 240 bash -c build_with_pip && run_step import_check 60 bash -c check_import
+fi
+if ! grep -q "'cuda': True" "$OUT"/import_*.log 2>/dev/null; then
   run_step build_cmake 300 bash -c build_with_cmake
   export PYTHONPATH="$REPO/python${PYTHONPATH:+:$PYTHONPATH}"
   run_step import_check_cmake 60 bash -c check_import
@@ -134,82 +150,91 @@ else
   STEPS+=("liger_install: skipped (no .whl/*.whl)")
 fi
 
-# ---- 4. CUDA tests
-TESTS_RC=0
-if [[ "$SECTIONS" == *dense* ]]; then
-  # the dense CPU suite runs on "cuda" through conftest's device fixture: -k cuda selects those cases
-  run_step tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/functional/test_kd_loss.py \
-    tests/functional/test_kd_loss_cuda.py tests/functional/test_multi_teacher_cuda.py -k cuda --maxfail=25 -rfE \
-    --durations=15 -o faulthandler_timeout=120 --junitxml="$OUT/tests.xml"
-  TESTS_RC=$?
-fi
-# ---- 4b. CUDA tests of top-k soft labels (compress_topk, sparse_kd_loss)
-if [[ "$SECTIONS" == *topk* ]]; then
-  run_step tests_topk 150 "$PY" -m pytest -q -p no:cacheprovider tests/functional/test_sparse_cuda.py --maxfail=25 -rfE \
-    --durations=10 -o faulthandler_timeout=120 --junitxml="$OUT/tests_topk.xml"
-  TOPK_TESTS_RC=$?
-  (( TESTS_RC == 0 )) && TESTS_RC=$TOPK_TESTS_RC
-fi
+# ---- 4. CUDA tests: every file with CUDA cases (the device-generic suites run on "cuda" through
+# conftest's device fixture; -k cuda selects those cases), in parallel workers when pytest-xdist is there
+TEST_FILES=()
+[[ "$SECTIONS" == *dense* ]] && TEST_FILES+=(tests/functional/test_kd_loss.py tests/functional/test_kd_loss_cuda.py
+  tests/functional/test_multi_teacher_cuda.py tests/functional/test_fused_linear.py tests/ops/test_native_facts.py)
+[[ "$SECTIONS" == *topk* ]] && TEST_FILES+=(tests/functional/test_sparse_cuda.py)
+TEST_FILES+=(tests/functional/test_nonfinite.py tests/functional/test_extremes.py)
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 6)
+run_step tests 110 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" "${TEST_FILES[@]}" -k cuda --maxfail=40 -rfE \
+  --durations=15 -o faulthandler_timeout=90 --junitxml="$OUT/tests.xml"
+TESTS_RC=$?
 
 # ---- 5. copy bandwidth and the comparison table (time left after it: the sanitizer runs)
-BENCH_TIME=$(( BUDGET - $(elapsed) - 120 ))
+BENCH_TIME=$(( BUDGET - $(elapsed) - ${KDFAST_GPU_CHECK_TAIL_S:-90} ))
 run_step benchmark $(( BENCH_TIME > 10 ? BENCH_TIME + 15 : 10 )) "$PY" benches/gpu_bench.py "$OUT" --device cuda \
   --deadline "$BENCH_TIME" --sections "$SECTIONS"
 
-# ---- 5b. fused linear KD at the LLM shape (N=8192, V=128256, H=2048, H_t=4096, bf16) vs eager and Liger
-run_step tests_fused_linear 60 "$PY" -m pytest -q -p no:cacheprovider tests/functional/test_fused_linear.py -k cuda -rfE
-run_step bench_fused_linear 150 "$PY" benches/bench_fused_linear.py --preset llm --device cuda --out "$OUT" \
-  --providers kdfast-fused,eager,liger-fused-jsd,liger-chunked-jsd
-
-# ---- 6. compute-sanitizer on small cases (unaligned and aligned rows, chunks, teams 32..1024)
+# ---- 6. compute-sanitizer on small cases (unaligned and aligned rows, chunks, teams 32..1024;
+# top-k shared-memory buffers, bitmaps and scattered kept-entry stores), one memcheck and one
+# racecheck run over the sections picked
 SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
-SANITIZER_TESTS="test_unaligned_rows or test_aligned_row_stride or test_float64_matches or test_out_of_range or \
-(test_vocab_sizes and bf16) or (test_launch_shapes and bf16 and forward_kl and (few-long or many-tiny))"
-if [[ -n "$SANITIZER" && "$SECTIONS" == *dense* ]]; then
+SANITIZER_FILES=()
+SANITIZER_TESTS=()
+RACE_TESTS=()
+if [[ "$SECTIONS" == *dense* ]]; then
+  SANITIZER_FILES+=(tests/functional/test_kd_loss.py tests/functional/test_kd_loss_cuda.py)
+  SANITIZER_TESTS+=("test_unaligned_rows or test_aligned_row_stride or test_out_of_range or (test_vocab_sizes and bf16) \
+or (test_launch_shapes and bf16 and forward_kl and (few-long or many-tiny))")
+  RACE_TESTS+=("(test_vocab_sizes and bf16) or (test_launch_shapes and bf16 and forward_kl and few-long)")
+fi
+if [[ "$SECTIONS" == *topk* ]]; then
+  SANITIZER_FILES+=(tests/functional/test_sparse_cuda.py)
+  SANITIZER_TESTS+=("test_compress_unaligned or test_sparse_large_logits_unaligned or test_sparse_bad_rows or \
+(test_compress_ties_match_cpu and 5000-1000)")
+  RACE_TESTS+=("test_compress_k_equal_to_vocab or (test_compress_ties_match_cpu and 5000-64-2) or test_sparse_masked_teacher")
+fi
+join_or() { local IFS="|"; echo "$*" | sed 's/|/) or (/g; s/^/(/; s/$/)/'; }
+if [[ -n "$SANITIZER" && ${#SANITIZER_FILES[@]} -gt 0 ]]; then
   # Without the caching allocator every tensor is its own allocation, so reads or writes past
   # a tensor are reported instead of landing in a neighbour inside a cached block.
-  run_step memcheck 70 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 86 \
-    "$PY" -m pytest -q -p no:cacheprovider tests/functional/test_kd_loss.py tests/functional/test_kd_loss_cuda.py \
-    -k "cuda and ($SANITIZER_TESTS)"
-  run_step racecheck 45 "$SANITIZER" --tool racecheck --error-exitcode 86 \
-    "$PY" -m pytest -q -p no:cacheprovider tests/functional/test_kd_loss.py tests/functional/test_kd_loss_cuda.py \
-    -k "cuda and ((test_vocab_sizes and bf16) or (test_launch_shapes and bf16 and forward_kl and few-long))"
-fi
-if [[ -n "$SANITIZER" && "$SECTIONS" == *topk* ]]; then
-  # Top-k kernels: shared-memory buffers, bitmaps and scattered kept-entry stores.
-  run_step memcheck_topk 45 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 86 \
-    "$PY" -m pytest -q -p no:cacheprovider tests/functional/test_sparse_cuda.py -k "test_compress_unaligned or \
-test_sparse_large_logits_unaligned or test_sparse_bad_rows or (test_compress_ties_match_cpu and 5000-1000)"
-  run_step racecheck_topk 45 "$SANITIZER" --tool racecheck --error-exitcode 86 \
-    "$PY" -m pytest -q -p no:cacheprovider tests/functional/test_sparse_cuda.py -k "test_compress_k_equal_to_vocab or \
-(test_compress_ties_match_cpu and 5000-64-2) or test_sparse_gradient_reach or test_sparse_masked_teacher"
-fi
-if [[ -z "$SANITIZER" ]]; then
+  run_step memcheck 50 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 86 \
+    "$PY" -m pytest -q -p no:cacheprovider "${SANITIZER_FILES[@]}" -k "cuda and ($(join_or "${SANITIZER_TESTS[@]}"))"
+  run_step racecheck 35 "$SANITIZER" --tool racecheck --error-exitcode 86 \
+    "$PY" -m pytest -q -p no:cacheprovider "${SANITIZER_FILES[@]}" -k "cuda and ($(join_or "${RACE_TESTS[@]}"))"
+elif [[ -z "$SANITIZER" ]]; then
   STEPS+=("compute-sanitizer: skipped (not installed)")
+fi
+
+# ---- 6b. fused linear KD at the LLM shape (N=8192, V=128256, H=2048, H_t=4096, bf16) vs eager and Liger
+if [[ "$SECTIONS" == *dense* ]]; then
+  run_step bench_fused_linear 60 "$PY" benches/bench_fused_linear.py --preset llm --device cuda --out "$OUT" \
+    --providers kdfast-fused,eager,liger-fused-jsd,liger-chunked-jsd
 fi
 
 # ---- 7. summary
 {
-  echo "kdfast GPU check: $(grep -m1 '^device' "$OUT/environment.log" 2>/dev/null), sm_$ARCH, $(elapsed) s"
+  echo "kdfast GPU check: $(grep -m1 '^device' "$OUT/environment.log" 2>/dev/null), sm_$ARCH, $(elapsed) s, \
+commit $(git -C "$REPO" log --format=%h -1 2>/dev/null)"
+  grep -h "^{" "$OUT"/import_*.log 2>/dev/null | tail -1
   for line in "${STEPS[@]}"; do echo "  $line"; done
   echo
   echo "tests: $(grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$OUT/tests.log" 2>/dev/null | tail -1)"
   grep -E "^(FAILED|ERROR) " "$OUT/tests.log" 2>/dev/null | head -25
-  echo "tests_topk: $(grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$OUT/tests_topk.log" 2>/dev/null | tail -1)"
-  grep -E "^(FAILED|ERROR) " "$OUT/tests_topk.log" 2>/dev/null | head -25
-  for tool in memcheck racecheck memcheck_topk racecheck_topk; do
+  for tool in memcheck racecheck; do
     [[ -f "$OUT/$tool.log" ]] && echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool.log" | tail -1) \
 $(grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$OUT/$tool.log" | tail -1)"
   done
   echo
+  [[ -f "$OUT/summary.md" ]] && sed -n '/^| dtype/,/^$/p' "$OUT/summary.md"
   sed -n '/^## Headline targets/,$p' "$OUT/summary.md" 2>/dev/null
+  [[ -f "$OUT/topk_gpu.md" ]] && cat "$OUT/topk_gpu.md"
+  tail -n 12 "$OUT/bench_fused_linear.log" 2>/dev/null
 } > "$OUT/SUMMARY.txt"
+CUDA_OK=0
+grep -q "'cuda': True" "$OUT"/import_*.log 2>/dev/null && CUDA_OK=1
+cp "$OUT/SUMMARY.txt" "$DEST/SUMMARY.txt"
+tar -czf "$DEST/gpu_check.tar.gz" -C "$SCRATCH" gpu_check
+rm -rf "$SCRATCH"
 echo
 echo "=================================================================="
-[[ -f "$OUT/summary.md" ]] && sed -n '/^| dtype/,/^$/p' "$OUT/summary.md"
-cat "$OUT/SUMMARY.txt"
+echo "logs and tables: $DEST/gpu_check.tar.gz"
+[[ -f "$DEST/SUMMARY.txt" ]] && cat "$DEST/SUMMARY.txt"
 
-if [[ "${TESTS_RC:-1}" == 0 ]] && grep -q "'cuda': True" "$OUT"/import_check*.log 2>/dev/null; then
+if [[ "${TESTS_RC:-1}" == 0 && "$CUDA_OK" == 1 ]]; then
   exit 0
 fi
 exit 1

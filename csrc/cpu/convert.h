@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #if defined(__F16C__)
@@ -115,6 +116,18 @@ inline void store_chunk(const C* src, int64_t n, Out* dst) {
   } else {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<Out>(src[i]);
+  }
+}
+
+// dst[0:n] = NaN in the output dtype (the gradient row of a row whose loss is NaN).
+template <class Out>
+inline void fill_nan(Out* dst, int64_t n) {
+  if constexpr (std::is_same_v<Out, bf16_t> || std::is_same_v<Out, f16_t>) {
+    const uint16_t bits = std::is_same_v<Out, bf16_t> ? uint16_t(0x7fc0u) : uint16_t(0x7e00u);
+    uint16_t* raw = reinterpret_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) raw[i] = bits;
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = std::numeric_limits<Out>::quiet_NaN();
   }
 }
 

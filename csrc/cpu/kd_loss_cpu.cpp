@@ -8,7 +8,9 @@
 // forward statistics, forward_kl's gradient) run on the lanes of lanes.h with its exp(x/T).
 // The forward pass reads the row once (JSD/TVD: a second sweep over the same, cache-resident
 // chunks); the backward pass reads it once more and writes the gradient once, multiplied by
-// grad_output.
+// grad_output, or NaN for a row whose loss is NaN (NaN in, NaN out: rowmath::row_sums_defined).
+// Logits enter as scaled differences h x - h max (rowmath::difference_scale) and the per-row
+// finishing (loss, gradient factors) runs in double.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -40,11 +42,13 @@ constexpr int64_t kChunk = 512;
 
 // ---- chunk math: operates on compute-type buffers, independent of the storage dtypes ----
 
-// exp(x / T) and exp(x) on the variant's lanes (lanes.h), built once per call.
+// exp((x - max)/T) and exp(x - max) of a scaled difference d = h x - h max (rowmath.h,
+// difference_scale) on the variant's lanes (lanes.h): exp(d κ) and exp(d / h), built once per call.
 template <class C>
 struct RowExps {
   ExpLanes<C> t, one;
-  explicit RowExps(C inv_t) : t(inv_t), one(C(1)) {}
+  explicit RowExps(const Coefficients<C>& k)
+      : t(k.inv_scaled_t_d), one(1.0 / static_cast<double>(k.diff_scale)) {}
 };
 
 // One row's gradient factors (rowmath::GradRow) and the inverse sums 1/Z = exp(-log-sum)
@@ -58,11 +62,12 @@ struct ChunkGradRow {
 // Folds one chunk into the streamed statistics of a row in a single sweep: both maxima
 // first (one loop), then every sum of the chunk relative to the new running maxima (one
 // loop), then a merge into the row's partial (rowmath::merge_partials).
-template <class C, Divergence D, bool KD, int S1, bool SMOOTH>
+// FOLD: exp(d κ) with the folded polynomial (lanes.h; when RowExps::t is foldable).
+template <class C, Divergence D, bool KD, int S1, bool SMOOTH, bool FOLD>
 void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowExps<C>& exps,
                  RowPartial<C>& part) {
   const Coefficients<C> k = coefficients;
-  const C inv_t = k.inv_temperature;
+  const C h = k.diff_scale;
   C chunk_max_s = kNegInf<C>, chunk_max_t = kNegInf<C>;
   if constexpr (KD) {
 #pragma omp simd reduction(max : chunk_max_s, chunk_max_t)
@@ -79,24 +84,24 @@ void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coeff
   chunk.teacher_max = std::max(part.teacher_max, chunk_max_t);
   chunk.count = static_cast<C>(n);
   // A maximum of -inf (every entry so far masked) shifts by 0 instead: the entries stay
-  // -inf and their exponentials 0, with no inf - inf.
-  const C shift_s = chunk.student_max == kNegInf<C> ? C(0) : chunk.student_max;
-  const C shift_t = chunk.teacher_max == kNegInf<C> ? C(0) : chunk.teacher_max;
+  // -inf and their exponentials 0, with no inf - inf. Differences are scaled: d = h x - h max.
+  const C shift_s = (chunk.student_max == kNegInf<C> ? C(0) : chunk.student_max) * h;
+  const C shift_t = (chunk.teacher_max == kNegInf<C> ? C(0) : chunk.teacher_max) * h;
   // Local copies: they must not alias the sums for the constants to stay in registers.
   const ExpLanes<C> exp_t = exps.t, exp_1 = exps.one;
   LaneSums<C, 5> acc;  // sums of e_q, of exp(ds) or e_q^S1, e_p, weighted, centered
   sweep_lanes<C>(n, [&](auto lane, int64_t i) {
     using L = Lane<decltype(lane)>;
     auto* sums = acc.sums(lane);
-    const auto ds = L::load(s + i) - L::splat(shift_s);
-    const auto e_q = exp_t(ds);
+    const auto ds = fma_(L::load(s + i), L::splat(h), L::splat(-shift_s));
+    const auto e_q = exp_t.template apply<true, FOLD>(ds);
     sums[0] = sums[0] + e_q;
     if constexpr (S1 == rowmath::kStudent1Exp) sums[1] = sums[1] + exp_1(ds);
     if constexpr (S1 == 2 || S1 == 4) sums[1] = sums[1] + rowmath::integer_power<S1>(e_q);
     if constexpr (SMOOTH) sums[4] = sums[4] + ds;
     if constexpr (KD) {
-      const auto dt = L::load(t + i) - L::splat(shift_t);
-      const auto e_p = exp_t(dt);
+      const auto dt = fma_(L::load(t + i), L::splat(h), L::splat(-shift_t));
+      const auto e_p = exp_t.template apply<true, FOLD>(dt);
       sums[2] = sums[2] + e_p;
       if constexpr (D == Divergence::ForwardKL) sums[3] = sums[3] + where_positive(e_p, e_p * (dt - ds));
       if constexpr (D == Divergence::ReverseKL) sums[3] = sums[3] + where_positive(e_q, e_q * (ds - dt));
@@ -108,8 +113,8 @@ void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coeff
   chunk.student_sum_1 = sum_1;
   chunk.student_centered_total = centered;
   chunk.teacher_sum = sum_p;
-  chunk.weighted = weighted * inv_t;
-  rowmath::merge_partials(part, chunk, inv_t, k.divergence);
+  chunk.weighted = weighted;
+  rowmath::merge_partials(part, chunk, k, k.divergence);
 }
 
 // Second sweep of JSD / TVD over one chunk, with the row's maxima and log-sums known.
@@ -118,12 +123,13 @@ void chunk_sweep(const C* s, const C* t, int64_t n, const Coefficients<C>& coeff
                  C& acc0, C& acc1) {
   const Coefficients<C> k = coefficients;
   const RowStats<C> st = stats;
-  const C inv_t = k.inv_temperature;
+  const C h = k.diff_scale, kappa = k.inv_scaled_t;
+  const C max_t = st.teacher_max * h, max_s = st.student_max * h;
   C sum0 = 0, sum1 = 0;
 #pragma omp simd reduction(+ : sum0, sum1)
   for (int64_t i = 0; i < n; ++i) {
-    const C log_p = (t[i] - st.teacher_max) * inv_t - st.teacher_log_sum;
-    const C log_q = (s[i] - st.student_max) * inv_t - st.student_log_sum_T;
+    const C log_p = rowmath::scaled_difference(t[i], h, max_t) * kappa - st.teacher_log_sum;
+    const C log_q = rowmath::scaled_difference(s[i], h, max_s) * kappa - st.student_log_sum_T;
     C x0 = 0, x1 = 0;
     if constexpr (D == Divergence::JSD) rowmath::jsd_terms(log_p, log_q, k, x0, x1);
     else rowmath::tvd_terms(log_p, log_q, x0, x1);
@@ -137,20 +143,22 @@ void chunk_sweep(const C* s, const C* t, int64_t n, const Coefficients<C>& coeff
 // forward_kl's gradient of one chunk on the lanes (the same as chunk_grad<ForwardKL>):
 // q = exp(ds/T) / Z_q and p = exp(dt/T) / Z_p with the row's sums Z = exp(log-sum), so each
 // element takes the lanes' exp(x/T) and one product instead of a rounded x/T - log-sum.
-template <class C, bool CE, bool KD, int S1>
+template <class C, bool CE, bool KD, int S1, bool FOLD>
 void chunk_grad_forward_kl(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients,
                            const RowExps<C>& exps, const ChunkGradRow<C>& grad_row, C* out) {
-  (void)coefficients;
   const GradRow<C> g = grad_row.row;
+  const C h = coefficients.diff_scale;
+  const C max_s = g.stats.student_max * h, max_t = g.stats.teacher_max * h;
   const C inv_zq = grad_row.inv_zq, inv_zp = grad_row.inv_zp, inv_z1 = grad_row.inv_z1;
   const ExpLanes<C> exp_t = exps.t, exp_1 = exps.one;  // local copies, as in chunk_stats
   sweep_lanes<C>(n, [&](auto lane, int64_t i) {
     using L = Lane<decltype(lane)>;
-    const auto ds = L::load(s + i) - L::splat(g.stats.student_max);
-    const auto q = exp_t(ds) * L::splat(inv_zq);
+    const auto ds = fma_(L::load(s + i), L::splat(h), L::splat(-max_s));
+    const auto q = exp_t.template apply<true, FOLD>(ds) * L::splat(inv_zq);
     auto value = L::zero();
     if constexpr (KD) {
-      const auto p = exp_t(L::load(t + i) - L::splat(g.stats.teacher_max)) * L::splat(inv_zp);
+      const auto p = exp_t.template apply<true, FOLD>(fma_(L::load(t + i), L::splat(h), L::splat(-max_t))) *
+                     L::splat(inv_zp);
       value = L::splat(g.kd_factor) * (q - p);
     }
     if constexpr (CE) {
@@ -165,30 +173,36 @@ void chunk_grad_forward_kl(const C* s, const C* t, int64_t n, const Coefficients
 
 // Gradient of one chunk (before the label fix-up), written to `out`; forward_kl's is
 // chunk_grad_forward_kl above.
-template <class C, Divergence D, bool CE, bool KD, int S1>
+template <class C, Divergence D, bool CE, bool KD, int S1, bool FOLD>
 void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowExps<C>& exps,
                 const ChunkGradRow<C>& grad_row, C* out) {
   if constexpr (D == Divergence::ForwardKL) {
-    return chunk_grad_forward_kl<C, CE, KD, S1>(s, t, n, coefficients, exps, grad_row, out);
+    return chunk_grad_forward_kl<C, CE, KD, S1, FOLD>(s, t, n, coefficients, exps, grad_row, out);
   }
   (void)exps;
   // Local copies: the loop's invariants must not alias `out` for the loop to vectorise.
   const Coefficients<C> k = coefficients;
   const GradRow<C> g = grad_row.row;
-  const C inv_t = k.inv_temperature;
+  const C h = k.diff_scale, kappa = k.inv_scaled_t, inv_h = k.inv_diff_scale;
+  const C max_s = g.stats.student_max * h, max_t = g.stats.teacher_max * h;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const C ds = s[i] - g.stats.student_max;
-    const C log_q = ds * inv_t - g.stats.student_log_sum_T;
+    const C ds = rowmath::scaled_difference(s[i], h, max_s);
+    const C log_q = ds * kappa - g.stats.student_log_sum_T;
     const C q = rowmath::exp_c(log_q);
     C value = 0;
     if constexpr (KD) {
-      const C log_p = (t[i] - g.stats.teacher_max) * inv_t - g.stats.teacher_log_sum;
-      value += g.kd_factor * rowmath::divergence_grad<D>(log_p, log_q, q, g.stats.aux, k);
+      const C dt = rowmath::scaled_difference(t[i], h, max_t);
+      if constexpr (D == Divergence::ReverseKL) {
+        value += rowmath::reverse_kl_grad(ds, dt, q, g.rkl_a, g.rkl_b, g.rkl_c);
+      } else {
+        const C log_p = dt * kappa - g.stats.teacher_log_sum;
+        value += g.kd_factor * rowmath::divergence_grad<D>(log_p, log_q, q, g.stats.aux, k);
+      }
     }
     if constexpr (CE) {
       C r = q;  // T == 1
-      if constexpr (S1 == rowmath::kStudent1Exp) r = rowmath::exp_c(ds - g.stats.student_log_sum_1);
+      if constexpr (S1 == rowmath::kStudent1Exp) r = rowmath::exp_c(ds * inv_h - g.stats.student_log_sum_1);
       if constexpr (S1 == 2 || S1 == 4) r = rowmath::integer_power<S1>(q) * g.r_scale;
       value += g.ce_factor * (r - g.smooth);
     }
@@ -206,36 +220,42 @@ template <class C>
 using GradFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowExps<C>&,
                         const ChunkGradRow<C>&, C*);
 
-template <class C, Divergence D, bool KD, bool SMOOTH>
+// FOLD: the lanes' exp with folded coefficients (lanes.h), chosen per call where foldable;
+// the other chunk functions do not use the lanes' exp and ignore it.
+template <class C, Divergence D, bool KD, bool SMOOTH, bool FOLD>
 StatsFn<C> pick_stats_mode(int student_1_mode) {
   switch (student_1_mode) {
-    case rowmath::kStudent1Exp: return chunk_stats<C, D, KD, rowmath::kStudent1Exp, SMOOTH>;
-    case 2: return chunk_stats<C, D, KD, 2, SMOOTH>;
-    case 4: return chunk_stats<C, D, KD, 4, SMOOTH>;
-    default: return chunk_stats<C, D, KD, rowmath::kStudent1None, SMOOTH>;
+    case rowmath::kStudent1Exp: return chunk_stats<C, D, KD, rowmath::kStudent1Exp, SMOOTH, FOLD>;
+    case 2: return chunk_stats<C, D, KD, 2, SMOOTH, FOLD>;
+    case 4: return chunk_stats<C, D, KD, 4, SMOOTH, FOLD>;
+    default: return chunk_stats<C, D, KD, rowmath::kStudent1None, SMOOTH, FOLD>;
   }
 }
 
-template <class C, Divergence D>
+template <class C, Divergence D, bool FOLD>
 StatsFn<C> pick_stats(bool kd, int student_1_mode, bool smooth) {
-  if (kd) return smooth ? pick_stats_mode<C, D, true, true>(student_1_mode) : pick_stats_mode<C, D, true, false>(student_1_mode);
-  return smooth ? pick_stats_mode<C, D, false, true>(student_1_mode) : pick_stats_mode<C, D, false, false>(student_1_mode);
+  if (kd) {
+    return smooth ? pick_stats_mode<C, D, true, true, FOLD>(student_1_mode)
+                  : pick_stats_mode<C, D, true, false, FOLD>(student_1_mode);
+  }
+  return smooth ? pick_stats_mode<C, D, false, true, FOLD>(student_1_mode)
+                : pick_stats_mode<C, D, false, false, FOLD>(student_1_mode);
 }
 
-template <class C, Divergence D, bool KD>
+template <class C, Divergence D, bool KD, bool FOLD>
 GradFn<C> pick_grad_mode(int student_1_mode) {
   switch (student_1_mode) {
-    case rowmath::kStudent1Exp: return chunk_grad<C, D, true, KD, rowmath::kStudent1Exp>;
-    case 2: return chunk_grad<C, D, true, KD, 2>;
-    case 4: return chunk_grad<C, D, true, KD, 4>;
-    default: return chunk_grad<C, D, true, KD, rowmath::kStudent1None>;
+    case rowmath::kStudent1Exp: return chunk_grad<C, D, true, KD, rowmath::kStudent1Exp, FOLD>;
+    case 2: return chunk_grad<C, D, true, KD, 2, FOLD>;
+    case 4: return chunk_grad<C, D, true, KD, 4, FOLD>;
+    default: return chunk_grad<C, D, true, KD, rowmath::kStudent1None, FOLD>;
   }
 }
 
-template <class C, Divergence D>
+template <class C, Divergence D, bool FOLD>
 GradFn<C> pick_grad(bool ce, bool kd, int student_1_mode) {
-  if (!ce) return chunk_grad<C, D, false, true, rowmath::kStudent1None>;
-  return kd ? pick_grad_mode<C, D, true>(student_1_mode) : pick_grad_mode<C, D, false>(student_1_mode);
+  if (!ce) return chunk_grad<C, D, false, true, rowmath::kStudent1None, FOLD>;
+  return kd ? pick_grad_mode<C, D, true, FOLD>(student_1_mode) : pick_grad_mode<C, D, false, FOLD>(student_1_mode);
 }
 
 template <class C>
@@ -245,24 +265,34 @@ struct ChunkKernels {
   GradFn<C> grad;
 };
 
-template <class C, Divergence D>
+template <class C, Divergence D, bool FOLD>
 ChunkKernels<C> pick_for(const Coefficients<C>& k) {
   ChunkKernels<C> kernels;
-  kernels.stats = pick_stats<C, D>(k.need_kd, k.student_1_mode, k.need_ce && k.label_smoothing > C(0));
+  // Only forward_kl's gradient uses the lanes' exp: the other divergences share one instantiation.
+  constexpr bool kGradFold = FOLD && D == Divergence::ForwardKL;
+  kernels.stats = pick_stats<C, D, FOLD>(k.need_kd, k.student_1_mode, k.need_ce && k.label_smoothing > C(0));
   kernels.sweep = (D == Divergence::JSD || D == Divergence::TVD) && k.need_kd ? chunk_sweep<C, D> : nullptr;
-  kernels.grad = pick_grad<C, D>(k.need_ce, k.need_kd, k.student_1_mode);
+  kernels.grad = pick_grad<C, D, kGradFold>(k.need_ce, k.need_kd, k.student_1_mode);
   return kernels;
 }
 
-template <class C>
-ChunkKernels<C> pick_kernels(const Coefficients<C>& k) {
+template <class C, bool FOLD>
+ChunkKernels<C> pick_kernels_folded(const Coefficients<C>& k) {
   switch (k.divergence) {
-    case Divergence::ForwardKL: return pick_for<C, Divergence::ForwardKL>(k);
-    case Divergence::ReverseKL: return pick_for<C, Divergence::ReverseKL>(k);
-    case Divergence::JSD: return pick_for<C, Divergence::JSD>(k);
+    case Divergence::ForwardKL: return pick_for<C, Divergence::ForwardKL, FOLD>(k);
+    case Divergence::ReverseKL: return pick_for<C, Divergence::ReverseKL, FOLD>(k);
+    case Divergence::JSD: return pick_for<C, Divergence::JSD, FOLD>(k);
     case Divergence::TVD: break;
   }
-  return pick_for<C, Divergence::TVD>(k);
+  return pick_for<C, Divergence::TVD, FOLD>(k);
+}
+
+template <class C>
+ChunkKernels<C> pick_kernels(const Coefficients<C>& k, const RowExps<C>& exps) {
+  if constexpr (std::is_same_v<C, float>) {
+    if (exps.t.foldable()) return pick_kernels_folded<C, true>(k);
+  }
+  return pick_kernels_folded<C, false>(k);
 }
 
 
@@ -270,9 +300,9 @@ ChunkKernels<C> pick_kernels(const Coefficients<C>& k) {
 
 template <class S, class T, class C>
 int64_t forward_impl(const KDForwardArgs& args) {
-  const Coefficients<C> k = rowmath::make_coefficients<C>(args.options);
-  const ChunkKernels<C> kernels = pick_kernels<C>(k);
-  const RowExps<C> exps(k.inv_temperature);
+  const Coefficients<C> k = rowmath::make_coefficients<C>(args.options, args.vocab);
+  const RowExps<C> exps(k);
+  const ChunkKernels<C> kernels = pick_kernels<C>(k, exps);
   const int64_t rows = args.rows, vocab = args.vocab;
   const S* student = static_cast<const S*>(args.student);
   const T* teacher = static_cast<const T*>(args.teacher);
@@ -303,7 +333,7 @@ int64_t forward_impl(const KDForwardArgs& args) {
       const C* t = k.need_kd ? load_chunk<T, C>(t_row + start, n, teacher_buf) : nullptr;
       kernels.stats(s, t, n, k, exps, part);
     }
-    C divergence = 0;
+    double divergence = 0.0;
     RowStats<C> st = rowmath::finish_stats(part, k, &divergence);
     if (kernels.sweep) {
       C acc0 = 0, acc1 = 0;
@@ -313,22 +343,28 @@ int64_t forward_impl(const KDForwardArgs& args) {
         const C* t = load_chunk<T, C>(t_row + start, n, teacher_buf);
         kernels.sweep(s, t, n, k, st, acc0, acc1);
       }
-      divergence = k.divergence == Divergence::JSD ? rowmath::finish_jsd(acc0, acc1, k, st)
-                                                   : rowmath::finish_tvd(acc0, acc1, st);
+      divergence = static_cast<double>(k.divergence == Divergence::JSD ? rowmath::finish_jsd(acc0, acc1, k, st)
+                                                                        : rowmath::finish_tvd(acc0, acc1, st));
     }
-    C ce = 0;
+    double ce = 0.0;
     if (k.need_ce) {
-      const C label_logit = load_one<S, C>(s_row + label) - st.student_max;
-      ce = rowmath::cross_entropy(label_logit, st.student_log_sum_1, part.student_centered_total, vocab,
-                                  k.label_smoothing);
+      const double label_logit =
+          static_cast<double>(load_one<S, C>(s_row + label)) - static_cast<double>(st.student_max);
+      const double centered = static_cast<double>(part.student_centered_total) / static_cast<double>(k.diff_scale);
+      ce = rowmath::cross_entropy(label_logit, static_cast<double>(st.student_log_sum_1), centered, vocab,
+                                  k.label_smoothing_d);
     }
+    // A sum the loss needs that is NaN (NaN or +inf logits) or zero (only -inf logits) makes
+    // the row NaN; the backward pass then writes a NaN gradient row.
+    const double row_loss =
+        rowmath::row_sums_defined(part, k) ? rowmath::combine_loss(ce, divergence, k) : kNaN<double>;
     stats_out[0] = st.teacher_max;
     stats_out[1] = st.teacher_log_sum;
     stats_out[2] = st.student_max;
     stats_out[3] = st.student_log_sum_T;
     stats_out[4] = st.student_log_sum_1;
     stats_out[5] = st.aux;
-    stats_out[6] = rowmath::combine_loss(ce, divergence, k);
+    stats_out[6] = static_cast<C>(row_loss);
     stats_out[7] = C(0);
   }
 
@@ -339,9 +375,9 @@ int64_t forward_impl(const KDForwardArgs& args) {
 
 template <class S, class T, class C>
 void backward_impl(const KDBackwardArgs& args) {
-  const Coefficients<C> k = rowmath::make_coefficients<C>(args.options);
-  const ChunkKernels<C> kernels = pick_kernels<C>(k);
-  const RowExps<C> exps(k.inv_temperature);
+  const Coefficients<C> k = rowmath::make_coefficients<C>(args.options, args.vocab);
+  const RowExps<C> exps(k);
+  const ChunkKernels<C> kernels = pick_kernels<C>(k, exps);
   const int64_t rows = args.rows, vocab = args.vocab;
   const S* student = static_cast<const S*>(args.student);
   const T* teacher = static_cast<const T*>(args.teacher);
@@ -364,14 +400,15 @@ void backward_impl(const KDBackwardArgs& args) {
       std::memset(static_cast<void*>(g_row), 0, sizeof(S) * vocab);
       continue;
     }
-    const C g = static_cast<C>(grad_output[row * args.grad_output_stride] * reduction_scale);
     const C* st = row_stats + row * kRowStats;
+    if (st[6] != st[6]) {  // a NaN row loss (NaN input, or a bad label): a NaN gradient row
+      fill_nan(g_row, vocab);
+      continue;
+    }
+    const double g = static_cast<double>(grad_output[row * args.grad_output_stride]) * reduction_scale;
     ChunkGradRow<C> row_grad;
+    row_grad.row = rowmath::make_grad_row(g, k, RowStats<C>{st[0], st[1], st[2], st[3], st[4], st[5]}, vocab);
     GradRow<C>& gr = row_grad.row;
-    gr.ce_factor = g * k.alpha;
-    gr.kd_factor = g * (C(1) - k.alpha) * k.divergence_scale * k.inv_temperature;
-    gr.smooth = k.label_smoothing / static_cast<C>(vocab);
-    gr.stats = RowStats<C>{st[0], st[1], st[2], st[3], st[4], st[5]};
     gr.r_scale = k.student_1_mode == 2 || k.student_1_mode == 4
                      ? static_cast<C>(std::exp(static_cast<double>(k.student_1_mode) * static_cast<double>(st[3]) -
                                                static_cast<double>(st[4])))
@@ -380,7 +417,7 @@ void backward_impl(const KDBackwardArgs& args) {
     row_grad.inv_zp = static_cast<C>(std::exp(-static_cast<double>(gr.stats.teacher_log_sum)));
     row_grad.inv_z1 = static_cast<C>(std::exp(-static_cast<double>(gr.stats.student_log_sum_1)));
     const int64_t label = args.labels ? args.labels[row] : -1;
-    const C label_step = g * k.alpha * (C(1) - k.label_smoothing);
+    const C label_step = gr.label_step;
     alignas(64) C student_buf[kChunk];
     alignas(64) C teacher_buf[kChunk];
     alignas(64) C grad_buf[kChunk];

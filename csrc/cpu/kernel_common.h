@@ -1,4 +1,4 @@
-// Small helpers every CPU kernel file shares: the -inf constant, the rule for how many
+// Small helpers every CPU kernel file shares: the -inf and NaN constants, the rule for how many
 // OpenMP threads a call uses, and the ignore_index test. Like convert.h, they live in the
 // instruction-set variant's namespace so that no variant ever calls another's copy.
 #pragma once
@@ -19,6 +19,8 @@ namespace KDFAST_CPU_VARIANT {
 
 template <class C>
 constexpr C kNegInf = -std::numeric_limits<C>::infinity();
+template <class C>
+constexpr C kNaN = std::numeric_limits<C>::quiet_NaN();
 
 // Below this many elements of work per call, one thread is faster than waking a team.
 constexpr int64_t kParallelThreshold = 1 << 15;

@@ -7,22 +7,29 @@
 // variants), else 4 lanes of GCC / Clang vector extensions that the compiler lowers to the
 // target's 128-bit vectors (SSE2 on the baseline x86-64 variant, NEON on aarch64).
 //
-// ScaledExp<float> contract: for x <= 0 and a finite temperature T > 0 with 1/T = inv_t,
-// returns exp(x * inv_t) with relative error below 2e-7 (measured against float64), exactly 0
-// where x * inv_t < -87 (and for x = -inf), NaN for NaN. 1/T is folded into the constants, so
-// x * inv_t is never rounded on its own (that rounding alone costs up to 4e-6 relative at
-// x/T = -87 when T is not a power of two). Two formulas, one per build, used by every lane
-// type of that build (vector lanes and the scalar tail agree):
+// ScaledExp<float> contract: for x <= 0 and a scale 1/T = inv_t with 1e-37 <= inv_t <= 1e37
+// (given in double), returns exp(x * inv_t) with relative error below 2e-7 (measured against
+// float64), exactly 0 where x * inv_t < -87 (and for x = -inf), NaN for NaN. x * inv_t is never
+// rounded on its own (that rounding alone costs up to 4e-6 relative at x/T = -87 when T is not a
+// power of two): the range reduction works on x with steps of T ln2 / 8 (or T ln2) and leaves a
+// remainder r, |r / T| <= ln2 / 16. The polynomial in u = r / T has fixed coefficients; when the
+// coefficients with the powers of 1/T folded in (a polynomial in r) are normal floats
+// (`foldable`, every practical temperature on the AVX2 lanes), `apply<CUTOFF, true>` uses
+// those and saves the multiplication u = r * inv_t; for extreme temperatures, where they would
+// overflow or underflow float, `apply<CUTOFF, false>` scales r. Both agree to within rounding.
+// Two formulas, one per build, used by every lane type of that build (vector lanes and the
+// scalar tail agree):
 // - AVX2 ("table"): k = round(8 x / (T ln2)); r = x - k T ln2 / 8 in two parts (Cody-Waite,
-//   the high part has 13 significant bits so k times it is exact for |k| < 2^11); exp(r / T)
-//   by a degree-3 minimax polynomial on |r / T| <= ln2 / 16 (2.7e-8); 2^(k/8) = 2^(k >> 3)
-//   times a table entry 2^((k & 7) / 8), looked up with one in-register permute. The
-//   entries carry -(j << 20) so that one add of (bits of k) << 20 forms 2^(k >> 3) 2^(j/8).
-//   Measured worst case 1.6e-7 for T in {0.7, 1, 2, 3, 20}.
+//   the high part has 13 significant bits so k times it is exact for |k| < 2^11); exp(u) by a
+//   degree-3 minimax polynomial on |u| <= ln2 / 16 (2.7e-8); 2^(k/8) = 2^(k >> 3) times a
+//   table entry 2^((k & 7) / 8), looked up with one in-register permute. The entries carry
+//   -(j << 20) so that one add of (bits of k) << 20 forms 2^(k >> 3) 2^(j/8).
+//   Measured worst case 1.6e-7 for 1/T from 1e-30 to 1e30.
 // - portable ("poly"): the same with k = round(x / (T ln2)), no table and a degree-6 minimax
-//   polynomial on |r / T| <= ln2 / 2 (2.1e-9). Measured worst case 1.2e-7.
+//   polynomial on |u| <= ln2 / 2 (2.1e-9). Measured worst case 1.2e-7.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -51,7 +58,7 @@ struct ScaledExp<double> {
   double inv_t;
   explicit ScaledExp(double inverse_temperature) : inv_t(inverse_temperature) {}
   double operator()(double x) const { return std::exp(x * inv_t); }
-  template <bool CUTOFF>
+  template <bool CUTOFF, bool FOLD = false>
   double apply(double x) const { return std::exp(x * inv_t); }
 };
 
@@ -60,23 +67,28 @@ struct ScaledExp<float> {
   static constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
 
   float cutoff;  // -87 T: below it the result is 0
-  // "table": k = round(x k_scale), steps of T ln2 / 8, exp(r/T) ~ 1 + b1 r + b2 r^2 + b3 r^3.
-  float k_scale, step_hi, step_lo, b1, b2, b3;
+  float inv_t;   // 1/T: u = r / T
+  // "table": k = round(x k_scale), steps of T ln2 / 8, exp(u) ~ 1 + b1 u + b2 u^2 + b3 u^3.
+  float k_scale, step_hi, step_lo;
   alignas(32) int32_t table[8];
-  // "poly": k = round(x poly_k_scale), steps of T ln2, exp(r/T) ~ 1 + c[0] r + ... + c[5] r^6.
+  // "poly": k = round(x poly_k_scale), steps of T ln2, exp(u) ~ 1 + c[0] u + ... + c[5] u^6.
   float poly_k_scale, poly_step_hi, poly_step_lo;
-  float c[6];
+  // Minimax (relative error) on |u| <= 1.02 ln2/16, constant term fixed at 1.
+  static constexpr float b1 = 1.0000000526269015f, b2 = 0.5000673953754099f, b3 = 0.16664202774905942f;
+  // Minimax (relative error) on |u| <= 1.01 ln2/2, constant term fixed at 1.
+  static constexpr float c[6] = {1.0000000340794126f, 0.4999999385264296f, 0.16666421889011615f,
+                                 0.041668056637003965f, 0.008374965167989867f, 0.0013842711447067165f};
+  // The same polynomials in r: b_k / T^k and c[j] / T^(j+1), valid when `foldable`.
+  float fb1, fb2, fb3;
+  float fc[6];
+  bool foldable;
 
-  explicit ScaledExp(float inv_t) {
-    const double inv = static_cast<double>(inv_t);
+  explicit ScaledExp(double inv) {
     const double ln2 = 0.693147180559945309417;
+    inv_t = static_cast<float>(inv);
     cutoff = static_cast<float>(-87.0 / inv);
     k_scale = static_cast<float>(8.0 / ln2 * inv);
     split_step(ln2 / 8.0 / inv, step_hi, step_lo);
-    // Minimax (relative error) on |u| <= 1.02 ln2/16, constant term fixed at 1.
-    b1 = static_cast<float>(1.0000000526269015 * inv);
-    b2 = static_cast<float>(0.5000673953754099 * inv * inv);
-    b3 = static_cast<float>(0.16664202774905942 * inv * inv * inv);
     for (int j = 0; j < 8; ++j) {
       const float entry = static_cast<float>(std::exp2(j / 8.0));
       int32_t bits;
@@ -85,37 +97,60 @@ struct ScaledExp<float> {
     }
     poly_k_scale = static_cast<float>(inv / ln2);
     split_step(ln2 / inv, poly_step_hi, poly_step_lo);
-    // Minimax (relative error) on |u| <= 1.01 ln2/2, constant term fixed at 1.
-    const double poly[6] = {1.0000000340794126, 0.4999999385264296, 0.16666421889011615,
-                            0.041668056637003965, 0.008374965167989867, 0.0013842711447067165};
-    double power = 1.0;
+    // Folded coefficients, kept only where every one is a normal float with headroom.
+    const double table_b[3] = {b1, b2, b3};
+    double power = 1.0, smallest = 1.0, largest = 1.0;
+    float* folded_b[3] = {&fb1, &fb2, &fb3};
+    for (int j = 0; j < 3; ++j) {
+      power *= inv;
+      const double value = table_b[j] * power;
+      *folded_b[j] = static_cast<float>(value);
+#if defined(KDFAST_LANES_AVX2)
+      smallest = std::min(smallest, value);
+      largest = std::max(largest, value);
+#endif
+    }
+    power = 1.0;
     for (int j = 0; j < 6; ++j) {
       power *= inv;
-      c[j] = static_cast<float>(poly[j] * power);
+      const double value = static_cast<double>(c[j]) * power;
+      fc[j] = static_cast<float>(value);
+#if !defined(KDFAST_LANES_AVX2)
+      smallest = std::min(smallest, value);
+      largest = std::max(largest, value);
+#endif
     }
+    foldable = smallest > 1e-30 && largest < 1e30;
   }
 
   float operator()(float x) const { return apply<true>(x); }
 
   // The build's formula (see the file comment). CUTOFF = false skips the test against
   // `cutoff`: exact only for x >= cutoff (callers check the minimum of their inputs and redo
-  // the row with the test where it fails).
-  template <bool CUTOFF>
+  // the row with the test where it fails). FOLD = true: the folded coefficients (only when
+  // `foldable`).
+  template <bool CUTOFF, bool FOLD = false>
   float apply(float x) const {
 #if defined(KDFAST_LANES_AVX2)
-    return apply_table<CUTOFF>(x);
+    return apply_table<CUTOFF, FOLD>(x);
 #else
-    return apply_poly<CUTOFF>(x);
+    return apply_poly<CUTOFF, FOLD>(x);
 #endif
   }
 
-  template <bool CUTOFF>
+  template <bool CUTOFF, bool FOLD>
   float apply_table(float x) const {
     const float shifted = x * k_scale + kMagic;
     const float n = shifted - kMagic;
     float r = x - n * step_hi;
     r = r - n * step_lo;
-    const float p = ((b3 * r + b2) * r + b1) * r + 1.0f;
+    float p;
+    if constexpr (FOLD) {
+      p = ((fb3 * r + fb2) * r + fb1) * r + 1.0f;
+    } else {
+      const float u = r * inv_t;
+      p = ((b3 * u + b2) * u + b1) * u + 1.0f;
+    }
     int32_t k;
     std::memcpy(&k, &shifted, 4);
     const int32_t bits = table[k & 7] + static_cast<int32_t>(static_cast<uint32_t>(k) << 20);
@@ -126,15 +161,17 @@ struct ScaledExp<float> {
     return x < cutoff ? 0.0f : y;  // NaN: the comparison is false and y is NaN
   }
 
-  template <bool CUTOFF>
+  template <bool CUTOFF, bool FOLD>
   float apply_poly(float x) const {
     const float shifted = x * poly_k_scale + kMagic;
     const float n = shifted - kMagic;
     float r = x - n * poly_step_hi;
     r = r - n * poly_step_lo;
-    float p = c[5];
-    for (int j = 4; j >= 0; --j) p = p * r + c[j];
-    p = p * r + 1.0f;
+    const float u = FOLD ? r : r * inv_t;
+    const float* coefficients = FOLD ? fc : c;
+    float p = coefficients[5];
+    for (int j = 4; j >= 0; --j) p = p * u + coefficients[j];
+    p = p * u + 1.0f;
     int32_t k;
     std::memcpy(&k, &shifted, 4);
     // 2^k assembled in the exponent field: (k + 127) << 23, k read from the shifted bits.
@@ -229,26 +266,44 @@ inline float hmax(FV x) {
 
 // ScaledExp<float> on 8 lanes: the same formula, constants held in registers.
 struct ScaledExpFV {
-  __m256 k_scale, step_hi, step_lo, b1, b2, b3, cutoff, magic, one;
+  __m256 k_scale, step_hi, step_lo, inv_t, b1, b2, b3, fb1, fb2, fb3, cutoff, magic, one;
   __m256i table;
   explicit ScaledExpFV(const ScaledExp<float>& e)
       : k_scale(_mm256_set1_ps(e.k_scale)), step_hi(_mm256_set1_ps(e.step_hi)), step_lo(_mm256_set1_ps(e.step_lo)),
-        b1(_mm256_set1_ps(e.b1)), b2(_mm256_set1_ps(e.b2)), b3(_mm256_set1_ps(e.b3)),
+        inv_t(_mm256_set1_ps(e.inv_t)), b1(_mm256_set1_ps(ScaledExp<float>::b1)),
+        b2(_mm256_set1_ps(ScaledExp<float>::b2)), b3(_mm256_set1_ps(ScaledExp<float>::b3)),
+        fb1(_mm256_set1_ps(e.fb1)), fb2(_mm256_set1_ps(e.fb2)), fb3(_mm256_set1_ps(e.fb3)),
         cutoff(_mm256_set1_ps(e.cutoff)), magic(_mm256_set1_ps(ScaledExp<float>::kMagic)),
         one(_mm256_set1_ps(1.0f)), table(_mm256_load_si256(reinterpret_cast<const __m256i*>(e.table))) {}
   FV operator()(FV x) const { return apply<true>(x); }
-  template <bool CUTOFF>
+  template <bool CUTOFF, bool FOLD = false>
   FV apply(FV x) const {
     const __m256 shifted = _mm256_fmadd_ps(x.v, k_scale, magic);
     const __m256 n = _mm256_sub_ps(shifted, magic);
     __m256 r = _mm256_fnmadd_ps(n, step_hi, x.v);
     r = _mm256_fnmadd_ps(n, step_lo, r);
-    __m256 p = _mm256_fmadd_ps(b3, r, b2);
-    p = _mm256_fmadd_ps(p, r, b1);
-    p = _mm256_fmadd_ps(p, r, one);
+    __m256 p;
+    if constexpr (FOLD) {
+      p = _mm256_fmadd_ps(fb3, r, fb2);
+      p = _mm256_fmadd_ps(p, r, fb1);
+      p = _mm256_fmadd_ps(p, r, one);
+    } else {
+      const __m256 u = _mm256_mul_ps(r, inv_t);
+      p = _mm256_fmadd_ps(b3, u, b2);
+      p = _mm256_fmadd_ps(p, u, b1);
+      p = _mm256_fmadd_ps(p, u, one);
+    }
     const __m256i k = _mm256_castps_si256(shifted);
     // permutevar8x32 reads the low 3 bits of each index: the table entry for k & 7.
     const __m256i bits = _mm256_add_epi32(_mm256_permutevar8x32_epi32(table, k), _mm256_slli_epi32(k, 20));
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+    // AVX-512: the cutoff test masks the final multiply (lanes below the cutoff become 0;
+    // NaN compares unordered and is kept).
+    if constexpr (CUTOFF) {
+      const __mmask8 keep = _mm256_cmp_ps_mask(x.v, cutoff, _CMP_NLT_UQ);
+      return {_mm256_maskz_mul_ps(keep, p, _mm256_castsi256_ps(bits))};
+    }
+#endif
     const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
     if constexpr (!CUTOFF) return {y};
     return {_mm256_andnot_ps(_mm256_cmp_ps(x.v, cutoff, _CMP_LT_OQ), y)};
@@ -293,24 +348,30 @@ inline float hmin(FV x) { return min_(min_(x.v[0], x.v[1]), min_(x.v[2], x.v[3])
 
 // ScaledExp<float> on the portable lanes: its "poly" formula (no table), on whole vectors.
 struct ScaledExpFV {
-  FVv k_scale, step_hi, step_lo, cutoff, magic, one;
-  FVv c[6];
+  FVv k_scale, step_hi, step_lo, inv_t, cutoff, magic, one;
+  FVv c[6], fc[6];
   explicit ScaledExpFV(const ScaledExp<float>& e)
       : k_scale(Lane<FV>::splat(e.poly_k_scale).v), step_hi(Lane<FV>::splat(e.poly_step_hi).v),
-        step_lo(Lane<FV>::splat(e.poly_step_lo).v), cutoff(Lane<FV>::splat(e.cutoff).v),
-        magic(Lane<FV>::splat(ScaledExp<float>::kMagic).v), one(Lane<FV>::splat(1.0f).v) {
-    for (int j = 0; j < 6; ++j) c[j] = Lane<FV>::splat(e.c[j]).v;
+        step_lo(Lane<FV>::splat(e.poly_step_lo).v), inv_t(Lane<FV>::splat(e.inv_t).v),
+        cutoff(Lane<FV>::splat(e.cutoff).v), magic(Lane<FV>::splat(ScaledExp<float>::kMagic).v),
+        one(Lane<FV>::splat(1.0f).v) {
+    for (int j = 0; j < 6; ++j) {
+      c[j] = Lane<FV>::splat(ScaledExp<float>::c[j]).v;
+      fc[j] = Lane<FV>::splat(e.fc[j]).v;
+    }
   }
   FV operator()(FV x) const { return apply<true>(x); }
-  template <bool CUTOFF>
+  template <bool CUTOFF, bool FOLD = false>
   FV apply(FV x) const {
     const FVv shifted = x.v * k_scale + magic;
     const FVv n = shifted - magic;
     FVv r = x.v - n * step_hi;
     r = r - n * step_lo;
-    FVv p = c[5];
-    for (int j = 4; j >= 0; --j) p = p * r + c[j];
-    p = p * r + one;
+    const FVv u = FOLD ? r : r * inv_t;
+    const FVv* coefficients = FOLD ? fc : c;
+    FVv p = coefficients[5];
+    for (int j = 4; j >= 0; --j) p = p * u + coefficients[j];
+    p = p * u + one;
     // A cast between vector types of one size keeps the bits (GCC / Clang vector semantics).
     const UVv bits = ((UVv)shifted - 0x4B400000u + 127u) << 23;  // NOLINT: the bit cast
     const FVv y = p * (FVv)bits;
@@ -325,13 +386,18 @@ template <class C>
 struct ExpLanes {
   ScaledExp<C> scalar;
   std::conditional_t<std::is_same_v<C, float>, ScaledExpFV, ScaledExp<C>> vector;
-  explicit ExpLanes(C inv_t) : scalar(inv_t), vector(scalar) {}
+  explicit ExpLanes(double inv_t) : scalar(inv_t), vector(scalar) {}
   FV operator()(FV x) const { return vector(x); }
-  template <bool CUTOFF>
-  FV apply(FV x) const { return vector.template apply<CUTOFF>(x); }
+  template <bool CUTOFF, bool FOLD = false>
+  FV apply(FV x) const { return vector.template apply<CUTOFF, FOLD>(x); }
   C operator()(C x) const { return scalar(x); }
-  template <bool CUTOFF>
-  C apply(C x) const { return scalar.template apply<CUTOFF>(x); }
+  template <bool CUTOFF, bool FOLD = false>
+  C apply(C x) const { return scalar.template apply<CUTOFF, FOLD>(x); }
+  // Whether apply<CUTOFF, true> may be used (float: the folded coefficients are normal floats).
+  bool foldable() const {
+    if constexpr (std::is_same_v<C, float>) return scalar.foldable;
+    return false;
+  }
   // The smallest argument whose exp is exact without the cutoff test (float), -inf (double).
   C scalar_cutoff() const {
     if constexpr (std::is_same_v<C, float>) return scalar.cutoff;

@@ -14,9 +14,11 @@
 // second read comes from cache or memory). Backward: one more read of every row; the
 // gradient row is written once, already multiplied by grad_output.
 // No temporary holds more than one chunk per thread.
-// The mixture distribution is formed as p̄_i = Σ_m w_m p_mi in the compute type, so a
-// token every teacher gives probability below ~1e-38 (float32) has p̄_i = 0.
+// The mixture (reverse_kl, jsd, tvd) enters through its log-probabilities, a log-sum-exp
+// over the teachers per element (add_teacher_log_probs), so that tokens every teacher
+// gives a vanishing probability keep their exact log p̄_i.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -49,20 +51,25 @@ constexpr bool one_pass(Divergence d, Combine c) {
 }
 
 // ---- chunk math on compute-type buffers ----
+// Logits enter as scaled differences d = h x - h max (rowmath.h, difference_scale), with
+// κ = 1/(hT) and 1/h the scales of their exponentials at T and at 1.
 
-// Student part of one chunk: with the running maximum max_s already raised to cover it,
-// ds[i] = s_i - max_s, e[i] = exp(ds/T); returns the chunk's sums in `chunk`.
+// Student part of one chunk: with the running maximum max_s (times h: scaled_max) already
+// raised to cover it, ds[i] = h s_i - scaled_max, e[i] = exp(ds κ); returns the chunk's sums
+// in `chunk`.
 template <class C, bool S1, bool SMOOTH>
-void student_chunk(const C* s, int64_t n, C max_s, C inv_t, C* ds_out, C* e_out, RowPartial<C>& chunk) {
+void student_chunk(const C* s, int64_t n, C scaled_max, const Coefficients<C>& k, C* ds_out, C* e_out,
+                   RowPartial<C>& chunk) {
+  const C h = k.diff_scale, kappa = k.inv_scaled_t, inv_h = k.inv_diff_scale;
   C sum_t = 0, sum_1 = 0, centered = 0;
 #pragma omp simd reduction(+ : sum_t, sum_1, centered)
   for (int64_t i = 0; i < n; ++i) {
-    const C ds = s[i] - max_s;
-    const C e = rowmath::exp_c(ds * inv_t);
+    const C ds = rowmath::scaled_difference(s[i], h, scaled_max);
+    const C e = rowmath::exp_c(ds * kappa);
     ds_out[i] = ds;
     e_out[i] = e;
     sum_t += e;
-    if constexpr (S1) sum_1 += rowmath::exp_c(ds);
+    if constexpr (S1) sum_1 += rowmath::exp_c(ds * inv_h);
     if constexpr (SMOOTH) centered += ds;
   }
   chunk.student_sum_T = sum_t;
@@ -70,19 +77,20 @@ void student_chunk(const C* s, int64_t n, C max_s, C inv_t, C* ds_out, C* e_out,
   chunk.student_centered_total = centered;
 }
 
-// Teacher part of one chunk (teacher maximum max_t already raised to cover it): sum of
-// exp((t - max_t)/T) and the one-pass weighted sum of the divergence D (see RowPartial).
+// Teacher part of one chunk (teacher maximum, times h, already raised to cover it): sum of
+// exp(dt κ) and the one-pass weighted sum of the divergence D (h units, see RowPartial).
 template <class C, Divergence D, bool WEIGHTED>
-void teacher_chunk(const C* t, const C* ds, const C* es, int64_t n, C max_t, C inv_t, C& sum_out, C& weighted_out) {
+void teacher_chunk(const C* t, const C* ds, const C* es, int64_t n, C scaled_max, const Coefficients<C>& k,
+                   C& sum_out, C& weighted_out) {
+  const C h = k.diff_scale, kappa = k.inv_scaled_t;
   C sum = 0, weighted = 0;
 #pragma omp simd reduction(+ : sum, weighted)
   for (int64_t i = 0; i < n; ++i) {
-    const C dt = t[i] - max_t;
-    const C e = rowmath::exp_c(dt * inv_t);
+    const C dt = rowmath::scaled_difference(t[i], h, scaled_max);
+    const C e = rowmath::exp_c(dt * kappa);
     sum += e;
-    if constexpr (WEIGHTED && D == Divergence::ForwardKL) weighted += e > C(0) ? e * ((dt - ds[i]) * inv_t) : C(0);
-    if constexpr (WEIGHTED && D == Divergence::ReverseKL)
-      weighted += es[i] > C(0) ? es[i] * ((ds[i] - dt) * inv_t) : C(0);
+    if constexpr (WEIGHTED && D == Divergence::ForwardKL) weighted += e > C(0) ? e * (dt - ds[i]) : C(0);
+    if constexpr (WEIGHTED && D == Divergence::ReverseKL) weighted += es[i] > C(0) ? es[i] * (ds[i] - dt) : C(0);
   }
   sum_out = sum;
   weighted_out = weighted;
@@ -96,52 +104,73 @@ C chunk_max(const C* x, int64_t n) {
   return m;
 }
 
-// log q_i of one chunk from the row's student statistics.
+// Scaled differences ds and log q_i of one chunk from the row's student statistics.
 template <class C>
-void student_log_q(const C* s, int64_t n, C max_s, C log_sum_t, C inv_t, C* log_q) {
+void student_log_q(const C* s, int64_t n, C scaled_max, C log_sum_t, const Coefficients<C>& k, C* ds, C* log_q) {
+  const C h = k.diff_scale, kappa = k.inv_scaled_t;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) log_q[i] = (s[i] - max_s) * inv_t - log_sum_t;
-}
-
-// mixture[i] (+)= w exp(log p_i) for one teacher chunk.
-template <class C>
-void add_teacher_probs(const C* t, int64_t n, C max_t, C log_sum, C inv_t, C w, bool first, C* mixture) {
-  if (first) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) mixture[i] = w * rowmath::exp_c((t[i] - max_t) * inv_t - log_sum);
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) mixture[i] += w * rowmath::exp_c((t[i] - max_t) * inv_t - log_sum);
+  for (int64_t i = 0; i < n; ++i) {
+    ds[i] = rowmath::scaled_difference(s[i], h, scaled_max);
+    log_q[i] = ds[i] * kappa - log_sum_t;
   }
 }
 
-// Second-sweep sums of D(p, q) over one chunk given log p (from teacher logits when
-// `t` is set, else log of the mixture probabilities `pbar`) and log q.
+// The mixture's log-probabilities in h units, y_i = log p̄_i / κ with p̄_i = Σ_m w_m p_mi,
+// as a log-sum-exp over the teachers kept per element as (running maximum `top`, sum):
+// teacher m adds y_mi = dt_mi + offset_m with offset_m = (log w_m - log Z_m)/κ. Each p_mi
+// enters as exp of a difference, so a token every teacher gives a probability below the
+// float range still has its exact (finite) log p̄_i.
+template <class C>
+void add_teacher_log_probs(const C* t, int64_t n, C scaled_max, C offset, const Coefficients<C>& k, bool first,
+                           C* top, C* sum) {
+  const C h = k.diff_scale, kappa = k.inv_scaled_t;
+  if (first) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      top[i] = rowmath::scaled_difference(t[i], h, scaled_max) + offset;
+      sum[i] = C(1);
+    }
+    return;
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const C y = rowmath::scaled_difference(t[i], h, scaled_max) + offset;
+    const C new_top = y > top[i] ? y : top[i];
+    const C shift = new_top == kNegInf<C> ? C(0) : new_top;  // both -inf: no inf - inf
+    sum[i] = sum[i] * rowmath::exp_c((top[i] - shift) * kappa) + rowmath::exp_c((y - shift) * kappa);
+    top[i] = new_top;
+  }
+}
+
+// y_i = top_i + log(sum_i)/κ: the mixture's log-probabilities in h units (in place of top).
+template <class C>
+void finish_mixture_log_probs(int64_t n, const Coefficients<C>& k, C* top, const C* sum) {
+  const C inv_kappa = static_cast<C>(1.0 / k.inv_scaled_t_d);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) top[i] = top[i] + rowmath::log_c(sum[i]) * inv_kappa;
+}
+
+// Second-sweep sums of D(p, q) over one chunk given log q (and the scaled differences ds),
+// with p from teacher logits (`t` set: combine Sum, jsd / tvd) or from the mixture's
+// log-probabilities y in h units (Mixture). reverse_kl (Mixture only) sums in h units:
+// acc0 += q (ds - y), acc1 += q, so that D = κ acc0 - log Z_q acc1.
 template <class C, Divergence D>
-void sweep_terms(const C* t, const C* pbar, const C* log_q, int64_t n, C max_t, C log_sum, C inv_t,
+void sweep_terms(const C* t, const C* y, const C* ds, const C* log_q, int64_t n, C scaled_max, C log_sum,
                  const Coefficients<C>& coefficients, C& acc0, C& acc1) {
   const Coefficients<C> k = coefficients;
+  const C h = k.diff_scale, kappa = k.inv_scaled_t;
   C sum0 = 0, sum1 = 0;
 #pragma omp simd reduction(+ : sum0, sum1)
   for (int64_t i = 0; i < n; ++i) {
-    C log_p, p;
-    if (t != nullptr) {
-      log_p = (t[i] - max_t) * inv_t - log_sum;
-      p = rowmath::exp_c(log_p);
-    } else {
-      p = pbar[i];
-      log_p = rowmath::log_c(p);
-    }
     C x0 = 0, x1 = 0;
-    if constexpr (D == Divergence::ForwardKL) {
-      x0 = p > C(0) ? p * (log_p - log_q[i]) : C(0);
-    } else if constexpr (D == Divergence::ReverseKL) {
+    if constexpr (D == Divergence::ReverseKL) {
       const C q = rowmath::exp_c(log_q[i]);
-      x0 = q > C(0) ? q * (log_q[i] - log_p) : C(0);
-    } else if constexpr (D == Divergence::JSD) {
-      rowmath::jsd_terms(log_p, log_q[i], k, x0, x1);
+      x0 = q > C(0) ? q * (ds[i] - y[i]) : C(0);
+      x1 = q;
     } else {
-      rowmath::tvd_terms(log_p, log_q[i], x0, x1);
+      const C log_p = t != nullptr ? rowmath::scaled_difference(t[i], h, scaled_max) * kappa - log_sum : y[i] * kappa;
+      if constexpr (D == Divergence::JSD) rowmath::jsd_terms(log_p, log_q[i], k, x0, x1);
+      else rowmath::tvd_terms(log_p, log_q[i], x0, x1);
     }
     sum0 += x0;
     sum1 += x1;
@@ -150,41 +179,41 @@ void sweep_terms(const C* t, const C* pbar, const C* log_q, int64_t n, C max_t, 
   acc1 += sum1;
 }
 
-// D and its aux value (rowmath::RowStats::aux) from the second-sweep sums.
+// D (double) and its aux value (rowmath::RowStats::aux) from the second-sweep sums.
 template <class C, Divergence D>
-C finish_sweep(C acc0, C acc1, const Coefficients<C>& k, C& aux) {
+double finish_sweep(C acc0, C acc1, C log_sum_q, const Coefficients<C>& k, C& aux) {
   RowStats<C> st{};
-  C d;
-  if constexpr (D == Divergence::ForwardKL) {
-    d = acc0;
-    st.aux = C(0);
-  } else if constexpr (D == Divergence::ReverseKL) {
-    d = acc0;
-    st.aux = acc0;
+  double d = 0.0;
+  if constexpr (D == Divergence::ReverseKL) {
+    const double mean = static_cast<double>(acc0) / static_cast<double>(acc1);  // Σ q (ds - y) / Σ q
+    d = mean * k.inv_scaled_t_d - static_cast<double>(log_sum_q);
+    st.aux = static_cast<C>(mean - static_cast<double>(log_sum_q) / k.inv_scaled_t_d);  // D / κ
   } else if constexpr (D == Divergence::JSD) {
-    d = rowmath::finish_jsd(acc0, acc1, k, st);
-  } else {
-    d = rowmath::finish_tvd(acc0, acc1, st);
+    d = static_cast<double>(rowmath::finish_jsd(acc0, acc1, k, st));
+  } else if constexpr (D == Divergence::TVD) {
+    d = static_cast<double>(rowmath::finish_tvd(acc0, acc1, st));
   }
   aux = st.aux;
   return d;
 }
 
 // Student part of the gradient of one chunk: out = ce_factor (r - eps/V) [+ kd_factor q for
-// forward_kl, whose teacher part is -kd_factor p̄]; keeps log q and q for the teacher part.
+// forward_kl, whose teacher part is -kd_factor p̄]; keeps ds, log q and q for the teacher part.
 template <class C, bool CE, bool S1, bool ADD_Q>
-void student_grad(const C* s, int64_t n, C max_s, C log_sum_t, C log_sum_1, C inv_t, C ce_factor, C smooth,
-                  C kd_factor, C* log_q_out, C* q_out, C* out) {
+void student_grad(const C* s, int64_t n, C scaled_max, C log_sum_t, C log_sum_1, const Coefficients<C>& k,
+                  C ce_factor, C smooth, C kd_factor, C* ds_out, C* log_q_out, C* q_out, C* out) {
+  const C h = k.diff_scale, kappa = k.inv_scaled_t, inv_h = k.inv_diff_scale;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const C ds = s[i] - max_s;
-    const C log_q = ds * inv_t - log_sum_t;
+    const C ds = rowmath::scaled_difference(s[i], h, scaled_max);
+    const C log_q = ds * kappa - log_sum_t;
     const C q = rowmath::exp_c(log_q);
+    ds_out[i] = ds;
     log_q_out[i] = log_q;
     q_out[i] = q;
     C value = 0;
     if constexpr (CE) {
-      const C r = S1 ? rowmath::exp_c(ds - log_sum_1) : q;
+      const C r = S1 ? rowmath::exp_c(ds * inv_h - log_sum_1) : q;
       value += ce_factor * (r - smooth);
     }
     if constexpr (ADD_Q) value += kd_factor * q;
@@ -192,35 +221,54 @@ void student_grad(const C* s, int64_t n, C max_s, C log_sum_t, C log_sum_1, C in
   }
 }
 
-// out += factor dD/db for D(p, q) with p from teacher logits (t set) or the mixture pbar.
+// out += dD/db terms for D(p, q), p from teacher logits (t set: combine Sum) or the mixture's
+// log-probabilities y in h units (Mixture), with the row's factors g (rowmath::GradRow:
+// kd_factor for jsd / tvd, rkl_a, rkl_b and rkl_c for reverse_kl).
 template <class C, Divergence D>
-void add_divergence_grad(const C* t, const C* pbar, const C* log_q, const C* q, int64_t n, C max_t, C log_sum,
-                         C inv_t, C aux, C factor, const Coefficients<C>& coefficients, C* out) {
+void add_divergence_grad(const C* t, const C* y, const C* ds, const C* log_q, const C* q, int64_t n, C scaled_max,
+                         C log_sum, const rowmath::GradRow<C>& g, const Coefficients<C>& coefficients, C* out) {
   const Coefficients<C> k = coefficients;
+  const C h = k.diff_scale, kappa = k.inv_scaled_t;
+  const C factor = g.kd_factor, a = g.rkl_a, b = g.rkl_b, c = g.rkl_c, aux = g.stats.aux;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const C log_p = t != nullptr ? (t[i] - max_t) * inv_t - log_sum : rowmath::log_c(pbar[i]);
-    out[i] += factor * rowmath::divergence_grad<D>(log_p, log_q[i], q[i], aux, k);
+    const C dt = t != nullptr ? rowmath::scaled_difference(t[i], h, scaled_max) : y[i];
+    if constexpr (D == Divergence::ReverseKL) {
+      out[i] += rowmath::reverse_kl_grad(ds[i], dt, q[i], a, b, c);
+    } else {
+      const C log_p = t != nullptr ? dt * kappa - log_sum : dt * kappa;
+      out[i] += factor * rowmath::divergence_grad<D>(log_p, log_q[i], q[i], aux, k);
+    }
   }
 }
 
 // out -= factor p_i (forward_kl teacher part, per teacher for combine Sum).
 template <class C>
-void subtract_teacher_probs(const C* t, int64_t n, C max_t, C log_sum, C inv_t, C factor, C* out) {
+void subtract_teacher_probs(const C* t, int64_t n, C scaled_max, C log_sum, const Coefficients<C>& k, C factor,
+                            C* out) {
+  const C h = k.diff_scale, kappa = k.inv_scaled_t;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] -= factor * rowmath::exp_c((t[i] - max_t) * inv_t - log_sum);
+  for (int64_t i = 0; i < n; ++i)
+    out[i] -= factor * rowmath::exp_c(rowmath::scaled_difference(t[i], h, scaled_max) * kappa - log_sum);
+}
+
+// The mixture's per-teacher offsets (log w_m - log Z_m)/κ in h units (-inf for a zero weight).
+template <class C>
+C mixture_offset(C weight, C teacher_log_sum, const Coefficients<C>& k) {
+  const double log_w = weight > C(0) ? std::log(static_cast<double>(weight)) : -std::numeric_limits<double>::infinity();
+  return static_cast<C>((log_w - static_cast<double>(teacher_log_sum)) / k.inv_scaled_t_d);
 }
 
 // ---- row drivers: storage dtypes S (student), T (teachers), compute type C ----
 
 template <class S, class T, class C, Divergence D, Combine MODE>
 int64_t forward_impl(const MultiTeacherKDArgs& args) {
-  const Coefficients<C> k = rowmath::make_coefficients<C>(args.options);
+  const Coefficients<C> k = rowmath::make_coefficients<C>(args.options, args.vocab);
   const int64_t rows = args.rows, vocab = args.vocab, num_teachers = args.num_teachers;
   const int64_t stats_width = kMultiTeacherRowStatsBase + kMultiTeacherStatsPerTeacher * num_teachers;
   const S* student = static_cast<const S*>(args.student);
   C* row_stats = static_cast<C*>(args.row_stats);
-  const C inv_t = k.inv_temperature;
+  const C h = k.diff_scale;
   const bool smooth = k.need_ce && k.label_smoothing > C(0);
   // The merge of per-teacher partials rebases the weighted sums only when they are kept.
   const Divergence merge_divergence = one_pass(D, MODE) ? D : Divergence::JSD;
@@ -232,11 +280,13 @@ int64_t forward_impl(const MultiTeacherKDArgs& args) {
     std::vector<RowPartial<C>> parts(static_cast<size_t>(num_teachers));
     std::vector<RowStats<C>> teacher_stats(static_cast<size_t>(num_teachers));
     std::vector<C> acc0(static_cast<size_t>(num_teachers)), acc1(static_cast<size_t>(num_teachers));
-    std::vector<C> weights(static_cast<size_t>(num_teachers));
+    std::vector<C> weights(static_cast<size_t>(num_teachers)), offsets(static_cast<size_t>(num_teachers));
     alignas(64) C student_buf[kChunk];
     alignas(64) C teacher_buf[kChunk];
     alignas(64) C ds_buf[kChunk];
     alignas(64) C es_buf[kChunk];
+    alignas(64) C top_buf[kChunk];
+    alignas(64) C sum_buf[kChunk];
 
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
@@ -248,7 +298,7 @@ int64_t forward_impl(const MultiTeacherKDArgs& args) {
       const int64_t label = args.labels ? args.labels[row] : -1;
       if (args.labels && (label < 0 || label >= vocab)) {
         ++bad_labels;
-        for (int64_t j = 0; j < stats_width; ++j) stats_out[j] = std::numeric_limits<C>::quiet_NaN();
+        for (int64_t j = 0; j < stats_width; ++j) stats_out[j] = kNaN<C>;
         continue;
       }
       const S* s_row = student + row * args.student_row_stride;
@@ -262,92 +312,102 @@ int64_t forward_impl(const MultiTeacherKDArgs& args) {
       RowPartial<C> student_part = rowmath::empty_partial<C>();
 
       // First read: student statistics, and per teacher its maximum, sum and weighted sum.
+      // A maximum of -inf (every entry so far masked) shifts by 0: the entries stay -inf
+      // (their exponentials 0, a smoothing total -inf) and NaN entries are kept.
       for (int64_t start = 0; start < vocab; start += kChunk) {
         const int64_t n = std::min(kChunk, vocab - start);
         const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
         RowPartial<C> chunk = rowmath::empty_partial<C>();
         chunk.student_max = std::max(student_part.student_max, chunk_max(s, n));
         chunk.count = static_cast<C>(n);
-        if (chunk.student_max != kNegInf<C>) {
-          if (k.need_student_1) {
-            if (smooth) student_chunk<C, true, true>(s, n, chunk.student_max, inv_t, ds_buf, es_buf, chunk);
-            else student_chunk<C, true, false>(s, n, chunk.student_max, inv_t, ds_buf, es_buf, chunk);
-          } else {
-            if (smooth) student_chunk<C, false, true>(s, n, chunk.student_max, inv_t, ds_buf, es_buf, chunk);
-            else student_chunk<C, false, false>(s, n, chunk.student_max, inv_t, ds_buf, es_buf, chunk);
-          }
+        const C shift_s = (chunk.student_max == kNegInf<C> ? C(0) : chunk.student_max) * h;
+        if (k.need_student_1) {
+          if (smooth) student_chunk<C, true, true>(s, n, shift_s, k, ds_buf, es_buf, chunk);
+          else student_chunk<C, true, false>(s, n, shift_s, k, ds_buf, es_buf, chunk);
         } else {
-          std::fill(ds_buf, ds_buf + n, kNegInf<C>);
-          std::fill(es_buf, es_buf + n, C(0));
+          if (smooth) student_chunk<C, false, true>(s, n, shift_s, k, ds_buf, es_buf, chunk);
+          else student_chunk<C, false, false>(s, n, shift_s, k, ds_buf, es_buf, chunk);
         }
         if (k.need_kd) {
           for (int64_t m = 0; m < num_teachers; ++m) {
             const C* t = load_chunk<T, C>(teacher_row(m) + start, n, teacher_buf);
             RowPartial<C> teacher_part = chunk;
             teacher_part.teacher_max = std::max(parts[m].teacher_max, chunk_max(t, n));
-            if (teacher_part.teacher_max != kNegInf<C>) {
-              teacher_chunk<C, D, one_pass(D, MODE)>(t, ds_buf, es_buf, n, teacher_part.teacher_max, inv_t,
-                                                     teacher_part.teacher_sum, teacher_part.weighted);
-            }
-            rowmath::merge_partials(parts[m], teacher_part, inv_t, merge_divergence);
+            const C shift_t = (teacher_part.teacher_max == kNegInf<C> ? C(0) : teacher_part.teacher_max) * h;
+            teacher_chunk<C, D, one_pass(D, MODE)>(t, ds_buf, es_buf, n, shift_t, k, teacher_part.teacher_sum,
+                                                   teacher_part.weighted);
+            rowmath::merge_partials(parts[m], teacher_part, k, merge_divergence);
           }
         }
-        rowmath::merge_partials(student_part, chunk, inv_t, merge_divergence);
+        rowmath::merge_partials(student_part, chunk, k, merge_divergence);
       }
-      C unused = 0;
+      double unused = 0.0;
       const RowStats<C> student_stats = rowmath::finish_stats(student_part, k, &unused);
+      bool defined = rowmath::student_sums_defined(student_part.student_sum_T, student_part.student_sum_1, k);
 
-      C divergence = 0, mixture_aux = 0;
+      double divergence = 0.0;
+      C mixture_aux = 0;
       if (k.need_kd) {
         for (int64_t m = 0; m < num_teachers; ++m) {
-          C d_m = 0;
+          double d_m = 0.0;
           teacher_stats[m] = rowmath::finish_stats(parts[m], k, &d_m);
-          if constexpr (one_pass(D, MODE)) divergence += weights[m] * d_m;
+          defined = defined && rowmath::sum_defined(parts[m].teacher_sum);
+          // A zero weight drops the teacher's divergence (no 0 · inf); its NaN still counts (`defined`).
+          if (one_pass(D, MODE) && weights[m] > C(0)) divergence += static_cast<double>(weights[m]) * d_m;
+          offsets[m] = mixture_offset(weights[m], teacher_stats[m].teacher_log_sum, k);
           acc0[m] = acc1[m] = C(0);
         }
       }
-      if (need_sweep) {
+      if (need_sweep && defined) {
         // Second read: divergence sums against normalised distributions.
         C mixture_acc0 = 0, mixture_acc1 = 0;
+        const C student_shift = student_stats.student_max * h;
         for (int64_t start = 0; start < vocab; start += kChunk) {
           const int64_t n = std::min(kChunk, vocab - start);
           const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
-          student_log_q(s, n, student_stats.student_max, student_stats.student_log_sum_T, inv_t, ds_buf);
+          student_log_q(s, n, student_shift, student_stats.student_log_sum_T, k, ds_buf, es_buf);
           for (int64_t m = 0; m < num_teachers; ++m) {
             const C* t = load_chunk<T, C>(teacher_row(m) + start, n, teacher_buf);
             const RowStats<C>& ts = teacher_stats[m];
             if constexpr (MODE == Combine::Sum) {
-              sweep_terms<C, D>(t, nullptr, ds_buf, n, ts.teacher_max, ts.teacher_log_sum, inv_t, k, acc0[m], acc1[m]);
+              sweep_terms<C, D>(t, nullptr, ds_buf, es_buf, n, ts.teacher_max * h, ts.teacher_log_sum, k, acc0[m],
+                                acc1[m]);
             } else {
-              add_teacher_probs(t, n, ts.teacher_max, ts.teacher_log_sum, inv_t, weights[m], m == 0, es_buf);
+              add_teacher_log_probs(t, n, ts.teacher_max * h, offsets[m], k, m == 0, top_buf, sum_buf);
             }
           }
           if constexpr (MODE == Combine::Mixture) {
-            sweep_terms<C, D>(nullptr, es_buf, ds_buf, n, C(0), C(0), inv_t, k, mixture_acc0, mixture_acc1);
+            finish_mixture_log_probs(n, k, top_buf, sum_buf);
+            sweep_terms<C, D>(nullptr, top_buf, ds_buf, es_buf, n, C(0), C(0), k, mixture_acc0, mixture_acc1);
           }
         }
         if constexpr (MODE == Combine::Sum) {
           for (int64_t m = 0; m < num_teachers; ++m) {
             C aux = 0;
-            divergence += weights[m] * finish_sweep<C, D>(acc0[m], acc1[m], k, aux);
+            const double d_m = finish_sweep<C, D>(acc0[m], acc1[m], student_stats.student_log_sum_T, k, aux);
+            if (weights[m] > C(0)) divergence += static_cast<double>(weights[m]) * d_m;
             teacher_stats[m].aux = aux;
           }
         } else {
-          divergence = finish_sweep<C, D>(mixture_acc0, mixture_acc1, k, mixture_aux);
+          divergence = finish_sweep<C, D>(mixture_acc0, mixture_acc1, student_stats.student_log_sum_T, k, mixture_aux);
         }
       }
 
-      C ce = 0;
+      double ce = 0.0;
       if (k.need_ce) {
-        const C label_logit = load_one<S, C>(s_row + label) - student_stats.student_max;
-        ce = rowmath::cross_entropy(label_logit, student_stats.student_log_sum_1, student_part.student_centered_total,
-                                    vocab, k.label_smoothing);
+        const double label_logit =
+            static_cast<double>(load_one<S, C>(s_row + label)) - static_cast<double>(student_stats.student_max);
+        const double centered = static_cast<double>(student_part.student_centered_total) / static_cast<double>(h);
+        ce = rowmath::cross_entropy(label_logit, static_cast<double>(student_stats.student_log_sum_1), centered, vocab,
+                                    k.label_smoothing_d);
       }
+      // NaN in, NaN out (rowmath::row_sums_defined): every teacher counts, whatever its weight.
+      const double row_loss = defined ? rowmath::combine_loss(ce, divergence, k) : kNaN<double>;
       stats_out[0] = student_stats.student_max;
       stats_out[1] = student_stats.student_log_sum_T;
       stats_out[2] = student_stats.student_log_sum_1;
       stats_out[3] = mixture_aux;
-      stats_out[4] = rowmath::combine_loss(ce, divergence, k);
+      stats_out[4] = static_cast<C>(row_loss);
       stats_out[5] = C(0);
       for (int64_t m = 0; m < num_teachers; ++m) {
         C* teacher_out = stats_out + kMultiTeacherRowStatsBase + kMultiTeacherStatsPerTeacher * m;
@@ -365,14 +425,14 @@ int64_t forward_impl(const MultiTeacherKDArgs& args) {
 
 template <class S, class T, class C, Divergence D, Combine MODE>
 void backward_impl(const MultiTeacherKDArgs& args) {
-  const Coefficients<C> k = rowmath::make_coefficients<C>(args.options);
+  const Coefficients<C> k = rowmath::make_coefficients<C>(args.options, args.vocab);
   const int64_t rows = args.rows, vocab = args.vocab, num_teachers = args.num_teachers;
   const int64_t stats_width = kMultiTeacherRowStatsBase + kMultiTeacherStatsPerTeacher * num_teachers;
   const S* student = static_cast<const S*>(args.student);
   const C* row_stats = static_cast<const C*>(args.row_stats);
   const C* grad_output = static_cast<const C*>(args.grad_output);
   S* grad_student = static_cast<S*>(args.grad_student);
-  const C inv_t = k.inv_temperature;
+  const C h = k.diff_scale;
   constexpr bool kForwardKL = D == Divergence::ForwardKL;
 
   double reduction_scale = 1.0;
@@ -387,10 +447,13 @@ void backward_impl(const MultiTeacherKDArgs& args) {
   {
     alignas(64) C student_buf[kChunk];
     alignas(64) C teacher_buf[kChunk];
+    alignas(64) C ds_buf[kChunk];
     alignas(64) C log_q_buf[kChunk];
     alignas(64) C q_buf[kChunk];
-    alignas(64) C mixture_buf[kChunk];
+    alignas(64) C top_buf[kChunk];
+    alignas(64) C sum_buf[kChunk];
     alignas(64) C grad_buf[kChunk];
+    std::vector<rowmath::GradRow<C>> teacher_rows(static_cast<size_t>(num_teachers));
 
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
@@ -399,14 +462,24 @@ void backward_impl(const MultiTeacherKDArgs& args) {
         std::memset(static_cast<void*>(g_row), 0, sizeof(S) * vocab);
         continue;
       }
-      const C g = static_cast<C>(grad_output[row * args.grad_output_stride] * reduction_scale);
       const C* st = row_stats + row * stats_width;
-      const C max_s = st[0], log_sum_t = st[1], log_sum_1 = st[2], mixture_aux = st[3];
-      const C ce_factor = g * k.alpha;
-      const C kd_factor = g * (C(1) - k.alpha) * k.divergence_scale * inv_t;
-      const C smooth = k.label_smoothing / static_cast<C>(vocab);
+      if (st[4] != st[4]) {  // a NaN row loss (NaN input, or a bad label): a NaN gradient row
+        fill_nan(g_row, vocab);
+        continue;
+      }
+      const double g = static_cast<double>(grad_output[row * args.grad_output_stride]) * reduction_scale;
+      const C max_s = st[0] * h, log_sum_t = st[1], log_sum_1 = st[2], mixture_aux = st[3];
+      // The row's factors: per teacher (combine Sum: its weight folded in) or for the mixture.
+      const rowmath::GradRow<C> row_factors =
+          rowmath::make_grad_row(g, k, RowStats<C>{C(0), C(0), st[0], log_sum_t, log_sum_1, mixture_aux}, vocab);
+      for (int64_t m = 0; m < num_teachers && k.need_kd; ++m) {
+        const C* ts = st + kMultiTeacherRowStatsBase + kMultiTeacherStatsPerTeacher * m;
+        const double w = MODE == Combine::Sum ? static_cast<double>(weight_of<C>(args, m, row)) : 1.0;
+        teacher_rows[m] = rowmath::make_grad_row(g * w, k, RowStats<C>{ts[0], ts[1], st[0], log_sum_t, log_sum_1, ts[2]},
+                                                 vocab);
+      }
+      const C ce_factor = row_factors.ce_factor, kd_factor = row_factors.kd_factor, smooth = row_factors.smooth;
       const int64_t label = args.labels ? args.labels[row] : -1;
-      const C label_step = g * k.alpha * (C(1) - k.label_smoothing);
       const S* s_row = student + row * args.student_row_stride;
 
       for (int64_t start = 0; start < vocab; start += kChunk) {
@@ -416,19 +489,23 @@ void backward_impl(const MultiTeacherKDArgs& args) {
         if constexpr (std::is_same_v<S, C>) out = g_row + start;
         else out = grad_buf;
         const bool add_q = kForwardKL && k.need_kd;
+#define KDFAST_STUDENT_GRAD(CE_, S1_, ADD_Q_)                                                                       \
+  student_grad<C, CE_, S1_, ADD_Q_>(s, n, max_s, log_sum_t, log_sum_1, k, ce_factor, smooth, kd_factor, ds_buf, \
+                                    log_q_buf, q_buf, out)
         if (k.need_ce) {
           if (k.need_student_1) {
-            if (add_q) student_grad<C, true, true, true>(s, n, max_s, log_sum_t, log_sum_1, inv_t, ce_factor, smooth, kd_factor, log_q_buf, q_buf, out);
-            else student_grad<C, true, true, false>(s, n, max_s, log_sum_t, log_sum_1, inv_t, ce_factor, smooth, kd_factor, log_q_buf, q_buf, out);
+            if (add_q) KDFAST_STUDENT_GRAD(true, true, true);
+            else KDFAST_STUDENT_GRAD(true, true, false);
           } else {
-            if (add_q) student_grad<C, true, false, true>(s, n, max_s, log_sum_t, log_sum_1, inv_t, ce_factor, smooth, kd_factor, log_q_buf, q_buf, out);
-            else student_grad<C, true, false, false>(s, n, max_s, log_sum_t, log_sum_1, inv_t, ce_factor, smooth, kd_factor, log_q_buf, q_buf, out);
+            if (add_q) KDFAST_STUDENT_GRAD(true, false, true);
+            else KDFAST_STUDENT_GRAD(true, false, false);
           }
         } else if (add_q) {
-          student_grad<C, false, false, true>(s, n, max_s, log_sum_t, log_sum_1, inv_t, ce_factor, smooth, kd_factor, log_q_buf, q_buf, out);
+          KDFAST_STUDENT_GRAD(false, false, true);
         } else {
-          student_grad<C, false, false, false>(s, n, max_s, log_sum_t, log_sum_1, inv_t, ce_factor, smooth, kd_factor, log_q_buf, q_buf, out);
+          KDFAST_STUDENT_GRAD(false, false, false);
         }
+#undef KDFAST_STUDENT_GRAD
         if (k.need_kd) {
           for (int64_t m = 0; m < num_teachers; ++m) {
             const T* t_row = static_cast<const T*>(args.teachers[m]) + row * args.teacher_row_strides[m];
@@ -437,19 +514,21 @@ void backward_impl(const MultiTeacherKDArgs& args) {
             const C w = weight_of<C>(args, m, row);
             if constexpr (kForwardKL) {
               // Sum and mixture alike: kd_factor (q - sum_m w_m p_m).
-              subtract_teacher_probs(t, n, ts[0], ts[1], inv_t, kd_factor * w, out);
+              subtract_teacher_probs(t, n, ts[0] * h, ts[1], k, kd_factor * w, out);
             } else if constexpr (MODE == Combine::Sum) {
-              add_divergence_grad<C, D>(t, nullptr, log_q_buf, q_buf, n, ts[0], ts[1], inv_t, ts[2], kd_factor * w, k, out);
+              if (!(w > C(0))) continue;  // a zero weight: no gradient (and no 0 · inf)
+              add_divergence_grad<C, D>(t, nullptr, ds_buf, log_q_buf, q_buf, n, ts[0] * h, ts[1], teacher_rows[m], k,
+                                        out);
             } else {
-              add_teacher_probs(t, n, ts[0], ts[1], inv_t, w, m == 0, mixture_buf);
+              add_teacher_log_probs(t, n, ts[0] * h, mixture_offset(w, ts[1], k), k, m == 0, top_buf, sum_buf);
             }
           }
           if constexpr (!kForwardKL && MODE == Combine::Mixture) {
-            add_divergence_grad<C, D>(nullptr, mixture_buf, log_q_buf, q_buf, n, C(0), C(0), inv_t, mixture_aux,
-                                      kd_factor, k, out);
+            finish_mixture_log_probs(n, k, top_buf, sum_buf);
+            add_divergence_grad<C, D>(nullptr, top_buf, ds_buf, log_q_buf, q_buf, n, C(0), C(0), row_factors, k, out);
           }
         }
-        if (k.need_ce && label >= start && label < start + n) out[label - start] -= label_step;
+        if (k.need_ce && label >= start && label < start + n) out[label - start] -= row_factors.label_step;
         store_chunk<S, C>(out, n, g_row + start);
       }
     }

@@ -55,9 +55,12 @@ namespace {
 //      (float32 / float64 teachers; converted ones take a separate max pass);
 //   3. one pass over the row adds the last teacher to p̄ and gives the gradient (when asked
 //      for) and B = Σ p̄ (s - s_max) (Mixture: also Σ p̄ log p̄).
-// With Σ_i p_mi log p_mi = A_m / (T Z_m) - log Z_m and Σ_i p̄_i log q_i = B/T - log Z_s:
-//   Sum:     D = Σ_m w_m (A_m / (T Z_m) - log Z_m) - B/T + log Z_s
-//   Mixture: D = Σ_i p̄_i log p̄_i - B/T + log Z_s.
+// Logits enter as scaled differences d = h x - h max (rowmath.h, difference_scale; κ = 1/(hT)),
+// so A and B are in h units. With Σ_i p_mi log p_mi = κ A_m / Z_m - log Z_m and
+// Σ_i p̄_i log q_i = κ B - log Z_s:
+//   Sum:     D = Σ_m w_m (κ A_m / Z_m - log Z_m) - κ B + log Z_s
+//   Mixture: D = Σ_i p̄_i log p̄_i - κ B + log Z_s,
+// formed in double per row.
 // Each teacher row is read from memory once and exponentiated once; the student row is
 // exponentiated once (twice with CE at a temperature other than 1, 2, 4). The gradient is
 // written for grad_output = 1 (reductions applied) into args.grad_student, a contiguous
@@ -81,21 +84,23 @@ C row_max(const C* x, int64_t n) {
 // logit, or a spread beyond 87 T) the exps and sums are redone with the tests. Rows in range
 // give bitwise the same result either way.
 
-// Student exp pass: es[i] = exp((s_i - shift)/T); sums of es, of exp(s_i - shift) and of s_i - shift.
+// Student exp pass, with ds_i = h s_i - shift (shift = h max): es[i] = exp(ds_i κ); sums of es,
+// of exp(ds_i / h) and of ds_i.
 // NEXT: also the maximum of the next row to process (`next`, a teacher row), so its first
 // read from memory overlaps this pass's arithmetic. exp_t, exp_1: exp(x/T) and exp(x).
-// Returns false when CHECKED is false and some s_i - shift is below a cutoff.
-template <class C, int S1, bool SMOOTH, bool NEXT, bool CHECKED>
-bool student_exp_row(const C* s, int64_t n, C shift, const ExpLanes<C>& exp_t_in, const ExpLanes<C>& exp_1_in, C* es,
-                     C& sum_t, C& sum_1, C& centered, const C* next, C& next_max) {
+// Returns false when CHECKED is false and some s_i - shift is below a cutoff. FOLD: exp(x/T)
+// with the folded polynomial (lanes.h, where exp_t is foldable; the unchecked pass only).
+template <class C, int S1, bool SMOOTH, bool NEXT, bool CHECKED, bool FOLD>
+bool student_exp_row(const C* s, int64_t n, C h, C shift, const ExpLanes<C>& exp_t_in, const ExpLanes<C>& exp_1_in,
+                     C* es, C& sum_t, C& sum_1, C& centered, const C* next, C& next_max) {
   // Local copies: stores through es cannot alias them, so the constants stay in registers.
   const ExpLanes<C> exp_t = exp_t_in, exp_1 = exp_1_in;
   LaneSums<C, 3> acc;
   sweep_lanes<C>(n, [&](auto lane, int64_t i) {
     using L = Lane<decltype(lane)>;
     auto* sums = acc.sums(lane);
-    const auto ds = L::load(s + i) - L::splat(shift);
-    const auto e = exp_t.template apply<CHECKED>(ds);
+    const auto ds = fma_(L::load(s + i), L::splat(h), L::splat(-shift));
+    const auto e = exp_t.template apply<CHECKED, FOLD>(ds);
     store(es + i, e);
     sums[0] = sums[0] + e;
     if constexpr (S1 == rowmath::kStudent1Exp) sums[1] = sums[1] + exp_1.template apply<CHECKED>(ds);
@@ -113,41 +118,46 @@ bool student_exp_row(const C* s, int64_t n, C shift, const ExpLanes<C>& exp_t_in
   return low >= exp_t_in.scalar_cutoff() && (S1 != rowmath::kStudent1Exp || low >= exp_1_in.scalar_cutoff());
 }
 
-template <class C, int S1, bool SMOOTH, bool CHECKED>
-bool student_exp_row_dispatch(const C* s, int64_t n, C shift, const ExpLanes<C>& exp_t, const ExpLanes<C>& exp_1,
+template <class C, int S1, bool SMOOTH, bool CHECKED, bool FOLD>
+bool student_exp_row_dispatch(const C* s, int64_t n, C h, C shift, const ExpLanes<C>& exp_t, const ExpLanes<C>& exp_1,
                               C* es, C& sum_t, C& sum_1, C& centered, const C* next, C& next_max) {
   if (next != nullptr)
-    return student_exp_row<C, S1, SMOOTH, true, CHECKED>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next,
-                                                         next_max);
-  return student_exp_row<C, S1, SMOOTH, false, CHECKED>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next,
-                                                        next_max);
+    return student_exp_row<C, S1, SMOOTH, true, CHECKED, FOLD>(s, n, h, shift, exp_t, exp_1, es, sum_t, sum_1,
+                                                               centered, next, next_max);
+  return student_exp_row<C, S1, SMOOTH, false, CHECKED, FOLD>(s, n, h, shift, exp_t, exp_1, es, sum_t, sum_1,
+                                                              centered, next, next_max);
 }
 
 template <class C, int S1, bool SMOOTH>
-void student_exp_row_for(const C* s, int64_t n, C shift, const ExpLanes<C>& exp_t, const ExpLanes<C>& exp_1, C* es,
-                         C& sum_t, C& sum_1, C& centered, const C* next, C& next_max) {
+void student_exp_row_for(const C* s, int64_t n, C h, C shift, const ExpLanes<C>& exp_t, const ExpLanes<C>& exp_1,
+                         C* es, C& sum_t, C& sum_1, C& centered, const C* next, C& next_max) {
   next_max = kNegInf<C>;
   if constexpr (kTryWithoutCutoff<C>) {
-    if (student_exp_row_dispatch<C, S1, SMOOTH, false>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next,
-                                                       next_max))
-      return;
+    const bool done = exp_t.foldable()
+                          ? student_exp_row_dispatch<C, S1, SMOOTH, false, true>(s, n, h, shift, exp_t, exp_1, es,
+                                                                                 sum_t, sum_1, centered, next, next_max)
+                          : student_exp_row_dispatch<C, S1, SMOOTH, false, false>(s, n, h, shift, exp_t, exp_1, es,
+                                                                                  sum_t, sum_1, centered, next, next_max);
+    if (done) return;
     // next_max is already known: only the exps and sums are redone.
-    student_exp_row<C, S1, SMOOTH, false, true>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, nullptr,
-                                                next_max);
+    student_exp_row<C, S1, SMOOTH, false, true, false>(s, n, h, shift, exp_t, exp_1, es, sum_t, sum_1, centered,
+                                                       nullptr, next_max);
     return;
   }
-  student_exp_row_dispatch<C, S1, SMOOTH, true>(s, n, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
+  student_exp_row_dispatch<C, S1, SMOOTH, true, false>(s, n, h, shift, exp_t, exp_1, es, sum_t, sum_1, centered, next,
+                                                       next_max);
 }
 
-// Teacher exp pass: scratch[i] = exp((t_i - shift)/T); returns Z = Σ e and A = Σ e (t_i - shift).
+// Teacher exp pass, with dt_i = h t_i - shift: scratch[i] = exp(dt_i κ); returns Z = Σ e and
+// A = Σ e dt_i.
 // Fused into the same sweep: NEXT, the maximum of the next teacher row (its read from memory
 // overlaps the arithmetic); PREV, mixture (+)= prev_c * prev (the previous teacher's
 // exponentials, = when FIRST).
 // SUM: also A (combine Sum needs it; Mixture does not). Returns false when CHECKED is false
-// and some t_i - shift is below the cutoff.
-template <class C, bool SUM, bool NEXT, bool PREV, bool FIRST, bool CHECKED>
-bool teacher_exp_row(const C* t, int64_t n, C shift, const ExpLanes<C>& exp_t_in, C* scratch, C& z_out, C& a_out,
-                     const C* next, C& next_max, const C* prev, C prev_c, C* mixture) {
+// and some t_i - shift is below the cutoff. FOLD as in student_exp_row.
+template <class C, bool SUM, bool NEXT, bool PREV, bool FIRST, bool CHECKED, bool FOLD>
+bool teacher_exp_row(const C* t, int64_t n, C h, C shift, const ExpLanes<C>& exp_t_in, C* scratch, C& z_out,
+                     C& a_out, const C* next, C& next_max, const C* prev, C prev_c, C* mixture) {
   // A -inf logit has e = 0: its dt is clamped to the lowest finite value so that e * dt = 0.
   constexpr C kLowest = std::numeric_limits<C>::lowest();
   const ExpLanes<C> exp_t = exp_t_in;  // a local copy, as in student_exp_row
@@ -155,8 +165,8 @@ bool teacher_exp_row(const C* t, int64_t n, C shift, const ExpLanes<C>& exp_t_in
   sweep_lanes<C>(n, [&](auto lane, int64_t i) {
     using L = Lane<decltype(lane)>;
     auto* sums = acc.sums(lane);
-    const auto dt = L::load(t + i) - L::splat(shift);
-    const auto e = exp_t.template apply<CHECKED>(dt);
+    const auto dt = fma_(L::load(t + i), L::splat(h), L::splat(-shift));
+    const auto e = exp_t.template apply<CHECKED, FOLD>(dt);
     store(scratch + i, e);
     sums[0] = sums[0] + e;
     if constexpr (SUM && CHECKED) sums[1] = fma_(e, max_(dt, L::splat(kLowest)), sums[1]);
@@ -176,12 +186,12 @@ bool teacher_exp_row(const C* t, int64_t n, C shift, const ExpLanes<C>& exp_t_in
   return acc.minimum() >= exp_t_in.scalar_cutoff();
 }
 
-template <class C, bool SUM, bool CHECKED>
-bool teacher_exp_row_dispatch(const C* t, int64_t n, C shift, const ExpLanes<C>& exp_t, C* scratch, C& z, C& a,
+template <class C, bool SUM, bool CHECKED, bool FOLD>
+bool teacher_exp_row_dispatch(const C* t, int64_t n, C h, C shift, const ExpLanes<C>& exp_t, C* scratch, C& z, C& a,
                               const C* next, C& next_max, const C* prev, C prev_c, C* mixture, bool first) {
-#define KDFAST_TEACHER_ROW(NEXT_, PREV_, FIRST_)                                                                     \
-  teacher_exp_row<C, SUM, NEXT_, PREV_, FIRST_, CHECKED>(t, n, shift, exp_t, scratch, z, a, next, next_max, prev, \
-                                                         prev_c, mixture)
+#define KDFAST_TEACHER_ROW(NEXT_, PREV_, FIRST_)                                                                        \
+  teacher_exp_row<C, SUM, NEXT_, PREV_, FIRST_, CHECKED, FOLD>(t, n, h, shift, exp_t, scratch, z, a, next, next_max, \
+                                                               prev, prev_c, mixture)
   if (next != nullptr) {
     if (prev == nullptr) return KDFAST_TEACHER_ROW(true, false, false);
     if (first) return KDFAST_TEACHER_ROW(true, true, true);
@@ -194,36 +204,40 @@ bool teacher_exp_row_dispatch(const C* t, int64_t n, C shift, const ExpLanes<C>&
 }
 
 template <class C, bool SUM>
-void teacher_exp_row_for(const C* t, int64_t n, C shift, const ExpLanes<C>& exp_t, C* scratch, C& z, C& a,
+void teacher_exp_row_for(const C* t, int64_t n, C h, C shift, const ExpLanes<C>& exp_t, C* scratch, C& z, C& a,
                          const C* next, C& next_max, const C* prev, C prev_c, C* mixture, bool first) {
   next_max = kNegInf<C>;
   if constexpr (kTryWithoutCutoff<C>) {
-    if (teacher_exp_row_dispatch<C, SUM, false>(t, n, shift, exp_t, scratch, z, a, next, next_max, prev, prev_c,
-                                                mixture, first))
-      return;
+    const bool done = exp_t.foldable()
+                          ? teacher_exp_row_dispatch<C, SUM, false, true>(t, n, h, shift, exp_t, scratch, z, a, next,
+                                                                          next_max, prev, prev_c, mixture, first)
+                          : teacher_exp_row_dispatch<C, SUM, false, false>(t, n, h, shift, exp_t, scratch, z, a, next,
+                                                                           next_max, prev, prev_c, mixture, first);
+    if (done) return;
     // next_max and the mixture update are done: only the exps and sums are redone.
     C unused = 0;
-    teacher_exp_row<C, SUM, false, false, false, true>(t, n, shift, exp_t, scratch, z, a, nullptr, unused, nullptr,
-                                                       C(0), nullptr);
+    teacher_exp_row<C, SUM, false, false, false, true, false>(t, n, h, shift, exp_t, scratch, z, a, nullptr, unused,
+                                                              nullptr, C(0), nullptr);
     return;
   }
-  teacher_exp_row_dispatch<C, SUM, true>(t, n, shift, exp_t, scratch, z, a, next, next_max, prev, prev_c, mixture,
-                                         first);
+  teacher_exp_row_dispatch<C, SUM, true, false>(t, n, h, shift, exp_t, scratch, z, a, next, next_max, prev, prev_c,
+                                                mixture, first);
 }
 
-// Final pass: B = Σ p̄ (s - shift), H = Σ p̄ log p̄ (MIXTURE), and when GRAD the gradient
-// out = kd (es/Z_s - p̄) + ce (r - smooth), r per the student_1 mode S1 (r = es/Z_s at T = 1).
+// Final pass: B = Σ p̄ ds (ds = h s - shift), H = Σ p̄ log p̄ (MIXTURE), and when GRAD the
+// gradient out = kd (es/Z_s - p̄) + ce (r - smooth), r per the student_1 mode S1 (r = es/Z_s at T = 1).
 // The mixture is p̄_i = mixture_scale * mixture[i] + last_c * last[i] (the last teacher's
 // exponentials are added here, in the same sweep).
 template <class C, bool GRAD, bool KD, bool CE, int S1, bool MIXTURE>
 void final_row(const C* s, const C* es, const C* mixture, C mixture_scale, const C* last, C last_c, int64_t n,
-               C shift, C inv_zs, C log_sum_1, C r_scale, C kd, C ce, C smooth, C* out, C& b_out, C& h_out) {
+               C scale, C shift, C inv_scale, C inv_zs, C log_sum_1, C r_scale, C kd, C ce, C smooth, C* out, C& b_out,
+               C& h_out) {
   C b = 0, h = 0;
 #pragma omp simd reduction(+ : b, h)
   for (int64_t i = 0; i < n; ++i) {
     const C pbar = KD ? mixture_scale * mixture[i] + last_c * last[i] : C(0);
+    const C ds = rowmath::scaled_difference(s[i], scale, shift);
     if constexpr (KD) {
-      const C ds = s[i] - shift;
       b += pbar > C(0) ? pbar * ds : C(0);
       if constexpr (MIXTURE) h += pbar > C(0) ? pbar * rowmath::log_c(pbar) : C(0);
     }
@@ -233,7 +247,7 @@ void final_row(const C* s, const C* es, const C* mixture, C mixture_scale, const
       if constexpr (KD) value += kd * (q - pbar);
       if constexpr (CE) {
         C r = q;
-        if constexpr (S1 == rowmath::kStudent1Exp) r = rowmath::exp_c((s[i] - shift) - log_sum_1);
+        if constexpr (S1 == rowmath::kStudent1Exp) r = rowmath::exp_c(ds * inv_scale - log_sum_1);
         if constexpr (S1 == 2 || S1 == 4) r = rowmath::integer_power<S1>(es[i]) * r_scale;
         value += ce * (r - smooth);
       }
@@ -270,11 +284,11 @@ inline void store_fence() {
 
 template <class C, bool GRAD, bool KD, bool MIXTURE>
 void final_row_for(int student_1_mode, bool ce, const C* s, const C* es, const C* mixture, C mixture_scale,
-                   const C* last, C last_c, int64_t n, C shift, C inv_zs, C log_sum_1, C r_scale, C kd, C ce_factor,
-                   C smooth, C* out, C& b, C& h) {
-#define KDFAST_FINAL_ROW(CE_, S1_) \
-  final_row<C, GRAD, KD, CE_, S1_, MIXTURE>(s, es, mixture, mixture_scale, last, last_c, n, shift, inv_zs, log_sum_1, \
-                                            r_scale, kd, ce_factor, smooth, out, b, h)
+                   const C* last, C last_c, int64_t n, C scale, C shift, C inv_scale, C inv_zs, C log_sum_1, C r_scale,
+                   C kd, C ce_factor, C smooth, C* out, C& b, C& h) {
+#define KDFAST_FINAL_ROW(CE_, S1_)                                                                                 \
+  final_row<C, GRAD, KD, CE_, S1_, MIXTURE>(s, es, mixture, mixture_scale, last, last_c, n, scale, shift, inv_scale, \
+                                            inv_zs, log_sum_1, r_scale, kd, ce_factor, smooth, out, b, h)
   if (!ce) return KDFAST_FINAL_ROW(false, rowmath::kStudent1None);
   switch (student_1_mode) {
     case rowmath::kStudent1Exp: return KDFAST_FINAL_ROW(true, rowmath::kStudent1Exp);
@@ -287,13 +301,14 @@ void final_row_for(int student_1_mode, bool ce, const C* s, const C* es, const C
 
 template <class S, class T, class C, Combine MODE>
 int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
-  const Coefficients<C> k = rowmath::make_coefficients<C>(args.options);
+  const Coefficients<C> k = rowmath::make_coefficients<C>(args.options, args.vocab);
   const int64_t rows = args.rows, vocab = args.vocab, num_teachers = args.num_teachers;
   const int64_t stats_width = kMultiTeacherRowStatsBase + kMultiTeacherStatsPerTeacher * num_teachers;
   const S* student = static_cast<const S*>(args.student);
   C* row_stats = static_cast<C*>(args.row_stats);
   C* grad = static_cast<C*>(args.grad_student);
-  const C inv_t = k.inv_temperature;
+  const C h = k.diff_scale, inv_h = k.inv_diff_scale;
+  const double kappa = k.inv_scaled_t_d;
   const bool smooth = k.need_ce && k.label_smoothing > C(0);
   constexpr bool kMixture = MODE == Combine::Mixture;
   constexpr bool kInPlace = std::is_same_v<T, C>;  // teachers read without conversion
@@ -304,10 +319,9 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
   double reduction_scale = 1.0;
   if (args.options.reduction == Reduction::Mean) reduction_scale = valid > 0 ? 1.0 / static_cast<double>(valid) : 0.0;
   else if (args.options.reduction == Reduction::BatchMean) reduction_scale = rows > 0 ? 1.0 / static_cast<double>(rows) : 0.0;
-  const C ce_factor = static_cast<C>(reduction_scale) * k.alpha;
-  const C kd_factor = static_cast<C>(reduction_scale) * (C(1) - k.alpha) * k.divergence_scale * inv_t;
-  const C smooth_value = k.label_smoothing / static_cast<C>(vocab);
-  const C label_step = static_cast<C>(reduction_scale) * k.alpha * (C(1) - k.label_smoothing);
+  const rowmath::GradRow<C> factors = rowmath::make_grad_row(reduction_scale, k, rowmath::RowStats<C>{}, vocab);
+  const C ce_factor = factors.ce_factor, kd_factor = factors.kd_factor, smooth_value = factors.smooth;
+  const C label_step = factors.label_step;
   int64_t bad_labels = 0;
 
 #pragma omp parallel num_threads(threads_for(args.num_threads, rows, vocab * (num_teachers + 1))) reduction(+ : bad_labels)
@@ -320,7 +334,7 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
     C* mixture = es + vocab;
     C* scratch_pair[2] = {mixture + vocab, mixture + 2 * vocab};
     alignas(64) C grad_chunk[kChunk];
-    const ExpLanes<C> exp_t(inv_t), exp_1(C(1));
+    const ExpLanes<C> exp_t(kappa), exp_1(1.0 / static_cast<double>(h));
     // Each thread takes one contiguous block of rows, so that a row's last teacher pass can
     // take the maximum of the next row's student logits on the way (carried_max).
 #if defined(_OPENMP)
@@ -351,6 +365,7 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
       const C max_s = carried_row == row ? carried_max : row_max(s, vocab);
       // A row whose entries are all -inf shifts by 0 instead (no inf - inf).
       const C shift_s = max_s == kNegInf<C> ? C(0) : max_s;
+      const C scaled_shift_s = shift_s * h;
       auto teacher_row = [&](int64_t m) {
         return static_cast<const T*>(args.teachers[m]) + row * args.teacher_row_strides[m];
       };
@@ -362,25 +377,26 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
       C sum_t = 0, sum_1 = 0, centered = 0;
       switch (k.need_ce ? k.student_1_mode : rowmath::kStudent1None) {
         case rowmath::kStudent1Exp:
-          if (smooth) student_exp_row_for<C, rowmath::kStudent1Exp, true>(s, vocab, shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
-          else student_exp_row_for<C, rowmath::kStudent1Exp, false>(s, vocab, shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
+          if (smooth) student_exp_row_for<C, rowmath::kStudent1Exp, true>(s, vocab, h, scaled_shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
+          else student_exp_row_for<C, rowmath::kStudent1Exp, false>(s, vocab, h, scaled_shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
           break;
         case 2:
-          if (smooth) student_exp_row_for<C, 2, true>(s, vocab, shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
-          else student_exp_row_for<C, 2, false>(s, vocab, shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
+          if (smooth) student_exp_row_for<C, 2, true>(s, vocab, h, scaled_shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
+          else student_exp_row_for<C, 2, false>(s, vocab, h, scaled_shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
           break;
         case 4:
-          if (smooth) student_exp_row_for<C, 4, true>(s, vocab, shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
-          else student_exp_row_for<C, 4, false>(s, vocab, shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
+          if (smooth) student_exp_row_for<C, 4, true>(s, vocab, h, scaled_shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
+          else student_exp_row_for<C, 4, false>(s, vocab, h, scaled_shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
           break;
         default:
-          if (smooth) student_exp_row_for<C, rowmath::kStudent1None, true>(s, vocab, shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
-          else student_exp_row_for<C, rowmath::kStudent1None, false>(s, vocab, shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
+          if (smooth) student_exp_row_for<C, rowmath::kStudent1None, true>(s, vocab, h, scaled_shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
+          else student_exp_row_for<C, rowmath::kStudent1None, false>(s, vocab, h, scaled_shift_s, exp_t, exp_1, es, sum_t, sum_1, centered, next, next_max);
       }
       const C log_sum_t = rowmath::log_of_sum(sum_t);
       const C log_sum_1 = k.need_student_1 ? rowmath::log_of_sum(sum_1) : log_sum_t;
 
-      C teacher_part = 0;  // Sum: Σ_m w_m (A_m / (T Z_m) - log Z_m)
+      double teacher_part = 0.0;  // Sum: Σ_m w_m (κ A_m / Z_m - log Z_m)
+      bool defined = rowmath::student_sums_defined(sum_t, sum_1, k);  // NaN in, NaN out (rowmath.h)
       // The previous teacher's exponentials and factor w/Z, added to the mixture one pass later.
       const C* prev = nullptr;
       C prev_c = 0;
@@ -402,7 +418,7 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
         const C shift_t = max_t == kNegInf<C> ? C(0) : max_t;
         C* scratch = scratch_pair[m % 2];
         C z = 0, a = 0;
-        teacher_exp_row_for<C, !kMixture>(t, vocab, shift_t, exp_t, scratch, z, a, next, next_max, prev, prev_c,
+        teacher_exp_row_for<C, !kMixture>(t, vocab, h, shift_t * h, exp_t, scratch, z, a, next, next_max, prev, prev_c,
                                           mixture, mixture_empty);
         if (kInPlace && std::is_same_v<S, C> && m + 1 == num_teachers && next != nullptr) {
           carried_row = row + 1;
@@ -413,7 +429,11 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
         const C log_z = rowmath::log_of_sum(z);
         prev = scratch;
         prev_c = w / z;
-        if (!kMixture && w > C(0)) teacher_part += w * (a * inv_t / z - log_z);
+        defined = defined && rowmath::sum_defined(z);  // every teacher counts, whatever its weight
+        if (!kMixture && w > C(0)) {
+          teacher_part += static_cast<double>(w) * (static_cast<double>(a) / static_cast<double>(z) * kappa -
+                                                    static_cast<double>(log_z));
+        }
         C* teacher_out = stats_out + kMultiTeacherRowStatsBase + kMultiTeacherStatsPerTeacher * m;
         teacher_out[0] = shift_t;
         teacher_out[1] = log_z;
@@ -431,7 +451,7 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
       const C r_scale = k.student_1_mode == 2 || k.student_1_mode == 4
                             ? static_cast<C>(std::exp(-static_cast<double>(log_sum_1)))
                             : C(0);
-      C b = 0, h = 0;
+      C b = 0, entropy = 0;
       C* out = g_row;
       const int mode = k.student_1_mode;
       if (out != nullptr) {
@@ -439,31 +459,35 @@ int64_t forward_kl_impl(const MultiTeacherKDArgs& args) {
         for (int64_t start = 0; start < vocab; start += kChunk) {
           const int64_t n = std::min(kChunk, vocab - start);
           C b_part = 0, h_part = 0;
-          if (k.need_kd) final_row_for<C, true, true, kMixture>(mode, k.need_ce, s + start, es + start, mixture_in + start, mixture_scale, last + start, prev_c, n, shift_s, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, grad_chunk, b_part, h_part);
-          else final_row_for<C, true, false, kMixture>(mode, k.need_ce, s + start, es + start, mixture_in + start, mixture_scale, last + start, prev_c, n, shift_s, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, grad_chunk, b_part, h_part);
+          if (k.need_kd) final_row_for<C, true, true, kMixture>(mode, k.need_ce, s + start, es + start, mixture_in + start, mixture_scale, last + start, prev_c, n, h, scaled_shift_s, inv_h, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, grad_chunk, b_part, h_part);
+          else final_row_for<C, true, false, kMixture>(mode, k.need_ce, s + start, es + start, mixture_in + start, mixture_scale, last + start, prev_c, n, h, scaled_shift_s, inv_h, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, grad_chunk, b_part, h_part);
           if (k.need_ce && label >= start && label < start + n) grad_chunk[label - start] -= label_step;
           stream_store(grad_chunk, n, out + start);
           b += b_part;
-          h += h_part;
+          entropy += h_part;
         }
       } else if (k.need_kd) {
-        final_row_for<C, false, true, kMixture>(mode, false, s, es, mixture_in, mixture_scale, last, prev_c, vocab, shift_s, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, out, b, h);
+        final_row_for<C, false, true, kMixture>(mode, false, s, es, mixture_in, mixture_scale, last, prev_c, vocab, h, scaled_shift_s, inv_h, inv_zs, log_sum_1, r_scale, kd_factor, ce_factor, smooth_value, out, b, entropy);
       }
 
-      C divergence = 0;
+      double divergence = 0.0;
       if (k.need_kd) {
-        const C cross = b * inv_t - log_sum_t;  // Σ p̄ log q
-        divergence = (kMixture ? h : teacher_part) - cross;
+        const double cross = static_cast<double>(b) * kappa - static_cast<double>(log_sum_t);  // Σ p̄ log q
+        divergence = (kMixture ? static_cast<double>(entropy) : teacher_part) - cross;
       }
-      C ce = 0;
+      double ce = 0.0;
       if (k.need_ce) {
-        ce = rowmath::cross_entropy(s[label] - shift_s, log_sum_1, centered, vocab, k.label_smoothing);
+        ce = rowmath::cross_entropy(static_cast<double>(s[label]) - static_cast<double>(shift_s),
+                                    static_cast<double>(log_sum_1), static_cast<double>(centered) / static_cast<double>(h),
+                                    vocab, k.label_smoothing_d);
       }
+      const double row_loss = defined ? rowmath::combine_loss(ce, divergence, k) : kNaN<double>;
+      if (!defined && g_row != nullptr) std::fill(g_row, g_row + vocab, kNaN<C>);  // NaN loss: NaN gradient
       stats_out[0] = shift_s;
       stats_out[1] = log_sum_t;
       stats_out[2] = log_sum_1;
       stats_out[3] = C(0);
-      stats_out[4] = rowmath::combine_loss(ce, divergence, k);
+      stats_out[4] = static_cast<C>(row_loss);
       stats_out[5] = C(0);
     }
     store_fence();  // the streamed gradient rows are complete before the team's barrier
@@ -485,14 +509,17 @@ int64_t forward_kl_for(const MultiTeacherKDArgs& args) {
 
 }  // namespace
 
-// Test hook: exp(x / T) over n floats on this variant's lanes (ScaledExp, as the forward_kl
-// passes use it); cutoff = false is the form without the cutoff test, exact for x >= -87 T.
+// Test hook: exp(x / T) over n floats on this variant's lanes (ScaledExp, as the kernels use
+// it: with the folded coefficients where they are foldable); cutoff = false is the form without
+// the cutoff test, exact for x >= -87 T.
 void scaled_exp(const float* x, int64_t n, float inv_t, bool cutoff, float* out) {
   const ExpLanes<float> exp(inv_t);
+  const bool fold = exp.foldable();
   sweep_lanes<float>(n, [&](auto lane, int64_t i) {
     using L = Lane<decltype(lane)>;
     const auto v = L::load(x + i);
-    store(out + i, cutoff ? exp.template apply<true>(v) : exp.template apply<false>(v));
+    if (fold) store(out + i, cutoff ? exp.template apply<true, true>(v) : exp.template apply<false, true>(v));
+    else store(out + i, cutoff ? exp.template apply<true, false>(v) : exp.template apply<false, false>(v));
   });
 }
 

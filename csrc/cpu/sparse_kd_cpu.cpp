@@ -8,8 +8,11 @@
 // (converted to float for 16-bit students), the kept logits are read out of it and replaced by
 // -inf, and vectorised loops fold what is left, exactly the non-kept entries, into the tail's
 // log-sum-exp (at T for the tail bucket, at 1 for the cross-entropy), each relative to the
-// tail's own maximum. The k+1 bucket terms are then computed in double. In "renormalize" mode
-// without cross-entropy the row is not streamed at all: only the k kept logits are read.
+// tail's own maximum. The k+1 bucket terms are then computed in double, with log-normalisers
+// relative to the largest logit each covers (sparse::reference_logit). In "renormalize" mode
+// without cross-entropy the row is not streamed at all: only the k kept logits are read. A NaN
+// (or +inf) logit or soft label the row reads, or a distribution of only -inf, makes the row's
+// loss NaN (sparse::row_defined), and the backward pass writes a NaN gradient row for it.
 // The backward pass streams the row once more and writes the gradient once: a vectorised
 // formula for tail entries (one exp each at T = 1), then the kept entries of the chunk are
 // overwritten with their own gradient before the chunk is stored.
@@ -68,14 +71,25 @@ bool load_kept(const SoftLabelView& labels, int64_t row, int64_t vocab, std::vec
   return true;
 }
 
+// log Σ_i exp(values[i]); -inf for none or only -inf, NaN when one is NaN.
 double log_sum_exp(const double* values, int64_t n) {
   double top = -kInf;
-  for (int64_t i = 0; i < n; ++i) top = std::max(top, values[i]);
+  for (int64_t i = 0; i < n; ++i) {
+    if (values[i] != values[i]) return kNaN;
+    top = std::max(top, values[i]);
+  }
   if (top == -kInf) return -kInf;
   double sum = 0.0;
   for (int64_t i = 0; i < n; ++i) sum += std::exp(values[i] - top);
   return top + std::log(sum);
 }
+
+// log Σ_i exp((x_i - reference) scale) over n raw logits.
+double shifted_log_sum_exp(const double* x, int64_t n, double reference, double scale, double* scratch) {
+  for (int64_t i = 0; i < n; ++i) scratch[i] = (x[i] - reference) * scale;
+  return log_sum_exp(scratch, n);
+}
+
 
 // What a call needs streamed from the student row.
 struct StreamPlan {
@@ -109,13 +123,14 @@ void copy_chunk(const S* src, int64_t n, C* buffer) {
 struct RowScratch {
   std::vector<KeptEntry> kept;
   std::vector<double> kept_logits;  // raw student logits at the kept tokens, by slot
+  std::vector<double> scaled_kept;  // (kept logit - kd reference) / T, by slot
   std::vector<double> bucket_values;
 };
 
 // ---- forward ----
 
 template <class S, class C>
-int forward_row(const SparseKDForwardArgs& args, const SparseCoefficients<C>& k, const StreamPlan& plan,
+int forward_row(const SparseKDForwardArgs& args, const SparseCoefficients<double>& k, const StreamPlan& plan,
                 int64_t row, RowScratch& scratch, double* stats) {
   const int64_t vocab = args.vocab, kk = args.soft_labels.k;
   const double inv_t = 1.0 / args.options.temperature;
@@ -177,13 +192,24 @@ int forward_row(const SparseKDForwardArgs& args, const SparseCoefficients<C>& k,
   }
 
   // Row-level math in double over the k kept tokens (+ the tail bucket).
+  // Row-level math in double, relative to the reference logits (sparse::reference_logit): the
+  // largest logit each log-normaliser covers (the kept tokens, and the tail in "bucket" mode, for
+  // the buckets; the whole row for the cross-entropy).
   double* values = scratch.bucket_values.data();
-  for (int64_t j = 0; j < kk; ++j) values[j] = kept_logits[j] * inv_t;
-  const double lse_kept_t = log_sum_exp(values, kk);
-  const double tail_lse_t = plan.tail_at_t ? tail_t.log_sum_exp(inv_t) : -kInf;
+  double* scaled_kept = scratch.scaled_kept.data();
+  double kept_max = -kInf;
+  for (int64_t j = 0; j < kk; ++j) kept_max = std::max(kept_max, kept_logits[j]);
+  const double tail_max = plan.tail_at_t || plan.tail_at_1 ? std::max(tail_t.max_value, tail_1.max_value) : -kInf;
+  const double kd_reference = sparse::reference_logit(kept_max, k.bucket ? tail_max : -kInf);
+  const double reference = sparse::reference_logit(kept_max, tail_max);
+  const double lse_kept_t = shifted_log_sum_exp(kept_logits, kk, kd_reference, inv_t, scaled_kept);
+  const double tail_lse_t = plan.tail_at_t ? tail_t.relative_log_sum_exp(kd_reference, inv_t) : -kInf;
   const double student_norm = k.bucket ? sparse::log_add_exp(lse_kept_t, tail_lse_t) : lse_kept_t;
   double lse_1 = student_norm;  // T == 1 in bucket mode: the full row's log-sum-exp at T
-  if (plan.tail_at_1) lse_1 = sparse::log_add_exp(log_sum_exp(kept_logits, kk), tail_1.log_sum_exp(1.0));
+  if (plan.tail_at_1) {
+    lse_1 = sparse::log_add_exp(shifted_log_sum_exp(kept_logits, kk, reference, 1.0, values),
+                                tail_1.relative_log_sum_exp(reference, 1.0));
+  }
 
   double divergence = 0.0, g_bar = 0.0, tail_coeff = 0.0, teacher_norm = 0.0;
   if (k.need_kd) {
@@ -193,7 +219,7 @@ int forward_row(const SparseKDForwardArgs& args, const SparseCoefficients<C>& k,
     teacher_norm = sparse::log_add_exp(log_sum_exp(values, kk), teacher_tail);
     const double beta = static_cast<double>(k.beta);
     for (int64_t j = 0; j < kk; ++j) {
-      const auto term = sparse::bucket_term<double>(values[j] - teacher_norm, kept_logits[j] * inv_t - student_norm,
+      const auto term = sparse::bucket_term<double>(values[j] - teacher_norm, scaled_kept[j] - student_norm,
                                                      k.divergence, beta);
       divergence += term.divergence;
       g_bar += term.weight;
@@ -209,17 +235,17 @@ int forward_row(const SparseKDForwardArgs& args, const SparseCoefficients<C>& k,
   }
   double ce = 0.0;
   if (k.need_ce) {
-    const double label_logit = static_cast<double>(load_one<S, C>(s_row + args.labels[row]));
-    const double eps = static_cast<double>(k.label_smoothing);
+    const double label_logit = static_cast<double>(load_one<S, C>(s_row + args.labels[row])) - reference;
+    const double eps = k.label_smoothing;
     ce = -(1.0 - eps) * (label_logit - lse_1);
-    if (eps > 0.0) ce -= eps * (total / static_cast<double>(vocab) - lse_1);
+    if (eps > 0.0) ce -= eps * ((total / static_cast<double>(vocab) - reference) - lse_1);
   }
   double loss = 0.0;
-  if (k.need_ce) loss += static_cast<double>(k.alpha) * ce;
-  if (k.need_kd) loss += (1.0 - static_cast<double>(k.alpha)) * static_cast<double>(k.divergence_scale) * divergence;
-  if (nan_count > 0) loss = kNaN;
+  if (k.need_ce) loss += k.alpha * ce;
+  if (k.need_kd) loss += (1.0 - k.alpha) * k.divergence_scale * divergence;
+  if (!sparse::row_defined(k, nan_count, student_norm, teacher_norm, lse_1)) loss = kNaN;
 
-  stats[0] = plan.tail_at_t || plan.tail_at_1 ? std::max(tail_t.max_value, tail_1.max_value) : -kInf;
+  stats[0] = tail_max;
   stats[1] = plan.tail_at_t && tail_t.sum > 0.0 ? std::log(tail_t.sum) : (tail_t.sum != tail_t.sum ? kNaN : -kInf);
   stats[2] = student_norm;
   stats[3] = lse_1;
@@ -232,7 +258,7 @@ int forward_row(const SparseKDForwardArgs& args, const SparseCoefficients<C>& k,
 
 template <class S, class C>
 SparseKDForwardResult forward_impl(const SparseKDForwardArgs& args) {
-  const SparseCoefficients<C> k = sparse::make_sparse_coefficients<C>(args.options, args.tail);
+  const SparseCoefficients<double> k = sparse::make_sparse_coefficients<double>(args.options, args.tail);
   const StreamPlan plan = plan_for(k, args.options.temperature);
   const int64_t rows = args.rows, vocab = args.vocab, kk = args.soft_labels.k;
   double* row_stats = args.row_stats;
@@ -243,6 +269,7 @@ SparseKDForwardResult forward_impl(const SparseKDForwardArgs& args) {
   {
     RowScratch scratch;
     scratch.kept_logits.resize(static_cast<size_t>(kk));
+    scratch.scaled_kept.resize(static_cast<size_t>(kk));
     scratch.bucket_values.resize(static_cast<size_t>(kk));
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
@@ -310,7 +337,7 @@ TailGradFn<C> pick_tail_grad(bool kd_tail, bool ce, bool ce_from_tail) {
 
 template <class S, class C>
 void backward_impl(const SparseKDBackwardArgs& args) {
-  const SparseCoefficients<C> k = sparse::make_sparse_coefficients<C>(args.options, args.tail);
+  const SparseCoefficients<double> k = sparse::make_sparse_coefficients<double>(args.options, args.tail);
   const StreamPlan plan = plan_for(k, args.options.temperature);
   const int64_t rows = args.rows, vocab = args.vocab, kk = args.soft_labels.k;
   const double inv_t = 1.0 / args.options.temperature;
@@ -342,6 +369,10 @@ void backward_impl(const SparseKDBackwardArgs& args) {
         continue;
       }
       const double* st = args.row_stats + row * kSparseRowStats;
+      if (st[7] != st[7]) {  // a NaN row loss (NaN input, or a bad label or index): a NaN gradient row
+        fill_nan(g_row, vocab);
+        continue;
+      }
       const double g = static_cast<double>(grad_output[row * args.grad_output_stride]) * reduction_scale;
       const double kd_factor = k.need_kd ? g * (1.0 - alpha) * static_cast<double>(k.divergence_scale) * inv_t : 0.0;
       const double ce_factor = k.need_ce ? g * alpha : 0.0;
@@ -352,15 +383,22 @@ void backward_impl(const SparseKDBackwardArgs& args) {
       const bool has_tail = tail_max != -kInf;
       const double tail_ref = has_tail ? tail_max : 0.0;
       const double log_sum_t = has_tail && kd_tail ? tail_log_sum_t : 0.0;
-      const double q_tail = has_tail && kd_tail ? std::exp(tail_max * inv_t + tail_log_sum_t - student_norm) : 0.0;
       load_kept(args.soft_labels, row, vocab, scratch.kept);  // validated by the forward pass
       const std::vector<KeptEntry>& kept = scratch.kept;
+      const S* s_row = student + row * args.student_row_stride;
+      // The forward pass's reference logits (its log-normalisers are relative to them).
+      double kept_max = -kInf;
+      for (const KeptEntry& entry : kept)
+        kept_max = std::max(kept_max, static_cast<double>(load_one<S, C>(s_row + entry.index)));
+      const double kd_reference = sparse::reference_logit(kept_max, k.bucket ? tail_max : -kInf);
+      const double reference = sparse::reference_logit(kept_max, tail_max);
+      const double q_tail =
+          has_tail && kd_tail ? std::exp((tail_max - kd_reference) * inv_t + tail_log_sum_t - student_norm) : 0.0;
       const int64_t label = args.labels ? args.labels[row] : -1;
       const double label_step = ce_factor * (1.0 - eps);
 
       alignas(64) C student_buf[kChunk];
       alignas(64) C grad_buf[kChunk];
-      const S* s_row = student + row * args.student_row_stride;
       size_t next = 0;
       for (int64_t start = 0; start < vocab; start += kChunk) {
         const int64_t n = std::min(kChunk, vocab - start);
@@ -374,7 +412,7 @@ void backward_impl(const SparseKDBackwardArgs& args) {
           s = load_chunk<S, C>(s_row + start, n, student_buf);
           tail_grad(s, n, out, static_cast<C>(tail_ref), static_cast<C>(inv_t), static_cast<C>(log_sum_t),
                     static_cast<C>(kd_factor * tail_coeff), static_cast<C>(q_tail), static_cast<C>(ce_factor),
-                    static_cast<C>(smooth), static_cast<C>(lse_1 - tail_ref));
+                    static_cast<C>(smooth), static_cast<C>(reference - tail_ref + lse_1));
         } else {
           std::memset(static_cast<void*>(out), 0, sizeof(C) * static_cast<size_t>(n));
           if (!has_kept && !touches_label) {
@@ -389,12 +427,12 @@ void backward_impl(const SparseKDBackwardArgs& args) {
           if (k.need_kd) {
             const double log_p = sparse::load_value<double>(args.soft_labels.logprobs, args.soft_labels.logprob_dtype,
                                                             row * kk + kept[next].slot) - teacher_norm;
-            const double log_q = logit * inv_t - student_norm;
+            const double log_q = (logit - kd_reference) * inv_t - student_norm;
             const auto term = sparse::bucket_term<double>(log_p, log_q, k.divergence, beta);
             const double q = log_q == -kInf ? 0.0 : std::exp(log_q);
             value += kd_factor * (term.weight - g_bar * q);
           }
-          if (k.need_ce) value += ce_factor * (std::exp(logit - lse_1) - smooth);
+          if (k.need_ce) value += ce_factor * (std::exp((logit - reference) - lse_1) - smooth);
           out[offset] = static_cast<C>(value);
         }
         if (touches_label) out[label - start] -= static_cast<C>(label_step);

@@ -275,7 +275,10 @@ void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Sele
   const double tail_scaled =
       tail.sum > 0.0 || tail.sum != tail.sum ? tail.sum * std::exp((tail.max_value - reference) * inv_t) : 0.0;
   const double log_total = std::log(kept_sum + tail_scaled);
-  const bool poisoned = nan_count > 0 || tail.sum != tail.sum || reference == -std::numeric_limits<double>::infinity();
+  // NaN, +inf or only -inf logits: every output of the row is NaN (the tail too).
+  const bool poisoned = nan_count > 0 || tail.sum != tail.sum ||
+                        reference == -std::numeric_limits<double>::infinity() ||
+                        reference == std::numeric_limits<double>::infinity();
   const double nan = std::numeric_limits<double>::quiet_NaN();
 
   C* logprobs = static_cast<C*>(args.logprobs) + row_index * k;

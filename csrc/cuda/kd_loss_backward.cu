@@ -61,22 +61,27 @@ template <Divergence D, class C>
 __device__ __forceinline__ void batch_gradient(const C* s, const C* t, const GradRow<C>& g, const Coefficients<C>& k,
                                                C* out) {
   constexpr int kE = BatchLayout<C>::kElements;
-  const C inv_t = k.inv_temperature;
+  const C h = k.diff_scale, kappa = k.inv_scaled_t, inv_h = k.inv_diff_scale;
+  const C max_s = g.stats.student_max * h, max_t = g.stats.teacher_max * h;
   const ScaledExp<C> exp_plain(C(1));
 #pragma unroll
   for (int e = 0; e < kE; ++e) {
-    const C centered = s[e] - g.stats.student_max;
-    const C log_q = centered * inv_t - g.stats.student_log_sum_T;
+    const C ds = rowmath::scaled_difference(s[e], h, max_s);  // h (s - max): rowmath::difference_scale
+    const C log_q = ds * kappa - g.stats.student_log_sum_T;
     // The same exp as divergence_grad uses for p, so that p and q tie exactly where they are
     // equal (the TVD gradient jumps at p == q).
     const C q = rowmath::exp_c(log_q);
     C value = C(0);
     if (k.need_kd) {
-      const C log_p = (t[e] - g.stats.teacher_max) * inv_t - g.stats.teacher_log_sum;
-      value += g.kd_factor * rowmath::divergence_grad<D>(log_p, log_q, q, g.stats.aux, k);
+      const C dt = rowmath::scaled_difference(t[e], h, max_t);
+      if constexpr (D == Divergence::ReverseKL) {
+        value += rowmath::reverse_kl_grad(ds, dt, q, g.rkl_a, g.rkl_b, g.rkl_c);
+      } else {
+        value += g.kd_factor * rowmath::divergence_grad<D>(dt * kappa - g.stats.teacher_log_sum, log_q, q, g.stats.aux, k);
+      }
     }
     if (k.need_ce) {
-      const C r = k.need_student_1 ? exp_plain(centered - g.stats.student_log_sum_1) : q;  // T == 1: r == q
+      const C r = k.need_student_1 ? exp_plain(ds * inv_h - g.stats.student_log_sum_1) : q;  // T == 1: r == q
       value += g.ce_factor * (r - g.smooth);
     }
     out[e] = value;
@@ -103,10 +108,13 @@ __global__ void __launch_bounds__(kBackwardBlock, 1024 / kBackwardBlock)
   typename SX::Raw* g_row = static_cast<typename SX::Raw*>(p.grad_student) + row * static_cast<int64_t>(vocab);
 
   const int64_t label = p.labels != nullptr ? p.labels[row] : int64_t(-1);
-  if (p.labels != nullptr && label == p.ignore_index) {
+  const C* st = static_cast<const C*>(p.row_stats) + row * kRowStats;
+  const bool ignored = p.labels != nullptr && label == p.ignore_index;
+  // Ignored rows get zeros; a row whose loss is NaN (a NaN input, or a bad label) gets NaN.
+  if (ignored || st[kRowLossColumn] != st[kRowLossColumn]) {
     C zeros[kW];
 #pragma unroll
-    for (int e = 0; e < kW; ++e) zeros[e] = C(0);
+    for (int e = 0; e < kW; ++e) zeros[e] = ignored ? C(0) : quiet_nan<C>();
     for (int b = 0; b < batches.total; ++b) {
       int first[kU];
       batches.first_elements(b, first);
@@ -124,14 +132,10 @@ __global__ void __launch_bounds__(kBackwardBlock, 1024 / kBackwardBlock)
   } else if (p.reduction == Reduction::BatchMean) {
     reduction_scale = p.rows > 0 ? 1.0 / static_cast<double>(p.rows) : 0.0;
   }
-  const C g = static_cast<C>(static_cast<const C*>(p.grad_output)[row * p.grad_output_stride] * reduction_scale);
-  const C* st = static_cast<const C*>(p.row_stats) + row * kRowStats;
-  GradRow<C> grad_row;
-  grad_row.ce_factor = g * k.alpha;
-  grad_row.kd_factor = g * (C(1) - k.alpha) * k.divergence_scale * k.inv_temperature;
-  grad_row.smooth = k.label_smoothing / static_cast<C>(vocab);
-  grad_row.stats = RowStats<C>{st[0], st[1], st[2], st[3], st[4], st[5]};
-  const C label_step = g * k.alpha * (C(1) - k.label_smoothing);
+  const double g = static_cast<double>(static_cast<const C*>(p.grad_output)[row * p.grad_output_stride]) * reduction_scale;
+  const GradRow<C> grad_row = rowmath::make_grad_row(g, k, RowStats<C>{st[0], st[1], st[2], st[3], st[4], st[5]},
+                                                     static_cast<int64_t>(vocab));
+  const C label_step = grad_row.label_step;
   const bool step_at_label = k.need_ce && p.labels != nullptr;
 
   const typename SX::Raw* s_row = static_cast<const typename SX::Raw*>(p.student) + row * p.student_row_stride;
@@ -172,7 +176,7 @@ int backward_team_size(int64_t vocab) {
 template <class SX, class TX, class C>
 void backward_typed(const KDBackwardArgs& args, cudaStream_t stream) {
   if (args.rows == 0 || args.vocab == 0) return;
-  const Coefficients<C> k = rowmath::make_coefficients<C>(args.options);
+  const Coefficients<C> k = rowmath::make_coefficients<C>(args.options, args.vocab);
   BackwardParams params;
   params.grad_output = args.grad_output;
   params.grad_output_stride = args.grad_output_stride;

@@ -76,14 +76,17 @@ struct ForwardRowsParams {
 // Folds one batch of a thread's elements (s: student logits, t: teacher logits; -inf past the
 // end of the row) into its running statistics, as chunk_stats does on the CPU: the running
 // maxima grow to cover the batch (rowmath::rebase_partial moves the sums along), then the
-// batch's terms are added relative to them. kPartial: the batch reaches past the row end, so
-// the element count and the centred total of the student logits skip the padding.
+// batch's terms are added relative to them, as scaled differences d = h x - h max
+// (rowmath::difference_scale). While a running maximum is still -inf (every entry so far -inf
+// or NaN) the batch is shifted by 0, so that its NaN and -inf entries still reach the sums.
+// kPartial: the batch reaches past the row end, so the element count and the centred total of
+// the student logits skip the padding.
 template <class C, bool kPartial>
 __device__ __forceinline__ void accumulate_batch(RowPartial<C>& part, const C* s, const C* t, const int* first,
                                                  int vocab, const Coefficients<C>& k) {
   constexpr int kE = BatchLayout<C>::kElements;
   constexpr int kW = BatchLayout<C>::kWidth;
-  const C inv_t = k.inv_temperature;
+  const C h = k.diff_scale;
   const bool reverse_kl = k.need_kd && k.divergence == Divergence::ReverseKL;
   const bool forward_kl = k.need_kd && k.divergence == Divergence::ForwardKL;
   const bool smoothing = k.need_ce && k.label_smoothing > C(0);
@@ -99,7 +102,7 @@ __device__ __forceinline__ void accumulate_batch(RowPartial<C>& part, const C* s
   const C max_s = MaxOp{}(part.student_max, batch_max_s);
   const C max_t = MaxOp{}(part.teacher_max, batch_max_t);
   if (max_s != part.student_max || max_t != part.teacher_max) {
-    rowmath::rebase_partial(part, max_t, max_s, inv_t, k.divergence);
+    rowmath::rebase_partial(part, max_t, max_s, k, k.divergence);
   }
   if (kPartial) {
     int valid = 0;
@@ -109,25 +112,27 @@ __device__ __forceinline__ void accumulate_batch(RowPartial<C>& part, const C* s
   } else {
     part.count += static_cast<C>(kE);
   }
-  const ScaledExp<C> exp_over_t(inv_t);
-  if (max_s != negative_infinity<C>()) {
+  const ScaledExp<C> exp_over_t(k.inv_scaled_t);
+  const C shift_s = (max_s == negative_infinity<C>() ? C(0) : max_s) * h;
+  const C shift_t = (max_t == negative_infinity<C>() ? C(0) : max_t) * h;
+  {
     C sum_t = C(0), sum_1 = C(0), centered = C(0), weighted = C(0);
 #pragma unroll
     for (int e = 0; e < kE; ++e) {
-      const C ds = s[e] - max_s;
+      const C ds = rowmath::scaled_difference(s[e], h, shift_s);
       const C exp_b = exp_over_t(ds);
       sum_t += exp_b;
-      if (reverse_kl) weighted += exp_b > C(0) ? exp_b * ((ds - (t[e] - max_t)) * inv_t) : C(0);
+      if (reverse_kl) weighted += exp_b > C(0) ? exp_b * (ds - rowmath::scaled_difference(t[e], h, shift_t)) : C(0);
     }
     if (k.need_student_1) {
-      const ScaledExp<C> exp_plain(C(1));
+      const ScaledExp<C> exp_plain(k.inv_diff_scale);
 #pragma unroll
-      for (int e = 0; e < kE; ++e) sum_1 += exp_plain(s[e] - max_s);
+      for (int e = 0; e < kE; ++e) sum_1 += exp_plain(rowmath::scaled_difference(s[e], h, shift_s));
     }
     if (smoothing) {
 #pragma unroll
       for (int e = 0; e < kE; ++e) {
-        if (!kPartial || first[e / kW] + e % kW < vocab) centered += s[e] - max_s;
+        if (!kPartial || first[e / kW] + e % kW < vocab) centered += rowmath::scaled_difference(s[e], h, shift_s);
       }
     }
     part.student_sum_T += sum_t;
@@ -135,14 +140,14 @@ __device__ __forceinline__ void accumulate_batch(RowPartial<C>& part, const C* s
     part.student_centered_total += centered;
     if (reverse_kl) part.weighted += weighted;
   }
-  if (k.need_kd && max_t != negative_infinity<C>()) {
+  if (k.need_kd) {
     C sum = C(0), weighted = C(0);
 #pragma unroll
     for (int e = 0; e < kE; ++e) {
-      const C dt = t[e] - max_t;
+      const C dt = rowmath::scaled_difference(t[e], h, shift_t);
       const C exp_a = exp_over_t(dt);
       sum += exp_a;
-      if (forward_kl) weighted += exp_a > C(0) ? exp_a * ((dt - (s[e] - max_s)) * inv_t) : C(0);
+      if (forward_kl) weighted += exp_a > C(0) ? exp_a * (dt - rowmath::scaled_difference(s[e], h, shift_s)) : C(0);
     }
     part.teacher_sum += sum;
     if (forward_kl) part.weighted += weighted;
@@ -154,19 +159,20 @@ template <class C>
 __device__ __forceinline__ void sweep_batch(const C* s, const C* t, const Coefficients<C>& k, const RowStats<C>& st,
                                             C& acc0, C& acc1) {
   constexpr int kE = BatchLayout<C>::kElements;
-  const C inv_t = k.inv_temperature;
+  const C h = k.diff_scale, kappa = k.inv_scaled_t;
+  const C max_t = st.teacher_max * h, max_s = st.student_max * h;
   if (k.divergence == Divergence::JSD) {
 #pragma unroll
     for (int e = 0; e < kE; ++e) {
-      const C log_p = (t[e] - st.teacher_max) * inv_t - st.teacher_log_sum;
-      const C log_q = (s[e] - st.student_max) * inv_t - st.student_log_sum_T;
+      const C log_p = rowmath::scaled_difference(t[e], h, max_t) * kappa - st.teacher_log_sum;
+      const C log_q = rowmath::scaled_difference(s[e], h, max_s) * kappa - st.student_log_sum_T;
       rowmath::jsd_terms(log_p, log_q, k, acc0, acc1);
     }
   } else {
 #pragma unroll
     for (int e = 0; e < kE; ++e) {
-      const C log_p = (t[e] - st.teacher_max) * inv_t - st.teacher_log_sum;
-      const C log_q = (s[e] - st.student_max) * inv_t - st.student_log_sum_T;
+      const C log_p = rowmath::scaled_difference(t[e], h, max_t) * kappa - st.teacher_log_sum;
+      const C log_q = rowmath::scaled_difference(s[e], h, max_s) * kappa - st.student_log_sum_T;
       rowmath::tvd_terms(log_p, log_q, acc0, acc1);
     }
   }
@@ -180,7 +186,7 @@ __device__ __forceinline__ RowPartial<C> team_row_partial(RowPartial<C> part, co
                                                           C (&sum_scratch)[kWarps][6]) {
   C maxima[2] = {part.teacher_max, part.student_max};
   team_all_reduce(maxima, max_scratch, team, MaxOp{});
-  rowmath::rebase_partial(part, maxima[0], maxima[1], k.inv_temperature, k.divergence);
+  rowmath::rebase_partial(part, maxima[0], maxima[1], k, k.divergence);
   C sums[6] = {part.teacher_sum, part.student_sum_T, part.student_sum_1,
                part.weighted,    part.student_centered_total, part.count};
   team_all_reduce(sums, sum_scratch, team, SumOp{});
@@ -237,7 +243,7 @@ __global__ void __launch_bounds__(kMaxRowsBlock, 1) kd_forward_rows_kernel(Forwa
                                          });
 
   const RowPartial<C> row_part = team_row_partial(part, k, team, max_scratch, sum_scratch);
-  C divergence = C(0);
+  double divergence = 0.0;
   RowStats<C> stats = rowmath::finish_stats(row_part, k, &divergence);
 
   if (k.need_kd && (k.divergence == Divergence::JSD || k.divergence == Divergence::TVD)) {
@@ -247,8 +253,8 @@ __global__ void __launch_bounds__(kMaxRowsBlock, 1) kd_forward_rows_kernel(Forwa
                                              sweep_batch(s, t, k, stats, acc[0], acc[1]);
                                            });
     team_all_reduce(acc, sweep_scratch, team, SumOp{});
-    divergence = k.divergence == Divergence::JSD ? rowmath::finish_jsd(acc[0], acc[1], k, stats)
-                                                 : rowmath::finish_tvd(acc[0], acc[1], stats);
+    divergence = static_cast<double>(k.divergence == Divergence::JSD ? rowmath::finish_jsd(acc[0], acc[1], k, stats)
+                                                                      : rowmath::finish_tvd(acc[0], acc[1], stats));
   }
 
   if (!in_range || lane != 0) return;
@@ -260,13 +266,18 @@ __global__ void __launch_bounds__(kMaxRowsBlock, 1) kd_forward_rows_kernel(Forwa
     row_loss = quiet_nan<C>();
     for (int j = 0; j < kRowStats; ++j) stats_out[j] = row_loss;
   } else {
-    C ce = C(0);
+    double ce = 0.0;
     if (k.need_ce && p.labels != nullptr) {
-      const C label_logit = SX::to_compute(load_element<SX>(s_row + label)) - stats.student_max;
-      ce = rowmath::cross_entropy(label_logit, stats.student_log_sum_1, row_part.student_centered_total,
-                                  static_cast<int64_t>(p.vocab), k.label_smoothing);
+      const double label_logit = static_cast<double>(SX::to_compute(load_element<SX>(s_row + label))) -
+                                 static_cast<double>(stats.student_max);
+      const double centered =
+          static_cast<double>(row_part.student_centered_total) / static_cast<double>(k.diff_scale);
+      ce = rowmath::cross_entropy(label_logit, static_cast<double>(stats.student_log_sum_1), centered,
+                                  static_cast<int64_t>(p.vocab), k.label_smoothing_d);
     }
-    row_loss = rowmath::combine_loss(ce, divergence, k);
+    // NaN in, NaN out (rowmath::row_sums_defined); the backward pass then writes NaN gradients.
+    row_loss = rowmath::row_sums_defined(row_part, k) ? static_cast<C>(rowmath::combine_loss(ce, divergence, k))
+                                                      : quiet_nan<C>();
     stats_out[0] = stats.teacher_max;
     stats_out[1] = stats.teacher_log_sum;
     stats_out[2] = stats.student_max;
@@ -336,7 +347,7 @@ int forward_team_size(int64_t vocab, int64_t rows, int multiprocessors) {
 
 template <class SX, class TX, class C>
 void forward_typed(const KDForwardArgs& args, cudaStream_t stream) {
-  const Coefficients<C> k = rowmath::make_coefficients<C>(args.options);
+  const Coefficients<C> k = rowmath::make_coefficients<C>(args.options, args.vocab);
   ForwardRowsParams params;
   params.student = args.student;
   params.student_row_stride = args.student_row_stride;

@@ -70,19 +70,28 @@ __device__ __forceinline__ void block_all_reduce(C (&values)[N], Op op) {
   team_all_reduce(values, scratch, kThreads, op);
 }
 
-// D(p, q) terms of one element given log p and log q (as the CPU sweep), into acc0 / acc1.
+// Logits enter as scaled differences d = h x - h max (rowmath.h, difference_scale), with
+// κ = 1/(hT) and 1/h the scales of their exponentials at T and at 1.
+
+// D(p, q) terms of one element into acc0 / acc1, given the scaled differences of the two sides
+// (dp: the teacher's, or the mixture's log-probability y in h units; dq: the student's) and
+// the log-probabilities log p, log q. forward_kl / reverse_kl sum in h units, acc0 += p (dp - dq)
+// (q (dq - dp)) and acc1 += p (q), so that no (dp - dq)/T is formed on its own: D follows in
+// double from κ acc0 / acc1 and the log-sums (finish_divergence).
 template <class C>
-__device__ __forceinline__ void divergence_terms(Divergence d, C log_p, C log_q, const rowmath::Coefficients<C>& k, C& acc0,
-                                                 C& acc1) {
+__device__ __forceinline__ void divergence_terms(Divergence d, C dp, C dq, C log_p, C log_q,
+                                                 const rowmath::Coefficients<C>& k, C& acc0, C& acc1) {
   switch (d) {
     case Divergence::ForwardKL: {
       const C p = rowmath::exp_c(log_p);
-      acc0 += p > C(0) ? p * (log_p - log_q) : C(0);
+      acc0 += p > C(0) ? p * (dp - dq) : C(0);
+      acc1 += p;
       break;
     }
     case Divergence::ReverseKL: {
       const C q = rowmath::exp_c(log_q);
-      acc0 += q > C(0) ? q * (log_q - log_p) : C(0);
+      acc0 += q > C(0) ? q * (dq - dp) : C(0);
+      acc1 += q;
       break;
     }
     case Divergence::JSD: rowmath::jsd_terms(log_p, log_q, k, acc0, acc1); break;
@@ -90,15 +99,22 @@ __device__ __forceinline__ void divergence_terms(Divergence d, C log_p, C log_q,
   }
 }
 
-// D and its aux value (rowmath::RowStats::aux) from the sweep sums.
+// D (double) and its aux value (rowmath::RowStats::aux) from the sweep sums; log_offset is
+// log Z_q - log Z_p (forward_kl: the log p − log q offset; reverse_kl uses its negative).
 template <class C>
-__device__ __forceinline__ C finish_divergence(Divergence d, C acc0, C acc1, const rowmath::Coefficients<C>& k, C& aux) {
+__device__ __forceinline__ double finish_divergence(Divergence d, C acc0, C acc1, double log_offset,
+                                                    const rowmath::Coefficients<C>& k, C& aux) {
   rowmath::RowStats<C> st{};
-  C value = acc0;
   st.aux = C(0);
-  if (d == Divergence::ReverseKL) st.aux = acc0;
-  if (d == Divergence::JSD) value = rowmath::finish_jsd(acc0, acc1, k, st);
-  if (d == Divergence::TVD) value = rowmath::finish_tvd(acc0, acc1, st);
+  double value = 0.0;
+  if (d == Divergence::ForwardKL || d == Divergence::ReverseKL) {
+    const double mean = static_cast<double>(acc0) / static_cast<double>(acc1);
+    const double offset = d == Divergence::ForwardKL ? log_offset : -log_offset;
+    value = mean * k.inv_scaled_t_d + offset;
+    if (d == Divergence::ReverseKL) st.aux = static_cast<C>(mean + offset / k.inv_scaled_t_d);  // D / κ
+  }
+  if (d == Divergence::JSD) value = static_cast<double>(rowmath::finish_jsd(acc0, acc1, k, st));
+  if (d == Divergence::TVD) value = static_cast<double>(rowmath::finish_tvd(acc0, acc1, st));
   aux = st.aux;
   return value;
 }
@@ -108,9 +124,8 @@ __device__ __forceinline__ C divergence_gradient(Divergence d, C log_p, C log_q,
                                                  const rowmath::Coefficients<C>& k) {
   switch (d) {
     case Divergence::ForwardKL: return rowmath::divergence_grad<Divergence::ForwardKL>(log_p, log_q, q, aux, k);
-    case Divergence::ReverseKL: return rowmath::divergence_grad<Divergence::ReverseKL>(log_p, log_q, q, aux, k);
     case Divergence::JSD: return rowmath::divergence_grad<Divergence::JSD>(log_p, log_q, q, aux, k);
-    case Divergence::TVD: break;
+    default: break;
   }
   return rowmath::divergence_grad<Divergence::TVD>(log_p, log_q, q, aux, k);
 }
@@ -120,9 +135,36 @@ __device__ __forceinline__ C weight_of(const MultiParams& p, int m, int64_t row)
   return static_cast<const C*>(p.weights)[m * p.weight_teacher_stride + row * p.weight_row_stride];
 }
 
+// The mixture's log-probability of element i in h units, y = log p̄_i / κ with
+// p̄_i = Σ_m w_m p_mi: a log-sum-exp over the teachers of dt_mi + offset[m], offset[m] =
+// (log w_m - log Z_m)/κ, so that a token every teacher gives a probability below the float
+// range keeps its exact log p̄_i.
+template <class TX, class C>
+__device__ __forceinline__ C mixture_log_prob(const MultiParams& p, int64_t row, int i, const C* scaled_max,
+                                              const C* offset, const rowmath::Coefficients<C>& k) {
+  const C h = k.diff_scale, kappa = k.inv_scaled_t;
+  C top = negative_infinity<C>(), sum = C(0);
+  for (int m = 0; m < p.num_teachers; ++m) {
+    const C x = load_value<TX, C>(p.teachers.rows[m], p.teachers.row_strides[m], row, i);
+    const C y = rowmath::scaled_difference(x, h, scaled_max[m]) + offset[m];
+    const C new_top = y > top ? y : top;
+    const C shift = new_top == negative_infinity<C>() ? C(0) : new_top;
+    sum = sum * rowmath::exp_c((top - shift) * kappa) + rowmath::exp_c((y - shift) * kappa);
+    top = new_top;
+  }
+  return top + rowmath::log_c(sum) / kappa;
+}
+
+// (log w - log Z)/κ in h units; -inf for a zero weight.
+template <class C>
+__device__ __forceinline__ C mixture_offset(C weight, C log_sum, const rowmath::Coefficients<C>& k) {
+  const double log_w = weight > C(0) ? ::log(static_cast<double>(weight)) : rowmath::neg_inf<double>();
+  return static_cast<C>((log_w - static_cast<double>(log_sum)) / k.inv_scaled_t_d);
+}
+
 template <class SX, class TX, class C>
 __global__ void __launch_bounds__(kThreads) multi_teacher_forward_kernel(MultiParams p, rowmath::Coefficients<C> k) {
-  const C inv_t = k.inv_temperature;
+  const C h = k.diff_scale, kappa = k.inv_scaled_t, inv_h = k.inv_diff_scale;
   const bool smooth = k.need_ce && k.label_smoothing > C(0);
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     C* stats = static_cast<C*>(p.row_stats) + row * p.stats_width;
@@ -134,25 +176,29 @@ __global__ void __launch_bounds__(kThreads) multi_teacher_forward_kernel(MultiPa
       if (p.reduction == Reduction::None && threadIdx.x == 0) static_cast<C*>(p.loss)[row] = fill;
       continue;  // uniform over the block: one row per block
     }
-    // Student: maximum, then the sums relative to it.
+    // Student: maximum, then the sums relative to it (shifted by 0 when the maximum is -inf).
     C student_max[1] = {negative_infinity<C>()};
     for (int i = threadIdx.x; i < p.vocab; i += kThreads)
       student_max[0] = fmax(student_max[0], load_value<SX, C>(p.student, p.student_row_stride, row, i));
     block_all_reduce(student_max, MaxOp{});
     const C shift_s = student_max[0] == negative_infinity<C>() ? C(0) : student_max[0];
-    C sums[3] = {C(0), C(0), C(0)};  // sum exp(ds/T), sum exp(ds), sum ds
+    const C scaled_shift_s = shift_s * h;
+    C sums[3] = {C(0), C(0), C(0)};  // sum exp(ds κ), sum exp(ds / h), sum ds
     for (int i = threadIdx.x; i < p.vocab; i += kThreads) {
-      const C ds = load_value<SX, C>(p.student, p.student_row_stride, row, i) - shift_s;
-      sums[0] += rowmath::exp_c(ds * inv_t);
-      if (k.need_student_1) sums[1] += rowmath::exp_c(ds);
+      const C ds = rowmath::scaled_difference(load_value<SX, C>(p.student, p.student_row_stride, row, i), h,
+                                              scaled_shift_s);
+      sums[0] += rowmath::exp_c(ds * kappa);
+      if (k.need_student_1) sums[1] += rowmath::exp_c(ds * inv_h);
       if (smooth) sums[2] += ds;
     }
     block_all_reduce(sums, SumOp{});
     const C log_sum_t = rowmath::log_of_sum(sums[0]);
     const C log_sum_1 = k.need_student_1 ? rowmath::log_of_sum(sums[1]) : log_sum_t;
+    bool defined = rowmath::student_sums_defined(sums[0], sums[1], k);  // NaN in, NaN out (rowmath.h)
 
-    C divergence = C(0), mixture_aux = C(0);
-    C teacher_shift[kCudaMaxTeachers], teacher_log_sum[kCudaMaxTeachers];
+    double divergence = 0.0;
+    C mixture_aux = C(0);
+    C teacher_shift[kCudaMaxTeachers], teacher_log_sum[kCudaMaxTeachers], offset[kCudaMaxTeachers];
     if (k.need_kd) {
       for (int m = 0; m < p.num_teachers; ++m) {
         const void* t_base = p.teachers.rows[m];
@@ -163,53 +209,63 @@ __global__ void __launch_bounds__(kThreads) multi_teacher_forward_kernel(MultiPa
         block_all_reduce(teacher_max, MaxOp{});
         const C shift_t = teacher_max[0] == negative_infinity<C>() ? C(0) : teacher_max[0];
         C teacher_sum[1] = {C(0)};
-        for (int i = threadIdx.x; i < p.vocab; i += kThreads)
-          teacher_sum[0] += rowmath::exp_c((load_value<TX, C>(t_base, t_stride, row, i) - shift_t) * inv_t);
+        for (int i = threadIdx.x; i < p.vocab; i += kThreads) {
+          const C dt = rowmath::scaled_difference(load_value<TX, C>(t_base, t_stride, row, i), h, shift_t * h);
+          teacher_sum[0] += rowmath::exp_c(dt * kappa);
+        }
         block_all_reduce(teacher_sum, SumOp{});
+        defined = defined && rowmath::sum_defined(teacher_sum[0]);  // every teacher counts, whatever its weight
         teacher_shift[m] = shift_t;
         teacher_log_sum[m] = rowmath::log_of_sum(teacher_sum[0]);
+      }
+      C scaled_shift[kCudaMaxTeachers];
+      for (int m = 0; m < p.num_teachers; ++m) {
+        scaled_shift[m] = teacher_shift[m] * h;
+        offset[m] = mixture_offset(weight_of<C>(p, m, row), teacher_log_sum[m], k);
       }
       if (!p.mixture) {
         for (int m = 0; m < p.num_teachers; ++m) {
           C acc[2] = {C(0), C(0)};
           for (int i = threadIdx.x; i < p.vocab; i += kThreads) {
-            const C log_q = (load_value<SX, C>(p.student, p.student_row_stride, row, i) - shift_s) * inv_t - log_sum_t;
-            const C log_p =
-                (load_value<TX, C>(p.teachers.rows[m], p.teachers.row_strides[m], row, i) - teacher_shift[m]) * inv_t -
-                teacher_log_sum[m];
-            divergence_terms(p.divergence, log_p, log_q, k, acc[0], acc[1]);
+            const C ds = rowmath::scaled_difference(load_value<SX, C>(p.student, p.student_row_stride, row, i), h,
+                                                    scaled_shift_s);
+            const C dt = rowmath::scaled_difference(
+                load_value<TX, C>(p.teachers.rows[m], p.teachers.row_strides[m], row, i), h, scaled_shift[m]);
+            divergence_terms(p.divergence, dt, ds, dt * kappa - teacher_log_sum[m], ds * kappa - log_sum_t, k, acc[0],
+                             acc[1]);
           }
           block_all_reduce(acc, SumOp{});
           C aux = C(0);
-          const C d_m = finish_divergence(p.divergence, acc[0], acc[1], k, aux);
+          const double d_m = finish_divergence(p.divergence, acc[0], acc[1],
+                                               static_cast<double>(log_sum_t) - static_cast<double>(teacher_log_sum[m]),
+                                               k, aux);
           const C w = weight_of<C>(p, m, row);
-          if (w > C(0)) divergence += w * d_m;
+          if (w > C(0)) divergence += static_cast<double>(w) * d_m;
           if (threadIdx.x == 0) stats[kMultiTeacherRowStatsBase + kMultiTeacherStatsPerTeacher * m + 2] = aux;
         }
       } else {
         C acc[2] = {C(0), C(0)};
         for (int i = threadIdx.x; i < p.vocab; i += kThreads) {
-          const C log_q = (load_value<SX, C>(p.student, p.student_row_stride, row, i) - shift_s) * inv_t - log_sum_t;
-          C mixture = C(0);
-          for (int m = 0; m < p.num_teachers; ++m) {
-            const C log_p =
-                (load_value<TX, C>(p.teachers.rows[m], p.teachers.row_strides[m], row, i) - teacher_shift[m]) * inv_t -
-                teacher_log_sum[m];
-            mixture += weight_of<C>(p, m, row) * rowmath::exp_c(log_p);
-          }
-          divergence_terms(p.divergence, rowmath::log_c(mixture), log_q, k, acc[0], acc[1]);
+          const C ds = rowmath::scaled_difference(load_value<SX, C>(p.student, p.student_row_stride, row, i), h,
+                                                  scaled_shift_s);
+          const C y = mixture_log_prob<TX, C>(p, row, i, scaled_shift, offset, k);
+          divergence_terms(p.divergence, y, ds, y * kappa, ds * kappa - log_sum_t, k, acc[0], acc[1]);
         }
         block_all_reduce(acc, SumOp{});
-        divergence = finish_divergence(p.divergence, acc[0], acc[1], k, mixture_aux);
+        divergence = finish_divergence(p.divergence, acc[0], acc[1], static_cast<double>(log_sum_t), k, mixture_aux);
       }
     }
     if (threadIdx.x == 0) {
-      C ce = C(0);
+      double ce = 0.0;
       if (k.need_ce) {
-        const C label_logit = load_value<SX, C>(p.student, p.student_row_stride, row, static_cast<int>(label)) - shift_s;
-        ce = rowmath::cross_entropy(label_logit, log_sum_1, sums[2], static_cast<int64_t>(p.vocab), k.label_smoothing);
+        const double label_logit =
+            static_cast<double>(load_value<SX, C>(p.student, p.student_row_stride, row, static_cast<int>(label))) -
+            static_cast<double>(shift_s);
+        ce = rowmath::cross_entropy(label_logit, static_cast<double>(log_sum_1),
+                                    static_cast<double>(sums[2]) / static_cast<double>(h),
+                                    static_cast<int64_t>(p.vocab), k.label_smoothing_d);
       }
-      const C row_loss = rowmath::combine_loss(ce, divergence, k);
+      const C row_loss = defined ? static_cast<C>(rowmath::combine_loss(ce, divergence, k)) : quiet_nan<C>();
       stats[0] = shift_s;
       stats[1] = log_sum_t;
       stats[2] = log_sum_1;
@@ -253,7 +309,7 @@ __global__ void __launch_bounds__(kReduceThreads)
 
 template <class SX, class TX, class C>
 __global__ void __launch_bounds__(kThreads) multi_teacher_backward_kernel(MultiParams p, rowmath::Coefficients<C> k) {
-  const C inv_t = k.inv_temperature;
+  const C h = k.diff_scale, kappa = k.inv_scaled_t, inv_h = k.inv_diff_scale;
   using Raw = typename SX::Raw;
   double reduction_scale = 1.0;
   if (p.reduction == Reduction::Mean) {
@@ -264,41 +320,78 @@ __global__ void __launch_bounds__(kThreads) multi_teacher_backward_kernel(MultiP
   }
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     Raw* g_row = static_cast<Raw*>(p.grad_student) + row * static_cast<int64_t>(p.vocab);
-    if (p.labels != nullptr && p.labels[row] == p.ignore_index) {
-      for (int i = threadIdx.x; i < p.vocab; i += kThreads) g_row[i] = SX::from_compute(C(0));
+    const C* st = static_cast<const C*>(p.row_stats) + row * p.stats_width;
+    const bool ignored = p.labels != nullptr && p.labels[row] == p.ignore_index;
+    if (ignored || st[4] != st[4]) {  // ignored: zeros; a NaN row loss (NaN input, bad label): NaN
+      const C fill = ignored ? C(0) : quiet_nan<C>();
+      for (int i = threadIdx.x; i < p.vocab; i += kThreads) g_row[i] = SX::from_compute(fill);
       continue;
     }
-    const C g = static_cast<C>(static_cast<double>(static_cast<const C*>(p.grad_output)[row * p.grad_output_stride]) *
-                               reduction_scale);
-    const C* st = static_cast<const C*>(p.row_stats) + row * p.stats_width;
-    const C shift_s = st[0], log_sum_t = st[1], log_sum_1 = st[2], mixture_aux = st[3];
-    const C ce_factor = g * k.alpha;
-    const C kd_factor = g * (C(1) - k.alpha) * k.divergence_scale * inv_t;
-    const C smooth = k.label_smoothing / static_cast<C>(p.vocab);
+    const double g =
+        static_cast<double>(static_cast<const C*>(p.grad_output)[row * p.grad_output_stride]) * reduction_scale;
+    const C shift_s = st[0] * h, log_sum_t = st[1], log_sum_1 = st[2], mixture_aux = st[3];
+    // The row's factors: for the mixture (teacher log-sum 0: y is a log-probability) and per
+    // teacher (combine Sum: its weight folded in).
+    const rowmath::GradRow<C> factors =
+        rowmath::make_grad_row(g, k, rowmath::RowStats<C>{C(0), C(0), st[0], log_sum_t, log_sum_1, mixture_aux},
+                               static_cast<int64_t>(p.vocab));
+    C scaled_shift[kCudaMaxTeachers], offset[kCudaMaxTeachers], kd_w[kCudaMaxTeachers], rkl_a[kCudaMaxTeachers],
+        rkl_b[kCudaMaxTeachers], rkl_c[kCudaMaxTeachers];
+    for (int m = 0; m < p.num_teachers && k.need_kd; ++m) {
+      const C* ts = st + kMultiTeacherRowStatsBase + kMultiTeacherStatsPerTeacher * m;
+      const C w = weight_of<C>(p, m, row);
+      const rowmath::GradRow<C> teacher = rowmath::make_grad_row(
+          g * static_cast<double>(w), k, rowmath::RowStats<C>{ts[0], ts[1], st[0], log_sum_t, log_sum_1, ts[2]},
+          static_cast<int64_t>(p.vocab));
+      scaled_shift[m] = ts[0] * h;
+      offset[m] = mixture_offset(w, ts[1], k);
+      kd_w[m] = teacher.kd_factor;
+      rkl_a[m] = teacher.rkl_a;
+      rkl_b[m] = teacher.rkl_b;
+      rkl_c[m] = teacher.rkl_c;
+    }
     const int64_t label = p.labels != nullptr ? p.labels[row] : -1;
-    const C label_step = g * k.alpha * (C(1) - k.label_smoothing);
     for (int i = threadIdx.x; i < p.vocab; i += kThreads) {
-      const C ds = load_value<SX, C>(p.student, p.student_row_stride, row, i) - shift_s;
-      const C log_q = ds * inv_t - log_sum_t;
+      const C ds = rowmath::scaled_difference(load_value<SX, C>(p.student, p.student_row_stride, row, i), h, shift_s);
+      const C log_q = ds * kappa - log_sum_t;
       const C q = rowmath::exp_c(log_q);
       C value = C(0);
       if (k.need_ce) {
-        const C r = k.need_student_1 ? rowmath::exp_c(ds - log_sum_1) : q;
-        value += ce_factor * (r - smooth);
-        if (i == label) value -= label_step;
+        const C r = k.need_student_1 ? rowmath::exp_c(ds * inv_h - log_sum_1) : q;
+        value += factors.ce_factor * (r - factors.smooth);
+        if (i == label) value -= factors.label_step;
       }
       if (k.need_kd) {
-        C mixture = C(0), kd_sum = C(0);
-        for (int m = 0; m < p.num_teachers; ++m) {
-          const C* ts = st + kMultiTeacherRowStatsBase + kMultiTeacherStatsPerTeacher * m;
-          const C log_p =
-              (load_value<TX, C>(p.teachers.rows[m], p.teachers.row_strides[m], row, i) - ts[0]) * inv_t - ts[1];
-          const C w = weight_of<C>(p, m, row);
-          if (p.mixture) mixture += w * rowmath::exp_c(log_p);
-          else if (w > C(0)) kd_sum += w * divergence_gradient(p.divergence, log_p, log_q, q, ts[2], k);
+        if (p.divergence == Divergence::ForwardKL) {
+          // Sum and mixture alike: kd_factor (q - Σ_m w_m p_m).
+          C teacher_part = C(0);
+          for (int m = 0; m < p.num_teachers; ++m) {
+            const C* ts = st + kMultiTeacherRowStatsBase + kMultiTeacherStatsPerTeacher * m;
+            const C dt = rowmath::scaled_difference(
+                load_value<TX, C>(p.teachers.rows[m], p.teachers.row_strides[m], row, i), h, scaled_shift[m]);
+            teacher_part += kd_w[m] * rowmath::exp_c(dt * kappa - ts[1]);
+          }
+          value += factors.kd_factor * q - teacher_part;  // the weights sum to 1
+        } else if (p.mixture) {
+          const C y = mixture_log_prob<TX, C>(p, row, i, scaled_shift, offset, k);
+          if (p.divergence == Divergence::ReverseKL) {
+            value += rowmath::reverse_kl_grad(ds, y, q, factors.rkl_a, factors.rkl_b, factors.rkl_c);
+          } else {
+            value += factors.kd_factor * divergence_gradient(p.divergence, y * kappa, log_q, q, mixture_aux, k);
+          }
+        } else {
+          for (int m = 0; m < p.num_teachers; ++m) {
+            if (!(kd_w[m] != C(0))) continue;  // a zero weight: no gradient (and no 0 · inf)
+            const C* ts = st + kMultiTeacherRowStatsBase + kMultiTeacherStatsPerTeacher * m;
+            const C dt = rowmath::scaled_difference(
+                load_value<TX, C>(p.teachers.rows[m], p.teachers.row_strides[m], row, i), h, scaled_shift[m]);
+            if (p.divergence == Divergence::ReverseKL) {
+              value += rowmath::reverse_kl_grad(ds, dt, q, rkl_a[m], rkl_b[m], rkl_c[m]);
+            } else {
+              value += kd_w[m] * divergence_gradient(p.divergence, dt * kappa - ts[1], log_q, q, ts[2], k);
+            }
+          }
         }
-        if (p.mixture) kd_sum = divergence_gradient(p.divergence, rowmath::log_c(mixture), log_q, q, mixture_aux, k);
-        value += kd_factor * kd_sum;
       }
       g_row[i] = SX::from_compute(value);
     }
@@ -346,7 +439,7 @@ unsigned grid_for(int64_t rows) {
 
 template <class SX, class TX, class C>
 void forward_typed(const MultiTeacherKDArgs& args, cudaStream_t stream) {
-  const rowmath::Coefficients<C> k = rowmath::make_coefficients<C>(args.options);
+  const rowmath::Coefficients<C> k = rowmath::make_coefficients<C>(args.options, args.vocab);
   const MultiParams p = make_params<C>(args);
   if (args.rows > 0) {
     multi_teacher_forward_kernel<SX, TX, C><<<grid_for(args.rows), kThreads, 0, stream>>>(p, k);
@@ -360,7 +453,7 @@ void forward_typed(const MultiTeacherKDArgs& args, cudaStream_t stream) {
 
 template <class SX, class TX, class C>
 void backward_typed(const MultiTeacherKDArgs& args, cudaStream_t stream) {
-  const rowmath::Coefficients<C> k = rowmath::make_coefficients<C>(args.options);
+  const rowmath::Coefficients<C> k = rowmath::make_coefficients<C>(args.options, args.vocab);
   const MultiParams p = make_params<C>(args);
   if (args.rows == 0) return;
   multi_teacher_backward_kernel<SX, TX, C><<<grid_for(args.rows), kThreads, 0, stream>>>(p, k);

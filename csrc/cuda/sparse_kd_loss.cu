@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
     sparse_kd_forward_rows_kernel(SparseRowParams p, SparseCoefficients<double> k) {
   constexpr int kW = BatchLayout<C>::kWidth;
   extern __shared__ unsigned bitmap[];
-  __shared__ BlockScratch<5> max_scratch;
+  __shared__ BlockScratch<4> max_scratch;
   __shared__ BlockScratch<7> sum_scratch;
   __shared__ BlockScratch<2> term_scratch;
 
@@ -175,17 +175,20 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
 
   // The kept logits (read back; a thread handles slots j = threadIdx.x + i * blockDim.x).
   const SoftLabelView& labels = p.soft_labels;
-  double kept_max_t = -kInfinity, kept_max_1 = -kInfinity, teacher_max = -kInfinity;
+  double kept_max = -kInfinity, teacher_max = -kInfinity;
   for (int j = threadIdx.x; j < kk; j += blockDim.x) {
     const int64_t index = sparse::load_index(labels.indices, labels.index_type, row * kk + j);
-    const double logit = static_cast<double>(SX::to_compute(load_element<SX>(s_row + index)));
-    kept_max_t = fmax(kept_max_t, logit * inv_t);
-    kept_max_1 = fmax(kept_max_1, logit);
+    kept_max = fmax(kept_max, static_cast<double>(SX::to_compute(load_element<SX>(s_row + index))));
     if (k.need_kd) teacher_max = fmax(teacher_max, sparse::load_value<double>(labels.logprobs, labels.logprob_dtype, row * kk + j));
   }
-  double maxima[5] = {static_cast<double>(tail_t.max_value), static_cast<double>(tail_1.max_value), kept_max_t,
-                      kept_max_1, teacher_max};
+  double maxima[4] = {static_cast<double>(tail_t.max_value), static_cast<double>(tail_1.max_value), kept_max,
+                      teacher_max};
   block_reduce(maxima, max_scratch, MaxOp{});
+  // The log-normalisers are relative to the largest student logit the row reads (as on the CPU).
+  const bool streamed = p.plan.tail_at_t || p.plan.tail_at_1;
+  const double tail_max = streamed ? fmax(maxima[0], maxima[1]) : -kInfinity;
+  const double kd_reference = sparse::reference_logit(maxima[2], k.bucket ? tail_max : -kInfinity);
+  const double reference = sparse::reference_logit(maxima[2], tail_max);
   double sums[7] = {0.0, 0.0, 0.0, 0.0, 0.0, total, static_cast<double>(nan_count)};
   if (tail_t.max_value != negative_infinity<C>()) {
     sums[0] = static_cast<double>(tail_t.sum) * ::exp((static_cast<double>(tail_t.max_value) - maxima[0]) * inv_t);
@@ -196,32 +199,36 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
   for (int j = threadIdx.x; j < kk; j += blockDim.x) {
     const int64_t index = sparse::load_index(labels.indices, labels.index_type, row * kk + j);
     const double logit = static_cast<double>(SX::to_compute(load_element<SX>(s_row + index)));
-    if (maxima[2] != -kInfinity) sums[2] += ::exp(logit * inv_t - maxima[2]);
-    if (maxima[3] != -kInfinity) sums[3] += ::exp(logit - maxima[3]);
-    if (k.need_kd && maxima[4] != -kInfinity) {
-      sums[4] += ::exp(sparse::load_value<double>(labels.logprobs, labels.logprob_dtype, row * kk + j) - maxima[4]);
+    sums[2] += ::exp((logit - kd_reference) * inv_t);
+    sums[3] += ::exp(logit - reference);
+    if (k.need_kd) {  // relative to the largest (0 when none is finite: -inf stays -inf, NaN stays NaN)
+      const double shift = maxima[3] == -kInfinity ? 0.0 : maxima[3];
+      sums[4] += ::exp(sparse::load_value<double>(labels.logprobs, labels.logprob_dtype, row * kk + j) - shift);
     }
   }
   block_reduce(sums, sum_scratch, SumOp{});
 
-  const double tail_lse_t = p.plan.tail_at_t ? finish_log_sum_exp(maxima[0] * inv_t, sums[0]) : -kInfinity;
-  const double lse_kept_t = finish_log_sum_exp(maxima[2], sums[2]);
+  const double tail_lse_t =
+      p.plan.tail_at_t ? finish_log_sum_exp((maxima[0] - kd_reference) * inv_t, sums[0]) : -kInfinity;
+  const double lse_kept_t = finish_log_sum_exp(0.0, sums[2]);
   const double student_norm = k.bucket ? sparse::log_add_exp(lse_kept_t, tail_lse_t) : lse_kept_t;
   double lse_1 = student_norm;  // T == 1 in bucket mode: the full row's log-sum-exp at T
   if (p.plan.tail_at_1) {
-    lse_1 = sparse::log_add_exp(finish_log_sum_exp(maxima[3], sums[3]), finish_log_sum_exp(maxima[1], sums[1]));
+    lse_1 = sparse::log_add_exp(finish_log_sum_exp(0.0, sums[3]), finish_log_sum_exp(maxima[1] - reference, sums[1]));
   }
 
   double divergence = 0.0, g_bar = 0.0, tail_coeff = 0.0, teacher_norm = 0.0;
   if (k.need_kd) {
     const double teacher_tail = k.bucket ? sparse::load_value<double>(labels.tail_logprob, labels.tail_dtype, row) : -kInfinity;
-    teacher_norm = sparse::log_add_exp(finish_log_sum_exp(maxima[4], sums[4]), teacher_tail);
+    teacher_norm = sparse::log_add_exp(finish_log_sum_exp(maxima[3] == -kInfinity ? 0.0 : maxima[3], sums[4]),
+                                       teacher_tail);
     double terms[2] = {0.0, 0.0};
     for (int j = threadIdx.x; j < kk; j += blockDim.x) {
       const int64_t index = sparse::load_index(labels.indices, labels.index_type, row * kk + j);
       const double logit = static_cast<double>(SX::to_compute(load_element<SX>(s_row + index)));
       const double log_p = sparse::load_value<double>(labels.logprobs, labels.logprob_dtype, row * kk + j) - teacher_norm;
-      const auto term = sparse::bucket_term<double>(log_p, logit * inv_t - student_norm, k.divergence, k.beta);
+      const auto term =
+          sparse::bucket_term<double>(log_p, (logit - kd_reference) * inv_t - student_norm, k.divergence, k.beta);
       terms[0] += term.divergence;
       terms[1] += term.weight;
     }
@@ -240,18 +247,21 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
   if (threadIdx.x != 0) return;
   double ce = 0.0;
   if (k.need_ce) {
-    const double label_logit = static_cast<double>(SX::to_compute(load_element<SX>(s_row + p.labels[row])));
+    const double label_logit =
+        static_cast<double>(SX::to_compute(load_element<SX>(s_row + p.labels[row]))) - reference;
     const double eps = k.label_smoothing;
     ce = -(1.0 - eps) * (label_logit - lse_1);
-    if (eps > 0.0) ce -= eps * (sums[5] / static_cast<double>(vocab) - lse_1);
+    if (eps > 0.0) ce -= eps * ((sums[5] / static_cast<double>(vocab) - reference) - lse_1);
   }
   double loss = 0.0;
   if (k.need_ce) loss += k.alpha * ce;
   if (k.need_kd) loss += (1.0 - k.alpha) * k.divergence_scale * divergence;
-  if (sums[6] > 0.0) loss = std::numeric_limits<double>::quiet_NaN();
+  // NaN in, NaN out (sparse::row_defined); the backward pass then writes a NaN gradient row.
+  if (!sparse::row_defined(k, static_cast<int64_t>(sums[6]), student_norm, teacher_norm, lse_1)) {
+    loss = std::numeric_limits<double>::quiet_NaN();
+  }
 
-  const bool streamed = p.plan.tail_at_t || p.plan.tail_at_1;
-  stats[0] = streamed ? fmax(maxima[0], maxima[1]) : -kInfinity;
+  stats[0] = tail_max;
   stats[1] = p.plan.tail_at_t && sums[0] > 0.0 ? ::log(sums[0]) : (sums[0] != sums[0] ? sums[0] : -kInfinity);
   stats[2] = student_norm;
   stats[3] = lse_1;
@@ -320,6 +330,14 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
   const int groups = (vocab + kW - 1) / kW;
   const int64_t label = p.labels != nullptr ? p.labels[row] : int64_t(-1);
   const bool ignored = p.labels != nullptr && label == p.ignore_index;
+  const double* st = p.row_stats + row * kSparseRowStats;
+  if (!ignored && st[kSparseLossColumn] != st[kSparseLossColumn]) {  // a NaN row loss: a NaN gradient row
+    C nans[kW];
+#pragma unroll
+    for (int e = 0; e < kW; ++e) nans[e] = std::numeric_limits<C>::quiet_NaN();
+    for (int g = threadIdx.x; g < groups; g += team) store_group<SX, C, kVectorized>(g_row, g * kW, vocab, nans);
+    return;
+  }
   const bool tail_gradient = !ignored && (p.kd_tail || k.need_ce);
 
   // Ignored rows, and rows whose tail entries get no gradient (no tail bucket, no cross-entropy,
@@ -339,7 +357,6 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
   } else if (p.reduction == Reduction::BatchMean) {
     reduction_scale = p.rows > 0 ? 1.0 / static_cast<double>(p.rows) : 0.0;
   }
-  const double* st = p.row_stats + row * kSparseRowStats;
   const double g = static_cast<double>(static_cast<const C*>(p.grad_output)[row * p.grad_output_stride]) * reduction_scale;
   const double inv_t = k.inv_temperature;
   const double kd_factor = k.need_kd ? g * (1.0 - k.alpha) * k.divergence_scale * inv_t : 0.0;
@@ -350,17 +367,27 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
   const bool has_tail = tail_max != -kInfinity;
   const double tail_ref = has_tail ? tail_max : 0.0;
   const double log_sum_t = has_tail && p.kd_tail ? tail_log_sum_t : 0.0;
-  const double q_tail = has_tail && p.kd_tail ? ::exp(tail_max * inv_t + tail_log_sum_t - student_norm) : 0.0;
   const double label_step = ce_factor * (1.0 - k.label_smoothing);
   const bool label_in_row = k.need_ce && label >= 0 && label < vocab;
 
   const SoftLabelView& labels = p.soft_labels;
   const int kk = static_cast<int>(labels.k);
+  const typename SX::Raw* s_row = static_cast<const typename SX::Raw*>(p.student) + row * p.student_row_stride;
   bool label_kept = false;
+  double kept_max[1] = {-kInfinity};
   for (int j = threadIdx.x; j < kk; j += team) {
-    label_kept = label_kept || sparse::load_index(labels.indices, labels.index_type, row * kk + j) == label;
+    const int64_t index = sparse::load_index(labels.indices, labels.index_type, row * kk + j);
+    label_kept = label_kept || index == label;
+    kept_max[0] = fmax(kept_max[0], static_cast<double>(SX::to_compute(load_element<SX>(s_row + index))));
   }
   label_kept = __syncthreads_or(label_kept ? 1 : 0) != 0;
+  __shared__ BlockScratch<1> max_scratch;
+  block_reduce(kept_max, max_scratch, MaxOp{});
+  // The forward pass's reference logits (its log-normalisers are relative to them).
+  const double kd_reference = sparse::reference_logit(kept_max[0], k.bucket ? tail_max : -kInfinity);
+  const double reference = sparse::reference_logit(kept_max[0], tail_max);
+  const double q_tail =
+      has_tail && p.kd_tail ? ::exp((tail_max - kd_reference) * inv_t + tail_log_sum_t - student_norm) : 0.0;
 
   if (tail_gradient) {
     // Tail formula for every element (kept positions are overwritten below), as the CPU's
@@ -368,9 +395,8 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
     const C c_tail_ref = static_cast<C>(tail_ref), c_inv_t = static_cast<C>(inv_t);
     const C c_log_sum_t = static_cast<C>(log_sum_t), c_kd_tail = static_cast<C>(kd_factor * tail_coeff);
     const C c_q_tail = static_cast<C>(q_tail), c_ce = static_cast<C>(ce_factor), c_smooth = static_cast<C>(smooth);
-    const C c_log_r_offset = static_cast<C>(lse_1 - tail_ref);
+    const C c_log_r_offset = static_cast<C>(reference - tail_ref + lse_1);
     const C c_label_step = static_cast<C>(label_step);
-    const typename SX::Raw* s_row = static_cast<const typename SX::Raw*>(p.student) + row * p.student_row_stride;
     const ThreadBatches<C> batches(vocab, 0, groups, team, static_cast<int>(threadIdx.x));
     stream_batches<SX, SX, C, kVectorized>(
         s_row, s_row, vocab, batches, false, [&](const C* s, const C*, const int* first, auto) {
@@ -402,7 +428,6 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
   }
   __syncthreads();  // the streamed stores come before the kept entries' own values
 
-  const typename SX::Raw* s_row = static_cast<const typename SX::Raw*>(p.student) + row * p.student_row_stride;
   for (int j = threadIdx.x; j < kk; j += team) {
     const int64_t index = sparse::load_index(labels.indices, labels.index_type, row * kk + j);
     if (index < 0 || index >= vocab) continue;  // a bad row (NaN statistics): never write outside it
@@ -410,12 +435,12 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
     double value = 0.0;
     if (k.need_kd) {
       const double log_p = sparse::load_value<double>(labels.logprobs, labels.logprob_dtype, row * kk + j) - teacher_norm;
-      const double log_q = logit * inv_t - student_norm;
+      const double log_q = (logit - kd_reference) * inv_t - student_norm;
       const auto term = sparse::bucket_term<double>(log_p, log_q, k.divergence, k.beta);
       const double q = log_q == -kInfinity ? 0.0 : ::exp(log_q);
       value += kd_factor * (term.weight - g_bar * q);
     }
-    if (k.need_ce) value += ce_factor * (::exp(logit - lse_1) - smooth);
+    if (k.need_ce) value += ce_factor * (::exp((logit - reference) - lse_1) - smooth);
     C stored = static_cast<C>(value);
     if (index == label) stored -= static_cast<C>(label_step);
     g_row[index] = SX::from_compute(stored);

@@ -3,8 +3,9 @@
 // largest logits sorted by descending value (ties: lower index first, so the indices equal the
 // CPU kernel's), log softmax(t/T) at them over the full row, and the log of the mass outside
 // them (−inf when none), computed as a log-sum-exp over exactly the non-kept entries (never
-// 1 − Σ), so it stays exact when tiny. NaN anywhere in a row, or a row of only −inf, gives NaN
-// log-probabilities and tail (its indices then follow the order with NaN ranked as −inf).
+// 1 − Σ), so it stays exact when tiny. NaN or +inf anywhere in a row, or a row of only −inf,
+// gives NaN log-probabilities and tail (its indices then follow the order with NaN ranked as
+// −inf).
 // Supports 1 <= k <= kCudaMaxTopK (types.h); enqueued on `stream`, no allocation, no synchronisation.
 //
 // Kernel: one block per row reads the row once from memory, in tiles of blockDim x W
@@ -402,7 +403,10 @@ __global__ void __launch_bounds__(kCompressMaxBlock) topk_compress_kernel(Compre
   team_all_reduce(nans, sh.nan_scratch, team, SumOp{});
   const double tail_scaled = tail_sum > 0.0 ? tail_sum * ::exp((tail_max - reference) * p.inv_temperature) : 0.0;
   const double log_total = ::log(kept[0] + tail_scaled);
-  const bool poisoned = nans[0] > 0 || tail_sum != tail_sum || reference == -std::numeric_limits<double>::infinity();
+  // NaN, +inf or only -inf logits: every output of the row is NaN (the tail too).
+  const bool poisoned = nans[0] > 0 || tail_sum != tail_sum ||
+                        reference == -std::numeric_limits<double>::infinity() ||
+                        reference == std::numeric_limits<double>::infinity();
   const double nan = std::numeric_limits<double>::quiet_NaN();
 
   C* logprobs = static_cast<C*>(p.logprobs) + row * k;

@@ -1,6 +1,7 @@
 // Device helpers shared by the CUDA kernels of top-k soft labels (topk_compress.cu,
 // sparse_kd_loss.cu): order-preserving integer keys of float/double logits (a larger logit has
-// a larger key; NaN maps to the key of -inf, the rank the CPU kernel gives it), a block-wide
+// a larger key; -0.0 and +0.0 share one key and NaN maps to the key of -inf, the ranks the CPU
+// kernel gives them), a block-wide
 // exclusive scan that gives every thread a deterministic output position (compaction in index
 // order, no atomics), and a per-thread tail log-sum-exp kept relative to its own running
 // maximum (sparse::TailSum's rule, so a tiny tail keeps its relative precision). Every thread
@@ -49,6 +50,7 @@ struct OrderedKey<float> {
   using Key = uint32_t;
   __device__ static __forceinline__ Key from_value(float v) {
     if (v != v) v = negative_infinity<float>();
+    v = v == 0.0f ? 0.0f : v;  // -0.0 and +0.0 tie (lower index first), as on the CPU
     const uint32_t bits = __float_as_uint(v);
     return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
   }
@@ -63,6 +65,7 @@ struct OrderedKey<double> {
   using Key = unsigned long long;
   __device__ static __forceinline__ Key from_value(double v) {
     if (v != v) v = negative_infinity<double>();
+    v = v == 0.0 ? 0.0 : v;  // -0.0 and +0.0 tie
     const Key bits = static_cast<Key>(__double_as_longlong(v));
     return (bits & 0x8000000000000000ull) ? ~bits : (bits | 0x8000000000000000ull);
   }

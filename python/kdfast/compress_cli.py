@@ -51,6 +51,7 @@ from kdfast.compress_run import (
     run_on_ranks,
     token_tensor,
 )
+from kdfast.contract.options import TEMPERATURE_RANGE, temperature_in_range
 from kdfast.contract.softlabels import smallest_index_dtype
 from kdfast.functional import compress_topk
 from kdfast.kept_mass import KeptMassStats, candidate_ks, coverage_rows, format_coverage_table, kept_mass_by_k
@@ -137,8 +138,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if not (args.temperature > 0 and np.isfinite(args.temperature)):
-        raise UsageError(f"--temperature must be finite and > 0, got {args.temperature}")
+    if not temperature_in_range(args.temperature):
+        low, high = TEMPERATURE_RANGE
+        raise UsageError(f"--temperature must be finite and in [{low:g}, {high:g}], got {args.temperature}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.out is None and not args.suggest_k:

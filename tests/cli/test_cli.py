@@ -154,8 +154,8 @@ def test_bench_forwards_every_argument(monkeypatch):
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--temperature", "0"], "temperature must be finite and > 0"),
-    (["--temperature", "nan"], "temperature must be finite and > 0"),
+    (["--temperature", "0"], "temperature must be finite and in [1e-20, 1e+20]"),
+    (["--temperature", "nan"], "temperature must be finite and in [1e-20, 1e+20]"),
     (["--alpha", "1.5"], "alpha must be in [0, 1]"),
     (["--divergence", "jsd", "--beta", "1"], "beta must be in (0, 1)"),
     (["--label-smoothing", "1"], "label_smoothing must be in [0, 1)"),

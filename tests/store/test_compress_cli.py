@@ -197,7 +197,7 @@ def test_resume_mismatch_message_names_the_parameter(toy, tmp_path, capsys):
     [
         (["--k", "0"], "--k must be >= 1"),
         (["--k", "300"], "exceeds the teacher's vocabulary size 256"),
-        (["--temperature", "0"], "--temperature must be finite and > 0"),
+        (["--temperature", "0"], "--temperature must be finite and in [1e-20, 1e+20]"),
         (["--data-format", "text"], "needs --tokenizer"),
     ],
 )

@@ -30,8 +30,9 @@ int64_t multi_teacher_forward_cpu(const MultiTeacherKDArgs& args);
 void multi_teacher_backward_cpu(const MultiTeacherKDArgs& args);
 
 // Test hook: exp(x / T) (T = 1 / inv_t) of the CPU kernels' vector lanes (csrc/cpu/lanes.h)
-// over n floats, run by the named instruction-set variant; cutoff = false is its form
-// without the cutoff test. Returns false when that variant is not compiled in or not
+// over n floats, run by the named instruction-set variant in the form the kernels use (folded
+// coefficients where they are normal floats); cutoff = false is its form without the cutoff
+// test. Returns false when that variant is not compiled in or not
 // supported by this CPU.
 bool scaled_exp_cpu(const std::string& variant, const float* x, int64_t n, float inv_t, bool cutoff, float* out);
 

@@ -6,8 +6,12 @@
 // `finish_stats` turns them into log-sums, the divergence, the cross-entropy and the loss.
 // JSD and TVD need normalised p and q, so they add a second sweep over the (cached) row
 // using `jsd_terms` / `tvd_terms`. The backward pass recomputes log p, log q, log r per
-// element from the saved maxima and log-sums and applies `divergence_grad`. Every formula here is the one
-// docs/design.md states; kdfast.reference is its float64 oracle.
+// element from the saved maxima and log-sums and applies `divergence_grad` (reverse_kl:
+// `reverse_kl_grad`). Logits enter as scaled differences (`difference_scale`), so that logits
+// anywhere in the float range cannot overflow; the per-row finishing runs in double (its
+// factors, like T² and 1/T, leave the float range where the loss does not); a row whose sums
+// are NaN or empty is NaN (`row_sums_defined`). Every formula here is the one docs/design.md
+// states; kdfast.reference is its float64 oracle.
 #pragma once
 
 #include <cmath>
@@ -104,15 +108,41 @@ KDFAST_HD double log_c(double x) { return ::log(x); }
 template <class C>
 KDFAST_HD C neg_inf() { return -std::numeric_limits<C>::infinity(); }
 
+// Logit differences. A kernel never forms x − max directly: that overflows for logits of
+// opposite signs near the ends of the float range (3e38 − (−3e38)). It forms
+// d = h·x − h·max instead, with h a power of two: exact (h·x is exact for normal numbers, so d
+// is the rounded difference scaled by h) and finite for any two float logits. float math uses
+// h = 2^−(⌈log2 V⌉ + 2), small enough that sums of V such values (|d| ≤ 2h·FLT_MAX each), and
+// the rebasing of such sums, stay finite as well; double math uses h = 1. Every sum of
+// differences (`RowPartial::weighted`, `student_centered_total`) is kept in these h units, and
+// exp((x − max)/T) = exp(d·κ) with κ = 1/(hT).
+template <class C>
+inline C difference_scale(int64_t vocab) {
+  if constexpr (sizeof(C) == sizeof(double)) {
+    return C(1);
+  } else {
+    int bits = 0;
+    while (bits < 62 && (int64_t(1) << bits) < vocab) ++bits;
+    return static_cast<C>(std::ldexp(1.0, -(bits + 2)));
+  }
+}
+
+// d = h x − h max (see difference_scale), given h and h max.
+template <class C>
+KDFAST_HD C scaled_difference(C x, C h, C scaled_max) {
+  return x * h - scaled_max;
+}
+
 // Streamed statistics of one row. Everything is kept relative to the running maxima of the
-// raw logits, and every logit enters as a difference to its row maximum, (t_i - t_max)/T:
-// that difference is exact in floating point, so logits of magnitude 1e4 lose nothing.
-//   teacher_max = max t_i,   teacher_sum   = sum exp((t_i - teacher_max)/T)
-//   student_max = max s_i,   student_sum_T = sum exp((s_i - student_max)/T)
-//                            student_sum_1 = sum exp(s_i - student_max)
-//   weighted: forward_kl  sum exp((t_i-t_max)/T) ((t_i-t_max) - (s_i-s_max))/T
-//             reverse_kl  sum exp((s_i-s_max)/T) ((s_i-s_max) - (t_i-t_max))/T
-//   student_centered_total = sum (s_i - student_max)   (label smoothing), count = entries seen
+// raw logits, and every logit enters as a scaled difference to its row maximum,
+// d = h (t_i − teacher_max) (see difference_scale), exact in floating point, so that logits of
+// magnitude 1e4 lose nothing and logits near ±3e38 do not overflow. With κ = 1/(hT):
+//   teacher_max = max t_i,   teacher_sum   = sum exp(dt_i κ)
+//   student_max = max s_i,   student_sum_T = sum exp(ds_i κ)
+//                            student_sum_1 = sum exp(ds_i / h)
+//   weighted: forward_kl  sum exp(dt_i κ) (dt_i − ds_i)      (h units; D needs it times κ)
+//             reverse_kl  sum exp(ds_i κ) (ds_i − dt_i)
+//   student_centered_total = sum ds_i (h units, label smoothing), count = entries seen
 template <class C>
 struct RowPartial {
   C teacher_max, teacher_sum, student_max, student_sum_T, student_sum_1, weighted, student_centered_total, count;
@@ -121,51 +151,6 @@ struct RowPartial {
 template <class C>
 KDFAST_HD RowPartial<C> empty_partial() {
   return RowPartial<C>{neg_inf<C>(), C(0), neg_inf<C>(), C(0), C(0), C(0), C(0), C(0)};
-}
-
-// Moves a partial onto larger maxima (new_teacher_max >= teacher_max, same for the student).
-// The one-pass divergences' weighted sums shift by the change of their centring.
-template <class C>
-KDFAST_HD void rebase_partial(RowPartial<C>& part, C new_teacher_max, C new_student_max, C inv_temperature,
-                              Divergence divergence) {
-  const bool teacher_seen = part.teacher_max != neg_inf<C>();
-  const bool student_seen = part.student_max != neg_inf<C>();
-  const C teacher_shift = teacher_seen ? new_teacher_max - part.teacher_max : C(0);
-  const C student_shift = student_seen ? new_student_max - part.student_max : C(0);
-  if (teacher_shift == C(0) && student_shift == C(0)) {
-    part.teacher_max = new_teacher_max;
-    part.student_max = new_student_max;
-    return;
-  }
-  const C teacher_factor = teacher_seen ? exp_c(-teacher_shift * inv_temperature) : C(0);
-  const C student_factor_T = student_seen ? exp_c(-student_shift * inv_temperature) : C(0);
-  const C student_factor_1 = student_seen ? exp_c(-student_shift) : C(0);
-  if (divergence == Divergence::ForwardKL && part.teacher_sum > C(0)) {
-    part.weighted = teacher_factor * (part.weighted - part.teacher_sum * (teacher_shift - student_shift) * inv_temperature);
-  } else if (divergence == Divergence::ReverseKL && part.student_sum_T > C(0)) {
-    part.weighted = student_factor_T * (part.weighted - part.student_sum_T * (student_shift - teacher_shift) * inv_temperature);
-  }
-  part.teacher_sum *= teacher_factor;
-  part.student_sum_T *= student_factor_T;
-  part.student_sum_1 *= student_factor_1;
-  part.student_centered_total -= part.count * student_shift;
-  part.teacher_max = new_teacher_max;
-  part.student_max = new_student_max;
-}
-
-// a += b, both first moved onto the common maxima (for lane, warp or chunk partials).
-template <class C>
-KDFAST_HD void merge_partials(RowPartial<C>& a, RowPartial<C> b, C inv_temperature, Divergence divergence) {
-  const C teacher_max = a.teacher_max > b.teacher_max ? a.teacher_max : b.teacher_max;
-  const C student_max = a.student_max > b.student_max ? a.student_max : b.student_max;
-  rebase_partial(a, teacher_max, student_max, inv_temperature, divergence);
-  rebase_partial(b, teacher_max, student_max, inv_temperature, divergence);
-  a.teacher_sum += b.teacher_sum;
-  a.student_sum_T += b.student_sum_T;
-  a.student_sum_1 += b.student_sum_1;
-  a.weighted += b.weighted;
-  a.student_centered_total += b.student_centered_total;
-  a.count += b.count;
 }
 
 // Per-row results the forward pass stores for the backward pass: row_stats[row, 0:6];
@@ -177,7 +162,8 @@ struct RowStats {
   C student_max;        // max s
   C student_log_sum_T;  // log sum exp((s - student_max)/T): log q_i likewise
   C student_log_sum_1;  // log sum exp(s - student_max):     log r_i = (s_i - student_max) - student_log_sum_1
-  C aux;                // reverse_kl: D; jsd: KL(q || m); tvd: 1/2 sum q sign(q - p); forward_kl: 0
+  C aux;                // reverse_kl: D h T (D in scaled logit units, which cannot overflow where the
+                        // loss does not); jsd: KL(q || m); tvd: 1/2 sum q sign(q - p); forward_kl: 0
 };
 
 constexpr int kStudent1None = 0;
@@ -193,8 +179,15 @@ KDFAST_HD C integer_power(C x) {
 // Scalars every element of a row needs; built once per call.
 template <class C>
 struct Coefficients {
-  C inv_temperature, alpha, beta, label_smoothing, divergence_scale;
+  C inv_temperature;  // 1/T
+  C diff_scale;       // h (difference_scale)
+  C inv_scaled_t;     // κ = 1/(hT): exp((x − max)/T) = exp(d κ)
+  C inv_diff_scale;   // 1/h:         exp(x − max)     = exp(d / h)
+  C alpha, beta, label_smoothing, divergence_scale;
   C log_beta, log_one_minus_beta;
+  // The same in double, for the per-row finishing (loss, gradient factors): τ = T², κ and the
+  // one-pass divergence can leave the float range where the row's loss and gradient do not.
+  double temperature_d, inv_scaled_t_d, alpha_d, label_smoothing_d, divergence_scale_d;
   bool need_ce, need_kd, need_student_1;  // need_student_1: CE needs softmax(s) and T != 1
   // How exp(s - max) is obtained when need_student_1: kStudent1Exp (its own exp), or for
   // T = 2 / 4 as exp((s - max)/T)^T by squaring (2 / 4); kStudent1None when not needed.
@@ -203,15 +196,24 @@ struct Coefficients {
 };
 
 template <class C>
-inline Coefficients<C> make_coefficients(const KDOptions& o) {
+inline Coefficients<C> make_coefficients(const KDOptions& o, int64_t vocab) {
   Coefficients<C> k;
+  const double h = static_cast<double>(difference_scale<C>(vocab));
   k.inv_temperature = static_cast<C>(1.0 / o.temperature);
+  k.diff_scale = static_cast<C>(h);
+  k.inv_scaled_t_d = 1.0 / (h * o.temperature);
+  k.inv_scaled_t = static_cast<C>(k.inv_scaled_t_d);
+  k.inv_diff_scale = static_cast<C>(1.0 / h);
   k.alpha = static_cast<C>(o.alpha);
   k.beta = static_cast<C>(o.beta);
   k.label_smoothing = static_cast<C>(o.label_smoothing);
   k.divergence_scale = static_cast<C>(o.divergence_scale);
   k.log_beta = static_cast<C>(std::log(o.beta));
   k.log_one_minus_beta = static_cast<C>(std::log1p(-o.beta));
+  k.temperature_d = o.temperature;
+  k.alpha_d = o.alpha;
+  k.label_smoothing_d = o.label_smoothing;
+  k.divergence_scale_d = o.divergence_scale;
   k.need_ce = o.alpha > 0.0;
   k.need_kd = o.alpha < 1.0;
   k.need_student_1 = k.need_ce && o.temperature != 1.0;
@@ -223,25 +225,102 @@ inline Coefficients<C> make_coefficients(const KDOptions& o) {
   return k;
 }
 
+// Moves a partial onto larger maxima (new_teacher_max >= teacher_max, same for the student).
+// The one-pass divergences' weighted sums shift by the change of their centring; a factor
+// that underflows to 0 drops the old entries' weighted terms with their exponentials (their
+// product tends to 0), so that 0 · ∞ never arises.
+template <class C>
+KDFAST_HD void rebase_partial(RowPartial<C>& part, C new_teacher_max, C new_student_max, const Coefficients<C>& k,
+                              Divergence divergence) {
+  const C h = k.diff_scale;
+  const bool teacher_seen = part.teacher_max != neg_inf<C>();
+  const bool student_seen = part.student_max != neg_inf<C>();
+  const C teacher_shift = teacher_seen ? new_teacher_max * h - part.teacher_max * h : C(0);
+  const C student_shift = student_seen ? new_student_max * h - part.student_max * h : C(0);
+  if (teacher_shift == C(0) && student_shift == C(0)) {
+    part.teacher_max = new_teacher_max;
+    part.student_max = new_student_max;
+    return;
+  }
+  const C teacher_factor = teacher_seen ? exp_c(-teacher_shift * k.inv_scaled_t) : C(0);
+  const C student_factor_T = student_seen ? exp_c(-student_shift * k.inv_scaled_t) : C(0);
+  const C student_factor_1 = student_seen ? exp_c(-student_shift * k.inv_diff_scale) : C(0);
+  if (divergence == Divergence::ForwardKL && part.teacher_sum > C(0)) {
+    part.weighted = teacher_factor > C(0)
+                        ? teacher_factor * (part.weighted - part.teacher_sum * (teacher_shift - student_shift))
+                        : C(0);
+  } else if (divergence == Divergence::ReverseKL && part.student_sum_T > C(0)) {
+    part.weighted = student_factor_T > C(0)
+                        ? student_factor_T * (part.weighted - part.student_sum_T * (student_shift - teacher_shift))
+                        : C(0);
+  }
+  part.teacher_sum *= teacher_factor;
+  part.student_sum_T *= student_factor_T;
+  part.student_sum_1 *= student_factor_1;
+  part.student_centered_total -= part.count * student_shift;
+  part.teacher_max = new_teacher_max;
+  part.student_max = new_student_max;
+}
+
+// a += b, both first moved onto the common maxima (for lane, warp or chunk partials).
+template <class C>
+KDFAST_HD void merge_partials(RowPartial<C>& a, RowPartial<C> b, const Coefficients<C>& k, Divergence divergence) {
+  const C teacher_max = a.teacher_max > b.teacher_max ? a.teacher_max : b.teacher_max;
+  const C student_max = a.student_max > b.student_max ? a.student_max : b.student_max;
+  rebase_partial(a, teacher_max, student_max, k, divergence);
+  rebase_partial(b, teacher_max, student_max, k, divergence);
+  a.teacher_sum += b.teacher_sum;
+  a.student_sum_T += b.student_sum_T;
+  a.student_sum_1 += b.student_sum_1;
+  a.weighted += b.weighted;
+  a.student_centered_total += b.student_centered_total;
+  a.count += b.count;
+}
+
 // log of a streamed sum; -inf when the row has no finite entry.
 template <class C>
 KDFAST_HD C log_of_sum(C sum) {
   return sum > C(0) ? log_c(sum) : neg_inf<C>();
 }
 
-// Cross-entropy of one valid row with label y, from max-relative quantities:
-//   CE = -(1 - eps) log r_y - (eps / V) sum_i log r_i,
-//   log r_y = (s_y - s_max) - log_sum_1,  sum_i log r_i = centered_total - V log_sum_1.
+// Whether a streamed sum of exponentials defines a distribution: false for NaN (a NaN or +inf
+// logit) and for 0 (a row of only −inf logits, whose softmax is undefined).
 template <class C>
-KDFAST_HD C cross_entropy(C label_logit_centered, C log_sum_1, C centered_total, int64_t vocab, C eps) {
-  C ce = -(C(1) - eps) * (label_logit_centered - log_sum_1);
-  if (eps > C(0)) ce -= eps * (centered_total / static_cast<C>(vocab) - log_sum_1);
+KDFAST_HD bool sum_defined(C sum) {
+  return sum > C(0);
+}
+
+// Whether every sum the row's loss reads is defined (sum_defined). Where one is not, the
+// kernels make the row's loss NaN (and its gradient NaN), as kdfast.reference does: NaN in,
+// NaN out, never a finite loss built from a NaN input.
+template <class C>
+KDFAST_HD bool student_sums_defined(C student_sum_T, C student_sum_1, const Coefficients<C>& k) {
+  bool defined = true;
+  if (k.need_kd) defined = sum_defined(student_sum_T);
+  if (k.need_ce) defined = defined && sum_defined(k.need_student_1 ? student_sum_1 : student_sum_T);
+  return defined;
+}
+template <class C>
+KDFAST_HD bool row_sums_defined(const RowPartial<C>& part, const Coefficients<C>& k) {
+  return student_sums_defined(part.student_sum_T, part.student_sum_1, k) && (!k.need_kd || sum_defined(part.teacher_sum));
+}
+
+// Cross-entropy of one valid row with label y, in double from logit-unit quantities:
+//   CE = -(1 - eps) log r_y - (eps / V) sum_i log r_i,
+//   log r_y = (s_y - s_max) - log_sum_1,  sum_i log r_i = centered_total - V log_sum_1,
+// with label_centered = s_y − s_max and centered_total = sum_i (s_i − s_max) (both in logit
+// units: the kernels divide their h-unit sums by h).
+KDFAST_HD double cross_entropy(double label_centered, double log_sum_1, double centered_total, int64_t vocab,
+                               double eps) {
+  double ce = -(1.0 - eps) * (label_centered - log_sum_1);
+  if (eps > 0.0) ce -= eps * (centered_total / static_cast<double>(vocab) - log_sum_1);
   return ce;
 }
 
-// Log-sums and the one-pass divergences (forward_kl, reverse_kl) of a row.
+// Log-sums and the one-pass divergences (forward_kl, reverse_kl) of a row; the divergence in
+// double (see Coefficients).
 template <class C>
-KDFAST_HD RowStats<C> finish_stats(const RowPartial<C>& part, const Coefficients<C>& k, C* one_pass_divergence) {
+KDFAST_HD RowStats<C> finish_stats(const RowPartial<C>& part, const Coefficients<C>& k, double* one_pass_divergence) {
   RowStats<C> st;
   st.teacher_max = part.teacher_max;
   st.teacher_log_sum = log_of_sum(part.teacher_sum);
@@ -249,24 +328,29 @@ KDFAST_HD RowStats<C> finish_stats(const RowPartial<C>& part, const Coefficients
   st.student_log_sum_T = log_of_sum(part.student_sum_T);
   st.student_log_sum_1 = k.need_student_1 ? log_of_sum(part.student_sum_1) : st.student_log_sum_T;
   st.aux = C(0);
-  C d = C(0);
+  double d = 0.0;
+  const double log_sum_p = static_cast<double>(st.teacher_log_sum);
+  const double log_sum_q = static_cast<double>(st.student_log_sum_T);
   if (k.divergence == Divergence::ForwardKL) {
-    // sum p (log p - log q) = weighted / teacher_sum - log teacher_sum + log student_sum_T
-    d = part.weighted / part.teacher_sum - st.teacher_log_sum + st.student_log_sum_T;
+    // sum p (log p - log q) = κ weighted / teacher_sum - log teacher_sum + log student_sum_T
+    const double mean = static_cast<double>(part.weighted) / static_cast<double>(part.teacher_sum);
+    d = mean * k.inv_scaled_t_d - log_sum_p + log_sum_q;
   } else if (k.divergence == Divergence::ReverseKL) {
-    d = part.weighted / part.student_sum_T - st.student_log_sum_T + st.teacher_log_sum;
-    st.aux = d;
+    const double mean = static_cast<double>(part.weighted) / static_cast<double>(part.student_sum_T);
+    d = mean * k.inv_scaled_t_d - log_sum_q + log_sum_p;
+    st.aux = static_cast<C>(mean + (log_sum_p - log_sum_q) / k.inv_scaled_t_d);  // D / κ
   }
   *one_pass_divergence = d;
   return st;
 }
 
-// Row loss from its parts: alpha CE + (1 - alpha) tau D, each term only when its weight > 0.
+// Row loss from its parts, in double: alpha CE + (1 - alpha) tau D, each term only when its
+// weight > 0.
 template <class C>
-KDFAST_HD C combine_loss(C ce, C divergence, const Coefficients<C>& k) {
-  C loss = C(0);
-  if (k.need_ce) loss += k.alpha * ce;
-  if (k.need_kd) loss += (C(1) - k.alpha) * k.divergence_scale * divergence;
+KDFAST_HD double combine_loss(double ce, double divergence, const Coefficients<C>& k) {
+  double loss = 0.0;
+  if (k.need_ce) loss += k.alpha_d * ce;
+  if (k.need_kd) loss += (1.0 - k.alpha_d) * k.divergence_scale_d * divergence;
   return loss;
 }
 
@@ -305,23 +389,51 @@ KDFAST_HD C finish_tvd(C abs_sum, C signed_sum, RowStats<C>& st) {
 }
 
 // Per-row factors of the backward pass: grad = ce_factor (r - eps/V) + kd_factor dD/db,
-// minus ce_factor (1 - eps) at the label.
+// minus label_step at the label. Built in double by make_grad_row and rounded once.
 template <class C>
 struct GradRow {
-  C ce_factor;  // g alpha
-  C kd_factor;  // g (1 - alpha) tau / T  (the 1/T of d b / d s folded in)
-  C smooth;     // eps / V
-  C r_scale;    // student_1 modes 2 / 4: r = q^T exp(T log_sum_T - log_sum_1)
+  C ce_factor;   // g alpha
+  C kd_factor;   // g (1 - alpha) tau / T  (the 1/T of d b / d s folded in)
+  C label_step;  // g alpha (1 - eps)
+  C smooth;      // eps / V
+  C r_scale;     // student_1 modes 2 / 4: r = q^T exp(T log_sum_T - log_sum_1) (set by the caller)
+  C rkl_a, rkl_b, rkl_c;  // reverse_kl: kd_factor dD/db_i = q_i rkl_a ((ds_i − dt_i) + rkl_c) rkl_b, see reverse_kl_grad
   RowStats<C> stats;
 };
 
-// d D / d b_i for one element (b = s/T), given log p_i, log q_i and q_i = exp(log q_i).
+// The row's gradient factors for grad_output (times the reduction's scale) g, from its saved
+// statistics.
+template <class C>
+KDFAST_HD GradRow<C> make_grad_row(double g, const Coefficients<C>& k, const RowStats<C>& stats, int64_t vocab) {
+  GradRow<C> row;
+  const double inv_t = k.inv_scaled_t_d * static_cast<double>(k.diff_scale);
+  const double kd_factor = g * (1.0 - k.alpha_d) * k.divergence_scale_d * inv_t;
+  row.ce_factor = static_cast<C>(g * k.alpha_d);
+  row.kd_factor = static_cast<C>(kd_factor);
+  row.label_step = static_cast<C>(g * k.alpha_d * (1.0 - k.label_smoothing_d));
+  row.smooth = static_cast<C>(k.label_smoothing_d / static_cast<double>(vocab));
+  row.r_scale = C(0);
+  // a = kd_factor κ as one factor (b = 1), unless it leaves the compute type's range (no T² and a
+  // tiny T): then a = kd_factor and b = κ, applied last.
+  const double a = kd_factor * k.inv_scaled_t_d;
+  const bool fold = !(a > static_cast<double>(std::numeric_limits<C>::max()) ||
+                      a < -static_cast<double>(std::numeric_limits<C>::max()));
+  row.rkl_a = static_cast<C>(fold ? a : kd_factor);
+  row.rkl_b = static_cast<C>(fold ? 1.0 : k.inv_scaled_t_d);
+  row.rkl_c = static_cast<C>((static_cast<double>(stats.teacher_log_sum) - static_cast<double>(stats.student_log_sum_T)) /
+                                 k.inv_scaled_t_d -
+                             static_cast<double>(stats.aux));
+  row.stats = stats;
+  return row;
+}
+
+// d D / d b_i for one element (b = s/T), given log p_i, log q_i and q_i = exp(log q_i); for
+// forward_kl, jsd and tvd (reverse_kl: reverse_kl_grad).
 template <Divergence D, class C>
 KDFAST_HD C divergence_grad(C log_p, C log_q, C q, C aux, const Coefficients<C>& k) {
+  static_assert(D != Divergence::ReverseKL, "reverse_kl's gradient is reverse_kl_grad");
   if constexpr (D == Divergence::ForwardKL) {
     return q - exp_c(log_p);
-  } else if constexpr (D == Divergence::ReverseKL) {
-    return q > C(0) ? q * (log_q - log_p - aux) : C(0);
   } else if constexpr (D == Divergence::JSD) {
     const C m = k.beta * exp_c(log_p) + (C(1) - k.beta) * q;
     return q > C(0) ? (C(1) - k.beta) * q * (log_q - log_c(m) - aux) : C(0);
@@ -330,6 +442,17 @@ KDFAST_HD C divergence_grad(C log_p, C log_q, C q, C aux, const Coefficients<C>&
     const C half_sign = q > p ? C(0.5) : (q < p ? C(-0.5) : C(0));
     return q * (half_sign - aux);
   }
+}
+
+// reverse_kl's gradient term of one element with the row's factor folded in:
+//   kd_factor q_i (log q_i − log p_i − D) = ((q_i a) ((ds_i − dt_i) + c)) b,
+// ds, dt the scaled differences, a b = kd_factor κ (b = 1 unless that product overflows),
+// c = (log_sum_p − log_sum_q)/κ − D/κ (GradRow::rkl_a, rkl_b, rkl_c): the bracket cancels in h
+// units before the multiplications, q a comes first, and no (ds − dt)/T or D is formed on its
+// own, so a huge logit spread at a small T does not overflow where the gradient is finite.
+template <class C>
+KDFAST_HD C reverse_kl_grad(C ds, C dt, C q, C a, C b, C c) {
+  return q > C(0) ? ((q * a) * ((ds - dt) + c)) * b : C(0);
 }
 
 }  // namespace rowmath

@@ -96,16 +96,17 @@ struct TailSum {
       sum += part_sum * ::exp((part_max - max_value) * inv_temperature);
     }
   }
-  // log Σ exp(x_i / T); −inf for an empty set.
-  KDFAST_HD double log_sum_exp(double inv_temperature) const {
+  // log Σ exp((x_i − reference) / T); −inf for an empty set.
+  KDFAST_HD double relative_log_sum_exp(double reference, double inv_temperature) const {
     if (sum != sum) return sum;
-    return sum > 0.0 ? max_value * inv_temperature + ::log(sum) : -std::numeric_limits<double>::infinity();
+    return sum > 0.0 ? (max_value - reference) * inv_temperature + ::log(sum) : -std::numeric_limits<double>::infinity();
   }
 };
 
-// log(exp(x) + exp(y)) without overflow; −inf when both are −inf.
+// log(exp(x) + exp(y)) without overflow; −inf when both are −inf, NaN when either is NaN.
 template <class C>
 KDFAST_HD C log_add_exp(C x, C y) {
+  if (x != x || y != y) return x + y;
   const C hi = x > y ? x : y;
   const C lo = x > y ? y : x;
   if (hi == neg_inf<C>()) return hi;
@@ -113,6 +114,18 @@ KDFAST_HD C log_add_exp(C x, C y) {
 }
 
 // ---- sparse KD loss ----
+
+// The reference a log-normaliser of the row is taken relative to: the largest student logit it
+// covers (the kept tokens, and the tail where it counts: in "bucket" mode for the buckets,
+// always for the cross-entropy), 0 when there is none. Relative log-normalisers stay small where
+// the probabilities are not negligible, so that log q of a logit near the maximum never comes
+// out of a cancellation between two numbers like s/T ~ 1e25 (which a fused multiply-add, or any
+// other rounding, would turn into a huge error). The backward pass recomputes the references
+// from the kept logits and the stored tail maximum.
+KDFAST_HD double reference_logit(double kept_max, double tail_max) {
+  const double top = kept_max > tail_max ? kept_max : tail_max;
+  return top == -std::numeric_limits<double>::infinity() ? 0.0 : top;
+}
 
 // Scalars of one sparse-loss call.
 template <class C>
@@ -135,6 +148,21 @@ inline SparseCoefficients<C> make_sparse_coefficients(const KDOptions& o, Sparse
   k.bucket = tail == SparseTail::Bucket;
   k.divergence = o.divergence;
   return k;
+}
+
+// Whether a row's sparse loss is defined: no NaN among the student logits it reads
+// (`nan_count`), and finite log-normalisers of the distributions it uses (student buckets and
+// teacher buckets for the divergence, the full student row at T = 1 for the cross-entropy).
+// A NaN or +inf input makes one of them NaN or +inf, a row of only −inf logits (or
+// log-probabilities) makes it −inf. Where this is false the kernels make the row's loss, and
+// its gradient, NaN, as kdfast.reference does.
+template <class C>
+KDFAST_HD bool row_defined(const SparseCoefficients<C>& k, int64_t nan_count, double student_norm, double teacher_norm,
+                           double lse_1) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const bool kd_ok = !k.need_kd || (student_norm > -inf && student_norm < inf && teacher_norm > -inf && teacher_norm < inf);
+  const bool ce_ok = !k.need_ce || (lse_1 > -inf && lse_1 < inf);
+  return nan_count == 0 && kd_ok && ce_ok;
 }
 
 // One bucket's divergence term d and gradient weight w = Q ∂D/∂Q, from log P and log Q:

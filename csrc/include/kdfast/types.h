@@ -168,12 +168,14 @@ struct SoftLabelView {
 };
 
 // Per-row values the sparse forward pass writes to row_stats, always in float64 (they are
-// few, and the backward pass needs absolute log-sum-exps of logits as large as 1e4), in order:
+// few, and the backward pass needs log-sum-exps of logits as large as 3e38), in order:
 //   0 tail_max        max of the non-kept student logits s (-inf if none, or not streamed)
 //   1 tail_log_sum_T  log sum_{non-kept} exp((s - tail_max)/T)
-//   2 student_norm    log-sum-exp of s/T over the row ("bucket") or over the kept tokens
-//                     ("renormalize"): log Q_j = s_j/T - student_norm
-//   3 lse_1           log-sum-exp of s over the row (cross-entropy)
+//   2 student_norm    log-sum-exp of (s - M)/T over the row ("bucket") or over the kept tokens
+//                     ("renormalize"): log Q_j = (s_j - M)/T - student_norm, with M the largest
+//                     logit it covers (sparse::reference_logit, which the backward pass
+//                     recomputes from the kept logits and tail_max)
+//   3 lse_1           log-sum-exp of s - M1 over the row (cross-entropy), M1 the row's largest logit
 //   4 teacher_norm    log-sum-exp of the teacher's bucket log-probabilities (renormalisation)
 //   5 g_bar           G = sum_j Q_j dD/dQ_j
 //   6 tail_coeff      w_tail - G Q_tail (gradient of D w.r.t. a tail logit, per unit share)

@@ -12,17 +12,31 @@ integer codes the compiled core uses are read from `kdfast._C` by `kdfast.ops`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Tuple
 
 import torch
 
-__all__ = ["COMBINE_MODES", "DIVERGENCES", "KDOptions", "REDUCTIONS", "TAIL_MODES", "compute_dtype"]
+__all__ = ["COMBINE_MODES", "DIVERGENCES", "KDOptions", "REDUCTIONS", "TAIL_MODES", "TEMPERATURE_RANGE",
+           "compute_dtype", "temperature_in_range"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 REDUCTIONS = ("mean", "sum", "none", "batchmean")
 TAIL_MODES = ("bucket", "renormalize")
 COMBINE_MODES = ("sum", "mixture")
+
+# The temperatures every loss, compressor and store accepts, [1e-20, 1e20]. Within it the
+# float32 kernels' row math cannot overflow: 1/T, the scale of a logit difference (h / T with
+# h >= 2^-33) and τ = T² stay inside their ranges for any vocabulary. Beyond it the loss itself
+# (τ·D, with D's float32 rounding) and 1/T leave the float32 range.
+TEMPERATURE_RANGE = (1e-20, 1e20)
+
+
+def temperature_in_range(temperature: float) -> bool:
+    """True when `temperature` is a finite number inside `TEMPERATURE_RANGE`."""
+    low, high = TEMPERATURE_RANGE
+    return math.isfinite(temperature) and low <= temperature <= high
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +46,7 @@ class KDOptions:
     Attributes:
         divergence: "forward_kl", "reverse_kl", "jsd" or "tvd".
         reduction: "mean", "sum", "batchmean" or "none".
-        temperature: T > 0.
+        temperature: T in TEMPERATURE_RANGE, [1e-20, 1e20].
         alpha: weight of the hard-label cross-entropy, in [0, 1].
         beta: the generalised JSD's mixture weight, in (0, 1).
         label_smoothing: ε in [0, 1).

@@ -14,10 +14,11 @@ package: it imports nothing from kdfast.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional, Sequence, Union
 
 import torch
+
+from kdfast.contract.options import TEMPERATURE_RANGE, temperature_in_range
 
 __all__ = ["INDEX_DTYPES", "INDEX_DTYPE_MAX_VOCAB", "LOGPROB_DTYPES", "SoftLabels", "smallest_index_dtype"]
 
@@ -89,8 +90,10 @@ class SoftLabels:
         if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or self.vocab_size < 1:
             raise ValueError(f"SoftLabels: vocab_size must be a positive int, got {self.vocab_size!r}")
         self.temperature = float(self.temperature)
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"SoftLabels: temperature must be finite and > 0, got {self.temperature}")
+        if not temperature_in_range(self.temperature):
+            low, high = TEMPERATURE_RANGE
+            raise ValueError(f"SoftLabels: temperature must be finite and in [{low:g}, {high:g}], "
+                             f"got {self.temperature}")
         if self.indices.dim() < 1:
             raise ValueError("SoftLabels: indices must have shape [..., k], got a 0-d tensor")
         if tuple(self.logprobs.shape) != tuple(self.indices.shape):

@@ -23,10 +23,17 @@ from typing import Iterable, Optional
 
 import torch
 
-from kdfast.contract.options import DIVERGENCES, REDUCTIONS, TAIL_MODES
+from kdfast.contract.options import DIVERGENCES, REDUCTIONS, TAIL_MODES, TEMPERATURE_RANGE, temperature_in_range
 from kdfast.contract.softlabels import INDEX_DTYPE_MAX_VOCAB, INDEX_DTYPES, SoftLabels, smallest_index_dtype
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+def check_temperature(function: str, temperature) -> None:
+    """Raises ValueError unless temperature is finite and in TEMPERATURE_RANGE."""
+    low, high = TEMPERATURE_RANGE
+    if not temperature_in_range(temperature):
+        raise ValueError(f"{function}: temperature must be finite and in [{low:g}, {high:g}] (T > 0; the float32 "
+                         f"kernels' range), got temperature={temperature!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +103,7 @@ def check_kd_options(
 
     Args:
         divergence: one of `DIVERGENCES`.
-        temperature: finite T > 0.
+        temperature: finite T in TEMPERATURE_RANGE, [1e-20, 1e20].
         alpha: cross-entropy weight in [0, 1].
         beta: JSD mixture weight in (0, 1); checked only for divergence "jsd".
         ignore_index: integer label value marking rows that contribute nothing.
@@ -115,8 +122,7 @@ def check_kd_options(
         raise ValueError(f"{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
     _check_number_option("temperature", temperature, names)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"{fn}: temperature must be finite and > 0, got temperature={temperature!r}")
+    check_temperature(fn, temperature)
 
     _check_number_option("alpha", alpha, names)
     if not (0.0 <= alpha <= 1.0):
@@ -207,7 +213,7 @@ def check_kd_inputs(
         teacher_logits: floating tensor with the same shape as `student_logits` (its dtype may differ).
         labels: int64 tensor with the leading shape of `student_logits`, or None.
         divergence: one of `DIVERGENCES`.
-        temperature: finite T > 0.
+        temperature: finite T in TEMPERATURE_RANGE, [1e-20, 1e20].
         alpha: cross-entropy weight in [0, 1]; alpha > 0 requires labels.
         beta: JSD mixture weight in (0, 1); checked only for divergence "jsd".
         ignore_index: integer label value marking rows that contribute nothing.
@@ -289,8 +295,7 @@ def check_compress_inputs(teacher_logits, k, temperature, index_dtype) -> None:
         )
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"compress_topk: temperature must be a Python number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"compress_topk: temperature must be finite and > 0, got temperature={temperature!r}")
+    check_temperature("compress_topk", temperature)
     if index_dtype not in INDEX_DTYPES:
         raise TypeError(f"compress_topk: index_dtype must be one of {INDEX_DTYPES}, got {index_dtype}")
     if vocab_size > INDEX_DTYPE_MAX_VOCAB[index_dtype]:

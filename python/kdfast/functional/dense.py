@@ -57,7 +57,7 @@ def kd_loss(
             `alpha` must be 0). Rows whose label equals `ignore_index` contribute 0 and get
             a zero gradient.
         divergence: "forward_kl" (default), "reverse_kl", "jsd" or "tvd".
-        temperature: T > 0 (default 1.0).
+        temperature: T in [1e-20, 1e20] (default 1.0).
         alpha: weight of the hard-label cross-entropy, in [0, 1] (default 0.0).
         beta: JSD mixture weight in (0, 1) (default 0.5); ignored by other divergences.
         ignore_index: label value of rows to skip (default -100).

@@ -9,15 +9,17 @@ check of the teacher weights' values.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from kdfast.contract.options import COMBINE_MODES, KDOptions, compute_dtype
+from kdfast.contract.options import COMBINE_MODES, REDUCTIONS, KDOptions, compute_dtype
 from kdfast.contract.reductions import reduce_rows
 from kdfast.contract.softlabels import SoftLabels
-from kdfast.contract.validation import check_kd_inputs, require_choice
+from kdfast.contract.validation import MULTI_TEACHER_NAMES, check_kd_inputs, require_choice
 from kdfast.functional._rows import as_rows
 from kdfast.functional.sparse import sparse_kd_loss
 from kdfast.ops import multi_teacher as multi_teacher_ops
@@ -77,6 +79,7 @@ def _multi_teacher_soft_labels(student_logits: Tensor, teachers, labels: Optiona
     which is exact only when every teacher keeps the same tokens in every row.
     """
     require_choice("combine", combine, COMBINE_MODES)
+    require_choice("reduction", reduction, REDUCTIONS)  # the per-teacher losses below use reduction="none"
     for index, teacher in enumerate(teachers):
         if not isinstance(teacher, SoftLabels):
             raise TypeError(f"teacher_logits[{index}] is a {type(teacher).__name__}; a sequence of teachers must be "
@@ -96,7 +99,9 @@ def _multi_teacher_soft_labels(student_logits: Tensor, teachers, labels: Optiona
         row_loss = None
         for teacher, teacher_weight in zip(teachers, weight_rows):
             term = sparse_kd_loss(student_logits, teacher, labels, reduction="none", **sparse_options).reshape(-1)
-            term = teacher_weight * term.to(math_dtype)
+            term = term.to(math_dtype)
+            # A zero weight drops the teacher (no 0·inf), but its NaN still counts: NaN in, NaN out.
+            term = torch.where(teacher_weight > 0, teacher_weight * term, torch.where(torch.isnan(term), term, 0.0))
             row_loss = term if row_loss is None else row_loss + term
         return reduce_rows(row_loss.reshape(leading_shape), reduction, valid_rows)
     first = teachers[0]
@@ -185,7 +190,7 @@ def multi_teacher_kd_loss(
             Every non-ignored row needs a positive sum (checked in eager mode).
         combine: "sum" (default) or "mixture".
         divergence: "forward_kl" (default), "reverse_kl", "jsd" or "tvd".
-        temperature: T > 0 (default 1.0).
+        temperature: T in [1e-20, 1e20] (default 1.0).
         alpha: weight of the hard-label cross-entropy, in [0, 1] (default 0.0).
         beta: JSD mixture weight in (0, 1) (default 0.5); used by "jsd" only.
         ignore_index: label value of rows to skip (default -100).
@@ -222,10 +227,11 @@ def multi_teacher_kd_loss(
         return multi_teacher_reference.multi_teacher_kd_loss(student_logits, teacher_logits, labels, **options)
     require_choice("combine", combine, COMBINE_MODES)
     teachers = multi_teacher_reference.split_teachers(teacher_logits, student_logits)
-    for teacher in teachers:
+    for index, teacher in enumerate(teachers):
         check_kd_inputs(
             student_logits, teacher, labels, divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            names=dataclasses.replace(MULTI_TEACHER_NAMES, teacher=f"teacher_logits[{index}]"),
         )
     teacher_dtypes = {teacher.dtype for teacher in teachers}
     if student_logits.dtype == torch.float64 or torch.float64 in teacher_dtypes:

@@ -39,13 +39,13 @@ def compress_topk(
     comes first; −inf entries are kept, in index order, only when fewer than k finite
     entries exist) while accumulating the row's log-sum-exp of t/T; the tail mass is summed
     directly over the entries that were not kept, so it stays exact when tiny. A row whose
-    logits are all −inf gets NaN log-probabilities; NaN logits give NaN log-probabilities.
+    logits are all −inf, or with a NaN or +inf logit, gets NaN log-probabilities and tail.
 
     Args:
         teacher_logits: [..., V] float32, bfloat16, float16 or float64; may contain −inf
             (masked vocabulary entries). Not differentiated (the result is a constant).
         k: number of tokens kept per row, 1 ≤ k ≤ V.
-        temperature: T > 0 (default 1.0); probabilities are softmax(teacher_logits / T).
+        temperature: T in [1e-20, 1e20] (default 1.0); probabilities are softmax(teacher_logits / T).
         index_dtype: dtype of the returned indices: int32 (default), int64, or int16
             (V ≤ 32768) / uint16 (V ≤ 65536).
 
@@ -56,7 +56,7 @@ def compress_topk(
         kernel; other devices use `kdfast.reference.compress_topk`.
 
     Raises:
-        ValueError: k < 1 or k > V, T ≤ 0 or not finite, a 0-dim input, or an index dtype
+        ValueError: k < 1 or k > V, T outside [1e-20, 1e20] or not finite, a 0-dim input, or an index dtype
             too narrow for V.
         TypeError: non-floating logits, non-integer k, unknown index dtype.
     """

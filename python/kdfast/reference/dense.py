@@ -7,7 +7,10 @@ compiled kernels are tested against (run in float64) and the path used on device
 inputs `[..., V]` are flattened to rows; terms with zero probability contribute exactly 0
 (0·log 0 = 0, also when the other distribution's log-probability is −inf), implemented by
 masking the log-difference so that gradients stay finite; rows whose label equals
-`ignore_index` contribute 0 and receive no gradient; the teacher is a constant. The
+`ignore_index` contribute 0 and receive no gradient; a row whose loss is NaN (a NaN or +inf
+logit, or a row of only −inf logits, among the inputs it reads) gets an all-NaN gradient
+(`nan_rows_poison_gradient`): NaN in, NaN out, never a finite update from a NaN loss; the
+teacher is a constant. The
 computation runs in float64 when either input is float64 and in float32 otherwise
 (bfloat16/float16 inputs are upcast exactly); the loss has that dtype and the student
 gradient has the student's dtype.
@@ -22,7 +25,7 @@ import torch
 
 from kdfast.contract.validation import check_kd_inputs, check_label_range
 
-__all__ = ["compute_dtype_for", "divergence_from_log_probs", "kd_loss", "kd_loss_rows"]
+__all__ = ["compute_dtype_for", "divergence_from_log_probs", "kd_loss", "kd_loss_rows", "nan_rows_poison_gradient"]
 
 
 def compute_dtype_for(student_dtype: torch.dtype, teacher_dtype: torch.dtype) -> torch.dtype:
@@ -30,6 +33,36 @@ def compute_dtype_for(student_dtype: torch.dtype, teacher_dtype: torch.dtype) ->
     if student_dtype == torch.float64 or teacher_dtype == torch.float64:
         return torch.float64
     return torch.float32
+
+
+class _NaNRowsGradient(torch.autograd.Function):
+    """Identity on the row losses; adds NaN to the gradient of every logits row whose loss is NaN."""
+
+    @staticmethod
+    def forward(ctx, row_loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(torch.isnan(row_loss.detach()))
+        ctx.logits_shape, ctx.logits_dtype = logits.shape, logits.dtype
+        return row_loss.view_as(row_loss)
+
+    @staticmethod
+    def backward(ctx, grad_row_loss: torch.Tensor):
+        (nan_rows,) = ctx.saved_tensors
+        poison = torch.zeros(ctx.logits_shape, dtype=ctx.logits_dtype, device=nan_rows.device)
+        poison = poison.masked_fill(nan_rows.reshape(-1, 1), math.nan)
+        return grad_row_loss, poison
+
+
+def nan_rows_poison_gradient(row_loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Returns `row_loss` [N] unchanged; in the backward pass every row of `logits` [N, V] whose
+    loss is NaN gets an all-NaN gradient (the gradient autograd finds elsewhere is kept).
+
+    Autograd alone can give a NaN loss a finite gradient (e.g. a NaN teacher row under
+    forward_kl, whose masked terms pass no gradient); the kernels, and this oracle, make the
+    gradient of such a row NaN, so that a NaN loss never yields a finite update.
+    """
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return row_loss
+    return _NaNRowsGradient.apply(row_loss, logits)
 
 
 def _weighted_log_ratio_sum(weight: torch.Tensor, log_numerator: torch.Tensor,
@@ -145,7 +178,9 @@ def kd_loss_rows(
         divergence_rows = divergence_from_log_probs(teacher_log_probs, student_log_probs, divergence, beta)
         divergence_scale = (1.0 - alpha) * (temperature * temperature if t2_scale else 1.0)
         row_loss = divergence_scale * divergence_rows
-    return add_cross_entropy_and_mask(row_loss, student, labels_rows, valid_rows, alpha, label_smoothing, vocab_size)
+    row_loss = add_cross_entropy_and_mask(row_loss, student, labels_rows, valid_rows, alpha, label_smoothing,
+                                          vocab_size)
+    return nan_rows_poison_gradient(row_loss, student_rows)
 
 
 def kd_loss(
@@ -177,7 +212,7 @@ def kd_loss(
             valid and `alpha` must be 0.
         divergence: "forward_kl" (default) Σ p(log p − log q); "reverse_kl" Σ q(log q − log p);
             "jsd" β·KL(p‖m) + (1−β)·KL(q‖m) with m = βp + (1−β)q; "tvd" ½ Σ |p − q|.
-        temperature: T > 0 (default 1.0), applied to the divergence only.
+        temperature: T in [1e-20, 1e20] (default 1.0), applied to the divergence only.
         alpha: weight of the hard-label cross-entropy, in [0, 1] (default 0.0).
         beta: JSD mixture weight in (0, 1) (default 0.5); used by "jsd" only.
         ignore_index: label value of rows to skip (default -100).

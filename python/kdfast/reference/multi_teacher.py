@@ -138,7 +138,7 @@ def multi_teacher_kd_loss(
             positive sum.
         combine: "sum" (default) or "mixture", as above.
         divergence: "forward_kl" (default), "reverse_kl", "jsd" or "tvd".
-        temperature: T > 0 (default 1.0).
+        temperature: T in [1e-20, 1e20] (default 1.0).
         alpha: hard-label cross-entropy weight in [0, 1] (default 0.0).
         beta: JSD mixture weight in (0, 1) (default 0.5); used by "jsd" only.
         ignore_index: label value of rows to skip (default -100).
@@ -195,8 +195,11 @@ def multi_teacher_kd_loss(
             divergence_rows = None
             for teacher, teacher_weight in zip(teachers, row_weights):
                 teacher_log_probs = torch.log_softmax(teacher_rows(teacher) / temperature, dim=-1)
-                term = teacher_weight * reference.divergence_from_log_probs(
+                teacher_divergence = reference.divergence_from_log_probs(
                     teacher_log_probs, student_log_probs, divergence, beta)
+                # A zero weight drops the teacher (no 0·inf), but its NaN still counts: NaN in, NaN out.
+                term = torch.where(teacher_weight > 0, teacher_weight * teacher_divergence,
+                                   torch.where(torch.isnan(teacher_divergence), teacher_divergence, 0.0))
                 divergence_rows = term if divergence_rows is None else divergence_rows + term
         else:
             with torch.no_grad():
@@ -219,4 +222,5 @@ def multi_teacher_kd_loss(
         row_loss = alpha * cross_entropy if row_loss is None else row_loss + alpha * cross_entropy
     if valid_rows is not None:
         row_loss = torch.where(valid_rows, row_loss, 0.0)
+    row_loss = reference.nan_rows_poison_gradient(row_loss, student_logits.reshape(-1, vocab_size))
     return reduce_rows(row_loss.reshape(leading_shape), reduction, valid_rows)

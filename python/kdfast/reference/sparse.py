@@ -16,7 +16,12 @@ import torch
 from kdfast.contract.options import TAIL_MODES
 from kdfast.contract.softlabels import SoftLabels
 from kdfast.contract.validation import check_compress_inputs, check_label_range, check_sparse_kd_inputs
-from kdfast.reference.dense import add_cross_entropy_and_mask, compute_dtype_for, divergence_from_log_probs
+from kdfast.reference.dense import (
+    add_cross_entropy_and_mask,
+    compute_dtype_for,
+    divergence_from_log_probs,
+    nan_rows_poison_gradient,
+)
 
 __all__ = ["compress_topk", "sparse_kd_loss", "sparse_kd_loss_rows"]
 
@@ -33,7 +38,8 @@ def compress_topk(
     Selection is a stable descending sort of the raw logits, so equal logits keep the lower
     vocabulary index first (−inf entries come last, also in index order). Everything is
     computed in float64 and rounded to the output dtype at the end. The tail is the
-    log-sum-exp over the entries that were not kept, never log(1 − Σ kept).
+    log-sum-exp over the entries that were not kept, never log(1 − Σ kept). A row with a NaN
+    or +inf logit, or of only −inf, has no distribution: its log-probabilities and tail are NaN.
 
     Returns:
         SoftLabels: indices [..., k] (index_dtype), logprobs [..., k] and tail_logprob [...]
@@ -52,6 +58,9 @@ def compress_topk(
         tail = torch.logsumexp(scaled.gather(-1, rest), dim=-1) - log_normaliser.squeeze(-1)
     else:
         tail = torch.full(logits.shape[:-1], -math.inf, dtype=torch.float64, device=logits.device)
+    undefined = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
+    logprobs = logprobs.masked_fill(undefined[..., None], math.nan)
+    tail = tail.masked_fill(undefined, math.nan)
     indices = kept.to(torch.int32) if index_dtype == torch.uint16 else kept
     return SoftLabels(
         indices=indices.to(index_dtype),
@@ -118,27 +127,33 @@ def sparse_kd_loss_rows(
 
     row_loss = None
     if alpha != 1:
+        # Log-probabilities come from log_softmax (it subtracts the maximum first), never as a
+        # value minus an absolute log-sum-exp: with logits near ±3e38 the latter cancels away
+        # everything below one spacing of the log-sum-exp (log 2 between two tied logits).
         scaled = student / temperature
-        kept_scaled = scaled.gather(-1, kept_indices)
         if tail == "bucket":
             teacher_buckets = torch.cat([teacher_kept, teacher_tail[:, None]], -1)
+            row_log_probs = torch.log_softmax(scaled, dim=-1)
+            kept_log_probs = row_log_probs.gather(-1, kept_indices)
             if k < vocab_size:
                 not_kept = torch.ones_like(scaled, dtype=torch.bool).scatter(-1, kept_indices, False)
-                student_tail = _safe_masked_logsumexp(scaled, not_kept)
+                student_tail = _safe_masked_logsumexp(row_log_probs, not_kept)
             else:
-                student_tail = torch.full_like(kept_scaled[:, 0], -math.inf)
-            student_buckets = torch.cat([kept_scaled, student_tail[:, None]], -1)
+                student_tail = torch.full_like(kept_log_probs[:, 0], -math.inf)
+            student_buckets = torch.cat([kept_log_probs, student_tail[:, None]], -1)
             if k == vocab_size:  # no tail entries: drop the (empty) bucket on both sides
                 teacher_buckets, student_buckets = teacher_buckets[:, :k], student_buckets[:, :k]
         elif tail == "renormalize":
-            teacher_buckets, student_buckets = teacher_kept, kept_scaled
+            teacher_buckets, student_buckets = teacher_kept, scaled.gather(-1, kept_indices)
         else:
             raise ValueError(f"unknown tail mode {tail!r}; expected one of {TAIL_MODES}")
-        teacher_log_probs = teacher_buckets - torch.logsumexp(teacher_buckets, -1, keepdim=True)
-        student_log_probs = student_buckets - torch.logsumexp(student_buckets, -1, keepdim=True)
+        teacher_log_probs = torch.log_softmax(teacher_buckets, dim=-1)
+        student_log_probs = torch.log_softmax(student_buckets, dim=-1)
         divergence_rows = divergence_from_log_probs(teacher_log_probs, student_log_probs, divergence, beta)
         row_loss = (1.0 - alpha) * (temperature * temperature if t2_scale else 1.0) * divergence_rows
-    return add_cross_entropy_and_mask(row_loss, student, labels_rows, valid_rows, alpha, label_smoothing, vocab_size)
+    row_loss = add_cross_entropy_and_mask(row_loss, student, labels_rows, valid_rows, alpha, label_smoothing,
+                                          vocab_size)
+    return nan_rows_poison_gradient(row_loss, student_rows)
 
 
 def sparse_kd_loss(

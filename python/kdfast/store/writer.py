@@ -15,13 +15,13 @@ class that verifies a resumed store and that `reader()` opens.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from typing import Any, Container, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from kdfast.contract.options import TEMPERATURE_RANGE, temperature_in_range
 from kdfast.contract.softlabels import SoftLabels, smallest_index_dtype
 from kdfast.store.format import (
     DEFAULT_SHARD_TOKENS,
@@ -386,8 +386,10 @@ def open_writer(
             f"SoftLabelStore.create: k must be an int with 1 <= k <= vocab_size={vocab_size}, got {k!r}"
         )
     temperature = float(temperature)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"SoftLabelStore.create: temperature must be finite and > 0, got {temperature}")
+    if not temperature_in_range(temperature):
+        low, high = TEMPERATURE_RANGE
+        raise ValueError(f"SoftLabelStore.create: temperature must be finite and in [{low:g}, {high:g}], "
+                         f"got {temperature}")
     if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
         raise ValueError(f"SoftLabelStore.create: shard_tokens must be a positive int, got {shard_tokens!r}")
     if resume and overwrite:
