@@ -174,3 +174,11 @@ def assert_rows_match(actual_loss, expected_loss, actual_grad, expected_grad, lo
     assert_loss_match(actual_loss, expected_loss, loss_atol, context)
     if actual_grad is not None:
         assert_grad_match(actual_grad, expected_grad, expected_loss, grad_atol, context, out_dtype, actual_loss.dtype)
+
+
+def with_grad(loss_function, student, device, grad_output, *args, **options):
+    """(loss [N], student gradient) of loss_function(student leaf, *args) with reduction none."""
+    leaf = student.detach().to(device).requires_grad_(True)
+    loss = loss_function(leaf, *args, reduction="none", **options)
+    loss.backward(grad_output.to(device=device, dtype=loss.dtype))
+    return loss.detach().cpu(), leaf.grad.cpu()

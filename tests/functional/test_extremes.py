@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import kdfast
-from fp32_rows import assert_rows_match, finite_spread, row_tolerances, sparse_tvd_ties
+from fp32_rows import assert_rows_match, finite_spread, row_tolerances, sparse_tvd_ties, with_grad
 from kd_checks import stable_seed
 from kdfast import functional, reference
 from kdfast.ops._native import native_module
@@ -34,13 +34,6 @@ def make_rows(seed: int, scale: float, teachers: int = 1):
     labels = torch.randint(0, VOCAB, (ROWS,), generator=generator)
     grad_output = torch.rand(ROWS, generator=generator, dtype=torch.float64) + 0.5
     return student, teacher, labels, grad_output
-
-
-def with_grad(loss_function, student, device, grad_output, *args, **options):
-    leaf = student.detach().to(device).requires_grad_(True)
-    loss = loss_function(leaf, *args, reduction="none", **options)
-    loss.backward(grad_output.to(device=device, dtype=loss.dtype))
-    return loss.detach().cpu(), leaf.grad.cpu()
 
 
 def check_dense(device, student, teacher, labels, grad_output, context, **options):

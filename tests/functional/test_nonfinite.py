@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import kdfast
-from fp32_rows import assert_rows_match, finite_spread, row_tolerances
+from fp32_rows import assert_rows_match, finite_spread, row_tolerances, with_grad
 from kd_checks import stable_seed
 from kdfast import functional, reference
 from kdfast.softlabels import SoftLabels
@@ -62,14 +62,6 @@ def make_rows(seed: int, teachers: int = 1):
     teacher[:, IGNORED, 6] = math.nan
     grad_output = torch.rand(ROWS, generator=generator, dtype=torch.float64) + 0.5
     return student, teacher, labels, grad_output
-
-
-def with_grad(loss_function, student, device, grad_output, *args, **options):
-    """(loss [N], student gradient) of loss_function(student leaf, *args) with reduction none."""
-    leaf = student.detach().to(device).requires_grad_(True)
-    loss = loss_function(leaf, *args, reduction="none", **options)
-    loss.backward(grad_output.to(device=device, dtype=loss.dtype))
-    return loss.detach().cpu(), leaf.grad.cpu()
 
 
 def assert_ignored_row_untouched(loss, grad, context):
