@@ -332,8 +332,13 @@ def _run(case: Case, oracle: bool):
             return reference.multi_teacher_kd_loss(student, teachers, labels, **options), student
         if case.entry == "MultiTeacherKDLoss":  # teachers as one [M, ..., V] tensor where they share a dtype
             stacked = len({t.dtype for t in teachers}) == 1
-            return kdfast.MultiTeacherKDLoss(**options)(student, torch.stack(teachers) if stacked else teachers,
-                                                        labels), student
+            # per-teacher weights [M] go to the constructor, per-row weights [M, ...] to forward
+            module_options = dict(options)
+            weights = module_options.pop("weights", None)
+            per_row = isinstance(weights, torch.Tensor) and weights.dim() > 1
+            module = kdfast.MultiTeacherKDLoss(**module_options, weights=None if per_row else weights)
+            return module(student, torch.stack(teachers) if stacked else teachers, labels,
+                          weights=weights if per_row else None), student
         return functional.multi_teacher_kd_loss(student, teachers, labels, **options), student
     # soft-label teachers: compressed once (by the kernel), the oracle reads the same stored values
     if "soft" not in case.tensors:

@@ -10,7 +10,6 @@ check of the teacher weights' values.
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Optional
 
 import torch
