@@ -9,7 +9,7 @@ from kdfast import functional, reference
 from kdfast._build import build_info
 from kdfast._version import __version__
 from kdfast.contract.softlabels import SoftLabels
-from kdfast.functional import compress_topk
+from kdfast.functional import compress_topk, uld_loss
 from kdfast.losses import FusedLinearKDLoss, KDLoss, MultiTeacherKDLoss, SparseKDLoss
 from kdfast.store import (
     CorruptShardError,
@@ -41,5 +41,6 @@ __all__ = [
     "compress_topk",
     "functional",
     "reference",
+    "uld_loss",
     "__version__",
 ]

@@ -2,7 +2,7 @@
 
 Written with plain tensor operations and autograd, straight from the loss contract in
 docs/design.md, so that they are easy to read and check: `dense` (kd_loss), `sparse`
-(compress_topk, sparse_kd_loss) and `multi_teacher` (multi_teacher_kd_loss). The compiled
+(compress_topk, sparse_kd_loss), `multi_teacher` (multi_teacher_kd_loss) and `uld` (uld_loss). The compiled
 kernels are tested against them in float64, and they run wherever `kdfast._C` has no kernels
 (e.g. MPS): slower, never wrong. They import only `kdfast.contract`.
 """
@@ -10,6 +10,7 @@ kernels are tested against them in float64, and they run wherever `kdfast._C` ha
 from kdfast.reference.dense import compute_dtype_for, divergence_from_log_probs, kd_loss, kd_loss_rows
 from kdfast.reference.multi_teacher import multi_teacher_kd_loss
 from kdfast.reference.sparse import compress_topk, sparse_kd_loss, sparse_kd_loss_rows
+from kdfast.reference.uld import uld_loss
 
 __all__ = [
     "compress_topk",
@@ -20,4 +21,5 @@ __all__ = [
     "multi_teacher_kd_loss",
     "sparse_kd_loss",
     "sparse_kd_loss_rows",
+    "uld_loss",
 ]
