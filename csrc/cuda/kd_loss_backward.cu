@@ -9,8 +9,11 @@
 // Kernel: kd_backward_kernel. The rows are cut into chunks of whole batches; a team of
 // threads (32 to 256, all of a block for long rows) handles one (row, chunk) item, so that
 // few long rows still spread over the whole GPU. Each element is recomputed from the saved
-// maxima and log-sums (rowmath::divergence_grad for the divergence term, r - eps/V for the
-// cross-entropy term, minus (1 - eps) at the label) and written once with 16-byte stores.
+// maxima and log-sums (forward_kl q - p and reverse_kl with one FMA and a hardware exp2 per
+// probability, rowmath::divergence_grad for JSD and TVD, r - eps/V for the cross-entropy term,
+// minus (1 - eps) at the label) and written once with 16-byte stores (scalar head and tail per
+// row, kd_loss_cuda_layout.cuh). In place (grad_student == student) the loads are plain loads,
+// not read-only-cache loads, since the kernel writes the memory it reads.
 // Bytes per element: one read of student and teacher (no teacher when alpha == 1), one write
 // of the gradient.
 #include <cuda_runtime.h>
@@ -18,6 +21,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "kd_loss_cuda_common.cuh"
 #include "kdfast/kdfast.h"
@@ -31,9 +35,10 @@ using rowmath::Coefficients;
 using rowmath::GradRow;
 using rowmath::RowStats;
 
-constexpr int kBackwardBlock = 256;
-// Batches each thread handles per (row, chunk) item, at most.
-constexpr int kBatchesPerChunk = 8;
+// Resident 256-thread blocks per multiprocessor the register budget is sized for: two (up to
+// 128 registers; ptxas uses about 94-118 and spills nothing). Three (80 registers) spill in
+// the float32 and bfloat16 hot loops (benches/cuda_resources.py), four (64) spill everywhere.
+constexpr int kBackwardMinBlocks = 2;
 
 struct BackwardParams {
   const void* grad_output;  // compute dtype
@@ -55,41 +60,85 @@ struct BackwardParams {
   void* grad_student;
 };
 
+// exp(x log2(e) ... ) in one FMA and the hardware exp2 for float (ScaledExp's unit), the
+// accurate exp for double: e^(d kappa - log_sum) = 2^(d (kappa log2 e) - log_sum log2 e).
+template <class C>
+struct FusedExp {
+  C slope;   // kappa log2(e) (float) or kappa (double)
+  C offset;  // log_sum log2(e) (float) or log_sum (double)
+  __device__ __forceinline__ FusedExp(C kappa, C log_sum) {
+    if constexpr (sizeof(C) == 4) {
+      slope = kappa * C(1.44269504088896341);
+      offset = log_sum * C(1.44269504088896341);
+    } else {
+      slope = kappa;
+      offset = log_sum;
+    }
+  }
+  __device__ __forceinline__ C operator()(C d) const {
+    if constexpr (sizeof(C) == 4) {
+#if defined(__CUDA_ARCH__)
+      float result;
+      asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(result) : "f"(fmaf(d, slope, -offset)));
+      return result;
+#else
+      return exp2f(fmaf(d, slope, -offset));
+#endif
+    } else {
+      return ::exp(d * slope - offset);
+    }
+  }
+};
+
 // Gradient of one batch (before the label step): kd_factor dD/db + ce_factor (r - eps/V),
-// element by element as chunk_grad does on the CPU.
+// element by element as chunk_grad does on the CPU. forward_kl, reverse_kl and the
+// cross-entropy term take q = e^(ds kappa - log_sum_T) (and p, r alike) from FusedExp: one FMA
+// and one hardware exp2 per probability in float. JSD and TVD keep rowmath's exp for both p
+// and q, so that p and q tie exactly where they are equal (the TVD gradient jumps at p == q).
 template <Divergence D, class C>
 __device__ __forceinline__ void batch_gradient(const C* s, const C* t, const GradRow<C>& g, const Coefficients<C>& k,
                                                C* out) {
   constexpr int kE = BatchLayout<C>::kElements;
+  constexpr bool kFast = D == Divergence::ForwardKL || D == Divergence::ReverseKL;
   const C h = k.diff_scale, kappa = k.inv_scaled_t, inv_h = k.inv_diff_scale;
   const C max_s = g.stats.student_max * h, max_t = g.stats.teacher_max * h;
-  const ScaledExp<C> exp_plain(C(1));
+  const FusedExp<C> q_of(kappa, g.stats.student_log_sum_T);
+  const FusedExp<C> p_of(kappa, g.stats.teacher_log_sum);
+  const FusedExp<C> r_of(inv_h, g.stats.student_log_sum_1);
 #pragma unroll
   for (int e = 0; e < kE; ++e) {
     const C ds = rowmath::scaled_difference(s[e], h, max_s);  // h (s - max): rowmath::difference_scale
-    const C log_q = ds * kappa - g.stats.student_log_sum_T;
-    // The same exp as divergence_grad uses for p, so that p and q tie exactly where they are
-    // equal (the TVD gradient jumps at p == q).
-    const C q = rowmath::exp_c(log_q);
+    C q;
+    if constexpr (kFast) {
+      q = q_of(ds);
+    } else {
+      q = rowmath::exp_c(ds * kappa - g.stats.student_log_sum_T);
+    }
     C value = C(0);
     if (k.need_kd) {
       const C dt = rowmath::scaled_difference(t[e], h, max_t);
       if constexpr (D == Divergence::ReverseKL) {
         value += rowmath::reverse_kl_grad(ds, dt, q, g.rkl_a, g.rkl_b, g.rkl_c);
+      } else if constexpr (D == Divergence::ForwardKL) {
+        value += g.kd_factor * (q - p_of(dt));  // divergence_grad<ForwardKL>: q - p
       } else {
+        const C log_q = ds * kappa - g.stats.student_log_sum_T;
         value += g.kd_factor * rowmath::divergence_grad<D>(dt * kappa - g.stats.teacher_log_sum, log_q, q, g.stats.aux, k);
       }
     }
     if (k.need_ce) {
-      const C r = k.need_student_1 ? exp_plain(ds * inv_h - g.stats.student_log_sum_1) : q;  // T == 1: r == q
+      const C r = k.need_student_1 ? r_of(ds) : q;  // T == 1: r == q
       value += g.ce_factor * (r - g.smooth);
     }
     out[e] = value;
   }
 }
 
-template <class SX, class TX, class C, bool kVectorized>
-__global__ void __launch_bounds__(kBackwardBlock, 1024 / kBackwardBlock)
+// kVectorized: rows on the 16-byte group grid (kd_loss_cuda_layout.cuh); kReadOnlyCache:
+// loads through the non-coherent read-only path, only when grad_student does not alias the
+// student logits (the in-place backward writes memory it reads).
+template <class SX, class TX, class C, bool kVectorized, bool kReadOnlyCache>
+__global__ void __launch_bounds__(kBackwardBlock, kBackwardMinBlocks)
     kd_backward_kernel(BackwardParams p, Coefficients<C> k) {
   constexpr int kW = BatchLayout<C>::kWidth;
   constexpr int kU = BatchLayout<C>::kGroups;
@@ -101,11 +150,20 @@ __global__ void __launch_bounds__(kBackwardBlock, 1024 / kBackwardBlock)
   if (row >= p.rows) return;  // no barriers in this kernel
   const int chunk = static_cast<int>(item - row * p.chunks_per_row);
   const int vocab = p.vocab;
-  const int row_groups = (vocab + kW - 1) / kW;
+  typename SX::Raw* g_row = static_cast<typename SX::Raw*>(p.grad_student) + row * static_cast<int64_t>(vocab);
+  const typename SX::Raw* s_row = static_cast<const typename SX::Raw*>(p.student) + row * p.student_row_stride;
+  const typename TX::Raw* t_row = static_cast<const typename TX::Raw*>(p.teacher) + row * p.teacher_row_stride;
+  // Vectorised: the gradient, student and (when read) teacher rows share one pad (host-checked).
+  int pad = 0;
+  if (kVectorized) {
+    pad = row_pad<SX>(g_row);
+    if (k.need_kd && row_pad<TX>(t_row) > pad) pad = row_pad<TX>(t_row);
+  }
+  // Chunks are counted on the grid of the largest pad (host), so the last ones may be empty.
+  const int row_groups = (vocab + pad + kW - 1) / kW;
   const int first_group = chunk * p.chunk_groups;
   const int end_group = first_group + p.chunk_groups < row_groups ? first_group + p.chunk_groups : row_groups;
-  const ThreadBatches<C> batches(vocab, first_group, end_group, team, lane);
-  typename SX::Raw* g_row = static_cast<typename SX::Raw*>(p.grad_student) + row * static_cast<int64_t>(vocab);
+  const ThreadBatches<C> batches(vocab, pad, first_group, end_group, team, lane);
 
   const int64_t label = p.labels != nullptr ? p.labels[row] : int64_t(-1);
   const C* st = static_cast<const C*>(p.row_stats) + row * kRowStats;
@@ -115,7 +173,7 @@ __global__ void __launch_bounds__(kBackwardBlock, 1024 / kBackwardBlock)
     C zeros[kW];
 #pragma unroll
     for (int e = 0; e < kW; ++e) zeros[e] = ignored ? C(0) : quiet_nan<C>();
-    for (int b = 0; b < batches.total; ++b) {
+    for (int b = 0; b < batches.total; ++b) {  // head, full and tail batches alike
       int first[kU];
       batches.first_elements(b, first);
 #pragma unroll
@@ -137,40 +195,35 @@ __global__ void __launch_bounds__(kBackwardBlock, 1024 / kBackwardBlock)
                                                      static_cast<int64_t>(vocab));
   const C label_step = grad_row.label_step;
   const bool step_at_label = k.need_ce && p.labels != nullptr;
-
-  const typename SX::Raw* s_row = static_cast<const typename SX::Raw*>(p.student) + row * p.student_row_stride;
-  const typename TX::Raw* t_row = static_cast<const typename TX::Raw*>(p.teacher) + row * p.teacher_row_stride;
-  stream_batches<SX, TX, C, kVectorized>(
-      s_row, t_row, vocab, batches, k.need_kd, [&](const C* s, const C* t, const int* first, auto) {
-        C out[kE];
-        switch (k.divergence) {
-          case Divergence::ForwardKL: batch_gradient<Divergence::ForwardKL>(s, t, grad_row, k, out); break;
-          case Divergence::ReverseKL: batch_gradient<Divergence::ReverseKL>(s, t, grad_row, k, out); break;
-          case Divergence::JSD: batch_gradient<Divergence::JSD>(s, t, grad_row, k, out); break;
-          default: batch_gradient<Divergence::TVD>(s, t, grad_row, k, out); break;
-        }
+  // One streaming loop per divergence (chosen once per row, not per batch), so that each loop
+  // holds only its own divergence's values in registers.
+  const auto stream = [&](auto divergence) {
+    constexpr Divergence D = decltype(divergence)::value;
+    stream_batches<SX, TX, C, kVectorized, kReadOnlyCache>(
+        s_row, t_row, vocab, batches, k.need_kd, [&](const C* s, const C* t, const int* first, auto) {
+          C out[kE];
+          batch_gradient<D>(s, t, grad_row, k, out);
 #pragma unroll
-        for (int u = 0; u < kU; ++u) {
-          if (step_at_label) {
-            const int64_t offset = label - first[u];
-            if (offset >= 0 && offset < kW) {
+          for (int u = 0; u < kU; ++u) {
+            if (step_at_label) {
+              const int64_t offset = label - first[u];
+              if (offset >= 0 && offset < kW) {
 #pragma unroll
-              for (int e = 0; e < kW; ++e) {
-                if (e == offset) out[u * kW + e] -= label_step;
+                for (int e = 0; e < kW; ++e) {
+                  if (e == offset) out[u * kW + e] -= label_step;
+                }
               }
             }
+            store_group<SX, C, kVectorized>(g_row, first[u], vocab, out + u * kW);
           }
-          store_group<SX, C, kVectorized>(g_row, first[u], vocab, out + u * kW);
-        }
-      });
-}
-
-// Threads per item: enough that each thread handles about two batches, between a warp and a block.
-template <class C>
-int backward_team_size(int64_t vocab) {
-  const int64_t groups = ceil_div(vocab, kGroupWidth<C>);
-  const int64_t wanted = next_power_of_two(ceil_div(groups, 2 * kGroupsPerBatch<C>));
-  return static_cast<int>(wanted < 32 ? 32 : (wanted > kBackwardBlock ? kBackwardBlock : wanted));
+        });
+  };
+  switch (k.divergence) {
+    case Divergence::ForwardKL: stream(std::integral_constant<Divergence, Divergence::ForwardKL>{}); break;
+    case Divergence::ReverseKL: stream(std::integral_constant<Divergence, Divergence::ReverseKL>{}); break;
+    case Divergence::JSD: stream(std::integral_constant<Divergence, Divergence::JSD>{}); break;
+    default: stream(std::integral_constant<Divergence, Divergence::TVD>{}); break;
+  }
 }
 
 template <class SX, class TX, class C>
@@ -187,10 +240,10 @@ void backward_typed(const KDBackwardArgs& args, cudaStream_t stream) {
   params.labels = args.labels;
   params.rows = args.rows;
   params.vocab = static_cast<int>(args.vocab);
-  params.team_size = backward_team_size<C>(args.vocab);
-  params.chunk_groups = params.team_size * kGroupsPerBatch<C> * kBatchesPerChunk;
-  const int64_t row_groups = ceil_div(args.vocab, kGroupWidth<C>);
-  params.chunks_per_row = static_cast<int>(ceil_div(row_groups, params.chunk_groups));
+  const BackwardChunks chunks = backward_chunks<C>(args.vocab);
+  params.team_size = chunks.team_size;
+  params.chunk_groups = chunks.chunk_groups;
+  params.chunks_per_row = chunks.chunks_per_row;
   params.ignore_index = args.options.ignore_index;
   params.reduction = args.options.reduction;
   params.row_stats = args.row_stats;
@@ -200,14 +253,24 @@ void backward_typed(const KDBackwardArgs& args, cudaStream_t stream) {
   const int64_t items = args.rows * params.chunks_per_row;
   const int64_t blocks = ceil_div(items, kBackwardBlock / params.team_size);
   if (blocks > int64_t(0x7fffffff)) throw std::invalid_argument("kd_backward_cuda: too many rows for one launch");
-  const bool vectorized =
-      rows_are_16_byte_aligned(args.student, args.student_row_stride, sizeof(typename SX::Raw)) &&
-      rows_are_16_byte_aligned(args.grad_student, args.vocab, sizeof(typename SX::Raw)) &&
-      (!k.need_kd || rows_are_16_byte_aligned(args.teacher, args.teacher_row_stride, sizeof(typename TX::Raw)));
-  if (vectorized) {
-    kd_backward_kernel<SX, TX, C, true><<<static_cast<unsigned>(blocks), kBackwardBlock, 0, stream>>>(params, k);
-  } else {
-    kd_backward_kernel<SX, TX, C, false><<<static_cast<unsigned>(blocks), kBackwardBlock, 0, stream>>>(params, k);
+  // Per-row 16-byte accesses unless the rows sit differently on the 16-byte grid. In place
+  // (the gradient overwrites the student logits) the loads must not use the read-only path.
+  const int size_s = static_cast<int>(sizeof(typename SX::Raw)), size_t_ = static_cast<int>(sizeof(typename TX::Raw));
+  const RowTensor tensors[3] = {{args.grad_student, args.vocab, size_s},
+                                {args.student, args.student_row_stride, size_s},
+                                {args.teacher, args.teacher_row_stride, size_t_}};
+  const bool vectorized = rows_share_pad(tensors, k.need_kd ? 3 : 2, args.rows, kGroupWidth<C>);
+  const auto address = [](const void* x) { return reinterpret_cast<uintptr_t>(x); };
+  const uintptr_t s_end = address(args.student) + static_cast<uintptr_t>((args.rows - 1) * args.student_row_stride + args.vocab) * size_s;
+  const uintptr_t g_end = address(args.grad_student) + static_cast<uintptr_t>(args.rows * args.vocab) * size_s;
+  const bool in_place = address(args.grad_student) < s_end && address(args.student) < g_end;  // overlapping
+  const unsigned grid = static_cast<unsigned>(blocks);
+  if (vectorized && !in_place) {
+    kd_backward_kernel<SX, TX, C, true, true><<<grid, kBackwardBlock, 0, stream>>>(params, k);
+  } else if (vectorized) {
+    kd_backward_kernel<SX, TX, C, true, false><<<grid, kBackwardBlock, 0, stream>>>(params, k);
+  } else {  // rare (rows off each other's grid): plain loads, safe in place too
+    kd_backward_kernel<SX, TX, C, false, false><<<grid, kBackwardBlock, 0, stream>>>(params, k);
   }
   check_launch("kd_backward_kernel");
 }

@@ -1,13 +1,14 @@
 // Building blocks shared by the CUDA kernels of the dense KD loss (kd_loss_forward.cu,
-// kd_loss_backward.cu): host-side launch helpers (error checks, device guard, alignment test)
-// and device-side helpers (storage-dtype traits that load, convert and store groups of
-// elements, the batch streaming loop, team-wide reductions, the exponential of the hot loops).
-// Contract with the kernels: a row is read in "groups" of kGroupWidth<C> consecutive
-// elements (C = compute type); with kVectorized the row start of every tensor is 16-byte
-// aligned and a group is loaded with 16-byte loads, otherwise element by element. Elements
-// past the end of the row read as -inf. A "team" is a power-of-two number (>= 32) of
-// consecutive threads of one block that handles one row (or one chunk of a row); every
-// thread of the block must call the team reductions (they may synchronise the block).
+// kd_loss_backward.cu; the sparse and top-k kernels use some): host-side launch helpers (error
+// checks, device guard) and device-side helpers (storage-dtype traits that load, convert and
+// store groups of elements, the batch streaming loop, team-wide reductions, the exponential of
+// the hot loops). How a row is cut into groups, batches and threads, and the host's alignment
+// test, are in kd_loss_cuda_layout.cuh. Contract with the kernels: with kVectorized a group
+// wholly inside the row is loaded and stored with 16-byte accesses, the head and tail groups
+// element by element; elements outside the row read as -inf and are never written. A "team"
+// is a power-of-two number (>= 32) of consecutive threads of one block that handles one row
+// (or one chunk of a row); every thread of the block must call the team reductions (they may
+// synchronise the block).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -20,6 +21,7 @@
 #include <string>
 #include <type_traits>
 
+#include "kd_loss_cuda_layout.cuh"
 #include "kdfast/rowmath.h"
 #include "kdfast/types.h"
 
@@ -64,35 +66,11 @@ int multiprocessor_count();
 // Throws std::invalid_argument unless 0 <= vocab <= 2^30 (in-row indices are 32-bit).
 void check_vocab_fits(int64_t vocab, const char* function);
 
-// True when every row of a tensor starts on a 16-byte boundary.
-inline bool rows_are_16_byte_aligned(const void* base, int64_t row_stride_elements, int element_size) {
-  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && (row_stride_elements * element_size) % 16 == 0;
-}
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline int next_power_of_two(int64_t value) {
-  int result = 1;
-  while (result < value && result < (1 << 30)) result <<= 1;
-  return result;
-}
-
 // ------------------------------------------------------------------ compute-type constants
 
 // row_stats layout (types.h): the six rowmath::RowStats values, then the row loss, then zeros.
 constexpr int kRowLossColumn = 6;
 static_assert(kRowStats >= kRowLossColumn + 1, "row_stats must hold the RowStats values and the row loss");
-
-// Elements per group: 8 in float math (one 16-byte vector of a 16-bit dtype, two of float32),
-// 2 in double math (one 16-byte vector of float64).
-template <class C>
-constexpr int kGroupWidth = sizeof(C) == 4 ? 8 : 2;
-
-// Groups each thread loads per batch (all of a batch's loads are issued before any is used).
-// One keeps the kernels within 64 registers (1024 resident threads per multiprocessor);
-// stream_batches issues the next batch's loads before computing on the current one.
-template <class C>
-constexpr int kGroupsPerBatch = 1;
 
 template <class C>
 __device__ __forceinline__ C negative_infinity() {
@@ -223,10 +201,31 @@ struct Float64Storage {
   }
 };
 
-// Read-only load of one stored element.
-template <class X>
+// Load of one stored element: through the read-only (non-coherent) cache path when
+// kReadOnlyCache, a plain load otherwise (required when the kernel writes the same memory,
+// as the in-place backward does).
+template <class X, bool kReadOnlyCache = true>
 __device__ __forceinline__ typename X::Raw load_element(const typename X::Raw* address) {
-  return __ldg(address);
+  if constexpr (kReadOnlyCache) {
+    return __ldg(address);
+  } else {
+    return *address;
+  }
+}
+
+template <bool kReadOnlyCache>
+__device__ __forceinline__ uint4 load_vector(const uint4* address) {
+  if constexpr (kReadOnlyCache) {
+    return __ldg(address);
+  } else {
+    return *address;
+  }
+}
+
+// Elements from the previous 16-byte boundary to the start of `row` (see the file comment).
+template <class X>
+__device__ __forceinline__ int row_pad(const typename X::Raw* row) {
+  return static_cast<int>(reinterpret_cast<uintptr_t>(row) % 16) / static_cast<int>(sizeof(typename X::Raw));
 }
 
 // ------------------------------------------------------------------ batches of groups
@@ -240,47 +239,14 @@ struct BatchLayout {
   static constexpr int kElements = kGroups * kWidth;
 };
 
-// The batches one thread of a team handles in the group range [first_group, end_group) of a
-// row: batch b holds groups first_group + b * stride + u * team + lane (u < kGroups), with
-// stride = kGroups * team; (end_group - first_group) is a multiple of stride or end_group is
-// the row's last group. The batches entirely inside the row come first (`full` of them); the
-// rest, up to `total`, reach past the row end and are loaded element by element.
-template <class C>
-struct ThreadBatches {
-  static constexpr int kGroups = kGroupsPerBatch<C>;
-  static constexpr int kWidth = kGroupWidth<C>;
-  int first;  // first group of batch 0 (u = 0)
-  int team;
-  int stride;
-  int full;
-  int total;
-
-  __device__ __forceinline__ ThreadBatches(int vocab, int first_group, int end_group, int team_size, int lane)
-      : first(first_group + lane), team(team_size), stride(kGroups * team_size) {
-    const int row_groups = (vocab + kWidth - 1) / kWidth;
-    const int complete_groups = vocab / kWidth;
-    const int range_batches = (end_group - first_group + stride - 1) / stride;
-    const int last_offset = first + (kGroups - 1) * team;  // last group of batch 0
-    const int full_batches = complete_groups > last_offset ? (complete_groups - last_offset - 1) / stride + 1 : 0;
-    const int any_batches = row_groups > first ? (row_groups - first - 1) / stride + 1 : 0;
-    full = full_batches < range_batches ? full_batches : range_batches;
-    total = any_batches < range_batches ? any_batches : range_batches;
-  }
-
-  // Element index (within the row) of the first element of each group of batch b.
-  __device__ __forceinline__ void first_elements(int batch, int (&out)[kGroups]) const {
-#pragma unroll
-    for (int u = 0; u < kGroups; ++u) out[u] = (first + batch * stride + u * team) * kWidth;
-  }
-};
-
 // Raw contents of one batch of tensor X, loaded with every load issued before any value is
-// used. Only for batches whose groups lie entirely inside the row.
-template <class X, class C, bool kVectorized>
+// used. Only for full batches (every group wholly inside the row; with kVectorized every group
+// start is 16-byte aligned).
+template <class X, class C, bool kVectorized, bool kReadOnlyCache>
 struct FullBatch;
 
-template <class X, class C>
-struct FullBatch<X, C, true> {
+template <class X, class C, bool kReadOnlyCache>
+struct FullBatch<X, C, true, kReadOnlyCache> {
   static constexpr int kVectorsPerGroup = kGroupWidth<C> / X::kPerVector;
   uint4 vectors[kGroupsPerBatch<C> * kVectorsPerGroup];
   __device__ __forceinline__ void load(const typename X::Raw* row, const int* first) {
@@ -288,7 +254,7 @@ struct FullBatch<X, C, true> {
     for (int u = 0; u < kGroupsPerBatch<C>; ++u) {
       const uint4* source = reinterpret_cast<const uint4*>(row + first[u]);
 #pragma unroll
-      for (int v = 0; v < kVectorsPerGroup; ++v) vectors[u * kVectorsPerGroup + v] = __ldg(source + v);
+      for (int v = 0; v < kVectorsPerGroup; ++v) vectors[u * kVectorsPerGroup + v] = load_vector<kReadOnlyCache>(source + v);
     }
   }
   __device__ __forceinline__ void to_compute(C* out) const {
@@ -297,14 +263,16 @@ struct FullBatch<X, C, true> {
   }
 };
 
-template <class X, class C>
-struct FullBatch<X, C, false> {
+template <class X, class C, bool kReadOnlyCache>
+struct FullBatch<X, C, false, kReadOnlyCache> {
   typename X::Raw values[BatchLayout<C>::kElements];
   __device__ __forceinline__ void load(const typename X::Raw* row, const int* first) {
 #pragma unroll
     for (int u = 0; u < kGroupsPerBatch<C>; ++u) {
 #pragma unroll
-      for (int e = 0; e < kGroupWidth<C>; ++e) values[u * kGroupWidth<C> + e] = load_element<X>(row + first[u] + e);
+      for (int e = 0; e < kGroupWidth<C>; ++e) {
+        values[u * kGroupWidth<C> + e] = load_element<X, kReadOnlyCache>(row + first[u] + e);
+      }
     }
   }
   __device__ __forceinline__ void to_compute(C* out) const {
@@ -313,40 +281,50 @@ struct FullBatch<X, C, false> {
   }
 };
 
-// A batch that reaches past the end of the row: element by element, -inf past `vocab`.
-template <class X, class C>
+// A batch that reaches outside the row: element by element, -inf outside [0, vocab).
+template <class X, class C, bool kReadOnlyCache>
 __device__ __forceinline__ void load_partial_batch(const typename X::Raw* row, const int* first, int vocab, C* out) {
 #pragma unroll
   for (int u = 0; u < kGroupsPerBatch<C>; ++u) {
 #pragma unroll
     for (int e = 0; e < kGroupWidth<C>; ++e) {
       const int index = first[u] + e;
-      out[u * kGroupWidth<C> + e] = index < vocab ? X::to_compute(load_element<X>(row + index)) : negative_infinity<C>();
+      out[u * kGroupWidth<C> + e] =
+          in_row(index, vocab) ? X::to_compute(load_element<X, kReadOnlyCache>(row + index)) : negative_infinity<C>();
     }
   }
 }
 
 // Streams a thread's batches of the student row (and of the teacher row when `need_teacher`),
-// calling visit(s, t, first, partial) with the batch in compute precision (-inf past the row
-// end; t is unset without the teacher), the first element index of each group, and
-// std::true_type / std::false_type for batches that do / do not reach past the row end. The
-// loads of the next full batch are issued before the current one is visited, so that each
-// thread keeps one batch of loads in flight while it computes.
-template <class SX, class TX, class C, bool kVectorized, class Visit>
+// calling visit(s, t, first, partial) with the batch in compute precision (-inf outside the
+// row; t is unset without the teacher), the first element index of each group, and
+// std::true_type / std::false_type for batches that do / do not reach outside the row. Order:
+// the head batch, the full batches, the tail (ThreadBatches). The loads of the next full batch
+// are issued before the current one is visited, so that each thread keeps one batch of loads
+// in flight while it computes. kReadOnlyCache: see load_element.
+template <class SX, class TX, class C, bool kVectorized, bool kReadOnlyCache, class Visit>
 __device__ __forceinline__ void stream_batches(const typename SX::Raw* s_row, const typename TX::Raw* t_row,
                                                int vocab, const ThreadBatches<C>& batches, bool need_teacher,
                                                Visit&& visit) {
   constexpr int kGroups = kGroupsPerBatch<C>;
   constexpr int kElements = BatchLayout<C>::kElements;
-  FullBatch<SX, C, kVectorized> s_raw;
-  FullBatch<TX, C, kVectorized> t_raw;
+  if (batches.head) {
+    C s[kElements], t[kElements];
+    int first[kGroups];
+    batches.first_elements(0, first);
+    load_partial_batch<SX, C, kReadOnlyCache>(s_row, first, vocab, s);
+    if (need_teacher) load_partial_batch<TX, C, kReadOnlyCache>(t_row, first, vocab, t);
+    visit(static_cast<const C*>(s), static_cast<const C*>(t), static_cast<const int*>(first), std::true_type{});
+  }
+  FullBatch<SX, C, kVectorized, kReadOnlyCache> s_raw;
+  FullBatch<TX, C, kVectorized, kReadOnlyCache> t_raw;
   int next_first[kGroups];
-  if (batches.full > 0) {
-    batches.first_elements(0, next_first);
+  if (batches.begin < batches.full) {
+    batches.first_elements(batches.begin, next_first);
     s_raw.load(s_row, next_first);
     if (need_teacher) t_raw.load(t_row, next_first);
   }
-  for (int b = 0; b < batches.full; ++b) {
+  for (int b = batches.begin; b < batches.full; ++b) {
     C s[kElements], t[kElements];
     int first[kGroups];
 #pragma unroll
@@ -364,18 +342,19 @@ __device__ __forceinline__ void stream_batches(const typename SX::Raw* s_row, co
     C s[kElements], t[kElements];
     int first[kGroups];
     batches.first_elements(b, first);
-    load_partial_batch<SX, C>(s_row, first, vocab, s);
-    if (need_teacher) load_partial_batch<TX, C>(t_row, first, vocab, t);
+    load_partial_batch<SX, C, kReadOnlyCache>(s_row, first, vocab, s);
+    if (need_teacher) load_partial_batch<TX, C, kReadOnlyCache>(t_row, first, vocab, t);
     visit(static_cast<const C*>(s), static_cast<const C*>(t), static_cast<const int*>(first), std::true_type{});
   }
 }
 
-// Stores one group of compute values as dtype X: 16-byte stores when vectorised, else element
-// by element; only elements before `vocab` are written.
+// Stores one group of compute values as dtype X: 16-byte stores when the group lies wholly
+// inside the row and kVectorized (then `first` is 16-byte aligned), else element by element;
+// only row elements [0, vocab) are written.
 template <class X, class C, bool kVectorized>
 __device__ __forceinline__ void store_group(typename X::Raw* row, int first, int vocab, const C* values) {
   constexpr int kWidth = kGroupWidth<C>;
-  if (first + kWidth <= vocab) {
+  if (first >= 0 && first + kWidth <= vocab) {
     if constexpr (kVectorized) {
       uint4* destination = reinterpret_cast<uint4*>(row + first);
 #pragma unroll
@@ -387,7 +366,7 @@ __device__ __forceinline__ void store_group(typename X::Raw* row, int first, int
   } else {
 #pragma unroll
     for (int e = 0; e < kWidth; ++e) {
-      if (first + e < vocab) row[first + e] = X::from_compute(values[e]);
+      if (in_row(first + e, vocab)) row[first + e] = X::from_compute(values[e]);
     }
   }
 }

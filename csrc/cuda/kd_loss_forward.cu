@@ -12,7 +12,8 @@
 //
 // Kernels: (1) kd_forward_rows_kernel: one team of threads per row (a warp for short rows,
 // up to 512 threads for long ones, 1024 when there are fewer rows than twice the number of
-// multiprocessors) streams the row once with 16-byte loads, one batch of loads in flight per
+// multiprocessors) streams the row once with 16-byte loads (scalar head to the row's first
+// 16-byte boundary, vector body, scalar tail; kd_loss_cuda_layout.cuh), one batch of loads in flight per
 // thread while it computes the previous one, keeping per-thread running maxima and sums
 // relative to them; the team then combines them (maxima first, then every thread's sums moved
 // onto them with rowmath::rebase_partial and added) and finishes the row with rowmath
@@ -79,7 +80,7 @@ struct ForwardRowsParams {
 // batch's terms are added relative to them, as scaled differences d = h x - h max
 // (rowmath::difference_scale). While a running maximum is still -inf (every entry so far -inf
 // or NaN) the batch is shifted by 0, so that its NaN and -inf entries still reach the sums.
-// kPartial: the batch reaches past the row end, so the element count and the centred total of
+// kPartial: the batch reaches outside the row (head or tail), so the element count and the centred total of
 // the student logits skip the padding.
 template <class C, bool kPartial>
 __device__ __forceinline__ void accumulate_batch(RowPartial<C>& part, const C* s, const C* t, const int* first,
@@ -107,7 +108,7 @@ __device__ __forceinline__ void accumulate_batch(RowPartial<C>& part, const C* s
   if (kPartial) {
     int valid = 0;
 #pragma unroll
-    for (int e = 0; e < kE; ++e) valid += first[e / kW] + e % kW < vocab ? 1 : 0;
+    for (int e = 0; e < kE; ++e) valid += in_row(first[e / kW] + e % kW, vocab) ? 1 : 0;
     part.count += static_cast<C>(valid);
   } else {
     part.count += static_cast<C>(kE);
@@ -132,7 +133,7 @@ __device__ __forceinline__ void accumulate_batch(RowPartial<C>& part, const C* s
     if (smoothing) {
 #pragma unroll
       for (int e = 0; e < kE; ++e) {
-        if (!kPartial || first[e / kW] + e % kW < vocab) centered += rowmath::scaled_difference(s[e], h, shift_s);
+        if (!kPartial || in_row(first[e / kW] + e % kW, vocab)) centered += rowmath::scaled_difference(s[e], h, shift_s);
       }
     }
     part.student_sum_T += sum_t;
@@ -234,13 +235,21 @@ __global__ void __launch_bounds__(kMaxRowsBlock, 1) kd_forward_rows_kernel(Forwa
   const typename TX::Raw* t_row =
       static_cast<const typename TX::Raw*>(p.teacher) + (computed ? row * p.teacher_row_stride : 0);
 
+  // Vectorised: the row's groups lie on the 16-byte grid (the host checked that the teacher row
+  // has the same pad whenever it is read).
+  int pad = 0;
+  if (kVectorized && vocab > 0) {
+    pad = row_pad<SX>(s_row);
+    if (k.need_kd && row_pad<TX>(t_row) > pad) pad = row_pad<TX>(t_row);
+  }
   RowPartial<C> part = rowmath::empty_partial<C>();
-  const int groups = (vocab + kW - 1) / kW;
-  const ThreadBatches<C> batches(vocab, 0, groups, team, lane);
-  stream_batches<SX, TX, C, kVectorized>(s_row, t_row, vocab, batches, k.need_kd,
-                                         [&](const C* s, const C* t, const int* first, auto partial) {
-                                           accumulate_batch<C, decltype(partial)::value>(part, s, t, first, vocab, k);
-                                         });
+  const int groups = (vocab + pad + kW - 1) / kW;
+  const ThreadBatches<C> batches(vocab, pad, 0, groups, team, lane);
+  stream_batches<SX, TX, C, kVectorized, true>(s_row, t_row, vocab, batches, k.need_kd,
+                                               [&](const C* s, const C* t, const int* first, auto partial) {
+                                                 accumulate_batch<C, decltype(partial)::value>(part, s, t, first,
+                                                                                               vocab, k);
+                                               });
 
   const RowPartial<C> row_part = team_row_partial(part, k, team, max_scratch, sum_scratch);
   double divergence = 0.0;
@@ -248,7 +257,7 @@ __global__ void __launch_bounds__(kMaxRowsBlock, 1) kd_forward_rows_kernel(Forwa
 
   if (k.need_kd && (k.divergence == Divergence::JSD || k.divergence == Divergence::TVD)) {
     C acc[2] = {C(0), C(0)};
-    stream_batches<SX, TX, C, kVectorized>(s_row, t_row, vocab, batches, true,
+    stream_batches<SX, TX, C, kVectorized, true>(s_row, t_row, vocab, batches, true,
                                            [&](const C* s, const C* t, const int*, auto) {
                                              sweep_batch(s, t, k, stats, acc[0], acc[1]);
                                            });
@@ -331,20 +340,6 @@ void launch_rows(const ForwardRowsParams& params, const Coefficients<C>& k, cuda
   check_launch("kd_forward_rows_kernel");
 }
 
-// Batches each thread streams per row, about: longer rows get larger teams.
-constexpr int64_t kForwardBatchesPerThread = 8;
-
-// Threads per row: a warp for short rows, up to 512 for long ones (two 512-thread blocks per
-// multiprocessor overlap one block's reduction with the other's streaming). When there are
-// too few rows to give every multiprocessor two such blocks, long rows get 1024 threads.
-template <class C>
-int forward_team_size(int64_t vocab, int64_t rows, int multiprocessors) {
-  const int64_t groups = ceil_div(vocab, kGroupWidth<C>);
-  const int64_t wanted = next_power_of_two(ceil_div(groups, kForwardBatchesPerThread * kGroupsPerBatch<C>));
-  const int64_t limit = rows < 2 * static_cast<int64_t>(multiprocessors) ? 1024 : 512;
-  return static_cast<int>(wanted < 32 ? 32 : (wanted > limit ? limit : wanted));
-}
-
 template <class SX, class TX, class C>
 void forward_typed(const KDForwardArgs& args, cudaStream_t stream) {
   const Coefficients<C> k = rowmath::make_coefficients<C>(args.options, args.vocab);
@@ -362,9 +357,10 @@ void forward_typed(const KDForwardArgs& args, cudaStream_t stream) {
   params.loss = args.loss;
   params.row_stats = args.row_stats;
   if (args.rows > 0) {
-    const bool vectorized =
-        rows_are_16_byte_aligned(args.student, args.student_row_stride, sizeof(typename SX::Raw)) &&
-        (!k.need_kd || rows_are_16_byte_aligned(args.teacher, args.teacher_row_stride, sizeof(typename TX::Raw)));
+    // Per-row 16-byte loads unless the student and teacher rows sit differently on the grid.
+    const RowTensor tensors[2] = {{args.student, args.student_row_stride, static_cast<int>(sizeof(typename SX::Raw))},
+                                  {args.teacher, args.teacher_row_stride, static_cast<int>(sizeof(typename TX::Raw))}};
+    const bool vectorized = rows_share_pad(tensors, k.need_kd ? 2 : 1, args.rows, kGroupWidth<C>);
     if (vectorized) {
       launch_rows<SX, TX, C, true>(params, k, stream);
     } else {

@@ -15,8 +15,9 @@
 // on devices that offer less shared memory per block.
 //
 // Forward (sparse_kd_forward_rows_kernel, one block per row): the kept indices are checked and
-// marked in the shared bitmap, then the student row is streamed once with 16-byte loads (next
-// batch in flight); every non-kept element enters the thread's tail log-sum-exp at T and/or at
+// marked in the shared bitmap, then the student row is streamed once with 16-byte loads (per
+// row: scalar head to the first 16-byte boundary, vector body, scalar tail, as the dense
+// kernels; next batch in flight); every non-kept element enters the thread's tail log-sum-exp at T and/or at
 // 1, relative to the thread's running maximum; the label-smoothing total adds every element.
 // The threads' parts are combined in a fixed order, the k kept logits are read back (from L2),
 // and the k + 1 bucket terms are formed in double with sparse::bucket_term, as on the CPU. In
@@ -35,6 +36,7 @@
 #include <string>
 
 #include "kd_loss_cuda_common.cuh"
+#include "sparse_bitmap.cuh"
 #include "kdfast/kdfast.h"
 #include "kdfast/sparse_rowmath.h"
 #include "topk_cuda_common.cuh"
@@ -154,15 +156,16 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
   if (p.plan.tail_at_t || p.plan.tail_at_1 || p.plan.smoothing) {
     const ScaledExp<C> exp_over_t(static_cast<C>(inv_t));
     const ScaledExp<C> exp_plain(C(1));
-    const int groups = (vocab + kW - 1) / kW;
-    const ThreadBatches<C> batches(vocab, 0, groups, static_cast<int>(blockDim.x), static_cast<int>(threadIdx.x));
-    stream_batches<SX, SX, C, kVectorized>(
+    const int pad = kVectorized ? row_pad<SX>(s_row) : 0;  // the row on the 16-byte grid
+    const int groups = (vocab + pad + kW - 1) / kW;
+    const ThreadBatches<C> batches(vocab, pad, 0, groups, static_cast<int>(blockDim.x), static_cast<int>(threadIdx.x));
+    stream_batches<SX, SX, C, kVectorized, true>(
         s_row, s_row, vocab, batches, false, [&](const C* s, const C*, const int* first, auto) {
-          const unsigned word = bitmap[first[0] >> 5] >> (first[0] & 31);
+          const unsigned word = kept_bits(bitmap, p.bitmap_words, first[0]);
           C x[kW];
 #pragma unroll
           for (int e = 0; e < kW; ++e) {
-            const bool inside = first[0] + e < vocab;
+            const bool inside = in_row(first[0] + e, vocab);
             const bool is_nan = s[e] != s[e];
             nan_count += inside && is_nan ? 1 : 0;
             if (p.plan.smoothing && inside) total += static_cast<double>(s[e]);
@@ -327,7 +330,9 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
   const int vocab = p.vocab;
   const int team = static_cast<int>(blockDim.x);
   typename SX::Raw* g_row = static_cast<typename SX::Raw*>(p.grad_student) + row * static_cast<int64_t>(vocab);
-  const int groups = (vocab + kW - 1) / kW;
+  // Vectorised: the gradient and student rows share one pad on the 16-byte grid (host-checked).
+  const int pad = kVectorized ? row_pad<SX>(g_row) : 0;
+  const int groups = (vocab + pad + kW - 1) / kW;
   const int64_t label = p.labels != nullptr ? p.labels[row] : int64_t(-1);
   const bool ignored = p.labels != nullptr && label == p.ignore_index;
   const double* st = p.row_stats + row * kSparseRowStats;
@@ -335,7 +340,7 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
     C nans[kW];
 #pragma unroll
     for (int e = 0; e < kW; ++e) nans[e] = std::numeric_limits<C>::quiet_NaN();
-    for (int g = threadIdx.x; g < groups; g += team) store_group<SX, C, kVectorized>(g_row, g * kW, vocab, nans);
+    for (int g = threadIdx.x; g < groups; g += team) store_group<SX, C, kVectorized>(g_row, g * kW - pad, vocab, nans);
     return;
   }
   const bool tail_gradient = !ignored && (p.kd_tail || k.need_ce);
@@ -346,7 +351,7 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
     C zeros[kW];
 #pragma unroll
     for (int e = 0; e < kW; ++e) zeros[e] = C(0);
-    for (int g = threadIdx.x; g < groups; g += team) store_group<SX, C, kVectorized>(g_row, g * kW, vocab, zeros);
+    for (int g = threadIdx.x; g < groups; g += team) store_group<SX, C, kVectorized>(g_row, g * kW - pad, vocab, zeros);
     if (ignored) return;
   }
 
@@ -397,8 +402,8 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
     const C c_q_tail = static_cast<C>(q_tail), c_ce = static_cast<C>(ce_factor), c_smooth = static_cast<C>(smooth);
     const C c_log_r_offset = static_cast<C>(reference - tail_ref + lse_1);
     const C c_label_step = static_cast<C>(label_step);
-    const ThreadBatches<C> batches(vocab, 0, groups, team, static_cast<int>(threadIdx.x));
-    stream_batches<SX, SX, C, kVectorized>(
+    const ThreadBatches<C> batches(vocab, pad, 0, groups, team, static_cast<int>(threadIdx.x));
+    stream_batches<SX, SX, C, kVectorized, true>(
         s_row, s_row, vocab, batches, false, [&](const C* s, const C*, const int* first, auto) {
           C out[kW];
 #pragma unroll
@@ -473,9 +478,13 @@ inline void check_bitmap_fits(int64_t vocab, const char* function) {
   }
 }
 
-template <class SX>
-bool student_rows_aligned(const void* student, int64_t row_stride) {
-  return rows_are_16_byte_aligned(student, row_stride, sizeof(typename SX::Raw));
+// True when the rows of the given tensors (student; and gradient) share one pad on the 16-byte
+// grid (rows_share_pad): then the kernels use 16-byte accesses per row.
+template <class SX, class C>
+bool rows_vectorizable(const void* student, int64_t row_stride, const void* gradient, int64_t vocab, int64_t rows) {
+  const int size = static_cast<int>(sizeof(typename SX::Raw));
+  const RowTensor tensors[2] = {{student, row_stride, size}, {gradient, vocab, size}};
+  return rows_share_pad(tensors, gradient != nullptr ? 2 : 1, rows, kGroupWidth<C>);
 }
 
 template <class SX, class C>
@@ -504,7 +513,7 @@ void sparse_forward_typed(const SparseKDForwardArgs& args, cudaStream_t stream) 
       kernel<<<static_cast<unsigned>(args.rows), block, shared_bytes, stream>>>(p, k);
       check_launch("sparse_kd_forward_rows_kernel");
     };
-    if (student_rows_aligned<SX>(args.student, args.student_row_stride)) {
+    if (rows_vectorizable<SX, C>(args.student, args.student_row_stride, nullptr, args.vocab, args.rows)) {
       launch(sparse_kd_forward_rows_kernel<SX, C, true>);
     } else {
       launch(sparse_kd_forward_rows_kernel<SX, C, false>);
@@ -539,8 +548,8 @@ void sparse_backward_typed(const SparseKDBackwardArgs& args, cudaStream_t stream
   p.grad_student = args.grad_student;
   if (args.rows > int64_t(0x7fffffff)) throw std::invalid_argument("sparse_kd_backward (CUDA): too many rows for one launch");
   const int block = sparse_block_size(args.vocab);
-  const bool vectorized = student_rows_aligned<SX>(args.student, args.student_row_stride) &&
-                          student_rows_aligned<SX>(args.grad_student, args.vocab);
+  const bool vectorized =
+      rows_vectorizable<SX, C>(args.student, args.student_row_stride, args.grad_student, args.vocab, args.rows);
   if (vectorized) {
     sparse_kd_backward_kernel<SX, C, true><<<static_cast<unsigned>(args.rows), block, 0, stream>>>(p, k);
   } else {

@@ -40,6 +40,9 @@ namespace {
 
 constexpr int kCompressMaxBlock = 512;
 constexpr int kCompressWarps = kCompressMaxBlock / 32;
+// Two 512-thread blocks per multiprocessor (at most 64 registers per thread), so that one
+// block's selection and sort overlap the other's streaming.
+constexpr int kCompressMinBlocks = 2;  // ptxas: 64 registers, at most 4 bytes of spills
 
 struct CompressParams {
   const void* teacher;
@@ -63,7 +66,6 @@ struct CompressShared {
   int select_bin;
   int select_above;
   int select_bin_count;
-  typename OrderedKey<C>::Key seed_keys[kCompressMaxBlock];
   C max_scratch[kCompressWarps][1];
   double sum_scratch[kCompressWarps][1];
   double kept_scratch[kCompressWarps][1];
@@ -249,7 +251,7 @@ __device__ void cut_candidates(CompressShared<C>& sh, Buffers<typename OrderedKe
 }
 
 template <class TX, class C, bool kVectorized>
-__global__ void __launch_bounds__(kCompressMaxBlock) topk_compress_kernel(CompressParams p) {
+__global__ void __launch_bounds__(kCompressMaxBlock, kCompressMinBlocks) topk_compress_kernel(CompressParams p) {
   using Traits = OrderedKey<C>;
   using Key = typename Traits::Key;
   constexpr int kW = kGroupWidth<C>;
@@ -285,7 +287,7 @@ __global__ void __launch_bounds__(kCompressMaxBlock) topk_compress_kernel(Compre
   const int row_groups = (vocab + kW - 1) / kW;
   const int tiles = (row_groups + team - 1) / team;
   const int complete_groups = vocab / kW;
-  FullBatch<TX, C, kVectorized> raw;
+  FullBatch<TX, C, kVectorized, true> raw;
   {
     const int first_of_tile0 = static_cast<int>(threadIdx.x) * kW;
     if (static_cast<int>(threadIdx.x) < complete_groups) raw.load(t_row, &first_of_tile0);
@@ -302,7 +304,7 @@ __global__ void __launch_bounds__(kCompressMaxBlock) topk_compress_kernel(Compre
         raw.load(t_row, &next_first);
       }
     } else {
-      load_partial_batch<TX, C>(t_row, &first, vocab, x);  // -inf past the row end
+      load_partial_batch<TX, C, true>(t_row, &first, vocab, x);  // -inf past the row end
     }
     Key keys[kW];
 #pragma unroll
@@ -314,12 +316,16 @@ __global__ void __launch_bounds__(kCompressMaxBlock) topk_compress_kernel(Compre
       Key thread_max = 0;
 #pragma unroll
       for (int e = 0; e < kW; ++e) thread_max = first + e < vocab && keys[e] > thread_max ? keys[e] : thread_max;
-      sh.seed_keys[threadIdx.x] = thread_max;
+      // The threads' maxima go to the newcomer buffer, still empty in tile 0 (capacity >= tile
+      // >= team); the radix select's last barrier precedes the tile's appends. Keeping them
+      // out of the static shared memory lets k = 4096 in float32 fit in 99 KB (sm_86/sm_89).
+      Key* seed_keys = buf.new_keys;
+      seed_keys[threadIdx.x] = thread_max;
       __syncthreads();
       unsigned remaining = static_cast<unsigned>(k);
       bool all_ties = false;
       const Key seed = radix_select<C, Key, Traits::kBits, false>(sh, team, remaining, all_ties, [&](int e, Key& key) {
-        key = sh.seed_keys[e];
+        key = seed_keys[e];
         return true;
       });
       if (seed > 0) {  // block-uniform

@@ -111,8 +111,10 @@ def check_view_against_reference(base_student, make_view, teacher, labels, *, re
 @pytest.mark.parametrize("offset", [1, 3, 8], ids=lambda offset: f"offset{offset}")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 def test_unaligned_rows(dtype, offset):
-    """Rows that do not start on a 16-byte boundary take the element-by-element loads; with
-    offset 8 (16 or 32 bytes) the same views are aligned and take the 16-byte loads."""
+    """Student and teacher rows at different offsets from the 16-byte grid (student `offset`,
+    teacher 8 - offset) take the element-by-element loads; with offset 8 (16 or 32 bytes) both
+    views are aligned and take the 16-byte loads. Equal offsets (vector path with a scalar head)
+    are test_kd_loss_cuda_layout.py's."""
     context = f"unaligned/{dtype}/{offset}"
     rows, vocab = 5, 4096
     base_student, base_teacher, labels = random_inputs(rows, vocab + 8, seed=stable_seed(context), dtype=dtype)

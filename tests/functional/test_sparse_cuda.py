@@ -320,6 +320,34 @@ def test_sparse_large_logits_unaligned_and_strided_student(offset):
     assert_sparse_matches(strided[:, ::2], soft_labels, labels, divergence="jsd")
 
 
+@pytest.mark.parametrize("offset", [0, 1, 5])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("vocab", [30522, 50257])
+@pytest.mark.parametrize("tail", TAILS)
+def test_sparse_odd_vocab_offset_views(tail, vocab, dtype, offset):
+    """The kernels see the view itself (scalar head to the 16-byte grid, kept-token bits of the
+    head group); the oracle sees a contiguous copy of the same values."""
+    student, soft_labels, labels = make_case(3, vocab, 40, seed=seed_of(vocab, offset), dtype=dtype)
+    base = torch.zeros(3, vocab + 8, dtype=dtype, device="cuda")
+    base[:, offset:offset + vocab] = student
+    leaf = base.requires_grad_(True)
+    options = dict(tail=tail, divergence="forward_kl", alpha=0.5, label_smoothing=0.1, reduction="none")
+    loss = functional.sparse_kd_loss(leaf[:, offset:offset + vocab], soft_labels, labels, **options)
+    loss.sum().backward()
+    oracle_leaf = student.detach().to(torch.float64).requires_grad_(True)
+    expected_loss = reference.sparse_kd_loss(oracle_leaf, soft_labels, labels, **options)
+    expected_loss.sum().backward()
+    loss, expected_loss = loss.detach().double().cpu(), expected_loss.detach().cpu()
+    grad, expected_grad = leaf.grad[:, offset:offset + vocab].double().cpu(), oracle_leaf.grad.cpu()
+    assert bool(((loss - expected_loss).abs() <= LOSS_RTOL * expected_loss.abs()
+                 + LOSS_ATOL * (1 + expected_loss.abs().max())).all())
+    allowance = GRAD_RTOL * expected_grad.abs() + GRAD_NORM_ATOL * (expected_grad.abs().max() + 1e-30)
+    if dtype == torch.bfloat16:
+        allowance = allowance + 2 * (expected_grad.to(dtype).double() - expected_grad).abs().max()
+    assert bool(((grad - expected_grad).abs() <= allowance).all())
+    assert torch.equal(leaf.grad[:, :offset], torch.zeros_like(leaf.grad[:, :offset]))
+
+
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "tvd"])
 @pytest.mark.parametrize("tail", TAILS)
 def test_sparse_masked_teacher_entries(tail, divergence):
