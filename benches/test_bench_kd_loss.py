@@ -45,7 +45,10 @@ def test_kd_loss(benchmark, bench_device, bench_rounds, pass_name, dtype_name, p
     except ProviderUnavailable as reason:
         pytest.skip(str(reason))
     student, teacher, labels = make_inputs(case)
-    step = make_step(provider, pass_name, student, teacher, labels)
+    try:
+        step = make_step(provider, pass_name, student, teacher, labels)
+    except ProviderUnavailable as reason:  # the memory floors time fwd+bwd only
+        pytest.skip(str(reason))
 
     def call():
         step()

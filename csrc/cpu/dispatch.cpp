@@ -3,6 +3,7 @@
 // description. The variant list comes from the build (KDFAST_CPU_HAS_AVX2/AVX512); the choice
 // is made once, from the CPU's feature flags, the first time a kernel runs.
 // KDFAST_CPU_VARIANT=baseline|avx2|avx512 in the environment forces a (supported) variant.
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -100,14 +101,52 @@ const Variant& selected() {
   return variant;
 }
 
-// A freshly allocated multi-megabyte output is about to be written once from start to end.
-// Where transparent huge pages are opt-in ("madvise" mode), ask for them on its 2 MiB-aligned
-// interior: first-touch page faults then cost 512x fewer kernel entries (measured: a 131 MB
-// gradient's faults drop from ~75 ms to ~15 ms of CPU time). A hint only; errors are ignored.
+// The page policy of freshly allocated multi-megabyte outputs that a kernel is about to write
+// once from start to end (the gradients). KDFAST_HUGE_PAGES=always|never|auto (default auto)
+// in the environment, read once:
+// - always: ask for transparent huge pages (madvise MADV_HUGEPAGE) on the 2 MiB-aligned
+//   interior. First-touch faults then cost 512x fewer kernel entries (a 131 MB gradient's
+//   faults: ~75 ms of CPU time with 4 KiB pages, ~15 ms with huge pages), but where the
+//   kernel's THP defrag setting compacts memory synchronously for madvised regions
+//   (/sys/kernel/mm/transparent_hugepage/defrag "always", "madvise" or "defer+madvise") a
+//   fault can stall in that compaction when free memory is fragmented: measured on a
+//   "madvise" machine, 107-291 ms for the first calls of a 28 ms backward pass.
+// - never: plain pages.
+// - auto: huge pages only where asking for them cannot stall, i.e. the defrag setting is
+//   "defer" or "never" (compaction in the background; a fault falls back to 4 KiB pages), and
+//   where THP is opt-in ("madvise" in .../enabled; with "always" every mapping gets them
+//   anyway). Never much worse than plain pages.
+bool huge_pages_wanted() {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const char* policy = std::getenv("KDFAST_HUGE_PAGES");
+  if (policy && std::strcmp(policy, "always") == 0) return true;
+  if (policy && std::strcmp(policy, "never") == 0) return false;
+  auto selected_word = [](const char* path) {
+    std::string word;
+    if (FILE* f = std::fopen(path, "r")) {
+      char line[256] = {0};
+      if (std::fgets(line, sizeof(line), f)) {
+        const char* open = std::strchr(line, '[');
+        const char* close = open ? std::strchr(open, ']') : nullptr;
+        if (open && close) word.assign(open + 1, close);
+      }
+      std::fclose(f);
+    }
+    return word;
+  };
+  const std::string enabled = selected_word("/sys/kernel/mm/transparent_hugepage/enabled");
+  const std::string defrag = selected_word("/sys/kernel/mm/transparent_hugepage/defrag");
+  return enabled == "madvise" && (defrag == "defer" || defrag == "never");
+#else
+  return false;
+#endif
+}
+
 void advise_huge_pages(void* data, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool wanted = huge_pages_wanted();
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  if (bytes < int64_t(4 * kHuge)) return;
+  if (!wanted || bytes < int64_t(4 * kHuge)) return;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
@@ -120,7 +159,11 @@ void advise_huge_pages(void* data, int64_t bytes) {
 }  // namespace
 }  // namespace cpu
 
-int64_t kd_forward_cpu(const KDForwardArgs& args) { return cpu::selected().forward(args); }
+int64_t kd_forward_cpu(const KDForwardArgs& args) {
+  if (args.grad_student != nullptr && args.grad_student != args.student)  // a fresh gradient (not in place)
+    cpu::advise_huge_pages(args.grad_student, args.rows * args.vocab * dtype_size(args.student_dtype));
+  return cpu::selected().forward(args);
+}
 
 void kd_backward_cpu(const KDBackwardArgs& args) {
   cpu::advise_huge_pages(args.grad_student, args.rows * args.vocab * dtype_size(args.student_dtype));
@@ -130,6 +173,8 @@ void kd_backward_cpu(const KDBackwardArgs& args) {
 void topk_compress_cpu(const TopKCompressArgs& args) { cpu::selected().topk_compress(args); }
 
 SparseKDForwardResult sparse_kd_forward_cpu(const SparseKDForwardArgs& args) {
+  if (args.grad_student != nullptr && args.grad_student != args.student)  // a fresh gradient (not in place)
+    cpu::advise_huge_pages(args.grad_student, args.rows * args.vocab * dtype_size(args.student_dtype));
   return cpu::selected().sparse_forward(args);
 }
 

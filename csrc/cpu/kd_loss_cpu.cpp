@@ -1,23 +1,30 @@
-// CPU kernels of the dense KD loss (forward statistics + loss, backward gradient).
+// CPU kernels of the dense KD loss (forward statistics + loss, backward gradient, and the
+// one-pass training kernel that writes the gradient in the forward pass).
 // This file is compiled once per instruction-set variant (baseline x86-64, AVX2+FMA+F16C,
 // AVX-512) into the namespace kdfast::cpu::KDFAST_CPU_VARIANT; dispatch.cpp picks one at run
-// time. Contract: see types.h (KDForwardArgs / KDBackwardArgs) and rowmath.h (the math).
+// time. Contract: see types.h (KDForwardArgs / KDBackwardArgs) and rowmath.h (the math); the
+// chunk math is kd_loss_chunks.h.
 // Rows are split over OpenMP threads (args.num_threads, no more); each row is streamed in
 // chunks of kChunk elements: converted to the compute type into a stack buffer (or used in
 // place for float32 / float64), then swept with vectorised loops; the exp-bound sweeps (the
 // forward statistics, forward_kl's gradient) run on the lanes of lanes.h with its exp(x/T).
-// The forward pass reads the row once (JSD/TVD: a second sweep over the same, cache-resident
-// chunks); the backward pass reads it once more and writes the gradient once, multiplied by
+// The forward pass reads the row from memory once: a max sweep, then the statistics sweep over
+// the cache-resident row with the final maxima (stream_row; JSD/TVD: one more sweep); the backward pass reads it once more and writes the gradient once, multiplied by
 // grad_output, or NaN for a row whose loss is NaN (NaN in, NaN out: rowmath::row_sums_defined).
+// With args.grad_student set, the forward pass is forward_grad_impl: each row's gradient is
+// written right after its statistics, from the cache-resident row (and, for forward_kl, from
+// the exponentials the statistics sweep kept), so training reads the logits from memory once.
 // Logits enter as scaled differences h x - h max (rowmath::difference_scale) and the per-row
 // finishing (loss, gradient factors) runs in double.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "convert.h"
+#include "kd_loss_chunks.h"
 #include "kernel_common.h"
 #include "lanes.h"
 #include "kdfast/rowmath.h"
@@ -38,271 +45,171 @@ using rowmath::RowStats;
 
 namespace {
 
-constexpr int64_t kChunk = 512;
-
-// ---- chunk math: operates on compute-type buffers, independent of the storage dtypes ----
-
-// exp((x - max)/T) and exp(x - max) of a scaled difference d = h x - h max (rowmath.h,
-// difference_scale) on the variant's lanes (lanes.h): exp(d κ) and exp(d / h), built once per call.
-template <class C>
-struct RowExps {
-  ExpLanes<C> t, one;
-  explicit RowExps(const Coefficients<C>& k)
-      : t(k.inv_scaled_t_d), one(1.0 / static_cast<double>(k.diff_scale)) {}
-};
-
-// One row's gradient factors (rowmath::GradRow) and the inverse sums 1/Z = exp(-log-sum)
-// that forward_kl's gradient on the lanes multiplies by; built once per row.
-template <class C>
-struct ChunkGradRow {
-  GradRow<C> row;
-  C inv_zq, inv_zp, inv_z1;  // 1/Z of exp(ds/T), exp(dt/T), exp(ds)
-};
-
-// Folds one chunk into the streamed statistics of a row in a single sweep: both maxima
-// first (one loop), then every sum of the chunk relative to the new running maxima (one
-// loop), then a merge into the row's partial (rowmath::merge_partials).
-// FOLD: exp(d κ) with the folded polynomial (lanes.h; when RowExps::t is foldable).
-template <class C, Divergence D, bool KD, int S1, bool SMOOTH, bool FOLD>
-void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowExps<C>& exps,
-                 RowPartial<C>& part) {
-  const Coefficients<C> k = coefficients;
-  const C h = k.diff_scale;
-  C chunk_max_s = kNegInf<C>, chunk_max_t = kNegInf<C>;
-  if constexpr (KD) {
-#pragma omp simd reduction(max : chunk_max_s, chunk_max_t)
-    for (int64_t i = 0; i < n; ++i) {
-      chunk_max_s = s[i] > chunk_max_s ? s[i] : chunk_max_s;
-      chunk_max_t = t[i] > chunk_max_t ? t[i] : chunk_max_t;
-    }
-  } else {
-#pragma omp simd reduction(max : chunk_max_s)
-    for (int64_t i = 0; i < n; ++i) chunk_max_s = s[i] > chunk_max_s ? s[i] : chunk_max_s;
-  }
-  RowPartial<C> chunk = rowmath::empty_partial<C>();
-  chunk.student_max = std::max(part.student_max, chunk_max_s);
-  chunk.teacher_max = std::max(part.teacher_max, chunk_max_t);
-  chunk.count = static_cast<C>(n);
-  // A maximum of -inf (every entry so far masked) shifts by 0 instead: the entries stay
-  // -inf and their exponentials 0, with no inf - inf. Differences are scaled: d = h x - h max.
-  const C shift_s = (chunk.student_max == kNegInf<C> ? C(0) : chunk.student_max) * h;
-  const C shift_t = (chunk.teacher_max == kNegInf<C> ? C(0) : chunk.teacher_max) * h;
-  // Local copies: they must not alias the sums for the constants to stay in registers.
-  const ExpLanes<C> exp_t = exps.t, exp_1 = exps.one;
-  LaneSums<C, 5> acc;  // sums of e_q, of exp(ds) or e_q^S1, e_p, weighted, centered
-  sweep_lanes<C>(n, [&](auto lane, int64_t i) {
-    using L = Lane<decltype(lane)>;
-    auto* sums = acc.sums(lane);
-    const auto ds = fma_(L::load(s + i), L::splat(h), L::splat(-shift_s));
-    const auto e_q = exp_t.template apply<true, FOLD>(ds);
-    sums[0] = sums[0] + e_q;
-    if constexpr (S1 == rowmath::kStudent1Exp) sums[1] = sums[1] + exp_1(ds);
-    if constexpr (S1 == 2 || S1 == 4) sums[1] = sums[1] + rowmath::integer_power<S1>(e_q);
-    if constexpr (SMOOTH) sums[4] = sums[4] + ds;
-    if constexpr (KD) {
-      const auto dt = fma_(L::load(t + i), L::splat(h), L::splat(-shift_t));
-      const auto e_p = exp_t.template apply<true, FOLD>(dt);
-      sums[2] = sums[2] + e_p;
-      if constexpr (D == Divergence::ForwardKL) sums[3] = sums[3] + where_positive(e_p, e_p * (dt - ds));
-      if constexpr (D == Divergence::ReverseKL) sums[3] = sums[3] + where_positive(e_q, e_q * (ds - dt));
-    }
-  });
-  const C sum_q = acc.total(0), sum_1 = acc.total(1), sum_p = acc.total(2), weighted = acc.total(3),
-          centered = acc.total(4);
-  chunk.student_sum_T = sum_q;
-  chunk.student_sum_1 = sum_1;
-  chunk.student_centered_total = centered;
-  chunk.teacher_sum = sum_p;
-  chunk.weighted = weighted;
-  rowmath::merge_partials(part, chunk, k, k.divergence);
-}
-
-// Second sweep of JSD / TVD over one chunk, with the row's maxima and log-sums known.
-template <class C, Divergence D>
-void chunk_sweep(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowStats<C>& stats,
-                 C& acc0, C& acc1) {
-  const Coefficients<C> k = coefficients;
-  const RowStats<C> st = stats;
-  const C h = k.diff_scale, kappa = k.inv_scaled_t;
-  const C max_t = st.teacher_max * h, max_s = st.student_max * h;
-  C sum0 = 0, sum1 = 0;
-#pragma omp simd reduction(+ : sum0, sum1)
-  for (int64_t i = 0; i < n; ++i) {
-    const C log_p = rowmath::scaled_difference(t[i], h, max_t) * kappa - st.teacher_log_sum;
-    const C log_q = rowmath::scaled_difference(s[i], h, max_s) * kappa - st.student_log_sum_T;
-    C x0 = 0, x1 = 0;
-    if constexpr (D == Divergence::JSD) rowmath::jsd_terms(log_p, log_q, k, x0, x1);
-    else rowmath::tvd_terms(log_p, log_q, x0, x1);
-    sum0 += x0;
-    sum1 += x1;
-  }
-  acc0 += sum0;
-  acc1 += sum1;
-}
-
-// forward_kl's gradient of one chunk on the lanes (the same as chunk_grad<ForwardKL>):
-// q = exp(ds/T) / Z_q and p = exp(dt/T) / Z_p with the row's sums Z = exp(log-sum), so each
-// element takes the lanes' exp(x/T) and one product instead of a rounded x/T - log-sum.
-template <class C, bool CE, bool KD, int S1, bool FOLD>
-void chunk_grad_forward_kl(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients,
-                           const RowExps<C>& exps, const ChunkGradRow<C>& grad_row, C* out) {
-  const GradRow<C> g = grad_row.row;
-  const C h = coefficients.diff_scale;
-  const C max_s = g.stats.student_max * h, max_t = g.stats.teacher_max * h;
-  const C inv_zq = grad_row.inv_zq, inv_zp = grad_row.inv_zp, inv_z1 = grad_row.inv_z1;
-  const ExpLanes<C> exp_t = exps.t, exp_1 = exps.one;  // local copies, as in chunk_stats
-  sweep_lanes<C>(n, [&](auto lane, int64_t i) {
-    using L = Lane<decltype(lane)>;
-    const auto ds = fma_(L::load(s + i), L::splat(h), L::splat(-max_s));
-    const auto q = exp_t.template apply<true, FOLD>(ds) * L::splat(inv_zq);
-    auto value = L::zero();
-    if constexpr (KD) {
-      const auto p = exp_t.template apply<true, FOLD>(fma_(L::load(t + i), L::splat(h), L::splat(-max_t))) *
-                     L::splat(inv_zp);
-      value = L::splat(g.kd_factor) * (q - p);
-    }
-    if constexpr (CE) {
-      auto r = q;  // T == 1
-      if constexpr (S1 == rowmath::kStudent1Exp) r = exp_1(ds) * L::splat(inv_z1);
-      if constexpr (S1 == 2 || S1 == 4) r = rowmath::integer_power<S1>(q) * L::splat(g.r_scale);
-      value = fma_(L::splat(g.ce_factor), r - L::splat(g.smooth), value);
-    }
-    store(out + i, value);
-  });
-}
-
-// Gradient of one chunk (before the label fix-up), written to `out`; forward_kl's is
-// chunk_grad_forward_kl above.
-template <class C, Divergence D, bool CE, bool KD, int S1, bool FOLD>
-void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowExps<C>& exps,
-                const ChunkGradRow<C>& grad_row, C* out) {
-  if constexpr (D == Divergence::ForwardKL) {
-    return chunk_grad_forward_kl<C, CE, KD, S1, FOLD>(s, t, n, coefficients, exps, grad_row, out);
-  }
-  (void)exps;
-  // Local copies: the loop's invariants must not alias `out` for the loop to vectorise.
-  const Coefficients<C> k = coefficients;
-  const GradRow<C> g = grad_row.row;
-  const C h = k.diff_scale, kappa = k.inv_scaled_t, inv_h = k.inv_diff_scale;
-  const C max_s = g.stats.student_max * h, max_t = g.stats.teacher_max * h;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const C ds = rowmath::scaled_difference(s[i], h, max_s);
-    const C log_q = ds * kappa - g.stats.student_log_sum_T;
-    const C q = rowmath::exp_c(log_q);
-    C value = 0;
-    if constexpr (KD) {
-      const C dt = rowmath::scaled_difference(t[i], h, max_t);
-      if constexpr (D == Divergence::ReverseKL) {
-        value += rowmath::reverse_kl_grad(ds, dt, q, g.rkl_a, g.rkl_b, g.rkl_c);
-      } else {
-        const C log_p = dt * kappa - g.stats.teacher_log_sum;
-        value += g.kd_factor * rowmath::divergence_grad<D>(log_p, log_q, q, g.stats.aux, k);
-      }
-    }
-    if constexpr (CE) {
-      C r = q;  // T == 1
-      if constexpr (S1 == rowmath::kStudent1Exp) r = rowmath::exp_c(ds * inv_h - g.stats.student_log_sum_1);
-      if constexpr (S1 == 2 || S1 == 4) r = rowmath::integer_power<S1>(q) * g.r_scale;
-      value += g.ce_factor * (r - g.smooth);
-    }
-    out[i] = value;
-  }
-}
-
-// ---- selection of the chunk-math instantiation for a call's runtime options ----
-
-template <class C>
-using StatsFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowExps<C>&, RowPartial<C>&);
-template <class C>
-using SweepFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowStats<C>&, C&, C&);
-template <class C>
-using GradFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowExps<C>&,
-                        const ChunkGradRow<C>&, C*);
-
-// FOLD: the lanes' exp with folded coefficients (lanes.h), chosen per call where foldable;
-// the other chunk functions do not use the lanes' exp and ignore it.
-template <class C, Divergence D, bool KD, bool SMOOTH, bool FOLD>
-StatsFn<C> pick_stats_mode(int student_1_mode) {
-  switch (student_1_mode) {
-    case rowmath::kStudent1Exp: return chunk_stats<C, D, KD, rowmath::kStudent1Exp, SMOOTH, FOLD>;
-    case 2: return chunk_stats<C, D, KD, 2, SMOOTH, FOLD>;
-    case 4: return chunk_stats<C, D, KD, 4, SMOOTH, FOLD>;
-    default: return chunk_stats<C, D, KD, rowmath::kStudent1None, SMOOTH, FOLD>;
-  }
-}
-
-template <class C, Divergence D, bool FOLD>
-StatsFn<C> pick_stats(bool kd, int student_1_mode, bool smooth) {
-  if (kd) {
-    return smooth ? pick_stats_mode<C, D, true, true, FOLD>(student_1_mode)
-                  : pick_stats_mode<C, D, true, false, FOLD>(student_1_mode);
-  }
-  return smooth ? pick_stats_mode<C, D, false, true, FOLD>(student_1_mode)
-                : pick_stats_mode<C, D, false, false, FOLD>(student_1_mode);
-}
-
-template <class C, Divergence D, bool KD, bool FOLD>
-GradFn<C> pick_grad_mode(int student_1_mode) {
-  switch (student_1_mode) {
-    case rowmath::kStudent1Exp: return chunk_grad<C, D, true, KD, rowmath::kStudent1Exp, FOLD>;
-    case 2: return chunk_grad<C, D, true, KD, 2, FOLD>;
-    case 4: return chunk_grad<C, D, true, KD, 4, FOLD>;
-    default: return chunk_grad<C, D, true, KD, rowmath::kStudent1None, FOLD>;
-  }
-}
-
-template <class C, Divergence D, bool FOLD>
-GradFn<C> pick_grad(bool ce, bool kd, int student_1_mode) {
-  if (!ce) return chunk_grad<C, D, false, true, rowmath::kStudent1None, FOLD>;
-  return kd ? pick_grad_mode<C, D, true, FOLD>(student_1_mode) : pick_grad_mode<C, D, false, FOLD>(student_1_mode);
-}
-
-template <class C>
-struct ChunkKernels {
-  StatsFn<C> stats;
-  SweepFn<C> sweep;  // null for the one-pass divergences
-  GradFn<C> grad;
-};
-
-template <class C, Divergence D, bool FOLD>
-ChunkKernels<C> pick_for(const Coefficients<C>& k) {
-  ChunkKernels<C> kernels;
-  // Only forward_kl's gradient uses the lanes' exp: the other divergences share one instantiation.
-  constexpr bool kGradFold = FOLD && D == Divergence::ForwardKL;
-  kernels.stats = pick_stats<C, D, FOLD>(k.need_kd, k.student_1_mode, k.need_ce && k.label_smoothing > C(0));
-  kernels.sweep = (D == Divergence::JSD || D == Divergence::TVD) && k.need_kd ? chunk_sweep<C, D> : nullptr;
-  kernels.grad = pick_grad<C, D, kGradFold>(k.need_ce, k.need_kd, k.student_1_mode);
-  return kernels;
-}
-
-template <class C, bool FOLD>
-ChunkKernels<C> pick_kernels_folded(const Coefficients<C>& k) {
-  switch (k.divergence) {
-    case Divergence::ForwardKL: return pick_for<C, Divergence::ForwardKL, FOLD>(k);
-    case Divergence::ReverseKL: return pick_for<C, Divergence::ReverseKL, FOLD>(k);
-    case Divergence::JSD: return pick_for<C, Divergence::JSD, FOLD>(k);
-    case Divergence::TVD: break;
-  }
-  return pick_for<C, Divergence::TVD, FOLD>(k);
-}
-
-template <class C>
-ChunkKernels<C> pick_kernels(const Coefficients<C>& k, const RowExps<C>& exps) {
-  if constexpr (std::is_same_v<C, float>) {
-    if (exps.t.foldable()) return pick_kernels_folded<C, true>(k);
-  }
-  return pick_kernels_folded<C, false>(k);
-}
-
-
 // ---- row drivers: storage dtypes S (student), T (teacher), compute type C ----
+
+// What every row driver of one call shares: the options' coefficients, the exp lanes and the
+// chunk kernels chosen for them.
+template <class C>
+struct CallSetup {
+  Coefficients<C> k;
+  RowExps<C> exps;
+  ChunkKernels<C> kernels;
+  explicit CallSetup(const KDInputs& args)
+      : k(rowmath::make_coefficients<C>(args.options, args.vocab)), exps(k), kernels(pick_kernels<C>(k, exps)) {}
+};
+
+// The statistics (RowStats, then the row loss, then 0) of one valid row with a label in range
+// (or none), from its streamed partial: the second sweep of JSD / TVD over the row, the
+// cross-entropy, and NaN where a sum the loss reads is undefined (NaN in, NaN out).
+template <class S, class T, class C>
+void finish_row(const CallSetup<C>& call, const RowPartial<C>& part, const S* s_row, const T* t_row, int64_t label,
+                int64_t vocab, C* stats_out) {
+  const Coefficients<C>& k = call.k;
+  alignas(64) C student_buf[kChunk];
+  alignas(64) C teacher_buf[kChunk];
+  double divergence = 0.0;
+  RowStats<C> st = rowmath::finish_stats(part, k, &divergence);
+  if (call.kernels.sweep) {
+    C acc0 = 0, acc1 = 0;
+    for (int64_t start = 0; start < vocab; start += kChunk) {
+      const int64_t n = std::min(kChunk, vocab - start);
+      const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
+      const C* t = load_chunk<T, C>(t_row + start, n, teacher_buf);
+      call.kernels.sweep(s, t, n, k, st, acc0, acc1);
+    }
+    divergence = static_cast<double>(k.divergence == Divergence::JSD ? rowmath::finish_jsd(acc0, acc1, k, st)
+                                                                      : rowmath::finish_tvd(acc0, acc1, st));
+  }
+  double ce = 0.0;
+  if (k.need_ce) {
+    const double label_logit = static_cast<double>(load_one<S, C>(s_row + label)) - static_cast<double>(st.student_max);
+    const double centered = static_cast<double>(part.student_centered_total) / static_cast<double>(k.diff_scale);
+    ce = rowmath::cross_entropy(label_logit, static_cast<double>(st.student_log_sum_1), centered, vocab,
+                                k.label_smoothing_d);
+  }
+  // A sum the loss needs that is NaN (NaN or +inf logits) or zero (only -inf logits) makes
+  // the row NaN; its gradient row is then NaN too.
+  const double row_loss = rowmath::row_sums_defined(part, k) ? rowmath::combine_loss(ce, divergence, k) : kNaN<double>;
+  stats_out[0] = st.teacher_max;
+  stats_out[1] = st.teacher_log_sum;
+  stats_out[2] = st.student_max;
+  stats_out[3] = st.student_log_sum_T;
+  stats_out[4] = st.student_log_sum_1;
+  stats_out[5] = st.aux;
+  stats_out[6] = static_cast<C>(row_loss);
+  stats_out[7] = C(0);
+}
+
+// The streamed statistics of one row, in two sweeps: the maxima of s and t (the row's one read
+// from memory), then every sum relative to those final maxima while the row is cache-resident,
+// so that no partial is ever rebased and every exponential is exp((x - max)/T) itself, the
+// value the gradient sweeps compute (both passes and the one-pass kernel agree bit for bit).
+// `kept.q` set: the sweep also keeps its exponentials there (forward_kl, one-pass kernel).
+template <class S, class T, class C>
+RowPartial<C> stream_row(const CallSetup<C>& call, const S* s_row, const T* t_row, int64_t vocab, KeptExps<C> kept) {
+  const Coefficients<C>& k = call.k;
+  alignas(64) C student_buf[kChunk];
+  alignas(64) C teacher_buf[kChunk];
+  C max_s = kNegInf<C>, max_t = kNegInf<C>;
+  for (int64_t start = 0; start < vocab; start += kChunk) {
+    const int64_t n = std::min(kChunk, vocab - start);
+    const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
+#pragma omp simd reduction(max : max_s)
+    for (int64_t i = 0; i < n; ++i) max_s = s[i] > max_s ? s[i] : max_s;
+    if (k.need_kd) {
+      const C* t = load_chunk<T, C>(t_row + start, n, teacher_buf);
+#pragma omp simd reduction(max : max_t)
+      for (int64_t i = 0; i < n; ++i) max_t = t[i] > max_t ? t[i] : max_t;
+    }
+  }
+  RowPartial<C> part = rowmath::empty_partial<C>();
+  part.student_max = max_s;
+  part.teacher_max = max_t;
+  for (int64_t start = 0; start < vocab; start += kChunk) {
+    const int64_t n = std::min(kChunk, vocab - start);
+    const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
+    const C* t = k.need_kd ? load_chunk<T, C>(t_row + start, n, teacher_buf) : nullptr;
+    if (kept.q) call.kernels.stats_keep(s, t, n, k, call.exps, part, kept.at(start));
+    else call.kernels.stats(s, t, n, k, call.exps, part, kept);
+  }
+  return part;
+}
+
+// Writes the statistics of a row that adds nothing (ignored: zeros) or is NaN (a bad label).
+template <class C>
+void fill_stats(C* stats_out, C value) {
+  for (int j = 0; j < kRowStats; ++j) stats_out[j] = value;
+}
+
+// A valid row's gradient factors for g = grad_output times the reduction's scale.
+template <class C>
+ChunkGradRow<C> chunk_grad_row(double g, const Coefficients<C>& k, const C* st, int64_t vocab) {
+  ChunkGradRow<C> row_grad;
+  row_grad.row = rowmath::make_grad_row(g, k, RowStats<C>{st[0], st[1], st[2], st[3], st[4], st[5]}, vocab);
+  GradRow<C>& gr = row_grad.row;
+  gr.r_scale = k.student_1_mode == 2 || k.student_1_mode == 4
+                   ? static_cast<C>(std::exp(static_cast<double>(k.student_1_mode) * static_cast<double>(st[3]) -
+                                             static_cast<double>(st[4])))
+                   : C(0);
+  row_grad.inv_zq = static_cast<C>(std::exp(-static_cast<double>(gr.stats.student_log_sum_T)));
+  row_grad.inv_zp = static_cast<C>(std::exp(-static_cast<double>(gr.stats.teacher_log_sum)));
+  row_grad.inv_z1 = static_cast<C>(std::exp(-static_cast<double>(gr.stats.student_log_sum_1)));
+  return row_grad;
+}
+
+// The factor the reduction applies to every row's loss (mean: 1 / valid rows, 0 when none).
+inline double reduction_scale(Reduction reduction, double valid, int64_t rows) {
+  if (reduction == Reduction::Mean) return valid > 0 ? 1.0 / valid : 0.0;
+  if (reduction == Reduction::BatchMean) return rows > 0 ? 1.0 / static_cast<double>(rows) : 0.0;
+  return 1.0;
+}
+
+// The gradient row of a valid row whose statistics `st` are known, for g (see chunk_grad_row):
+// from the kept exponentials (`kept.q` set: forward_kl in the one-pass kernel) or by the chunk
+// gradient over the logits. `g_row` may alias `s_row` (each chunk is read before it is written).
+template <class S, class T, class C>
+void gradient_row(const CallSetup<C>& call, const C* st, double g, const S* s_row, const T* t_row, int64_t label,
+                  int64_t vocab, KeptExps<C> kept, S* g_row) {
+  const Coefficients<C>& k = call.k;
+  if (st[6] != st[6]) {  // a NaN row loss (NaN input, or a bad label): a NaN gradient row
+    fill_nan(g_row, vocab);
+    return;
+  }
+  const ChunkGradRow<C> row_grad = chunk_grad_row(g, k, st, vocab);
+  const C label_step = row_grad.row.label_step;
+  alignas(64) C student_buf[kChunk];
+  alignas(64) C teacher_buf[kChunk];
+  alignas(64) C grad_buf[kChunk];
+  for (int64_t start = 0; start < vocab; start += kChunk) {
+    const int64_t n = std::min(kChunk, vocab - start);
+    C* out;
+    if constexpr (std::is_same_v<S, C>) out = g_row + start;
+    else out = grad_buf;
+    if (kept.q) {
+      // The whole vectors from the kept exponentials; the scalar tail of a float row (fewer than
+      // kFloatLanes elements) by the chunk gradient itself, whose scalar loop is the very code
+      // the backward pass runs there, so that both give the same bits wherever the compiler
+      // contracts a multiply and an add in scalar code.
+      const int64_t bulk = std::is_same_v<C, float> ? n - n % kFloatLanes : n;
+      call.kernels.grad_kept(kept.at(start), bulk, row_grad, out);
+      if (bulk < n) {
+        const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
+        const C* t = k.need_kd ? load_chunk<T, C>(t_row + start, n, teacher_buf) : nullptr;
+        call.kernels.grad(s + bulk, t ? t + bulk : nullptr, n - bulk, k, call.exps, row_grad, out + bulk);
+      }
+    } else {
+      const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
+      const C* t = k.need_kd ? load_chunk<T, C>(t_row + start, n, teacher_buf) : nullptr;
+      call.kernels.grad(s, t, n, k, call.exps, row_grad, out);
+    }
+    if (k.need_ce && label >= start && label < start + n) out[label - start] -= label_step;
+    store_chunk<S, C>(out, n, g_row + start);
+  }
+}
 
 template <class S, class T, class C>
 int64_t forward_impl(const KDForwardArgs& args) {
-  const Coefficients<C> k = rowmath::make_coefficients<C>(args.options, args.vocab);
-  const RowExps<C> exps(k);
-  const ChunkKernels<C> kernels = pick_kernels<C>(k, exps);
+  const CallSetup<C> call(args);
   const int64_t rows = args.rows, vocab = args.vocab;
   const S* student = static_cast<const S*>(args.student);
   const T* teacher = static_cast<const T*>(args.teacher);
@@ -313,59 +220,87 @@ int64_t forward_impl(const KDForwardArgs& args) {
   for (int64_t row = 0; row < rows; ++row) {
     C* stats_out = row_stats + row * kRowStats;
     if (!label_valid(args.labels, row, args.options.ignore_index)) {
-      for (int j = 0; j < kRowStats; ++j) stats_out[j] = C(0);
+      fill_stats(stats_out, C(0));
       continue;
     }
     const int64_t label = args.labels ? args.labels[row] : -1;
     if (args.labels && (label < 0 || label >= vocab)) {
       ++bad_labels;
-      for (int j = 0; j < kRowStats; ++j) stats_out[j] = std::numeric_limits<C>::quiet_NaN();
+      fill_stats(stats_out, kNaN<C>);
       continue;
     }
-    alignas(64) C student_buf[kChunk];
-    alignas(64) C teacher_buf[kChunk];
     const S* s_row = student + row * args.student_row_stride;
     const T* t_row = teacher + row * args.teacher_row_stride;
-    RowPartial<C> part = rowmath::empty_partial<C>();
-    for (int64_t start = 0; start < vocab; start += kChunk) {
-      const int64_t n = std::min(kChunk, vocab - start);
-      const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
-      const C* t = k.need_kd ? load_chunk<T, C>(t_row + start, n, teacher_buf) : nullptr;
-      kernels.stats(s, t, n, k, exps, part);
+    const RowPartial<C> part = stream_row<S, T, C>(call, s_row, t_row, vocab, KeptExps<C>{nullptr, nullptr, nullptr});
+    finish_row<S, T, C>(call, part, s_row, t_row, label, vocab, stats_out);
+  }
+
+  reduce_row_losses(row_stats, kRowStats, 6, rows, args.labels, args.options, static_cast<C*>(args.loss),
+                    static_cast<C*>(args.valid_rows));
+  return bad_labels;
+}
+
+// Per-thread row buffers of the one-pass kernel's kept exponentials, kept between calls (the
+// OpenMP threads persist), so that a call does not fault in fresh pages.
+template <class C>
+C* kept_buffer(int64_t size) {
+  thread_local std::vector<C> buffer;
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(static_cast<size_t>(size));
+  return buffer.data();
+}
+
+// The one-pass training kernel: the forward pass of forward_impl and, for each row right after
+// its statistics, its gradient for grad_output = 1 times the reduction's scale (args.grad_student),
+// so that the row is read from memory once. Per row: stream_row (forward_kl keeps its
+// exponentials in per-thread row buffers), JSD / TVD's second sweep, then the gradient sweep
+// (forward_kl: from the kept exponentials, no exp; the others: over the cached row). Both
+// paths stream the statistics the same way and form every exponential from the final maxima, so
+// they give the same statistics and, for grad_output = 1, the same gradient.
+template <class S, class T, class C>
+int64_t forward_grad_impl(const KDForwardArgs& args) {
+  const CallSetup<C> call(args);
+  const Coefficients<C>& k = call.k;
+  const int64_t rows = args.rows, vocab = args.vocab;
+  const S* student = static_cast<const S*>(args.student);
+  const T* teacher = static_cast<const T*>(args.teacher);
+  C* row_stats = static_cast<C*>(args.row_stats);
+  S* grad_student = static_cast<S*>(args.grad_student);
+  int64_t valid = 0;
+  for (int64_t row = 0; row < rows; ++row) valid += label_valid(args.labels, row, args.options.ignore_index) ? 1 : 0;
+  const double g = reduction_scale(args.options.reduction, static_cast<double>(valid), rows);
+  const bool keep = call.kernels.stats_keep != nullptr;
+  int64_t bad_labels = 0;
+
+#pragma omp parallel num_threads(threads_for(args.num_threads, rows, vocab)) reduction(+ : bad_labels)
+  {
+    KeptExps<C> kept{nullptr, nullptr, nullptr};
+    if (keep) {
+      C* base = kept_buffer<C>(3 * vocab);
+      kept = KeptExps<C>{base, k.need_kd ? base + vocab : nullptr,
+                         k.student_1_mode == rowmath::kStudent1Exp ? base + 2 * vocab : nullptr};
     }
-    double divergence = 0.0;
-    RowStats<C> st = rowmath::finish_stats(part, k, &divergence);
-    if (kernels.sweep) {
-      C acc0 = 0, acc1 = 0;
-      for (int64_t start = 0; start < vocab; start += kChunk) {
-        const int64_t n = std::min(kChunk, vocab - start);
-        const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
-        const C* t = load_chunk<T, C>(t_row + start, n, teacher_buf);
-        kernels.sweep(s, t, n, k, st, acc0, acc1);
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      C* stats_out = row_stats + row * kRowStats;
+      S* g_row = grad_student + row * vocab;
+      if (!label_valid(args.labels, row, args.options.ignore_index)) {
+        fill_stats(stats_out, C(0));
+        std::memset(static_cast<void*>(g_row), 0, sizeof(S) * vocab);
+        continue;
       }
-      divergence = static_cast<double>(k.divergence == Divergence::JSD ? rowmath::finish_jsd(acc0, acc1, k, st)
-                                                                        : rowmath::finish_tvd(acc0, acc1, st));
+      const int64_t label = args.labels ? args.labels[row] : -1;
+      if (args.labels && (label < 0 || label >= vocab)) {
+        ++bad_labels;
+        fill_stats(stats_out, kNaN<C>);
+        fill_nan(g_row, vocab);
+        continue;
+      }
+      const S* s_row = student + row * args.student_row_stride;
+      const T* t_row = teacher + row * args.teacher_row_stride;
+      const RowPartial<C> part = stream_row<S, T, C>(call, s_row, t_row, vocab, kept);
+      finish_row<S, T, C>(call, part, s_row, t_row, label, vocab, stats_out);
+      gradient_row<S, T, C>(call, stats_out, g, s_row, t_row, label, vocab, kept, g_row);
     }
-    double ce = 0.0;
-    if (k.need_ce) {
-      const double label_logit =
-          static_cast<double>(load_one<S, C>(s_row + label)) - static_cast<double>(st.student_max);
-      const double centered = static_cast<double>(part.student_centered_total) / static_cast<double>(k.diff_scale);
-      ce = rowmath::cross_entropy(label_logit, static_cast<double>(st.student_log_sum_1), centered, vocab,
-                                  k.label_smoothing_d);
-    }
-    // A sum the loss needs that is NaN (NaN or +inf logits) or zero (only -inf logits) makes
-    // the row NaN; the backward pass then writes a NaN gradient row.
-    const double row_loss =
-        rowmath::row_sums_defined(part, k) ? rowmath::combine_loss(ce, divergence, k) : kNaN<double>;
-    stats_out[0] = st.teacher_max;
-    stats_out[1] = st.teacher_log_sum;
-    stats_out[2] = st.student_max;
-    stats_out[3] = st.student_log_sum_T;
-    stats_out[4] = st.student_log_sum_1;
-    stats_out[5] = st.aux;
-    stats_out[6] = static_cast<C>(row_loss);
-    stats_out[7] = C(0);
   }
 
   reduce_row_losses(row_stats, kRowStats, 6, rows, args.labels, args.options, static_cast<C*>(args.loss),
@@ -375,23 +310,16 @@ int64_t forward_impl(const KDForwardArgs& args) {
 
 template <class S, class T, class C>
 void backward_impl(const KDBackwardArgs& args) {
-  const Coefficients<C> k = rowmath::make_coefficients<C>(args.options, args.vocab);
-  const RowExps<C> exps(k);
-  const ChunkKernels<C> kernels = pick_kernels<C>(k, exps);
+  const CallSetup<C> call(args);
   const int64_t rows = args.rows, vocab = args.vocab;
   const S* student = static_cast<const S*>(args.student);
   const T* teacher = static_cast<const T*>(args.teacher);
   const C* row_stats = static_cast<const C*>(args.row_stats);
   const C* grad_output = static_cast<const C*>(args.grad_output);
   S* grad_student = static_cast<S*>(args.grad_student);
-
-  double reduction_scale = 1.0;
-  if (args.options.reduction == Reduction::Mean) {
-    const double valid = static_cast<double>(*static_cast<const C*>(args.valid_rows));
-    reduction_scale = valid > 0 ? 1.0 / valid : 0.0;
-  } else if (args.options.reduction == Reduction::BatchMean) {
-    reduction_scale = rows > 0 ? 1.0 / static_cast<double>(rows) : 0.0;
-  }
+  const double scale = reduction_scale(args.options.reduction,
+                                       static_cast<double>(*static_cast<const C*>(args.valid_rows)), rows);
+  const KeptExps<C> none{nullptr, nullptr, nullptr};
 
 #pragma omp parallel for num_threads(threads_for(args.num_threads, rows, vocab)) schedule(static)
   for (int64_t row = 0; row < rows; ++row) {
@@ -400,49 +328,17 @@ void backward_impl(const KDBackwardArgs& args) {
       std::memset(static_cast<void*>(g_row), 0, sizeof(S) * vocab);
       continue;
     }
-    const C* st = row_stats + row * kRowStats;
-    if (st[6] != st[6]) {  // a NaN row loss (NaN input, or a bad label): a NaN gradient row
-      fill_nan(g_row, vocab);
-      continue;
-    }
-    const double g = static_cast<double>(grad_output[row * args.grad_output_stride]) * reduction_scale;
-    ChunkGradRow<C> row_grad;
-    row_grad.row = rowmath::make_grad_row(g, k, RowStats<C>{st[0], st[1], st[2], st[3], st[4], st[5]}, vocab);
-    GradRow<C>& gr = row_grad.row;
-    gr.r_scale = k.student_1_mode == 2 || k.student_1_mode == 4
-                     ? static_cast<C>(std::exp(static_cast<double>(k.student_1_mode) * static_cast<double>(st[3]) -
-                                               static_cast<double>(st[4])))
-                     : C(0);
-    row_grad.inv_zq = static_cast<C>(std::exp(-static_cast<double>(gr.stats.student_log_sum_T)));
-    row_grad.inv_zp = static_cast<C>(std::exp(-static_cast<double>(gr.stats.teacher_log_sum)));
-    row_grad.inv_z1 = static_cast<C>(std::exp(-static_cast<double>(gr.stats.student_log_sum_1)));
-    const int64_t label = args.labels ? args.labels[row] : -1;
-    const C label_step = gr.label_step;
-    alignas(64) C student_buf[kChunk];
-    alignas(64) C teacher_buf[kChunk];
-    alignas(64) C grad_buf[kChunk];
-    const S* s_row = student + row * args.student_row_stride;
-    const T* t_row = teacher + row * args.teacher_row_stride;
-    for (int64_t start = 0; start < vocab; start += kChunk) {
-      const int64_t n = std::min(kChunk, vocab - start);
-      const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
-      const C* t = k.need_kd ? load_chunk<T, C>(t_row + start, n, teacher_buf) : nullptr;
-      C* out;
-      if constexpr (std::is_same_v<S, C>) out = g_row + start;
-      else out = grad_buf;
-      kernels.grad(s, t, n, k, exps, row_grad, out);
-      if (k.need_ce && label >= start && label < start + n) out[label - start] -= label_step;
-      store_chunk<S, C>(out, n, g_row + start);
-    }
+    const double g = static_cast<double>(grad_output[row * args.grad_output_stride]) * scale;
+    gradient_row<S, T, C>(call, row_stats + row * kRowStats, g, student + row * args.student_row_stride,
+                          teacher + row * args.teacher_row_stride, args.labels ? args.labels[row] : -1, vocab, none,
+                          g_row);
   }
 }
 
-// ---- dtype dispatch ----
-
 template <class S, class T>
 int64_t forward_for(const KDForwardArgs& args) {
-  if constexpr (std::is_same_v<S, double>) return forward_impl<S, T, double>(args);
-  else return forward_impl<S, T, float>(args);
+  using C = std::conditional_t<std::is_same_v<S, double>, double, float>;
+  return args.grad_student ? forward_grad_impl<S, T, C>(args) : forward_impl<S, T, C>(args);
 }
 
 template <class S, class T>

@@ -15,7 +15,9 @@
 // loss NaN (sparse::row_defined), and the backward pass writes a NaN gradient row for it.
 // The backward pass streams the row once more and writes the gradient once: a vectorised
 // formula for tail entries (one exp each at T = 1), then the kept entries of the chunk are
-// overwritten with their own gradient before the chunk is stored.
+// overwritten with their own gradient before the chunk is stored. With args.grad_student set,
+// the forward pass runs forward_grad_impl instead: each row's gradient (grad_output = 1, the
+// reduction's scale folded in) right after its statistics, while the row is cache-resident.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -295,6 +297,7 @@ SparseKDForwardResult forward_impl(const SparseKDForwardArgs& args) {
   return SparseKDForwardResult{bad_labels, bad_index_rows};
 }
 
+
 // ---- backward ----
 
 // Gradient of the tail (non-kept) entries of one chunk; kept entries are overwritten later.
@@ -335,28 +338,129 @@ TailGradFn<C> pick_tail_grad(bool kd_tail, bool ce, bool ce_from_tail) {
   return nullptr;  // no gradient reaches tail entries: zeros
 }
 
+// What the gradient of every row of one call shares.
+template <class C>
+struct GradientSetup {
+  SparseCoefficients<double> k;
+  StreamPlan plan;
+  bool kd_tail;
+  TailGradFn<C> tail_grad;
+  double inv_t, alpha, eps, beta;
+  explicit GradientSetup(const SparseKDInputs& args)
+      : k(sparse::make_sparse_coefficients<double>(args.options, args.tail)),
+        plan(plan_for(k, args.options.temperature)),
+        kd_tail(k.need_kd && k.bucket),
+        tail_grad(pick_tail_grad<C>(kd_tail, k.need_ce, k.need_ce && kd_tail && !plan.tail_at_1)),
+        inv_t(1.0 / args.options.temperature),
+        alpha(static_cast<double>(k.alpha)),
+        eps(static_cast<double>(k.label_smoothing)),
+        beta(static_cast<double>(k.beta)) {}
+};
+
+// The factor the reduction applies to every row's loss (mean: 1 / valid rows, 0 when none).
+inline double reduction_scale(Reduction reduction, double valid, int64_t rows) {
+  if (reduction == Reduction::Mean) return valid > 0 ? 1.0 / valid : 0.0;
+  if (reduction == Reduction::BatchMean) return rows > 0 ? 1.0 / static_cast<double>(rows) : 0.0;
+  return 1.0;
+}
+
+// The gradient row of one valid row with statistics `st`, for g = grad_output times the
+// reduction's scale: zeros for an ignored row and NaN for a NaN row are the callers'. Streams
+// the row once and writes the gradient once; `g_row` may alias the student row (each chunk is
+// read before it is written).
+template <class S, class C>
+void gradient_row(const SparseKDInputs& args, const GradientSetup<C>& setup, const double* st, double g, int64_t row,
+                  RowScratch& scratch, S* g_row) {
+  const SparseCoefficients<double>& k = setup.k;
+  const int64_t vocab = args.vocab, kk = args.soft_labels.k;
+  const double inv_t = setup.inv_t, alpha = setup.alpha, eps = setup.eps, beta = setup.beta;
+  const bool kd_tail = setup.kd_tail;
+  const TailGradFn<C> tail_grad = setup.tail_grad;
+  const S* student = static_cast<const S*>(args.student);
+  const double kd_factor = k.need_kd ? g * (1.0 - alpha) * static_cast<double>(k.divergence_scale) * inv_t : 0.0;
+  const double ce_factor = k.need_ce ? g * alpha : 0.0;
+  const double smooth = eps / static_cast<double>(vocab);
+  const double tail_max = st[0], tail_log_sum_t = st[1], student_norm = st[2], lse_1 = st[3];
+  const double teacher_norm = st[4], g_bar = st[5], tail_coeff = st[6];
+  // Tail-formula scalars (a row without tail entries has tail_max = -inf: use 0 instead).
+  const bool has_tail = tail_max != -kInf;
+  const double tail_ref = has_tail ? tail_max : 0.0;
+  const double log_sum_t = has_tail && kd_tail ? tail_log_sum_t : 0.0;
+  load_kept(args.soft_labels, row, vocab, scratch.kept);  // validated by the forward pass
+  const std::vector<KeptEntry>& kept = scratch.kept;
+  const S* s_row = student + row * args.student_row_stride;
+  // The forward pass's reference logits (its log-normalisers are relative to them).
+  double kept_max = -kInf;
+  for (const KeptEntry& entry : kept)
+    kept_max = std::max(kept_max, static_cast<double>(load_one<S, C>(s_row + entry.index)));
+  const double kd_reference = sparse::reference_logit(kept_max, k.bucket ? tail_max : -kInf);
+  const double reference = sparse::reference_logit(kept_max, tail_max);
+  const double q_tail =
+      has_tail && kd_tail ? std::exp((tail_max - kd_reference) * inv_t + tail_log_sum_t - student_norm) : 0.0;
+  const int64_t label = args.labels ? args.labels[row] : -1;
+  const double label_step = ce_factor * (1.0 - eps);
+
+  alignas(64) C student_buf[kChunk];
+  alignas(64) C grad_buf[kChunk];
+  alignas(64) C kept_buf[kChunk];
+  size_t next = 0;
+  for (int64_t start = 0; start < vocab; start += kChunk) {
+    const int64_t n = std::min(kChunk, vocab - start);
+    C* out;
+    if constexpr (std::is_same_v<S, C>) out = g_row + start;
+    else out = grad_buf;
+    const bool has_kept = next < kept.size() && kept[next].index < start + n;
+    const bool touches_label = label >= start && label < start + n;
+    const C* s = nullptr;
+    if (tail_grad) {
+      s = load_chunk<S, C>(s_row + start, n, student_buf);
+      if (has_kept && static_cast<const void*>(s) == static_cast<const void*>(out)) {
+        // In place: the kept logits of this chunk are read after the tail formula wrote `out`.
+        std::memcpy(kept_buf, s, sizeof(C) * static_cast<size_t>(n));
+        s = kept_buf;
+      }
+      tail_grad(s, n, out, static_cast<C>(tail_ref), static_cast<C>(inv_t), static_cast<C>(log_sum_t),
+                static_cast<C>(kd_factor * tail_coeff), static_cast<C>(q_tail), static_cast<C>(ce_factor),
+                static_cast<C>(smooth), static_cast<C>(reference - tail_ref + lse_1));
+    } else {
+      if (has_kept && static_cast<const void*>(s_row + start) == static_cast<const void*>(out)) {
+        copy_chunk<S, C>(s_row + start, n, kept_buf);
+        s = kept_buf;
+      }
+      std::memset(static_cast<void*>(out), 0, sizeof(C) * static_cast<size_t>(n));
+      if (!has_kept && !touches_label) {
+        if constexpr (!std::is_same_v<S, C>) store_chunk<S, C>(out, n, g_row + start);
+        continue;
+      }
+    }
+    for (; next < kept.size() && kept[next].index < start + n; ++next) {
+      const int64_t offset = kept[next].index - start;
+      const double logit =
+          s ? static_cast<double>(s[offset]) : static_cast<double>(load_one<S, C>(s_row + kept[next].index));
+      double value = 0.0;
+      if (k.need_kd) {
+        const double log_p = sparse::load_value<double>(args.soft_labels.logprobs, args.soft_labels.logprob_dtype,
+                                                        row * kk + kept[next].slot) - teacher_norm;
+        const double log_q = (logit - kd_reference) * inv_t - student_norm;
+        const auto term = sparse::bucket_term<double>(log_p, log_q, k.divergence, beta);
+        const double q = log_q == -kInf ? 0.0 : std::exp(log_q);
+        value += kd_factor * (term.weight - g_bar * q);
+      }
+      if (k.need_ce) value += ce_factor * (std::exp((logit - reference) - lse_1) - smooth);
+      out[offset] = static_cast<C>(value);
+    }
+    if (touches_label) out[label - start] -= static_cast<C>(label_step);
+    store_chunk<S, C>(out, n, g_row + start);
+  }
+}
+
 template <class S, class C>
 void backward_impl(const SparseKDBackwardArgs& args) {
-  const SparseCoefficients<double> k = sparse::make_sparse_coefficients<double>(args.options, args.tail);
-  const StreamPlan plan = plan_for(k, args.options.temperature);
-  const int64_t rows = args.rows, vocab = args.vocab, kk = args.soft_labels.k;
-  const double inv_t = 1.0 / args.options.temperature;
-  const S* student = static_cast<const S*>(args.student);
+  const GradientSetup<C> setup(args);
+  const int64_t rows = args.rows, vocab = args.vocab;
   const C* grad_output = static_cast<const C*>(args.grad_output);
   S* grad_student = static_cast<S*>(args.grad_student);
-  const bool kd_tail = k.need_kd && k.bucket;
-  const bool ce_from_tail = k.need_ce && kd_tail && !plan.tail_at_1;
-  const TailGradFn<C> tail_grad = pick_tail_grad<C>(kd_tail, k.need_ce, ce_from_tail);
-  const double alpha = static_cast<double>(k.alpha), eps = static_cast<double>(k.label_smoothing);
-  const double beta = static_cast<double>(k.beta);
-
-  double reduction_scale = 1.0;
-  if (args.options.reduction == Reduction::Mean) {
-    const double valid = *args.valid_rows;
-    reduction_scale = valid > 0 ? 1.0 / valid : 0.0;
-  } else if (args.options.reduction == Reduction::BatchMean) {
-    reduction_scale = rows > 0 ? 1.0 / static_cast<double>(rows) : 0.0;
-  }
+  const double scale = reduction_scale(args.options.reduction, *args.valid_rows, rows);
 
 #pragma omp parallel num_threads(threads_for(args.num_threads, rows, vocab))
   {
@@ -373,73 +477,65 @@ void backward_impl(const SparseKDBackwardArgs& args) {
         fill_nan(g_row, vocab);
         continue;
       }
-      const double g = static_cast<double>(grad_output[row * args.grad_output_stride]) * reduction_scale;
-      const double kd_factor = k.need_kd ? g * (1.0 - alpha) * static_cast<double>(k.divergence_scale) * inv_t : 0.0;
-      const double ce_factor = k.need_ce ? g * alpha : 0.0;
-      const double smooth = eps / static_cast<double>(vocab);
-      const double tail_max = st[0], tail_log_sum_t = st[1], student_norm = st[2], lse_1 = st[3];
-      const double teacher_norm = st[4], g_bar = st[5], tail_coeff = st[6];
-      // Tail-formula scalars (a row without tail entries has tail_max = -inf: use 0 instead).
-      const bool has_tail = tail_max != -kInf;
-      const double tail_ref = has_tail ? tail_max : 0.0;
-      const double log_sum_t = has_tail && kd_tail ? tail_log_sum_t : 0.0;
-      load_kept(args.soft_labels, row, vocab, scratch.kept);  // validated by the forward pass
-      const std::vector<KeptEntry>& kept = scratch.kept;
-      const S* s_row = student + row * args.student_row_stride;
-      // The forward pass's reference logits (its log-normalisers are relative to them).
-      double kept_max = -kInf;
-      for (const KeptEntry& entry : kept)
-        kept_max = std::max(kept_max, static_cast<double>(load_one<S, C>(s_row + entry.index)));
-      const double kd_reference = sparse::reference_logit(kept_max, k.bucket ? tail_max : -kInf);
-      const double reference = sparse::reference_logit(kept_max, tail_max);
-      const double q_tail =
-          has_tail && kd_tail ? std::exp((tail_max - kd_reference) * inv_t + tail_log_sum_t - student_norm) : 0.0;
-      const int64_t label = args.labels ? args.labels[row] : -1;
-      const double label_step = ce_factor * (1.0 - eps);
-
-      alignas(64) C student_buf[kChunk];
-      alignas(64) C grad_buf[kChunk];
-      size_t next = 0;
-      for (int64_t start = 0; start < vocab; start += kChunk) {
-        const int64_t n = std::min(kChunk, vocab - start);
-        C* out;
-        if constexpr (std::is_same_v<S, C>) out = g_row + start;
-        else out = grad_buf;
-        const bool has_kept = next < kept.size() && kept[next].index < start + n;
-        const bool touches_label = label >= start && label < start + n;
-        const C* s = nullptr;
-        if (tail_grad) {
-          s = load_chunk<S, C>(s_row + start, n, student_buf);
-          tail_grad(s, n, out, static_cast<C>(tail_ref), static_cast<C>(inv_t), static_cast<C>(log_sum_t),
-                    static_cast<C>(kd_factor * tail_coeff), static_cast<C>(q_tail), static_cast<C>(ce_factor),
-                    static_cast<C>(smooth), static_cast<C>(reference - tail_ref + lse_1));
-        } else {
-          std::memset(static_cast<void*>(out), 0, sizeof(C) * static_cast<size_t>(n));
-          if (!has_kept && !touches_label) {
-            if constexpr (!std::is_same_v<S, C>) store_chunk<S, C>(out, n, g_row + start);
-            continue;
-          }
-        }
-        for (; next < kept.size() && kept[next].index < start + n; ++next) {
-          const int64_t offset = kept[next].index - start;
-          const double logit = s ? static_cast<double>(s[offset]) : static_cast<double>(load_one<S, C>(s_row + kept[next].index));
-          double value = 0.0;
-          if (k.need_kd) {
-            const double log_p = sparse::load_value<double>(args.soft_labels.logprobs, args.soft_labels.logprob_dtype,
-                                                            row * kk + kept[next].slot) - teacher_norm;
-            const double log_q = (logit - kd_reference) * inv_t - student_norm;
-            const auto term = sparse::bucket_term<double>(log_p, log_q, k.divergence, beta);
-            const double q = log_q == -kInf ? 0.0 : std::exp(log_q);
-            value += kd_factor * (term.weight - g_bar * q);
-          }
-          if (k.need_ce) value += ce_factor * (std::exp((logit - reference) - lse_1) - smooth);
-          out[offset] = static_cast<C>(value);
-        }
-        if (touches_label) out[label - start] -= static_cast<C>(label_step);
-        store_chunk<S, C>(out, n, g_row + start);
-      }
+      const double g = static_cast<double>(grad_output[row * args.grad_output_stride]) * scale;
+      gradient_row<S, C>(args, setup, st, g, row, scratch, g_row);
     }
   }
+}
+
+// ---- one-pass training ----
+
+// forward_impl's statistics and loss and, for each row right after them (the row is then
+// cache-resident), its gradient for grad_output = 1 times the reduction's scale into
+// args.grad_student: the row is read from memory once for both.
+template <class S, class C>
+SparseKDForwardResult forward_grad_impl(const SparseKDForwardArgs& args) {
+  const GradientSetup<C> setup(args);
+  const int64_t rows = args.rows, vocab = args.vocab, kk = args.soft_labels.k;
+  double* row_stats = args.row_stats;
+  S* grad_student = static_cast<S*>(args.grad_student);
+  int64_t valid = 0;
+  for (int64_t row = 0; row < rows; ++row) valid += label_valid(args.labels, row, args.options.ignore_index) ? 1 : 0;
+  const double g = reduction_scale(args.options.reduction, static_cast<double>(valid), rows);
+  int64_t bad_labels = 0, bad_index_rows = 0;
+
+#pragma omp parallel num_threads(threads_for(args.num_threads, rows, vocab)) reduction(+ : bad_labels, bad_index_rows)
+  {
+    RowScratch scratch;
+    scratch.kept_logits.resize(static_cast<size_t>(kk));
+    scratch.scaled_kept.resize(static_cast<size_t>(kk));
+    scratch.bucket_values.resize(static_cast<size_t>(kk));
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      double* stats = row_stats + row * kSparseRowStats;
+      S* g_row = grad_student + row * vocab;
+      if (!label_valid(args.labels, row, args.options.ignore_index)) {
+        for (int j = 0; j < kSparseRowStats; ++j) stats[j] = 0.0;
+        std::memset(static_cast<void*>(g_row), 0, sizeof(S) * static_cast<size_t>(vocab));
+        continue;
+      }
+      bool bad = false;
+      if (args.labels && (args.labels[row] < 0 || args.labels[row] >= vocab)) {
+        ++bad_labels;
+        bad = true;
+      } else if (forward_row<S, C>(args, setup.k, setup.plan, row, scratch, stats) != 0) {
+        ++bad_index_rows;
+        bad = true;
+      }
+      if (bad) {
+        for (int j = 0; j < kSparseRowStats; ++j) stats[j] = kNaN;
+      }
+      if (stats[7] != stats[7]) {  // a NaN row loss: a NaN gradient row
+        fill_nan(g_row, vocab);
+        continue;
+      }
+      gradient_row<S, C>(args, setup, stats, g, row, scratch, g_row);
+    }
+  }
+
+  reduce_row_losses(row_stats, kSparseRowStats, 7, rows, args.labels, args.options, static_cast<C*>(args.loss),
+                    args.valid_rows);
+  return SparseKDForwardResult{bad_labels, bad_index_rows};
 }
 
 // ---- dtype dispatch ----
@@ -459,7 +555,8 @@ auto with_student_type(DType student, Fn&& fn) {
 
 SparseKDForwardResult sparse_kd_forward(const SparseKDForwardArgs& args) {
   return with_student_type(args.student_dtype, [&](auto s, auto c) {
-    return forward_impl<decltype(s), decltype(c)>(args);
+    return args.grad_student ? forward_grad_impl<decltype(s), decltype(c)>(args)
+                             : forward_impl<decltype(s), decltype(c)>(args);
   });
 }
 

@@ -11,7 +11,9 @@
 // to the tail's own running maximum. When the buffer fills it is cut back to its best k with
 // nth_element; the evicted entries join the tail sum and theta rises. The tail is therefore a
 // sum over exactly the non-kept entries, never a difference, and it keeps full relative
-// precision however small it is. Rows run in parallel over OpenMP threads.
+// precision however small it is. The split of a float chunk runs on the 8-float lanes of
+// lanes.h (AVX2 and AVX-512 variants) with their table-based exp(x/T): one exp per logit.
+// Rows run in parallel over OpenMP threads.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -25,6 +27,7 @@
 
 #include "convert.h"
 #include "kernel_common.h"
+#include "lanes.h"
 #include "kdfast/rowmath.h"
 #include "kdfast/sparse_rowmath.h"
 #include "kdfast/types.h"
@@ -47,6 +50,8 @@ constexpr int64_t kChunk = 2048;
 // Per-thread working memory of the selection.
 template <class C>
 struct Selection {
+  explicit Selection(double inv_t) : exps(inv_t) {}
+  ExpLanes<C> exps;  // exp(x/T) on the variant's lanes (lanes.h)
   std::vector<TopKCandidate<C>> candidates;
   std::vector<C> evicted;  // values of the entries a cut removes
   std::vector<C> masked;   // a chunk with its hits masked to -inf (rare slow path)
@@ -101,9 +106,49 @@ struct ChunkSplit {
 };
 
 template <class C>
-ChunkSplit<C> split_chunk(const C* x, int64_t n, C theta, C inv_t) {
+ChunkSplit<C> split_chunk(const C* x, int64_t n, C theta, C inv_t, const ExpLanes<C>& exps) {
   ChunkSplit<C> split;
   int32_t hits = 0;
+#if defined(KDFAST_LANES_AVX2)
+  if constexpr (std::is_same_v<C, float>) {
+    if (theta != kNegInf<C>) {
+      // The bulk on 8-float lanes with the lanes' table exp(x/T) of (masked - theta) <= 0: one
+      // compare, one blend, one max, a population count and one exp per element.
+      const __m256 threshold = _mm256_set1_ps(theta);
+      const __m256 minus_inf = _mm256_set1_ps(kNegInf<float>);
+      const ExpLanes<float> e = exps;  // a local copy: its constants stay in registers
+      __m256 tail_max = minus_inf, sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
+      int64_t vector_hits = 0, i = 0;
+      for (; i + 16 <= n; i += 16) {
+        const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+        const __m256 above_a = _mm256_cmp_ps(a, threshold, _CMP_GT_OQ);
+        const __m256 above_b = _mm256_cmp_ps(b, threshold, _CMP_GT_OQ);
+        const __m256 masked_a = _mm256_blendv_ps(a, minus_inf, above_a);
+        const __m256 masked_b = _mm256_blendv_ps(b, minus_inf, above_b);
+        // max(masked, running): a NaN entry leaves the running maximum as it is.
+        tail_max = _mm256_max_ps(_mm256_max_ps(masked_a, tail_max), masked_b);
+        vector_hits += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(above_a)) |
+                                          (static_cast<unsigned>(_mm256_movemask_ps(above_b)) << 8));
+        sum0 = _mm256_add_ps(sum0, e.template apply<true>(FV{_mm256_sub_ps(masked_a, threshold)}).v);
+        sum1 = _mm256_add_ps(sum1, e.template apply<true>(FV{_mm256_sub_ps(masked_b, threshold)}).v);
+      }
+      float tmax = hmax(FV{tail_max}), total = hsum(FV{_mm256_add_ps(sum0, sum1)});
+      for (; i < n; ++i) {
+        const float v = x[i];
+        const bool above = v > theta;
+        const float masked = above ? kNegInf<float> : v;
+        tmax = masked > tmax ? masked : tmax;
+        vector_hits += above ? 1 : 0;
+        total += e(masked - theta);
+      }
+      split.hits = vector_hits;
+      split.tail_max = tmax;
+      split.sum = total;
+      return split;
+    }
+  }
+#endif
+  (void)exps;
   if (theta == kNegInf<C>) {
     int32_t nans = 0;
 #pragma omp simd reduction(+ : hits, nans)
@@ -239,13 +284,13 @@ void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Sele
     if (n == 0) continue;
     // The tail's share of the chunk is every element <= theta; the rest are hits.
     C chunk_theta = theta;
-    ChunkSplit<C> split = split_chunk(xs, n, chunk_theta, inv_t_c);
+    ChunkSplit<C> split = split_chunk(xs, n, chunk_theta, inv_t_c, sel.exps);
     if (split.hits > std::max<int64_t>(2 * k, 256) && n >= group_count(k) && chunk_theta != kNegInf<C>) {
       // Many hits (e.g. ascending logits): the chunk's own k group maxima give a higher bar.
       const C local = std::nextafter(smallest_group_maximum(xs, n, group_count(k), sel.group_max.data()), kNegInf<C>);
       if (local > chunk_theta) {
         chunk_theta = local;
-        split = split_chunk(xs, n, chunk_theta, inv_t_c);
+        split = split_chunk(xs, n, chunk_theta, inv_t_c, sel.exps);
       }
     }
     if (chunk_theta == kNegInf<C>) {
@@ -309,7 +354,7 @@ void compress_impl(const TopKCompressArgs& args) {
   const int64_t capacity = k + std::max<int64_t>(k, 64);
 #pragma omp parallel num_threads(threads)
   {
-    Selection<C> sel;
+    Selection<C> sel(inv_t);
     sel.candidates.resize(static_cast<size_t>(capacity));
     sel.evicted.resize(static_cast<size_t>(capacity));
     sel.masked.resize(static_cast<size_t>(kChunk));

@@ -89,7 +89,8 @@ int64_t kd_forward(uintptr_t student, int student_dtype, int64_t student_row_str
                    int teacher_dtype, int64_t teacher_row_stride, uintptr_t labels, int64_t rows, int64_t vocab,
                    int divergence, int reduction, double temperature, double alpha, double beta,
                    double label_smoothing, double divergence_scale, int64_t ignore_index, uintptr_t loss,
-                   uintptr_t row_stats, uintptr_t valid_rows, int num_threads, int device_index, uintptr_t stream) {
+                   uintptr_t row_stats, uintptr_t valid_rows, int num_threads, int device_index, uintptr_t stream,
+                   uintptr_t grad_student) {
   kdfast::KDForwardArgs a;
   fill_dense_inputs(a, student, student_dtype, student_row_stride, teacher, teacher_dtype, teacher_row_stride, labels,
                     rows, vocab,
@@ -99,7 +100,9 @@ int64_t kd_forward(uintptr_t student, int student_dtype, int64_t student_row_str
   a.loss = as_ptr<void>(loss);
   a.row_stats = as_ptr<void>(row_stats);
   a.valid_rows = as_ptr<void>(valid_rows);
+  a.grad_student = as_ptr<void>(grad_student);
   if (device_index < 0) return kdfast::kd_forward_cpu(a);
+  if (a.grad_student) throw std::invalid_argument("kd_forward: the one-pass gradient (grad_student) is CPU-only");
 #if defined(KDFAST_WITH_CUDA)
   return kdfast::kd_forward_cuda(a, device_index, stream);
 #else
@@ -199,7 +202,7 @@ std::pair<int64_t, int64_t> sparse_kd_forward(uintptr_t student, int student_dty
                                               double temperature, double alpha, double beta, double label_smoothing,
                                               double divergence_scale, int64_t ignore_index, uintptr_t loss,
                                               uintptr_t row_stats, uintptr_t valid_rows, int num_threads,
-                                              int device_index, uintptr_t stream) {
+                                              int device_index, uintptr_t stream, uintptr_t grad_student) {
   kdfast::SparseKDForwardArgs a;
   fill_sparse_inputs(a, student, student_dtype, student_row_stride, indices, index_type, logprobs, logprob_dtype,
                      tail_logprob, tail_dtype, labels, rows, vocab, k, tail_mode,
@@ -209,7 +212,10 @@ std::pair<int64_t, int64_t> sparse_kd_forward(uintptr_t student, int student_dty
   a.loss = as_ptr<void>(loss);
   a.row_stats = as_ptr<double>(row_stats);
   a.valid_rows = as_ptr<double>(valid_rows);
+  a.grad_student = as_ptr<void>(grad_student);
   if (device_index >= 0) {
+    if (a.grad_student)
+      throw std::invalid_argument("sparse_kd_forward: the one-pass gradient (grad_student) is CPU-only");
 #if defined(KDFAST_WITH_CUDA)
     const kdfast::SparseKDForwardResult result = kdfast::sparse_kd_forward_cuda(a, device_index, stream);
     return {result.bad_labels, result.bad_index_rows};
@@ -393,7 +399,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("teacher_row_stride"), py::arg("labels"), py::arg("rows"), py::arg("vocab"), py::arg("divergence"),
         py::arg("reduction"), py::arg("temperature"), py::arg("alpha"), py::arg("beta"), py::arg("label_smoothing"),
         py::arg("divergence_scale"), py::arg("ignore_index"), py::arg("loss"), py::arg("row_stats"),
-        py::arg("valid_rows"), py::arg("num_threads"), py::arg("device_index"), py::arg("stream"));
+        py::arg("valid_rows"), py::arg("num_threads"), py::arg("device_index"), py::arg("stream"),
+        py::arg("grad_student") = 0);
   m.def("kd_backward", &kd_backward, py::call_guard<py::gil_scoped_release>(), py::arg("grad_output"),
         py::arg("grad_output_stride"), py::arg("student"), py::arg("student_dtype"), py::arg("student_row_stride"),
         py::arg("teacher"), py::arg("teacher_dtype"), py::arg("teacher_row_stride"), py::arg("labels"),
@@ -412,7 +419,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("tail_mode"), py::arg("reduction"), py::arg("temperature"), py::arg("alpha"), py::arg("beta"),
         py::arg("label_smoothing"), py::arg("divergence_scale"), py::arg("ignore_index"), py::arg("loss"),
         py::arg("row_stats"), py::arg("valid_rows"), py::arg("num_threads"), py::arg("device_index"),
-        py::arg("stream"));
+        py::arg("stream"), py::arg("grad_student") = 0);
   m.def("sparse_kd_backward", &sparse_kd_backward, py::call_guard<py::gil_scoped_release>(),
         py::arg("grad_output"), py::arg("grad_output_stride"), py::arg("student"), py::arg("student_dtype"),
         py::arg("student_row_stride"), py::arg("indices"), py::arg("index_type"), py::arg("logprobs"),

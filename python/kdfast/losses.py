@@ -45,6 +45,8 @@ class KDLoss(nn.Module):
         reduction: "mean" (default), "sum", "none" or "batchmean".
         label_smoothing: ε in [0, 1) for the cross-entropy term (default 0.0).
         t2_scale: multiply the divergence by T² (default True).
+        inplace_backward: write the student gradient over the student logits (CPU; default
+            False); see `kdfast.functional.kd_loss` for the contract and its refusals.
 
     Shape:
         student_logits, teacher_logits: [..., V]; labels: [...] int64 or None.
@@ -65,11 +67,13 @@ class KDLoss(nn.Module):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         t2_scale: bool = True,
+        inplace_backward: bool = False,
     ) -> None:
         super().__init__()
         check_kd_options(divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
                          ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                          names=KD_NAMES)
+        self.inplace_backward = bool(inplace_backward)
         self.divergence = divergence
         self.temperature = temperature
         self.alpha = alpha
@@ -97,6 +101,7 @@ class KDLoss(nn.Module):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             t2_scale=self.t2_scale,
+            inplace_backward=self.inplace_backward,
         )
 
     def extra_repr(self) -> str:

@@ -1,7 +1,9 @@
-"""The custom-op contract of the dense KD loss: `torch.library.opcheck` on both ops
-(schema, fake kernel, autograd registration, dispatcher behaviour) and
+"""The custom-op contract of the dense KD loss: `torch.library.opcheck` on its ops (the
+two-pass forward and backward, the one-pass forward with and without the in-place gradient,
+the gradient scaling; schema, fake kernel, autograd registration, dispatcher behaviour) and
 `torch.compile(fullgraph=True)` of code that calls `kdfast.functional.kd_loss`, forward
-and backward, with no graph break and the same values as eager execution.
+and backward (also one-pass and in place), with no graph break and the same values as eager
+execution.
 """
 
 import pytest
@@ -101,3 +103,49 @@ def test_compile_module_reduction_none():
     (expected_grad,) = torch.autograd.grad((expected * weights).sum(), student)
     torch.testing.assert_close(per_row, expected)
     torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_one_pass_ops(divergence, reduction, dtype):
+    student, teacher, labels = _sample(dtype=dtype)
+    options = KDOptions(divergence=divergence, reduction=reduction, temperature=2.0, alpha=0.5, label_smoothing=0.1)
+    outputs = kd_ops.forward_outputs(student, options)
+    gradient = torch.empty_like(student)
+    torch.library.opcheck(kd_ops.kd_loss_forward_grad,
+                          (student, teacher, labels, *outputs, gradient, *options.values()))
+    torch.library.opcheck(kd_ops.kd_loss_forward_grad_inplace,
+                          (student.clone(), teacher, labels, *kd_ops.forward_outputs(student, options),
+                           *options.values()))
+    kd_ops.kd_loss_forward_grad(student, teacher, labels, *outputs, gradient, *options.values())
+    _, row_stats, valid_rows = outputs
+    grad_output = torch.rand(student.shape[0]) + 0.5 if reduction == "none" else torch.tensor(0.75)
+    for exact in (False, True):
+        torch.library.opcheck(kd_ops.kd_loss_scale_gradient,
+                              (grad_output, gradient, student, teacher, labels, row_stats, valid_rows,
+                               torch.empty_like(student), exact, *options.values()))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_compile_fullgraph_one_pass_matches_eager(inplace):
+    torch._dynamo.reset()
+
+    def training_step(hidden, weight, teacher, labels):
+        logits = hidden @ weight.t()
+        loss = kdfast.functional.kd_loss(logits, teacher, labels, temperature=2.0, alpha=0.3,
+                                         inplace_backward=inplace)
+        return loss * 3.0
+
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(8, 16, generator=generator)
+    weight = torch.randn(50, 16, generator=generator).requires_grad_(True)
+    teacher = torch.randn(8, 50, generator=generator)
+    labels = torch.randint(0, 50, (8,), generator=generator)
+    compiled = torch.compile(training_step, fullgraph=True)
+    loss_compiled = compiled(hidden, weight, teacher, labels)
+    (grad_compiled,) = torch.autograd.grad(loss_compiled, weight)
+    loss_eager = training_step(hidden, weight, teacher, labels)
+    (grad_eager,) = torch.autograd.grad(loss_eager, weight)
+    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_compiled, grad_eager, rtol=1e-5, atol=1e-6)

@@ -107,6 +107,12 @@ struct KDForwardArgs : KDInputs {
   void* loss = nullptr;        // [rows] when reduction == None, else a single element
   void* row_stats = nullptr;   // [rows, kRowStats]: see rowmath::RowStats, then the row loss, then 0
   void* valid_rows = nullptr;  // single element: number of rows whose label is not ignore_index
+  // One-pass training (CPU kernels only; the CUDA kernels ignore it): when set, the forward pass
+  // also writes the student gradient for grad_output = 1 with the reduction's scale folded in,
+  // [rows, vocab] contiguous in the student dtype, each row while it is cache-resident. It may
+  // be the student's own storage (rows contiguous): a row's gradient is written after the
+  // row was read.
+  void* grad_student = nullptr;
 };
 
 struct KDBackwardArgs : KDInputs {
@@ -195,6 +201,11 @@ struct SparseKDForwardArgs : SparseKDInputs {
   void* loss = nullptr;
   double* row_stats = nullptr;
   double* valid_rows = nullptr;
+  // One-pass training (CPU kernels only; the CUDA kernels ignore it): when set, the forward pass
+  // also writes the student gradient for grad_output = 1 with the reduction's scale folded in,
+  // [rows, vocab] contiguous in the student dtype, each row right after its statistics. It may
+  // be the student's own storage (rows contiguous).
+  void* grad_student = nullptr;
 };
 
 // Error counts of a sparse forward call; the rows concerned have NaN loss and statistics.

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from kdfast import functional
 from kdfast.benchmark.cases import DIVERGENCES, PASSES, PROVIDERS, Case
+from kdfast.contract.options import KDOptions
+from kdfast.ops import kd_loss as kd_ops
 
 __all__ = ["Provider", "ProviderUnavailable", "eager_kd_loss", "make_provider", "make_step"]
 
@@ -104,12 +106,17 @@ class Provider:
     `mutates_student`: the callable overwrites the student logits in place (Liger's
     cross-entropy stores its gradient there), so it must be given a private copy.
     `extra_warmup`: calls to make before the regular warmup (torch.compile compiles on the first).
+    `kind`: "loss"; "inplace" (the loss overwrites a non-leaf student with its gradient: the
+    step makes one such student once, and each later call runs on the previous call's
+    gradient, which costs the kernels the same); "floor" (`fn(student, teacher, out)` is an
+    N×V elementwise op, timed for fwd+bwd only and not cross-checked).
     """
 
     name: str
     fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     mutates_student: bool = False
     extra_warmup: int = 0
+    kind: str = "loss"
 
 
 def _raise_compile_limits() -> None:
@@ -188,6 +195,21 @@ def make_provider(name: str, case: Case) -> Provider:
                         extra_warmup=1)
     if name == "kdfast":
         return Provider(name, functools.partial(functional.kd_loss, reduction="mean", **kwargs))
+    if name == "kdfast-2pass":
+        options = KDOptions.of(reduction="mean", **kwargs)
+
+        def two_pass(student, teacher, labels):
+            return kd_ops.kd_loss(student, teacher, labels, options, one_pass=False)
+        return Provider(name, two_pass)
+    if name == "kdfast-inplace":
+        if case.device != "cpu":
+            raise ProviderUnavailable("inplace_backward runs on the CPU only")
+        return Provider(name, functools.partial(functional.kd_loss, reduction="mean", inplace_backward=True, **kwargs),
+                        kind="inplace")
+    if name == "add-out":
+        return Provider(name, lambda student, teacher, out: torch.add(student, teacher, out=out), kind="floor")
+    if name == "add-fresh":
+        return Provider(name, lambda student, teacher, out: student + teacher, kind="floor")
     if name == "liger":
         return Provider(name, _make_liger_fn(case), mutates_student=True)
     raise ValueError(f"unknown provider {name!r}; expected one of {PROVIDERS}")
@@ -213,6 +235,21 @@ def make_step(provider: Provider, pass_name: str, student: torch.Tensor, teacher
         student = student.clone()
     student = student.detach()
     fn = provider.fn
+    if provider.kind == "floor":
+        if pass_name != "fwd+bwd":
+            raise ProviderUnavailable(f"{provider.name} is a floor of fwd+bwd only")
+        out = torch.empty_like(student)
+        return lambda: fn(student, teacher, out)
+    if provider.kind == "inplace" and pass_name == "fwd+bwd":
+        # A non-leaf student (an lm_head output stands for it), made once: its storage takes
+        # each call's gradient.
+        student = student.clone().requires_grad_(True) * 1
+
+        def inplace_step():
+            loss = fn(student, teacher, labels)
+            (gradient,) = torch.autograd.grad(loss, student)
+            return loss, gradient
+        return inplace_step
     if pass_name == "fwd":
 
         def forward_step():

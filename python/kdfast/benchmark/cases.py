@@ -12,13 +12,19 @@ from typing import Dict, Tuple
 
 import torch
 
-__all__ = ["Case", "DIVERGENCES", "DTYPES", "PASSES", "PROVIDERS", "make_inputs", "minimum_bytes"]
+__all__ = ["Case", "DIVERGENCES", "DTYPES", "FLOOR_PROVIDERS", "PASSES", "PROVIDERS", "make_inputs", "minimum_bytes"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 PASSES = ("fwd", "fwd+bwd")
 # Order in which providers run within a case: eager first, so that its loss and gradient can
 # serve as the cross-check for the others.
-PROVIDERS = ("eager", "compile", "liger", "kdfast")
+# kdfast: the public loss (on the CPU with a gradient: the one-pass kernel); kdfast-2pass: the
+# same loss through the two-pass kernels (forward, then backward); kdfast-inplace: the one-pass
+# kernel with inplace_backward=True (CPU). add-out and add-fresh are not losses but the memory
+# floor of fwd+bwd (read s and t, write an N×V result): torch.add(s, t, out=g) into a buffer
+# allocated once, and s + t into a fresh tensor each call.
+PROVIDERS = ("eager", "compile", "liger", "kdfast", "kdfast-2pass", "kdfast-inplace", "add-out", "add-fresh")
+FLOOR_PROVIDERS = ("add-out", "add-fresh")
 
 DTYPES = {
     "float32": torch.float32,

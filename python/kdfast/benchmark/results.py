@@ -57,7 +57,7 @@ CSV_COLUMNS = (
 )
 
 # Order of the providers within a group of the printed table.
-_DISPLAY_ORDER = ("kdfast", "liger", "compile", "eager")
+_DISPLAY_ORDER = ("kdfast", "kdfast-inplace", "kdfast-2pass", "liger", "compile", "eager", "add-out", "add-fresh")
 
 
 # ----------------------------------------------------------------------------- environment facts
@@ -170,7 +170,7 @@ def format_table(results: List[Dict[str, object]]) -> str:
         The table, lines joined with newlines.
     """
     header = ("dtype", "N", "V", "divergence", "pass", "provider", "median ms", "GB/s", "x eager", "x compile",
-              "peak MB", "status")
+              "/ floor", "peak MB", "status")
     order = {name: index for index, name in enumerate(_DISPLAY_ORDER)}
     case_order: Dict[Case, int] = {}
     for row in results:
@@ -184,10 +184,11 @@ def format_table(results: List[Dict[str, object]]) -> str:
         lines.append((case.dtype_name, str(case.rows), str(case.vocab), case.divergence, row["pass_name"],
                       row["provider"], format_number(row["median_ms"], 3), format_number(row["gbps"], 1),
                       format_number(row["speedup_vs_eager"], 2), format_number(row["speedup_vs_compile"], 2),
-                      format_number(row["peak_extra_mb"], 1), _clip(str(row["status"]), 72)))
+                      format_number(row.get("times_floor"), 2), format_number(row["peak_extra_mb"], 1),
+                      _clip(str(row["status"]), 72)))
     widths = [max(len(header[i]), *(len(line[i]) for line in lines)) if lines else len(header[i])
               for i in range(len(header))]
-    numeric = {1, 2, 6, 7, 8, 9, 10}
+    numeric = {1, 2, 6, 7, 8, 9, 10, 11}
 
     def render(cells):
         return "  ".join(cell.rjust(widths[i]) if i in numeric else cell.ljust(widths[i])

@@ -6,7 +6,9 @@ contiguous, and runs `kdfast.ops.kd_loss` (the custom op under torch.compile, it
 directly in eager mode). CPU and CUDA tensors run the compiled kernels; tensors on other
 devices (or CUDA when kdfast was built without CUDA kernels) use `kdfast.reference`, which
 computes the same contract in plain PyTorch. With `process_group` the vocabulary is sharded
-and `kdfast.vocab_parallel` computes the loss.
+and `kdfast.vocab_parallel` computes the loss. On the CPU, when the student needs a gradient,
+the loss and the gradient come from one pass over the logits (`kdfast.ops.kd_loss`);
+`inplace_backward=True` writes that gradient over the student logits' own storage.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def kd_loss(
     label_smoothing: float = 0.0,
     t2_scale: bool = True,
     process_group=None,
+    inplace_backward: bool = False,
 ) -> Tensor:
     """Fused distillation loss α·CE(s, y) + (1−α)·τ·D(softmax(t/T), softmax(s/T)).
 
@@ -71,6 +74,17 @@ def kd_loss(
             (tensor-parallel lm_head): each rank passes its logits shard [..., V_r] of student
             and teacher (slices in rank order) and the global labels; the exact full-vocabulary
             loss is computed by all-reducing row statistics (`kdfast.vocab_parallel`).
+        inplace_backward: write the student gradient over the student logits' storage (CPU), so
+            that training needs no [..., V] memory for it (default False). The forward pass then
+            overwrites `student_logits` with the gradient of the loss (for grad_output = 1) when
+            the student requires grad, and the backward pass hands that storage out (scaled in
+            place when grad_output is not 1). Use it when nothing else reads the logits
+            afterwards: a later backward through another use of them fails autograd's
+            "modified by an inplace operation" check. Refused (ValueError) for a leaf logits
+            tensor that requires grad or a view of one, off the CPU, and with `process_group`;
+            a backward with create_graph=True, or a second backward, raises RuntimeError. Where
+            the logits must be copied anyway (a float64 teacher with a lower-precision student,
+            a non-contiguous vocabulary dimension) the gradient goes into that copy.
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or [...] for reduction="none".
@@ -94,6 +108,10 @@ def kd_loss(
     )
     options = KDOptions.of(divergence=divergence, reduction=reduction, temperature=temperature, alpha=alpha,
                            beta=beta, label_smoothing=label_smoothing, t2_scale=t2_scale, ignore_index=ignore_index)
+    if inplace_backward:
+        if process_group is not None:
+            raise ValueError("kd_loss: inplace_backward=True is not supported with process_group")
+        kd_ops.check_inplace_student(student_logits)
     if process_group is not None:
         vocab = student_logits.shape[-1]
         return vocab_parallel.kd_loss(
@@ -115,7 +133,7 @@ def kd_loss(
     student_rows = as_rows(student_logits, vocab)
     teacher_rows = as_rows(teacher_logits.detach(), vocab)
     label_rows = labels.reshape(-1).contiguous() if labels is not None else None
-    loss = kd_ops.kd_loss(student_rows, teacher_rows, label_rows, options)
+    loss = kd_ops.kd_loss(student_rows, teacher_rows, label_rows, options, inplace=inplace_backward)
     if reduction == "none":
         loss = loss.reshape(leading_shape)
     return loss

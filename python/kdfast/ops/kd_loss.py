@@ -14,10 +14,20 @@ Contract (inputs already validated and shaped by kdfast.functional):
 - the backward body writes the student gradient [rows, vocab] (contiguous, student dtype),
   already multiplied by grad_output (read by the kernel; no host synchronisation); it may
   write over `student` itself, each element after its logit was read.
+- one-pass training (CPU): when the student needs a gradient, `forward_grad_body` runs the
+  forward kernel that also writes the gradient for grad_output = 1 (the reduction's scale
+  folded in) into `grad_student`, each row while it is cache-resident (`kd_loss_forward_grad`;
+  `kd_loss_forward_grad_inplace` writes it into the student's own storage). The backward pass
+  then returns that gradient as it is when grad_output is the scalar 1 (the usual
+  `loss.backward()`), and otherwise multiplies it by grad_output in one pass
+  (`scale_gradient_body`; per row for reduction "none"). A bfloat16/float16 student that keeps
+  its logits runs the two-pass backward kernel instead, so that its gradient is still rounded
+  once. CUDA tensors keep the two-pass forward and backward kernels.
 `KDLossFunction` is the one autograd wrapper; `forward_outputs` allocates what the forward
 body writes, so the chunked fused-linear loss can call the bodies on its own buffers. A
 backward pass with create_graph=True differentiates `differentiable_loss` (the same loss in
-plain PyTorch) instead of running the backward op, so second-order gradients are exact.
+plain PyTorch) instead of running the backward op, so second-order gradients are exact (not
+with the in-place gradient, whose logits are gone: that raises RuntimeError).
 """
 
 from __future__ import annotations
@@ -34,8 +44,9 @@ from kdfast.ops._native import device_and_stream, facts, native_module, row_stat
 from kdfast.ops._op import creating_graph, define_op, differentiable_gradients, launch
 from kdfast.reference import dense as dense_reference
 
-__all__ = ["KDLossFunction", "backward_body", "differentiable_loss", "forward_body", "forward_outputs", "kd_loss",
-           "kd_loss_backward", "kd_loss_forward"]
+__all__ = ["KDLossFunction", "backward_body", "check_inplace_student", "differentiable_loss", "forward_body",
+           "forward_grad_body", "forward_outputs", "kd_loss", "kd_loss_backward", "kd_loss_forward",
+           "kd_loss_forward_grad", "kd_loss_forward_grad_inplace", "kd_loss_scale_gradient", "scale_gradient_body"]
 
 
 def _raise_bad_labels(count: int, labels: Tensor, vocab: int, ignore_index: int) -> None:
@@ -49,6 +60,24 @@ def _raise_bad_labels(count: int, labels: Tensor, vocab: int, ignore_index: int)
 def forward_body(student: Tensor, teacher: Tensor, labels: Optional[Tensor], loss: Tensor, row_stats: Tensor,
                  valid_rows: Tensor, options: KDOptions) -> None:
     """Writes `loss`, `row_stats` and `valid_rows` (see the module contract)."""
+    _forward(student, teacher, labels, loss, row_stats, valid_rows, None, options)
+
+
+def forward_grad_body(student: Tensor, teacher: Tensor, labels: Optional[Tensor], loss: Tensor, row_stats: Tensor,
+                      valid_rows: Tensor, grad_student: Tensor, options: KDOptions) -> None:
+    """`forward_body`, and the gradient for grad_output = 1 into `grad_student` ([rows, vocab],
+    contiguous, student dtype) in the same pass (CPU only)."""
+    _forward(student, teacher, labels, loss, row_stats, valid_rows, grad_student, options)
+
+
+def forward_grad_inplace_body(student: Tensor, teacher: Tensor, labels: Optional[Tensor], loss: Tensor,
+                              row_stats: Tensor, valid_rows: Tensor, options: KDOptions) -> None:
+    """`forward_grad_body` with the gradient written over `student` itself (rows contiguous)."""
+    _forward(student, teacher, labels, loss, row_stats, valid_rows, student, options)
+
+
+def _forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], loss: Tensor, row_stats: Tensor,
+             valid_rows: Tensor, grad_student: Optional[Tensor], options: KDOptions) -> None:
     rows, vocab = student.shape
     codes = facts()
     device_index, stream = device_and_stream(student)
@@ -59,6 +88,7 @@ def forward_body(student: Tensor, teacher: Tensor, labels: Optional[Tensor], los
         codes.divergence_codes[options.divergence], codes.reduction_codes[options.reduction], options.temperature,
         options.alpha, options.beta, options.label_smoothing, options.divergence_scale, options.ignore_index,
         loss.data_ptr(), row_stats.data_ptr(), valid_rows.data_ptr(), torch.get_num_threads(), device_index, stream,
+        grad_student.data_ptr() if grad_student is not None else 0,
     )
     if bad_labels:
         _raise_bad_labels(bad_labels, labels, vocab, options.ignore_index)
@@ -83,8 +113,35 @@ def backward_body(grad_output: Tensor, student: Tensor, teacher: Tensor, labels:
     )
 
 
+def scale_gradient_body(grad_output: Tensor, gradient: Tensor, student: Tensor, teacher: Tensor,
+                        labels: Optional[Tensor], row_stats: Tensor, valid_rows: Tensor, grad_student: Tensor,
+                        exact: bool, options: KDOptions) -> None:
+    """Writes grad_output times the one-pass `gradient` (for grad_output = 1) into `grad_student`:
+    a copy when grad_output is the scalar 1, the two-pass backward kernel when `exact` (a
+    bfloat16/float16 student whose logits are intact: one rounding), else one scaling pass
+    (per row for reduction "none")."""
+    if grad_output.numel() == 1 and options.reduction != "none" and float(grad_output) == 1.0:
+        grad_student.copy_(gradient)
+    elif exact:
+        backward_body(grad_output, student, teacher, labels, row_stats, valid_rows, grad_student, options)
+    else:
+        torch.mul(gradient, _row_factor(grad_output, gradient, options), out=grad_student)
+
+
+def _row_factor(grad_output: Tensor, gradient: Tensor, options: KDOptions) -> Tensor:
+    """grad_output as a [rows, 1] or [1, 1] factor in the compute dtype (never rounded to a
+    16-bit gradient's dtype: the product is formed in float32 and rounded once)."""
+    factor = grad_output.to(torch.float64 if gradient.dtype == torch.float64 else torch.float32)
+    return factor.reshape(-1, 1) if options.reduction == "none" else factor.reshape(1, 1)
+
+
 kd_loss_forward = define_op("kdfast::kd_loss_forward", forward_body, mutates=("loss", "row_stats", "valid_rows"))
+kd_loss_forward_grad = define_op("kdfast::kd_loss_forward_grad", forward_grad_body,
+                                 mutates=("loss", "row_stats", "valid_rows", "grad_student"))
+kd_loss_forward_grad_inplace = define_op("kdfast::kd_loss_forward_grad_inplace", forward_grad_inplace_body,
+                                         mutates=("student", "loss", "row_stats", "valid_rows"))
 kd_loss_backward = define_op("kdfast::kd_loss_backward", backward_body, mutates=("grad_student",))
+kd_loss_scale_gradient = define_op("kdfast::kd_loss_scale_gradient", scale_gradient_body, mutates=("grad_student",))
 
 
 def forward_outputs(student: Tensor, options: KDOptions) -> tuple[Tensor, Tensor, Tensor]:
@@ -105,31 +162,102 @@ def differentiable_loss(student: Tensor, teacher: Tensor, labels: Optional[Tenso
     return reduce_rows(row_loss, options.reduction, valid)
 
 
+def check_inplace_student(student: Tensor, name: str = "student_logits") -> None:
+    """Raises ValueError where writing the gradient over `student` would corrupt autograd or the
+    user's data: a leaf that requires grad (a parameter), or a view of one, or a device
+    without the one-pass kernel."""
+    base = student._base if student._base is not None else student
+    if base.is_leaf and base.requires_grad:
+        raise ValueError(
+            f"inplace_backward=True: {name} is a leaf tensor that requires grad (or a view of one); writing its "
+            "gradient over it would overwrite the values autograd accumulates into. Pass the output of an "
+            "operation (e.g. the lm_head's logits), or use inplace_backward=False"
+        )
+    if student.device.type != "cpu":
+        raise ValueError(f"inplace_backward=True: supported on CPU tensors only, got {name} on {student.device}")
+
+
 class KDLossFunction(torch.autograd.Function):
-    """`apply(student, teacher, labels, options) -> loss`; the gradient flows to the student only."""
+    """`apply(student, teacher, labels, options, inplace, one_pass) -> loss`; the gradient flows
+    to the student only. On the CPU, when the student needs a gradient, the forward pass also
+    computes it (one pass over the logits; `one_pass=False` keeps the two-pass kernels, for
+    comparisons); `inplace` writes it over the student's storage."""
 
     @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, labels: Optional[Tensor], options: KDOptions) -> Tensor:
+    def forward(ctx, student: Tensor, teacher: Tensor, labels: Optional[Tensor], options: KDOptions,
+                inplace: bool = False, one_pass: bool = True) -> Tensor:
         loss, row_stats, valid_rows = forward_outputs(student, options)
-        launch(kd_loss_forward, forward_body, (student, teacher, labels, loss, row_stats, valid_rows), options)
-        ctx.save_for_backward(student, teacher, labels, row_stats, valid_rows)
         ctx.options = options
+        ctx.one_pass = one_pass and bool(ctx.needs_input_grad[0]) and student.device.type == "cpu"
+        ctx.inplace = ctx.one_pass and inplace
+        if not ctx.one_pass:
+            launch(kd_loss_forward, forward_body, (student, teacher, labels, loss, row_stats, valid_rows), options)
+            ctx.save_for_backward(student, teacher, labels, row_stats, valid_rows)
+            return loss
+        if ctx.inplace:
+            if not torch.compiler.is_compiling():  # before the logits are overwritten (the kernel reports them too)
+                check_label_range(labels, student.shape[1], options.ignore_index)
+            launch(kd_loss_forward_grad_inplace, forward_grad_inplace_body,
+                   (student, teacher, labels, loss, row_stats, valid_rows), options)
+            if not torch.compiler.is_compiling():
+                # Every other saved use of the logits now fails autograd's version check.
+                torch.autograd.graph.increment_version(student)
+            ctx.save_for_backward(None, teacher, labels, row_stats, valid_rows, student)
+        else:
+            gradient = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+            launch(kd_loss_forward_grad, forward_grad_body,
+                   (student, teacher, labels, loss, row_stats, valid_rows, gradient), options)
+            ctx.save_for_backward(student, teacher, labels, row_stats, valid_rows, gradient)
+        ctx.handed_out = False
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        student, teacher, labels, row_stats, valid_rows = ctx.saved_tensors
+        student, teacher, labels, row_stats, valid_rows, *gradient = ctx.saved_tensors
         grad_student = None
         if ctx.needs_input_grad[0] and creating_graph():  # second-order gradients: a differentiable recomputation
+            if ctx.inplace:
+                raise RuntimeError("kd_loss: inplace_backward=True overwrote the student logits with their gradient; "
+                                   "a backward pass with create_graph=True needs them (use inplace_backward=False)")
             grad_student, = differentiable_gradients(lambda: differentiable_loss(student, teacher, labels, ctx.options),
                                                      (student,), (True,), grad_loss)
+        elif ctx.needs_input_grad[0] and ctx.one_pass:
+            grad_student = _one_pass_gradient(ctx, grad_loss, gradient[0], student, teacher, labels, row_stats,
+                                              valid_rows)
         elif ctx.needs_input_grad[0]:
             grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
             launch(kd_loss_backward, backward_body,
                    (grad_loss, student, teacher, labels, row_stats, valid_rows, grad_student), ctx.options)
-        return grad_student, None, None, None
+        return grad_student, None, None, None, None, None
 
 
-def kd_loss(student: Tensor, teacher: Tensor, labels: Optional[Tensor], options: KDOptions) -> Tensor:
-    """The dense KD loss of [rows, vocab] inputs through `KDLossFunction`."""
-    return KDLossFunction.apply(student, teacher, labels, options)
+def _one_pass_gradient(ctx, grad_loss: Tensor, gradient: Tensor, student: Optional[Tensor], teacher: Tensor,
+                       labels: Optional[Tensor], row_stats: Tensor, valid_rows: Tensor) -> Tensor:
+    """The student gradient for `grad_loss` from `gradient`, the forward pass's (grad_output = 1)."""
+    if ctx.inplace and ctx.handed_out:
+        raise RuntimeError("kd_loss: inplace_backward=True hands its gradient (the student's storage) out once; "
+                           "a second backward pass through this loss cannot reuse it")
+    exact = not ctx.inplace and gradient.dtype not in (torch.float32, torch.float64)
+    if torch.compiler.is_compiling():
+        out = torch.empty_like(gradient)
+        launch(kd_loss_scale_gradient, scale_gradient_body, (grad_loss, gradient, student if student is not None else
+               gradient, teacher, labels, row_stats, valid_rows, out, exact), ctx.options)
+        return out
+    ctx.handed_out = True
+    if grad_loss.numel() == 1 and ctx.options.reduction != "none" and float(grad_loss) == 1.0:
+        return gradient  # the usual loss.backward(): the forward's gradient as it is, no pass at all
+    if ctx.inplace:
+        return gradient.mul_(_row_factor(grad_loss, gradient, ctx.options))
+    out = torch.empty_like(gradient)
+    scale_gradient_body(grad_loss, gradient, student, teacher, labels, row_stats, valid_rows, out, exact, ctx.options)
+    return out
+
+
+def kd_loss(student: Tensor, teacher: Tensor, labels: Optional[Tensor], options: KDOptions,
+            inplace: bool = False, one_pass: bool = True) -> Tensor:
+    """The dense KD loss of [rows, vocab] inputs through `KDLossFunction`; `inplace`: the
+    one-pass gradient is written over `student` (see `check_inplace_student`); `one_pass=False`:
+    the two-pass kernels (forward, then backward) even where the one-pass kernel applies."""
+    # Inside Function.forward grad mode is off and needs_input_grad ignores it: decide here.
+    one_pass = one_pass and torch.is_grad_enabled() and student.requires_grad
+    return KDLossFunction.apply(student, teacher, labels, options, inplace and one_pass, one_pass)

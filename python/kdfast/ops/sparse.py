@@ -20,6 +20,12 @@ kdfast.reference runs), and bad labels or indices give NaN rows instead of Value
 kernels never synchronise with the host). `SparseKDLossFunction` is the one autograd wrapper;
 with create_graph=True its backward differentiates `differentiable_loss` (the same loss in
 plain PyTorch), so second-order gradients are exact.
+One-pass training (CPU): when the student needs a gradient, `forward_grad_body`
+(`kdfast::sparse_kd_forward_grad`) also writes the gradient for grad_output = 1 (the
+reduction's scale folded in) into `grad_student`, each row right after its statistics; the
+backward pass returns it as it is for the scalar grad_output 1, else scales it in one pass
+(`scale_gradient_body`; a bfloat16/float16 student runs the backward kernel instead, so that
+its gradient is rounded once). CUDA keeps the two-pass kernels.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ from kdfast.ops._op import creating_graph, define_op, differentiable_gradients, 
 from kdfast.reference import sparse as sparse_reference
 
 __all__ = ["SparseKDLossFunction", "compress", "compress_uses_kernels", "differentiable_loss", "sparse_kd_backward",
-           "sparse_kd_forward", "sparse_kd_loss", "topk_compress", "uses_kernels"]
+           "sparse_kd_forward", "sparse_kd_forward_grad", "sparse_kd_loss", "sparse_kd_scale_gradient", "topk_compress",
+           "uses_kernels"]
 
 
 @torch.compiler.assume_constant_result
@@ -132,10 +139,26 @@ def forward_body(student: Tensor, indices: Tensor, teacher_logprobs: Tensor, tea
                  labels: Optional[Tensor], loss: Tensor, row_stats: Tensor, valid_rows: Tensor,
                  options: KDOptions) -> None:
     """Writes `loss`, `row_stats` and `valid_rows` (see the module contract)."""
+    _forward(student, indices, teacher_logprobs, teacher_tail, labels, loss, row_stats, valid_rows, None, options)
+
+
+def forward_grad_body(student: Tensor, indices: Tensor, teacher_logprobs: Tensor, teacher_tail: Tensor,
+                      labels: Optional[Tensor], loss: Tensor, row_stats: Tensor, valid_rows: Tensor,
+                      grad_student: Tensor, options: KDOptions) -> None:
+    """`forward_body`, and the gradient for grad_output = 1 into `grad_student` ([rows, V],
+    contiguous, student dtype) in the same pass (CPU only)."""
+    _forward(student, indices, teacher_logprobs, teacher_tail, labels, loss, row_stats, valid_rows, grad_student,
+             options)
+
+
+def _forward(student: Tensor, indices: Tensor, teacher_logprobs: Tensor, teacher_tail: Tensor,
+             labels: Optional[Tensor], loss: Tensor, row_stats: Tensor, valid_rows: Tensor,
+             grad_student: Optional[Tensor], options: KDOptions) -> None:
     device_index, stream = device_and_stream(student)
     bad_labels, bad_index_rows = native_module().sparse_kd_forward(
         *_sparse_arguments(student, indices, teacher_logprobs, teacher_tail, labels, options),
         loss.data_ptr(), row_stats.data_ptr(), valid_rows.data_ptr(), torch.get_num_threads(), device_index, stream,
+        grad_student.data_ptr() if grad_student is not None else 0,
     )
     if bad_labels or bad_index_rows:
         _raise_bad_inputs(bad_labels, bad_index_rows, labels, indices, student.shape[1], options.ignore_index)
@@ -155,8 +178,29 @@ def backward_body(grad_output: Tensor, student: Tensor, indices: Tensor, teacher
     )
 
 
+def scale_gradient_body(grad_output: Tensor, gradient: Tensor, student: Tensor, indices: Tensor,
+                        teacher_logprobs: Tensor, teacher_tail: Tensor, labels: Optional[Tensor], row_stats: Tensor,
+                        valid_rows: Tensor, grad_student: Tensor, options: KDOptions) -> None:
+    """Writes grad_output times the one-pass `gradient` (for grad_output = 1) into `grad_student`:
+    a copy for the scalar 1, the backward kernel for a bfloat16/float16 student (one rounding),
+    else one scaling pass (per row for reduction "none")."""
+    if grad_output.numel() == 1 and options.reduction != "none" and float(grad_output) == 1.0:
+        grad_student.copy_(gradient)
+    elif gradient.dtype not in (torch.float32, torch.float64):
+        backward_body(grad_output, student, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows,
+                      grad_student, options)
+    else:
+        factor = grad_output.to(gradient.dtype)
+        torch.mul(gradient, factor.reshape(-1, 1) if options.reduction == "none" else factor.reshape(1, 1),
+                  out=grad_student)
+
+
 sparse_kd_forward = define_op("kdfast::sparse_kd_forward", forward_body, mutates=("loss", "row_stats", "valid_rows"))
+sparse_kd_forward_grad = define_op("kdfast::sparse_kd_forward_grad", forward_grad_body,
+                                   mutates=("loss", "row_stats", "valid_rows", "grad_student"))
 sparse_kd_backward = define_op("kdfast::sparse_kd_backward", backward_body, mutates=("grad_student",))
+sparse_kd_scale_gradient = define_op("kdfast::sparse_kd_scale_gradient", scale_gradient_body,
+                                     mutates=("grad_student",))
 
 
 def forward_outputs(student: Tensor, options: KDOptions) -> tuple[Tensor, Tensor, Tensor]:
@@ -184,34 +228,52 @@ def differentiable_loss(student: Tensor, indices: Tensor, teacher_logprobs: Tens
 
 
 class SparseKDLossFunction(torch.autograd.Function):
-    """`apply(student, indices, teacher_logprobs, teacher_tail, labels, options) -> loss`."""
+    """`apply(student, indices, teacher_logprobs, teacher_tail, labels, options, one_pass) -> loss`;
+    `one_pass` (CPU, the student needs a gradient): the forward pass computes it too."""
 
     @staticmethod
     def forward(ctx, student: Tensor, indices: Tensor, teacher_logprobs: Tensor, teacher_tail: Tensor,
-                labels: Optional[Tensor], options: KDOptions) -> Tensor:
+                labels: Optional[Tensor], options: KDOptions, one_pass: bool = False) -> Tensor:
         loss, row_stats, valid_rows = forward_outputs(student, options)
-        launch(sparse_kd_forward, forward_body,
-               (student, indices, teacher_logprobs, teacher_tail, labels, loss, row_stats, valid_rows), options)
-        ctx.save_for_backward(student, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows)
+        inputs = (student, indices, teacher_logprobs, teacher_tail, labels, loss, row_stats, valid_rows)
+        ctx.one_pass = one_pass and bool(ctx.needs_input_grad[0]) and student.device.type == "cpu"
+        if ctx.one_pass:
+            gradient = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+            launch(sparse_kd_forward_grad, forward_grad_body, (*inputs, gradient), options)
+            ctx.save_for_backward(student, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows,
+                                  gradient)
+        else:
+            launch(sparse_kd_forward, forward_body, inputs, options)
+            ctx.save_for_backward(student, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows)
         ctx.options = options
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        student, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows = ctx.saved_tensors
+        student, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows, *gradient = ctx.saved_tensors
         grad_student = None
         if ctx.needs_input_grad[0] and creating_graph():  # second-order gradients: a differentiable recomputation
             grad_student, = differentiable_gradients(
                 lambda: differentiable_loss(student, indices, teacher_logprobs, teacher_tail, labels, ctx.options),
                 (student,), (True,), grad_loss)
+        elif ctx.needs_input_grad[0] and ctx.one_pass:
+            if (not torch.compiler.is_compiling() and grad_loss.numel() == 1 and ctx.options.reduction != "none"
+                    and float(grad_loss) == 1.0):
+                return gradient[0], None, None, None, None, None, None  # loss.backward(): no pass at all
+            grad_student = torch.empty_like(gradient[0])
+            launch(sparse_kd_scale_gradient, scale_gradient_body,
+                   (grad_loss, gradient[0], student, indices, teacher_logprobs, teacher_tail, labels, row_stats,
+                    valid_rows, grad_student), ctx.options)
         elif ctx.needs_input_grad[0]:
             grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
             launch(sparse_kd_backward, backward_body, (grad_loss, student, indices, teacher_logprobs, teacher_tail,
                                                        labels, row_stats, valid_rows, grad_student), ctx.options)
-        return grad_student, None, None, None, None, None
+        return grad_student, None, None, None, None, None, None
 
 
 def sparse_kd_loss(student: Tensor, indices: Tensor, teacher_logprobs: Tensor, teacher_tail: Tensor,
                    labels: Optional[Tensor], options: KDOptions) -> Tensor:
     """The sparse KD loss of [rows, V] student logits through `SparseKDLossFunction`."""
-    return SparseKDLossFunction.apply(student, indices, teacher_logprobs, teacher_tail, labels, options)
+    # Inside Function.forward grad mode is off and needs_input_grad ignores it: decide here.
+    one_pass = torch.is_grad_enabled() and student.requires_grad
+    return SparseKDLossFunction.apply(student, indices, teacher_logprobs, teacher_tail, labels, options, one_pass)

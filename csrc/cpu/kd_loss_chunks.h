@@ -1,0 +1,367 @@
+// Chunk math of the dense KD loss's CPU kernels, included by kd_loss_cpu.cpp only (one copy per
+// instruction-set variant, inside its namespace kdfast::cpu::KDFAST_CPU_VARIANT): the sweeps
+// over one chunk of a row in the compute type (statistics, JSD / TVD's second sweep, the
+// gradient) and their selection for a call's options (`pick_kernels`). Contract: rowmath.h.
+// The statistics sweep can also keep its exponentials (`KeptExps`): the one-pass training
+// kernel stores exp((s - max)/T), exp((t - max)/T) and exp(s - max) of a row into per-thread
+// row buffers, and forward_kl's gradient is then formed from them (`chunk_grad_kept`) with no
+// exponential of its own.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "kernel_common.h"
+#include "lanes.h"
+#include "kdfast/rowmath.h"
+#include "kdfast/types.h"
+
+#ifndef KDFAST_CPU_VARIANT
+#error "KDFAST_CPU_VARIANT must name the instruction-set variant"
+#endif
+
+namespace kdfast {
+namespace cpu {
+namespace KDFAST_CPU_VARIANT {
+namespace {
+
+using rowmath::Coefficients;
+using rowmath::GradRow;
+using rowmath::RowPartial;
+using rowmath::RowStats;
+
+constexpr int64_t kChunk = 512;
+
+// ---- chunk math: operates on compute-type buffers, independent of the storage dtypes ----
+
+// exp((x - max)/T) and exp(x - max) of a scaled difference d = h x - h max (rowmath.h,
+// difference_scale) on the variant's lanes (lanes.h): exp(d κ) and exp(d / h), built once per call.
+template <class C>
+struct RowExps {
+  ExpLanes<C> t, one;
+  explicit RowExps(const Coefficients<C>& k)
+      : t(k.inv_scaled_t_d), one(1.0 / static_cast<double>(k.diff_scale)) {}
+};
+
+// Where the statistics sweep keeps its exponentials (one chunk's slice of per-thread row
+// buffers): q: exp(ds κ), p: exp(dt κ), one: exp(ds / h) (CE at T other than 1, 2, 4). Only the
+// slices the call's options need are written.
+template <class C>
+struct KeptExps {
+  C* q;
+  C* p;
+  C* one;
+  KeptExps at(int64_t offset) const { return {q + offset, p ? p + offset : nullptr, one ? one + offset : nullptr}; }
+};
+
+// One row's gradient factors (rowmath::GradRow) and the inverse sums 1/Z = exp(-log-sum)
+// that forward_kl's gradient on the lanes multiplies by; built once per row.
+template <class C>
+struct ChunkGradRow {
+  GradRow<C> row;
+  C inv_zq, inv_zp, inv_z1;  // 1/Z of exp(ds/T), exp(dt/T), exp(ds)
+};
+
+// Folds one chunk into the streamed statistics of a row in a single sweep: both maxima
+// first (one loop), then every sum of the chunk relative to the new running maxima (one
+// loop), then a merge into the row's partial (rowmath::merge_partials).
+// FOLD: exp(d κ) with the folded polynomial (lanes.h; when RowExps::t is foldable).
+// KEEP: also stores the chunk's exponentials into `kept` (KeptExps).
+template <class C, Divergence D, bool KD, int S1, bool SMOOTH, bool FOLD, bool KEEP = false>
+void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowExps<C>& exps,
+                 RowPartial<C>& part, KeptExps<C> kept) {
+  const Coefficients<C> k = coefficients;
+  const C h = k.diff_scale;
+  C chunk_max_s = kNegInf<C>, chunk_max_t = kNegInf<C>;
+  if constexpr (KD) {
+#pragma omp simd reduction(max : chunk_max_s, chunk_max_t)
+    for (int64_t i = 0; i < n; ++i) {
+      chunk_max_s = s[i] > chunk_max_s ? s[i] : chunk_max_s;
+      chunk_max_t = t[i] > chunk_max_t ? t[i] : chunk_max_t;
+    }
+  } else {
+#pragma omp simd reduction(max : chunk_max_s)
+    for (int64_t i = 0; i < n; ++i) chunk_max_s = s[i] > chunk_max_s ? s[i] : chunk_max_s;
+  }
+  RowPartial<C> chunk = rowmath::empty_partial<C>();
+  chunk.student_max = std::max(part.student_max, chunk_max_s);
+  chunk.teacher_max = std::max(part.teacher_max, chunk_max_t);
+  chunk.count = static_cast<C>(n);
+  // A maximum of -inf (every entry so far masked) shifts by 0 instead: the entries stay
+  // -inf and their exponentials 0, with no inf - inf. Differences are scaled: d = h x - h max.
+  const C shift_s = (chunk.student_max == kNegInf<C> ? C(0) : chunk.student_max) * h;
+  const C shift_t = (chunk.teacher_max == kNegInf<C> ? C(0) : chunk.teacher_max) * h;
+  // Local copies: they must not alias the sums for the constants to stay in registers.
+  const ExpLanes<C> exp_t = exps.t, exp_1 = exps.one;
+  LaneSums<C, 5> acc;  // sums of e_q, of exp(ds) or e_q^S1, e_p, weighted, centered
+  sweep_lanes<C>(n, [&](auto lane, int64_t i) {
+    using L = Lane<decltype(lane)>;
+    auto* sums = acc.sums(lane);
+    const auto ds = fma_(L::load(s + i), L::splat(h), L::splat(-shift_s));
+    const auto e_q = exp_t.template apply<true, FOLD>(ds);
+    sums[0] = sums[0] + e_q;
+    if constexpr (KEEP) store(kept.q + i, e_q);
+    if constexpr (S1 == rowmath::kStudent1Exp) {
+      const auto e_1 = exp_1(ds);
+      sums[1] = sums[1] + e_1;
+      if constexpr (KEEP) store(kept.one + i, e_1);
+    }
+    if constexpr (S1 == 2 || S1 == 4) sums[1] = sums[1] + rowmath::integer_power<S1>(e_q);
+    if constexpr (SMOOTH) sums[4] = sums[4] + ds;
+    if constexpr (KD) {
+      const auto dt = fma_(L::load(t + i), L::splat(h), L::splat(-shift_t));
+      const auto e_p = exp_t.template apply<true, FOLD>(dt);
+      sums[2] = sums[2] + e_p;
+      if constexpr (KEEP) store(kept.p + i, e_p);
+      if constexpr (D == Divergence::ForwardKL) sums[3] = sums[3] + where_positive(e_p, e_p * (dt - ds));
+      if constexpr (D == Divergence::ReverseKL) sums[3] = sums[3] + where_positive(e_q, e_q * (ds - dt));
+    }
+  });
+  const C sum_q = acc.total(0), sum_1 = acc.total(1), sum_p = acc.total(2), weighted = acc.total(3),
+          centered = acc.total(4);
+  chunk.student_sum_T = sum_q;
+  chunk.student_sum_1 = sum_1;
+  chunk.student_centered_total = centered;
+  chunk.teacher_sum = sum_p;
+  chunk.weighted = weighted;
+  rowmath::merge_partials(part, chunk, k, k.divergence);
+}
+
+// Second sweep of JSD / TVD over one chunk, with the row's maxima and log-sums known.
+template <class C, Divergence D>
+void chunk_sweep(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowStats<C>& stats,
+                 C& acc0, C& acc1) {
+  const Coefficients<C> k = coefficients;
+  const RowStats<C> st = stats;
+  const C h = k.diff_scale, kappa = k.inv_scaled_t;
+  const C max_t = st.teacher_max * h, max_s = st.student_max * h;
+  C sum0 = 0, sum1 = 0;
+#pragma omp simd reduction(+ : sum0, sum1)
+  for (int64_t i = 0; i < n; ++i) {
+    const C log_p = rowmath::scaled_difference(t[i], h, max_t) * kappa - st.teacher_log_sum;
+    const C log_q = rowmath::scaled_difference(s[i], h, max_s) * kappa - st.student_log_sum_T;
+    C x0 = 0, x1 = 0;
+    if constexpr (D == Divergence::JSD) rowmath::jsd_terms(log_p, log_q, k, x0, x1);
+    else rowmath::tvd_terms(log_p, log_q, x0, x1);
+    sum0 += x0;
+    sum1 += x1;
+  }
+  acc0 += sum0;
+  acc1 += sum1;
+}
+
+// forward_kl's gradient of one chunk on the lanes (the same as chunk_grad<ForwardKL>):
+// q = exp(ds/T) / Z_q and p = exp(dt/T) / Z_p with the row's sums Z = exp(log-sum), so each
+// element takes the lanes' exp(x/T) and one product instead of a rounded x/T - log-sum.
+template <class C, bool CE, bool KD, int S1, bool FOLD>
+void chunk_grad_forward_kl(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients,
+                           const RowExps<C>& exps, const ChunkGradRow<C>& grad_row, C* out) {
+  const GradRow<C> g = grad_row.row;
+  const C h = coefficients.diff_scale;
+  const C max_s = g.stats.student_max * h, max_t = g.stats.teacher_max * h;
+  const C inv_zq = grad_row.inv_zq, inv_zp = grad_row.inv_zp, inv_z1 = grad_row.inv_z1;
+  const ExpLanes<C> exp_t = exps.t, exp_1 = exps.one;  // local copies, as in chunk_stats
+  sweep_lanes<C>(n, [&](auto lane, int64_t i) {
+    using L = Lane<decltype(lane)>;
+    const auto ds = fma_(L::load(s + i), L::splat(h), L::splat(-max_s));
+    const auto q = exp_t.template apply<true, FOLD>(ds) * L::splat(inv_zq);
+    auto value = L::zero();
+    if constexpr (KD) {
+      const auto p = exp_t.template apply<true, FOLD>(fma_(L::load(t + i), L::splat(h), L::splat(-max_t))) *
+                     L::splat(inv_zp);
+      value = L::splat(g.kd_factor) * (q - p);
+    }
+    if constexpr (CE) {
+      auto r = q;  // T == 1
+      if constexpr (S1 == rowmath::kStudent1Exp) r = exp_1(ds) * L::splat(inv_z1);
+      if constexpr (S1 == 2 || S1 == 4) r = rowmath::integer_power<S1>(q) * L::splat(g.r_scale);
+      value = fma_(L::splat(g.ce_factor), r - L::splat(g.smooth), value);
+    }
+    store(out + i, value);
+  });
+}
+
+// forward_kl's gradient of one chunk from the exponentials the statistics sweep kept: the same
+// arithmetic as chunk_grad_forward_kl on the same exp(d κ) values, without computing them again.
+template <class C, bool CE, bool KD, int S1>
+void chunk_grad_kept(KeptExps<C> kept, int64_t n, const ChunkGradRow<C>& grad_row, C* out) {
+  const GradRow<C> g = grad_row.row;
+  const C inv_zq = grad_row.inv_zq, inv_zp = grad_row.inv_zp, inv_z1 = grad_row.inv_z1;
+  const C* kq = kept.q;
+  const C* kp = kept.p;
+  const C* k1 = kept.one;
+  sweep_lanes<C>(n, [&](auto lane, int64_t i) {
+    using L = Lane<decltype(lane)>;
+    const auto q = L::load(kq + i) * L::splat(inv_zq);
+    auto value = L::zero();
+    if constexpr (KD) value = L::splat(g.kd_factor) * (q - L::load(kp + i) * L::splat(inv_zp));
+    if constexpr (CE) {
+      auto r = q;  // T == 1
+      if constexpr (S1 == rowmath::kStudent1Exp) r = L::load(k1 + i) * L::splat(inv_z1);
+      if constexpr (S1 == 2 || S1 == 4) r = rowmath::integer_power<S1>(q) * L::splat(g.r_scale);
+      value = fma_(L::splat(g.ce_factor), r - L::splat(g.smooth), value);
+    }
+    store(out + i, value);
+  });
+}
+
+// Gradient of one chunk (before the label fix-up), written to `out`; forward_kl's is
+// chunk_grad_forward_kl above.
+template <class C, Divergence D, bool CE, bool KD, int S1, bool FOLD>
+void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowExps<C>& exps,
+                const ChunkGradRow<C>& grad_row, C* out) {
+  if constexpr (D == Divergence::ForwardKL) {
+    return chunk_grad_forward_kl<C, CE, KD, S1, FOLD>(s, t, n, coefficients, exps, grad_row, out);
+  }
+  (void)exps;
+  // Local copies: the loop's invariants must not alias `out` for the loop to vectorise.
+  const Coefficients<C> k = coefficients;
+  const GradRow<C> g = grad_row.row;
+  const C h = k.diff_scale, kappa = k.inv_scaled_t, inv_h = k.inv_diff_scale;
+  const C max_s = g.stats.student_max * h, max_t = g.stats.teacher_max * h;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const C ds = rowmath::scaled_difference(s[i], h, max_s);
+    const C log_q = ds * kappa - g.stats.student_log_sum_T;
+    const C q = rowmath::exp_c(log_q);
+    C value = 0;
+    if constexpr (KD) {
+      const C dt = rowmath::scaled_difference(t[i], h, max_t);
+      if constexpr (D == Divergence::ReverseKL) {
+        value += rowmath::reverse_kl_grad(ds, dt, q, g.rkl_a, g.rkl_b, g.rkl_c);
+      } else {
+        const C log_p = dt * kappa - g.stats.teacher_log_sum;
+        value += g.kd_factor * rowmath::divergence_grad<D>(log_p, log_q, q, g.stats.aux, k);
+      }
+    }
+    if constexpr (CE) {
+      C r = q;  // T == 1
+      if constexpr (S1 == rowmath::kStudent1Exp) r = rowmath::exp_c(ds * inv_h - g.stats.student_log_sum_1);
+      if constexpr (S1 == 2 || S1 == 4) r = rowmath::integer_power<S1>(q) * g.r_scale;
+      value += g.ce_factor * (r - g.smooth);
+    }
+    out[i] = value;
+  }
+}
+
+// ---- selection of the chunk-math instantiation for a call's runtime options ----
+
+template <class C>
+using StatsFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowExps<C>&, RowPartial<C>&,
+                         KeptExps<C>);
+template <class C>
+using KeptGradFn = void (*)(KeptExps<C>, int64_t, const ChunkGradRow<C>&, C*);
+template <class C>
+using SweepFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowStats<C>&, C&, C&);
+template <class C>
+using GradFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowExps<C>&,
+                        const ChunkGradRow<C>&, C*);
+
+// FOLD: the lanes' exp with folded coefficients (lanes.h), chosen per call where foldable;
+// the other chunk functions do not use the lanes' exp and ignore it.
+template <class C, Divergence D, bool KD, bool SMOOTH, bool FOLD, bool KEEP>
+StatsFn<C> pick_stats_mode(int student_1_mode) {
+  switch (student_1_mode) {
+    case rowmath::kStudent1Exp: return chunk_stats<C, D, KD, rowmath::kStudent1Exp, SMOOTH, FOLD, KEEP>;
+    case 2: return chunk_stats<C, D, KD, 2, SMOOTH, FOLD, KEEP>;
+    case 4: return chunk_stats<C, D, KD, 4, SMOOTH, FOLD, KEEP>;
+    default: return chunk_stats<C, D, KD, rowmath::kStudent1None, SMOOTH, FOLD, KEEP>;
+  }
+}
+
+template <class C, Divergence D, bool FOLD, bool KEEP = false>
+StatsFn<C> pick_stats(bool kd, int student_1_mode, bool smooth) {
+  if (kd) {
+    return smooth ? pick_stats_mode<C, D, true, true, FOLD, KEEP>(student_1_mode)
+                  : pick_stats_mode<C, D, true, false, FOLD, KEEP>(student_1_mode);
+  }
+  return smooth ? pick_stats_mode<C, D, false, true, FOLD, KEEP>(student_1_mode)
+                : pick_stats_mode<C, D, false, false, FOLD, KEEP>(student_1_mode);
+}
+
+template <class C, bool KD>
+KeptGradFn<C> pick_kept_grad_mode(int student_1_mode) {
+  switch (student_1_mode) {
+    case rowmath::kStudent1Exp: return chunk_grad_kept<C, true, KD, rowmath::kStudent1Exp>;
+    case 2: return chunk_grad_kept<C, true, KD, 2>;
+    case 4: return chunk_grad_kept<C, true, KD, 4>;
+    default: return chunk_grad_kept<C, true, KD, rowmath::kStudent1None>;
+  }
+}
+
+template <class C>
+KeptGradFn<C> pick_kept_grad(bool ce, bool kd, int student_1_mode) {
+  if (!ce) return chunk_grad_kept<C, false, true, rowmath::kStudent1None>;
+  return kd ? pick_kept_grad_mode<C, true>(student_1_mode) : pick_kept_grad_mode<C, false>(student_1_mode);
+}
+
+template <class C, Divergence D, bool KD, bool FOLD>
+GradFn<C> pick_grad_mode(int student_1_mode) {
+  switch (student_1_mode) {
+    case rowmath::kStudent1Exp: return chunk_grad<C, D, true, KD, rowmath::kStudent1Exp, FOLD>;
+    case 2: return chunk_grad<C, D, true, KD, 2, FOLD>;
+    case 4: return chunk_grad<C, D, true, KD, 4, FOLD>;
+    default: return chunk_grad<C, D, true, KD, rowmath::kStudent1None, FOLD>;
+  }
+}
+
+template <class C, Divergence D, bool FOLD>
+GradFn<C> pick_grad(bool ce, bool kd, int student_1_mode) {
+  if (!ce) return chunk_grad<C, D, false, true, rowmath::kStudent1None, FOLD>;
+  return kd ? pick_grad_mode<C, D, true, FOLD>(student_1_mode) : pick_grad_mode<C, D, false, FOLD>(student_1_mode);
+}
+
+template <class C>
+struct ChunkKernels {
+  StatsFn<C> stats;
+  SweepFn<C> sweep;  // null for the one-pass divergences
+  GradFn<C> grad;
+  // forward_kl only (else null): the statistics sweep that keeps its exponentials, and the
+  // gradient from them (the one-pass training kernel).
+  StatsFn<C> stats_keep;
+  KeptGradFn<C> grad_kept;
+};
+
+template <class C, Divergence D, bool FOLD>
+ChunkKernels<C> pick_for(const Coefficients<C>& k) {
+  ChunkKernels<C> kernels;
+  // Only forward_kl's gradient uses the lanes' exp: the other divergences share one instantiation.
+  constexpr bool kGradFold = FOLD && D == Divergence::ForwardKL;
+  kernels.stats = pick_stats<C, D, FOLD>(k.need_kd, k.student_1_mode, k.need_ce && k.label_smoothing > C(0));
+  kernels.sweep = (D == Divergence::JSD || D == Divergence::TVD) && k.need_kd ? chunk_sweep<C, D> : nullptr;
+  kernels.grad = pick_grad<C, D, kGradFold>(k.need_ce, k.need_kd, k.student_1_mode);
+  kernels.stats_keep = nullptr;
+  kernels.grad_kept = nullptr;
+  if constexpr (D == Divergence::ForwardKL) {
+    kernels.stats_keep = pick_stats<C, D, FOLD, true>(k.need_kd, k.student_1_mode, k.need_ce && k.label_smoothing > C(0));
+    kernels.grad_kept = pick_kept_grad<C>(k.need_ce, k.need_kd, k.student_1_mode);
+  }
+  return kernels;
+}
+
+template <class C, bool FOLD>
+ChunkKernels<C> pick_kernels_folded(const Coefficients<C>& k) {
+  switch (k.divergence) {
+    case Divergence::ForwardKL: return pick_for<C, Divergence::ForwardKL, FOLD>(k);
+    case Divergence::ReverseKL: return pick_for<C, Divergence::ReverseKL, FOLD>(k);
+    case Divergence::JSD: return pick_for<C, Divergence::JSD, FOLD>(k);
+    case Divergence::TVD: break;
+  }
+  return pick_for<C, Divergence::TVD, FOLD>(k);
+}
+
+template <class C>
+ChunkKernels<C> pick_kernels(const Coefficients<C>& k, const RowExps<C>& exps) {
+  if constexpr (std::is_same_v<C, float>) {
+    if (exps.t.foldable()) return pick_kernels_folded<C, true>(k);
+  }
+  return pick_kernels_folded<C, false>(k);
+}
+
+
+}  // namespace
+}  // namespace KDFAST_CPU_VARIANT
+}  // namespace cpu
+}  // namespace kdfast
