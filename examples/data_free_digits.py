@@ -136,8 +136,10 @@ def format_table(args, results: List[Dict[str, object]]) -> str:
                            f"test accuracy (%), {len(results)} seed(s)"], rows)
 
 
-def plot_curve(args, results: List[Dict[str, object]], path: str) -> None:
-    """Mean test accuracy of the data-free student against generator steps, with the others' levels."""
+def plot_curve(args, results: List[Dict[str, object]], path: str, task: str = "digits",
+               split: str = "test") -> None:
+    """Mean `split` accuracy of the data-free student against generator steps, with the others'
+    levels (each result needs "curve", "teacher", "distilled" and "student_alone")."""
     matplotlib = require("matplotlib", "examples", ["matplotlib"], "the accuracy plot")
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -149,8 +151,8 @@ def plot_curve(args, results: List[Dict[str, object]], path: str) -> None:
     for key, label, color in (("teacher", "teacher", "tab:gray"), ("distilled", "student KD, real data", "tab:orange"),
                               ("student_alone", "student alone, real data", "tab:blue")):
         axis.axhline(100 * statistics.fmean(r[key] for r in results), color=color, linestyle="--", label=label)
-    axis.set(xlabel="generator steps", ylabel="test accuracy (%)", ylim=(0, 100),
-             title=f"data-free distillation on digits, mean over {len(results)} seed(s)")
+    axis.set(xlabel="generator steps", ylabel=f"{split} accuracy (%)", ylim=(0, 100),
+             title=f"data-free distillation on {task}, mean over {len(results)} seed(s)")
     axis.grid(alpha=0.3)
     axis.legend(loc="lower right")
     figure.tight_layout()

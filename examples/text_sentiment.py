@@ -19,7 +19,8 @@ Per seed: train the teacher with cross-entropy, then train the same student twic
 same initialisation and data order through `kdfast.Distiller`: alone (`KDLoss(alpha=1)`)
 and distilled with `--method` (default `kd`: `KDLoss(temperature=T, alpha=α)` on the
 teacher's precomputed logits; any `kdfast.methods.available_methods()` name except
-`attention`, as the GRU teacher exposes no feature maps).
+`attention`, as the GRU teacher exposes no feature maps, and `data_free`, whose generator
+cannot produce token ids).
 Prints a Markdown table of test accuracy (mean ± sample std over seeds), writes
 `results.json` to `--out`; `--smoke` is a seconds-long CI configuration whose numbers are not
 meaningful (it says so in its output).
@@ -378,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", default="kd", choices=available_methods(), metavar="NAME",
                         help=f"distillation method from the kdfast.methods registry: "
                              f"{', '.join(available_methods())}; not attention: the GRU teacher exposes no "
-                             "feature maps (default: %(default)s)")
+                             "feature maps; not data_free: a generator cannot produce token ids "
+                             "(default: %(default)s)")
     parser.add_argument("--method-weight", type=float, default=None,
                         help="weight β of the method's extra term (default: the registry's)")
     parser.add_argument("--threads", type=int, default=1,
@@ -410,6 +412,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.method == "attention":
         raise SystemExit("--method attention needs [N, C, *spatial] feature maps in both networks; this example's "
                          "GRU teacher has none (try fitnets, similarity or rkd for feature-level KD)")
+    if args.method == "data_free":
+        raise SystemExit("--method data_free generates continuous inputs, and this example's models read integer "
+                         "token ids, which a generator cannot produce; see examples/data_free_digits.py and "
+                         "examples/data_free_speech.py for data-free distillation")
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     if args.smoke:
