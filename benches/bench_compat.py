@@ -1,7 +1,9 @@
 """The `kdfast.compat` drop-ins against the losses they replace, side by side on the CPU.
 
 One step = forward + backward of the loss with respect to the student's inputs (logits,
-log-probabilities, or hidden states and lm_head weight for the fused linear loss); median of
+log-probabilities, or hidden states and lm_head weight for the fused linear loss; for the
+chunked torchtune loss a list of separate chunk tensors, as torchtune's chunked output
+projection makes them); median of
 `--repeat` steps after one warm-up step, in milliseconds, for each (peer loss, rows, V). The
 peer side is the peer's own code where it runs on a CPU-only torch: torchtune 0.6.1's
 `kd_losses.py` (loaded from its file: the torchtune package import needs a torchao it pins),
@@ -10,7 +12,8 @@ imports `datasets`) and torchdistill's `KDLoss`. Liger-Kernel runs only through 
 GPUs, so its side is the eager PyTorch computation of its conventions (what its tests compare
 against: `torch.nn.KLDivLoss`; log-space JSD via `F.kl_div`; F.linear + that JSD); a peer that is
 not installed is replaced by the same kind of eager equivalent and marked so. `agree` is the
-relative difference of the two losses. Prints a table and writes
+relative difference of the two losses. `--threads N` sets torch's CPU thread count; the header
+line names the CPU, the thread count and the load average. Prints a table and writes
 benches/results/compat_cpu.csv (`--out DIR` changes the folder, `--no-csv` skips writing;
 `--only TEXT` runs the losses whose name contains TEXT and replaces just their rows).
 """
@@ -25,6 +28,7 @@ import importlib.util
 import math
 import os
 import pathlib
+import platform
 import statistics
 import time
 
@@ -93,6 +97,18 @@ def eager_fused_linear_jsd(h, w, th, tw, labels, beta, temperature):
     return eager_jsd(log_q, log_p, labels, beta)
 
 
+def cpu_name():
+    """The CPU's model name (from /proc/cpuinfo on Linux), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def step_ms(fn, inputs, repeat):
     times = []
     for i in range(repeat + 1):
@@ -122,16 +138,20 @@ def cases(rows, vocab):
     if tt is not None:
         for name in ("ForwardKLLoss", "ReverseKLLoss", "SymmetricKLLoss"):
             out.append(("torchtune 0.6.1", name, getattr(tt, name)(), "peer", getattr(torchtune, name)(), logits_in))
+        # torchtune's chunked output projection gives each chunk's logits by its own matmul, so the
+        # chunks are separate tensors (not views of one [B, T, V] tensor, whose split backward
+        # would add a full copy of the gradient to both sides)
         chunks = 8
         peer_chunked = tt.ForwardKLWithChunkedOutputLoss(chunks)
         ours_chunked = torchtune.ForwardKLWithChunkedOutputLoss(chunks)
+        chunked_in = ([(c.contiguous(), True) for c in s[None].chunk(chunks, 1)]
+                      + [(c.contiguous(), False) for c in t[None].chunk(chunks, 1)] + [(labels[None], False)])
 
-        def split(x):
-            return list(x[None].chunk(chunks, 1))
+        def chunked(loss):
+            return lambda *a: loss(list(a[:chunks]), list(a[chunks:2 * chunks]), a[-1])
 
-        out.append(("torchtune 0.6.1", "ForwardKLWithChunkedOutputLoss",
-                    lambda a, b, c: peer_chunked(split(a), split(b), c[None]), "peer",
-                    lambda a, b, c: ours_chunked(split(a), split(b), c[None]), logits_in))
+        out.append(("torchtune 0.6.1", "ForwardKLWithChunkedOutputLoss", chunked(peer_chunked), "peer",
+                    chunked(ours_chunked), chunked_in))
     if gjsd is not None:
         out.append(("TRL 1.16.0", "generalized_jsd_loss", lambda a, b, c: gjsd(a, b, c, 0.5, 2.0), "peer",
                     lambda a, b, c: trl.generalized_jsd_loss(a, b, c, 0.5, 2.0), logits_in))
@@ -161,6 +181,7 @@ def cases(rows, vocab):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--shapes", default=",".join(f"{r}x{v}" for r, v in SHAPES),
                         help="comma-separated ROWSxV (default: %(default)s)")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
@@ -169,9 +190,11 @@ def main(argv=None):
                         help="run only losses whose name contains this text; their rows replace those in the CSV")
     args = parser.parse_args(argv)
     shapes = [tuple(int(x) for x in item.split("x")) for item in args.shapes.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
-    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, float32, load average {load:.2f} at start")
+    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_name()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, load average {load:.2f} at start")
     header = f"{'peer':<27} {'loss':<34} {'rows':>5} {'V':>7} {'peer ms':>9} {'kdfast ms':>9} {'speed-up':>8} agree"
     print(header)
     results = []

@@ -53,29 +53,55 @@ def _jsd_options(beta: float) -> dict:
     return {"divergence": "jsd", "beta": float(beta)}
 
 
+_BLOCK = 1 << 15  # elements per block of the blocked KL sum: its temporaries stay in the L2 cache
+
+
+def _blocked_kl_sum(pred: Tensor, true: Tensor, log_target: bool, eps: float, compute: torch.dtype) -> Tensor:
+    """Σ of Liger's KL elements over two same-shape tensors, as a 0-dim tensor of `compute` dtype.
+
+    Walks both flattened tensors in blocks of `_BLOCK` elements, building each block's elements
+    in two reused buffers and summing them (torch's cascade summation) into a float64 total, so
+    the inputs are read once from memory and nothing of their size is allocated.
+    """
+    pred, true = pred.reshape(-1), true.reshape(-1)
+    size = pred.numel()
+    elements = torch.empty(min(size, _BLOCK), dtype=compute, device=pred.device)
+    weight = torch.empty_like(elements) if log_target else None
+    total = torch.zeros((), dtype=torch.float64, device=pred.device)
+    for start in range(0, size, _BLOCK):
+        stop = min(start + _BLOCK, size)
+        out = elements[: stop - start]
+        p, t = pred[start:stop].to(compute), true[start:stop].to(compute)
+        if log_target:  # exp(t)·(t − p)
+            torch.sub(t, p, out=out).mul_(torch.exp(t, out=weight[: stop - start]))
+        else:  # t·(log max(t, eps) − p)
+            torch.clamp(t, min=eps, out=out).log_().sub_(p).mul_(t)
+        total += out.sum(dtype=torch.float64)
+    return total.to(compute)
+
+
 class _ElementwiseKLDiv(torch.autograd.Function):
     """Liger's KL-divergence: float32 forward, gradient −y_true (−exp(y_true)) scaled by the reduction.
 
-    For the scalar reductions the element losses are built in place in one buffer of the
-    target's size and summed (torch's cascade summation, accurate for large tensors); the
-    backward reads only y_true.
+    For the scalar reductions the element losses are summed block by block (`_blocked_kl_sum`:
+    one read of each input, no temporary of their size); "none" builds them in one buffer of
+    the target's size. The backward reads only y_true.
     """
 
     @staticmethod
     def forward(ctx, y_pred: Tensor, y_true: Tensor, reduction: str, log_target: bool, eps: float) -> Tensor:
         compute = torch.float64 if y_pred.dtype == torch.float64 else torch.float32
-        pred = y_pred.to(compute)
-        true = y_true.to(compute)
         ctx.save_for_backward(y_true)
         ctx.reduction, ctx.log_target, ctx.pred_dtype = reduction, log_target, y_pred.dtype
         rows, vocab = y_pred.shape
-        if log_target:
-            elements = torch.sub(true, pred).mul_(true.exp())
-        else:
-            elements = true.clamp_min(eps).log_().sub_(pred).mul_(true)
         if reduction == "none":
+            pred, true = y_pred.to(compute), y_true.to(compute)
+            if log_target:
+                elements = torch.sub(true, pred).mul_(true.exp())
+            else:
+                elements = true.clamp_min(eps).log_().sub_(pred).mul_(true)
             return elements.to(torch.float32)
-        total = elements.sum()
+        total = _blocked_kl_sum(y_pred, y_true, log_target, eps, compute)
         if reduction == "batchmean":
             total = total / rows
         elif reduction == "mean":
