@@ -161,22 +161,23 @@ def plot_curve(args, results: List[Dict[str, object]], path: str, task: str = "d
     plt.close(figure)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_data_free_arguments(parser: argparse.ArgumentParser, *, steps: int, eval_every: int, bn_weight: float,
+                            inputs: str = "images", evaluation: str = "test") -> None:
+    """The options every data-free example shares: seeds, the generator and the alternating steps."""
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="seeds to run and average over (default: 0 1 2)")
-    parser.add_argument("--steps", type=int, default=2000,
+    parser.add_argument("--steps", type=int, default=steps,
                         help="data-free steps, i.e. generator steps (default: %(default)s)")
     parser.add_argument("--student-steps", type=int, default=5,
                         help="student updates per data-free step (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64,
-                        help="generated images per update (default: %(default)s)")
-    parser.add_argument("--eval-every", type=int, default=100,
-                        help="steps between test evaluations for the curve (default: %(default)s)")
+                        help=f"generated {inputs} per update (default: %(default)s)")
+    parser.add_argument("--eval-every", type=int, default=eval_every,
+                        help=f"steps between {evaluation} evaluations for the curve (default: %(default)s)")
     parser.add_argument("--discrepancy", choices=DISCREPANCIES, default="l1",
                         help="teacher–student discrepancy the generator raises and the student lowers "
                              "(default: %(default)s)")
-    parser.add_argument("--bn-weight", type=float, default=50.0,
+    parser.add_argument("--bn-weight", type=float, default=bn_weight,
                         help="weight of the teacher's batch-norm statistics prior (default: %(default)g)")
     parser.add_argument("--balance-weight", type=float, default=1.0,
                         help="weight of the class-balance term of the generator (default: %(default)g)")
@@ -185,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latent-dim", type=int, default=64, help="generator noise width (default: %(default)s)")
     parser.add_argument("--generator-width", type=int, default=32,
                         help="generator channel width (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_free_arguments(parser, steps=2000, eval_every=100, bn_weight=50.0)
     parser.add_argument("--lr", type=float, default=1e-2,
                         help="student learning rate, Adam with cosine decay, for every variant (default: %(default)g)")
     parser.add_argument("--epochs", type=int, default=60,

@@ -49,13 +49,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from kdfast.methods import build_method
-from kdfast.methods.data_free import DISCREPANCIES
 from kdfast.supervised import accuracy, predict_logits
 from kdfast.trainer import DataFreeDistiller
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _shared import SMOKE_NOTE, markdown_table  # noqa: E402
-from data_free_digits import mean_std, parameter_count, plot_curve  # noqa: E402
+from data_free_digits import add_data_free_arguments, mean_std, parameter_count, plot_curve  # noqa: E402
 from speech_digits import (  # noqa: E402
     DEFAULT_DATA,
     DatasetUnavailable,
@@ -158,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default=DEFAULT_DATA,
                         help="MFCC feature file from make_spoken_digits.py (default: data/spoken_digits_mfcc.npz "
                              "beside this script)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                        help="seeds to run and average over (default: 0 1 2)")
+    add_data_free_arguments(parser, steps=300, eval_every=50, bn_weight=10.0, inputs="inputs",
+                            evaluation="held-out")
     parser.add_argument("--validation", type=float, default=0.0,
                         help="hold out this fraction of the training speakers as a validation split and report "
                              "on it instead of the test split, for choosing hyper-parameters; 0 = report on the "
@@ -168,29 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fraction of speakers held out for test (default: %(default)g)")
     parser.add_argument("--train-speakers", type=int, default=32,
                         help="training speakers used from the rest, 0 = all (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=300,
-                        help="data-free steps, i.e. generator steps (default: %(default)s)")
-    parser.add_argument("--student-steps", type=int, default=5,
-                        help="student updates per data-free step (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="generated inputs per update (default: %(default)s)")
-    parser.add_argument("--eval-every", type=int, default=50,
-                        help="steps between held-out evaluations for the curve (default: %(default)s)")
-    parser.add_argument("--discrepancy", choices=DISCREPANCIES, default="l1",
-                        help="teacher–student discrepancy the generator raises and the student lowers "
-                             "(default: %(default)s)")
-    parser.add_argument("--bn-weight", type=float, default=10.0,
-                        help="weight of the teacher's batch-norm statistics prior (default: %(default)g)")
-    parser.add_argument("--balance-weight", type=float, default=1.0,
-                        help="weight of the class-balance term of the generator (default: %(default)g)")
-    parser.add_argument("--generator-lr", type=float, default=1e-2,
-                        help="generator learning rate, Adam with cosine decay (default: %(default)g)")
     parser.add_argument("--activation", choices=("none", "tanh"), default="none",
                         help="generator output activation; the inputs are standardised MFCCs, unbounded "
                              "(default: %(default)s)")
-    parser.add_argument("--latent-dim", type=int, default=64, help="generator noise width (default: %(default)s)")
-    parser.add_argument("--generator-width", type=int, default=32,
-                        help="generator channel width (default: %(default)s)")
     parser.add_argument("--data-free-lr", type=float, default=1e-2,
                         help="data-free student learning rate, Adam with cosine decay (default: %(default)g)")
     parser.add_argument("--lr", type=float, default=1e-2,
