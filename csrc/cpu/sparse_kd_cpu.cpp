@@ -127,6 +127,11 @@ struct RowScratch {
   std::vector<double> kept_logits;  // raw student logits at the kept tokens, by slot
   std::vector<double> scaled_kept;  // (kept logit - kd reference) / T, by slot
   std::vector<double> bucket_values;
+
+  RowScratch() = default;
+  // Buffers for the forward sweeps of rows with k kept tokens.
+  explicit RowScratch(int64_t k)
+      : kept_logits(static_cast<size_t>(k)), scaled_kept(static_cast<size_t>(k)), bucket_values(static_cast<size_t>(k)) {}
 };
 
 // ---- forward ----
@@ -269,10 +274,7 @@ SparseKDForwardResult forward_impl(const SparseKDForwardArgs& args) {
 
 #pragma omp parallel num_threads(threads) reduction(+ : bad_labels, bad_index_rows)
   {
-    RowScratch scratch;
-    scratch.kept_logits.resize(static_cast<size_t>(kk));
-    scratch.scaled_kept.resize(static_cast<size_t>(kk));
-    scratch.bucket_values.resize(static_cast<size_t>(kk));
+    RowScratch scratch(kk);
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
       double* stats = row_stats + row * kSparseRowStats;
@@ -501,10 +503,7 @@ SparseKDForwardResult forward_grad_impl(const SparseKDForwardArgs& args) {
 
 #pragma omp parallel num_threads(threads_for(args.num_threads, rows, vocab)) reduction(+ : bad_labels, bad_index_rows)
   {
-    RowScratch scratch;
-    scratch.kept_logits.resize(static_cast<size_t>(kk));
-    scratch.scaled_kept.resize(static_cast<size_t>(kk));
-    scratch.bucket_values.resize(static_cast<size_t>(kk));
+    RowScratch scratch(kk);
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
       double* stats = row_stats + row * kSparseRowStats;
