@@ -39,7 +39,7 @@ try:
 except ImportError:  # run from a checkout without installing: use python/ next to benches/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
     import kdfast
-from kdfast.alignment import align_byte_offsets
+from kdfast.alignment import align_byte_offsets, sequential_groups
 from kdfast.benchmark import append_csv, git_commit, load_average, machine_name, time_within_budget
 
 COLUMNS = ["timestamp", "machine", "threads", "commit", "load_average", "benchmark", "shape", "k", "provider",
@@ -76,23 +76,7 @@ def trl_alignment():
         except (OSError, SyntaxError, StopIteration, importlib.metadata.PackageNotFoundError):
             pass
 
-    def walk(s_offsets, t_offsets):
-        s_groups, t_groups, s_start, t_start, s, t = [], [], 0, 0, 0, 0
-        while s < len(s_offsets) and t < len(t_offsets):
-            if s_offsets[s][1] < t_offsets[t][1]:
-                s += 1
-            elif s_offsets[s][1] > t_offsets[t][1]:
-                t += 1
-            else:
-                s, t = s + 1, t + 1
-                s_groups.append(list(range(s_start, s)))
-                t_groups.append(list(range(t_start, t)))
-                s_start, t_start = s, t
-        if s < len(s_offsets) or t < len(t_offsets):
-            s_groups.append(list(range(s_start, len(s_offsets))))
-            t_groups.append(list(range(t_start, len(t_offsets))))
-        return s_groups, t_groups
-    return "python walk", walk
+    return "python walk", sequential_groups
 
 
 def cut_offsets(rng: np.random.Generator, n_bytes: int, tokens: int) -> np.ndarray:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import kdfast
-from kdfast.alignment import align_byte_offsets, char_to_byte_offsets, span_logprobs, span_positions
+from kdfast.alignment import align_byte_offsets, char_to_byte_offsets, sequential_groups, span_logprobs, span_positions
 from trl_gold import load_uld_class
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,21 +30,7 @@ def walk_groups(s_offsets, t_offsets):
     uld = load_uld_class()
     if uld is not None:
         return uld._align_by_byte_offsets(s_offsets, t_offsets)
-    s_groups, t_groups, s_start, t_start, s, t = [], [], 0, 0, 0, 0
-    while s < len(s_offsets) and t < len(t_offsets):
-        if s_offsets[s][1] < t_offsets[t][1]:
-            s += 1
-        elif s_offsets[s][1] > t_offsets[t][1]:
-            t += 1
-        else:
-            s, t = s + 1, t + 1
-            s_groups.append(list(range(s_start, s)))
-            t_groups.append(list(range(t_start, t)))
-            s_start, t_start = s, t
-    if s < len(s_offsets) or t < len(t_offsets):
-        s_groups.append(list(range(s_start, len(s_offsets))))
-        t_groups.append(list(range(t_start, len(t_offsets))))
-    return s_groups, t_groups
+    return sequential_groups(s_offsets, t_offsets)
 
 
 def random_offsets(rng, n_bytes, density, zero_width=0.1, eos=0.5):
@@ -113,6 +99,17 @@ def test_edge_cases():
     assert alignment.num_closed.tolist() == [2] and alignment.num_spans.tolist() == [3]
     assert alignment.span_mask().tolist() == [[True, True, False]]
     assert alignment.span_mask(include_tail=True).tolist() == [[True, True, True]]
+
+
+def test_sequential_groups_is_trls_walk():
+    uld = load_uld_class()
+    if uld is None:
+        pytest.skip("TRL's ULDLoss cannot be loaded")
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        student, teacher = random_offsets(rng, 60, 0.4), random_offsets(rng, 60, 0.25)
+        assert sequential_groups(student.tolist(), teacher.tolist()) == uld._align_by_byte_offsets(
+            student.tolist(), teacher.tolist())
 
 
 def test_zero_width_token_after_the_text_sits_at_its_end():

@@ -11,7 +11,9 @@ closing tokens. The whole batch is handled at once over row-shifted keys (a coun
 `np.searchsorted`), with no per-token Python loop. `span_logprobs` sums per-token
 log-probabilities into per-span ones and `span_positions` finds each span's first or last
 token, both with scatter operations; `char_to_byte_offsets` turns a fast tokenizer's
-character offsets into byte offsets.
+character offsets into byte offsets. `sequential_groups` is the rule itself, the two-pointer
+walk over one pair of sequences, kept as the definition the vectorised form is checked and
+timed against.
 This module needs only numpy and torch; it sits at the bottom of the package layers.
 """
 
@@ -24,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["SpanAlignment", "align_byte_offsets", "char_to_byte_offsets", "span_logprobs", "span_positions"]
+__all__ = ["SpanAlignment", "align_byte_offsets", "char_to_byte_offsets", "sequential_groups", "span_logprobs",
+           "span_positions"]
 
 Offsets = Union[np.ndarray, Tensor, Sequence]
 
@@ -214,6 +217,34 @@ def align_byte_offsets(student_offsets: Offsets, teacher_offsets: Offsets, *,
     num_closed = torch.from_numpy(closed_counts).to(device)
     num_spans = torch.from_numpy(closed_counts + tail).to(device)
     return SpanAlignment(tensors[0], tensors[1], num_closed, num_spans)
+
+
+def sequential_groups(student_offsets: Sequence, teacher_offsets: Sequence) -> tuple:
+    """The alignment rule as a two-pointer walk over one pair of (start, end) offset lists.
+
+    Advances the side whose current token ends earlier; when both end at the same byte, the
+    tokens walked since the last such boundary form one group on each side. Tokens left on
+    either side when the other runs out form a last group pair. Returns (student groups,
+    teacher groups), each a list of lists of token positions. One Python step per token: for
+    reference and comparison, not for the training step (use `align_byte_offsets`).
+    """
+    student_groups, teacher_groups = [], []
+    s = t = s_start = t_start = 0
+    while s < len(student_offsets) and t < len(teacher_offsets):
+        s_end, t_end = student_offsets[s][1], teacher_offsets[t][1]
+        if s_end < t_end:
+            s += 1
+        elif s_end > t_end:
+            t += 1
+        else:
+            s, t = s + 1, t + 1
+            student_groups.append(list(range(s_start, s)))
+            teacher_groups.append(list(range(t_start, t)))
+            s_start, t_start = s, t
+    if s < len(student_offsets) or t < len(teacher_offsets):
+        student_groups.append(list(range(s_start, len(student_offsets))))
+        teacher_groups.append(list(range(t_start, len(teacher_offsets))))
+    return student_groups, teacher_groups
 
 
 def char_to_byte_offsets(text: str, offsets) -> np.ndarray:
