@@ -74,26 +74,34 @@ def parameter_count(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def data_free_student(args, teacher: nn.Module, example: torch.Tensor, test, seed: int):
-    """The data-free run: returns (student, accuracy curve [(step, accuracy)], seconds)."""
-    torch.manual_seed(seed + 1000)  # the same initial student as the real-data runs
-    student = StudentMLP(args.hidden)
+def train_data_free(args, student: nn.Module, teacher: nn.Module, example: torch.Tensor, held_out, seed: int, *,
+                    activation: str, lr: float):
+    """Trains `student` data-free against `teacher` for `args.steps` steps (the options of
+    `add_data_free_arguments`), evaluating on the tensors `held_out` every `args.eval_every`
+    steps; returns (student, accuracy curve [(step, accuracy)], seconds)."""
     torch.manual_seed(seed + 2000)
     method = build_method("data_free", teacher=teacher, example_inputs=example, discrepancy=args.discrepancy,
                           temperature=args.temperature, alpha=0.0, latent_dim=args.latent_dim,
-                          generator_width=args.generator_width, activation="sigmoid", bn_weight=args.bn_weight,
+                          generator_width=args.generator_width, activation=activation, bn_weight=args.bn_weight,
                           balance_weight=args.balance_weight, generator_lr=args.generator_lr,
                           generator_scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps))
-    optimizer = torch.optim.Adam(student.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
     distiller = DataFreeDistiller(student, teacher, method, optimizer, scheduler, batch_size=args.batch_size,
                                   student_steps=args.student_steps, seed=seed, eval_every=args.eval_every,
                                   progress=False)
     started = time.perf_counter()
-    history = distiller.fit_data_free(args.steps, eval_loader=DataLoader(TensorDataset(*test), batch_size=2048))
+    history = distiller.fit_data_free(args.steps, eval_loader=DataLoader(TensorDataset(*held_out), batch_size=2048))
     seconds = time.perf_counter() - started  # includes the curve's evaluations (a small share)
     method.remove()
     return student.eval(), [(entry["step"], entry["accuracy"]) for entry in history["eval"]], seconds
+
+
+def data_free_student(args, teacher: nn.Module, example: torch.Tensor, test, seed: int):
+    """The data-free run: returns (student, accuracy curve [(step, accuracy)], seconds)."""
+    torch.manual_seed(seed + 1000)  # the same initial student as the real-data runs
+    student = StudentMLP(args.hidden)
+    return train_data_free(args, student, teacher, example, test, seed, activation="sigmoid", lr=args.lr)
 
 
 def run_seed(args, seed: int) -> Dict[str, object]:

@@ -41,20 +41,22 @@ import argparse
 import json
 import os
 import sys
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from kdfast.methods import build_method
 from kdfast.supervised import accuracy, predict_logits
-from kdfast.trainer import DataFreeDistiller
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _shared import SMOKE_NOTE, markdown_table  # noqa: E402
-from data_free_digits import add_data_free_arguments, mean_std, parameter_count, plot_curve  # noqa: E402
+from data_free_digits import (  # noqa: E402
+    add_data_free_arguments,
+    mean_std,
+    parameter_count,
+    plot_curve,
+    train_data_free,
+)
 from speech_digits import (  # noqa: E402
     DEFAULT_DATA,
     DatasetUnavailable,
@@ -88,23 +90,8 @@ def data_free_student(args, teacher, example: torch.Tensor, held_out, seed: int)
     """The data-free run: returns (student, accuracy curve [(step, accuracy)], seconds)."""
     torch.manual_seed(seed + 1000)  # the same initial student as the real-data runs
     student = StudentCNN(args.student_width)
-    torch.manual_seed(seed + 2000)
-    method = build_method("data_free", teacher=teacher, example_inputs=example, discrepancy=args.discrepancy,
-                          temperature=args.temperature, alpha=0.0, latent_dim=args.latent_dim,
-                          generator_width=args.generator_width, activation=args.activation,
-                          bn_weight=args.bn_weight, balance_weight=args.balance_weight,
-                          generator_lr=args.generator_lr,
-                          generator_scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps))
-    optimizer = torch.optim.Adam(student.parameters(), lr=args.data_free_lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
-    distiller = DataFreeDistiller(student, teacher, method, optimizer, scheduler, batch_size=args.batch_size,
-                                  student_steps=args.student_steps, seed=seed, eval_every=args.eval_every,
-                                  progress=False)
-    started = time.perf_counter()
-    history = distiller.fit_data_free(args.steps, eval_loader=DataLoader(TensorDataset(*held_out), batch_size=2048))
-    seconds = time.perf_counter() - started  # includes the curve's evaluations (a small share)
-    method.remove()
-    return student.eval(), [(entry["step"], entry["accuracy"]) for entry in history["eval"]], seconds
+    return train_data_free(args, student, teacher, example, held_out, seed, activation=args.activation,
+                           lr=args.data_free_lr)
 
 
 def run_seed(args, data: Dict[str, np.ndarray], seed: int) -> Dict[str, object]:
