@@ -6,10 +6,9 @@ student well above its untrained accuracy on held-out images it never saw."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import pytest
 import torch
+from test_trainer_state import assert_same
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -19,22 +18,6 @@ from kdfast.trainer import DataFreeDistiller, seed_everything
 from kdfast.trainer.checkpoint import read_checkpoint
 
 CLASSES = 5
-
-
-def assert_same(got: Any, want: Any, where: str = "state") -> None:
-    """Recursive bitwise equality of (nested) state dicts."""
-    if isinstance(want, torch.Tensor):
-        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want), where
-    elif isinstance(want, Mapping):
-        assert isinstance(got, Mapping) and list(got) == list(want), where
-        for key in want:
-            assert_same(got[key], want[key], f"{where}[{key!r}]")
-    elif isinstance(want, (list, tuple)):
-        assert isinstance(got, (list, tuple)) and len(got) == len(want), where
-        for index, (a, b) in enumerate(zip(got, want)):
-            assert_same(a, b, f"{where}[{index}]")
-    else:
-        assert got == want, where
 
 
 def make_distiller(seed: int, path=None, discrepancy: str = "l1", **kwargs) -> DataFreeDistiller:
