@@ -8,8 +8,9 @@ Called by benches/gpu_check.sh; everything it writes goes into OUTDIR:
 - `bench_<group>.csv` / `bench_<group>.log`: one `python -m kdfast.benchmark` run per group,
   fwd and fwd+bwd, each in its own process under its own timeout (a failure or a timeout loses
   only that group), in this order: the headline case in bf16 (kdfast, Liger-Kernel,
-  torch.compile, eager), few long rows (64 x 256000) and many short rows (65536 x 1000) in
-  bf16 (kdfast, Liger, eager: no compile, to save its compile time), the headline case in
+  torch.compile, eager), few long rows (64 x 256000), many short rows (65536 x 1000) and an
+  odd vocabulary (16384 x 50257) in bf16 (kdfast, Liger, eager: no compile, to save its
+  compile time), the headline case in
   fp32 (all four), and JSD (4096 x 131072, bf16; Liger's LigerJSD).
 - `summary.md` / `summary.json`: every timed row with median ms, GB/s against the minimum
   bytes (each input read once, each output written once), that as % of the copy bandwidth,
@@ -71,6 +72,7 @@ def benchmark_groups(device: str, quick: bool) -> List[dict]:
         dict(name="topk", kind="topk", cap=90),
         dict(name="few_long_bf16", dtype="bfloat16", rows=64, vocab=256000, providers="kdfast,liger,eager", cap=50),
         dict(name="many_short_bf16", dtype="bfloat16", rows=65536, vocab=1000, providers="kdfast,liger,eager", cap=50),
+        dict(name="odd_vocab_bf16", dtype="bfloat16", rows=16384, vocab=50257, providers="kdfast,liger,eager", cap=50),
         dict(name="headline_fp32", dtype="float32", rows=16384, vocab=131072, providers=everything, cap=150),
         dict(name="jsd_bf16", dtype="bfloat16", rows=4096, vocab=131072, divergence="jsd",
              providers="kdfast,liger,eager", cap=50),
