@@ -23,11 +23,13 @@ namespace cuda {
 
 // ------------------------------------------------------------------ host: dynamic shared memory
 
-// Lets `kernel` launch with `bytes` of dynamic shared memory on the current device (needed
-// above 48 KiB). The attribute is set once per kernel, device and size, so that calls during
-// CUDA-graph capture (after a warm-up call) make no runtime call at all.
+// Lets `kernel` launch with `bytes` of dynamic shared memory on the current device. The
+// opt-in is needed whenever the block's static plus dynamic shared memory exceeds 48 KiB, so
+// dynamic sizes just under 48 KiB need it too; it is asked for every nonzero size (harmless
+// below the limit). The attribute is set once per kernel, device and size, so that calls
+// during CUDA-graph capture (after a warm-up call) make no runtime call at all.
 inline void allow_dynamic_shared_memory(const void* kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return;
+  if (bytes == 0) return;
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   static std::mutex mutex;
