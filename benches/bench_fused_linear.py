@@ -107,7 +107,7 @@ def liger_provider(name, args):
             module = LigerFusedLinearJSD(jsd_beta=args.beta, temperature=args.temperature)
 
             def step(hidden, weight, teacher, labels):
-                return module(hidden, weight, teacher[0], teacher[1])
+                return module(hidden, weight, teacher[0], teacher[1], None)  # shift_labels: none ignored
             return step
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
