@@ -159,7 +159,7 @@ TEST_FILES=()
 TEST_FILES+=(tests/functional/test_nonfinite.py tests/functional/test_extremes.py)
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 6)
-run_step tests 110 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" "${TEST_FILES[@]}" -k cuda --maxfail=40 -rfE \
+run_step tests 150 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" "${TEST_FILES[@]}" -k cuda --maxfail=40 -rfE \
   --durations=15 -o faulthandler_timeout=90 --junitxml="$OUT/tests.xml"
 TESTS_RC=$?
 
