@@ -5,7 +5,8 @@
   the student dtype, for every divergence, α / CE with label smoothing, ignore_index and
   reduction;
 - the plain `loss.backward()` (no scaling pass), `loss * 3` and per-row weights through
-  reduction="none" against the float64 oracle (`tests/kd_checks.py`);
+  reduction="none" against the float64 oracle (`tests/kd_checks.py`); a second backward pass
+  through the same graph (retain_graph=True) after the first one's result was changed;
 - `inplace_backward=True`: the same gradient, written over the student's storage, and its
   refusals (a leaf or a view of one, create_graph, a second backward, another saved use of the
   logits, process_group).
@@ -138,6 +139,35 @@ def test_plain_backward_returns_the_forward_gradient_without_a_pass():
     _, _, expected = _one_pass(student, teacher, labels, options)
     loss.backward()
     assert torch.equal(leaf.grad, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("first_scale, second_scale", [(1.0, 1.0), (3.0, 0.5), (1.0, -2.0)])
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_second_backward_through_the_graph_is_exact(kind, first_scale, second_scale, dtype):
+    """The first backward pass hands the forward's gradient buffer out (scaled where it lies);
+    a second pass with retain_graph=True must still give its own grad_output times the
+    gradient, even after the caller changed what the first pass returned."""
+    student, teacher, labels = _inputs(6, 700, dtype, seed=13)
+    options = dict(divergence="reverse_kl", temperature=2.0, alpha=0.3, label_smoothing=0.1)
+    if kind == "sparse":
+        teacher = kdfast.compress_topk(teacher.float(), 24, temperature=2.0)
+        options["tail"] = "bucket"
+    function = kdfast.functional.kd_loss if kind == "dense" else kdfast.functional.sparse_kd_loss
+    leaf = student.clone().requires_grad_(True)
+    loss = function(leaf, teacher, labels, **options)
+    first, = torch.autograd.grad(loss * first_scale, leaf, retain_graph=True)
+    first_copy = first.clone()
+    first.fill_(123.0)  # the caller owns what the first pass returned
+    second, = torch.autograd.grad(loss * second_scale, leaf)
+    reference_leaf = student.detach().to(torch.float64).requires_grad_(True)
+    reference = kdfast.reference.kd_loss if kind == "dense" else kdfast.reference.sparse_kd_loss
+    reference_loss = reference(reference_leaf, teacher, labels, **options)
+    expected, = torch.autograd.grad(reference_loss, reference_leaf)
+    for scale, grad in ((first_scale, first_copy), (second_scale, second)):
+        _, grad_scale = natural_scales(temperature=2.0, alpha=0.3, reduction="mean", labels=labels, row_count=6,
+                                       grad_output=torch.tensor(scale))
+        assert_grad_close(grad, expected * scale, grad_scale=grad_scale, context=f"{kind} x{scale}")
 
 
 def _lm_head_logits(rows=6, hidden=16, vocab=700, dtype=torch.float32, seed=0):

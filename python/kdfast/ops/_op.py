@@ -28,7 +28,7 @@ from torch import Tensor
 
 from kdfast.contract.options import FIELD_NAMES, FIELD_TYPES, KDOptions
 
-__all__ = ["creating_graph", "define_op", "differentiable_gradients", "launch"]
+__all__ = ["creating_graph", "define_op", "differentiable_gradients", "launch", "save_with_gradient"]
 
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -120,3 +120,15 @@ def differentiable_gradients(loss_fn: Callable[[], Tensor], inputs: Sequence[Opt
     for index, grad in zip(wanted, grads):
         result[index] = grad if grad is not None else torch.zeros_like(inputs[index])
     return tuple(result)
+
+
+def save_with_gradient(ctx, tensors: tuple, gradient: Tensor) -> None:
+    """Saves `tensors` for the backward pass and keeps the one-pass `gradient` beside them. In
+    eager mode the gradient is a plain attribute, outside autograd's saved-tensor version
+    checks: the first backward pass scales it where it lies and hands it out, and a later pass
+    does not read it (the dense and sparse ops). Under torch.compile it is saved like the rest."""
+    if torch.compiler.is_compiling():
+        ctx.save_for_backward(*tensors, gradient)
+    else:
+        ctx.save_for_backward(*tensors)
+        ctx.gradient = gradient

@@ -19,10 +19,13 @@ Contract (inputs already validated and shaped by kdfast.functional):
   folded in) into `grad_student`, each row while it is cache-resident (`kd_loss_forward_grad`;
   `kd_loss_forward_grad_inplace` writes it into the student's own storage). The backward pass
   then returns that gradient as it is when grad_output is the scalar 1 (the usual
-  `loss.backward()`), and otherwise multiplies it by grad_output in one pass
-  (`scale_gradient_body`; per row for reduction "none"). A bfloat16/float16 student that keeps
-  its logits runs the two-pass backward kernel instead, so that its gradient is still rounded
-  once. CUDA tensors keep the two-pass forward and backward kernels.
+  `loss.backward()`), and otherwise multiplies it by grad_output in one pass where it lies
+  (per row for reduction "none"; under torch.compile into a fresh tensor, `scale_gradient_body`).
+  A bfloat16/float16 student that keeps its logits runs the two-pass backward kernel instead
+  (into the same buffer), so that its gradient is still rounded once. A second backward pass
+  through the same graph recomputes the forward's gradient into a fresh tensor first (the same
+  bits as the first pass). CUDA tensors
+  keep the two-pass forward and backward kernels.
 `KDLossFunction` is the one autograd wrapper; `forward_outputs` allocates what the forward
 body writes, so the chunked fused-linear loss can call the bodies on its own buffers. A
 backward pass with create_graph=True differentiates `differentiable_loss` (the same loss in
@@ -41,7 +44,7 @@ from kdfast.contract.options import KDOptions, compute_dtype
 from kdfast.contract.reductions import reduce_rows
 from kdfast.contract.validation import check_label_range
 from kdfast.ops._native import device_and_stream, facts, native_module, row_stats_width
-from kdfast.ops._op import creating_graph, define_op, differentiable_gradients, launch
+from kdfast.ops._op import creating_graph, define_op, differentiable_gradients, launch, save_with_gradient
 from kdfast.reference import dense as dense_reference
 
 __all__ = ["KDLossFunction", "backward_body", "check_inplace_student", "differentiable_loss", "forward_body",
@@ -207,13 +210,14 @@ class KDLossFunction(torch.autograd.Function):
             gradient = torch.empty(student.shape, dtype=student.dtype, device=student.device)
             launch(kd_loss_forward_grad, forward_grad_body,
                    (student, teacher, labels, loss, row_stats, valid_rows, gradient), options)
-            ctx.save_for_backward(student, teacher, labels, row_stats, valid_rows, gradient)
+            save_with_gradient(ctx, (student, teacher, labels, row_stats, valid_rows), gradient)
         ctx.handed_out = False
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         student, teacher, labels, row_stats, valid_rows, *gradient = ctx.saved_tensors
+        gradient = gradient or [getattr(ctx, "gradient", None)]
         grad_student = None
         if ctx.needs_input_grad[0] and creating_graph():  # second-order gradients: a differentiable recomputation
             if ctx.inplace:
@@ -233,24 +237,33 @@ class KDLossFunction(torch.autograd.Function):
 
 def _one_pass_gradient(ctx, grad_loss: Tensor, gradient: Tensor, student: Optional[Tensor], teacher: Tensor,
                        labels: Optional[Tensor], row_stats: Tensor, valid_rows: Tensor) -> Tensor:
-    """The student gradient for `grad_loss` from `gradient`, the forward pass's (grad_output = 1)."""
+    """The student gradient for `grad_loss` from `gradient`, the forward pass's (grad_output = 1).
+
+    The first backward pass owns `gradient` and returns it: as it is for grad_output = 1, scaled
+    where it lies otherwise (float32/float64), or rewritten by the two-pass backward kernel (a
+    16-bit student, rounded once), so that no second N×V buffer is allocated. A later backward
+    pass through the same graph (retain_graph=True) recomputes the forward's gradient into a
+    fresh tensor and treats it the same way: bit for bit the first pass's result."""
     if ctx.inplace and ctx.handed_out:
         raise RuntimeError("kd_loss: inplace_backward=True hands its gradient (the student's storage) out once; "
                            "a second backward pass through this loss cannot reuse it")
-    exact = not ctx.inplace and gradient.dtype not in (torch.float32, torch.float64)
     if torch.compiler.is_compiling():
+        exact = not ctx.inplace and gradient.dtype not in (torch.float32, torch.float64)
         out = torch.empty_like(gradient)
         launch(kd_loss_scale_gradient, scale_gradient_body, (grad_loss, gradient, student if student is not None else
                gradient, teacher, labels, row_stats, valid_rows, out, exact), ctx.options)
         return out
-    ctx.handed_out = True
+    if ctx.handed_out:
+        gradient = torch.empty_like(student)
+        scratch = forward_outputs(student, ctx.options)
+        forward_grad_body(student, teacher, labels, *scratch, gradient, ctx.options)
+    ctx.handed_out, ctx.gradient = True, None
     if grad_loss.numel() == 1 and ctx.options.reduction != "none" and float(grad_loss) == 1.0:
         return gradient  # the usual loss.backward(): the forward's gradient as it is, no pass at all
-    if ctx.inplace:
-        return gradient.mul_(_row_factor(grad_loss, gradient, ctx.options))
-    out = torch.empty_like(gradient)
-    scale_gradient_body(grad_loss, gradient, student, teacher, labels, row_stats, valid_rows, out, exact, ctx.options)
-    return out
+    if not ctx.inplace and gradient.dtype not in (torch.float32, torch.float64):
+        backward_body(grad_loss, student, teacher, labels, row_stats, valid_rows, gradient, ctx.options)
+        return gradient
+    return gradient.mul_(_row_factor(grad_loss, gradient, ctx.options))
 
 
 def kd_loss(student: Tensor, teacher: Tensor, labels: Optional[Tensor], options: KDOptions,

@@ -23,9 +23,11 @@ plain PyTorch), so second-order gradients are exact.
 One-pass training (CPU): when the student needs a gradient, `forward_grad_body`
 (`kdfast::sparse_kd_forward_grad`) also writes the gradient for grad_output = 1 (the
 reduction's scale folded in) into `grad_student`, each row right after its statistics; the
-backward pass returns it as it is for the scalar grad_output 1, else scales it in one pass
-(`scale_gradient_body`; a bfloat16/float16 student runs the backward kernel instead, so that
-its gradient is rounded once). CUDA keeps the two-pass kernels.
+first backward pass returns that buffer: as it is for the scalar grad_output 1, else scaled
+in place in one pass (`scale_gradient_body`; a bfloat16/float16 student runs the backward
+kernel into it instead, so that its gradient is rounded once), so no second N×V buffer is
+allocated. A later backward pass through the same graph recomputes that gradient into a fresh
+tensor first (the same bits). CUDA keeps the two-pass kernels.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from kdfast.ops._native import (
     native_module,
     row_stats_width,
 )
-from kdfast.ops._op import creating_graph, define_op, differentiable_gradients, launch
+from kdfast.ops._op import creating_graph, define_op, differentiable_gradients, launch, save_with_gradient
 from kdfast.reference import sparse as sparse_reference
 
 __all__ = ["SparseKDLossFunction", "compress", "compress_uses_kernels", "differentiable_loss", "sparse_kd_backward",
@@ -240,30 +242,41 @@ class SparseKDLossFunction(torch.autograd.Function):
         if ctx.one_pass:
             gradient = torch.empty(student.shape, dtype=student.dtype, device=student.device)
             launch(sparse_kd_forward_grad, forward_grad_body, (*inputs, gradient), options)
-            ctx.save_for_backward(student, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows,
-                                  gradient)
+            save_with_gradient(ctx, (student, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows),
+                               gradient)
         else:
             launch(sparse_kd_forward, forward_body, inputs, options)
             ctx.save_for_backward(student, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows)
         ctx.options = options
+        ctx.handed_out = False
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         student, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows, *gradient = ctx.saved_tensors
+        gradient = gradient or [getattr(ctx, "gradient", None)]
         grad_student = None
         if ctx.needs_input_grad[0] and creating_graph():  # second-order gradients: a differentiable recomputation
             grad_student, = differentiable_gradients(
                 lambda: differentiable_loss(student, indices, teacher_logprobs, teacher_tail, labels, ctx.options),
                 (student,), (True,), grad_loss)
-        elif ctx.needs_input_grad[0] and ctx.one_pass:
-            if (not torch.compiler.is_compiling() and grad_loss.numel() == 1 and ctx.options.reduction != "none"
-                    and float(grad_loss) == 1.0):
-                return gradient[0], None, None, None, None, None, None  # loss.backward(): no pass at all
+        elif ctx.needs_input_grad[0] and ctx.one_pass and torch.compiler.is_compiling():
             grad_student = torch.empty_like(gradient[0])
             launch(sparse_kd_scale_gradient, scale_gradient_body,
                    (grad_loss, gradient[0], student, indices, teacher_logprobs, teacher_tail, labels, row_stats,
                     valid_rows, grad_student), ctx.options)
+        elif ctx.needs_input_grad[0] and ctx.one_pass:
+            # The first backward pass owns the forward's gradient (no second N×V buffer); a later
+            # one (retain_graph=True) recomputes it into a fresh tensor, bit for bit the same.
+            inputs = (student, indices, teacher_logprobs, teacher_tail, labels)
+            grad_student = gradient[0]
+            if ctx.handed_out:
+                grad_student = torch.empty_like(student)
+                forward_grad_body(*inputs, *forward_outputs(student, ctx.options), grad_student, ctx.options)
+            ctx.handed_out, ctx.gradient = True, None
+            if grad_loss.numel() != 1 or ctx.options.reduction == "none" or float(grad_loss) != 1.0:
+                scale_gradient_body(grad_loss, grad_student, student, indices, teacher_logprobs, teacher_tail, labels,
+                                    row_stats, valid_rows, grad_student, ctx.options)
         elif ctx.needs_input_grad[0]:
             grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
             launch(sparse_kd_backward, backward_body, (grad_loss, student, indices, teacher_logprobs, teacher_tail,
