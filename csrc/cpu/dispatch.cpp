@@ -168,6 +168,8 @@ void kd_backward_cpu(const KDBackwardArgs& args) {
   cpu::selected().backward(args);
 }
 
+void advise_fresh_output_cpu(void* data, int64_t bytes) { cpu::advise_huge_pages(data, bytes); }
+
 void topk_compress_cpu(const TopKCompressArgs& args) { cpu::selected().topk_compress(args); }
 
 SparseKDForwardResult sparse_kd_forward_cpu(const SparseKDForwardArgs& args) {

@@ -358,6 +358,8 @@ bool cpu_scaled_exp(const std::string& variant, uintptr_t input, int64_t n, floa
   return kdfast::scaled_exp_cpu(variant, as_ptr<const float>(input), n, inv_t, cutoff, as_ptr<float>(out));
 }
 
+void advise_fresh_output(uintptr_t data, int64_t bytes) { kdfast::advise_fresh_output_cpu(as_ptr<void>(data), bytes); }
+
 #if defined(KDFAST_WITH_CUDA)
 constexpr bool kHasCuda = true;
 #else
@@ -447,6 +449,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("valid_rows"), py::arg("grad_student"), py::arg("num_threads"), py::arg("device_index"),
         py::arg("stream") = 0);
   m.def("build_info", &build_info);
+  m.def("advise_fresh_output", &advise_fresh_output, py::arg("data"), py::arg("bytes"));
   m.def("cpu_scaled_exp", &cpu_scaled_exp, py::call_guard<py::gil_scoped_release>(), py::arg("variant"),
         py::arg("input"), py::arg("n"), py::arg("inv_t"), py::arg("cutoff"), py::arg("out"));
   m.def("rowmath_exp_log", &rowmath_exp_log, py::call_guard<py::gil_scoped_release>(), py::arg("input"),

@@ -36,6 +36,11 @@ void multi_teacher_backward_cpu(const MultiTeacherKDArgs& args);
 // supported by this CPU.
 bool scaled_exp_cpu(const std::string& variant, const float* x, int64_t n, float inv_t, bool cutoff, float* out);
 
+// The page policy of the CPU kernels' fresh gradients (KDFAST_HUGE_PAGES, see dispatch.cpp)
+// applied to `bytes` of freshly allocated, not yet written memory at `data`, for outputs that
+// are written once from start to end outside the kernels. Does nothing below 8 MiB.
+void advise_fresh_output_cpu(void* data, int64_t bytes);
+
 // Build and runtime description for kdfast.build_info().
 struct BuildInfo {
   std::string compiler;

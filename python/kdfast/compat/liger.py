@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from kdfast.compat._common import SKIP, keep_rows
 from kdfast.functional import fused_linear_kd_loss, kd_loss
+from kdfast.ops import empty_for_writing
 
 __all__ = ["LigerFusedLinearJSD", "LigerJSD", "LigerKLDIVLoss"]
 
@@ -53,30 +54,32 @@ def _jsd_options(beta: float) -> dict:
     return {"divergence": "jsd", "beta": float(beta)}
 
 
-_BLOCK = 1 << 15  # elements per block of the blocked KL sum: its temporaries stay in the L2 cache
+_BLOCK = 1 << 17  # elements per block of the blocked KL sum: its temporary stays in the L2 cache
 
 
 def _blocked_kl_sum(pred: Tensor, true: Tensor, log_target: bool, eps: float, compute: torch.dtype) -> Tensor:
     """Σ of Liger's KL elements over two same-shape tensors, as a 0-dim tensor of `compute` dtype.
 
-    Walks both flattened tensors in blocks of `_BLOCK` elements, building each block's elements
-    in two reused buffers and summing them (torch's cascade summation) into a float64 total, so
-    the inputs are read once from memory and nothing of their size is allocated.
+    Walks both flattened tensors in blocks of `_BLOCK` elements: each block's log-ratio is built
+    in one reused buffer and dotted with its weight (y_true, or exp(y_true) with `log_target`),
+    the block sums added in float64, so the inputs are read once from memory and nothing of
+    their size is allocated.
     """
     pred, true = pred.reshape(-1), true.reshape(-1)
     size = pred.numel()
-    elements = torch.empty(min(size, _BLOCK), dtype=compute, device=pred.device)
-    weight = torch.empty_like(elements) if log_target else None
+    ratio = torch.empty(min(size, _BLOCK), dtype=compute, device=pred.device)
+    weight = torch.empty_like(ratio) if log_target else None
     total = torch.zeros((), dtype=torch.float64, device=pred.device)
     for start in range(0, size, _BLOCK):
         stop = min(start + _BLOCK, size)
-        out = elements[: stop - start]
+        out = ratio[: stop - start]
         p, t = pred[start:stop].to(compute), true[start:stop].to(compute)
         if log_target:  # exp(t)·(t − p)
-            torch.sub(t, p, out=out).mul_(torch.exp(t, out=weight[: stop - start]))
+            torch.sub(t, p, out=out)
+            t = torch.exp(t, out=weight[: stop - start])
         else:  # t·(log max(t, eps) − p)
-            torch.clamp(t, min=eps, out=out).log_().sub_(p).mul_(t)
-        total += out.sum(dtype=torch.float64)
+            torch.clamp(t, min=eps, out=out).log_().sub_(p)
+        total += torch.dot(out, t).to(torch.float64)
     return total.to(compute)
 
 
@@ -114,11 +117,12 @@ class _ElementwiseKLDiv(torch.autograd.Function):
         rows, vocab = y_true.shape
         scale = {"batchmean": 1.0 / rows, "mean": 1.0 / (rows * vocab)}.get(ctx.reduction, 1.0)
         factor = grad_output.to(torch.float32) * -scale
-        weight = y_true.to(torch.float32).exp() if ctx.log_target else y_true.to(torch.float32)
+        weight = y_true.to(torch.float32)
+        grad = empty_for_writing(weight.shape, torch.float32, weight.device)
         if ctx.log_target:
-            grad = weight.mul_(factor)
+            torch.exp(weight, out=grad).mul_(factor)
         else:
-            grad = torch.mul(weight, factor)
+            torch.mul(weight, factor, out=grad)
         return grad.to(ctx.pred_dtype), None, None, None, None
 
 

@@ -6,7 +6,8 @@ once, the integer codes of the core's enums, its row-statistics widths, its CUDA
 whether it was built with CUDA kernels, all exported by csrc/python/bindings.cpp from the
 tables in csrc/include/kdfast/types.h; nothing here repeats a number from C++. The
 predicates below are constants to `torch.compile` (evaluated once while tracing), so the
-ops' device checks never break a graph.
+ops' device checks never break a graph. `empty_for_writing` allocates a large CPU output with
+the kernels' page policy for fresh gradients.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "NativeFacts",
     "cuda_limit",
     "device_and_stream",
+    "empty_for_writing",
     "facts",
     "has_cuda_kernels",
     "has_cuda_topk_kernels",
@@ -138,3 +140,16 @@ def device_and_stream(tensor: torch.Tensor) -> Tuple[int, int]:
         index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
         return index, torch.cuda.current_stream(index).cuda_stream
     return -1, 0
+
+
+def empty_for_writing(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`torch.empty(shape)` for an output about to be written once from start to end, with the
+    page policy the CPU kernels give their fresh gradients (KDFAST_HUGE_PAGES: transparent huge
+    pages for multi-megabyte buffers where the system offers them, so first-touch page faults
+    cost far less). Any device; the advice applies to CPU tensors of 8 MiB and more."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if out.device.type == "cpu" and not torch.compiler.is_compiling() and native_available():
+        advise = getattr(native_module(), "advise_fresh_output", None)
+        if advise is not None:
+            advise(out.data_ptr(), out.numel() * out.element_size())
+    return out
