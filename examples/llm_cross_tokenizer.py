@@ -12,10 +12,12 @@ ways for the same steps and data order:
 - alone: next-token cross-entropy on its own tokens;
 - ULD KD: that cross-entropy plus `--uld-weight` × `kdfast.uld_loss` (Universal Logit
   Distillation: the L1 distance of the two sorted probability vectors) between the student's
-  and the live teacher's predictions of the same byte span. `kdfast.alignment.align_byte_offsets`
-  groups both tokenizations of every piece into spans covering the same bytes (once, for the
-  whole training set, with no per-token Python loop); a pair of rows is the prediction of each
-  closed span's first token on both sides (`span_positions(..., "first")` − 1).
+  and the live teacher's predictions of the same byte span. The pieces are encoded with byte
+  offsets and paired once, for the whole training set, by
+  `kdfast.integrations.cross_tokenizer` (`encode_with_offsets`, `span_pairs`: the spans of
+  `kdfast.alignment.align_byte_offsets`, no per-token Python loop); a pair of rows is the
+  prediction of a closed span's first token on both sides, where both models have read the
+  same bytes.
 The table reports the student's validation cross-entropy (nats per student token; the same
 tokenizer for both student rows, so they compare) and bits per byte, mean ± sample std over
 seeds. A loss benchmark at the training shape compares `kdfast.uld_loss` (exact, and top-`k`)
@@ -42,8 +44,8 @@ import torch
 from torch.nn import functional as F
 
 import kdfast
-from kdfast.alignment import align_byte_offsets, char_to_byte_offsets, span_positions
 from kdfast.benchmark import measure_peak_extra_mb, time_step
+from kdfast.integrations.cross_tokenizer import encode_with_offsets, paired_rows, span_pairs
 from kdfast.trainer import seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -60,48 +62,12 @@ def text_pieces(texts: Sequence[str], chars: int) -> List[str]:
     return [text[start:start + chars] for text in texts for start in range(0, len(text) - chars + 1, chars)]
 
 
-def encode(tokenizer, pieces: Sequence[str], max_tokens: int) -> Dict[str, torch.Tensor]:
-    """ids [P, L] (0-padded), mask [P, L] bool and byte offsets [P, L, 2] of each piece's first
-    `max_tokens` tokens (L = the longest kept encoding)."""
-    encodings = tokenizer.encode_batch(list(pieces))
-    length = min(max_tokens, max(len(encoding.ids) for encoding in encodings))
-    ids = torch.zeros(len(pieces), length, dtype=torch.int64)
-    mask = torch.zeros(len(pieces), length, dtype=torch.bool)
-    offsets = torch.zeros(len(pieces), length, 2, dtype=torch.int64)
-    for row, (piece, encoding) in enumerate(zip(pieces, encodings)):
-        count = min(length, len(encoding.ids))
-        ids[row, :count] = torch.tensor(encoding.ids[:count])
-        mask[row, :count] = True
-        offsets[row, :count] = torch.from_numpy(char_to_byte_offsets(piece, encoding.offsets[:count]))
-    return {"ids": ids, "mask": mask, "offsets": offsets}
-
-
-def span_pairs(student: Dict[str, torch.Tensor], teacher: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """[P, S, 2] int64: per piece and closed span, the (student, teacher) logits rows that
-    predict the span's first token (first position − 1); (−1, −1) where a span is unused
-    (not closed, or starting at a piece's first token on either side)."""
-    alignment = align_byte_offsets(student["offsets"], teacher["offsets"], student_mask=student["mask"],
-                                   teacher_mask=teacher["mask"])
-    spans = alignment.max_spans
-    student_first = span_positions(alignment.student_spans, spans, "first")
-    teacher_first = span_positions(alignment.teacher_spans, spans, "first")
-    use = alignment.span_mask() & (student_first > 0) & (teacher_first > 0)
-    pairs = torch.stack([student_first - 1, teacher_first - 1], dim=-1)
-    return torch.where(use[..., None], pairs, torch.full_like(pairs, -1))
-
-
 def masked_labels(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Next-token labels: position i is scored against token i+1; padding and the last are -100."""
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    mask = mask.bool()
     next_mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
     return labels.masked_fill(~next_mask, -100)
-
-
-def paired_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, pairs: torch.Tensor):
-    """([R, V_s], [R, V_t]) logits rows of the used span pairs of a batch ([B, S, 2])."""
-    used = pairs[..., 0] >= 0
-    batch_index = torch.arange(pairs.shape[0])[:, None].expand_as(used)[used]
-    return (student_logits[batch_index, pairs[..., 0][used]], teacher_logits[batch_index, pairs[..., 1][used]])
 
 
 # --------------------------------------------------------------------------------------
@@ -152,42 +118,44 @@ def run(args) -> Dict[str, object]:
     keep = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(0))[:args.train_pieces]
     pieces = [pieces[int(i)] for i in keep.sort().values]
     validation_pieces = text_pieces(validation_texts, args.piece_chars)[:args.max_validation_pieces]
-    student_data = encode(student_tokenizer, pieces, args.max_tokens)
-    teacher_data = encode(teacher_tokenizer, pieces, args.max_tokens)
-    validation = encode(student_tokenizer, validation_pieces, args.max_tokens)
+    student_data = encode_with_offsets(student_tokenizer, pieces, args.max_tokens)
+    teacher_data = encode_with_offsets(teacher_tokenizer, pieces, args.max_tokens)
+    validation = encode_with_offsets(student_tokenizer, validation_pieces, args.max_tokens)
     align_started = time.perf_counter()
-    pairs = span_pairs(student_data, teacher_data)
+    pairs = span_pairs(student_data["offsets"], teacher_data["offsets"], student_data["attention_mask"],
+                       teacher_data["attention_mask"])
     align_seconds = time.perf_counter() - align_started
     used_pairs = int((pairs[..., 0] >= 0).sum())
     print(f"tokenizers: teacher {teacher_vocab}, student {student_vocab} tokens; {len(pieces)} training pieces, "
-          f"{int(student_data['mask'].sum()):,} student / {int(teacher_data['mask'].sum()):,} teacher tokens, "
+          f"{int(student_data['attention_mask'].sum()):,} student / {int(teacher_data['attention_mask'].sum()):,} "
+          f"teacher tokens, "
           f"{used_pairs:,} aligned span pairs (aligned in {align_seconds:.2f} s; "
           f"{time.perf_counter() - started:.1f} s so far)", flush=True)
 
     def cross_entropy_of(data):
         def loss(model, index):
-            ids, mask = data["ids"][index], data["mask"][index]
-            logits = model(input_ids=ids, attention_mask=mask.long()).logits
+            ids, mask = data["input_ids"][index], data["attention_mask"][index]
+            logits = model(input_ids=ids, attention_mask=mask).logits
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), masked_labels(ids, mask).reshape(-1),
                                    ignore_index=-100)
         return loss
 
     seed_everything(0)
     teacher = make_model(teacher_vocab, args.teacher_hidden, args.teacher_layers, 0, args.max_tokens)
-    teacher_seconds = train(teacher, teacher_data["ids"], args.teacher_steps, args.batch_size, args.lr, 0,
+    teacher_seconds = train(teacher, teacher_data["input_ids"], args.teacher_steps, args.batch_size, args.lr, 0,
                             cross_entropy_of(teacher_data))
     teacher.requires_grad_(False)
     print(f"teacher: {parameter_count(teacher):,} parameters ({teacher_seconds:.1f} s)", flush=True)
     student_cross_entropy = cross_entropy_of(student_data)
 
     def uld_kd(model, index):
-        ids, mask = student_data["ids"][index], student_data["mask"][index]
-        logits = model(input_ids=ids, attention_mask=mask.long()).logits
+        ids, mask = student_data["input_ids"][index], student_data["attention_mask"][index]
+        logits = model(input_ids=ids, attention_mask=mask).logits
         ce = F.cross_entropy(logits.reshape(-1, student_vocab), masked_labels(ids, mask).reshape(-1),
                              ignore_index=-100)
         with torch.no_grad():
-            teacher_logits = teacher(input_ids=teacher_data["ids"][index],
-                                     attention_mask=teacher_data["mask"][index].long()).logits
+            teacher_logits = teacher(input_ids=teacher_data["input_ids"][index],
+                                     attention_mask=teacher_data["attention_mask"][index]).logits
         student_rows, teacher_rows = paired_rows(logits, teacher_logits, pairs[index])
         if student_rows.shape[0] == 0:
             return ce
@@ -199,8 +167,8 @@ def run(args) -> Dict[str, object]:
         for name, loss in (("alone", student_cross_entropy), ("uld", uld_kd)):
             student = make_model(student_vocab, args.student_hidden, args.student_layers, 1000 + seed,
                                  args.max_tokens)
-            row[f"{name}_seconds"] = train(student, student_data["ids"], args.student_steps, args.batch_size, args.lr,
-                                           seed, loss)
+            row[f"{name}_seconds"] = train(student, student_data["input_ids"], args.student_steps, args.batch_size,
+                                           args.lr, seed, loss)
             row[name], row[f"{name}_bits_per_byte"] = validation_scores(student, validation, validation_pieces)
             row["student_parameters"] = parameter_count(student)
         rows.append(row)
@@ -219,9 +187,9 @@ def validation_scores(model, data: Dict[str, torch.Tensor], pieces: Sequence[str
     """(nats per predicted student token, bits per byte of the predicted tokens' text)."""
     model.eval()
     total, count, nbytes = 0.0, 0, 0
-    for start in range(0, len(data["ids"]), batch_size):
-        ids, mask = data["ids"][start:start + batch_size], data["mask"][start:start + batch_size]
-        logits = model(input_ids=ids, attention_mask=mask.long()).logits
+    for start in range(0, len(data["input_ids"]), batch_size):
+        ids, mask = data["input_ids"][start:start + batch_size], data["attention_mask"][start:start + batch_size]
+        logits = model(input_ids=ids, attention_mask=mask).logits
         labels = masked_labels(ids, mask)
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                  ignore_index=-100, reduction="sum").item()

@@ -1,8 +1,8 @@
 """examples/llm_cross_tokenizer.py: its options, its smoke run, and the span pairing it trains on.
 
-The pairing is checked on two real byte-level BPE tokenizations of the same pieces: every used
-(student, teacher) pair predicts the first token of a span whose bytes start at the same
-offset on both sides, and the pair's rows hold the logits of the positions before them.
+The pairing is checked on two real byte-level BPE tokenizations of the same pieces: at every
+used (student, teacher) pair both models have read the same bytes (the paired positions'
+tokens end at the same byte), and the next token on each side exists.
 """
 
 import argparse
@@ -27,7 +27,7 @@ def test_every_option_has_help_naming_its_default():
             assert "default" in text.lower(), f"{action.option_strings} does not name its default: {text!r}"
 
 
-def test_span_pairs_start_at_the_same_byte_on_both_sides(tmp_path):
+def test_span_pairs_end_at_the_same_byte_on_both_sides(tmp_path):
     pytest.importorskip("tokenizers")
     module = load_example("llm_cross_tokenizer")
     texts = ["def add(a, b):\n    return a + b\n" * 20, "class Point:\n    x: int = 0\n    y: int = 0\n" * 20]
@@ -35,16 +35,17 @@ def test_span_pairs_start_at_the_same_byte_on_both_sides(tmp_path):
     teacher_tokenizer = module.train_tokenizer(texts, 400, str(tmp_path))
     pieces = module.text_pieces(texts, 60)
     assert pieces and all(len(piece) == 60 for piece in pieces)
-    student = module.encode(student_tokenizer, pieces, 40)
-    teacher = module.encode(teacher_tokenizer, pieces, 40)
-    pairs = module.span_pairs(student, teacher)
+    student = module.encode_with_offsets(student_tokenizer, pieces, 40)
+    teacher = module.encode_with_offsets(teacher_tokenizer, pieces, 40)
+    pairs = module.span_pairs(student["offsets"], teacher["offsets"], student["attention_mask"],
+                              teacher["attention_mask"])
     used = pairs[..., 0] >= 0
     assert int(used.sum()) > len(pieces)  # most pieces pair several spans
     for row, span in used.nonzero().tolist():
         s_row, t_row = pairs[row, span].tolist()
-        # the predicted tokens are the ones after the paired rows; both start at the same byte
-        assert student["mask"][row, s_row + 1] and teacher["mask"][row, t_row + 1]
-        assert int(student["offsets"][row, s_row + 1, 0]) == int(teacher["offsets"][row, t_row + 1, 0])
+        # the predicted tokens follow the paired rows, whose tokens end at the same byte
+        assert student["attention_mask"][row, s_row + 1] and teacher["attention_mask"][row, t_row + 1]
+        assert int(student["offsets"][row, s_row, 1]) == int(teacher["offsets"][row, t_row, 1])
     assert bool((pairs[~used] == -1).all())
 
 
