@@ -11,6 +11,7 @@ from kdfast._version import __version__
 from kdfast.contract.softlabels import SoftLabels
 from kdfast.functional import compress_topk, uld_loss
 from kdfast.losses import FusedLinearKDLoss, KDLoss, MultiTeacherKDLoss, SparseKDLoss
+from kdfast.onpolicy import OnPolicyDistiller
 from kdfast.store import (
     CorruptShardError,
     ManifestError,
@@ -30,6 +31,7 @@ __all__ = [
     "KDLoss",
     "ManifestError",
     "MultiTeacherKDLoss",
+    "OnPolicyDistiller",
     "SoftLabelStore",
     "SoftLabelStoreError",
     "SoftLabelStoreWriter",

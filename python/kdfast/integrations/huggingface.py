@@ -16,6 +16,10 @@ Three entry points:
   package is missing the access raises an ImportError naming the install command
   (`INSTALL_HINT`: `pip install 'kdfast[hf]'` for a wheel from an index, the packages under
   the checkout's `constraints.txt` for a source install; `kdfast.contract.install`).
+  With `lmbda` (or `seq_kd`) it distils on-policy (GKD): a batch is replaced, with probability
+  `lmbda`, by the student's own completions of its `prompts` before the loss
+  (`kdfast.onpolicy.OnPolicyDistiller` draws and generates; docs/onpolicy.md), and
+  `divergence="generalized_jsd"` is GKD's divergence with TRL's `beta` convention.
 
 A copy-paste recipe with both models loaded by `AutoModelForCausalLM` is in
 docs/huggingface.md.
@@ -33,6 +37,7 @@ when the config sets `final_logit_softcapping`; a config that rescales logits wi
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
@@ -40,12 +45,21 @@ from torch import Tensor
 
 from kdfast import functional
 from kdfast.contract.install import install_hint
+from kdfast.onpolicy import (
+    GenerationSettings,
+    OnPolicyDistiller,
+    divergence_options,
+    fused_model_kd_loss,
+    model_logits,
+)
 
 # DistillationTrainer needs transformers, so it is built on first access by the module-level __getattr__ below
 __all__ = ["DistillationTrainer", "causal_lm_kd_loss", "distillation_loss", "fused_causal_lm_kd_loss",  # noqa: F822
            "require_transformers"]
 
 INSTALL_HINT = install_hint("hf", ["transformers", "accelerate"])
+# batch entries that hold the on-policy prompts, never model inputs
+PROMPT_KEYS = ("prompts", "prompt_attention_mask")
 
 
 def require_transformers():
@@ -70,6 +84,7 @@ def causal_lm_kd_loss(
     ignore_index: int = -100,
     vocab_size: Optional[int] = None,
     shift: bool = True,
+    t2_scale: bool = True,
 ) -> Tensor:
     """Next-token distillation loss for causal language models.
 
@@ -82,14 +97,17 @@ def causal_lm_kd_loss(
             every position is used and `alpha` must be 0.
         temperature: T > 0 (default 1.0).
         alpha: weight of the hard-label cross-entropy in [0, 1] (default 0.5).
-        divergence: "forward_kl" (default), "reverse_kl", "jsd" or "tvd".
-        beta: JSD mixture weight in (0, 1) (default 0.5).
+        divergence: "forward_kl" (default), "reverse_kl", "jsd", "tvd", or "generalized_jsd"
+            (GKD's, with TRL's convention for `beta` in [0, 1]: 0 = forward KL, 1 = reverse KL,
+            between them "jsd"; `kdfast.onpolicy.gkd_divergence`).
+        beta: JSD mixture weight in (0, 1), [0, 1] for "generalized_jsd" (default 0.5).
         label_smoothing: ε in [0, 1) for the cross-entropy term (default 0.0).
         ignore_index: label value of skipped positions (default -100).
         vocab_size: if given, both logits are cut to their first `vocab_size` entries
             (default None: V_s must equal V_t).
         shift: True (default) scores position i against label i+1 and drops the last
             position; False when the caller has already aligned logits and labels.
+        t2_scale: scale the divergence by T² (default True; TRL's GKD loss has no such factor).
 
     Returns:
         float32 scalar: the mean over valid positions of α·CE + (1−α)·T²·D (`kd_loss`
@@ -126,50 +144,19 @@ def causal_lm_kd_loss(
         student_logits = student_logits[:, :-1]
         teacher_logits = teacher_logits[:, :-1]
         labels = labels[:, 1:] if labels is not None else None
+    divergence, beta = divergence_options(divergence, beta)
     return functional.kd_loss(
         student_logits, teacher_logits, labels, divergence=divergence, temperature=temperature, alpha=alpha,
-        beta=beta, ignore_index=ignore_index, reduction="mean", label_smoothing=label_smoothing,
+        beta=beta, ignore_index=ignore_index, reduction="mean", label_smoothing=label_smoothing, t2_scale=t2_scale,
     )
-
-
-def _model_logits(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, dict) and "logits" in output:
-        return output["logits"]
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
-
-
-def _hidden_and_head(model: torch.nn.Module, inputs: dict):
-    """(last hidden states [B, L, H], lm_head weight [V, H], bias or None, softcap or None)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    prefix = getattr(model, "base_model_prefix", "")
-    base = getattr(model, prefix, None) if prefix else None
-    if head is None or not isinstance(head, torch.nn.Linear) or base is None or base is model:
-        raise TypeError(f"fused=True needs a causal LM with a base model (`{prefix or 'base_model_prefix'}`) and a "
-                        f"Linear lm_head (get_output_embeddings()); {type(model).__name__} has neither; "
-                        f"use fused=False")
-    config = getattr(model, "config", None)
-    for name in ("logit_scale", "logits_scaling"):
-        scale = getattr(config, name, None)
-        if scale is not None and float(scale) != 1.0:
-            raise ValueError(f"fused=True: {type(model).__name__} scales its logits (config.{name}={scale}), which "
-                             "the fused loss does not apply; use fused=False")
-    output = base(**inputs)
-    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    return hidden, head.weight, head.bias, softcap, output
 
 
 def fused_causal_lm_kd_loss(student: torch.nn.Module, teacher: torch.nn.Module, inputs: dict, labels: Tensor, *,
                             temperature: float = 1.0, alpha: float = 0.5, divergence: str = "forward_kl",
                             beta: float = 0.5, label_smoothing: float = 0.0, ignore_index: int = -100,
-                            vocab_size: Optional[int] = None, shift: bool = True):
-    """`causal_lm_kd_loss` of the two models' logits without materialising either of them.
+                            vocab_size: Optional[int] = None, shift: bool = True, t2_scale: bool = True):
+    """`causal_lm_kd_loss` of the two models' logits without materialising either of them
+    (`kdfast.onpolicy.fused_model_kd_loss`).
 
     Returns `(loss, student_base_outputs)`; the student's base-model output has the hidden
     states but no logits.
@@ -179,29 +166,10 @@ def fused_causal_lm_kd_loss(student: torch.nn.Module, teacher: torch.nn.Module, 
         ValueError: a model whose config scales its logits (`logit_scale`, `logits_scaling`),
             student and teacher with different soft-caps, plus `fused_linear_kd_loss`'s errors.
     """
-    hidden, weight, bias, softcap, outputs = _hidden_and_head(student, inputs)
-    with torch.no_grad():
-        teacher_hidden, teacher_weight, teacher_bias, teacher_softcap, _ = _hidden_and_head(teacher, inputs)
-    if teacher_softcap != softcap:
-        raise ValueError(f"fused=True: student softcap {softcap} and teacher softcap {teacher_softcap} differ; "
-                         "use fused=False")
-    if vocab_size is not None:
-        weight, teacher_weight = weight[:vocab_size], teacher_weight[:vocab_size]
-        bias = bias[:vocab_size] if bias is not None else None
-        teacher_bias = teacher_bias[:vocab_size] if teacher_bias is not None else None
-    if shift:
-        hidden, teacher_hidden, labels = hidden[:, :-1], teacher_hidden[:, :-1], labels[:, 1:]
-    teacher_spec = (teacher_hidden, teacher_weight) + ((teacher_bias,) if teacher_bias is not None else ())
-    if softcap:  # `softcap=` caps the student's logits only: a capped teacher's logits are materialised
-        with torch.no_grad():
-            teacher_logits = torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias)
-            teacher_spec = softcap * torch.tanh(teacher_logits / softcap)
-    loss = functional.fused_linear_kd_loss(
-        hidden, weight, teacher_spec, labels, student_bias=bias, softcap=softcap, divergence=divergence,
-        temperature=temperature, alpha=alpha, beta=beta, ignore_index=ignore_index, reduction="mean",
-        label_smoothing=label_smoothing,
-    )
-    return loss, outputs
+    divergence, beta = divergence_options(divergence, beta)
+    return fused_model_kd_loss(student, teacher, inputs, labels, shift=shift, vocab_size=vocab_size,
+                               divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
+                               ignore_index=ignore_index, label_smoothing=label_smoothing, t2_scale=t2_scale)
 
 
 def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: Any, *, fused: bool = False,
@@ -214,11 +182,12 @@ def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch:
         teacher: the same kind of model on the same tokenizer; run in eval mode under
             `torch.no_grad()`, moved to the student logits' device when it is elsewhere.
         batch: a mapping with `labels` `[B, L]` int64 (-100 = skip) and the models' keyword
-            inputs (`input_ids`, `attention_mask`, ...). It is not modified.
+            inputs (`input_ids`, `attention_mask`, ...); `prompts` and `prompt_attention_mask`
+            (the on-policy prompts) are not passed to the models. It is not modified.
         fused: compute the loss from the models' last hidden states and lm_head weights with
             `fused_linear_kd_loss`, never materialising the logits (default False).
         **options: keyword options of `causal_lm_kd_loss` (temperature, alpha, divergence,
-            beta, label_smoothing, ignore_index, vocab_size, shift).
+            beta, label_smoothing, ignore_index, vocab_size, shift, t2_scale).
 
     Returns:
         `(loss, student_outputs)`: the float32 scalar of `causal_lm_kd_loss` and the
@@ -231,7 +200,7 @@ def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch:
     """
     if not hasattr(batch, "keys"):
         raise TypeError(f"batch must be a mapping of model inputs, got {type(batch).__name__}")
-    inputs = dict(batch)
+    inputs = {key: value for key, value in batch.items() if key not in PROMPT_KEYS}
     labels = inputs.pop("labels", None)
     if labels is None:
         raise ValueError("the batch needs 'labels' [B, L] (-100 at skipped positions); "
@@ -243,15 +212,30 @@ def distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch:
     if fused:
         return fused_causal_lm_kd_loss(student, teacher, inputs, labels, **options)
     outputs = student(**inputs)
-    student_logits = _model_logits(outputs)
+    student_logits = model_logits(outputs)
     if first is not None and next(teacher.parameters()).device != student_logits.device:
         teacher.to(student_logits.device)
     with torch.no_grad():
-        teacher_logits = _model_logits(teacher(**inputs))
+        teacher_logits = model_logits(teacher(**inputs))
     return causal_lm_kd_loss(student_logits, teacher_logits, labels, **options), outputs
 
 
 _TRAINER_CLASS = None
+# file beside the Trainer's rng_state*.pth in a checkpoint: the on-policy generator and counts
+ON_POLICY_STATE = "kdfast_onpolicy_state.pt"
+
+
+def _on_policy_helper(processing_class, lmbda, seq_kd, max_new_tokens, generation_temperature, top_p, top_k,
+                      seed) -> Optional[OnPolicyDistiller]:
+    """The trainer's `OnPolicyDistiller` (it draws sources and generates; the loss stays the trainer's), or None.
+
+    The EOS id is the generating model's (`generation_config`); the pad id the processing class's, else the model's.
+    """
+    if lmbda is None and not seq_kd:
+        return None
+    generation = GenerationSettings(max_new_tokens=max_new_tokens, temperature=generation_temperature, top_p=top_p,
+                                    top_k=top_k, pad_token_id=getattr(processing_class, "pad_token_id", None))
+    return OnPolicyDistiller(lmbda=0.0 if lmbda is None else lmbda, seq_kd=seq_kd, generation=generation, seed=seed)
 
 
 def _build_trainer_class():
@@ -270,20 +254,38 @@ def _build_trainer_class():
                 to the student's device on first use. It is not saved with the student.
             temperature: T > 0 (default 1.0).
             alpha: weight of the hard-label cross-entropy in [0, 1] (default 0.5).
-            divergence: "forward_kl" (default), "reverse_kl", "jsd" or "tvd".
+            divergence: "forward_kl" (default), "reverse_kl", "jsd", "tvd" or "generalized_jsd"
+                (GKD's, β in [0, 1] with TRL's convention: 0 = forward KL, 1 = reverse KL).
             beta: JSD mixture weight (default 0.5).
             label_smoothing: ε for the cross-entropy term (default 0.0).
             vocab_size: cut both logits to this many entries (default None: they must match).
             fused: never materialise either model's logits (`fused_linear_kd_loss` on the last
                 hidden states and lm_head weights; default False).
+            t2_scale: scale the divergence by T² (default True; TRL's GKD loss: False).
+            lmbda: on-policy distillation: the probability in [0, 1] that a training batch is
+                replaced by the student's own completions of its `prompts` (default None: off,
+                every batch is used as it is).
+            seq_kd: when the student does not generate, the teacher does (sequence-level KD;
+                default False).
+            max_new_tokens, generation_temperature, top_p, top_k: sampling settings of those
+                completions (defaults 128, 1.0, 1.0, 0; temperature 0 = greedy). EOS and pad ids
+                come from the student's `generation_config` and the processing class.
+            on_policy_seed: seed of the generator that draws the batch sources and the sampling
+                seeds (default None: `args.seed`); its state is saved with each checkpoint and
+                restored on resume.
             *args, **kwargs: passed to `transformers.Trainer` (model, args, datasets,
                 data_collator, ...).
 
         Batches must carry `labels` `[B, L]` (e.g. from
         `DataCollatorForLanguageModeling(tokenizer, mlm=False)`); the other entries are the
-        keyword arguments of both models. `compute_loss` returns the mean loss over the
-        micro-batch's valid tokens, and the Trainer divides it by the gradient-accumulation
-        steps, so an optimizer step uses the mean of its micro-batch means.
+        keyword arguments of both models, except `prompts` `[B, P]` and
+        `prompt_attention_mask`, which on-policy training reads (left-padded prompts, as TRL's
+        GKD collator makes them). A generated batch replaces the whole batch by its
+        `input_ids`, `attention_mask` and `labels`, and trains on its completion tokens only
+        (prompt, padding and tokens after the first EOS have label -100). `compute_loss`
+        returns the mean loss over the micro-batch's valid tokens, and the Trainer divides it
+        by the gradient-accumulation steps, so an optimizer step uses the mean of its
+        micro-batch means.
         """
 
         # compute_loss returns a per-micro-batch mean: let Trainer scale it for accumulation.
@@ -292,28 +294,63 @@ def _build_trainer_class():
         def __init__(self, *args: Any, teacher_model: torch.nn.Module, temperature: float = 1.0,
                      alpha: float = 0.5, divergence: str = "forward_kl", beta: float = 0.5,
                      label_smoothing: float = 0.0, vocab_size: Optional[int] = None, fused: bool = False,
-                     **kwargs: Any) -> None:
+                     t2_scale: bool = True, lmbda: Optional[float] = None, seq_kd: bool = False,
+                     max_new_tokens: int = 128, generation_temperature: float = 1.0, top_p: float = 1.0,
+                     top_k: int = 0, on_policy_seed: Optional[int] = None, **kwargs: Any) -> None:
             if not isinstance(teacher_model, torch.nn.Module):
                 raise TypeError(f"teacher_model must be a torch.nn.Module, got {type(teacher_model).__name__}")
             if not (float(temperature) > 0):
                 raise ValueError(f"temperature must be > 0, got {temperature}")
             if not 0.0 <= float(alpha) <= 1.0:
                 raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-            if teacher_model is kwargs.get("model", args[0] if args else None):
+            if lmbda is not None and not 0.0 <= float(lmbda) <= 1.0:
+                raise ValueError(f"lmbda must be in [0, 1] or None, got {lmbda}")
+            divergence_options(divergence, beta)  # checks a generalized JSD's beta
+            model = kwargs.get("model", args[0] if args else None)
+            if teacher_model is model:
                 raise ValueError("teacher_model must be a different module from the student model")
+            GenerationSettings(max_new_tokens=max_new_tokens, temperature=generation_temperature, top_p=top_p,
+                               top_k=top_k)  # checks the sampling settings before the Trainer is built
             super().__init__(*args, **kwargs)
             # Older Trainer versions decide loss scaling from this flag instead of loss_is_scaled_for_ga.
             self.model_accepts_loss_kwargs = False
             self.teacher_model = teacher_model.eval().requires_grad_(False)
             self.kd_options = dict(temperature=float(temperature), alpha=float(alpha), divergence=divergence,
                                    beta=float(beta), label_smoothing=float(label_smoothing), vocab_size=vocab_size,
-                                   fused=bool(fused))
+                                   fused=bool(fused), t2_scale=bool(t2_scale))
+            seed = self.args.seed if on_policy_seed is None else on_policy_seed
+            self.on_policy = _on_policy_helper(getattr(self, "processing_class", None), lmbda, seq_kd, max_new_tokens,
+                                               generation_temperature, top_p, top_k, seed)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """With on-policy options, first replace the batch by generated completions (see the class docstring)."""
+            if self.on_policy is not None:
+                inputs = self._prepare_inputs(inputs)  # on the model's device before generating
+                student = self.accelerator.unwrap_model(model)
+                device = next(student.parameters()).device
+                if next(self.teacher_model.parameters(), torch.empty(0, device=device)).device != device:
+                    self.teacher_model.to(device)
+                prepared, source = self.on_policy.prepare(student, self.teacher_model, inputs)
+                if source != "data":  # a generated batch: its own input_ids, attention_mask and labels only
+                    inputs = prepared
+            return super().training_step(model, inputs, num_items_in_batch)
 
         def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
             """`distillation_loss(model, teacher_model, inputs)`; `num_items_in_batch` is unused
             (the loss is a per-micro-batch mean, see the class docstring)."""
             loss, outputs = distillation_loss(model, self.teacher_model, inputs, **self.kd_options)
             return (loss, outputs) if return_outputs else loss
+
+        def _save_rng_state(self, output_dir):
+            super()._save_rng_state(output_dir)
+            if self.on_policy is not None and self.args.should_save:
+                torch.save(self.on_policy.state_dict(), os.path.join(output_dir, ON_POLICY_STATE))
+
+        def _load_rng_state(self, checkpoint):
+            super()._load_rng_state(checkpoint)
+            path = os.path.join(checkpoint, ON_POLICY_STATE) if checkpoint is not None else None
+            if self.on_policy is not None and path is not None and os.path.isfile(path):
+                self.on_policy.load_state_dict(torch.load(path, weights_only=True))
 
     _TRAINER_CLASS = DistillationTrainer
     return DistillationTrainer
