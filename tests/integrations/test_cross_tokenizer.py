@@ -7,7 +7,10 @@
   (`SpanAlignment.groups`);
 - `cross_tokenizer_kd_loss` equals a float64 loop over texts and spans with
   `kdfast.reference.uld_loss`, values and gradients, for the exact and the top-k form, and is 0
-  with a gradient path when nothing pairs.
+  with a gradient path when nothing pairs;
+- `CrossTokenizerCollator` + `cross_tokenizer_distillation_loss` on two tiny Llamas equal
+  α·CE + (1 − α)·that loop, and `DistillationTrainer(teacher_tokenizer=...)` computes the same
+  loss and lowers it in training.
 """
 
 import pytest
@@ -133,3 +136,76 @@ def test_bad_inputs_raise():
         encode_with_offsets(object(), ["a"], 4)
     with pytest.raises(ValueError, match="max_length"):
         encode_with_offsets(object(), ["a"], 0)
+
+
+# --------------------------------------------------------------------------------------
+# The collator, the two-model loss and DistillationTrainer(teacher_tokenizer=...)
+
+
+def _tiny_llama(vocab, seed, hidden=16):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                      max_position_embeddings=128)
+    return transformers.LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+def test_collator_and_two_model_loss(tokenizer_pair, alpha):
+    from kdfast.integrations.cross_tokenizer import CrossTokenizerCollator, cross_tokenizer_distillation_loss
+
+    student_tokenizer, teacher_tokenizer = tokenizer_pair
+    collate = CrossTokenizerCollator(student_tokenizer, teacher_tokenizer, max_length=48)
+    batch = collate([{"text": text} for text in TEXTS[:3]] + [TEXTS[3]])
+    assert torch.equal(batch["labels"] == -100, batch["attention_mask"] == 0)
+    student = _tiny_llama(student_tokenizer.get_vocab_size(), 0)
+    teacher = _tiny_llama(teacher_tokenizer.get_vocab_size(), 1)
+    loss, outputs = cross_tokenizer_distillation_loss(student, teacher, batch, temperature=2.0, alpha=alpha)
+    loss.backward()
+    logits = outputs.logits.detach().double().requires_grad_(True)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=batch["teacher_input_ids"],
+                                 attention_mask=batch["teacher_attention_mask"]).logits.double()
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                           batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    uld = _loop_reference(logits, teacher_logits, batch["span_pairs"], student_temperature=2.0,
+                          teacher_temperature=2.0)
+    expected = alpha * ce + (1 - alpha) * uld
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=2e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="'text' field"):
+        collate([{"other": "x"}])
+    with pytest.raises(ValueError, match="lacks"):
+        cross_tokenizer_distillation_loss(student, teacher, {"input_ids": batch["input_ids"]})
+
+
+def test_trainer_with_a_teacher_tokenizer(tokenizer_pair, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    from kdfast.integrations import huggingface as hf
+    from kdfast.integrations.cross_tokenizer import cross_tokenizer_distillation_loss
+
+    student_tokenizer, teacher_tokenizer = tokenizer_pair
+    student_fast = transformers.PreTrainedTokenizerFast(tokenizer_object=student_tokenizer)
+    teacher_fast = transformers.PreTrainedTokenizerFast(tokenizer_object=teacher_tokenizer)
+    student = _tiny_llama(student_tokenizer.get_vocab_size(), 0)
+    teacher = _tiny_llama(teacher_tokenizer.get_vocab_size(), 1, hidden=32)
+    with pytest.raises(ValueError, match="does not combine"):
+        hf.DistillationTrainer(model=student, teacher_model=teacher, teacher_tokenizer=teacher_fast, fused=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=12, learning_rate=1e-2, report_to=[],
+        save_strategy="no", logging_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+        dataloader_num_workers=0, remove_unused_columns=False)
+    dataset = [{"text": text} for text in TEXTS * 4]
+    trainer = hf.DistillationTrainer(model=student, args=args, train_dataset=dataset, teacher_model=teacher,
+                                     processing_class=student_fast, teacher_tokenizer=teacher_fast, alpha=0.3,
+                                     temperature=1.5, max_length=40)
+    batch = trainer.data_collator(dataset[:4])
+    with torch.no_grad():
+        expected, _ = cross_tokenizer_distillation_loss(student, teacher, batch, temperature=1.5, alpha=0.3)
+        before = trainer.compute_loss(student, batch).item()
+    assert before == pytest.approx(expected.item(), rel=1e-6)
+    trainer.train()
+    with torch.no_grad():
+        after = trainer.compute_loss(student, batch).item()
+    assert after < before

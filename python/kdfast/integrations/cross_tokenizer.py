@@ -17,15 +17,17 @@ either side is truncated, and its spans past the shorter side's end are not pair
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from kdfast.alignment import align_byte_offsets, char_to_byte_offsets, span_positions
 from kdfast.functional import uld_loss
+from kdfast.onpolicy import model_logits
 
-__all__ = ["cross_tokenizer_kd_loss", "encode_cross", "encode_with_offsets", "paired_rows", "span_pairs"]
+__all__ = ["CrossTokenizerCollator", "cross_tokenizer_distillation_loss", "cross_tokenizer_kd_loss", "encode_cross",
+           "encode_with_offsets", "paired_rows", "span_pairs"]
 
 
 def encode_with_offsets(tokenizer, texts: Sequence[str], max_length: int) -> Dict[str, Tensor]:
@@ -131,3 +133,79 @@ def cross_tokenizer_kd_loss(student_logits: Tensor, teacher_logits: Tensor, pair
     return uld_loss(student_rows, teacher_rows.to(student_rows.device), k=k,
                     student_temperature=student_temperature, teacher_temperature=teacher_temperature,
                     reduction=reduction)
+
+
+class CrossTokenizerCollator:
+    """Data collator: examples with a text field -> an `encode_cross` batch plus `labels`.
+
+    Args:
+        student_tokenizer, teacher_tokenizer: fast tokenizers (see `encode_with_offsets`).
+        max_length: tokens kept per text on each side (default 512).
+        text_key: the examples' text field (default "text"); plain strings are accepted too.
+
+    Returns (per call): input_ids, attention_mask, labels ([B, L_s]: input_ids with -100 at
+    padding; the causal shift happens in the loss), teacher_input_ids, teacher_attention_mask
+    and span_pairs. With `transformers.Trainer`, keep the text column in the examples:
+    `TrainingArguments(remove_unused_columns=False)`.
+    """
+
+    def __init__(self, student_tokenizer, teacher_tokenizer, max_length: int = 512, text_key: str = "text") -> None:
+        if max_length < 2:
+            raise ValueError(f"CrossTokenizerCollator: max_length must be >= 2, got {max_length}")
+        self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
+        self.max_length, self.text_key = int(max_length), text_key
+
+    def __call__(self, examples: Sequence[Any]) -> Dict[str, Tensor]:
+        texts = []
+        for example in examples:
+            if isinstance(example, str):
+                texts.append(example)
+            elif hasattr(example, "keys") and self.text_key in example:
+                texts.append(example[self.text_key])
+            else:
+                raise ValueError(f"CrossTokenizerCollator: each example needs a {self.text_key!r} field (with "
+                                 "transformers.Trainer keep it: TrainingArguments(remove_unused_columns=False)); "
+                                 f"got {type(example).__name__}")
+        batch = encode_cross(texts, self.student_tokenizer, self.teacher_tokenizer, self.max_length)
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return batch
+
+
+def cross_tokenizer_distillation_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: Any, *,
+                                      temperature: float = 1.0, alpha: float = 0.5, k: Optional[int] = None,
+                                      ignore_index: int = -100):
+    """α·CE + (1 − α)·ULD of `student` against the frozen `teacher` on one `CrossTokenizerCollator` batch.
+
+    CE is the student's next-token cross-entropy (position i predicts label i+1, mean over
+    labels other than `ignore_index`); ULD is `cross_tokenizer_kd_loss` over the batch's span
+    pairs with both softmaxes at `temperature` (no T² factor), mean over pairs (0 when none).
+
+    Returns:
+        `(loss, student_outputs)`: a float32 scalar and the student's raw output.
+    """
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    missing = [key for key in ("input_ids", "teacher_input_ids", "span_pairs", "labels") if key not in batch]
+    if missing:
+        raise ValueError(f"cross_tokenizer_distillation_loss: the batch lacks {missing}; CrossTokenizerCollator "
+                         "makes such batches")
+    outputs = student(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    student_logits = model_logits(outputs)
+    first = next(teacher.parameters(), None)
+    if first is not None and first.device != student_logits.device:
+        teacher.to(student_logits.device)
+    teacher.eval()
+    with torch.no_grad():
+        teacher_logits = model_logits(teacher(input_ids=batch["teacher_input_ids"],
+                                              attention_mask=batch.get("teacher_attention_mask")))
+    labels = batch["labels"].to(student_logits.device)
+    loss = student_logits.new_zeros((), dtype=torch.float32)
+    if alpha > 0:
+        shifted = student_logits[:, :-1].reshape(-1, student_logits.shape[-1]).float()
+        ce = torch.nn.functional.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=ignore_index)
+        loss = loss + alpha * torch.nan_to_num(ce, nan=0.0)  # no valid label: no CE term
+    if alpha < 1:
+        loss = loss + (1.0 - alpha) * cross_tokenizer_kd_loss(
+            student_logits, teacher_logits, batch["span_pairs"], k=k, student_temperature=temperature,
+            teacher_temperature=temperature)
+    return loss, outputs

@@ -24,7 +24,8 @@ Three entry points:
 A copy-paste recipe with both models loaded by `AutoModelForCausalLM` is in
 docs/huggingface.md.
 
-Teacher and student must share the tokenizer. Their logits may differ in width only when
+Teacher and student share the tokenizer, except with `DistillationTrainer(teacher_tokenizer=...)`
+(cross-tokenizer KD through `kdfast.integrations.cross_tokenizer`). Their logits may differ in width only when
 one model pads its embedding matrix; pass `vocab_size` (the tokenizer's real size) and both
 are cut to it. With `fused=True` (`distillation_loss`, `DistillationTrainer`) neither model's
 logits are materialised: both run their base model to the last hidden states, and
@@ -45,6 +46,7 @@ from torch import Tensor
 
 from kdfast import functional
 from kdfast.contract.install import install_hint
+from kdfast.integrations.cross_tokenizer import CrossTokenizerCollator, cross_tokenizer_distillation_loss
 from kdfast.onpolicy import (
     GenerationSettings,
     OnPolicyDistiller,
@@ -273,6 +275,17 @@ def _build_trainer_class():
             on_policy_seed: seed of the generator that draws the batch sources and the sampling
                 seeds (default None: `args.seed`); its state is saved with each checkpoint and
                 restored on resume.
+            teacher_tokenizer: a fast tokenizer of the teacher when it differs from the
+                student's (cross-tokenizer KD; default None: one shared tokenizer). Batches are
+                then texts, tokenized by both (`CrossTokenizerCollator`, the default
+                data_collator when `processing_class` is the student's fast tokenizer; keep the
+                text column with `TrainingArguments(remove_unused_columns=False)`), and the loss
+                is α·CE + (1 − α)·ULD over byte-aligned span predictions
+                (`cross_tokenizer_distillation_loss`, docs/cross_tokenizer.md). Not combined
+                with `fused`, `lmbda` or `seq_kd`; `divergence`, `beta`, `label_smoothing`,
+                `vocab_size` and `t2_scale` do not apply.
+            uld_k: top-k form of that ULD loss (default None: exact).
+            max_length: tokens kept per text on each side by that collator (default 512).
             *args, **kwargs: passed to `transformers.Trainer` (model, args, datasets,
                 data_collator, ...).
 
@@ -296,7 +309,8 @@ def _build_trainer_class():
                      label_smoothing: float = 0.0, vocab_size: Optional[int] = None, fused: bool = False,
                      t2_scale: bool = True, lmbda: Optional[float] = None, seq_kd: bool = False,
                      max_new_tokens: int = 128, generation_temperature: float = 1.0, top_p: float = 1.0,
-                     top_k: int = 0, on_policy_seed: Optional[int] = None, **kwargs: Any) -> None:
+                     top_k: int = 0, on_policy_seed: Optional[int] = None, teacher_tokenizer: Any = None,
+                     uld_k: Optional[int] = None, max_length: int = 512, **kwargs: Any) -> None:
             if not isinstance(teacher_model, torch.nn.Module):
                 raise TypeError(f"teacher_model must be a torch.nn.Module, got {type(teacher_model).__name__}")
             if not (float(temperature) > 0):
@@ -311,6 +325,18 @@ def _build_trainer_class():
                 raise ValueError("teacher_model must be a different module from the student model")
             GenerationSettings(max_new_tokens=max_new_tokens, temperature=generation_temperature, top_p=top_p,
                                top_k=top_k)  # checks the sampling settings before the Trainer is built
+            if teacher_tokenizer is not None:
+                if fused or lmbda is not None or seq_kd:
+                    raise ValueError("teacher_tokenizer (cross-tokenizer KD) does not combine with fused, lmbda or "
+                                     "seq_kd")
+                if uld_k is not None and int(uld_k) < 1:
+                    raise ValueError(f"uld_k must be >= 1 or None, got {uld_k}")
+                student_tokenizer = kwargs.get("processing_class", kwargs.get("tokenizer"))
+                if kwargs.get("data_collator") is None:
+                    if student_tokenizer is None:
+                        raise ValueError("teacher_tokenizer needs the student's tokenizer as processing_class (or "
+                                         "a data_collator making CrossTokenizerCollator batches)")
+                    kwargs["data_collator"] = CrossTokenizerCollator(student_tokenizer, teacher_tokenizer, max_length)
             super().__init__(*args, **kwargs)
             # Older Trainer versions decide loss scaling from this flag instead of loss_is_scaled_for_ga.
             self.model_accepts_loss_kwargs = False
@@ -319,6 +345,7 @@ def _build_trainer_class():
                                    beta=float(beta), label_smoothing=float(label_smoothing), vocab_size=vocab_size,
                                    fused=bool(fused), t2_scale=bool(t2_scale))
             seed = self.args.seed if on_policy_seed is None else on_policy_seed
+            self.teacher_tokenizer, self.uld_k = teacher_tokenizer, uld_k
             self.on_policy = _on_policy_helper(getattr(self, "processing_class", None), lmbda, seq_kd, max_new_tokens,
                                                generation_temperature, top_p, top_k, seed)
 
@@ -338,7 +365,12 @@ def _build_trainer_class():
         def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
             """`distillation_loss(model, teacher_model, inputs)`; `num_items_in_batch` is unused
             (the loss is a per-micro-batch mean, see the class docstring)."""
-            loss, outputs = distillation_loss(model, self.teacher_model, inputs, **self.kd_options)
+            if self.teacher_tokenizer is not None:
+                loss, outputs = cross_tokenizer_distillation_loss(
+                    model, self.teacher_model, inputs, temperature=self.kd_options["temperature"],
+                    alpha=self.kd_options["alpha"], k=self.uld_k)
+            else:
+                loss, outputs = distillation_loss(model, self.teacher_model, inputs, **self.kd_options)
             return (loss, outputs) if return_outputs else loss
 
         def _save_rng_state(self, output_dir):
