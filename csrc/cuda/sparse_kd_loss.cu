@@ -1,5 +1,7 @@
-// CUDA kernels of the sparse KD loss against top-k soft labels: kdfast::sparse_kd_forward_cuda
-// and kdfast::sparse_kd_backward_cuda (declared in bindings.cpp).
+// CUDA kernels of the sparse KD loss against top-k soft labels: the forward pass and the loss
+// reduction here, kdfast::sparse_kd_forward_cuda (declared in bindings.cpp); the backward pass,
+// kdfast::sparse_kd_backward_cuda, in sparse_kd_backward.cu; what they share in
+// sparse_kd_common.cuh.
 // Contract: the same as sparse_kd_forward_cpu / sparse_kd_backward_cpu (types.h
 // SparseKDForwardArgs / SparseKDBackwardArgs; per-bucket math in sparse_rowmath.h, shared with
 // the CPU): row_stats [rows, kSparseRowStats] in float64 with the same columns, the loss in the
@@ -10,11 +12,18 @@
 // repeat, is not counted (that would need a host synchronisation); the row's statistics and
 // loss are NaN (so a reduced loss is NaN too), its gradient is NaN, nothing is written outside
 // the row, and the forward returns zero counts. Everything is enqueued on `stream`; nothing
-// synchronises or allocates (CUDA-graph safe). The vocabulary is limited by a per-row bitmap
-// of V bits in shared memory: at most kCudaMaxSparseVocab (types.h, 2^20: 128 KiB), and less
-// on devices that offer less shared memory per block.
+// synchronises or allocates (CUDA-graph safe). The kept tokens are marked in a per-row bitmap
+// of V bits in shared memory (V at most kCudaMaxSparseVocab, types.h: 2^20, 128 KiB); where the
+// device's shared memory per block cannot hold it (99 KiB on sm_86 / sm_89: V above about
+// 790K), the bitmap covers a window of the row and the row is marked and streamed window by
+// window (shared_memory_plan.cuh), at the cost of one more pass over the k indices per window.
 //
-// Forward (sparse_kd_forward_rows_kernel, one block per row): the kept indices are checked and
+// Forward (sparse_kd_forward_rows_kernel, one block per row, or on sm_90 with fewer rows than
+// multiprocessors a thread-block cluster of up to 8 blocks per row, chosen on the host from the
+// compute capability and the kernel's binary: each block marks and streams its share of the
+// row's windows, and the blocks' tail statistics are merged in rank order through distributed
+// shared memory by the block of rank 0, which finishes the row; sm_80 keeps one block per
+// row): the kept indices are checked and
 // marked in the shared bitmap, then the student row is streamed once with 16-byte loads (per
 // row: scalar head to the first 16-byte boundary, vector body, scalar tail, as the dense
 // kernels; next batch in flight); every non-kept element enters the thread's tail log-sum-exp at T and/or at
@@ -28,6 +37,7 @@
 // barrier the threads overwrite the k kept positions with their own gradient (scattered 2- or
 // 4-byte stores to lines the block just wrote). Bytes per element: forward one read of the
 // student, backward one read of the student and one write of the gradient.
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -36,36 +46,17 @@
 #include <string>
 
 #include "kd_loss_cuda_common.cuh"
+#include "row_split.cuh"
+#include "shared_memory_plan.cuh"
 #include "sparse_bitmap.cuh"
+#include "sparse_kd_common.cuh"
+#include "topk_cuda_common.cuh"
 #include "kdfast/kdfast.h"
 #include "kdfast/sparse_rowmath.h"
-#include "topk_cuda_common.cuh"
 
 namespace kdfast {
 namespace cuda {
 namespace {
-
-using sparse::SparseCoefficients;
-
-constexpr int kSparseMaxBlock = 512;
-constexpr int kSparseWarps = kSparseMaxBlock / 32;
-constexpr int kSparseLossColumn = 7;
-constexpr double kInfinity = std::numeric_limits<double>::infinity();
-
-// What a call needs streamed from the student row (the CPU kernel's StreamPlan).
-struct SparsePlan {
-  bool tail_at_t;  // log-sum-exp of the non-kept s/T: the tail bucket
-  bool tail_at_1;  // log-sum-exp of the non-kept s: cross-entropy when it cannot reuse the above
-  bool smoothing;  // sum of all s: label smoothing
-};
-
-inline SparsePlan make_plan(const SparseCoefficients<double>& k, double temperature) {
-  SparsePlan plan;
-  plan.tail_at_t = k.bucket && k.need_kd;
-  plan.tail_at_1 = k.need_ce && !(plan.tail_at_t && temperature == 1.0);
-  plan.smoothing = k.need_ce && k.label_smoothing > 0.0;
-  return plan;
-}
 
 struct SparseRowParams {
   const void* student;
@@ -75,6 +66,8 @@ struct SparseRowParams {
   int64_t rows;
   int vocab;
   int bitmap_words;
+  int window_groups;  // groups of the row marked and streamed per bitmap window (shared_memory_plan.cuh)
+  int cluster_size;   // blocks per row (a thread-block cluster on sm_90; 1 elsewhere)
   int64_t ignore_index;
   SparsePlan plan;
   double temperature;
@@ -83,27 +76,19 @@ struct SparseRowParams {
   double* row_stats;
 };
 
-// Block-wide reductions of N doubles (every thread ends with the result; fixed order).
-template <int N>
-struct BlockScratch {
-  double values[kSparseWarps][N];
-};
-
-template <int N, class Op>
-__device__ __forceinline__ void block_reduce(double (&values)[N], BlockScratch<N>& scratch, Op op) {
-  team_all_reduce(values, scratch.values, static_cast<int>(blockDim.x), op);
-}
-
 // log Σ_j exp(x_j − max) + max from a block-reduced maximum and sum; −inf for an empty set.
 __device__ __forceinline__ double finish_log_sum_exp(double max_value, double sum) {
   if (sum != sum) return sum;
   return sum > 0.0 ? max_value + ::log(sum) : -kInfinity;
 }
 
-// Marks the kept indices of `row` in the bitmap (cleared first); returns true (in every
-// thread) when one is outside [0, vocab) or repeated.
-__device__ __forceinline__ bool mark_kept(const SoftLabelView& labels, int64_t row, int vocab, unsigned* bitmap,
-                                          int bitmap_words) {
+// Marks the kept indices of `row` that lie in the window [lo, hi) of the row in the bitmap
+// (cleared first; bit i - lo for index i); returns true (in every thread) when an index is
+// outside [0, vocab) or one in the window is repeated. Every index lies in one window, so the
+// windows of a row together find every repeat.
+__device__ __forceinline__ bool mark_kept(const SoftLabelView& labels, int64_t row, int vocab, int lo, int hi,
+                                          unsigned* bitmap, int bitmap_words) {
+  __syncthreads();  // the previous window's readers are done
   for (int w = threadIdx.x; w < bitmap_words; w += blockDim.x) bitmap[w] = 0u;
   __syncthreads();
   bool bad = false;
@@ -113,14 +98,64 @@ __device__ __forceinline__ bool mark_kept(const SoftLabelView& labels, int64_t r
       bad = true;
       continue;
     }
-    const unsigned bit = 1u << (index & 31);
-    const unsigned old = atomicOr(&bitmap[index >> 5], bit);
+    if (index < lo || index >= hi) continue;
+    const int offset = static_cast<int>(index) - lo;
+    const unsigned bit = 1u << (offset & 31);
+    const unsigned old = atomicOr(&bitmap[offset >> 5], bit);
     bad = bad || (old & bit) != 0u;
   }
   return __syncthreads_or(bad ? 1 : 0) != 0;
 }
 
-template <class SX, class C, bool kVectorized>
+// One block's (or, merged, one row's) tail statistics: the tails' maxima and their sums
+// relative to them, the label-smoothing total, the NaN count, and whether a kept index is out
+// of range or repeated.
+struct TailPart {
+  double max_t, sum_t, max_1, sum_1, total, nan_count;
+  int bad;
+};
+
+// Cluster path: the blocks' parts of a row merged in rank order (maxima, then the sums moved
+// onto them, in double) through distributed shared memory into `part` of the block of rank 0.
+// Every thread of the cluster calls it; returns true in the block of rank 0.
+__device__ __forceinline__ bool merge_cluster_parts(TailPart& part, TailPart* shared_part, double inv_t) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  if (threadIdx.x == 0) *shared_part = part;
+  cluster.sync();
+  const bool first = cluster.block_rank() == 0;
+  if (first && threadIdx.x == 0) {
+    const unsigned ranks = cluster.num_blocks();
+    TailPart merged{-kInfinity, 0.0, -kInfinity, 0.0, 0.0, 0.0, 0};
+    for (unsigned r = 0; r < ranks; ++r) {
+      const TailPart* other = cluster.map_shared_rank(shared_part, r);
+      merged.max_t = fmax(merged.max_t, other->max_t);
+      merged.max_1 = fmax(merged.max_1, other->max_1);
+    }
+    for (unsigned r = 0; r < ranks; ++r) {
+      const TailPart* other = cluster.map_shared_rank(shared_part, r);
+      merged.sum_t += other->max_t != -kInfinity ? other->sum_t * ::exp((other->max_t - merged.max_t) * inv_t)
+                                                 : other->sum_t;
+      merged.sum_1 += other->max_1 != -kInfinity ? other->sum_1 * ::exp(other->max_1 - merged.max_1) : other->sum_1;
+      merged.total += other->total;
+      merged.nan_count += other->nan_count;
+      merged.bad |= other->bad;
+    }
+    *shared_part = merged;  // read by no other block: they only read their own part
+  }
+  cluster.sync();  // the other blocks' parts stay readable until rank 0 has merged them
+  if (first) part = *shared_part;
+  return first;
+#else
+  (void)part;
+  (void)shared_part;
+  (void)inv_t;
+  __trap();  // the host launches the cluster instance only where sm_90 code runs
+  return false;
+#endif
+}
+
+template <class SX, class C, bool kVectorized, bool kCluster>
 __global__ void __launch_bounds__(kSparseMaxBlock)
     sparse_kd_forward_rows_kernel(SparseRowParams p, SparseCoefficients<double> k) {
   constexpr int kW = BatchLayout<C>::kWidth;
@@ -128,40 +163,52 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
   __shared__ BlockScratch<4> max_scratch;
   __shared__ BlockScratch<7> sum_scratch;
   __shared__ BlockScratch<2> term_scratch;
+  __shared__ BlockScratch<4> tail_scratch;
+  __shared__ TailPart cluster_part;
 
-  const int64_t row = blockIdx.x;
+  const int ranks = kCluster ? p.cluster_size : 1;
+  const int rank = kCluster ? static_cast<int>(blockIdx.x) % ranks : 0;
+  const int64_t row = blockIdx.x / ranks;
   double* stats = p.row_stats + row * kSparseRowStats;
   const bool ignored = p.labels != nullptr && p.labels[row] == p.ignore_index;
   const bool bad_label = !ignored && p.labels != nullptr && (p.labels[row] < 0 || p.labels[row] >= p.vocab);
-  if (ignored || bad_label) {  // block-uniform
+  if (ignored || bad_label) {  // uniform over the row's blocks; the block of rank 0 writes
     const double value = ignored ? 0.0 : std::numeric_limits<double>::quiet_NaN();
+    if (rank != 0) return;
     if (threadIdx.x < kSparseRowStats) stats[threadIdx.x] = value;
     if (threadIdx.x == 0 && p.write_row_losses) static_cast<C*>(p.loss)[row] = static_cast<C>(value);
     return;
   }
   const int vocab = p.vocab;
   const int kk = static_cast<int>(p.soft_labels.k);
-  if (mark_kept(p.soft_labels, row, vocab, bitmap, p.bitmap_words)) {
-    if (threadIdx.x < kSparseRowStats) stats[threadIdx.x] = std::numeric_limits<double>::quiet_NaN();
-    if (threadIdx.x == 0 && p.write_row_losses) static_cast<C*>(p.loss)[row] = std::numeric_limits<C>::quiet_NaN();
-    return;
-  }
   const double inv_t = k.inv_temperature;
   const typename SX::Raw* s_row = static_cast<const typename SX::Raw*>(p.student) + row * p.student_row_stride;
 
-  // Stream the row: tails (non-kept entries) at T and at 1, the total, NaN count.
+  // Stream the row: tails (non-kept entries) at T and at 1, the total, NaN count; window by
+  // window of the bitmap (one window holding the whole row unless shared memory is short).
+  // A window covers row elements [lo, hi) (row_split.cuh); a group's bits start at bit first - lo.
   ThreadTail<C> tail_t, tail_1;
   double total = 0.0;
   int nan_count = 0;
-  if (p.plan.tail_at_t || p.plan.tail_at_1 || p.plan.smoothing) {
+  const bool stream = p.plan.tail_at_t || p.plan.tail_at_1 || p.plan.smoothing;
+  const int pad = kVectorized ? row_pad<SX>(s_row) : 0;  // the row on the 16-byte grid
+  const int groups = (vocab + pad + kW - 1) / kW;
+  bool bad = false;
+  // Windows rank, rank + ranks, ... (all of them with one block per row); the first window also
+  // checks every index against the row (mark_kept), so an empty row is checked too.
+  for (int g_lo = rank * p.window_groups; g_lo < groups || g_lo == 0; g_lo += ranks * p.window_groups) {
+    const RowWindow window = row_window(g_lo, groups, p.window_groups, pad, vocab, kW);
+    const int lo = window.lo;
+    bad = mark_kept(p.soft_labels, row, vocab, lo, window.hi, bitmap, p.bitmap_words);
+    if (bad) break;  // block-uniform
+    if (!stream) continue;
     const ScaledExp<C> exp_over_t(static_cast<C>(inv_t));
     const ScaledExp<C> exp_plain(C(1));
-    const int pad = kVectorized ? row_pad<SX>(s_row) : 0;  // the row on the 16-byte grid
-    const int groups = (vocab + pad + kW - 1) / kW;
-    const ThreadBatches<C> batches(vocab, pad, 0, groups, static_cast<int>(blockDim.x), static_cast<int>(threadIdx.x));
+    const ThreadBatches<C> batches(vocab, pad, g_lo, window.g_hi, static_cast<int>(blockDim.x),
+                                   static_cast<int>(threadIdx.x));
     stream_batches<SX, SX, C, kVectorized, true>(
         s_row, s_row, vocab, batches, false, [&](const C* s, const C*, const int* first, auto) {
-          const unsigned word = kept_bits(bitmap, p.bitmap_words, first[0]);
+          const unsigned word = kept_bits(bitmap, p.bitmap_words, first[0] - lo);
           C x[kW];
 #pragma unroll
           for (int e = 0; e < kW; ++e) {
@@ -176,6 +223,31 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
         });
   }
 
+  // The block's tails (maxima, then the sums moved onto them), and in a cluster the row's.
+  TailPart part;
+  {
+    double tail_maxima[2] = {static_cast<double>(tail_t.max_value), static_cast<double>(tail_1.max_value)};
+    block_reduce(tail_maxima, term_scratch, MaxOp{});
+    double tail_sums[4] = {0.0, 0.0, total, static_cast<double>(nan_count)};
+    if (tail_t.max_value != negative_infinity<C>()) {
+      tail_sums[0] =
+          static_cast<double>(tail_t.sum) * ::exp((static_cast<double>(tail_t.max_value) - tail_maxima[0]) * inv_t);
+    }
+    if (tail_1.max_value != negative_infinity<C>()) {
+      tail_sums[1] = static_cast<double>(tail_1.sum) * ::exp(static_cast<double>(tail_1.max_value) - tail_maxima[1]);
+    }
+    block_reduce(tail_sums, tail_scratch, SumOp{});
+    part = TailPart{tail_maxima[0], tail_sums[0], tail_maxima[1], tail_sums[1], tail_sums[2], tail_sums[3], bad ? 1 : 0};
+  }
+  if constexpr (kCluster) {
+    if (!merge_cluster_parts(part, &cluster_part, inv_t)) return;  // the other blocks are done
+  }
+  if (part.bad != 0) {  // block-uniform
+    if (threadIdx.x < kSparseRowStats) stats[threadIdx.x] = std::numeric_limits<double>::quiet_NaN();
+    if (threadIdx.x == 0 && p.write_row_losses) static_cast<C*>(p.loss)[row] = std::numeric_limits<C>::quiet_NaN();
+    return;
+  }
+
   // The kept logits (read back; a thread handles slots j = threadIdx.x + i * blockDim.x).
   const SoftLabelView& labels = p.soft_labels;
   double kept_max = -kInfinity, teacher_max = -kInfinity;
@@ -184,21 +256,17 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
     kept_max = fmax(kept_max, static_cast<double>(SX::to_compute(load_element<SX>(s_row + index))));
     if (k.need_kd) teacher_max = fmax(teacher_max, sparse::load_value<double>(labels.logprobs, labels.logprob_dtype, row * kk + j));
   }
-  double maxima[4] = {static_cast<double>(tail_t.max_value), static_cast<double>(tail_1.max_value), kept_max,
-                      teacher_max};
+  double maxima[4] = {part.max_t, part.max_1, kept_max, teacher_max};
   block_reduce(maxima, max_scratch, MaxOp{});
   // The log-normalisers are relative to the largest student logit the row reads (as on the CPU).
   const bool streamed = p.plan.tail_at_t || p.plan.tail_at_1;
   const double tail_max = streamed ? fmax(maxima[0], maxima[1]) : -kInfinity;
   const double kd_reference = sparse::reference_logit(maxima[2], k.bucket ? tail_max : -kInfinity);
   const double reference = sparse::reference_logit(maxima[2], tail_max);
-  double sums[7] = {0.0, 0.0, 0.0, 0.0, 0.0, total, static_cast<double>(nan_count)};
-  if (tail_t.max_value != negative_infinity<C>()) {
-    sums[0] = static_cast<double>(tail_t.sum) * ::exp((static_cast<double>(tail_t.max_value) - maxima[0]) * inv_t);
-  }
-  if (tail_1.max_value != negative_infinity<C>()) {
-    sums[1] = static_cast<double>(tail_1.sum) * ::exp(static_cast<double>(tail_1.max_value) - maxima[1]);
-  }
+  // The row's tail sums and counts enter once (from thread 0: the block sum adds zeros to them).
+  const bool lead = threadIdx.x == 0;
+  double sums[7] = {lead ? part.sum_t : 0.0, lead ? part.sum_1 : 0.0, 0.0, 0.0, 0.0, lead ? part.total : 0.0,
+                    lead ? part.nan_count : 0.0};
   for (int j = threadIdx.x; j < kk; j += blockDim.x) {
     const int64_t index = sparse::load_index(labels.indices, labels.index_type, row * kk + j);
     const double logit = static_cast<double>(SX::to_compute(load_element<SX>(s_row + index)));
@@ -302,189 +370,86 @@ __global__ void __launch_bounds__(kSparseReduceThreads)
   *valid_rows = values[1];
 }
 
-// ---------------------------------------------------------------- backward
-
-struct SparseBackwardParams {
-  const void* grad_output;  // compute dtype
-  int64_t grad_output_stride;
-  const void* student;
-  int64_t student_row_stride;
-  SoftLabelView soft_labels;
-  const int64_t* labels;
-  int64_t rows;
-  int vocab;
-  int64_t ignore_index;
-  Reduction reduction;
-  bool kd_tail;       // the tail bucket's gradient reaches the non-kept entries
-  bool ce_from_tail;  // cross-entropy's r of a tail entry from the tail bucket's exp (T == 1)
-  const double* row_stats;
-  const double* valid_rows;
-  void* grad_student;
-};
-
-template <class SX, class C, bool kVectorized>
-__global__ void __launch_bounds__(kSparseMaxBlock)
-    sparse_kd_backward_kernel(SparseBackwardParams p, SparseCoefficients<double> k) {
-  constexpr int kW = BatchLayout<C>::kWidth;
-  const int64_t row = blockIdx.x;
-  const int vocab = p.vocab;
-  const int team = static_cast<int>(blockDim.x);
-  typename SX::Raw* g_row = static_cast<typename SX::Raw*>(p.grad_student) + row * static_cast<int64_t>(vocab);
-  // Vectorised: the gradient and student rows share one pad on the 16-byte grid (host-checked).
-  const int pad = kVectorized ? row_pad<SX>(g_row) : 0;
-  const int groups = (vocab + pad + kW - 1) / kW;
-  const int64_t label = p.labels != nullptr ? p.labels[row] : int64_t(-1);
-  const bool ignored = p.labels != nullptr && label == p.ignore_index;
-  const double* st = p.row_stats + row * kSparseRowStats;
-  if (!ignored && st[kSparseLossColumn] != st[kSparseLossColumn]) {  // a NaN row loss: a NaN gradient row
-    C nans[kW];
-#pragma unroll
-    for (int e = 0; e < kW; ++e) nans[e] = std::numeric_limits<C>::quiet_NaN();
-    for (int g = threadIdx.x; g < groups; g += team) store_group<SX, C, kVectorized>(g_row, g * kW - pad, vocab, nans);
-    return;
-  }
-  const bool tail_gradient = !ignored && (p.kd_tail || k.need_ce);
-
-  // Ignored rows, and rows whose tail entries get no gradient (no tail bucket, no cross-entropy,
-  // so no label step either): zeros first.
-  if (!tail_gradient) {
-    C zeros[kW];
-#pragma unroll
-    for (int e = 0; e < kW; ++e) zeros[e] = C(0);
-    for (int g = threadIdx.x; g < groups; g += team) store_group<SX, C, kVectorized>(g_row, g * kW - pad, vocab, zeros);
-    if (ignored) return;
-  }
-
-  double reduction_scale = 1.0;
-  if (p.reduction == Reduction::Mean) {
-    const double valid = *p.valid_rows;
-    reduction_scale = valid > 0.0 ? 1.0 / valid : 0.0;
-  } else if (p.reduction == Reduction::BatchMean) {
-    reduction_scale = p.rows > 0 ? 1.0 / static_cast<double>(p.rows) : 0.0;
-  }
-  const double g = static_cast<double>(static_cast<const C*>(p.grad_output)[row * p.grad_output_stride]) * reduction_scale;
-  const double inv_t = k.inv_temperature;
-  const double kd_factor = k.need_kd ? g * (1.0 - k.alpha) * k.divergence_scale * inv_t : 0.0;
-  const double ce_factor = k.need_ce ? g * k.alpha : 0.0;
-  const double smooth = k.label_smoothing / static_cast<double>(vocab);
-  const double tail_max = st[0], tail_log_sum_t = st[1], student_norm = st[2], lse_1 = st[3];
-  const double teacher_norm = st[4], g_bar = st[5], tail_coeff = st[6];
-  const bool has_tail = tail_max != -kInfinity;
-  const double tail_ref = has_tail ? tail_max : 0.0;
-  const double log_sum_t = has_tail && p.kd_tail ? tail_log_sum_t : 0.0;
-  const double label_step = ce_factor * (1.0 - k.label_smoothing);
-  const bool label_in_row = k.need_ce && label >= 0 && label < vocab;
-
-  const SoftLabelView& labels = p.soft_labels;
-  const int kk = static_cast<int>(labels.k);
-  const typename SX::Raw* s_row = static_cast<const typename SX::Raw*>(p.student) + row * p.student_row_stride;
-  bool label_kept = false;
-  double kept_max[1] = {-kInfinity};
-  for (int j = threadIdx.x; j < kk; j += team) {
-    const int64_t index = sparse::load_index(labels.indices, labels.index_type, row * kk + j);
-    label_kept = label_kept || index == label;
-    kept_max[0] = fmax(kept_max[0], static_cast<double>(SX::to_compute(load_element<SX>(s_row + index))));
-  }
-  label_kept = __syncthreads_or(label_kept ? 1 : 0) != 0;
-  __shared__ BlockScratch<1> max_scratch;
-  block_reduce(kept_max, max_scratch, MaxOp{});
-  // The forward pass's reference logits (its log-normalisers are relative to them).
-  const double kd_reference = sparse::reference_logit(kept_max[0], k.bucket ? tail_max : -kInfinity);
-  const double reference = sparse::reference_logit(kept_max[0], tail_max);
-  const double q_tail =
-      has_tail && p.kd_tail ? ::exp((tail_max - kd_reference) * inv_t + tail_log_sum_t - student_norm) : 0.0;
-
-  if (tail_gradient) {
-    // Tail formula for every element (kept positions are overwritten below), as the CPU's
-    // tail_chunk_grad: kd_factor tail_coeff e + ce_factor (r − eps/V).
-    const C c_tail_ref = static_cast<C>(tail_ref), c_inv_t = static_cast<C>(inv_t);
-    const C c_log_sum_t = static_cast<C>(log_sum_t), c_kd_tail = static_cast<C>(kd_factor * tail_coeff);
-    const C c_q_tail = static_cast<C>(q_tail), c_ce = static_cast<C>(ce_factor), c_smooth = static_cast<C>(smooth);
-    const C c_log_r_offset = static_cast<C>(reference - tail_ref + lse_1);
-    const C c_label_step = static_cast<C>(label_step);
-    const ThreadBatches<C> batches(vocab, pad, 0, groups, team, static_cast<int>(threadIdx.x));
-    stream_batches<SX, SX, C, kVectorized, true>(
-        s_row, s_row, vocab, batches, false, [&](const C* s, const C*, const int* first, auto) {
-          C out[kW];
-#pragma unroll
-          for (int e = 0; e < kW; ++e) {
-            const C centred = s[e] - c_tail_ref;
-            C value = C(0);
-            if (p.kd_tail) {
-              const C arg = centred * c_inv_t - c_log_sum_t;
-              const C ex = rowmath::exp_c(arg < C(0) ? arg : C(0));
-              value += c_kd_tail * ex;
-              if (k.need_ce && p.ce_from_tail) value += c_ce * (ex * c_q_tail - c_smooth);
-            }
-            if (k.need_ce && !p.ce_from_tail) {
-              const C arg = centred - c_log_r_offset;
-              value += c_ce * (rowmath::exp_c(arg < C(0) ? arg : C(0)) - c_smooth);
-            }
-            out[e] = value;
-          }
-          if (label_in_row && !label_kept && label >= first[0] && label < first[0] + kW) {
-#pragma unroll
-            for (int e = 0; e < kW; ++e) {
-              if (first[0] + e == label) out[e] -= c_label_step;
-            }
-          }
-          store_group<SX, C, kVectorized>(g_row, first[0], vocab, out);
-        });
-  }
-  __syncthreads();  // the streamed stores come before the kept entries' own values
-
-  for (int j = threadIdx.x; j < kk; j += team) {
-    const int64_t index = sparse::load_index(labels.indices, labels.index_type, row * kk + j);
-    if (index < 0 || index >= vocab) continue;  // a bad row (NaN statistics): never write outside it
-    const double logit = static_cast<double>(SX::to_compute(load_element<SX>(s_row + index)));
-    double value = 0.0;
-    if (k.need_kd) {
-      const double log_p = sparse::load_value<double>(labels.logprobs, labels.logprob_dtype, row * kk + j) - teacher_norm;
-      const double log_q = (logit - kd_reference) * inv_t - student_norm;
-      const auto term = sparse::bucket_term<double>(log_p, log_q, k.divergence, k.beta);
-      const double q = log_q == -kInfinity ? 0.0 : ::exp(log_q);
-      value += kd_factor * (term.weight - g_bar * q);
-    }
-    if (k.need_ce) value += ce_factor * (::exp((logit - reference) - lse_1) - smooth);
-    C stored = static_cast<C>(value);
-    if (index == label) stored -= static_cast<C>(label_step);
-    g_row[index] = SX::from_compute(stored);
-  }
-}
-
 // ---------------------------------------------------------------- launch helpers
 
-inline int sparse_block_size(int64_t vocab) {
-  if (vocab >= 16384) return kSparseMaxBlock;
-  if (vocab >= 2048) return 256;
-  return 128;
-}
-
-inline size_t bitmap_bytes(int64_t vocab) { return static_cast<size_t>((vocab + 31) / 32) * sizeof(unsigned); }
-
-inline void check_bitmap_fits(int64_t vocab, const char* function) {
+inline void check_sparse_vocab(int64_t vocab, const char* function) {
   if (vocab > kCudaMaxSparseVocab) {
     throw std::invalid_argument(std::string(function) + ": vocabulary size " + std::to_string(vocab) +
                                 " exceeds the kernel's limit " + std::to_string(kCudaMaxSparseVocab));
   }
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  int limit = 0;
-  check_cuda(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
-  if (bitmap_bytes(vocab) + 4096 > static_cast<size_t>(limit)) {
-    throw std::invalid_argument(std::string(function) + ": vocabulary size " + std::to_string(vocab) +
-                                " needs a " + std::to_string(bitmap_bytes(vocab)) +
-                                "-byte bitmap of kept tokens in shared memory; the device offers " + std::to_string(limit));
-  }
 }
 
-// True when the rows of the given tensors (student; and gradient) share one pad on the 16-byte
-// grid (rows_share_pad): then the kernels use 16-byte accesses per row.
-template <class SX, class C>
-bool rows_vectorizable(const void* student, int64_t row_stride, const void* gradient, int64_t vocab, int64_t rows) {
-  const int size = static_cast<int>(sizeof(typename SX::Raw));
-  const RowTensor tensors[2] = {{student, row_stride, size}, {gradient, vocab, size}};
-  return rows_share_pad(tensors, gradient != nullptr ? 2 : 1, rows, kGroupWidth<C>);
+// Static shared memory the forward kernel is granted besides its bitmap (its scratch is about
+// 1.6 KiB in double; the rest is headroom).
+constexpr size_t kSparseForwardStaticBytes = 4096;
+
+// The device's shared memory per block (opt-in limit) and whether it runs this file's sm_90
+// code (thread-block clusters): compute capability 9 or more and an sm_90 (or newer) binary of
+// `kernel` rather than one compiled for an older architecture.
+struct SparseDevice {
+  int shared_limit;
+  bool clusters;
+};
+
+inline SparseDevice sparse_device(const void* cluster_kernel) {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  SparseDevice d{0, false};
+  check_cuda(cudaDeviceGetAttribute(&d.shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute");
+  int major = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+  if (major >= 9) {
+    cudaFuncAttributes attributes{};
+    check_cuda(cudaFuncGetAttributes(&attributes, cluster_kernel), "cudaFuncGetAttributes");
+    d.clusters = attributes.binaryVersion >= 90;
+  }
+  return d;
+}
+
+template <class SX, class C, bool kVectorized>
+void launch_sparse_forward(SparseRowParams p, const SparseCoefficients<double>& k, int64_t rows, int64_t vocab,
+                           cudaStream_t stream) {
+  const int block = sparse_block_size(vocab);
+  auto cluster_kernel = sparse_kd_forward_rows_kernel<SX, C, kVectorized, true>;
+  auto plain_kernel = sparse_kd_forward_rows_kernel<SX, C, kVectorized, false>;
+  const SparseDevice device = sparse_device(reinterpret_cast<const void*>(cluster_kernel));
+  const size_t limit = static_cast<size_t>(device.shared_limit);
+  // Few long rows on sm_90: a cluster of blocks per row, each streaming its share of the
+  // windows, merged through distributed shared memory; else one block per row.
+  const int cluster = device.clusters ? sparse_cluster_size(rows, vocab, block, kGroupWidth<C>,
+                                                            multiprocessor_count())
+                                      : 1;
+  const SparseBitmapPlan plan =
+      plan_sparse_cluster(vocab, block, kGroupWidth<C>, kSparseForwardStaticBytes, limit, cluster);
+  if (!plan.fits) {
+    throw std::invalid_argument("sparse_kd_loss (CUDA): the device offers " + std::to_string(limit) +
+                                " bytes of shared memory per block, too few for one bitmap window of kept tokens");
+  }
+  p.bitmap_words = plan.bitmap_words;
+  p.window_groups = plan.window_groups;
+  p.cluster_size = cluster > 1 && plan.windows > 1 ? cluster : 1;
+  const size_t shared_bytes = plan.dynamic_bytes;
+  if (p.cluster_size == 1) {
+    allow_dynamic_shared_memory(reinterpret_cast<const void*>(plain_kernel), shared_bytes);
+    plain_kernel<<<static_cast<unsigned>(rows), block, shared_bytes, stream>>>(p, k);
+    check_launch("sparse_kd_forward_rows_kernel");
+    return;
+  }
+  allow_dynamic_shared_memory(reinterpret_cast<const void*>(cluster_kernel), shared_bytes);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(rows * p.cluster_size));
+  config.blockDim = dim3(static_cast<unsigned>(block));
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = static_cast<unsigned>(p.cluster_size);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  check_cuda(cudaLaunchKernelEx(&config, cluster_kernel, p, k), "sparse_kd_forward_rows_kernel (cluster)");
 }
 
 template <class SX, class C>
@@ -498,7 +463,6 @@ void sparse_forward_typed(const SparseKDForwardArgs& args, cudaStream_t stream) 
     p.labels = args.labels;
     p.rows = args.rows;
     p.vocab = static_cast<int>(args.vocab);
-    p.bitmap_words = static_cast<int>((args.vocab + 31) / 32);
     p.ignore_index = args.options.ignore_index;
     p.plan = make_plan(k, args.options.temperature);
     p.temperature = args.options.temperature;
@@ -506,17 +470,10 @@ void sparse_forward_typed(const SparseKDForwardArgs& args, cudaStream_t stream) 
     p.loss = args.loss;
     p.row_stats = args.row_stats;
     if (args.rows > int64_t(0x7fffffff)) throw std::invalid_argument("sparse_kd_forward (CUDA): too many rows for one launch");
-    const size_t shared_bytes = bitmap_bytes(args.vocab);
-    const int block = sparse_block_size(args.vocab);
-    auto launch = [&](auto kernel) {
-      allow_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), shared_bytes);
-      kernel<<<static_cast<unsigned>(args.rows), block, shared_bytes, stream>>>(p, k);
-      check_launch("sparse_kd_forward_rows_kernel");
-    };
     if (rows_vectorizable<SX, C>(args.student, args.student_row_stride, nullptr, args.vocab, args.rows)) {
-      launch(sparse_kd_forward_rows_kernel<SX, C, true>);
+      launch_sparse_forward<SX, C, true>(p, k, args.rows, args.vocab, stream);
     } else {
-      launch(sparse_kd_forward_rows_kernel<SX, C, false>);
+      launch_sparse_forward<SX, C, false>(p, k, args.rows, args.vocab, stream);
     }
   }
   sparse_kd_reduce_kernel<C><<<1, kSparseReduceThreads, 0, stream>>>(
@@ -525,46 +482,13 @@ void sparse_forward_typed(const SparseKDForwardArgs& args, cudaStream_t stream) 
   check_launch("sparse_kd_reduce_kernel");
 }
 
-template <class SX, class C>
-void sparse_backward_typed(const SparseKDBackwardArgs& args, cudaStream_t stream) {
-  if (args.rows == 0 || args.vocab == 0) return;
-  const SparseCoefficients<double> k = sparse::make_sparse_coefficients<double>(args.options, args.tail);
-  const SparsePlan plan = make_plan(k, args.options.temperature);
-  SparseBackwardParams p;
-  p.grad_output = args.grad_output;
-  p.grad_output_stride = args.grad_output_stride;
-  p.student = args.student;
-  p.student_row_stride = args.student_row_stride;
-  p.soft_labels = args.soft_labels;
-  p.labels = args.labels;
-  p.rows = args.rows;
-  p.vocab = static_cast<int>(args.vocab);
-  p.ignore_index = args.options.ignore_index;
-  p.reduction = args.options.reduction;
-  p.kd_tail = k.need_kd && k.bucket;
-  p.ce_from_tail = k.need_ce && p.kd_tail && !plan.tail_at_1;
-  p.row_stats = args.row_stats;
-  p.valid_rows = args.valid_rows;
-  p.grad_student = args.grad_student;
-  if (args.rows > int64_t(0x7fffffff)) throw std::invalid_argument("sparse_kd_backward (CUDA): too many rows for one launch");
-  const int block = sparse_block_size(args.vocab);
-  const bool vectorized =
-      rows_vectorizable<SX, C>(args.student, args.student_row_stride, args.grad_student, args.vocab, args.rows);
-  if (vectorized) {
-    sparse_kd_backward_kernel<SX, C, true><<<static_cast<unsigned>(args.rows), block, 0, stream>>>(p, k);
-  } else {
-    sparse_kd_backward_kernel<SX, C, false><<<static_cast<unsigned>(args.rows), block, 0, stream>>>(p, k);
-  }
-  check_launch("sparse_kd_backward_kernel");
-}
-
 }  // namespace
 }  // namespace cuda
 
 SparseKDForwardResult sparse_kd_forward_cuda(const SparseKDForwardArgs& args, int device_index, uintptr_t stream_handle) {
   cuda::check_vocab_fits(args.vocab, "sparse_kd_forward (CUDA)");
   cuda::DeviceGuard guard(device_index);
-  cuda::check_bitmap_fits(args.vocab, "sparse_kd_loss (CUDA)");
+  cuda::check_sparse_vocab(args.vocab, "sparse_kd_loss (CUDA)");
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   switch (args.student_dtype) {
     case DType::Float32: cuda::sparse_forward_typed<cuda::Float32Storage, float>(args, stream); break;
@@ -576,21 +500,6 @@ SparseKDForwardResult sparse_kd_forward_cuda(const SparseKDForwardArgs& args, in
                                   std::to_string(static_cast<int>(args.student_dtype)));
   }
   return SparseKDForwardResult{0, 0};  // bad rows are NaN rows, not counted (see the file comment)
-}
-
-void sparse_kd_backward_cuda(const SparseKDBackwardArgs& args, int device_index, uintptr_t stream_handle) {
-  cuda::check_vocab_fits(args.vocab, "sparse_kd_backward (CUDA)");
-  cuda::DeviceGuard guard(device_index);
-  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  switch (args.student_dtype) {
-    case DType::Float32: cuda::sparse_backward_typed<cuda::Float32Storage, float>(args, stream); break;
-    case DType::BFloat16: cuda::sparse_backward_typed<cuda::BFloat16Storage, float>(args, stream); break;
-    case DType::Float16: cuda::sparse_backward_typed<cuda::Float16Storage, float>(args, stream); break;
-    case DType::Float64: cuda::sparse_backward_typed<cuda::Float64Storage, double>(args, stream); break;
-    default:
-      throw std::invalid_argument("sparse_kd_backward (CUDA): unsupported student dtype code " +
-                                  std::to_string(static_cast<int>(args.student_dtype)));
-  }
 }
 
 }  // namespace kdfast

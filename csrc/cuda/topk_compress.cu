@@ -32,6 +32,7 @@
 
 #include "kd_loss_cuda_common.cuh"
 #include "kdfast/kdfast.h"
+#include "shared_memory_plan.cuh"
 #include "topk_cuda_common.cuh"
 
 namespace kdfast {
@@ -51,6 +52,7 @@ struct CompressParams {
   int vocab;
   int k;
   int buffer_capacity;  // newcomer buffer entries: >= tile size and >= next_power_of_two(k)
+  bool double_kept;     // two kept buffers; false: one, which a cut compacts in place
   double inv_temperature;
   void* indices;
   bool indices_int64;
@@ -139,7 +141,11 @@ __device__ __forceinline__ Key radix_select(CompressShared<C>& sh, int total, un
 }
 
 // The candidate buffers of one block in dynamic shared memory: kept[2] (k entries each, one
-// current and one being written by a cut) and the newcomer buffer.
+// current and one being written by a cut) and the newcomer buffer. Where shared memory is
+// short (shared_memory_plan.cuh) kept[0] and kept[1] are one buffer and a cut compacts it in
+// place: round r of the compaction reads entries [r B, r B + B) (B = blockDim) before the
+// block scan's barriers and writes survivors to positions below r B + B, each at most its
+// own entry's position, so no write reaches an entry that is still to be read.
 template <class Key>
 struct Buffers {
   Key* kept_keys[2];
@@ -262,14 +268,15 @@ __global__ void __launch_bounds__(kCompressMaxBlock, kCompressMinBlocks) topk_co
   const int k = p.k, vocab = p.vocab;
   Buffers<Key> buf;
   {
+    const int copies = p.double_kept ? 2 : 1;
     Key* keys = reinterpret_cast<Key*>(dynamic_shared);
     buf.kept_keys[0] = keys;
-    buf.kept_keys[1] = keys + k;
-    buf.new_keys = keys + 2 * k;
-    int* index = reinterpret_cast<int*>(keys + 2 * k + p.buffer_capacity);
+    buf.kept_keys[1] = keys + (copies - 1) * k;
+    buf.new_keys = keys + copies * k;
+    int* index = reinterpret_cast<int*>(keys + copies * k + p.buffer_capacity);
     buf.kept_index[0] = index;
-    buf.kept_index[1] = index + k;
-    buf.new_index = index + 2 * k;
+    buf.kept_index[1] = index + (copies - 1) * k;
+    buf.new_index = index + copies * k;
   }
   const typename TX::Raw* t_row = static_cast<const typename TX::Raw*>(p.teacher) + row * p.teacher_row_stride;
   const ScaledExp<C> exp_over_t(static_cast<C>(p.inv_temperature));
@@ -452,21 +459,24 @@ void compress_typed(const TopKCompressArgs& args, cudaStream_t stream) {
   p.indices_int64 = args.indices_int64;
   p.logprobs = args.logprobs;
   p.tail_logprob = args.tail_logprob;
-  const int block = compress_block_size(args.vocab, kGroupWidth<C>);
-  const int tile = block * kGroupWidth<C>;
-  p.buffer_capacity = tile > next_power_of_two(args.k) ? tile : next_power_of_two(args.k);
-  const size_t shared_bytes = (static_cast<size_t>(2 * p.k) + static_cast<size_t>(p.buffer_capacity)) *
-                              (sizeof(Key) + sizeof(int));
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   int limit = 0;
   check_cuda(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+  // The fastest layout the device's shared memory holds (shared_memory_plan.cuh).
   const size_t static_bytes = sizeof(CompressShared<C>);
-  if (shared_bytes + static_bytes > static_cast<size_t>(limit)) {
+  const TopKSharedPlan plan = plan_topk_shared(args.k, compress_block_size(args.vocab, kGroupWidth<C>),
+                                               kGroupWidth<C>, sizeof(Key) + sizeof(int), static_bytes,
+                                               static_cast<size_t>(limit));
+  if (!plan.fits) {
     throw std::invalid_argument("compress_topk (CUDA): k=" + std::to_string(args.k) + " needs " +
-                                std::to_string(shared_bytes + static_bytes) + " bytes of shared memory per block, " +
-                                "the device offers " + std::to_string(limit));
+                                std::to_string(plan.dynamic_bytes + static_bytes) +
+                                " bytes of shared memory per block, the device offers " + std::to_string(limit));
   }
+  const int block = plan.block;
+  p.buffer_capacity = plan.buffer_capacity;
+  p.double_kept = plan.double_kept;
+  const size_t shared_bytes = plan.dynamic_bytes;
   if (args.rows > int64_t(0x7fffffff)) throw std::invalid_argument("compress_topk (CUDA): too many rows for one launch");
   const bool vectorized = rows_are_16_byte_aligned(args.teacher, args.teacher_row_stride, sizeof(typename TX::Raw));
   auto launch = [&](auto kernel) {
