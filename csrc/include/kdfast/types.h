@@ -62,8 +62,8 @@ constexpr int kCudaMaxTeachers = 16;
 // (csrc/cuda/topk_compress.cu).
 constexpr int64_t kCudaMaxTopK = 4096;
 // Largest vocabulary of the CUDA sparse-loss forward kernel: a per-row bitmap of the kept
-// tokens lives in shared memory, 128 KiB at 2^20 (csrc/cuda/sparse_kd_loss.cu); a device with
-// less shared memory per block lowers it further.
+// tokens lives in shared memory, 128 KiB at 2^20 (csrc/cuda/sparse_kd_loss.cu); on a device
+// with less shared memory per block the kernel marks and streams the row window by window.
 constexpr int64_t kCudaMaxSparseVocab = int64_t(1) << 20;
 
 // Options shared by the forward and backward passes of every loss (dense, sparse, multi-teacher).
