@@ -385,6 +385,9 @@ def main(argv=None) -> int:
     parser.add_argument("--topk-only", action="store_true", help="only the top-k section (topk_gpu.csv/.md)")
     parser.add_argument("--sections", default="dense,topk",
                         help="comma-separated: dense (the kd_loss groups), topk (the top-k section)")
+    parser.add_argument("--groups", default="",
+                        help="comma-separated group names to run, in their usual order (default: every group "
+                             "of the sections)")
     options = parser.parse_args(argv)
     outdir = Path(options.outdir).resolve()
     outdir.mkdir(parents=True, exist_ok=True)
@@ -404,6 +407,8 @@ def main(argv=None) -> int:
     sections = set(options.sections.split(","))
     for group in benchmark_groups(options.device, options.quick):
         if ("topk" if group.get("kind") == "topk" else "dense") not in sections:
+            continue
+        if options.groups and group["name"] not in options.groups.split(","):
             continue
         remaining = options.deadline - (time.time() - started)
         if remaining < 15:

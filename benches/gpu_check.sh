@@ -13,7 +13,8 @@
 # step does not stop the later ones; the whole run stays within KDFAST_GPU_CHECK_BUDGET_S
 # seconds (default 300). KDFAST_GPU_CHECK_SECTIONS (default "dense,topk") picks the kernels
 # whose tests, benchmarks and sanitizer runs are made: "topk" alone checks only compress_topk
-# and sparse_kd_loss. KDFAST_PREBUILT names a folder holding a prebuilt
+# and sparse_kd_loss. KDFAST_GPU_CHECK_GROUPS (default: all) names the benchmark groups to run
+# (gpu_bench.py --groups, e.g. "few_long_bf16,many_short_bf16"). KDFAST_PREBUILT names a folder holding a prebuilt
 # _C.cpython-*.so for this Python (built with KDFAST_CUDA=ON): it is used when it imports with
 # its CUDA kernels, which saves the build. Exit status: 0 when the build and the tests passed,
 # 1 otherwise.
@@ -166,7 +167,7 @@ TESTS_RC=$?
 # ---- 5. copy bandwidth and the comparison table (time left after it: the sanitizer runs)
 BENCH_TIME=$(( BUDGET - $(elapsed) - ${KDFAST_GPU_CHECK_TAIL_S:-90} ))
 run_step benchmark $(( BENCH_TIME > 10 ? BENCH_TIME + 15 : 10 )) "$PY" benches/gpu_bench.py "$OUT" --device cuda \
-  --deadline "$BENCH_TIME" --sections "$SECTIONS"
+  --deadline "$BENCH_TIME" --sections "$SECTIONS" --groups "${KDFAST_GPU_CHECK_GROUPS:-}"
 
 # ---- 6. compute-sanitizer on small cases (unaligned and aligned rows, chunks, teams 32..1024;
 # top-k shared-memory buffers, bitmaps and scattered kept-entry stores), one memcheck and one
