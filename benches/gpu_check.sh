@@ -154,7 +154,7 @@ fi
 # ---- 4. CUDA tests: every file with CUDA cases (the device-generic suites run on "cuda" through
 # conftest's device fixture; -k cuda selects those cases), in parallel workers when pytest-xdist is there
 TEST_FILES=()
-[[ "$SECTIONS" == *dense* ]] && TEST_FILES+=(tests/functional/test_kd_loss.py tests/functional/test_kd_loss_cuda.py
+[[ "$SECTIONS" == *dense* ]] && TEST_FILES+=(tests/functional/test_kd_loss.py tests/functional/test_kd_loss_cuda.py tests/functional/test_cuda_few_long_rows.py
   tests/functional/test_multi_teacher_cuda.py tests/functional/test_fused_linear.py tests/ops/test_native_facts.py)
 [[ "$SECTIONS" == *topk* ]] && TEST_FILES+=(tests/functional/test_sparse_cuda.py)
 TEST_FILES+=(tests/functional/test_nonfinite.py tests/functional/test_extremes.py)

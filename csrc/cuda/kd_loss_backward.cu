@@ -9,8 +9,9 @@
 // Kernel: kd_backward_kernel. The rows are cut into chunks of whole batches; a team of
 // threads (32 to 256, all of a block for long rows) handles one (row, chunk) item, so that
 // few long rows still spread over the whole GPU. Each element is recomputed from the saved
-// maxima and log-sums (forward_kl q - p and reverse_kl with one FMA and a hardware exp2 per
-// probability, rowmath::divergence_grad for JSD and TVD, r - eps/V for the cross-entropy term,
+// maxima and log-sums (batch_gradient, kd_loss_cuda_rows.cuh: forward_kl q - p and reverse_kl
+// with one FMA and a hardware exp2 per probability, reverse_kl's bracket in float math from the
+// row's offsets, rowmath::divergence_grad for JSD and TVD, r - eps/V for the cross-entropy term,
 // minus (1 - eps) at the label) and written once with 16-byte stores (scalar head and tail per
 // row, kd_loss_cuda_layout.cuh). In place (grad_student == student) the loads are plain loads,
 // not read-only-cache loads, since the kernel writes the memory it reads.
@@ -24,6 +25,7 @@
 #include <type_traits>
 
 #include "kd_loss_cuda_common.cuh"
+#include "kd_loss_cuda_rows.cuh"
 #include "kdfast/kdfast.h"
 #include "kdfast/rowmath.h"
 
@@ -59,80 +61,6 @@ struct BackwardParams {
   const void* valid_rows;  // compute dtype, one element
   void* grad_student;
 };
-
-// exp(x log2(e) ... ) in one FMA and the hardware exp2 for float (ScaledExp's unit), the
-// accurate exp for double: e^(d kappa - log_sum) = 2^(d (kappa log2 e) - log_sum log2 e).
-template <class C>
-struct FusedExp {
-  C slope;   // kappa log2(e) (float) or kappa (double)
-  C offset;  // log_sum log2(e) (float) or log_sum (double)
-  __device__ __forceinline__ FusedExp(C kappa, C log_sum) {
-    if constexpr (sizeof(C) == 4) {
-      slope = kappa * C(1.44269504088896341);
-      offset = log_sum * C(1.44269504088896341);
-    } else {
-      slope = kappa;
-      offset = log_sum;
-    }
-  }
-  __device__ __forceinline__ C operator()(C d) const {
-    if constexpr (sizeof(C) == 4) {
-#if defined(__CUDA_ARCH__)
-      float result;
-      asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(result) : "f"(fmaf(d, slope, -offset)));
-      return result;
-#else
-      return exp2f(fmaf(d, slope, -offset));
-#endif
-    } else {
-      return ::exp(d * slope - offset);
-    }
-  }
-};
-
-// Gradient of one batch (before the label step): kd_factor dD/db + ce_factor (r - eps/V),
-// element by element as chunk_grad does on the CPU. forward_kl, reverse_kl and the
-// cross-entropy term take q = e^(ds kappa - log_sum_T) (and p, r alike) from FusedExp: one FMA
-// and one hardware exp2 per probability in float. JSD and TVD keep rowmath's exp for both p
-// and q, so that p and q tie exactly where they are equal (the TVD gradient jumps at p == q).
-template <Divergence D, class C>
-__device__ __forceinline__ void batch_gradient(const C* s, const C* t, const GradRow<C>& g, const Coefficients<C>& k,
-                                               C* out) {
-  constexpr int kE = BatchLayout<C>::kElements;
-  constexpr bool kFast = D == Divergence::ForwardKL || D == Divergence::ReverseKL;
-  const C h = k.diff_scale, kappa = k.inv_scaled_t, inv_h = k.inv_diff_scale;
-  const C max_s = g.stats.student_max * h, max_t = g.stats.teacher_max * h;
-  const FusedExp<C> q_of(kappa, g.stats.student_log_sum_T);
-  const FusedExp<C> p_of(kappa, g.stats.teacher_log_sum);
-  const FusedExp<C> r_of(inv_h, g.stats.student_log_sum_1);
-#pragma unroll
-  for (int e = 0; e < kE; ++e) {
-    const C ds = rowmath::scaled_difference(s[e], h, max_s);  // h (s - max): rowmath::difference_scale
-    C q;
-    if constexpr (kFast) {
-      q = q_of(ds);
-    } else {
-      q = rowmath::exp_c(ds * kappa - g.stats.student_log_sum_T);
-    }
-    C value = C(0);
-    if (k.need_kd) {
-      const C dt = rowmath::scaled_difference(t[e], h, max_t);
-      if constexpr (D == Divergence::ReverseKL) {
-        value += rowmath::reverse_kl_grad(ds, dt, q, g.rkl_a, g.rkl_b, g.rkl_c);
-      } else if constexpr (D == Divergence::ForwardKL) {
-        value += g.kd_factor * (q - p_of(dt));  // divergence_grad<ForwardKL>: q - p
-      } else {
-        const C log_q = ds * kappa - g.stats.student_log_sum_T;
-        value += g.kd_factor * rowmath::divergence_grad<D>(dt * kappa - g.stats.teacher_log_sum, log_q, q, g.stats.aux, k);
-      }
-    }
-    if (k.need_ce) {
-      const C r = k.need_student_1 ? r_of(ds) : q;  // T == 1: r == q
-      value += g.ce_factor * (r - g.smooth);
-    }
-    out[e] = value;
-  }
-}
 
 // kVectorized: rows on the 16-byte group grid (kd_loss_cuda_layout.cuh); kReadOnlyCache:
 // loads through the non-coherent read-only path, only when grad_student does not alias the
@@ -191,8 +119,16 @@ __global__ void __launch_bounds__(kBackwardBlock, kBackwardMinBlocks)
     reduction_scale = p.rows > 0 ? 1.0 / static_cast<double>(p.rows) : 0.0;
   }
   const double g = static_cast<double>(static_cast<const C*>(p.grad_output)[row * p.grad_output_stride]) * reduction_scale;
-  const GradRow<C> grad_row = rowmath::make_grad_row(g, k, RowStats<C>{st[0], st[1], st[2], st[3], st[4], st[5]},
-                                                     static_cast<int64_t>(vocab));
+  GradRow<C> grad_row = rowmath::make_grad_row(g, k, RowStats<C>{st[0], st[1], st[2], st[3], st[4], st[5]},
+                                               static_cast<int64_t>(vocab));
+  constexpr bool kOffsets = kReverseKLOffsets<C>;
+  use_reverse_kl_offsets<kOffsets>(grad_row, k);
+  // reverse_kl's references: s_ref as the forward pass stored it (the student row may be
+  // overwritten in place), t_ref from the teacher row (never written).
+  const bool offsets = uses_reverse_kl_offsets<kOffsets>(k);
+  const ReverseKLRefs<C> refs = reverse_kl_refs(
+      offsets ? st[kStudentRefColumn] : C(0),
+      offsets ? TX::to_compute(load_element<TX, kReadOnlyCache>(t_row)) : C(0), k.diff_scale);
   const C label_step = grad_row.label_step;
   const bool step_at_label = k.need_ce && p.labels != nullptr;
   // One streaming loop per divergence (chosen once per row, not per batch), so that each loop
@@ -202,7 +138,7 @@ __global__ void __launch_bounds__(kBackwardBlock, kBackwardMinBlocks)
     stream_batches<SX, TX, C, kVectorized, kReadOnlyCache>(
         s_row, t_row, vocab, batches, k.need_kd, [&](const C* s, const C* t, const int* first, auto) {
           C out[kE];
-          batch_gradient<D>(s, t, grad_row, k, out);
+          batch_gradient<D, kOffsets>(s, t, grad_row, k, refs, out);
 #pragma unroll
           for (int u = 0; u < kU; ++u) {
             if (step_at_label) {

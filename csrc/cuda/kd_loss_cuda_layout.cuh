@@ -10,7 +10,8 @@
 // the same pad (rows_share_pad), else it launches the element-by-element instance (pad 0).
 // Every element of a row lies in exactly one group, and every group in exactly one batch of
 // one thread (ThreadBatches). The launch layouts: threads per row of the forward pass
-// (forward_team_size) and the (row, chunk) items of the backward pass (backward_chunks).
+// (forward_team_size), its split of few long rows over thread-block clusters
+// (forward_clusters) and the (row, chunk) items of the backward pass (backward_chunks).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -150,6 +151,39 @@ int forward_team_size(int64_t vocab, int64_t rows, int multiprocessors) {
   const int64_t wanted = next_power_of_two(ceil_div(groups, kForwardBatchesPerThread * kGroupsPerBatch<C>));
   const int64_t limit = rows < 2 * static_cast<int64_t>(multiprocessors) ? 1024 : 512;
   return static_cast<int>(wanted < 32 ? 32 : (wanted > limit ? limit : wanted));
+}
+
+// Few long rows in the forward pass (sm_90 and newer): each row is cut into cluster_size
+// chunks of chunk_groups groups (a multiple of the block's batch stride, so that ThreadBatches
+// applies; counted for the largest pad, so a row's last chunk may be short or empty), one
+// kForwardClusterBlock-thread block per chunk, the blocks of a row forming one thread-block
+// cluster that merges their partials through distributed shared memory. cluster_size is the
+// largest power of two up to kMaxForwardCluster with rows × cluster_size blocks still in one
+// wave (at most one per multiprocessor) and at least two batches per thread in every chunk; 1
+// (no clusters: one block per row, kd_forward_rows_kernel) below compute capability 9, for
+// short rows and when rows alone fill the multiprocessors.
+constexpr int kForwardClusterBlock = 1024;
+constexpr int kMaxForwardCluster = 8;  // the portable cluster size limit
+
+struct ForwardClusters {
+  int cluster_size;  // blocks per row; 1: no clusters
+  int chunk_groups;  // groups per block (0 when cluster_size == 1)
+};
+
+template <class C>
+ForwardClusters forward_clusters(int64_t vocab, int64_t rows, int multiprocessors, int compute_major) {
+  ForwardClusters split{1, 0};
+  if (compute_major < 9 || rows <= 0) return split;
+  const int64_t stride = int64_t(kForwardClusterBlock) * kGroupsPerBatch<C>;
+  const int64_t padded_groups = ceil_div(vocab + kGroupWidth<C> - 1, kGroupWidth<C>);
+  int size = 1;
+  while (size < kMaxForwardCluster && rows * (2 * size) <= multiprocessors && padded_groups >= 2 * size * 2 * stride) {
+    size *= 2;
+  }
+  if (size == 1) return split;
+  split.cluster_size = size;
+  split.chunk_groups = static_cast<int>(ceil_div(ceil_div(padded_groups, size), stride) * stride);
+  return split;
 }
 
 // Threads per (row, chunk) item of the backward kernel and the block size.

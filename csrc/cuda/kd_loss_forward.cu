@@ -1,7 +1,8 @@
 // CUDA forward pass of the dense KD loss: kdfast::kd_forward_cuda (declared in bindings.cpp).
 // Contract: the same as kd_forward_cpu (types.h, rowmath.h): row_stats[row] = the six
 // rowmath::RowStats values (maxima of t and s; log-sums of exp((t - max)/T), exp((s - max)/T)
-// and exp(s - max); aux), the row loss, then zeros; `loss` = the per-row losses (reduction
+// and exp(s - max); aux), the row loss, then zeros (float reverse_kl: aux and column 7 as
+// kd_loss_cuda_rows.cuh states); `loss` = the per-row losses (reduction
 // none) or the reduced scalar (sum; mean over valid rows, 0 when none is valid; batchmean =
 // sum / rows); `valid_rows` = number of rows whose label is not ignore_index. Ignored rows get
 // zero statistics and loss. One difference from the CPU: a label outside [0, V) that is not
@@ -15,41 +16,71 @@
 // multiprocessors) streams the row once with 16-byte loads (scalar head to the row's first
 // 16-byte boundary, vector body, scalar tail; kd_loss_cuda_layout.cuh), one batch of loads in flight per
 // thread while it computes the previous one, keeping per-thread running maxima and sums
-// relative to them; the team then combines them (maxima first, then every thread's sums moved
-// onto them with rowmath::rebase_partial and added) and finishes the row with rowmath
-// (finish_stats, cross_entropy, combine_loss). JSD and TVD sweep the row a second time
-// (jsd_terms / tvd_terms), mostly from L1/L2. Bytes per element: one read of the student and
-// of the teacher logits (no teacher read when alpha == 1); JSD/TVD read them twice.
-// (2) kd_forward_reduce_kernel: one block sums the row losses in a fixed order (double
+// relative to them (accumulate_batch, kd_loss_cuda_rows.cuh); the team then combines them
+// (maxima first, then every thread's sums moved onto them with rebase_row_partial and added)
+// and finishes the row (finish_row_stats, rowmath's cross_entropy and combine_loss). JSD and
+// TVD sweep the row a second time (jsd_terms / tvd_terms), mostly from L1/L2. Bytes per
+// element: one read of the student and of the teacher logits (no teacher read when alpha ==
+// 1); JSD/TVD read them twice. (1b) kd_forward_cluster_kernel (compute capability 9.0 and
+// newer, few long rows, forward_clusters): the same per chunk of a row, one block per chunk,
+// the row's blocks forming a thread-block cluster that merges their partials through
+// distributed shared memory. (2) kd_forward_reduce_kernel: one block sums the row losses in a fixed order (double
 // accumulator: deterministic) into the reduced loss and counts the valid rows.
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "kd_loss_cuda_common.cuh"
+#include "kd_loss_cuda_rows.cuh"
 #include "kdfast/kdfast.h"
 #include "kdfast/rowmath.h"
 
 namespace kdfast {
 namespace cuda {
 
-int multiprocessor_count() {
-  static std::mutex mutex;
-  static std::vector<int> counts;  // by device index; 0 = not queried yet
+namespace {
+
+// One attribute of the current device, queried once per device (0 = not queried yet).
+int cached_device_attribute(cudaDeviceAttr attribute, std::vector<int>& cache, std::mutex& mutex) {
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   std::lock_guard<std::mutex> lock(mutex);
-  if (static_cast<int>(counts.size()) <= device) counts.resize(static_cast<size_t>(device) + 1, 0);
-  if (counts[device] == 0) {
-    int count = 0;
-    check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-    counts[device] = count > 0 ? count : 1;
+  if (static_cast<int>(cache.size()) <= device) cache.resize(static_cast<size_t>(device) + 1, 0);
+  if (cache[device] == 0) {
+    int value = 0;
+    check_cuda(cudaDeviceGetAttribute(&value, attribute, device), "cudaDeviceGetAttribute");
+    cache[device] = value > 0 ? value : 1;
   }
-  return counts[device];
+  return cache[device];
+}
+
+// Major compute capability of the current device (9 for sm_90).
+int compute_capability_major() {
+  static std::mutex mutex;
+  static std::vector<int> majors;
+  return cached_device_attribute(cudaDevAttrComputeCapabilityMajor, majors, mutex);
+}
+
+// Whether the forward pass may split few long rows over clusters: KDFAST_CUDA_CLUSTERS=never
+// turns it off (any other value, or none, leaves forward_clusters to decide). Read per call.
+bool clusters_allowed() {
+  const char* setting = std::getenv("KDFAST_CUDA_CLUSTERS");
+  return setting == nullptr || std::strcmp(setting, "never") != 0;
+}
+
+}  // namespace
+
+int multiprocessor_count() {
+  static std::mutex mutex;
+  static std::vector<int> counts;
+  return cached_device_attribute(cudaDevAttrMultiProcessorCount, counts, mutex);
 }
 
 namespace {
@@ -68,92 +99,12 @@ struct ForwardRowsParams {
   int64_t rows;
   int vocab;
   int team_size;  // threads per row: a power of two, 32 <= team_size <= block size
+  int chunk_groups;  // kd_forward_cluster_kernel: groups per block (forward_clusters)
   int64_t ignore_index;
   bool write_row_losses;  // reduction none: loss[row] = row loss
   void* loss;
   void* row_stats;
 };
-
-// Folds one batch of a thread's elements (s: student logits, t: teacher logits; -inf past the
-// end of the row) into its running statistics, as chunk_stats does on the CPU: the running
-// maxima grow to cover the batch (rowmath::rebase_partial moves the sums along), then the
-// batch's terms are added relative to them, as scaled differences d = h x - h max
-// (rowmath::difference_scale). While a running maximum is still -inf (every entry so far -inf
-// or NaN) the batch is shifted by 0, so that its NaN and -inf entries still reach the sums.
-// kPartial: the batch reaches outside the row (head or tail), so the element count and the centred total of
-// the student logits skip the padding.
-template <class C, bool kPartial>
-__device__ __forceinline__ void accumulate_batch(RowPartial<C>& part, const C* s, const C* t, const int* first,
-                                                 int vocab, const Coefficients<C>& k) {
-  constexpr int kE = BatchLayout<C>::kElements;
-  constexpr int kW = BatchLayout<C>::kWidth;
-  const C h = k.diff_scale;
-  const bool reverse_kl = k.need_kd && k.divergence == Divergence::ReverseKL;
-  const bool forward_kl = k.need_kd && k.divergence == Divergence::ForwardKL;
-  const bool smoothing = k.need_ce && k.label_smoothing > C(0);
-
-  C batch_max_s = negative_infinity<C>();
-  C batch_max_t = negative_infinity<C>();
-#pragma unroll
-  for (int e = 0; e < kE; ++e) batch_max_s = MaxOp{}(batch_max_s, s[e]);
-  if (k.need_kd) {
-#pragma unroll
-    for (int e = 0; e < kE; ++e) batch_max_t = MaxOp{}(batch_max_t, t[e]);
-  }
-  const C max_s = MaxOp{}(part.student_max, batch_max_s);
-  const C max_t = MaxOp{}(part.teacher_max, batch_max_t);
-  if (max_s != part.student_max || max_t != part.teacher_max) {
-    rowmath::rebase_partial(part, max_t, max_s, k, k.divergence);
-  }
-  if (kPartial) {
-    int valid = 0;
-#pragma unroll
-    for (int e = 0; e < kE; ++e) valid += in_row(first[e / kW] + e % kW, vocab) ? 1 : 0;
-    part.count += static_cast<C>(valid);
-  } else {
-    part.count += static_cast<C>(kE);
-  }
-  const ScaledExp<C> exp_over_t(k.inv_scaled_t);
-  const C shift_s = (max_s == negative_infinity<C>() ? C(0) : max_s) * h;
-  const C shift_t = (max_t == negative_infinity<C>() ? C(0) : max_t) * h;
-  {
-    C sum_t = C(0), sum_1 = C(0), centered = C(0), weighted = C(0);
-#pragma unroll
-    for (int e = 0; e < kE; ++e) {
-      const C ds = rowmath::scaled_difference(s[e], h, shift_s);
-      const C exp_b = exp_over_t(ds);
-      sum_t += exp_b;
-      if (reverse_kl) weighted += exp_b > C(0) ? exp_b * (ds - rowmath::scaled_difference(t[e], h, shift_t)) : C(0);
-    }
-    if (k.need_student_1) {
-      const ScaledExp<C> exp_plain(k.inv_diff_scale);
-#pragma unroll
-      for (int e = 0; e < kE; ++e) sum_1 += exp_plain(rowmath::scaled_difference(s[e], h, shift_s));
-    }
-    if (smoothing) {
-#pragma unroll
-      for (int e = 0; e < kE; ++e) {
-        if (!kPartial || in_row(first[e / kW] + e % kW, vocab)) centered += rowmath::scaled_difference(s[e], h, shift_s);
-      }
-    }
-    part.student_sum_T += sum_t;
-    part.student_sum_1 += sum_1;
-    part.student_centered_total += centered;
-    if (reverse_kl) part.weighted += weighted;
-  }
-  if (k.need_kd) {
-    C sum = C(0), weighted = C(0);
-#pragma unroll
-    for (int e = 0; e < kE; ++e) {
-      const C dt = rowmath::scaled_difference(t[e], h, shift_t);
-      const C exp_a = exp_over_t(dt);
-      sum += exp_a;
-      if (forward_kl) weighted += exp_a > C(0) ? exp_a * (dt - rowmath::scaled_difference(s[e], h, shift_s)) : C(0);
-    }
-    part.teacher_sum += sum;
-    if (forward_kl) part.weighted += weighted;
-  }
-}
 
 // Second sweep of JSD / TVD over one batch, with the row's maxima and log-sums known.
 template <class C>
@@ -180,14 +131,14 @@ __device__ __forceinline__ void sweep_batch(const C* s, const C* t, const Coeffi
 }
 
 // Combines the threads' partials of a team into the row's partial, in every thread:
-// maxima first, then each thread's sums moved onto them (rowmath::rebase_partial) and added.
+// maxima first, then each thread's sums moved onto them (rebase_row_partial) and added.
 template <int kWarps, class C>
 __device__ __forceinline__ RowPartial<C> team_row_partial(RowPartial<C> part, const Coefficients<C>& k, int team,
                                                           C (&max_scratch)[kWarps][2],
                                                           C (&sum_scratch)[kWarps][6]) {
   C maxima[2] = {part.teacher_max, part.student_max};
   team_all_reduce(maxima, max_scratch, team, MaxOp{});
-  rowmath::rebase_partial(part, maxima[0], maxima[1], k, k.divergence);
+  rebase_row_partial<kReverseKLOffsets<C>>(part, maxima[0], maxima[1], k);
   C sums[6] = {part.teacher_sum, part.student_sum_T, part.student_sum_1,
                part.weighted,    part.student_centered_total, part.count};
   team_all_reduce(sums, sum_scratch, team, SumOp{});
@@ -206,78 +157,93 @@ __device__ __forceinline__ RowPartial<C> team_row_partial(RowPartial<C> part, co
 // Block sizes 256, 512 or 1024 (a multiple of the team size); at most 64 registers per
 // thread, so that 1024 threads stay resident per multiprocessor.
 constexpr int kMaxRowsBlock = 1024;
+static_assert(kForwardClusterBlock == kMaxRowsBlock, "a cluster's block is one team of the largest size");
+
+// What every thread of a row's team (or cluster) knows about the row before it streams it.
+template <class SX, class TX, class C>
+struct RowSetup {
+  int64_t label;
+  bool ignored, bad_label;
+  int vocab;  // 0 for rows without work (ignored, bad label, out of range)
+  const typename SX::Raw* s_row;
+  const typename TX::Raw* t_row;
+  int pad;
+  bool offsets;  // reverse_kl's offsets (kd_loss_cuda_rows.cuh)
+  ReverseKLRefs<C> refs;
+};
 
 template <class SX, class TX, class C, bool kVectorized>
-__global__ void __launch_bounds__(kMaxRowsBlock, 1) kd_forward_rows_kernel(ForwardRowsParams p, Coefficients<C> k) {
-  constexpr int kW = BatchLayout<C>::kWidth;
-  constexpr int kWarps = kMaxRowsBlock / 32;
-  __shared__ C max_scratch[kWarps][2];
-  __shared__ C sum_scratch[kWarps][6];
-  __shared__ C sweep_scratch[kWarps][2];
-
-  const int team = p.team_size;
-  const int lane = threadIdx.x & (team - 1);
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / team) + threadIdx.x / team;
+__device__ __forceinline__ RowSetup<SX, TX, C> setup_row(const ForwardRowsParams& p, const Coefficients<C>& k,
+                                                         int64_t row) {
+  RowSetup<SX, TX, C> r;
   const bool in_range = row < p.rows;
-  int64_t label = 0;
-  bool ignored = !in_range;
-  bool bad_label = false;
+  r.label = 0;
+  r.ignored = !in_range;
+  r.bad_label = false;
   if (in_range && p.labels != nullptr) {
-    label = p.labels[row];
-    ignored = label == p.ignore_index;
-    bad_label = !ignored && (label < 0 || label >= p.vocab);
+    r.label = p.labels[row];
+    r.ignored = r.label == p.ignore_index;
+    r.bad_label = !r.ignored && (r.label < 0 || r.label >= p.vocab);
   }
-  const bool computed = !ignored && !bad_label;
+  const bool computed = !r.ignored && !r.bad_label;
   // Rows without work still take part in the team reductions (block-wide barriers).
-  const int vocab = computed ? p.vocab : 0;
-  const typename SX::Raw* s_row =
-      static_cast<const typename SX::Raw*>(p.student) + (computed ? row * p.student_row_stride : 0);
-  const typename TX::Raw* t_row =
-      static_cast<const typename TX::Raw*>(p.teacher) + (computed ? row * p.teacher_row_stride : 0);
-
+  r.vocab = computed ? p.vocab : 0;
+  r.s_row = static_cast<const typename SX::Raw*>(p.student) + (computed ? row * p.student_row_stride : 0);
+  r.t_row = static_cast<const typename TX::Raw*>(p.teacher) + (computed ? row * p.teacher_row_stride : 0);
   // Vectorised: the row's groups lie on the 16-byte grid (the host checked that the teacher row
   // has the same pad whenever it is read).
-  int pad = 0;
-  if (kVectorized && vocab > 0) {
-    pad = row_pad<SX>(s_row);
-    if (k.need_kd && row_pad<TX>(t_row) > pad) pad = row_pad<TX>(t_row);
+  r.pad = 0;
+  if (kVectorized && r.vocab > 0) {
+    r.pad = row_pad<SX>(r.s_row);
+    if (k.need_kd && row_pad<TX>(r.t_row) > r.pad) r.pad = row_pad<TX>(r.t_row);
   }
+  // reverse_kl's references: the row's first logits.
+  r.offsets = uses_reverse_kl_offsets<kReverseKLOffsets<C>>(k) && r.vocab > 0;
+  r.refs = reverse_kl_refs(r.offsets ? SX::to_compute(load_element<SX>(r.s_row)) : C(0),
+                           r.offsets ? TX::to_compute(load_element<TX>(r.t_row)) : C(0), k.diff_scale);
+  return r;
+}
+
+// Streams the thread's batches of the row into its running statistics.
+template <class SX, class TX, class C, bool kVectorized>
+__device__ __forceinline__ RowPartial<C> stream_row(const RowSetup<SX, TX, C>& r, const ThreadBatches<C>& batches,
+                                                    const Coefficients<C>& k) {
   RowPartial<C> part = rowmath::empty_partial<C>();
-  const int groups = (vocab + pad + kW - 1) / kW;
-  const ThreadBatches<C> batches(vocab, pad, 0, groups, team, lane);
-  stream_batches<SX, TX, C, kVectorized, true>(s_row, t_row, vocab, batches, k.need_kd,
+  stream_batches<SX, TX, C, kVectorized, true>(r.s_row, r.t_row, r.vocab, batches, k.need_kd,
                                                [&](const C* s, const C* t, const int* first, auto partial) {
-                                                 accumulate_batch<C, decltype(partial)::value>(part, s, t, first,
-                                                                                               vocab, k);
+                                                 accumulate_batch<ScaledExp, kReverseKLOffsets<C>,
+                                                                  decltype(partial)::value>(part, s, t, first,
+                                                                                            r.vocab, k, r.refs);
                                                });
+  return part;
+}
 
-  const RowPartial<C> row_part = team_row_partial(part, k, team, max_scratch, sum_scratch);
-  double divergence = 0.0;
-  RowStats<C> stats = rowmath::finish_stats(row_part, k, &divergence);
+// JSD / TVD: the thread's sums of the second sweep (sweep_batch) over its batches.
+template <class SX, class TX, class C, bool kVectorized>
+__device__ __forceinline__ void sweep_row(const RowSetup<SX, TX, C>& r, const ThreadBatches<C>& batches,
+                                          const Coefficients<C>& k, const RowStats<C>& stats, C (&acc)[2]) {
+  stream_batches<SX, TX, C, kVectorized, true>(r.s_row, r.t_row, r.vocab, batches, true,
+                                               [&](const C* s, const C* t, const int*, auto) {
+                                                 sweep_batch(s, t, k, stats, acc[0], acc[1]);
+                                               });
+}
 
-  if (k.need_kd && (k.divergence == Divergence::JSD || k.divergence == Divergence::TVD)) {
-    C acc[2] = {C(0), C(0)};
-    stream_batches<SX, TX, C, kVectorized, true>(s_row, t_row, vocab, batches, true,
-                                           [&](const C* s, const C* t, const int*, auto) {
-                                             sweep_batch(s, t, k, stats, acc[0], acc[1]);
-                                           });
-    team_all_reduce(acc, sweep_scratch, team, SumOp{});
-    divergence = static_cast<double>(k.divergence == Divergence::JSD ? rowmath::finish_jsd(acc[0], acc[1], k, stats)
-                                                                      : rowmath::finish_tvd(acc[0], acc[1], stats));
-  }
-
-  if (!in_range || lane != 0) return;
+// The row's outputs (one thread per row): row_stats, the row loss (reduction none).
+template <class SX, class TX, class C>
+__device__ __forceinline__ void write_row_outputs(const ForwardRowsParams& p, const Coefficients<C>& k, int64_t row,
+                                                  const RowSetup<SX, TX, C>& r, const RowPartial<C>& row_part,
+                                                  const RowStats<C>& stats, double divergence) {
   C* stats_out = static_cast<C*>(p.row_stats) + row * kRowStats;
   C row_loss = C(0);
-  if (ignored) {
+  if (r.ignored) {
     for (int j = 0; j < kRowStats; ++j) stats_out[j] = C(0);
-  } else if (bad_label) {
+  } else if (r.bad_label) {
     row_loss = quiet_nan<C>();
     for (int j = 0; j < kRowStats; ++j) stats_out[j] = row_loss;
   } else {
     double ce = 0.0;
     if (k.need_ce && p.labels != nullptr) {
-      const double label_logit = static_cast<double>(SX::to_compute(load_element<SX>(s_row + label))) -
+      const double label_logit = static_cast<double>(SX::to_compute(load_element<SX>(r.s_row + r.label))) -
                                  static_cast<double>(stats.student_max);
       const double centered =
           static_cast<double>(row_part.student_centered_total) / static_cast<double>(k.diff_scale);
@@ -295,8 +261,104 @@ __global__ void __launch_bounds__(kMaxRowsBlock, 1) kd_forward_rows_kernel(Forwa
     stats_out[5] = stats.aux;
     stats_out[kRowLossColumn] = row_loss;
     for (int j = kRowLossColumn + 1; j < kRowStats; ++j) stats_out[j] = C(0);
+    // s_ref (reloaded rather than kept in a register through the streaming).
+    if (r.offsets) stats_out[kStudentRefColumn] = finite_or_zero(SX::to_compute(load_element<SX>(r.s_row)));
   }
   if (p.write_row_losses) static_cast<C*>(p.loss)[row] = row_loss;
+}
+
+template <class SX, class TX, class C, bool kVectorized>
+__global__ void __launch_bounds__(kMaxRowsBlock, 1) kd_forward_rows_kernel(ForwardRowsParams p, Coefficients<C> k) {
+  constexpr int kW = BatchLayout<C>::kWidth;
+  constexpr int kWarps = kMaxRowsBlock / 32;
+  __shared__ C max_scratch[kWarps][2];
+  __shared__ C sum_scratch[kWarps][6];
+  __shared__ C sweep_scratch[kWarps][2];
+
+  const int team = p.team_size;
+  const int lane = threadIdx.x & (team - 1);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / team) + threadIdx.x / team;
+  const RowSetup<SX, TX, C> r = setup_row<SX, TX, C, kVectorized>(p, k, row);
+  const int groups = (r.vocab + r.pad + kW - 1) / kW;
+  const ThreadBatches<C> batches(r.vocab, r.pad, 0, groups, team, lane);
+  const RowPartial<C> part = stream_row<SX, TX, C, kVectorized>(r, batches, k);
+
+  const RowPartial<C> row_part = team_row_partial(part, k, team, max_scratch, sum_scratch);
+  double divergence = 0.0;
+  RowStats<C> stats = finish_row_stats<kReverseKLOffsets<C>>(row_part, k, r.refs, &divergence);
+
+  if (k.need_kd && (k.divergence == Divergence::JSD || k.divergence == Divergence::TVD)) {
+    C acc[2] = {C(0), C(0)};
+    sweep_row<SX, TX, C, kVectorized>(r, batches, k, stats, acc);
+    team_all_reduce(acc, sweep_scratch, team, SumOp{});
+    divergence = static_cast<double>(k.divergence == Divergence::JSD ? rowmath::finish_jsd(acc[0], acc[1], k, stats)
+                                                                      : rowmath::finish_tvd(acc[0], acc[1], stats));
+  }
+  if (row >= p.rows || lane != 0) return;
+  write_row_outputs(p, k, row, r, row_part, stats, divergence);
+}
+
+// Few long rows on sm_90 and newer (forward_clusters): block `rank` of a row's cluster streams
+// chunk `rank` of the row with all its threads; the blocks' partials meet in distributed shared
+// memory, where every block merges them in rank order (merge_row_partials), so that all hold
+// the same row statistics; JSD and TVD then sweep their chunks a second time, and block 0 adds
+// the sweeps in rank order and writes the row's results. The sums are added in another order
+// than the one-block kernel's, so a row's loss can differ in its last bits between the two
+// launches (never between runs of one shape). No workspace: graph-capturable like the rest.
+template <class SX, class TX, class C, bool kVectorized>
+__global__ void __launch_bounds__(kForwardClusterBlock, 1)
+    kd_forward_cluster_kernel(ForwardRowsParams p, Coefficients<C> k) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int kW = BatchLayout<C>::kWidth;
+  constexpr int kWarps = kForwardClusterBlock / 32;
+  __shared__ C max_scratch[kWarps][2];
+  __shared__ C sum_scratch[kWarps][6];
+  __shared__ C sweep_scratch[kWarps][2];
+  __shared__ RowPartial<C> chunk_partial;  // this block's, read by every block of the cluster
+  __shared__ C chunk_sweep[2];             // this block's JSD / TVD sums, read by block 0
+
+  const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int size = static_cast<int>(cluster.num_blocks());
+  const int64_t row = static_cast<int64_t>(blockIdx.x) / size;  // the grid holds rows × size blocks
+  const RowSetup<SX, TX, C> r = setup_row<SX, TX, C, kVectorized>(p, k, row);
+  const int groups = (r.vocab + r.pad + kW - 1) / kW;
+  const int first_group = rank * p.chunk_groups;
+  const int end_group = first_group + p.chunk_groups < groups ? first_group + p.chunk_groups : groups;
+  const ThreadBatches<C> batches(r.vocab, r.pad, first_group, end_group, kForwardClusterBlock,
+                                 static_cast<int>(threadIdx.x));
+  const RowPartial<C> part = stream_row<SX, TX, C, kVectorized>(r, batches, k);
+  const RowPartial<C> block_part = team_row_partial(part, k, kForwardClusterBlock, max_scratch, sum_scratch);
+  if (threadIdx.x == 0) chunk_partial = block_part;
+  cluster.sync();
+  RowPartial<C> row_part = *cluster.map_shared_rank(&chunk_partial, 0);
+  for (int b = 1; b < size; ++b) {
+    merge_row_partials<kReverseKLOffsets<C>>(row_part, *cluster.map_shared_rank(&chunk_partial, b), k);
+  }
+  double divergence = 0.0;
+  RowStats<C> stats = finish_row_stats<kReverseKLOffsets<C>>(row_part, k, r.refs, &divergence);
+  if (k.need_kd && (k.divergence == Divergence::JSD || k.divergence == Divergence::TVD)) {
+    C acc[2] = {C(0), C(0)};
+    sweep_row<SX, TX, C, kVectorized>(r, batches, k, stats, acc);
+    team_all_reduce(acc, sweep_scratch, kForwardClusterBlock, SumOp{});
+    if (threadIdx.x == 0) {
+      chunk_sweep[0] = acc[0];
+      chunk_sweep[1] = acc[1];
+    }
+    cluster.sync();
+    if (rank == 0 && threadIdx.x == 0) {
+      for (int b = 1; b < size; ++b) {
+        const C* other = cluster.map_shared_rank(chunk_sweep, b);
+        acc[0] += other[0];
+        acc[1] += other[1];
+      }
+      divergence = static_cast<double>(k.divergence == Divergence::JSD ? rowmath::finish_jsd(acc[0], acc[1], k, stats)
+                                                                        : rowmath::finish_tvd(acc[0], acc[1], stats));
+    }
+  }
+  if (rank == 0 && threadIdx.x == 0 && row < p.rows) write_row_outputs(p, k, row, r, row_part, stats, divergence);
+  cluster.sync();  // no block leaves while another may still read its shared memory
+#endif
 }
 
 constexpr int kReduceThreads = 1024;
@@ -331,6 +393,49 @@ __global__ void __launch_bounds__(kReduceThreads)
   *valid_rows = static_cast<C>(valid);
 }
 
+// kd_forward_cluster_kernel: rows × cluster_size blocks, clusters of cluster_size along x.
+// Returns false, launching nothing, when the device cannot run one such cluster at a time
+// (cudaOccupancyMaxActiveClusters; asked once per device, kernel instance and cluster size).
+template <class SX, class TX, class C, bool kVectorized>
+bool launch_clusters(const ForwardRowsParams& params, const Coefficients<C>& k, int cluster_size,
+                     cudaStream_t stream) {
+  const int64_t blocks = params.rows * cluster_size;
+  if (blocks > int64_t(0x7fffffff)) throw std::invalid_argument("kd_forward_cuda: too many rows for one launch");
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(blocks), 1, 1);
+  config.blockDim = dim3(kForwardClusterBlock, 1, 1);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = static_cast<unsigned>(cluster_size);
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  const auto kernel = kd_forward_cluster_kernel<SX, TX, C, kVectorized>;
+  static std::mutex mutex;
+  static std::vector<int> runnable;  // by device index: bit (log2 cluster_size) = 1 runnable, + 16 known
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  int shift = 0;
+  while ((1 << shift) < cluster_size) ++shift;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (static_cast<int>(runnable.size()) <= device) runnable.resize(static_cast<size_t>(device) + 1, 0);
+    int& known = runnable[static_cast<size_t>(device)];
+    if (!((known >> (shift + 16)) & 1)) {
+      int clusters = 0;
+      const cudaError_t status = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+      if (status != cudaSuccess) cudaGetLastError();  // clear it: the one-block kernel runs instead
+      known |= (1 << (shift + 16)) | ((status == cudaSuccess && clusters > 0) ? (1 << shift) : 0);
+    }
+    if (!((known >> shift) & 1)) return false;
+  }
+  check_cuda(cudaLaunchKernelEx(&config, kernel, params, k), "kd_forward_cluster_kernel launch");
+  return true;
+}
+
 template <class SX, class TX, class C, bool kVectorized>
 void launch_rows(const ForwardRowsParams& params, const Coefficients<C>& k, cudaStream_t stream) {
   const int block = params.team_size < 256 ? 256 : params.team_size;
@@ -351,7 +456,12 @@ void forward_typed(const KDForwardArgs& args, cudaStream_t stream) {
   params.labels = args.labels;
   params.rows = args.rows;
   params.vocab = static_cast<int>(args.vocab);
-  params.team_size = forward_team_size<C>(args.vocab, args.rows, multiprocessor_count());
+  const int multiprocessors = multiprocessor_count();
+  params.team_size = forward_team_size<C>(args.vocab, args.rows, multiprocessors);
+  const ForwardClusters clusters = clusters_allowed() ? forward_clusters<C>(args.vocab, args.rows, multiprocessors,
+                                                                            compute_capability_major())
+                                                       : ForwardClusters{1, 0};
+  params.chunk_groups = clusters.chunk_groups;
   params.ignore_index = args.options.ignore_index;
   params.write_row_losses = args.options.reduction == Reduction::None;
   params.loss = args.loss;
@@ -361,11 +471,15 @@ void forward_typed(const KDForwardArgs& args, cudaStream_t stream) {
     const RowTensor tensors[2] = {{args.student, args.student_row_stride, static_cast<int>(sizeof(typename SX::Raw))},
                                   {args.teacher, args.teacher_row_stride, static_cast<int>(sizeof(typename TX::Raw))}};
     const bool vectorized = rows_share_pad(tensors, k.need_kd ? 2 : 1, args.rows, kGroupWidth<C>);
-    if (vectorized) {
-      launch_rows<SX, TX, C, true>(params, k, stream);
-    } else {
-      launch_rows<SX, TX, C, false>(params, k, stream);
+    bool launched = false;
+    if (clusters.cluster_size > 1) {  // few long rows, sm_90 and newer
+      ForwardRowsParams cluster_params = params;
+      cluster_params.team_size = kForwardClusterBlock;
+      launched = vectorized ? launch_clusters<SX, TX, C, true>(cluster_params, k, clusters.cluster_size, stream)
+                            : launch_clusters<SX, TX, C, false>(cluster_params, k, clusters.cluster_size, stream);
     }
+    if (!launched && vectorized) launch_rows<SX, TX, C, true>(params, k, stream);
+    if (!launched && !vectorized) launch_rows<SX, TX, C, false>(params, k, stream);
   }
   kd_forward_reduce_kernel<C><<<1, kReduceThreads, 0, stream>>>(
       static_cast<const C*>(args.row_stats), args.labels, args.rows, args.options.ignore_index, args.options.reduction,

@@ -9,7 +9,9 @@
 // row end) are partial; the host alignment test gives the vector path for rows that share a
 // pad and every tensor's full groups are then 16-byte aligned in memory; the sparse kernels'
 // kept_bits (sparse_bitmap.cuh) gives each group's bits of the kept-token bitmap, head and
-// word-straddling groups included.
+// word-straddling groups included; the forward split of few long rows over thread-block
+// clusters (forward_clusters: chunks of whole batch strides covering the row, none below
+// sm_90) and that the backward chunks of 64 rows of 256000 fill 132 multiprocessors.
 // Prints one line per failure and "checked N cases"; exit status 1 on any failure.
 #include <cstdint>
 #include <cstdio>
@@ -26,6 +28,7 @@ namespace {
 
 int failures = 0;
 long cases = 0;
+long cluster_cases = 0;  // forward cases split over clusters
 
 void fail(const char* what, int vocab, int pad, int team, int detail) {
   if (++failures <= 20) std::printf("FAIL %s vocab=%d pad=%d team=%d detail=%d\n", what, vocab, pad, team, detail);
@@ -99,6 +102,30 @@ void replay_row(int vocab, int pad) {
     std::vector<int> hits(static_cast<size_t>(vocab), 0);
     visit_range<C>(vocab, pad, 0, (vocab + pad + kW - 1) / kW, team, false, hits);
     check_hits(hits, vocab, pad, team, "forward: element not visited exactly once");
+  }
+  // Forward, few long rows on sm_90: the row's chunks, one block (team) each.
+  for (const int64_t rows : {int64_t(1), int64_t(8), int64_t(64), int64_t(100)}) {
+    const kdfast::cuda::ForwardClusters split = kdfast::cuda::forward_clusters<C>(vocab, rows, 132, 9);
+    if (kdfast::cuda::forward_clusters<C>(vocab, rows, 132, 8).cluster_size != 1) {
+      fail("forward: clusters below sm_90", vocab, pad, 0, static_cast<int>(rows));
+    }
+    if (split.cluster_size == 1) continue;
+    ++cluster_cases;
+    const int team = kdfast::cuda::kForwardClusterBlock;
+    const int row_groups = (vocab + pad + kW - 1) / kW;
+    if (split.cluster_size > kdfast::cuda::kMaxForwardCluster || rows * split.cluster_size > 132 ||
+        split.chunk_groups % (team * kdfast::cuda::kGroupsPerBatch<C>) != 0 ||
+        static_cast<int64_t>(split.chunk_groups) * split.cluster_size < row_groups) {
+      fail("forward: bad cluster split", vocab, pad, split.cluster_size, split.chunk_groups);
+    }
+    std::vector<int> hits(static_cast<size_t>(vocab), 0);
+    for (int rank = 0; rank < split.cluster_size; ++rank) {
+      const int first_group = rank * split.chunk_groups;
+      const int end_group = first_group + split.chunk_groups < row_groups ? first_group + split.chunk_groups
+                                                                           : row_groups;
+      visit_range<C>(vocab, pad, first_group, end_group, team, false, hits);
+    }
+    check_hits(hits, vocab, pad, team, "forward clusters: element not visited exactly once");
   }
   // Backward: (row, chunk) items; both the gradient path and the zero/NaN path.
   const BackwardChunks chunks = kdfast::cuda::backward_chunks<C>(vocab);
@@ -198,6 +225,11 @@ int main() {
       replay_alignment(vocab, vocab + 8, 2, offset, vocab + 16, 2, offset, 8, true);
     }
   }
-  std::printf("checked %ld cases, %d failures\n", cases, failures);
+  // Few long rows: the backward pass's (row, chunk) items fill 132 multiprocessors' two
+  // 256-thread blocks each (kBackwardMinBlocks) for N = 64, V = 256000.
+  const BackwardChunks long_rows = kdfast::cuda::backward_chunks<float>(256000);
+  if (64 * long_rows.chunks_per_row < 2 * 132) fail("backward: few long rows do not fill the GPU", 256000, 0, 0, 0);
+  if (cluster_cases == 0) fail("no forward case used clusters", 0, 0, 0, 0);
+  std::printf("checked %ld cases (%ld split over clusters), %d failures\n", cases, cluster_cases, failures);
   return failures == 0 ? 0 : 1;
 }

@@ -5,7 +5,8 @@ a row through the kernels' own ThreadBatches, forward_team_size, backward_chunks
 rows_share_pad (host code, no GPU): scalar head up to the row's first 16-byte boundary, vector
 body, scalar tail, for vocabulary sizes 1 to 256000 (among them the odd 30522, 50257, 131077)
 and every pad a row can have, in the forward split (one team per row) and the backward split
-(rows cut into chunks; the gradient path and the zero/NaN path). It checks that every element
+(rows cut into chunks; the gradient path and the zero/NaN path), and the forward split of few
+long rows over sm_90 thread-block clusters (forward_clusters). It checks that every element
 is visited exactly once and nothing outside the row, that full batches lie inside the row on
 the 16-byte grid, and that offset views (element offsets 0-7, padded row strides, mixed float32
 and bfloat16 rows) get the vector path exactly when it is safe; and that the sparse kernels'
