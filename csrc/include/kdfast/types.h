@@ -105,7 +105,7 @@ struct KDInputs : LossInputs {
 struct KDForwardArgs : KDInputs {
   // Outputs, in the compute dtype (float64 when the inputs are float64, else float32):
   void* loss = nullptr;        // [rows] when reduction == None, else a single element
-  void* row_stats = nullptr;   // [rows, kRowStats]: see rowmath::RowStats, then the row loss, then 0
+  void* row_stats = nullptr;   // [rows, kRowStats]: rowmath::RowStats, the row loss, then 0 (CUDA float reverse_kl: aux and column 7 as docs/design.md says)
   void* valid_rows = nullptr;  // single element: number of rows whose label is not ignore_index
   // One-pass training (CPU kernels only; the CUDA kernels ignore it): when set, the forward pass
   // also writes the student gradient for grad_output = 1 with the reduction's scale folded in,
