@@ -31,7 +31,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_kd_inputs
 from fp32_rows import assert_rows_match, finite_spread, row_tolerances
 from kd_checks import (
     GRAD_NORM_ATOL,
@@ -41,6 +40,7 @@ from kd_checks import (
     run_with_student_grad,
     stable_seed,
 )
+from kd_inputs import build_kd_inputs
 from kdfast import functional, reference
 
 ROOT = Path(__file__).resolve().parents[2]
