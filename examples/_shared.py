@@ -8,6 +8,9 @@
 - `require(module, extra, packages)`: import an optional package or exit with the `pip`
   line that installs it the way kdfast itself was installed
   (`kdfast.contract.install.install_hint`).
+- `require_at_least_one(args, names)`: exit with a message naming the first integer option
+  below 1; `write_results(args, **fields)`: `{"arguments": vars(args), **fields}` as
+  `args.out/results.json`.
 
 The scripts import this file by putting their own folder on `sys.path`.
 """
@@ -15,8 +18,10 @@ The scripts import this file by putting their own folder on `sys.path`.
 from __future__ import annotations
 
 import importlib
+import json
 import math
-from typing import Sequence
+import os
+from typing import Any, Sequence
 
 from kdfast.contract.install import install_hint
 
@@ -64,3 +69,16 @@ def require(module: str, extra: str, packages: Sequence[str], purpose: str):
         return importlib.import_module(module)
     except ImportError:
         raise SystemExit(f"{purpose} needs {', '.join(packages)}: {install_hint(extra, packages)}") from None
+
+
+def require_at_least_one(args: Any, names: Sequence[str]) -> None:
+    """Exit with "--option must be >= 1, got N" for the first of `names` (argparse dests) below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def write_results(args: Any, **fields: Any) -> None:
+    """Writes {"arguments": vars(args), **fields} to `args.out`/results.json (indented JSON)."""
+    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump({"arguments": vars(args), **fields}, handle, indent=1)

@@ -28,7 +28,6 @@ Needs: scikit-learn (the digits) and matplotlib (the plot), the `examples` extra
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -47,7 +46,7 @@ from kdfast.supervised import accuracy, train_classifier
 from kdfast.trainer import DataFreeDistiller, seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _shared import SMOKE_NOTE, markdown_table, require  # noqa: E402
+from _shared import SMOKE_NOTE, markdown_table, require, require_at_least_one, write_results  # noqa: E402
 
 DEFAULT_OUT = os.path.join("runs", "data_free_digits")
 
@@ -224,10 +223,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.eval_every, args.epochs, args.teacher_epochs = [0], 10, 5, 2, 2
-    for name in ("steps", "student_steps", "batch_size", "eval_every", "latent_dim", "generator_width", "epochs",
-                 "teacher_epochs", "hidden", "threads"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_at_least_one(args, ("steps", "student_steps", "batch_size", "eval_every", "latent_dim", "generator_width",
+                                "epochs", "teacher_epochs", "hidden", "threads"))
     if not (args.temperature > 0 and 0 <= args.alpha <= 1 and args.lr > 0 and args.generator_lr > 0
             and args.bn_weight >= 0 and args.balance_weight >= 0):
         raise SystemExit("need --temperature, --lr, --generator-lr > 0, --alpha in [0, 1] and non-negative weights")
@@ -245,8 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     note = f"{SMOKE_NOTE}\n" if args.smoke else ""
     print(f"\n{note}{format_table(args, results)}\n")
     plot_curve(args, results, args.plot)
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump({"arguments": vars(args), "threads": torch.get_num_threads(), "results": results}, handle, indent=1)
+    write_results(args, threads=torch.get_num_threads(), results=results)
     print(f"wrote {args.plot} and {os.path.join(args.out, 'results.json')}")
     return 0
 

@@ -38,7 +38,6 @@ Needs: numpy (the features) and matplotlib (the plot), the `examples` extra.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -49,7 +48,7 @@ import torch
 from kdfast.supervised import accuracy, predict_logits
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _shared import SMOKE_NOTE, markdown_table  # noqa: E402
+from _shared import SMOKE_NOTE, markdown_table, require_at_least_one, write_results  # noqa: E402
 from data_free_digits import (  # noqa: E402
     add_data_free_arguments,
     mean_std,
@@ -189,10 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.smoke:
         args.seeds, args.train_speakers, args.steps, args.eval_every = [0], 16, 6, 3
         args.epochs, args.teacher_epochs, args.batch_size = 2, 1, 32
-    for name in ("steps", "student_steps", "batch_size", "eval_every", "latent_dim", "generator_width", "epochs",
-                 "teacher_epochs", "teacher_width", "student_width", "threads"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_at_least_one(args, ("steps", "student_steps", "batch_size", "eval_every", "latent_dim", "generator_width",
+                                "epochs", "teacher_epochs", "teacher_width", "student_width", "threads"))
     if not (args.temperature > 0 and 0 <= args.alpha <= 1 and args.lr > 0 and args.data_free_lr > 0
             and args.generator_lr > 0 and args.bn_weight >= 0 and args.balance_weight >= 0
             and 0 < args.test_fraction < 1 and 0 <= args.validation < 1):
@@ -217,8 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     note = f"{SMOKE_NOTE}\n" if args.smoke else ""
     print(f"\n{note}{format_table(args, results)}\n")
     plot_curve(args, results, args.plot, task="spoken digits", split=split_name(args))
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump({"arguments": vars(args), "threads": torch.get_num_threads(), "results": results}, handle, indent=1)
+    write_results(args, threads=torch.get_num_threads(), results=results)
     print(f"wrote {args.plot} and {os.path.join(args.out, 'results.json')}")
     return 0
 

@@ -25,7 +25,6 @@ and `--threads` print the same numbers on the same machine.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -45,7 +44,7 @@ from kdfast.trainer import Distiller, seed_everything
 from kdfast.tuning import distillation_objective, grid_candidates, search_kd_hyperparameters
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _shared import SMOKE_NOTE, markdown_table  # noqa: E402
+from _shared import SMOKE_NOTE, markdown_table, write_results  # noqa: E402
 
 DATASETS = ("digits", "mnist", "cifar10")
 EVAL_BATCH = 1024  # rows per evaluation batch
@@ -398,8 +397,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         note = f"{SMOKE_NOTE}\n" if args.smoke else ""
         print(f"\n{name}: {result['seconds']:.1f} s on {args.threads} thread(s)\n{note}{format_table(result)}\n",
               flush=True)
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump({"arguments": vars(args), "results": results}, handle, indent=1)
+    write_results(args, results=results)
     return 0
 
 

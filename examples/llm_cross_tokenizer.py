@@ -32,7 +32,6 @@ same seeds and `--threads` print the same cross-entropies on the same machine.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -45,12 +44,19 @@ from torch.nn import functional as F
 
 import kdfast
 from kdfast.benchmark import measure_peak_extra_mb, time_step
-from kdfast.integrations.cross_tokenizer import encode_with_offsets, paired_rows, span_pairs
+from kdfast.integrations.cross_tokenizer import cross_tokenizer_kd_loss, encode_with_offsets, span_pairs
 from kdfast.trainer import seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _shared import SMOKE_NOTE, markdown_table, require, significant  # noqa: E402
-from llm_distill import make_model, parameter_count, stdlib_corpus, train, train_tokenizer  # noqa: E402
+from _shared import SMOKE_NOTE, markdown_table, require, require_at_least_one, significant, write_results  # noqa: E402
+from llm_distill import (  # noqa: E402
+    make_model,
+    mean_std,
+    parameter_count,
+    stdlib_corpus,
+    train,
+    train_tokenizer,
+)
 
 # --------------------------------------------------------------------------------------
 # Data: text pieces, both tokenizations, the span pairs
@@ -156,10 +162,7 @@ def run(args) -> Dict[str, object]:
         with torch.no_grad():
             teacher_logits = teacher(input_ids=teacher_data["input_ids"][index],
                                      attention_mask=teacher_data["attention_mask"][index]).logits
-        student_rows, teacher_rows = paired_rows(logits, teacher_logits, pairs[index])
-        if student_rows.shape[0] == 0:
-            return ce
-        return ce + args.uld_weight * kdfast.uld_loss(student_rows, teacher_rows, k=args.k or None)
+        return ce + args.uld_weight * cross_tokenizer_kd_loss(logits, teacher_logits, pairs[index], k=args.k or None)
 
     rows = []
     for seed in args.seeds:
@@ -205,11 +208,6 @@ def validation_scores(model, data: Dict[str, torch.Tensor], pieces: Sequence[str
 # --------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------
-
-
-def mean_std(values: Sequence[float], digits: int = 3) -> str:
-    mean = statistics.fmean(values)
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def format_tables(args, result: Dict[str, object]) -> str:
@@ -288,11 +286,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.piece_chars, args.train_pieces, args.max_validation_pieces, args.batch_size = 96, 64, 8, 4
         args.teacher_hidden, args.student_hidden, args.teacher_steps, args.student_steps = 32, 32, 3, 2
         args.seeds, args.bench_k, args.k = [0], 16, 16
-    for name in ("teacher_vocab", "student_vocab", "piece_chars", "max_tokens", "train_pieces",
-                 "max_validation_pieces", "batch_size", "teacher_hidden", "teacher_layers", "student_hidden",
-                 "student_layers", "teacher_steps", "student_steps", "bench_k", "threads"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_at_least_one(args, ("teacher_vocab", "student_vocab", "piece_chars", "max_tokens", "train_pieces",
+                                "max_validation_pieces", "batch_size", "teacher_hidden", "teacher_layers",
+                                "student_hidden", "student_layers", "teacher_steps", "student_steps", "bench_k",
+                                "threads"))
     if args.max_tokens < 2 or args.corpus_mb <= 0 or args.uld_weight < 0 or args.k < 0:
         raise SystemExit("need --max-tokens >= 2, --corpus-mb > 0, --uld-weight >= 0 and --k >= 0")
     torch.set_num_threads(args.threads)
@@ -304,8 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = run(args)
     note = f"{SMOKE_NOTE}\n" if args.smoke else ""
     print(f"\n{result['seconds']:.0f} s on {args.threads} thread(s)\n{note}{format_tables(args, result)}")
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump({"arguments": vars(args), **result}, handle, indent=1)
+    write_results(args, **result)
     return 0
 
 

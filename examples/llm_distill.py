@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
-import json
 import math
 import os
 import statistics
@@ -52,7 +51,7 @@ from kdfast.store import SoftLabelStore, SoftLabelWindowDataset
 from kdfast.trainer import seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _shared import SMOKE_NOTE, markdown_table, require, significant  # noqa: E402
+from _shared import SMOKE_NOTE, markdown_table, require, require_at_least_one, significant, write_results  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # Corpus and tokenizer
@@ -434,11 +433,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.vocab_size, args.corpus_mb, args.seq_len, args.batch_size = 512, 0.08, 32, 4
         args.max_validation_windows, args.teacher_hidden, args.student_hidden = 16, 32, 32
         args.teacher_steps, args.student_steps, args.seeds, args.k = 3, 2, [0], 8
-    for name in ("vocab_size", "seq_len", "batch_size", "teacher_hidden", "teacher_layers", "student_hidden",
-                 "student_layers", "teacher_steps", "student_steps", "k", "threads", "max_validation_windows",
-                 "train_windows"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_at_least_one(args, ("vocab_size", "seq_len", "batch_size", "teacher_hidden", "teacher_layers",
+                                "student_hidden", "student_layers", "teacher_steps", "student_steps", "k", "threads",
+                                "max_validation_windows", "train_windows"))
     if args.seq_len < 2 or not (args.temperature > 0 and 0 <= args.alpha <= 1 and args.corpus_mb > 0):
         raise SystemExit("need --seq-len >= 2, --temperature > 0, --alpha in [0, 1] and --corpus-mb > 0")
     if args.k > args.vocab_size:
@@ -459,8 +456,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = run(args)
     note = f"{SMOKE_NOTE}\n" if args.smoke else ""
     print(f"\n{result['seconds']:.0f} s on {args.threads} thread(s)\n{note}{format_tables(args, result)}")
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump({"arguments": vars(args), **result}, handle, indent=1)
+    write_results(args, **result)
     return 0
 
 

@@ -28,7 +28,6 @@ give the same numbers on the same machine; the timings vary.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -43,7 +42,7 @@ from kdfast.onpolicy import GenerationSettings, OnPolicyDistiller, generate
 from kdfast.trainer import seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _shared import SMOKE_NOTE, markdown_table, require  # noqa: E402
+from _shared import SMOKE_NOTE, markdown_table, require, require_at_least_one, write_results  # noqa: E402
 from llm_distill import (  # noqa: E402
     make_model,
     mean_std,
@@ -225,11 +224,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.max_validation_windows, args.teacher_hidden, args.student_hidden = 16, 32, 32
         args.teacher_steps, args.student_steps, args.seeds, args.train_windows = 3, 4, [0], 64
         args.sample_windows = 8
-    for name in ("vocab_size", "seq_len", "prompt_len", "batch_size", "teacher_hidden", "teacher_layers",
-                 "student_hidden", "student_layers", "teacher_steps", "student_steps", "threads",
-                 "max_validation_windows", "train_windows", "sample_windows"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_at_least_one(args, ("vocab_size", "seq_len", "prompt_len", "batch_size", "teacher_hidden", "teacher_layers",
+                                "student_hidden", "student_layers", "teacher_steps", "student_steps", "threads",
+                                "max_validation_windows", "train_windows", "sample_windows"))
     if args.prompt_len >= args.seq_len:
         raise SystemExit(f"--prompt-len ({args.prompt_len}) must be below --seq-len ({args.seq_len})")
     if not (0 <= args.beta <= 1 and 0 <= args.lmbda <= 1 and args.generation_temperature >= 0 and args.corpus_mb > 0):
@@ -243,8 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = run(args)
     note = f"{SMOKE_NOTE}\n" if args.smoke else ""
     print(f"\n{result['seconds']:.0f} s on {args.threads} thread(s)\n{note}{format_table(args, result)}")
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump({"arguments": vars(args), **result}, handle, indent=1)
+    write_results(args, **result)
     return 0
 
 

@@ -79,7 +79,7 @@ from kdfast.trainer import Distiller, seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import llm_distill  # noqa: E402
-from _shared import SMOKE_NOTE, markdown_table, require  # noqa: E402
+from _shared import SMOKE_NOTE, markdown_table, require, require_at_least_one  # noqa: E402
 from speech_digits import DEFAULT_DATA, TeacherCNN, load_npz, speaker_split, standardise  # noqa: E402
 from speech_digits import train_teacher as train_speech_teacher  # noqa: E402
 
@@ -388,10 +388,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.llm_vocab, args.llm_corpus_mb, args.llm_teacher_steps, args.llm_steps, args.llm_tune_steps = \
             300, 0.08, 3, 3, 2
         print(SMOKE_NOTE, flush=True)
-    for name in ("student_epochs", "hidden", "llm_vocab", "llm_seq_len", "llm_batch", "llm_teacher_steps",
-                 "llm_steps", "llm_tune_steps", "tune_epochs", "threads", "latency_batch", "latency_repeats"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    require_at_least_one(args, ("student_epochs", "hidden", "llm_vocab", "llm_seq_len", "llm_batch",
+                                "llm_teacher_steps", "llm_steps", "llm_tune_steps", "tune_epochs", "threads",
+                                "latency_batch", "latency_repeats"))
     if args.teacher_epochs is not None and args.teacher_epochs < 1:
         raise SystemExit(f"--teacher-epochs must be >= 1, got {args.teacher_epochs}")
     if not (args.temperature > 0 and 0 <= args.alpha <= 1 and args.lr > 0 and args.tune_lr > 0 and args.llm_tune_lr > 0

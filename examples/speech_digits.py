@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import statistics
 import sys
@@ -55,7 +54,7 @@ from kdfast.supervised import accuracy, predict_logits, train_classifier
 from kdfast.trainer import Distiller, seed_everything
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _shared import SMOKE_NOTE, markdown_table  # noqa: E402
+from _shared import SMOKE_NOTE, markdown_table, write_results  # noqa: E402
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "spoken_digits_mfcc.npz")
@@ -482,8 +481,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     seconds = time.perf_counter() - started
     note = f"{SMOKE_NOTE}\n" if args.smoke else ""
     print(f"\n{seconds:.1f} s on {args.threads} thread(s)\n{note}{format_table(args, rows)}")
-    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump({"arguments": vars(args), "seconds": seconds, "results": rows}, handle, indent=1)
+    write_results(args, seconds=seconds, results=rows)
     return 0
 
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 from test_examples import assert_smoke_notice, has_row, load_example
 
+from kdfast.integrations.cross_tokenizer import paired_rows
+
 
 def test_every_option_has_help_naming_its_default():
     pytest.importorskip("transformers")
@@ -57,7 +59,7 @@ def test_masked_labels_and_paired_rows():
     assert torch.equal(module.masked_labels(ids, mask), torch.tensor([[6, 7, -100, -100], [9, -100, -100, -100]]))
     student_logits, teacher_logits = torch.randn(2, 4, 3), torch.randn(2, 5, 7)
     pairs = torch.tensor([[[0, 1], [2, 3]], [[1, 0], [-1, -1]]])
-    student_rows, teacher_rows = module.paired_rows(student_logits, teacher_logits, pairs)
+    student_rows, teacher_rows = paired_rows(student_logits, teacher_logits, pairs)
     assert torch.equal(student_rows, torch.stack([student_logits[0, 0], student_logits[0, 2], student_logits[1, 1]]))
     assert torch.equal(teacher_rows, torch.stack([teacher_logits[0, 1], teacher_logits[0, 3], teacher_logits[1, 0]]))
 
