@@ -28,7 +28,7 @@ from torch import Tensor
 
 from kdfast.contract.options import FIELD_NAMES, FIELD_TYPES, KDOptions
 
-__all__ = ["creating_graph", "define_op", "differentiable_gradients", "launch", "save_with_gradient"]
+__all__ = ["creating_graph", "define_op", "differentiable_gradients", "launch", "save_with_gradient", "saved_gradient"]
 
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -132,3 +132,10 @@ def save_with_gradient(ctx, tensors: tuple, gradient: Tensor) -> None:
     else:
         ctx.save_for_backward(*tensors)
         ctx.gradient = gradient
+
+
+def saved_gradient(ctx, extra: Sequence[Tensor]) -> Optional[Tensor]:
+    """The one-pass gradient `save_with_gradient` kept: the saved tensor after the others
+    (`extra`, the tail of ctx.saved_tensors) under torch.compile, else the context attribute
+    (None once the first backward pass has handed it out, or when none was kept)."""
+    return extra[0] if extra else getattr(ctx, "gradient", None)

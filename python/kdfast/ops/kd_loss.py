@@ -44,7 +44,14 @@ from kdfast.contract.options import KDOptions, compute_dtype
 from kdfast.contract.reductions import reduce_rows
 from kdfast.contract.validation import check_label_range
 from kdfast.ops._native import device_and_stream, facts, native_module, row_stats_width
-from kdfast.ops._op import creating_graph, define_op, differentiable_gradients, launch, save_with_gradient
+from kdfast.ops._op import (
+    creating_graph,
+    define_op,
+    differentiable_gradients,
+    launch,
+    save_with_gradient,
+    saved_gradient,
+)
 from kdfast.reference import dense as dense_reference
 
 __all__ = ["KDLossFunction", "backward_body", "check_inplace_student", "differentiable_loss", "forward_body",
@@ -217,7 +224,7 @@ class KDLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         student, teacher, labels, row_stats, valid_rows, *gradient = ctx.saved_tensors
-        gradient = gradient or [getattr(ctx, "gradient", None)]
+        gradient = saved_gradient(ctx, gradient)
         grad_student = None
         if ctx.needs_input_grad[0] and creating_graph():  # second-order gradients: a differentiable recomputation
             if ctx.inplace:
@@ -226,7 +233,7 @@ class KDLossFunction(torch.autograd.Function):
             grad_student, = differentiable_gradients(lambda: differentiable_loss(student, teacher, labels, ctx.options),
                                                      (student,), (True,), grad_loss)
         elif ctx.needs_input_grad[0] and ctx.one_pass:
-            grad_student = _one_pass_gradient(ctx, grad_loss, gradient[0], student, teacher, labels, row_stats,
+            grad_student = _one_pass_gradient(ctx, grad_loss, gradient, student, teacher, labels, row_stats,
                                               valid_rows)
         elif ctx.needs_input_grad[0]:
             grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)

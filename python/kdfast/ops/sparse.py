@@ -49,7 +49,14 @@ from kdfast.ops._native import (
     native_module,
     row_stats_width,
 )
-from kdfast.ops._op import creating_graph, define_op, differentiable_gradients, launch, save_with_gradient
+from kdfast.ops._op import (
+    creating_graph,
+    define_op,
+    differentiable_gradients,
+    launch,
+    save_with_gradient,
+    saved_gradient,
+)
 from kdfast.reference import sparse as sparse_reference
 
 __all__ = ["SparseKDLossFunction", "compress", "compress_uses_kernels", "differentiable_loss", "sparse_kd_backward",
@@ -254,22 +261,22 @@ class SparseKDLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         student, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows, *gradient = ctx.saved_tensors
-        gradient = gradient or [getattr(ctx, "gradient", None)]
+        gradient = saved_gradient(ctx, gradient)
         grad_student = None
         if ctx.needs_input_grad[0] and creating_graph():  # second-order gradients: a differentiable recomputation
             grad_student, = differentiable_gradients(
                 lambda: differentiable_loss(student, indices, teacher_logprobs, teacher_tail, labels, ctx.options),
                 (student,), (True,), grad_loss)
         elif ctx.needs_input_grad[0] and ctx.one_pass and torch.compiler.is_compiling():
-            grad_student = torch.empty_like(gradient[0])
+            grad_student = torch.empty_like(gradient)
             launch(sparse_kd_scale_gradient, scale_gradient_body,
-                   (grad_loss, gradient[0], student, indices, teacher_logprobs, teacher_tail, labels, row_stats,
+                   (grad_loss, gradient, student, indices, teacher_logprobs, teacher_tail, labels, row_stats,
                     valid_rows, grad_student), ctx.options)
         elif ctx.needs_input_grad[0] and ctx.one_pass:
             # The first backward pass owns the forward's gradient (no second N×V buffer); a later
             # one (retain_graph=True) recomputes it into a fresh tensor, bit for bit the same.
             inputs = (student, indices, teacher_logprobs, teacher_tail, labels)
-            grad_student = gradient[0]
+            grad_student = gradient
             if ctx.handed_out:
                 grad_student = torch.empty_like(student)
                 forward_grad_body(*inputs, *forward_outputs(student, ctx.options), grad_student, ctx.options)
