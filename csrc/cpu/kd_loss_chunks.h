@@ -4,8 +4,8 @@
 // gradient) and their selection for a call's options (`pick_kernels`). Contract: rowmath.h.
 // The statistics sweep can also keep its exponentials (`KeptExps`): the one-pass training
 // kernel stores exp((s - max)/T), exp((t - max)/T) and exp(s - max) of a row into per-thread
-// row buffers, and forward_kl's gradient is then formed from them (`chunk_grad_kept`) with no
-// exponential of its own.
+// row buffers, and forward_kl's and TVD's gradient (TVD: and its second sweep) is then formed
+// from them (`chunk_grad_kept`, `chunk_sweep_tvd`) with no exponential of its own.
 #pragma once
 
 #include <algorithm>
@@ -57,7 +57,7 @@ struct KeptExps {
 };
 
 // One row's gradient factors (rowmath::GradRow) and the inverse sums 1/Z = exp(-log-sum)
-// that forward_kl's gradient on the lanes multiplies by; built once per row.
+// that the gradient and sweeps on the lanes multiply by; built once per row.
 template <class C>
 struct ChunkGradRow {
   GradRow<C> row;
@@ -129,10 +129,19 @@ void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coeff
   rowmath::merge_partials(part, chunk, k, k.divergence);
 }
 
-// Second sweep of JSD / TVD over one chunk, with the row's maxima and log-sums known.
+// 1/Z = exp(-log-sum) of a row's sum, as the gradient factors and TVD's sweep use it.
+template <class C>
+inline C inverse_sum(C log_sum) {
+  return static_cast<C>(std::exp(-static_cast<double>(log_sum)));
+}
+
+// Second sweep of JSD over one chunk, with the row's maxima and log-sums known (`kept` and
+// `exps` unused: JSD needs log m per element).
 template <class C, Divergence D>
-void chunk_sweep(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowStats<C>& stats,
-                 C& acc0, C& acc1) {
+void chunk_sweep(const C* s, const C* t, KeptExps<C> kept, int64_t n, const Coefficients<C>& coefficients,
+                 const RowExps<C>& exps, const RowStats<C>& stats, C& acc0, C& acc1) {
+  (void)kept;
+  (void)exps;
   const Coefficients<C> k = coefficients;
   const RowStats<C> st = stats;
   const C h = k.diff_scale, kappa = k.inv_scaled_t;
@@ -152,12 +161,65 @@ void chunk_sweep(const C* s, const C* t, int64_t n, const Coefficients<C>& coeff
   acc1 += sum1;
 }
 
-// forward_kl's gradient of one chunk on the lanes (the same as chunk_grad<ForwardKL>):
+// TVD's second sweep over one chunk on the lanes: acc0 += |q − p|, acc1 += q sign(q − p), with
+// q = exp(ds κ) / Z_q and p = exp(dt κ) / Z_p formed as the gradient forms them.
+// KEPT: the vector lanes read the exponentials the statistics sweep kept (`kept`) instead of
+// computing them; the scalar tail always computes them from s and t (which need only be valid
+// there), so that both instantiations give the same bits.
+template <class C, bool FOLD, bool KEPT>
+void chunk_sweep_tvd(const C* s, const C* t, KeptExps<C> kept, int64_t n, const Coefficients<C>& coefficients,
+                     const RowExps<C>& exps, const RowStats<C>& stats, C& acc0, C& acc1) {
+  const C h = coefficients.diff_scale;
+  const C max_s = stats.student_max * h, max_t = stats.teacher_max * h;
+  const C inv_zq = inverse_sum(stats.student_log_sum_T), inv_zp = inverse_sum(stats.teacher_log_sum);
+  const ExpLanes<C> exp_t = exps.t;  // a local copy, as in chunk_stats
+  const C* kq = kept.q;
+  const C* kp = kept.p;
+  LaneSums<C, 2> acc;
+  sweep_lanes<C>(n, [&](auto lane, int64_t i) {
+    using L = Lane<decltype(lane)>;
+    constexpr bool kFromKept = KEPT && !std::is_same_v<decltype(lane), C>;
+    auto* sums = acc.sums(lane);
+    decltype(lane) e_q, e_p;
+    if constexpr (kFromKept) {
+      e_q = L::load(kq + i);
+      e_p = L::load(kp + i);
+    } else {
+      e_q = exp_t.template apply<true, FOLD>(fma_(L::load(s + i), L::splat(h), L::splat(-max_s)));
+      e_p = exp_t.template apply<true, FOLD>(fma_(L::load(t + i), L::splat(h), L::splat(-max_t)));
+    }
+    const auto q = e_q * L::splat(inv_zq);
+    const auto p = e_p * L::splat(inv_zp);
+    // |q − p| as max − min and the sign by comparisons: equal q and p give exactly 0.
+    sums[0] = sums[0] + (max_(q, p) - min_(q, p));
+    sums[1] = sums[1] + (where_greater(q, p, q) - where_greater(p, q, q));
+  });
+  acc0 += acc.total(0);
+  acc1 += acc.total(1);
+}
+
+// The divergence's gradient term of one element on the lanes, kd_factor dD/db, for the
+// divergences whose gradient needs only q and p: forward_kl kd (q − p), TVD
+// kd q (sign(q − p)/2 − aux).
+template <Divergence D, class V, class C>
+inline V lanes_divergence_grad(V q, V p, C kd_factor, C aux) {
+  using L = Lane<V>;
+  if constexpr (D == Divergence::ForwardKL) {
+    (void)aux;
+    return L::splat(kd_factor) * (q - p);
+  } else {
+    static_assert(D == Divergence::TVD, "lanes gradient: forward_kl or tvd");
+    const V half_sign = where_greater(q, p, L::splat(C(0.5))) - where_greater(p, q, L::splat(C(0.5)));
+    return L::splat(kd_factor) * (q * (half_sign - L::splat(aux)));
+  }
+}
+
+// forward_kl's and TVD's gradient of one chunk on the lanes (chunk_grad's for them):
 // q = exp(ds/T) / Z_q and p = exp(dt/T) / Z_p with the row's sums Z = exp(log-sum), so each
 // element takes the lanes' exp(x/T) and one product instead of a rounded x/T - log-sum.
-template <class C, bool CE, bool KD, int S1, bool FOLD>
-void chunk_grad_forward_kl(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients,
-                           const RowExps<C>& exps, const ChunkGradRow<C>& grad_row, C* out) {
+template <class C, Divergence D, bool CE, bool KD, int S1, bool FOLD>
+void chunk_grad_lanes(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients,
+                      const RowExps<C>& exps, const ChunkGradRow<C>& grad_row, C* out) {
   const GradRow<C> g = grad_row.row;
   const C h = coefficients.diff_scale;
   const C max_s = g.stats.student_max * h, max_t = g.stats.teacher_max * h;
@@ -171,7 +233,7 @@ void chunk_grad_forward_kl(const C* s, const C* t, int64_t n, const Coefficients
     if constexpr (KD) {
       const auto p = exp_t.template apply<true, FOLD>(fma_(L::load(t + i), L::splat(h), L::splat(-max_t))) *
                      L::splat(inv_zp);
-      value = L::splat(g.kd_factor) * (q - p);
+      value = lanes_divergence_grad<D>(q, p, g.kd_factor, g.stats.aux);
     }
     if constexpr (CE) {
       auto r = q;  // T == 1
@@ -183,9 +245,9 @@ void chunk_grad_forward_kl(const C* s, const C* t, int64_t n, const Coefficients
   });
 }
 
-// forward_kl's gradient of one chunk from the exponentials the statistics sweep kept: the same
-// arithmetic as chunk_grad_forward_kl on the same exp(d κ) values, without computing them again.
-template <class C, bool CE, bool KD, int S1>
+// forward_kl's or TVD's gradient of one chunk from the exponentials the statistics sweep kept:
+// the same arithmetic as chunk_grad_lanes on the same exp(d κ) values, without computing them again.
+template <class C, Divergence D, bool CE, bool KD, int S1>
 void chunk_grad_kept(KeptExps<C> kept, int64_t n, const ChunkGradRow<C>& grad_row, C* out) {
   const GradRow<C> g = grad_row.row;
   const C inv_zq = grad_row.inv_zq, inv_zp = grad_row.inv_zp, inv_z1 = grad_row.inv_z1;
@@ -196,7 +258,7 @@ void chunk_grad_kept(KeptExps<C> kept, int64_t n, const ChunkGradRow<C>& grad_ro
     using L = Lane<decltype(lane)>;
     const auto q = L::load(kq + i) * L::splat(inv_zq);
     auto value = L::zero();
-    if constexpr (KD) value = L::splat(g.kd_factor) * (q - L::load(kp + i) * L::splat(inv_zp));
+    if constexpr (KD) value = lanes_divergence_grad<D>(q, L::load(kp + i) * L::splat(inv_zp), g.kd_factor, g.stats.aux);
     if constexpr (CE) {
       auto r = q;  // T == 1
       if constexpr (S1 == rowmath::kStudent1Exp) r = L::load(k1 + i) * L::splat(inv_z1);
@@ -207,13 +269,13 @@ void chunk_grad_kept(KeptExps<C> kept, int64_t n, const ChunkGradRow<C>& grad_ro
   });
 }
 
-// Gradient of one chunk (before the label fix-up), written to `out`; forward_kl's is
-// chunk_grad_forward_kl above.
+// Gradient of one chunk (before the label fix-up), written to `out`; forward_kl's and TVD's
+// are chunk_grad_lanes above.
 template <class C, Divergence D, bool CE, bool KD, int S1, bool FOLD>
 void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowExps<C>& exps,
                 const ChunkGradRow<C>& grad_row, C* out) {
-  if constexpr (D == Divergence::ForwardKL) {
-    return chunk_grad_forward_kl<C, CE, KD, S1, FOLD>(s, t, n, coefficients, exps, grad_row, out);
+  if constexpr (D == Divergence::ForwardKL || D == Divergence::TVD) {
+    return chunk_grad_lanes<C, D, CE, KD, S1, FOLD>(s, t, n, coefficients, exps, grad_row, out);
   }
   (void)exps;
   // Local copies: the loop's invariants must not alias `out` for the loop to vectorise.
@@ -254,7 +316,8 @@ using StatsFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, co
 template <class C>
 using KeptGradFn = void (*)(KeptExps<C>, int64_t, const ChunkGradRow<C>&, C*);
 template <class C>
-using SweepFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowStats<C>&, C&, C&);
+using SweepFn = void (*)(const C*, const C*, KeptExps<C>, int64_t, const Coefficients<C>&, const RowExps<C>&,
+                         const RowStats<C>&, C&, C&);
 template <class C>
 using GradFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowExps<C>&,
                         const ChunkGradRow<C>&, C*);
@@ -281,20 +344,20 @@ StatsFn<C> pick_stats(bool kd, int student_1_mode, bool smooth) {
                 : pick_stats_mode<C, D, false, false, FOLD, KEEP>(student_1_mode);
 }
 
-template <class C, bool KD>
+template <class C, Divergence D, bool KD>
 KeptGradFn<C> pick_kept_grad_mode(int student_1_mode) {
   switch (student_1_mode) {
-    case rowmath::kStudent1Exp: return chunk_grad_kept<C, true, KD, rowmath::kStudent1Exp>;
-    case 2: return chunk_grad_kept<C, true, KD, 2>;
-    case 4: return chunk_grad_kept<C, true, KD, 4>;
-    default: return chunk_grad_kept<C, true, KD, rowmath::kStudent1None>;
+    case rowmath::kStudent1Exp: return chunk_grad_kept<C, D, true, KD, rowmath::kStudent1Exp>;
+    case 2: return chunk_grad_kept<C, D, true, KD, 2>;
+    case 4: return chunk_grad_kept<C, D, true, KD, 4>;
+    default: return chunk_grad_kept<C, D, true, KD, rowmath::kStudent1None>;
   }
 }
 
-template <class C>
+template <class C, Divergence D>
 KeptGradFn<C> pick_kept_grad(bool ce, bool kd, int student_1_mode) {
-  if (!ce) return chunk_grad_kept<C, false, true, rowmath::kStudent1None>;
-  return kd ? pick_kept_grad_mode<C, true>(student_1_mode) : pick_kept_grad_mode<C, false>(student_1_mode);
+  if (!ce) return chunk_grad_kept<C, D, false, true, rowmath::kStudent1None>;
+  return kd ? pick_kept_grad_mode<C, D, true>(student_1_mode) : pick_kept_grad_mode<C, D, false>(student_1_mode);
 }
 
 template <class C, Divergence D, bool KD, bool FOLD>
@@ -318,25 +381,34 @@ struct ChunkKernels {
   StatsFn<C> stats;
   SweepFn<C> sweep;  // null for the one-pass divergences
   GradFn<C> grad;
-  // forward_kl only (else null): the statistics sweep that keeps its exponentials, and the
-  // gradient from them (the one-pass training kernel).
+  // forward_kl and TVD only (else null): the statistics sweep that keeps its exponentials, and
+  // the gradient (TVD: also the second sweep) from them (the one-pass training kernel).
   StatsFn<C> stats_keep;
   KeptGradFn<C> grad_kept;
+  SweepFn<C> sweep_kept;
 };
 
 template <class C, Divergence D, bool FOLD>
 ChunkKernels<C> pick_for(const Coefficients<C>& k) {
   ChunkKernels<C> kernels;
-  // Only forward_kl's gradient uses the lanes' exp: the other divergences share one instantiation.
-  constexpr bool kGradFold = FOLD && D == Divergence::ForwardKL;
+  // Only forward_kl's and TVD's gradients use the lanes' exp: the other divergences share one
+  // instantiation.
+  constexpr bool kLanes = D == Divergence::ForwardKL || D == Divergence::TVD;
+  constexpr bool kGradFold = FOLD && kLanes;
   kernels.stats = pick_stats<C, D, FOLD>(k.need_kd, k.student_1_mode, k.need_ce && k.label_smoothing > C(0));
-  kernels.sweep = (D == Divergence::JSD || D == Divergence::TVD) && k.need_kd ? chunk_sweep<C, D> : nullptr;
+  kernels.sweep = nullptr;
+  kernels.sweep_kept = nullptr;
+  if constexpr (D == Divergence::JSD) kernels.sweep = k.need_kd ? chunk_sweep<C, D> : nullptr;
+  if constexpr (D == Divergence::TVD) {
+    kernels.sweep = k.need_kd ? chunk_sweep_tvd<C, FOLD, false> : nullptr;
+    kernels.sweep_kept = k.need_kd ? chunk_sweep_tvd<C, FOLD, true> : nullptr;
+  }
   kernels.grad = pick_grad<C, D, kGradFold>(k.need_ce, k.need_kd, k.student_1_mode);
   kernels.stats_keep = nullptr;
   kernels.grad_kept = nullptr;
-  if constexpr (D == Divergence::ForwardKL) {
+  if constexpr (kLanes) {
     kernels.stats_keep = pick_stats<C, D, FOLD, true>(k.need_kd, k.student_1_mode, k.need_ce && k.label_smoothing > C(0));
-    kernels.grad_kept = pick_kept_grad<C>(k.need_ce, k.need_kd, k.student_1_mode);
+    kernels.grad_kept = pick_kept_grad<C, D>(k.need_ce, k.need_kd, k.student_1_mode);
   }
   return kernels;
 }

@@ -7,12 +7,12 @@
 // Rows are split over OpenMP threads (args.num_threads, no more); each row is streamed in
 // chunks of kChunk elements: converted to the compute type into a stack buffer (or used in
 // place for float32 / float64), then swept with vectorised loops; the exp-bound sweeps (the
-// forward statistics, forward_kl's gradient) run on the lanes of lanes.h with its exp(x/T).
+// forward statistics, forward_kl's and TVD's gradient, TVD's second sweep) run on the lanes of lanes.h with its exp(x/T).
 // The forward pass reads the row from memory once: a max sweep, then the statistics sweep over
 // the cache-resident row with the final maxima (stream_row; JSD/TVD: one more sweep); the backward pass reads it once more and writes the gradient once, multiplied by
 // grad_output, or NaN for a row whose loss is NaN (NaN in, NaN out: rowmath::row_sums_defined).
 // With args.grad_student set, the forward pass is forward_grad_impl: each row's gradient is
-// written right after its statistics, from the cache-resident row (and, for forward_kl, from
+// written right after its statistics, from the cache-resident row (and, for forward_kl and TVD, from
 // the exponentials the statistics sweep kept), so training reads the logits from memory once.
 // Logits enter as scaled differences h x - h max (rowmath::difference_scale) and the per-row
 // finishing (loss, gradient factors) runs in double.
@@ -61,9 +61,23 @@ struct CallSetup {
 // The statistics (RowStats, then the row loss, then 0) of one valid row with a label in range
 // (or none), from its streamed partial: the second sweep of JSD / TVD over the row, the
 // cross-entropy, and NaN where a sum the loss reads is undefined (NaN in, NaN out).
+// The whole float vectors of an n-element chunk at `start` (all n for double): the part a kept
+// sweep reads from the kept exponentials; the scalar tail after it is computed from the logits.
+template <class C>
+int64_t kept_bulk(int64_t n) {
+  return std::is_same_v<C, float> ? n - n % kFloatLanes : n;
+}
+
+// The chunk of a row at `start` as a compute-type pointer that is valid from element `from` on
+// (the elements before it are neither converted nor read): the scalar tail of a kept sweep.
+template <class In, class C>
+const C* load_chunk_from(const In* row, int64_t start, int64_t n, int64_t from, C* buf) {
+  return load_chunk<In, C>(row + start + from, n - from, buf + from) - from;
+}
+
 template <class S, class T, class C>
 void finish_row(const CallSetup<C>& call, const RowPartial<C>& part, const S* s_row, const T* t_row, int64_t label,
-                int64_t vocab, C* stats_out) {
+                int64_t vocab, KeptExps<C> kept, C* stats_out) {
   const Coefficients<C>& k = call.k;
   alignas(64) C student_buf[kChunk];
   alignas(64) C teacher_buf[kChunk];
@@ -71,11 +85,14 @@ void finish_row(const CallSetup<C>& call, const RowPartial<C>& part, const S* s_
   RowStats<C> st = rowmath::finish_stats(part, k, &divergence);
   if (call.kernels.sweep) {
     C acc0 = 0, acc1 = 0;
+    const bool from_kept = kept.q && call.kernels.sweep_kept;
     for (int64_t start = 0; start < vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, vocab - start);
-      const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
-      const C* t = load_chunk<T, C>(t_row + start, n, teacher_buf);
-      call.kernels.sweep(s, t, n, k, st, acc0, acc1);
+      const int64_t from = from_kept ? kept_bulk<C>(n) : 0;
+      const C* s = load_chunk_from<S, C>(s_row, start, n, from, student_buf);
+      const C* t = load_chunk_from<T, C>(t_row, start, n, from, teacher_buf);
+      (from_kept ? call.kernels.sweep_kept : call.kernels.sweep)(s, t, kept.q ? kept.at(start) : kept, n, k, call.exps,
+                                                                 st, acc0, acc1);
     }
     divergence = static_cast<double>(k.divergence == Divergence::JSD ? rowmath::finish_jsd(acc0, acc1, k, st)
                                                                       : rowmath::finish_tvd(acc0, acc1, st));
@@ -104,9 +121,14 @@ void finish_row(const CallSetup<C>& call, const RowPartial<C>& part, const S* s_
 // from memory), then every sum relative to those final maxima while the row is cache-resident,
 // so that no partial is ever rebased and every exponential is exp((x - max)/T) itself, the
 // value the gradient sweeps compute (both passes and the one-pass kernel agree bit for bit).
-// `kept.q` set: the sweep also keeps its exponentials there (forward_kl, one-pass kernel).
+// `kept.q` set: the sweep also keeps its exponentials there (forward_kl and TVD, one-pass kernel).
+// `next_s` / `next_t` (nullable): the logits of the row this thread streams next. The max
+// sweep is bound by memory and the statistics sweep by the exponentials, so while a chunk's
+// statistics are computed, the same span of the next row is prefetched: its max sweep then reads
+// from cache, and memory and arithmetic overlap across rows.
 template <class S, class T, class C>
-RowPartial<C> stream_row(const CallSetup<C>& call, const S* s_row, const T* t_row, int64_t vocab, KeptExps<C> kept) {
+RowPartial<C> stream_row(const CallSetup<C>& call, const S* s_row, const T* t_row, int64_t vocab, KeptExps<C> kept,
+                         const S* next_s = nullptr, const T* next_t = nullptr) {
   const Coefficients<C>& k = call.k;
   alignas(64) C student_buf[kChunk];
   alignas(64) C teacher_buf[kChunk];
@@ -127,6 +149,8 @@ RowPartial<C> stream_row(const CallSetup<C>& call, const S* s_row, const T* t_ro
   part.teacher_max = max_t;
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, vocab - start);
+    if (next_s) prefetch_span(next_s + start, n);
+    if (next_t && k.need_kd) prefetch_span(next_t + start, n);
     const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
     const C* t = k.need_kd ? load_chunk<T, C>(t_row + start, n, teacher_buf) : nullptr;
     if (kept.q) call.kernels.stats_keep(s, t, n, k, call.exps, part, kept.at(start));
@@ -151,9 +175,9 @@ ChunkGradRow<C> chunk_grad_row(double g, const Coefficients<C>& k, const C* st, 
                    ? static_cast<C>(std::exp(static_cast<double>(k.student_1_mode) * static_cast<double>(st[3]) -
                                              static_cast<double>(st[4])))
                    : C(0);
-  row_grad.inv_zq = static_cast<C>(std::exp(-static_cast<double>(gr.stats.student_log_sum_T)));
-  row_grad.inv_zp = static_cast<C>(std::exp(-static_cast<double>(gr.stats.teacher_log_sum)));
-  row_grad.inv_z1 = static_cast<C>(std::exp(-static_cast<double>(gr.stats.student_log_sum_1)));
+  row_grad.inv_zq = inverse_sum(gr.stats.student_log_sum_T);
+  row_grad.inv_zp = inverse_sum(gr.stats.teacher_log_sum);
+  row_grad.inv_z1 = inverse_sum(gr.stats.student_log_sum_1);
   return row_grad;
 }
 
@@ -165,7 +189,7 @@ inline double reduction_scale(Reduction reduction, double valid, int64_t rows) {
 }
 
 // The gradient row of a valid row whose statistics `st` are known, for g (see chunk_grad_row):
-// from the kept exponentials (`kept.q` set: forward_kl in the one-pass kernel) or by the chunk
+// from the kept exponentials (`kept.q` set: forward_kl or TVD in the one-pass kernel) or by the chunk
 // gradient over the logits. `g_row` may alias `s_row` (each chunk is read before it is written).
 template <class S, class T, class C>
 void gradient_row(const CallSetup<C>& call, const C* st, double g, const S* s_row, const T* t_row, int64_t label,
@@ -190,11 +214,11 @@ void gradient_row(const CallSetup<C>& call, const C* st, double g, const S* s_ro
       // kFloatLanes elements) by the chunk gradient itself, whose scalar loop is the very code
       // the backward pass runs there, so that both give the same bits wherever the compiler
       // contracts a multiply and an add in scalar code.
-      const int64_t bulk = std::is_same_v<C, float> ? n - n % kFloatLanes : n;
+      const int64_t bulk = kept_bulk<C>(n);
       call.kernels.grad_kept(kept.at(start), bulk, row_grad, out);
       if (bulk < n) {
-        const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
-        const C* t = k.need_kd ? load_chunk<T, C>(t_row + start, n, teacher_buf) : nullptr;
+        const C* s = load_chunk_from<S, C>(s_row, start, n, bulk, student_buf);
+        const C* t = k.need_kd ? load_chunk_from<T, C>(t_row, start, n, bulk, teacher_buf) : nullptr;
         call.kernels.grad(s + bulk, t ? t + bulk : nullptr, n - bulk, k, call.exps, row_grad, out + bulk);
       }
     } else {
@@ -207,6 +231,24 @@ void gradient_row(const CallSetup<C>& call, const C* st, double g, const S* s_ro
   }
 }
 
+// Per-thread row buffers of the kept exponentials, kept between calls (the OpenMP threads
+// persist), so that a call does not fault in fresh pages.
+template <class C>
+C* kept_buffer(int64_t size) {
+  thread_local std::vector<C> buffer;
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(static_cast<size_t>(size));
+  return buffer.data();
+}
+
+// The calling thread's kept-exponential slices for one row (KeptExps), or none when `keep` is false.
+template <class C>
+KeptExps<C> thread_kept(const Coefficients<C>& k, int64_t vocab, bool keep) {
+  if (!keep) return KeptExps<C>{nullptr, nullptr, nullptr};
+  C* base = kept_buffer<C>(3 * vocab);
+  return KeptExps<C>{base, k.need_kd ? base + vocab : nullptr,
+                     k.student_1_mode == rowmath::kStudent1Exp ? base + 2 * vocab : nullptr};
+}
+
 template <class S, class T, class C>
 int64_t forward_impl(const KDForwardArgs& args) {
   const CallSetup<C> call(args);
@@ -214,6 +256,8 @@ int64_t forward_impl(const KDForwardArgs& args) {
   const S* student = static_cast<const S*>(args.student);
   const T* teacher = static_cast<const T*>(args.teacher);
   C* row_stats = static_cast<C*>(args.row_stats);
+  // TVD's second sweep reads the exponentials its statistics sweep kept (no exp of its own).
+  const bool keep = call.kernels.sweep_kept != nullptr;
   int64_t bad_labels = 0;
 
 #pragma omp parallel for num_threads(threads_for(args.num_threads, rows, vocab)) schedule(static) reduction(+ : bad_labels)
@@ -231,8 +275,12 @@ int64_t forward_impl(const KDForwardArgs& args) {
     }
     const S* s_row = student + row * args.student_row_stride;
     const T* t_row = teacher + row * args.teacher_row_stride;
-    const RowPartial<C> part = stream_row<S, T, C>(call, s_row, t_row, vocab, KeptExps<C>{nullptr, nullptr, nullptr});
-    finish_row<S, T, C>(call, part, s_row, t_row, label, vocab, stats_out);
+    const bool has_next = row + 1 < rows;
+    const KeptExps<C> kept = thread_kept(call.k, vocab, keep);
+    const RowPartial<C> part = stream_row<S, T, C>(call, s_row, t_row, vocab, kept,
+                                                   has_next ? s_row + args.student_row_stride : nullptr,
+                                                   has_next ? t_row + args.teacher_row_stride : nullptr);
+    finish_row<S, T, C>(call, part, s_row, t_row, label, vocab, kept, stats_out);
   }
 
   reduce_row_losses(row_stats, kRowStats, 6, rows, args.labels, args.options, static_cast<C*>(args.loss),
@@ -240,20 +288,12 @@ int64_t forward_impl(const KDForwardArgs& args) {
   return bad_labels;
 }
 
-// Per-thread row buffers of the one-pass kernel's kept exponentials, kept between calls (the
-// OpenMP threads persist), so that a call does not fault in fresh pages.
-template <class C>
-C* kept_buffer(int64_t size) {
-  thread_local std::vector<C> buffer;
-  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(static_cast<size_t>(size));
-  return buffer.data();
-}
 
 // The one-pass training kernel: the forward pass of forward_impl and, for each row right after
 // its statistics, its gradient for grad_output = 1 times the reduction's scale (args.grad_student),
-// so that the row is read from memory once. Per row: stream_row (forward_kl keeps its
+// so that the row is read from memory once. Per row: stream_row (forward_kl and TVD keep their
 // exponentials in per-thread row buffers), JSD / TVD's second sweep, then the gradient sweep
-// (forward_kl: from the kept exponentials, no exp; the others: over the cached row). Both
+// (forward_kl, TVD: from the kept exponentials, no exp; the others: over the cached row). Both
 // paths stream the statistics the same way and form every exponential from the final maxima, so
 // they give the same statistics and, for grad_output = 1, the same gradient.
 template <class S, class T, class C>
@@ -273,12 +313,7 @@ int64_t forward_grad_impl(const KDForwardArgs& args) {
 
 #pragma omp parallel num_threads(threads_for(args.num_threads, rows, vocab)) reduction(+ : bad_labels)
   {
-    KeptExps<C> kept{nullptr, nullptr, nullptr};
-    if (keep) {
-      C* base = kept_buffer<C>(3 * vocab);
-      kept = KeptExps<C>{base, k.need_kd ? base + vocab : nullptr,
-                         k.student_1_mode == rowmath::kStudent1Exp ? base + 2 * vocab : nullptr};
-    }
+    const KeptExps<C> kept = thread_kept(k, vocab, keep);
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
       C* stats_out = row_stats + row * kRowStats;
@@ -297,8 +332,11 @@ int64_t forward_grad_impl(const KDForwardArgs& args) {
       }
       const S* s_row = student + row * args.student_row_stride;
       const T* t_row = teacher + row * args.teacher_row_stride;
-      const RowPartial<C> part = stream_row<S, T, C>(call, s_row, t_row, vocab, kept);
-      finish_row<S, T, C>(call, part, s_row, t_row, label, vocab, stats_out);
+      const bool has_next = row + 1 < rows;
+      const RowPartial<C> part = stream_row<S, T, C>(call, s_row, t_row, vocab, kept,
+                                                     has_next ? s_row + args.student_row_stride : nullptr,
+                                                     has_next ? t_row + args.teacher_row_stride : nullptr);
+      finish_row<S, T, C>(call, part, s_row, t_row, label, vocab, kept, stats_out);
       gradient_row<S, T, C>(call, stats_out, g, s_row, t_row, label, vocab, kept, g_row);
     }
   }

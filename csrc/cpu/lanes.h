@@ -1,7 +1,7 @@
 // Lanes for the CPU kernels' exp-bound row loops: one loop body, written once as a template
 // over its lane type, runs on float vector lanes (`FV`) for the bulk of a row and on plain float /
 // double for the tail and for float64. Provides the few operations those bodies use (load,
-// store, +, -, *, fused multiply-add, max, min, zero-unless-positive, horizontal sum / max /
+// store, +, -, *, fused multiply-add, max, min, zero-unless-positive or -greater, horizontal sum / max /
 // min) and `ScaledExp`, exp(x / T) for x <= 0.
 // FV is 8 lanes of AVX2 intrinsics where the variant has AVX2 and FMA (the avx2 and avx512
 // variants), else 4 lanes of GCC / Clang vector extensions that the compiler lowers to the
@@ -215,6 +215,10 @@ inline double min_(double a, double b) { return a < b ? a : b; }
 // value where condition > 0, else 0 (so 0 * inf or 0 * -inf never reaches a sum).
 inline float where_positive(float condition, float value) { return condition > 0.0f ? value : 0.0f; }
 inline double where_positive(double condition, double value) { return condition > 0.0 ? value : 0.0; }
+// value where a > b, else 0: a comparison of the two values themselves, so that a sign taken of
+// two products never depends on whether the compiler fused one of them into a subtraction.
+inline float where_greater(float a, float b, float value) { return a > b ? value : 0.0f; }
+inline double where_greater(double a, double b, double value) { return a > b ? value : 0.0; }
 inline float hsum(float v) { return v; }
 inline double hsum(double v) { return v; }
 inline float hmax(float v) { return v; }
@@ -242,6 +246,7 @@ inline FV operator*(FV a, FV b) { return {_mm256_mul_ps(a.v, b.v)}; }
 inline FV fma_(FV a, FV b, FV c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
 inline FV max_(FV a, FV b) { return {_mm256_max_ps(a.v, b.v)}; }
 inline FV min_(FV a, FV b) { return {_mm256_min_ps(a.v, b.v)}; }
+inline FV where_greater(FV a, FV b, FV value) { return {_mm256_and_ps(_mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ), value.v)}; }
 inline FV where_positive(FV condition, FV value) {
   return {_mm256_and_ps(_mm256_cmp_ps(condition.v, _mm256_setzero_ps(), _CMP_GT_OQ), value.v)};
 }
@@ -342,6 +347,7 @@ inline FV fma_(FV a, FV b, FV c) { return {a.v * b.v + c.v}; }
 inline FV max_(FV a, FV b) { return {a.v > b.v ? a.v : b.v}; }  // b where unordered, as max_(float)
 inline FV min_(FV a, FV b) { return {a.v < b.v ? a.v : b.v}; }
 inline FV where_positive(FV condition, FV value) { return {condition.v > FVv{} ? value.v : FVv{}}; }
+inline FV where_greater(FV a, FV b, FV value) { return {a.v > b.v ? value.v : FVv{}}; }
 inline float hsum(FV x) { return (x.v[0] + x.v[1]) + (x.v[2] + x.v[3]); }
 inline float hmax(FV x) { return max_(max_(x.v[0], x.v[1]), max_(x.v[2], x.v[3])); }
 inline float hmin(FV x) { return min_(min_(x.v[0], x.v[1]), min_(x.v[2], x.v[3])); }
