@@ -64,9 +64,9 @@ struct ChunkGradRow {
   C inv_zq, inv_zp, inv_z1;  // 1/Z of exp(ds/T), exp(dt/T), exp(ds)
 };
 
-// Folds one chunk into the streamed statistics of a row in a single sweep: both maxima
-// first (one loop), then every sum of the chunk relative to the new running maxima (one
-// loop), then a merge into the row's partial (rowmath::merge_partials).
+// Folds one chunk into the streamed statistics of a row in a single sweep, relative to the
+// row's final maxima, which `part` already holds (stream_row finds them first), then merges it
+// into the row's partial (rowmath::merge_partials, here with no rebase).
 // FOLD: exp(d κ) with the folded polynomial (lanes.h; when RowExps::t is foldable).
 // KEEP: also stores the chunk's exponentials into `kept` (KeptExps).
 template <class C, Divergence D, bool KD, int S1, bool SMOOTH, bool FOLD, bool KEEP = false>
@@ -74,20 +74,9 @@ void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coeff
                  RowPartial<C>& part, KeptExps<C> kept) {
   const Coefficients<C> k = coefficients;
   const C h = k.diff_scale;
-  C chunk_max_s = kNegInf<C>, chunk_max_t = kNegInf<C>;
-  if constexpr (KD) {
-#pragma omp simd reduction(max : chunk_max_s, chunk_max_t)
-    for (int64_t i = 0; i < n; ++i) {
-      chunk_max_s = s[i] > chunk_max_s ? s[i] : chunk_max_s;
-      chunk_max_t = t[i] > chunk_max_t ? t[i] : chunk_max_t;
-    }
-  } else {
-#pragma omp simd reduction(max : chunk_max_s)
-    for (int64_t i = 0; i < n; ++i) chunk_max_s = s[i] > chunk_max_s ? s[i] : chunk_max_s;
-  }
   RowPartial<C> chunk = rowmath::empty_partial<C>();
-  chunk.student_max = std::max(part.student_max, chunk_max_s);
-  chunk.teacher_max = std::max(part.teacher_max, chunk_max_t);
+  chunk.student_max = part.student_max;
+  chunk.teacher_max = part.teacher_max;
   chunk.count = static_cast<C>(n);
   // A maximum of -inf (every entry so far masked) shifts by 0 instead: the entries stay
   // -inf and their exponentials 0, with no inf - inf. Differences are scaled: d = h x - h max.
@@ -133,6 +122,15 @@ void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coeff
 template <class C>
 inline C inverse_sum(C log_sum) {
   return static_cast<C>(std::exp(-static_cast<double>(log_sum)));
+}
+
+// m = max(m, x_i) over a chunk (NaN entries are skipped, as in every max sweep of the kernels).
+template <class C>
+inline void chunk_max(const C* x, int64_t n, C& m) {
+  C value = m;
+#pragma omp simd reduction(max : value)
+  for (int64_t i = 0; i < n; ++i) value = x[i] > value ? x[i] : value;
+  m = value;
 }
 
 // Second sweep of JSD over one chunk, with the row's maxima and log-sums known (`kept` and
