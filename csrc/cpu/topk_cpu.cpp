@@ -56,6 +56,8 @@ struct Selection {
   std::vector<C> evicted;  // values of the entries a cut removes
   std::vector<C> masked;   // a chunk with its hits masked to -inf (rare slow path)
   std::vector<C> group_max;
+  std::vector<float> stage_values;     // a float split's hits (Staging)
+  std::vector<int32_t> stage_offsets;
   int64_t count = 0;
   int64_t k = 0;
 };
@@ -103,16 +105,38 @@ struct ChunkSplit {
   int64_t nans = 0;
   C tail_max = kNegInf<C>;
   C sum = 0;
+  bool staged = false;  // the hits' values and chunk offsets are in the Staging buffers, in order
 };
+
+// Where the split of a float chunk leaves its hits (AVX-512 variant): values and offsets in the
+// chunk, in ascending offset order, each buffer with room for a chunk plus one vector.
+struct Staging {
+  float* values = nullptr;
+  int32_t* offsets = nullptr;
+};
+
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(KDFAST_LANES_AVX2)
+#define KDFAST_TOPK_STAGING 1
+#endif
 
 #if defined(KDFAST_LANES_AVX2)
 // The bulk of split_chunk on 8-float lanes with the lanes' table exp(x/T) of (masked - theta)
 // <= 0: one compare, one blend, one max, a population count and one exp per element, 32
 // elements per step over four independent accumulators. FOLD: the exp's folded coefficients
 // (ExpLanes::foldable), one multiplication less per element.
+// AVX-512: the hits of a 32-element step that has any are also compressed in registers and
+// stored at the end of the staging buffers (one branch per such step, no branch per hit, no
+// second scan of the chunk).
 template <bool FOLD>
-ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, const ExpLanes<float>& exps) {
+ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, const ExpLanes<float>& exps,
+                                    Staging staging) {
   ChunkSplit<float> split;
+#if defined(KDFAST_TOPK_STAGING)
+  const __m256i lane_offsets = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t staged = 0;
+#else
+  (void)staging;
+#endif
   const __m256 threshold = _mm256_set1_ps(theta);
   const __m256 minus_inf = _mm256_set1_ps(kNegInf<float>);
   const ExpLanes<float> e = exps;  // a local copy: its constants stay in registers
@@ -136,6 +160,18 @@ ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, cons
       sum[j] = _mm256_add_ps(sum[j], e.template apply<true, FOLD>(FV{_mm256_sub_ps(masked, threshold)}).v);
     }
     vector_hits += __builtin_popcount(hit_bits);
+#if defined(KDFAST_TOPK_STAGING)
+    if (hit_bits != 0) {  // rare once the threshold has settled
+      for (int j = 0; j < 4; ++j) {
+        const __mmask8 hit_mask = static_cast<__mmask8>(hit_bits >> (8 * j));
+        const __m256i offsets = _mm256_add_epi32(lane_offsets, _mm256_set1_epi32(static_cast<int32_t>(i + 8 * j)));
+        _mm256_storeu_ps(staging.values + staged, _mm256_maskz_compress_ps(hit_mask, _mm256_loadu_ps(x + i + 8 * j)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(staging.offsets + staged),
+                            _mm256_maskz_compress_epi32(hit_mask, offsets));
+        staged += __builtin_popcount(static_cast<unsigned>(hit_mask));
+      }
+    }
+#endif
   }
   float tmax = hmax(FV{_mm256_max_ps(max0, max1)});
   float total = hsum(FV{_mm256_add_ps(_mm256_add_ps(sum[0], sum[1]), _mm256_add_ps(sum[2], sum[3]))});
@@ -145,27 +181,39 @@ ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, cons
     const float masked = above ? kNegInf<float> : v;
     tmax = masked > tmax ? masked : tmax;
     vector_hits += above ? 1 : 0;
+#if defined(KDFAST_TOPK_STAGING)
+    if (above) {
+      staging.values[staged] = v;
+      staging.offsets[staged] = static_cast<int32_t>(i);
+      ++staged;
+    }
+#endif
     total += e(masked - theta);
   }
   split.hits = vector_hits;
   split.tail_max = tmax;
   split.sum = total;
+#if defined(KDFAST_TOPK_STAGING)
+  split.staged = true;
+#endif
   return split;
 }
 #endif
 
 template <class C>
-ChunkSplit<C> split_chunk(const C* x, int64_t n, C theta, C inv_t, const ExpLanes<C>& exps) {
+ChunkSplit<C> split_chunk(const C* x, int64_t n, C theta, C inv_t, const ExpLanes<C>& exps, Staging staging) {
   ChunkSplit<C> split;
   int32_t hits = 0;
 #if defined(KDFAST_LANES_AVX2)
   if constexpr (std::is_same_v<C, float>) {
     if (theta != kNegInf<C>) {
-      return exps.foldable() ? split_chunk_lanes<true>(x, n, theta, exps) : split_chunk_lanes<false>(x, n, theta, exps);
+      return exps.foldable() ? split_chunk_lanes<true>(x, n, theta, exps, staging)
+                             : split_chunk_lanes<false>(x, n, theta, exps, staging);
     }
   }
 #endif
   (void)exps;
+  (void)staging;
   if (theta == kNegInf<C>) {
     int32_t nans = 0;
 #pragma omp simd reduction(+ : hits, nans)
@@ -256,6 +304,21 @@ C extract_above(const C* x, int64_t n, int64_t base, C theta, int64_t hits, Sele
   return next_theta;
 }
 
+// Appends a split's staged hits (values and offsets from `base`) to the candidates, cutting
+// back to k whenever the buffer is full, exactly as extract_above would push them. Returns the
+// threshold for later chunks.
+template <class C>
+C append_staged(const Staging& staging, int64_t hits, int64_t base, Selection<C>& sel, TailSum& tail, double inv_t,
+                C next_theta) {
+  TopKCandidate<C>* c = sel.candidates.data();
+  const int64_t capacity = static_cast<int64_t>(sel.candidates.size());
+  for (int64_t h = 0; h < hits; ++h) {
+    c[sel.count++] = TopKCandidate<C>{static_cast<C>(staging.values[h]), static_cast<int32_t>(base + staging.offsets[h])};
+    if (sel.count == capacity) next_theta = std::max(next_theta, cut_to_k(sel, tail, inv_t));
+  }
+  return next_theta;
+}
+
 template <class S, class C>
 void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Selection<C>& sel, int64_t row_index) {
   const int64_t vocab = args.vocab, k = args.k;
@@ -301,13 +364,14 @@ void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Sele
     if (n == 0) continue;
     // The tail's share of the chunk is every element <= theta; the rest are hits.
     C chunk_theta = theta;
-    ChunkSplit<C> split = split_chunk(xs, n, chunk_theta, inv_t_c, sel.exps);
+    const Staging staging{sel.stage_values.data(), sel.stage_offsets.data()};
+    ChunkSplit<C> split = split_chunk(xs, n, chunk_theta, inv_t_c, sel.exps, staging);
     if (split.hits > std::max<int64_t>(2 * k, 256) && n >= group_count(k) && chunk_theta != kNegInf<C>) {
       // Many hits (e.g. ascending logits): the chunk's own k group maxima give a higher bar.
       const C local = std::nextafter(smallest_group_maximum(xs, n, group_count(k), sel.group_max.data()), kNegInf<C>);
       if (local > chunk_theta) {
         chunk_theta = local;
-        split = split_chunk(xs, n, chunk_theta, inv_t_c, sel.exps);
+        split = split_chunk(xs, n, chunk_theta, inv_t_c, sel.exps, staging);
       }
     }
     if (chunk_theta == kNegInf<C>) {
@@ -323,7 +387,11 @@ void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Sele
     }
     const int64_t hits = split.hits;
     // Append the hits (the chunk is cache-resident) to the candidates.
-    if (hits > 0) theta = extract_above(xs, n, start + first, chunk_theta, hits, sel, tail, inv_t, std::max(theta, chunk_theta));
+    if (hits > 0) {
+      theta = split.staged
+                  ? append_staged(staging, hits, start + first, sel, tail, inv_t, std::max(theta, chunk_theta))
+                  : extract_above(xs, n, start + first, chunk_theta, hits, sel, tail, inv_t, std::max(theta, chunk_theta));
+    }
     if (start == 0 && sel.count > k) theta = cut_to_k(sel, tail, inv_t);
   }
   cut_to_k(sel, tail, inv_t);
@@ -376,6 +444,8 @@ void compress_impl(const TopKCompressArgs& args) {
     sel.evicted.resize(static_cast<size_t>(capacity));
     sel.masked.resize(static_cast<size_t>(kChunk));
     sel.group_max.resize(static_cast<size_t>(group_count(k)));
+    sel.stage_values.resize(static_cast<size_t>(kChunk + 8));
+    sel.stage_offsets.resize(static_cast<size_t>(kChunk + 8));
     sel.k = k;
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row)
