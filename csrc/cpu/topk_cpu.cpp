@@ -36,6 +36,11 @@
 #error "KDFAST_CPU_VARIANT must name the instruction-set variant"
 #endif
 
+// AVX-512 (VL): the split stages its hits and the cuts select with in-register compresses.
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(KDFAST_LANES_AVX2)
+#define KDFAST_TOPK_STAGING 1
+#endif
+
 namespace kdfast {
 namespace cpu {
 namespace KDFAST_CPU_VARIANT {
@@ -54,6 +59,7 @@ struct Selection {
   ExpLanes<C> exps;  // exp(x/T) on the variant's lanes (lanes.h)
   std::vector<TopKCandidate<C>> candidates;
   std::vector<C> evicted;  // values of the entries a cut removes
+  std::vector<float> values, values_scratch;  // the candidates' values, for the cut's selection
   std::vector<C> masked;   // a chunk with its hits masked to -inf (rare slow path)
   std::vector<C> group_max;
   std::vector<float> stage_values;     // a float split's hits (Staging)
@@ -73,21 +79,92 @@ void add_to_tail(const C* x, int64_t n, C reference, C inv_t, TailSum& tail, dou
   tail.add(static_cast<double>(reference), static_cast<double>(sum), inv_t_double);
 }
 
+#if defined(KDFAST_TOPK_STAGING)
+// The rank-th largest (0-based) of n floats (no NaN) in `a`, by quickselect whose three-way
+// partitions run on 8 lanes with in-register compresses: no branch per element, where
+// std::nth_element mispredicts about every other comparison. `a`, `s1` and `s2` hold n + 8
+// floats each; all three are clobbered.
+float kth_largest(float* a, float* s1, float* s2, int64_t n, int64_t rank) {
+  while (n > 16) {
+    const float x = a[0], y = a[n / 2], z = a[n - 1];
+    const float pivot = std::max(std::min(x, y), std::min(std::max(x, y), z));  // median of three
+    const __m256 p = _mm256_set1_ps(pivot);
+    float* greater = s1;
+    float* lesser = s2;
+    int64_t n_greater = 0, n_lesser = 0;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_loadu_ps(a + i);
+      const __mmask8 gt = _mm256_cmp_ps_mask(v, p, _CMP_GT_OQ);
+      const __mmask8 lt = _mm256_cmp_ps_mask(v, p, _CMP_LT_OQ);
+      _mm256_storeu_ps(greater + n_greater, _mm256_maskz_compress_ps(gt, v));
+      _mm256_storeu_ps(lesser + n_lesser, _mm256_maskz_compress_ps(lt, v));
+      n_greater += __builtin_popcount(static_cast<unsigned>(gt));
+      n_lesser += __builtin_popcount(static_cast<unsigned>(lt));
+    }
+    for (; i < n; ++i) {
+      if (a[i] > pivot) greater[n_greater++] = a[i];
+      else if (a[i] < pivot) lesser[n_lesser++] = a[i];
+    }
+    if (rank < n_greater) {
+      s1 = a;  // the old input becomes scratch
+      a = greater;
+      n = n_greater;
+    } else if (rank < n - n_lesser) {
+      return pivot;
+    } else {
+      rank -= n - n_lesser;
+      s2 = a;
+      a = lesser;
+      n = n_lesser;
+    }
+  }
+  std::nth_element(a, a + rank, a + n, [](float u, float v) { return u > v; });
+  return a[rank];
+}
+#endif
+
 // Cuts the candidates back to the best k, adds the evicted ones to the tail and returns the
-// new threshold (the smallest kept value).
+// new threshold (the smallest kept value). AVX-512: the k-th largest value comes from
+// kth_largest on the values alone, then one branch-free pass keeps every candidate at least as
+// large; only when that value is tied across the cut does the (value, index) order decide, by
+// std::nth_element on the pairs, as on the other variants.
 template <class C>
 C cut_to_k(Selection<C>& sel, TailSum& tail, double inv_t) {
   TopKCandidate<C>* c = sel.candidates.data();
   const int64_t k = sel.k;
   if (sel.count > k) {
-    std::nth_element(c, c + k, c + sel.count, sparse::candidate_before<C>);
+    const int64_t count = sel.count;
     C* evicted = sel.evicted.data();
-    const int64_t n = sel.count - k;
-    C evicted_max = kNegInf<C>;
-    for (int64_t i = 0; i < n; ++i) {
-      evicted[i] = c[k + i].value;
-      evicted_max = evicted[i] > evicted_max ? evicted[i] : evicted_max;
+    int64_t n = -1;
+#if defined(KDFAST_TOPK_STAGING)
+    if constexpr (std::is_same_v<C, float>) {
+      float* values = sel.values.data();
+      for (int64_t i = 0; i < count; ++i) values[i] = c[i].value;
+      const float kth = kth_largest(values, sel.values_scratch.data(), sel.values_scratch.data() + count + 8, count, k - 1);
+      int64_t at_least = 0;
+      for (int64_t i = 0; i < count; ++i) at_least += c[i].value >= kth ? 1 : 0;
+      if (at_least == k) {
+        int64_t kept = 0;
+        n = 0;
+        for (int64_t i = 0; i < count; ++i) {
+          const TopKCandidate<C> entry = c[i];
+          const bool keep = entry.value >= kth;
+          c[kept] = entry;
+          evicted[n] = entry.value;
+          kept += keep ? 1 : 0;
+          n += keep ? 0 : 1;
+        }
+      }
     }
+#endif
+    if (n < 0) {
+      std::nth_element(c, c + k, c + count, sparse::candidate_before<C>);
+      n = count - k;
+      for (int64_t i = 0; i < n; ++i) evicted[i] = c[k + i].value;
+    }
+    C evicted_max = kNegInf<C>;
+    for (int64_t i = 0; i < n; ++i) evicted_max = evicted[i] > evicted_max ? evicted[i] : evicted_max;
     add_to_tail(evicted, n, evicted_max, static_cast<C>(inv_t), tail, inv_t);
     sel.count = k;
   }
@@ -115,9 +192,6 @@ struct Staging {
   int32_t* offsets = nullptr;
 };
 
-#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(KDFAST_LANES_AVX2)
-#define KDFAST_TOPK_STAGING 1
-#endif
 
 #if defined(KDFAST_LANES_AVX2)
 // The bulk of split_chunk on 8-float lanes with the lanes' table exp(x/T) of (masked - theta)
@@ -442,6 +516,8 @@ void compress_impl(const TopKCompressArgs& args) {
     Selection<C> sel(inv_t);
     sel.candidates.resize(static_cast<size_t>(capacity));
     sel.evicted.resize(static_cast<size_t>(capacity));
+    sel.values.resize(static_cast<size_t>(capacity + 8));
+    sel.values_scratch.resize(static_cast<size_t>(2 * (capacity + 8)));
     sel.masked.resize(static_cast<size_t>(kChunk));
     sel.group_max.resize(static_cast<size_t>(group_count(k)));
     sel.stage_values.resize(static_cast<size_t>(kChunk + 8));
