@@ -174,13 +174,14 @@ C cut_to_k(Selection<C>& sel, TailSum& tail, double inv_t) {
 }
 
 // One chunk split by a threshold: how many elements are above it (hits), and over the rest
-// their maximum and sum_i exp((x_i - theta)/T) (each term <= 1; NaN propagates). With
-// theta = -inf only the hits and the NaN count are computed.
+// sum_i exp((x_i - theta)/T) (each term <= 1; NaN propagates) and, from the scalar split, their
+// maximum. With theta = -inf only the hits and the NaN count are computed.
 template <class C>
 struct ChunkSplit {
   int64_t hits = 0;
   int64_t nans = 0;
   C tail_max = kNegInf<C>;
+  bool tail_max_known = true;  // false: the lanes' split leaves the maximum out (see tail_settled)
   C sum = 0;
   bool staged = false;  // the hits' values and chunk offsets are in the Staging buffers, in order
 };
@@ -214,7 +215,6 @@ ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, cons
   const __m256 threshold = _mm256_set1_ps(theta);
   const __m256 minus_inf = _mm256_set1_ps(kNegInf<float>);
   const ExpLanes<float> e = exps;  // a local copy: its constants stay in registers
-  __m256 max0 = minus_inf, max1 = minus_inf;
   __m256 sum[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t vector_hits = 0, i = 0;
   for (; i + 32 <= n; i += 32) {
@@ -224,12 +224,6 @@ ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, cons
       const __m256 v = _mm256_loadu_ps(x + i + 8 * j);
       const __m256 above = _mm256_cmp_ps(v, threshold, _CMP_GT_OQ);
       const __m256 masked = _mm256_blendv_ps(v, minus_inf, above);
-      // max(masked, running): a NaN entry leaves the running maximum as it is.
-      if (j % 2 == 0) {
-        max0 = _mm256_max_ps(masked, max0);
-      } else {
-        max1 = _mm256_max_ps(masked, max1);
-      }
       hit_bits |= static_cast<unsigned>(_mm256_movemask_ps(above)) << (8 * j);
       sum[j] = _mm256_add_ps(sum[j], e.template apply<true, FOLD>(FV{_mm256_sub_ps(masked, threshold)}).v);
     }
@@ -247,13 +241,11 @@ ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, cons
     }
 #endif
   }
-  float tmax = hmax(FV{_mm256_max_ps(max0, max1)});
   float total = hsum(FV{_mm256_add_ps(_mm256_add_ps(sum[0], sum[1]), _mm256_add_ps(sum[2], sum[3]))});
   for (; i < n; ++i) {
     const float v = x[i];
     const bool above = v > theta;
     const float masked = above ? kNegInf<float> : v;
-    tmax = masked > tmax ? masked : tmax;
     vector_hits += above ? 1 : 0;
 #if defined(KDFAST_TOPK_STAGING)
     if (above) {
@@ -265,7 +257,7 @@ ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, cons
     total += e(masked - theta);
   }
   split.hits = vector_hits;
-  split.tail_max = tmax;
+  split.tail_max_known = false;
   split.sum = total;
 #if defined(KDFAST_TOPK_STAGING)
   split.staged = true;
@@ -313,6 +305,16 @@ ChunkSplit<C> split_chunk(const C* x, int64_t n, C theta, C inv_t, const ExpLane
   split.tail_max = tail_max;
   split.sum = sum;
   return split;
+}
+
+// Whether a split's tail sum, relative to theta, keeps full precision: its largest term is at
+// least exp(-60) (from the maximum where the split has it); from the sum alone, a sum of at
+// least 1e-20 over at most kChunk terms has a term of at least exp(-53.7). Terms that underflow
+// (exp below -87) then lie 27 or more e-folds below the largest and do not matter.
+template <class C>
+bool tail_settled(const ChunkSplit<C>& split, C theta, C inv_t) {
+  if (split.tail_max_known) return (split.tail_max - theta) * inv_t > C(-60);
+  return split.sum >= C(1e-20);
 }
 
 // Number of interleaved groups smallest_group_maximum uses for a given k: at least k, a
@@ -450,14 +452,18 @@ void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Sele
     }
     if (chunk_theta == kNegInf<C>) {
       nan_count += split.nans;  // -inf tail entries add nothing; NaN must still poison the row
-    } else if ((split.tail_max - chunk_theta) * inv_t_c > C(-60) || split.sum != split.sum) {
+    } else if (tail_settled(split, chunk_theta, inv_t_c) || split.sum != split.sum) {
       tail.add(static_cast<double>(chunk_theta), static_cast<double>(split.sum), inv_t);
     } else {
       // The tail's share lies so far below theta that its terms may have underflowed: sum
       // it again relative to its own maximum, so a tiny tail keeps its precision.
       C* masked = sel.masked.data();
-      for (int64_t i = 0; i < n; ++i) masked[i] = xs[i] > chunk_theta ? kNegInf<C> : xs[i];
-      add_to_tail(masked, n, split.tail_max, inv_t_c, tail, inv_t);
+      C masked_max = kNegInf<C>;
+      for (int64_t i = 0; i < n; ++i) {
+        masked[i] = xs[i] > chunk_theta ? kNegInf<C> : xs[i];
+        masked_max = masked[i] > masked_max ? masked[i] : masked_max;
+      }
+      add_to_tail(masked, n, masked_max, inv_t_c, tail, inv_t);
     }
     const int64_t hits = split.hits;
     // Append the hits (the chunk is cache-resident) to the candidates.
