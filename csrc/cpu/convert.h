@@ -13,7 +13,7 @@
 #include <limits>
 #include <type_traits>
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -70,8 +70,17 @@ inline const C* load_chunk(const In* src, int64_t n, C* buf) {
     return src;
   } else if constexpr (std::is_same_v<In, bf16_t>) {
     const uint16_t* raw = reinterpret_cast<const uint16_t*>(src);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<C>(bf16_to_float(raw[i]));
+    int64_t i = 0;
+#if defined(__AVX2__)
+    if constexpr (std::is_same_v<C, float>) {
+      // Widen 8 at a time: zero-extend to 32 bits and shift into the high half.
+      for (; i + 8 <= n; i += 8) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(raw + i));
+        _mm256_storeu_ps(buf + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+      }
+    }
+#endif
+    for (; i < n; ++i) buf[i] = static_cast<C>(bf16_to_float(raw[i]));
     return buf;
   } else if constexpr (std::is_same_v<In, f16_t>) {
     const uint16_t* raw = reinterpret_cast<const uint16_t*>(src);
