@@ -13,6 +13,8 @@
 // sum over exactly the non-kept entries, never a difference, and it keeps full relative
 // precision however small it is. The split of a float chunk runs on the 8-float lanes of
 // lanes.h (AVX2 and AVX-512 variants) with their table-based exp(x/T): one exp per logit.
+// On AVX-512 the split also stages its hits with in-register compresses (no second scan of the
+// chunk) and a cut selects the k-th value by a compress-partitioned quickselect (kth_largest).
 // Rows run in parallel over OpenMP threads.
 #include <algorithm>
 #include <cmath>
