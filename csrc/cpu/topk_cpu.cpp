@@ -13,7 +13,7 @@
 // sum over exactly the non-kept entries, never a difference, and it keeps full relative
 // precision however small it is. The split of a float chunk runs on the 8-float lanes of
 // lanes.h (AVX2 and AVX-512 variants) with their table-based exp(x/T): one exp per logit.
-// On AVX-512 the split also stages its hits with in-register compresses (no second scan of the
+// The vector split also stages its hits with in-register compresses (no second scan of the
 // chunk) and a cut selects the k-th value by a compress-partitioned quickselect (kth_largest).
 // Rows run in parallel over OpenMP threads.
 #include <algorithm>
@@ -38,8 +38,9 @@
 #error "KDFAST_CPU_VARIANT must name the instruction-set variant"
 #endif
 
-// AVX-512 (VL): the split stages its hits and the cuts select with in-register compresses.
-#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(KDFAST_LANES_AVX2)
+// AVX2 and AVX-512: the split stages its hits and the cuts select with in-register compresses
+// (AVX-512: vcompress; AVX2: a permutation from a 256-entry table).
+#if defined(KDFAST_LANES_AVX2)
 #define KDFAST_TOPK_STAGING 1
 #endif
 
@@ -82,6 +83,41 @@ void add_to_tail(const C* x, int64_t n, C reference, C inv_t, TailSum& tail, dou
 }
 
 #if defined(KDFAST_TOPK_STAGING)
+// Compress of 8 lanes: the lanes whose mask bit is set, moved to the front in order (the rest
+// unspecified).
+#if !(defined(__AVX512F__) && defined(__AVX512VL__))
+struct CompressTable {
+  alignas(32) int32_t lanes[256][8];
+};
+constexpr CompressTable make_compress_table() {
+  CompressTable table{};
+  for (int mask = 0; mask < 256; ++mask) {
+    int count = 0;
+    for (int bit = 0; bit < 8; ++bit)
+      if ((mask >> bit) & 1) table.lanes[mask][count++] = bit;
+    while (count < 8) table.lanes[mask][count++] = 0;
+  }
+  return table;
+}
+constexpr CompressTable kCompressTable = make_compress_table();
+#endif
+
+inline __m256 compress_ps(unsigned mask, __m256 v) {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  return _mm256_maskz_compress_ps(static_cast<__mmask8>(mask), v);
+#else
+  return _mm256_permutevar8x32_ps(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompressTable.lanes[mask])));
+#endif
+}
+
+inline __m256i compress_epi32(unsigned mask, __m256i v) {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  return _mm256_maskz_compress_epi32(static_cast<__mmask8>(mask), v);
+#else
+  return _mm256_permutevar8x32_epi32(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompressTable.lanes[mask])));
+#endif
+}
+
 // The rank-th largest (0-based) of n floats (no NaN) in `a`, by quickselect whose three-way
 // partitions run on 8 lanes with in-register compresses: no branch per element, where
 // std::nth_element mispredicts about every other comparison. `a`, `s1` and `s2` hold n + 8
@@ -97,12 +133,12 @@ float kth_largest(float* a, float* s1, float* s2, int64_t n, int64_t rank) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
       const __m256 v = _mm256_loadu_ps(a + i);
-      const __mmask8 gt = _mm256_cmp_ps_mask(v, p, _CMP_GT_OQ);
-      const __mmask8 lt = _mm256_cmp_ps_mask(v, p, _CMP_LT_OQ);
-      _mm256_storeu_ps(greater + n_greater, _mm256_maskz_compress_ps(gt, v));
-      _mm256_storeu_ps(lesser + n_lesser, _mm256_maskz_compress_ps(lt, v));
-      n_greater += __builtin_popcount(static_cast<unsigned>(gt));
-      n_lesser += __builtin_popcount(static_cast<unsigned>(lt));
+      const unsigned gt = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(v, p, _CMP_GT_OQ)));
+      const unsigned lt = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(v, p, _CMP_LT_OQ)));
+      _mm256_storeu_ps(greater + n_greater, compress_ps(gt, v));
+      _mm256_storeu_ps(lesser + n_lesser, compress_ps(lt, v));
+      n_greater += __builtin_popcount(gt);
+      n_lesser += __builtin_popcount(lt);
     }
     for (; i < n; ++i) {
       if (a[i] > pivot) greater[n_greater++] = a[i];
@@ -127,7 +163,7 @@ float kth_largest(float* a, float* s1, float* s2, int64_t n, int64_t rank) {
 #endif
 
 // Cuts the candidates back to the best k, adds the evicted ones to the tail and returns the
-// new threshold (the smallest kept value). AVX-512: the k-th largest value comes from
+// new threshold (the smallest kept value). AVX2 / AVX-512: the k-th largest value comes from
 // kth_largest on the values alone, then one branch-free pass keeps every candidate at least as
 // large; only when that value is tied across the cut does the (value, index) order decide, by
 // std::nth_element on the pairs, as on the other variants.
@@ -188,8 +224,9 @@ struct ChunkSplit {
   bool staged = false;  // the hits' values and chunk offsets are in the Staging buffers, in order
 };
 
-// Where the split of a float chunk leaves its hits (AVX-512 variant): values and offsets in the
-// chunk, in ascending offset order, each buffer with room for a chunk plus one vector.
+// Where the split of a float chunk leaves its hits (AVX2 and AVX-512 variants): values and
+// offsets in the chunk, in ascending offset order, each buffer with room for a chunk plus one
+// vector.
 struct Staging {
   float* values = nullptr;
   int32_t* offsets = nullptr;
@@ -201,7 +238,7 @@ struct Staging {
 // <= 0: one compare, one blend, one max, a population count and one exp per element, 32
 // elements per step over four independent accumulators. FOLD: the exp's folded coefficients
 // (ExpLanes::foldable), one multiplication less per element.
-// AVX-512: the hits of a 32-element step that has any are also compressed in registers and
+// The hits of a 32-element step that has any are also compressed in registers and
 // stored at the end of the staging buffers (one branch per such step, no branch per hit, no
 // second scan of the chunk).
 template <bool FOLD>
@@ -233,12 +270,11 @@ ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, cons
 #if defined(KDFAST_TOPK_STAGING)
     if (hit_bits != 0) {  // rare once the threshold has settled
       for (int j = 0; j < 4; ++j) {
-        const __mmask8 hit_mask = static_cast<__mmask8>(hit_bits >> (8 * j));
+        const unsigned hit_mask = (hit_bits >> (8 * j)) & 0xffu;
         const __m256i offsets = _mm256_add_epi32(lane_offsets, _mm256_set1_epi32(static_cast<int32_t>(i + 8 * j)));
-        _mm256_storeu_ps(staging.values + staged, _mm256_maskz_compress_ps(hit_mask, _mm256_loadu_ps(x + i + 8 * j)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(staging.offsets + staged),
-                            _mm256_maskz_compress_epi32(hit_mask, offsets));
-        staged += __builtin_popcount(static_cast<unsigned>(hit_mask));
+        _mm256_storeu_ps(staging.values + staged, compress_ps(hit_mask, _mm256_loadu_ps(x + i + 8 * j)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(staging.offsets + staged), compress_epi32(hit_mask, offsets));
+        staged += __builtin_popcount(hit_mask);
       }
     }
 #endif
