@@ -4,8 +4,8 @@
 // gradient) and their selection for a call's options (`pick_kernels`). Contract: rowmath.h.
 // The statistics sweep can also keep its exponentials (`KeptExps`): the one-pass training
 // kernel stores exp((s - max)/T), exp((t - max)/T) and exp(s - max) of a row into per-thread
-// row buffers, and forward_kl's and TVD's gradient (TVD: and its second sweep) is then formed
-// from them (`chunk_grad_kept`, `chunk_sweep_tvd`) with no exponential of its own.
+// row buffers, and every gradient but JSD's (TVD: and its second sweep) is then formed from
+// them (`chunk_grad_kept`, `chunk_sweep_tvd`) with no exponential of its own.
 #pragma once
 
 #include <algorithm>
@@ -103,7 +103,7 @@ void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coeff
       const auto dt = fma_(L::load(t + i), L::splat(h), L::splat(-shift_t));
       const auto e_p = exp_t.template apply<true, FOLD>(dt);
       sums[2] = sums[2] + e_p;
-      if constexpr (KEEP) store(kept.p + i, e_p);
+      if constexpr (KEEP && D != Divergence::ReverseKL) store(kept.p + i, e_p);  // reverse_kl's gradient needs no p
       if constexpr (D == Divergence::ForwardKL) sums[3] = sums[3] + where_positive(e_p, e_p * (dt - ds));
       if constexpr (D == Divergence::ReverseKL) sums[3] = sums[3] + where_positive(e_q, e_q * (ds - dt));
     }
@@ -212,9 +212,17 @@ inline V lanes_divergence_grad(V q, V p, C kd_factor, C aux) {
   }
 }
 
-// forward_kl's and TVD's gradient of one chunk on the lanes (chunk_grad's for them):
-// q = exp(ds/T) / Z_q and p = exp(dt/T) / Z_p with the row's sums Z = exp(log-sum), so each
-// element takes the lanes' exp(x/T) and one product instead of a rounded x/T - log-sum.
+// reverse_kl's gradient term of one element on the lanes (rowmath::reverse_kl_grad):
+// ((q a) ((ds − dt) + c)) b where q > 0, else 0.
+template <class V, class C>
+inline V lanes_reverse_kl_grad(V q, V ds, V dt, const GradRow<C>& g) {
+  using L = Lane<V>;
+  return where_positive(q, ((q * L::splat(g.rkl_a)) * ((ds - dt) + L::splat(g.rkl_c))) * L::splat(g.rkl_b));
+}
+
+// forward_kl's, reverse_kl's and TVD's gradient of one chunk on the lanes (chunk_grad's for
+// them): q = exp(ds/T) / Z_q and p = exp(dt/T) / Z_p with the row's sums Z = exp(log-sum), so
+// each element takes the lanes' exp(x/T) and one product instead of a rounded x/T - log-sum.
 template <class C, Divergence D, bool CE, bool KD, int S1, bool FOLD>
 void chunk_grad_lanes(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients,
                       const RowExps<C>& exps, const ChunkGradRow<C>& grad_row, C* out) {
@@ -228,7 +236,9 @@ void chunk_grad_lanes(const C* s, const C* t, int64_t n, const Coefficients<C>& 
     const auto ds = fma_(L::load(s + i), L::splat(h), L::splat(-max_s));
     const auto q = exp_t.template apply<true, FOLD>(ds) * L::splat(inv_zq);
     auto value = L::zero();
-    if constexpr (KD) {
+    if constexpr (KD && D == Divergence::ReverseKL) {
+      value = lanes_reverse_kl_grad(q, ds, fma_(L::load(t + i), L::splat(h), L::splat(-max_t)), g);
+    } else if constexpr (KD) {
       const auto p = exp_t.template apply<true, FOLD>(fma_(L::load(t + i), L::splat(h), L::splat(-max_t))) *
                      L::splat(inv_zp);
       value = lanes_divergence_grad<D>(q, p, g.kd_factor, g.stats.aux);
@@ -243,11 +253,15 @@ void chunk_grad_lanes(const C* s, const C* t, int64_t n, const Coefficients<C>& 
   });
 }
 
-// forward_kl's or TVD's gradient of one chunk from the exponentials the statistics sweep kept:
-// the same arithmetic as chunk_grad_lanes on the same exp(d κ) values, without computing them again.
+// The gradient of one chunk from the exponentials the statistics sweep kept: the same
+// arithmetic as chunk_grad_lanes on the same exp(d κ) values, without computing them again.
+// reverse_kl also reads the chunk's logits s and t (its term needs ds − dt); the others ignore them.
 template <class C, Divergence D, bool CE, bool KD, int S1>
-void chunk_grad_kept(KeptExps<C> kept, int64_t n, const ChunkGradRow<C>& grad_row, C* out) {
+void chunk_grad_kept(const C* s, const C* t, KeptExps<C> kept, int64_t n, const Coefficients<C>& coefficients,
+                     const ChunkGradRow<C>& grad_row, C* out) {
   const GradRow<C> g = grad_row.row;
+  const C h = coefficients.diff_scale;
+  const C max_s = g.stats.student_max * h, max_t = g.stats.teacher_max * h;
   const C inv_zq = grad_row.inv_zq, inv_zp = grad_row.inv_zp, inv_z1 = grad_row.inv_z1;
   const C* kq = kept.q;
   const C* kp = kept.p;
@@ -256,7 +270,12 @@ void chunk_grad_kept(KeptExps<C> kept, int64_t n, const ChunkGradRow<C>& grad_ro
     using L = Lane<decltype(lane)>;
     const auto q = L::load(kq + i) * L::splat(inv_zq);
     auto value = L::zero();
-    if constexpr (KD) value = lanes_divergence_grad<D>(q, L::load(kp + i) * L::splat(inv_zp), g.kd_factor, g.stats.aux);
+    if constexpr (KD && D == Divergence::ReverseKL) {
+      value = lanes_reverse_kl_grad(q, fma_(L::load(s + i), L::splat(h), L::splat(-max_s)),
+                                    fma_(L::load(t + i), L::splat(h), L::splat(-max_t)), g);
+    } else if constexpr (KD) {
+      value = lanes_divergence_grad<D>(q, L::load(kp + i) * L::splat(inv_zp), g.kd_factor, g.stats.aux);
+    }
     if constexpr (CE) {
       auto r = q;  // T == 1
       if constexpr (S1 == rowmath::kStudent1Exp) r = L::load(k1 + i) * L::splat(inv_z1);
@@ -272,7 +291,7 @@ void chunk_grad_kept(KeptExps<C> kept, int64_t n, const ChunkGradRow<C>& grad_ro
 template <class C, Divergence D, bool CE, bool KD, int S1, bool FOLD>
 void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowExps<C>& exps,
                 const ChunkGradRow<C>& grad_row, C* out) {
-  if constexpr (D == Divergence::ForwardKL || D == Divergence::TVD) {
+  if constexpr (D != Divergence::JSD) {
     return chunk_grad_lanes<C, D, CE, KD, S1, FOLD>(s, t, n, coefficients, exps, grad_row, out);
   }
   (void)exps;
@@ -312,7 +331,8 @@ template <class C>
 using StatsFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowExps<C>&, RowPartial<C>&,
                          KeptExps<C>);
 template <class C>
-using KeptGradFn = void (*)(KeptExps<C>, int64_t, const ChunkGradRow<C>&, C*);
+using KeptGradFn = void (*)(const C*, const C*, KeptExps<C>, int64_t, const Coefficients<C>&, const ChunkGradRow<C>&,
+                            C*);
 template <class C>
 using SweepFn = void (*)(const C*, const C*, KeptExps<C>, int64_t, const Coefficients<C>&, const RowExps<C>&,
                          const RowStats<C>&, C&, C&);
@@ -379,19 +399,19 @@ struct ChunkKernels {
   StatsFn<C> stats;
   SweepFn<C> sweep;  // null for the one-pass divergences
   GradFn<C> grad;
-  // forward_kl and TVD only (else null): the statistics sweep that keeps its exponentials, and
-  // the gradient (TVD: also the second sweep) from them (the one-pass training kernel).
+  // All but JSD (else null): the statistics sweep that keeps its exponentials, and the
+  // gradient (TVD: also the second sweep) from them (the one-pass training kernel).
   StatsFn<C> stats_keep;
   KeptGradFn<C> grad_kept;
   SweepFn<C> sweep_kept;
+  bool kept_grad_reads_logits;  // grad_kept also reads the chunk's s and t (reverse_kl)
 };
 
 template <class C, Divergence D, bool FOLD>
 ChunkKernels<C> pick_for(const Coefficients<C>& k) {
   ChunkKernels<C> kernels;
-  // Only forward_kl's and TVD's gradients use the lanes' exp: the other divergences share one
-  // instantiation.
-  constexpr bool kLanes = D == Divergence::ForwardKL || D == Divergence::TVD;
+  // JSD's gradient does not use the lanes' exp: it shares one instantiation.
+  constexpr bool kLanes = D != Divergence::JSD;
   constexpr bool kGradFold = FOLD && kLanes;
   kernels.stats = pick_stats<C, D, FOLD>(k.need_kd, k.student_1_mode, k.need_ce && k.label_smoothing > C(0));
   kernels.sweep = nullptr;
@@ -404,7 +424,12 @@ ChunkKernels<C> pick_for(const Coefficients<C>& k) {
   kernels.grad = pick_grad<C, D, kGradFold>(k.need_ce, k.need_kd, k.student_1_mode);
   kernels.stats_keep = nullptr;
   kernels.grad_kept = nullptr;
-  if constexpr (kLanes) {
+  kernels.kept_grad_reads_logits = D == Divergence::ReverseKL && k.need_kd;
+  // float64 reverse_kl recomputes q in its gradient: with no vector lanes, every element would
+  // come from the kept path, whose code the compiler may contract differently from the
+  // recomputing path, and the bracket's cancellation would show that as more than 2 ulp.
+  constexpr bool kKeep = kLanes && !(D == Divergence::ReverseKL && std::is_same_v<C, double>);
+  if constexpr (kKeep) {
     kernels.stats_keep = pick_stats<C, D, FOLD, true>(k.need_kd, k.student_1_mode, k.need_ce && k.label_smoothing > C(0));
     kernels.grad_kept = pick_kept_grad<C, D>(k.need_ce, k.need_kd, k.student_1_mode);
   }

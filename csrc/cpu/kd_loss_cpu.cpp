@@ -7,12 +7,13 @@
 // Rows are split over OpenMP threads (args.num_threads, no more); each row is streamed in
 // chunks of kChunk elements: converted to the compute type into a stack buffer (or used in
 // place for float32 / float64), then swept with vectorised loops; the exp-bound sweeps (the
-// forward statistics, forward_kl's and TVD's gradient, TVD's second sweep) run on the lanes of lanes.h with its exp(x/T).
+// forward statistics, the gradients but JSD's, TVD's second sweep) run on the lanes of lanes.h
+// with its exp(x/T).
 // The forward pass reads the row from memory once: a max sweep, then the statistics sweep over
 // the cache-resident row with the final maxima (stream_row; JSD/TVD: one more sweep); the backward pass reads it once more and writes the gradient once, multiplied by
 // grad_output, or NaN for a row whose loss is NaN (NaN in, NaN out: rowmath::row_sums_defined).
 // With args.grad_student set, the forward pass is forward_grad_impl: each row's gradient is
-// written right after its statistics, from the cache-resident row (and, for forward_kl and TVD, from
+// written right after its statistics, from the cache-resident row (and, except for JSD, from
 // the exponentials the statistics sweep kept), so training reads the logits from memory once.
 // Logits enter as scaled differences h x - h max (rowmath::difference_scale) and the per-row
 // finishing (loss, gradient factors) runs in double.
@@ -147,7 +148,7 @@ void stored_chunk_max(const In* x, int64_t n, C* buf, C& m) {
 // from memory), then every sum relative to those final maxima while the row is cache-resident,
 // so that no partial is ever rebased and every exponential is exp((x - max)/T) itself, the
 // value the gradient sweeps compute (both passes and the one-pass kernel agree bit for bit).
-// `kept.q` set: the sweep also keeps its exponentials there (forward_kl and TVD).
+// `kept.q` set: the sweep also keeps its exponentials there (all but JSD).
 // The max sweep is bound by memory and the statistics sweep by the exponentials, so the max
 // sweep of the row a thread streams next runs inside this row's statistics sweep, chunk by chunk
 // (`next` set; `next->row` names it, its logits follow this row's by the row strides): `maxima`,
@@ -217,7 +218,7 @@ inline double reduction_scale(Reduction reduction, double valid, int64_t rows) {
 }
 
 // The gradient row of a valid row whose statistics `st` are known, for g (see chunk_grad_row):
-// from the kept exponentials (`kept.q` set: forward_kl or TVD in the one-pass kernel) or by the chunk
+// from the kept exponentials (`kept.q` set: all but JSD in the one-pass kernel) or by the chunk
 // gradient over the logits. `g_row` may alias `s_row` (each chunk is read before it is written).
 template <class S, class T, class C>
 void gradient_row(const CallSetup<C>& call, const C* st, double g, const S* s_row, const T* t_row, int64_t label,
@@ -243,7 +244,13 @@ void gradient_row(const CallSetup<C>& call, const C* st, double g, const S* s_ro
       // the backward pass runs there, so that both give the same bits wherever the compiler
       // contracts a multiply and an add in scalar code.
       const int64_t bulk = kept_bulk<C>(n);
-      call.kernels.grad_kept(kept.at(start), bulk, row_grad, out);
+      const C* s_bulk = nullptr;
+      const C* t_bulk = nullptr;
+      if (call.kernels.kept_grad_reads_logits) {
+        s_bulk = load_chunk<S, C>(s_row + start, n, student_buf);
+        t_bulk = load_chunk<T, C>(t_row + start, n, teacher_buf);
+      }
+      call.kernels.grad_kept(s_bulk, t_bulk, kept.at(start), bulk, k, row_grad, out);
       if (bulk < n) {
         const C* s = load_chunk_from<S, C>(s_row, start, n, bulk, student_buf);
         const C* t = k.need_kd ? load_chunk_from<T, C>(t_row, start, n, bulk, teacher_buf) : nullptr;
@@ -323,9 +330,9 @@ int64_t forward_impl(const KDForwardArgs& args) {
 
 // The one-pass training kernel: the forward pass of forward_impl and, for each row right after
 // its statistics, its gradient for grad_output = 1 times the reduction's scale (args.grad_student),
-// so that the row is read from memory once. Per row: stream_row (forward_kl and TVD keep their
+// so that the row is read from memory once. Per row: stream_row (all but JSD keep their
 // exponentials in per-thread row buffers), JSD / TVD's second sweep, then the gradient sweep
-// (forward_kl, TVD: from the kept exponentials, no exp; the others: over the cached row). Both
+// (all but JSD: from the kept exponentials, no exp; JSD: over the cached row). Both
 // paths stream the statistics the same way and form every exponential from the final maxima, so
 // they give the same statistics and, for grad_output = 1, the same gradient.
 template <class S, class T, class C>
