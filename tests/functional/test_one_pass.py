@@ -9,8 +9,14 @@
   through the same graph (retain_graph=True) after the first one's result was changed;
 - `inplace_backward=True`: the same gradient, written over the student's storage, and its
   refusals (a leaf or a view of one, create_graph, a second backward, another saved use of the
-  logits, process_group).
+  logits, process_group);
+- the one-pass / two-pass agreement again on every other CPU variant the machine has.
 """
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +91,30 @@ def test_one_pass_gradient_matches_two_pass(divergence, reduction, dtype, option
         distance = _ulp_distance(grad1.nan_to_num(), grad2.nan_to_num())
         assert int(distance.max()) <= 2, f"{options} V={vocab}: {int(distance.max())} ulp apart"
         assert not bool(grad1[1].any()), "an ignored row gets a zero gradient"
+
+
+def _other_cpu_variants():
+    info = kdfast.build_info()
+    return [name for name in info["cpu_variants"] if name != info["cpu_variant_selected"]]
+
+
+@pytest.mark.parametrize("variant", _other_cpu_variants())
+def test_one_pass_matches_two_pass_on_other_cpu_variants(variant):
+    """The kept-exponential paths (and their scalar tails) exist per CPU variant: the one-pass
+    and two-pass kernels agree there too, for every divergence and dtype, two option sets."""
+    script = (
+        "import itertools, kdfast\n"
+        f"assert kdfast.build_info()['cpu_variant_selected'] == {variant!r}\n"
+        "import test_one_pass as t\n"
+        "for d, dt, o in itertools.product(t.DIVERGENCES, t.DTYPES, [(2.0, 0.3, 0.0), (1.7, 0.6, 0.1)]):\n"
+        "    t.test_one_pass_gradient_matches_two_pass(d, 'mean', dt, o)\n"
+    )
+    tests_dir = Path(__file__).resolve().parents[1]
+    environment = dict(os.environ, KDFAST_CPU_VARIANT=variant, PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parent), str(tests_dir)] + sys.path))
+    completed = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
+                               timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
 
 
 def test_one_pass_writes_nan_rows_and_reports_bad_labels():

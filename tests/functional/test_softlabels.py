@@ -10,6 +10,10 @@ probabilities. The container's checks, conversions and storage sizes are tested 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,6 +94,33 @@ def test_ties_keep_lower_index_first(vocab_size, k, value_range):
 def test_sorted_rows(order, k):
     teacher = random_logits((3, 9000), seed=k).sort(-1, descending=order == "descending").values
     assert_matches_reference(teacher, k)
+
+
+def _other_cpu_variants():
+    info = kdfast.build_info()
+    return [name for name in info["cpu_variants"] if name != info["cpu_variant_selected"]]
+
+
+@pytest.mark.parametrize("variant", _other_cpu_variants())
+def test_selection_on_other_cpu_variants(variant):
+    """The selection's vector paths differ per variant (AVX-512: vcompress; AVX2: a permute
+    table; baseline: scalar): ties, random rows with many cuts, and sorted rows on each."""
+    script = (
+        "import kdfast, torch\n"
+        f"assert kdfast.build_info()['cpu_variant_selected'] == {variant!r}\n"
+        "from test_softlabels import assert_matches_reference, random_logits\n"
+        "g = torch.Generator().manual_seed(7)\n"
+        "for k in (16, 64, 1000):\n"
+        "    assert_matches_reference(torch.randint(0, 3, (4, 5000), generator=g).float(), k)\n"
+        "    assert_matches_reference(random_logits((3, 50257), seed=k), k, 2.0)\n"
+        "    assert_matches_reference(random_logits((2, 9000), seed=k).sort(-1).values, k)\n"
+        "assert_matches_reference(random_logits((2, 20000), seed=3, dtype=torch.bfloat16), 64)\n"
+    )
+    environment = dict(os.environ, KDFAST_CPU_VARIANT=variant,
+                       PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent)] + sys.path))
+    completed = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
+                               timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
 
 
 def test_masked_vocabulary_entries():
