@@ -28,6 +28,7 @@
 
 #include "convert.h"
 #include "kernel_common.h"
+#include "lanes.h"
 #include "kdfast/rowmath.h"
 #include "kdfast/sparse_rowmath.h"
 #include "kdfast/types.h"
@@ -121,6 +122,30 @@ void copy_chunk(const S* src, int64_t n, C* buffer) {
   }
 }
 
+// exp(x/T) and exp(x) on the variant's lanes (lanes.h), for x <= 0: built once per call.
+template <class C>
+struct TailExps {
+  ExpLanes<C> t, one;
+  explicit TailExps(double inv_t) : t(inv_t), one(1.0) {}
+};
+
+// sum_t += sum exp((x_i - m)/T), sum_1 += sum exp(x_i - m) over a chunk whose entries are at
+// most m (or -inf, or NaN, which propagates), on the lanes.
+template <class C, bool SUM_T, bool SUM_1>
+void tail_chunk_sums(const C* x, int64_t n, C m, const TailExps<C>& exps, C& sum_t, C& sum_1) {
+  const ExpLanes<C> exp_t = exps.t, exp_1 = exps.one;  // local copies: constants stay in registers
+  LaneSums<C, 2> acc;
+  sweep_lanes<C>(n, [&](auto lane, int64_t i) {
+    using L = Lane<decltype(lane)>;
+    auto* sums = acc.sums(lane);
+    const auto centred = L::load(x + i) - L::splat(m);
+    if constexpr (SUM_T) sums[0] = sums[0] + exp_t(centred);
+    if constexpr (SUM_1) sums[1] = sums[1] + exp_1(centred);
+  });
+  sum_t = acc.total(0);
+  sum_1 = acc.total(1);
+}
+
 // Per-thread working memory of a row.
 struct RowScratch {
   std::vector<KeptEntry> kept;
@@ -138,7 +163,7 @@ struct RowScratch {
 
 template <class S, class C>
 int forward_row(const SparseKDForwardArgs& args, const SparseCoefficients<double>& k, const StreamPlan& plan,
-                int64_t row, RowScratch& scratch, double* stats) {
+                const TailExps<C>& exps, int64_t row, RowScratch& scratch, double* stats) {
   const int64_t vocab = args.vocab, kk = args.soft_labels.k;
   const double inv_t = 1.0 / args.options.temperature;
   const S* s_row = static_cast<const S*>(args.student) + row * args.student_row_stride;
@@ -152,7 +177,6 @@ int forward_row(const SparseKDForwardArgs& args, const SparseCoefficients<double
   if (plan.any()) {
     alignas(64) C buffer[kChunk];
     size_t next = 0;
-    const C inv_t_c = static_cast<C>(inv_t);
     for (int64_t start = 0; start < vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, vocab - start);
       copy_chunk<S, C>(s_row + start, n, buffer);
@@ -178,18 +202,11 @@ int forward_row(const SparseKDForwardArgs& args, const SparseCoefficients<double
       if (chunk_max == kNegInf<C>) continue;
       C sum_t = 0, sum_1 = 0;
       if (plan.tail_at_t && plan.tail_at_1) {
-#pragma omp simd reduction(+ : sum_t, sum_1)
-        for (int64_t i = 0; i < n; ++i) {
-          const C centred = buffer[i] - chunk_max;
-          sum_t += rowmath::exp_c(centred * inv_t_c);
-          sum_1 += rowmath::exp_c(centred);
-        }
+        tail_chunk_sums<C, true, true>(buffer, n, chunk_max, exps, sum_t, sum_1);
       } else if (plan.tail_at_t) {
-#pragma omp simd reduction(+ : sum_t)
-        for (int64_t i = 0; i < n; ++i) sum_t += rowmath::exp_c((buffer[i] - chunk_max) * inv_t_c);
+        tail_chunk_sums<C, true, false>(buffer, n, chunk_max, exps, sum_t, sum_1);
       } else if (plan.tail_at_1) {
-#pragma omp simd reduction(+ : sum_1)
-        for (int64_t i = 0; i < n; ++i) sum_1 += rowmath::exp_c(buffer[i] - chunk_max);
+        tail_chunk_sums<C, false, true>(buffer, n, chunk_max, exps, sum_t, sum_1);
       }
       if (plan.tail_at_t) tail_t.add(static_cast<double>(chunk_max), static_cast<double>(sum_t), inv_t);
       if (plan.tail_at_1) tail_1.add(static_cast<double>(chunk_max), static_cast<double>(sum_1), 1.0);
@@ -271,6 +288,7 @@ SparseKDForwardResult forward_impl(const SparseKDForwardArgs& args) {
   double* row_stats = args.row_stats;
   int64_t bad_labels = 0, bad_index_rows = 0;
   const int threads = threads_for(args.num_threads, rows, plan.any() ? vocab : kk * 8);
+  const TailExps<C> exps(1.0 / args.options.temperature);
 
 #pragma omp parallel num_threads(threads) reduction(+ : bad_labels, bad_index_rows)
   {
@@ -287,7 +305,7 @@ SparseKDForwardResult forward_impl(const SparseKDForwardArgs& args) {
         for (int j = 0; j < kSparseRowStats; ++j) stats[j] = kNaN;
         continue;
       }
-      if (forward_row<S, C>(args, k, plan, row, scratch, stats) != 0) {
+      if (forward_row<S, C>(args, k, plan, exps, row, scratch, stats) != 0) {
         ++bad_index_rows;
         for (int j = 0; j < kSparseRowStats; ++j) stats[j] = kNaN;
       }
@@ -302,33 +320,34 @@ SparseKDForwardResult forward_impl(const SparseKDForwardArgs& args) {
 
 // ---- backward ----
 
-// Gradient of the tail (non-kept) entries of one chunk; kept entries are overwritten later.
-//   bucket D term:   kd_factor * tail_coeff * e,  e = exp((s - tail_max)/T - tail_log_sum_T)
-//   cross-entropy:   ce_factor * (r - eps/V),     r = softmax(s): e * Q_tail when T == 1 and
-//                    the tail bucket is streamed, else exp((s - tail_max) - (lse_1 - tail_max))
+// Gradient of the tail (non-kept) entries of one chunk on the lanes; kept entries are
+// overwritten later (their logits may exceed tail_max: the exponentials' argument is clamped
+// at 0 so that they stay finite until then).
+//   bucket D term:   kd_tail * e,  e = exp((s - tail_max)/T) / Z_tail (inv_z_tail = 1/Z_tail)
+//   cross-entropy:   ce_factor * (r - eps/V),  r = softmax(s): e * Q_tail when T == 1 and the
+//                    tail bucket is streamed, else exp(s - tail_max) * r_factor
 template <class C, bool KD_TAIL, bool CE, bool CE_FROM_TAIL>
-void tail_chunk_grad(const C* s, int64_t n, C* out, C tail_max, C inv_t, C tail_log_sum_t, C kd_tail, C q_tail,
-                     C ce_factor, C smooth, C log_r_offset) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const C centred = s[i] - tail_max;
-    C value = 0;
+void tail_chunk_grad(const C* s, int64_t n, C* out, C tail_max, const TailExps<C>& exps, C inv_z_tail, C kd_tail,
+                     C q_tail, C ce_factor, C smooth, C r_factor) {
+  const ExpLanes<C> exp_t = exps.t, exp_1 = exps.one;  // local copies: constants stay in registers
+  sweep_lanes<C>(n, [&](auto lane, int64_t i) {
+    using L = Lane<decltype(lane)>;
+    const auto centred = min_(L::load(s + i) - L::splat(tail_max), L::zero());
+    auto value = L::zero();
     if constexpr (KD_TAIL) {
-      const C arg = centred * inv_t - tail_log_sum_t;
-      const C e = rowmath::exp_c(arg < C(0) ? arg : C(0));
-      value += kd_tail * e;
-      if constexpr (CE && CE_FROM_TAIL) value += ce_factor * (e * q_tail - smooth);
+      const auto e = exp_t(centred) * L::splat(inv_z_tail);
+      value = L::splat(kd_tail) * e;
+      if constexpr (CE && CE_FROM_TAIL) value = fma_(L::splat(ce_factor), e * L::splat(q_tail) - L::splat(smooth), value);
     }
     if constexpr (CE && !CE_FROM_TAIL) {
-      const C arg = centred - log_r_offset;
-      value += ce_factor * (rowmath::exp_c(arg < C(0) ? arg : C(0)) - smooth);
+      value = fma_(L::splat(ce_factor), exp_1(centred) * L::splat(r_factor) - L::splat(smooth), value);
     }
-    out[i] = value;
-  }
+    store(out + i, value);
+  });
 }
 
 template <class C>
-using TailGradFn = void (*)(const C*, int64_t, C*, C, C, C, C, C, C, C, C);
+using TailGradFn = void (*)(const C*, int64_t, C*, C, const TailExps<C>&, C, C, C, C, C, C);
 
 template <class C>
 TailGradFn<C> pick_tail_grad(bool kd_tail, bool ce, bool ce_from_tail) {
@@ -348,6 +367,7 @@ struct GradientSetup {
   bool kd_tail;
   TailGradFn<C> tail_grad;
   double inv_t, alpha, eps, beta;
+  TailExps<C> exps;
   explicit GradientSetup(const SparseKDInputs& args)
       : k(sparse::make_sparse_coefficients<double>(args.options, args.tail)),
         plan(plan_for(k, args.options.temperature)),
@@ -356,7 +376,8 @@ struct GradientSetup {
         inv_t(1.0 / args.options.temperature),
         alpha(static_cast<double>(k.alpha)),
         eps(static_cast<double>(k.label_smoothing)),
-        beta(static_cast<double>(k.beta)) {}
+        beta(static_cast<double>(k.beta)),
+        exps(1.0 / args.options.temperature) {}
 };
 
 // The factor the reduction applies to every row's loss (mean: 1 / valid rows, 0 when none).
@@ -401,6 +422,10 @@ void gradient_row(const SparseKDInputs& args, const GradientSetup<C>& setup, con
       has_tail && kd_tail ? std::exp((tail_max - kd_reference) * inv_t + tail_log_sum_t - student_norm) : 0.0;
   const int64_t label = args.labels ? args.labels[row] : -1;
   const double label_step = ce_factor * (1.0 - eps);
+  // The tail formula's per-row factors: 1/Z_tail = exp(-log_sum_t) and
+  // exp(-(reference - tail_ref + lse_1)), so that each entry takes one exp of (s - tail_max).
+  const C inv_z_tail = static_cast<C>(std::exp(-log_sum_t));
+  const C r_factor = static_cast<C>(std::exp(-(reference - tail_ref + lse_1)));
 
   alignas(64) C student_buf[kChunk];
   alignas(64) C grad_buf[kChunk];
@@ -421,9 +446,8 @@ void gradient_row(const SparseKDInputs& args, const GradientSetup<C>& setup, con
         std::memcpy(kept_buf, s, sizeof(C) * static_cast<size_t>(n));
         s = kept_buf;
       }
-      tail_grad(s, n, out, static_cast<C>(tail_ref), static_cast<C>(inv_t), static_cast<C>(log_sum_t),
-                static_cast<C>(kd_factor * tail_coeff), static_cast<C>(q_tail), static_cast<C>(ce_factor),
-                static_cast<C>(smooth), static_cast<C>(reference - tail_ref + lse_1));
+      tail_grad(s, n, out, static_cast<C>(tail_ref), setup.exps, inv_z_tail, static_cast<C>(kd_factor * tail_coeff),
+                static_cast<C>(q_tail), static_cast<C>(ce_factor), static_cast<C>(smooth), r_factor);
     } else {
       if (has_kept && static_cast<const void*>(s_row + start) == static_cast<const void*>(out)) {
         copy_chunk<S, C>(s_row + start, n, kept_buf);
@@ -517,7 +541,7 @@ SparseKDForwardResult forward_grad_impl(const SparseKDForwardArgs& args) {
       if (args.labels && (args.labels[row] < 0 || args.labels[row] >= vocab)) {
         ++bad_labels;
         bad = true;
-      } else if (forward_row<S, C>(args, setup.k, setup.plan, row, scratch, stats) != 0) {
+      } else if (forward_row<S, C>(args, setup.k, setup.plan, setup.exps, row, scratch, stats) != 0) {
         ++bad_index_rows;
         bad = true;
       }
