@@ -37,15 +37,6 @@ inline bool label_valid(const int64_t* labels, int64_t row, int64_t ignore_index
   return labels == nullptr || labels[row] != ignore_index;
 }
 
-// Prefetches n elements from p into the caches (one hint per 64-byte line), for a row a kernel
-// reads next while its current sweep is bound by arithmetic rather than memory.
-template <class E>
-inline void prefetch_span(const E* p, int64_t n) {
-  const char* bytes = reinterpret_cast<const char*>(p);
-  const int64_t size = n * static_cast<int64_t>(sizeof(E));
-  for (int64_t offset = 0; offset < size; offset += 64) __builtin_prefetch(bytes + offset, 0, 2);
-}
-
 // Reduces the per-row losses kept in column `loss_column` of row_stats (row width
 // `stats_width`) as options.reduction asks, in a fixed order with a double accumulator
 // (deterministic for any thread count): per-row copies for None, else one value (mean over
