@@ -268,6 +268,21 @@ def test_inplace_backward_refusals():
         (loss + other).backward()
 
 
+def test_inplace_backward_on_strided_rows_gets_a_fresh_gradient():
+    """Rows taken with a step cannot hold their gradient at r * V: the gradient goes into a
+    fresh buffer, exact, and the rows between them are left alone."""
+    student, teacher, labels = _inputs(8, 300, torch.float32, seed=6)
+    base = student.clone().requires_grad_(True)
+    logits = base * 1.0
+    before = logits.detach().clone()
+    loss = kdfast.functional.kd_loss(logits[::2], teacher[:4], labels[:4], alpha=0.5, inplace_backward=True)
+    assert torch.equal(logits.detach(), before), "a strided view's logits are not overwritten"
+    loss.backward()
+    expected_base = student.clone().requires_grad_(True)
+    kdfast.functional.kd_loss(expected_base[::2] * 1.0, teacher[:4], labels[:4], alpha=0.5).backward()
+    assert torch.equal(base.grad, expected_base.grad)
+
+
 def test_inplace_backward_without_grad_leaves_the_logits():
     student, teacher, labels = _inputs(4, 300, torch.float32, seed=4)
     kept = student.clone()

@@ -84,7 +84,8 @@ def kd_loss(
             tensor that requires grad or a view of one, off the CPU, and with `process_group`;
             a backward with create_graph=True, or a second backward, raises RuntimeError. Where
             the logits must be copied anyway (a float64 teacher with a lower-precision student,
-            a non-contiguous vocabulary dimension) the gradient goes into that copy.
+            a non-contiguous vocabulary dimension) the gradient goes into that copy; rows taken
+            with a step (a strided view, rows not contiguous) get a fresh gradient buffer.
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or [...] for reduction="none".

@@ -280,4 +280,7 @@ def kd_loss(student: Tensor, teacher: Tensor, labels: Optional[Tensor], options:
     the two-pass kernels (forward, then backward) even where the one-pass kernel applies."""
     # Inside Function.forward grad mode is off and needs_input_grad ignores it: decide here.
     one_pass = one_pass and torch.is_grad_enabled() and student.requires_grad
-    return KDLossFunction.apply(student, teacher, labels, options, inplace and one_pass, one_pass)
+    # The in-place kernel writes row r's gradient at r * V: rows taken with a step (row stride
+    # != V) get a fresh gradient instead.
+    inplace = inplace and one_pass and student.is_contiguous()
+    return KDLossFunction.apply(student, teacher, labels, options, inplace, one_pass)
