@@ -125,6 +125,8 @@ class SparseKDLoss(nn.Module):
         reduction: "mean" (default), "sum", "none" or "batchmean".
         label_smoothing: ε in [0, 1) for the cross-entropy term (default 0.0).
         t2_scale: multiply the divergence by T² (default True).
+        inplace_backward: write the student gradient over the student logits (CPU; default
+            False); see `kdfast.functional.kd_loss` for the contract and its refusals.
 
     Shape:
         student_logits: [..., V]; soft_labels: SoftLabels with leading shape [...];
@@ -147,11 +149,13 @@ class SparseKDLoss(nn.Module):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         t2_scale: bool = True,
+        inplace_backward: bool = False,
     ) -> None:
         super().__init__()
         check_tail_options(tail=tail, temperature=temperature, divergence=divergence, alpha=alpha, beta=beta,
                            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                            names=SPARSE_NAMES)
+        self.inplace_backward = bool(inplace_backward)
         self.divergence = divergence
         self.temperature = temperature
         self.alpha = alpha
@@ -176,6 +180,7 @@ class SparseKDLoss(nn.Module):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             t2_scale=self.t2_scale,
+            inplace_backward=self.inplace_backward,
         )
 
     def extra_repr(self) -> str:

@@ -25,6 +25,7 @@ import kdfast
 from kd_checks import DTYPE_IDS, assert_grad_close, assert_loss_close, natural_scales, run_reference_float64
 from kdfast.contract import KDOptions
 from kdfast.ops import kd_loss as kd_ops
+from kdfast.softlabels import SoftLabels
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tvd"]
 REDUCTIONS = ["mean", "sum", "none", "batchmean"]
@@ -266,6 +267,60 @@ def test_inplace_backward_refusals():
     loss = kdfast.functional.kd_loss(logits, teacher, labels, alpha=0.5, inplace_backward=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (loss + other).backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("grad_scale", [1.0, 3.0])
+def test_sparse_inplace_backward_matches_and_reuses_the_logits(tail, dtype, grad_scale):
+    student, teacher, labels = _inputs(6, 700, dtype, seed=11)
+    soft_labels = kdfast.compress_topk(teacher.float(), 16)
+    options = dict(alpha=0.4, tail=tail, label_smoothing=0.1)
+    expected_leaf = student.clone().requires_grad_(True)
+    (kdfast.functional.sparse_kd_loss(expected_leaf * 1, soft_labels, labels, **options) * grad_scale).backward()
+    leaf = student.clone().requires_grad_(True)
+    logits = leaf * 1
+    storage = logits.data_ptr()
+    loss = kdfast.functional.sparse_kd_loss(logits, soft_labels, labels, inplace_backward=True, **options)
+    (loss * grad_scale).backward()
+    assert logits.data_ptr() == storage
+    if grad_scale == 1.0 or dtype == torch.float32:
+        assert torch.equal(leaf.grad, expected_leaf.grad)
+    else:  # in place a 16-bit gradient is scaled where it lies: rounded twice
+        torch.testing.assert_close(leaf.grad.float(), expected_leaf.grad.float(), rtol=1e-2, atol=1e-4)
+
+
+def test_sparse_inplace_backward_refusals_and_checks():
+    student, teacher, labels = _inputs(4, 300, torch.float32, seed=12)
+    soft_labels = kdfast.compress_topk(teacher, 8)
+    leaf = student.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="leaf tensor that requires grad"):
+        kdfast.functional.sparse_kd_loss(leaf, soft_labels, labels, alpha=0.5, inplace_backward=True)
+    with pytest.raises(ValueError, match="leaf tensor that requires grad"):
+        kdfast.SparseKDLoss(alpha=0.5, inplace_backward=True)(leaf, soft_labels, labels)
+    with pytest.raises(ValueError, match="process_group"):
+        kdfast.functional.sparse_kd_loss(leaf * 1, soft_labels, labels, inplace_backward=True, process_group=object())
+    # bad labels or indices are reported before the logits are overwritten
+    logits = leaf * 1
+    before = logits.detach().clone()
+    bad_labels = labels.clone()
+    bad_labels[0] = 300
+    with pytest.raises(ValueError, match="labels"):
+        kdfast.functional.sparse_kd_loss(logits, soft_labels, bad_labels, alpha=0.5, inplace_backward=True)
+    repeated = SoftLabels(soft_labels.indices.clone(), soft_labels.logprobs, soft_labels.tail_logprob,
+                          vocab_size=300, temperature=soft_labels.temperature)
+    repeated.indices[1, 1] = repeated.indices[1, 0]
+    with pytest.raises(ValueError, match="repeat"):
+        kdfast.functional.sparse_kd_loss(logits, repeated, labels, alpha=0.5, inplace_backward=True)
+    assert torch.equal(logits.detach(), before)
+
+    loss = kdfast.functional.sparse_kd_loss(leaf * 2, soft_labels, labels, alpha=0.5, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(loss, leaf, create_graph=True)
+    loss = kdfast.functional.sparse_kd_loss(leaf * 2, soft_labels, labels, alpha=0.5, inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        loss.backward()
 
 
 def test_inplace_backward_on_strided_rows_gets_a_fresh_gradient():

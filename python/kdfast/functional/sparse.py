@@ -21,6 +21,7 @@ from kdfast.contract.softlabels import SoftLabels
 from kdfast.contract.validation import check_compress_inputs, check_sparse_kd_inputs
 from kdfast.functional._rows import as_rows, stand_in
 from kdfast.ops import sparse as sparse_ops
+from kdfast.ops.kd_loss import check_inplace_student
 from kdfast.reference import sparse as sparse_reference
 
 __all__ = ["compress_topk", "sparse_kd_loss"]
@@ -96,6 +97,7 @@ def sparse_kd_loss(
     label_smoothing: float = 0.0,
     t2_scale: bool = True,
     process_group=None,
+    inplace_backward: bool = False,
 ) -> Tensor:
     """Distillation loss against top-k soft labels (`kdfast.SoftLabels`).
 
@@ -135,6 +137,9 @@ def sparse_kd_loss(
             each rank passes its student logits shard [..., V_r] (slices in rank order), the
             same SoftLabels (global ids, vocab_size = Σ V_r) and global labels; the exact
             loss comes from all-reduced row statistics (`kdfast.vocab_parallel`).
+        inplace_backward: write the student gradient over the student logits' storage (CPU),
+            with the contract and refusals of `kdfast.functional.kd_loss`'s (default False).
+            Labels and soft-label indices are checked before the logits are overwritten.
 
     Returns:
         float32 loss (float64 for a float64 student or float64 soft labels): a scalar, or
@@ -159,6 +164,10 @@ def sparse_kd_loss(
     options = KDOptions.of(divergence=divergence, tail=tail, reduction=reduction, temperature=temperature,
                            alpha=alpha, beta=beta, label_smoothing=label_smoothing, t2_scale=t2_scale,
                            ignore_index=ignore_index)
+    if inplace_backward:
+        if process_group is not None:
+            raise ValueError("sparse_kd_loss: inplace_backward=True is not supported with process_group")
+        check_inplace_student(student_logits)
     if process_group is not None:
         flat = soft_labels.flatten()
         return vocab_parallel.kd_loss(
@@ -183,7 +192,7 @@ def sparse_kd_loss(
     student_rows = as_rows(student_logits, vocab)
     label_rows = labels.reshape(-1).contiguous() if labels is not None else None
     loss = sparse_ops.sparse_kd_loss(student_rows, flat.indices.contiguous(), teacher_logprobs.contiguous(),
-                                     teacher_tail.contiguous(), label_rows, options)
+                                     teacher_tail.contiguous(), label_rows, options, inplace=inplace_backward)
     if reduction == "none":
         loss = loss.reshape(leading_shape)
     return loss

@@ -27,7 +27,9 @@ first backward pass returns that buffer: as it is for the scalar grad_output 1, 
 in place in one pass (`scale_gradient_body`; a bfloat16/float16 student runs the backward
 kernel into it instead, so that its gradient is rounded once), so no second N×V buffer is
 allocated. A later backward pass through the same graph recomputes that gradient into a fresh
-tensor first (the same bits). CUDA keeps the two-pass kernels.
+tensor first (the same bits). `sparse_kd_forward_grad_inplace` writes the gradient over the
+student's own storage (`inplace_backward`; labels and indices are checked before the logits
+are overwritten). CUDA keeps the two-pass kernels.
 """
 
 from __future__ import annotations
@@ -160,6 +162,29 @@ def forward_grad_body(student: Tensor, indices: Tensor, teacher_logprobs: Tensor
              options)
 
 
+def forward_grad_inplace_body(student: Tensor, indices: Tensor, teacher_logprobs: Tensor, teacher_tail: Tensor,
+                              labels: Optional[Tensor], loss: Tensor, row_stats: Tensor, valid_rows: Tensor,
+                              options: KDOptions) -> None:
+    """`forward_grad_body` with the gradient written over `student` itself (rows contiguous)."""
+    _forward(student, indices, teacher_logprobs, teacher_tail, labels, loss, row_stats, valid_rows, student, options)
+
+
+def _check_before_overwriting(student: Tensor, indices: Tensor, labels: Optional[Tensor], options: KDOptions) -> None:
+    """The label and index checks the kernel reports, made before an in-place forward pass
+    overwrites the logits (the kernel only reports them afterwards)."""
+    vocab = student.shape[1]
+    check_label_range(labels, vocab, options.ignore_index)
+    if indices.numel() == 0:
+        return
+    wide = indices.to(torch.int64)
+    out_of_range = ((wide < 0) | (wide >= vocab)).any(dim=1)
+    ordered = wide.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+    bad_rows = int((out_of_range | repeated).sum())
+    if bad_rows:
+        _raise_bad_inputs(0, bad_rows, labels, indices, vocab, options.ignore_index)
+
+
 def _forward(student: Tensor, indices: Tensor, teacher_logprobs: Tensor, teacher_tail: Tensor,
              labels: Optional[Tensor], loss: Tensor, row_stats: Tensor, valid_rows: Tensor,
              grad_student: Optional[Tensor], options: KDOptions) -> None:
@@ -189,13 +214,13 @@ def backward_body(grad_output: Tensor, student: Tensor, indices: Tensor, teacher
 
 def scale_gradient_body(grad_output: Tensor, gradient: Tensor, student: Tensor, indices: Tensor,
                         teacher_logprobs: Tensor, teacher_tail: Tensor, labels: Optional[Tensor], row_stats: Tensor,
-                        valid_rows: Tensor, grad_student: Tensor, options: KDOptions) -> None:
+                        valid_rows: Tensor, grad_student: Tensor, exact: bool, options: KDOptions) -> None:
     """Writes grad_output times the one-pass `gradient` (for grad_output = 1) into `grad_student`:
-    a copy for the scalar 1, the backward kernel for a bfloat16/float16 student (one rounding),
-    else one scaling pass (per row for reduction "none")."""
+    a copy for the scalar 1, the backward kernel when `exact` (a bfloat16/float16 student whose
+    logits are intact: one rounding), else one scaling pass (per row for reduction "none")."""
     if grad_output.numel() == 1 and options.reduction != "none" and float(grad_output) == 1.0:
         grad_student.copy_(gradient)
-    elif gradient.dtype not in (torch.float32, torch.float64):
+    elif exact:
         backward_body(grad_output, student, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows,
                       grad_student, options)
     else:
@@ -207,6 +232,8 @@ def scale_gradient_body(grad_output: Tensor, gradient: Tensor, student: Tensor, 
 sparse_kd_forward = define_op("kdfast::sparse_kd_forward", forward_body, mutates=("loss", "row_stats", "valid_rows"))
 sparse_kd_forward_grad = define_op("kdfast::sparse_kd_forward_grad", forward_grad_body,
                                    mutates=("loss", "row_stats", "valid_rows", "grad_student"))
+sparse_kd_forward_grad_inplace = define_op("kdfast::sparse_kd_forward_grad_inplace", forward_grad_inplace_body,
+                                           mutates=("student", "loss", "row_stats", "valid_rows"))
 sparse_kd_backward = define_op("kdfast::sparse_kd_backward", backward_body, mutates=("grad_student",))
 sparse_kd_scale_gradient = define_op("kdfast::sparse_kd_scale_gradient", scale_gradient_body,
                                      mutates=("grad_student",))
@@ -237,16 +264,27 @@ def differentiable_loss(student: Tensor, indices: Tensor, teacher_logprobs: Tens
 
 
 class SparseKDLossFunction(torch.autograd.Function):
-    """`apply(student, indices, teacher_logprobs, teacher_tail, labels, options, one_pass) -> loss`;
-    `one_pass` (CPU, the student needs a gradient): the forward pass computes it too."""
+    """`apply(student, indices, teacher_logprobs, teacher_tail, labels, options, one_pass, inplace)
+    -> loss`; `one_pass` (CPU, the student needs a gradient): the forward pass computes it too;
+    `inplace`: it writes it over the student's storage."""
 
     @staticmethod
     def forward(ctx, student: Tensor, indices: Tensor, teacher_logprobs: Tensor, teacher_tail: Tensor,
-                labels: Optional[Tensor], options: KDOptions, one_pass: bool = False) -> Tensor:
+                labels: Optional[Tensor], options: KDOptions, one_pass: bool = False, inplace: bool = False) -> Tensor:
         loss, row_stats, valid_rows = forward_outputs(student, options)
         inputs = (student, indices, teacher_logprobs, teacher_tail, labels, loss, row_stats, valid_rows)
         ctx.one_pass = one_pass and bool(ctx.needs_input_grad[0]) and student.device.type == "cpu"
-        if ctx.one_pass:
+        ctx.inplace = ctx.one_pass and inplace
+        if ctx.inplace:
+            if not torch.compiler.is_compiling():
+                _check_before_overwriting(student, indices, labels, options)
+            launch(sparse_kd_forward_grad_inplace, forward_grad_inplace_body, inputs, options)
+            if not torch.compiler.is_compiling():
+                # Every other saved use of the logits now fails autograd's version check.
+                torch.autograd.graph.increment_version(student)
+            ctx.save_for_backward(None, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows,
+                                  student)
+        elif ctx.one_pass:
             gradient = torch.empty(student.shape, dtype=student.dtype, device=student.device)
             launch(sparse_kd_forward_grad, forward_grad_body, (*inputs, gradient), options)
             save_with_gradient(ctx, (student, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows),
@@ -262,19 +300,29 @@ class SparseKDLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         student, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows, *gradient = ctx.saved_tensors
         gradient = saved_gradient(ctx, gradient)
+        # A 16-bit student's scaled gradient comes from the backward kernel (one rounding) while
+        # its logits are intact; in place they are gone, and it is scaled where it lies.
+        exact = not ctx.inplace and gradient is not None and gradient.dtype not in (torch.float32, torch.float64)
         grad_student = None
         if ctx.needs_input_grad[0] and creating_graph():  # second-order gradients: a differentiable recomputation
+            if ctx.inplace:
+                raise RuntimeError("sparse_kd_loss: inplace_backward=True overwrote the student logits with their "
+                                   "gradient; a backward pass with create_graph=True needs them (use "
+                                   "inplace_backward=False)")
             grad_student, = differentiable_gradients(
                 lambda: differentiable_loss(student, indices, teacher_logprobs, teacher_tail, labels, ctx.options),
                 (student,), (True,), grad_loss)
         elif ctx.needs_input_grad[0] and ctx.one_pass and torch.compiler.is_compiling():
             grad_student = torch.empty_like(gradient)
             launch(sparse_kd_scale_gradient, scale_gradient_body,
-                   (grad_loss, gradient, student, indices, teacher_logprobs, teacher_tail, labels, row_stats,
-                    valid_rows, grad_student), ctx.options)
+                   (grad_loss, gradient, student if student is not None else gradient, indices, teacher_logprobs,
+                    teacher_tail, labels, row_stats, valid_rows, grad_student, exact), ctx.options)
         elif ctx.needs_input_grad[0] and ctx.one_pass:
             # The first backward pass owns the forward's gradient (no second N×V buffer); a later
             # one (retain_graph=True) recomputes it into a fresh tensor, bit for bit the same.
+            if ctx.inplace and ctx.handed_out:
+                raise RuntimeError("sparse_kd_loss: inplace_backward=True hands its gradient (the student's storage) "
+                                   "out once; a second backward pass through this loss cannot reuse it")
             inputs = (student, indices, teacher_logprobs, teacher_tail, labels)
             grad_student = gradient
             if ctx.handed_out:
@@ -283,17 +331,21 @@ class SparseKDLossFunction(torch.autograd.Function):
             ctx.handed_out, ctx.gradient = True, None
             if grad_loss.numel() != 1 or ctx.options.reduction == "none" or float(grad_loss) != 1.0:
                 scale_gradient_body(grad_loss, grad_student, student, indices, teacher_logprobs, teacher_tail, labels,
-                                    row_stats, valid_rows, grad_student, ctx.options)
+                                    row_stats, valid_rows, grad_student, exact, ctx.options)
         elif ctx.needs_input_grad[0]:
             grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
             launch(sparse_kd_backward, backward_body, (grad_loss, student, indices, teacher_logprobs, teacher_tail,
                                                        labels, row_stats, valid_rows, grad_student), ctx.options)
-        return grad_student, None, None, None, None, None, None
+        return grad_student, None, None, None, None, None, None, None
 
 
 def sparse_kd_loss(student: Tensor, indices: Tensor, teacher_logprobs: Tensor, teacher_tail: Tensor,
-                   labels: Optional[Tensor], options: KDOptions) -> Tensor:
-    """The sparse KD loss of [rows, V] student logits through `SparseKDLossFunction`."""
+                   labels: Optional[Tensor], options: KDOptions, inplace: bool = False) -> Tensor:
+    """The sparse KD loss of [rows, V] student logits through `SparseKDLossFunction`; `inplace`:
+    the one-pass gradient is written over `student` (see `kd_loss.check_inplace_student`)."""
     # Inside Function.forward grad mode is off and needs_input_grad ignores it: decide here.
     one_pass = torch.is_grad_enabled() and student.requires_grad
-    return SparseKDLossFunction.apply(student, indices, teacher_logprobs, teacher_tail, labels, options, one_pass)
+    # The in-place kernel writes row r's gradient at r * V: rows taken with a step get a fresh one.
+    inplace = inplace and one_pass and student.is_contiguous()
+    return SparseKDLossFunction.apply(student, indices, teacher_logprobs, teacher_tail, labels, options, one_pass,
+                                      inplace)
