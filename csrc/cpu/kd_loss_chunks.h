@@ -135,8 +135,8 @@ inline void chunk_max(const C* x, int64_t n, C& m) {
 
 // Second sweep of JSD over one chunk, with the row's maxima and log-sums known (`kept` and
 // `exps` unused: JSD needs log m per element).
-template <class C, Divergence D>
-void chunk_sweep(const C* s, const C* t, KeptExps<C> kept, int64_t n, const Coefficients<C>& coefficients,
+template <class C>
+void chunk_sweep_jsd(const C* s, const C* t, KeptExps<C> kept, int64_t n, const Coefficients<C>& coefficients,
                  const RowExps<C>& exps, const RowStats<C>& stats, C& acc0, C& acc1) {
   (void)kept;
   (void)exps;
@@ -150,8 +150,7 @@ void chunk_sweep(const C* s, const C* t, KeptExps<C> kept, int64_t n, const Coef
     const C log_p = rowmath::scaled_difference(t[i], h, max_t) * kappa - st.teacher_log_sum;
     const C log_q = rowmath::scaled_difference(s[i], h, max_s) * kappa - st.student_log_sum_T;
     C x0 = 0, x1 = 0;
-    if constexpr (D == Divergence::JSD) rowmath::jsd_terms(log_p, log_q, k, x0, x1);
-    else rowmath::tvd_terms(log_p, log_q, x0, x1);
+    rowmath::jsd_terms(log_p, log_q, k, x0, x1);
     sum0 += x0;
     sum1 += x1;
   }
@@ -286,8 +285,8 @@ void chunk_grad_kept(const C* s, const C* t, KeptExps<C> kept, int64_t n, const 
   });
 }
 
-// Gradient of one chunk (before the label fix-up), written to `out`; forward_kl's and TVD's
-// are chunk_grad_lanes above.
+// Gradient of one chunk (before the label fix-up), written to `out`: JSD's here (it needs log m
+// per element), the others' by chunk_grad_lanes above.
 template <class C, Divergence D, bool CE, bool KD, int S1, bool FOLD>
 void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowExps<C>& exps,
                 const ChunkGradRow<C>& grad_row, C* out) {
@@ -307,13 +306,8 @@ void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& coeffi
     const C q = rowmath::exp_c(log_q);
     C value = 0;
     if constexpr (KD) {
-      const C dt = rowmath::scaled_difference(t[i], h, max_t);
-      if constexpr (D == Divergence::ReverseKL) {
-        value += rowmath::reverse_kl_grad(ds, dt, q, g.rkl_a, g.rkl_b, g.rkl_c);
-      } else {
-        const C log_p = dt * kappa - g.stats.teacher_log_sum;
-        value += g.kd_factor * rowmath::divergence_grad<D>(log_p, log_q, q, g.stats.aux, k);
-      }
+      const C log_p = rowmath::scaled_difference(t[i], h, max_t) * kappa - g.stats.teacher_log_sum;
+      value += g.kd_factor * rowmath::divergence_grad<Divergence::JSD>(log_p, log_q, q, g.stats.aux, k);
     }
     if constexpr (CE) {
       C r = q;  // T == 1
@@ -416,7 +410,7 @@ ChunkKernels<C> pick_for(const Coefficients<C>& k) {
   kernels.stats = pick_stats<C, D, FOLD>(k.need_kd, k.student_1_mode, k.need_ce && k.label_smoothing > C(0));
   kernels.sweep = nullptr;
   kernels.sweep_kept = nullptr;
-  if constexpr (D == Divergence::JSD) kernels.sweep = k.need_kd ? chunk_sweep<C, D> : nullptr;
+  if constexpr (D == Divergence::JSD) kernels.sweep = k.need_kd ? chunk_sweep_jsd<C> : nullptr;
   if constexpr (D == Divergence::TVD) {
     kernels.sweep = k.need_kd ? chunk_sweep_tvd<C, FOLD, false> : nullptr;
     kernels.sweep_kept = k.need_kd ? chunk_sweep_tvd<C, FOLD, true> : nullptr;

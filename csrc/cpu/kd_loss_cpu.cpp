@@ -59,9 +59,6 @@ struct CallSetup {
       : k(rowmath::make_coefficients<C>(args.options, args.vocab)), exps(k), kernels(pick_kernels<C>(k, exps)) {}
 };
 
-// The statistics (RowStats, then the row loss, then 0) of one valid row with a label in range
-// (or none), from its streamed partial: the second sweep of JSD / TVD over the row, the
-// cross-entropy, and NaN where a sum the loss reads is undefined (NaN in, NaN out).
 // The whole float vectors of an n-element chunk at `start` (all n for double): the part a kept
 // sweep reads from the kept exponentials; the scalar tail after it is computed from the logits.
 template <class C>
@@ -76,6 +73,9 @@ const C* load_chunk_from(const In* row, int64_t start, int64_t n, int64_t from, 
   return load_chunk<In, C>(row + start + from, n - from, buf + from) - from;
 }
 
+// The statistics (RowStats, then the row loss, then 0) of one valid row with a label in range
+// (or none), from its streamed partial: the second sweep of JSD / TVD over the row, the
+// cross-entropy, and NaN where a sum the loss reads is undefined (NaN in, NaN out).
 template <class S, class T, class C>
 void finish_row(const CallSetup<C>& call, const RowPartial<C>& part, const S* s_row, const T* t_row, int64_t label,
                 int64_t vocab, KeptExps<C> kept, C* stats_out) {
@@ -277,6 +277,7 @@ int64_t forward_impl(const KDForwardArgs& args) {
 
 #pragma omp parallel num_threads(threads_for(args.num_threads, rows, vocab)) reduction(+ : bad_labels)
   {
+    const KeptExps<C> kept = thread_kept(call.k, vocab, keep);
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
       C* stats_out = row_stats + row * kRowStats;
@@ -292,7 +293,6 @@ int64_t forward_impl(const KDForwardArgs& args) {
       }
       const S* s_row = student + row * args.student_row_stride;
       const T* t_row = teacher + row * args.teacher_row_stride;
-      const KeptExps<C> kept = thread_kept(call.k, vocab, keep);
       const RowPartial<C> part = stream_row<S, T, C>(call, s_row, t_row, vocab, kept);
       finish_row<S, T, C>(call, part, s_row, t_row, label, vocab, kept, stats_out);
     }
@@ -302,7 +302,6 @@ int64_t forward_impl(const KDForwardArgs& args) {
                     static_cast<C*>(args.valid_rows));
   return bad_labels;
 }
-
 
 // The one-pass training kernel: the forward pass of forward_impl and, for each row right after
 // its statistics, its gradient for grad_output = 1 times the reduction's scale (args.grad_student),

@@ -38,12 +38,6 @@
 #error "KDFAST_CPU_VARIANT must name the instruction-set variant"
 #endif
 
-// AVX2 and AVX-512: the split stages its hits and the cuts select with in-register compresses
-// (AVX-512: vcompress; AVX2: a permutation from a 256-entry table).
-#if defined(KDFAST_LANES_AVX2)
-#define KDFAST_TOPK_STAGING 1
-#endif
-
 namespace kdfast {
 namespace cpu {
 namespace KDFAST_CPU_VARIANT {
@@ -82,9 +76,9 @@ void add_to_tail(const C* x, int64_t n, C reference, C inv_t, TailSum& tail, dou
   tail.add(static_cast<double>(reference), static_cast<double>(sum), inv_t_double);
 }
 
-#if defined(KDFAST_TOPK_STAGING)
+#if defined(KDFAST_LANES_AVX2)
 // Compress of 8 lanes: the lanes whose mask bit is set, moved to the front in order (the rest
-// unspecified).
+// unspecified). AVX-512: vcompress; AVX2: a permutation from a 256-entry table.
 #if !(defined(__AVX512F__) && defined(__AVX512VL__))
 struct CompressTable {
   alignas(32) int32_t lanes[256][8];
@@ -175,7 +169,7 @@ C cut_to_k(Selection<C>& sel, TailSum& tail, double inv_t) {
     const int64_t count = sel.count;
     C* evicted = sel.evicted.data();
     int64_t n = -1;
-#if defined(KDFAST_TOPK_STAGING)
+#if defined(KDFAST_LANES_AVX2)
     if constexpr (std::is_same_v<C, float>) {
       float* values = sel.values.data();
       for (int64_t i = 0; i < count; ++i) values[i] = c[i].value;
@@ -219,9 +213,10 @@ struct ChunkSplit {
   int64_t hits = 0;
   int64_t nans = 0;
   C tail_max = kNegInf<C>;
-  bool tail_max_known = true;  // false: the lanes' split leaves the maximum out (see tail_settled)
   C sum = 0;
-  bool staged = false;  // the hits' values and chunk offsets are in the Staging buffers, in order
+  // The lanes' split: its hits' values and chunk offsets are in the Staging buffers, in order,
+  // and it leaves the tail maximum out (see tail_settled).
+  bool from_lanes = false;
 };
 
 // Where the split of a float chunk leaves its hits (AVX2 and AVX-512 variants): values and
@@ -245,12 +240,8 @@ template <bool FOLD>
 ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, const ExpLanes<float>& exps,
                                     Staging staging) {
   ChunkSplit<float> split;
-#if defined(KDFAST_TOPK_STAGING)
   const __m256i lane_offsets = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   int64_t staged = 0;
-#else
-  (void)staging;
-#endif
   const __m256 threshold = _mm256_set1_ps(theta);
   const __m256 minus_inf = _mm256_set1_ps(kNegInf<float>);
   const ExpLanes<float> e = exps;  // a local copy: its constants stay in registers
@@ -267,7 +258,6 @@ ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, cons
       sum[j] = _mm256_add_ps(sum[j], e.template apply<true, FOLD>(FV{_mm256_sub_ps(masked, threshold)}).v);
     }
     vector_hits += __builtin_popcount(hit_bits);
-#if defined(KDFAST_TOPK_STAGING)
     if (hit_bits != 0) {  // rare once the threshold has settled
       for (int j = 0; j < 4; ++j) {
         const unsigned hit_mask = (hit_bits >> (8 * j)) & 0xffu;
@@ -277,7 +267,6 @@ ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, cons
         staged += __builtin_popcount(hit_mask);
       }
     }
-#endif
   }
   float total = hsum(FV{_mm256_add_ps(_mm256_add_ps(sum[0], sum[1]), _mm256_add_ps(sum[2], sum[3]))});
   for (; i < n; ++i) {
@@ -285,21 +274,16 @@ ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, cons
     const bool above = v > theta;
     const float masked = above ? kNegInf<float> : v;
     vector_hits += above ? 1 : 0;
-#if defined(KDFAST_TOPK_STAGING)
     if (above) {
       staging.values[staged] = v;
       staging.offsets[staged] = static_cast<int32_t>(i);
       ++staged;
     }
-#endif
     total += e(masked - theta);
   }
   split.hits = vector_hits;
-  split.tail_max_known = false;
   split.sum = total;
-#if defined(KDFAST_TOPK_STAGING)
-  split.staged = true;
-#endif
+  split.from_lanes = true;
   return split;
 }
 #endif
@@ -351,7 +335,7 @@ ChunkSplit<C> split_chunk(const C* x, int64_t n, C theta, C inv_t, const ExpLane
 // (exp below -87) then lie 27 or more e-folds below the largest and do not matter.
 template <class C>
 bool tail_settled(const ChunkSplit<C>& split, C theta, C inv_t) {
-  if (split.tail_max_known) return (split.tail_max - theta) * inv_t > C(-60);
+  if (!split.from_lanes) return (split.tail_max - theta) * inv_t > C(-60);
   return split.sum >= C(1e-20);
 }
 
@@ -506,7 +490,7 @@ void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Sele
     const int64_t hits = split.hits;
     // Append the hits (the chunk is cache-resident) to the candidates.
     if (hits > 0) {
-      theta = split.staged
+      theta = split.from_lanes
                   ? append_staged(staging, hits, start + first, sel, tail, inv_t, std::max(theta, chunk_theta))
                   : extract_above(xs, n, start + first, chunk_theta, hits, sel, tail, inv_t, std::max(theta, chunk_theta));
     }
