@@ -104,7 +104,9 @@ void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coeff
       const auto e_p = exp_t.template apply<true, FOLD>(dt);
       sums[2] = sums[2] + e_p;
       if constexpr (KEEP && D != Divergence::ReverseKL) store(kept.p + i, e_p);  // reverse_kl's gradient needs no p
-      if constexpr (D == Divergence::ForwardKL) sums[3] = sums[3] + where_positive(e_p, e_p * (dt - ds));
+      if constexpr (D == Divergence::ForwardKL) {
+        sums[3] = sums[3] + where_positive(e_p, e_p * (dt * L::splat(k.teacher_centring) - ds));
+      }
       if constexpr (D == Divergence::ReverseKL) sums[3] = sums[3] + where_positive(e_q, e_q * (ds - dt));
     }
   });

@@ -226,7 +226,10 @@ KDFAST_HD void accumulate_batch(rowmath::RowPartial<C>& part, const C* s, const 
       const C dt = rowmath::scaled_difference(t[e], h, shift_t);
       const C exp_a = exp_over_t(dt);
       sum += exp_a;
-      if (forward_kl) weighted += exp_a > C(0) ? exp_a * (dt - rowmath::scaled_difference(s[e], h, shift_s)) : C(0);
+      if (forward_kl) {
+        const C ds = rowmath::scaled_difference(s[e], h, shift_s);
+        weighted += exp_a > C(0) ? exp_a * (dt * k.teacher_centring - ds) : C(0);
+      }
     }
     part.teacher_sum += sum;
     if (forward_kl) part.weighted += weighted;

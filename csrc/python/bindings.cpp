@@ -90,13 +90,13 @@ int64_t kd_forward(uintptr_t student, int student_dtype, int64_t student_row_str
                    int divergence, int reduction, double temperature, double alpha, double beta,
                    double label_smoothing, double divergence_scale, int64_t ignore_index, uintptr_t loss,
                    uintptr_t row_stats, uintptr_t valid_rows, int num_threads, int device_index, uintptr_t stream,
-                   uintptr_t grad_student) {
+                   uintptr_t grad_student, bool teacher_entropy) {
   kdfast::KDForwardArgs a;
+  KDOptions options =
+      make_options(divergence, reduction, temperature, alpha, beta, label_smoothing, divergence_scale, ignore_index);
+  options.teacher_entropy = teacher_entropy;
   fill_dense_inputs(a, student, student_dtype, student_row_stride, teacher, teacher_dtype, teacher_row_stride, labels,
-                    rows, vocab,
-                    make_options(divergence, reduction, temperature, alpha, beta, label_smoothing, divergence_scale,
-                                 ignore_index),
-                    num_threads);
+                    rows, vocab, options, num_threads);
   a.loss = as_ptr<void>(loss);
   a.row_stats = as_ptr<void>(row_stats);
   a.valid_rows = as_ptr<void>(valid_rows);
@@ -402,7 +402,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("reduction"), py::arg("temperature"), py::arg("alpha"), py::arg("beta"), py::arg("label_smoothing"),
         py::arg("divergence_scale"), py::arg("ignore_index"), py::arg("loss"), py::arg("row_stats"),
         py::arg("valid_rows"), py::arg("num_threads"), py::arg("device_index"), py::arg("stream"),
-        py::arg("grad_student") = 0);
+        py::arg("grad_student") = 0, py::arg("teacher_entropy") = false);
   m.def("kd_backward", &kd_backward, py::call_guard<py::gil_scoped_release>(), py::arg("grad_output"),
         py::arg("grad_output_stride"), py::arg("student"), py::arg("student_dtype"), py::arg("student_row_stride"),
         py::arg("teacher"), py::arg("teacher_dtype"), py::arg("teacher_row_stride"), py::arg("labels"),

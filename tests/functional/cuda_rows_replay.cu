@@ -237,12 +237,13 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: cuda_rows_replay INPUT OUTPUT OFFSETS [CLUSTERS] (bad arguments or input)\n");
     return 2;
   }
-  if (in.divergence != 0 && in.divergence != 1) {
-    std::fprintf(stderr, "only forward_kl (0) and reverse_kl (1) are replayed\n");
+  if (in.divergence < 0 || in.divergence > 2) {
+    std::fprintf(stderr, "only forward_kl (0), reverse_kl (1) and forward_kl with teacher_entropy (2) are replayed\n");
     return 2;
   }
   kdfast::KDOptions options;
-  options.divergence = static_cast<Divergence>(in.divergence);
+  options.divergence = in.divergence == 2 ? Divergence::ForwardKL : static_cast<Divergence>(in.divergence);
+  options.teacher_entropy = in.divergence == 2;
   options.reduction = kdfast::Reduction::Sum;
   options.temperature = in.temperature;
   options.alpha = in.alpha;

@@ -3,7 +3,7 @@
 `cuda_rows_replay.cu` runs the functions of csrc/cuda/kd_loss_cuda_rows.cuh that
 kd_forward_rows_kernel and kd_backward_kernel run (each thread's batches folded into running
 statistics, the team's merge in the order of its reductions, the row's finishing, the
-per-element gradient), as host code, for forward_kl and reverse_kl. Its results are compared
+per-element gradient), as host code, for forward_kl (also with teacher_entropy) and reverse_kl. Its results are compared
 with the float64 oracle `kdfast.reference` by the rules of the GPU tests:
 
 - logits of magnitude 1e4 (shifted by ±1e4, or spread over ±1e4), the rule of
@@ -61,14 +61,15 @@ def replay_binary(tmp_path_factory) -> Path:
 
 
 def replay(binary: Path, workdir: Path, student, teacher, labels, grad_scale, *, divergence: str, temperature: float,
-           alpha: float, label_smoothing: float, offsets: bool, clusters: bool = False):
+           alpha: float, label_smoothing: float, offsets: bool, clusters: bool = False, teacher_entropy: bool = False):
     """(row losses [N] float64, gradient [N, V] float32) of the replayed kernels (t2_scale on);
-    `clusters`: the sm_90 forward of few long rows (chunks per block, merged in rank order)."""
+    `clusters`: the sm_90 forward of few long rows (chunks per block, merged in rank order);
+    `teacher_entropy`: forward_kl as the soft-target cross-entropy (KDOptions.teacher_entropy)."""
     rows, vocab = student.shape
     source, target = workdir / "input.bin", workdir / "output.bin"
     scales = torch.as_tensor(grad_scale, dtype=torch.float64).expand(rows).contiguous()
     with open(source, "wb") as handle:
-        handle.write(struct.pack("=qqi", rows, vocab, DIVERGENCE_CODES[divergence]))
+        handle.write(struct.pack("=qqi", rows, vocab, 2 if teacher_entropy else DIVERGENCE_CODES[divergence]))
         handle.write(struct.pack("=4d", temperature, alpha, label_smoothing, temperature * temperature))
         handle.write(labels.to(torch.int64).numpy().tobytes())
         handle.write(scales.numpy().tobytes())
@@ -140,6 +141,20 @@ def test_cluster_split_replayed(replay_binary, tmp_path, divergence, layout, row
                           **options)
     loss_error, loss_allowed, grad_error, grad_allowed = errors_and_allowances(
         student, teacher, labels, grad_output, losses, grad, dict(reduction="sum", **options))
+    assert loss_error <= loss_allowed, f"{context}: loss error {loss_error:.3e} > allowed {loss_allowed:.3e}"
+    assert grad_error <= grad_allowed, f"{context}: grad error {grad_error:.3e} > allowed {grad_allowed:.3e}"
+
+
+@pytest.mark.parametrize("clusters", [False, True])
+@pytest.mark.parametrize("layout", ["shifted", "spread"])
+def test_soft_cross_entropy_replayed(replay_binary, tmp_path, layout, clusters):
+    """forward_kl with teacher_entropy (the compat losses' −Σ p·log q), same rule."""
+    context, student, teacher, labels, grad_output = near_ten_thousand(layout, "forward_kl", 4099)
+    options = dict(divergence="forward_kl", temperature=2.0, alpha=0.5, label_smoothing=0.1)
+    losses, grad = replay(replay_binary, tmp_path, student, teacher, labels, grad_output, offsets=True,
+                          clusters=clusters, teacher_entropy=True, **options)
+    loss_error, loss_allowed, grad_error, grad_allowed = errors_and_allowances(
+        student, teacher, labels, grad_output, losses, grad, dict(reduction="sum", teacher_entropy=True, **options))
     assert loss_error <= loss_allowed, f"{context}: loss error {loss_error:.3e} > allowed {loss_allowed:.3e}"
     assert grad_error <= grad_allowed, f"{context}: grad error {grad_error:.3e} > allowed {grad_allowed:.3e}"
 

@@ -140,7 +140,8 @@ KDFAST_HD C scaled_difference(C x, C h, C scaled_max) {
 //   teacher_max = max t_i,   teacher_sum   = sum exp(dt_i κ)
 //   student_max = max s_i,   student_sum_T = sum exp(ds_i κ)
 //                            student_sum_1 = sum exp(ds_i / h)
-//   weighted: forward_kl  sum exp(dt_i κ) (dt_i − ds_i)      (h units; D needs it times κ)
+//   weighted: forward_kl  sum exp(dt_i κ) (c dt_i − ds_i)    (h units; D needs it times κ;
+//                         c = Coefficients::teacher_centring, 1 for the KL)
 //             reverse_kl  sum exp(ds_i κ) (ds_i − dt_i)
 //   student_centered_total = sum ds_i (h units, label smoothing), count = entries seen
 template <class C>
@@ -185,9 +186,12 @@ struct Coefficients {
   C inv_diff_scale;   // 1/h:         exp(x − max)     = exp(d / h)
   C alpha, beta, label_smoothing, divergence_scale;
   C log_beta, log_one_minus_beta;
+  // c in forward_kl's weighted sum of e_p (c dt - ds): 1 for the KL, 0 for the soft-target
+  // cross-entropy (KDOptions::teacher_entropy), whose log p term drops out.
+  C teacher_centring;
   // The same in double, for the per-row finishing (loss, gradient factors): τ = T², κ and the
   // one-pass divergence can leave the float range where the row's loss and gradient do not.
-  double temperature_d, inv_scaled_t_d, alpha_d, label_smoothing_d, divergence_scale_d;
+  double temperature_d, inv_scaled_t_d, alpha_d, label_smoothing_d, divergence_scale_d, teacher_centring_d;
   bool need_ce, need_kd, need_student_1;  // need_student_1: CE needs softmax(s) and T != 1
   // How exp(s - max) is obtained when need_student_1: kStudent1Exp (its own exp), or for
   // T = 2 / 4 as exp((s - max)/T)^T by squaring (2 / 4); kStudent1None when not needed.
@@ -214,6 +218,8 @@ inline Coefficients<C> make_coefficients(const KDOptions& o, int64_t vocab) {
   k.alpha_d = o.alpha;
   k.label_smoothing_d = o.label_smoothing;
   k.divergence_scale_d = o.divergence_scale;
+  k.teacher_centring_d = o.teacher_entropy && o.divergence == Divergence::ForwardKL ? 0.0 : 1.0;
+  k.teacher_centring = static_cast<C>(k.teacher_centring_d);
   k.need_ce = o.alpha > 0.0;
   k.need_kd = o.alpha < 1.0;
   k.need_student_1 = k.need_ce && o.temperature != 1.0;
@@ -247,7 +253,8 @@ KDFAST_HD void rebase_partial(RowPartial<C>& part, C new_teacher_max, C new_stud
   const C student_factor_1 = student_seen ? exp_c(-student_shift * k.inv_diff_scale) : C(0);
   if (divergence == Divergence::ForwardKL && part.teacher_sum > C(0)) {
     part.weighted = teacher_factor > C(0)
-                        ? teacher_factor * (part.weighted - part.teacher_sum * (teacher_shift - student_shift))
+                        ? teacher_factor * (part.weighted -
+                                            part.teacher_sum * (teacher_shift * k.teacher_centring - student_shift))
                         : C(0);
   } else if (divergence == Divergence::ReverseKL && part.student_sum_T > C(0)) {
     part.weighted = student_factor_T > C(0)
@@ -332,9 +339,10 @@ KDFAST_HD RowStats<C> finish_stats(const RowPartial<C>& part, const Coefficients
   const double log_sum_p = static_cast<double>(st.teacher_log_sum);
   const double log_sum_q = static_cast<double>(st.student_log_sum_T);
   if (k.divergence == Divergence::ForwardKL) {
-    // sum p (log p - log q) = κ weighted / teacher_sum - log teacher_sum + log student_sum_T
+    // sum p (log p - log q) = κ weighted / teacher_sum - log teacher_sum + log student_sum_T;
+    // the cross-entropy -sum p log q (teacher_centring 0) drops the log teacher_sum.
     const double mean = static_cast<double>(part.weighted) / static_cast<double>(part.teacher_sum);
-    d = mean * k.inv_scaled_t_d - log_sum_p + log_sum_q;
+    d = mean * k.inv_scaled_t_d - k.teacher_centring_d * log_sum_p + log_sum_q;
   } else if (k.divergence == Divergence::ReverseKL) {
     const double mean = static_cast<double>(part.weighted) / static_cast<double>(part.student_sum_T);
     d = mean * k.inv_scaled_t_d - log_sum_q + log_sum_p;

@@ -76,6 +76,9 @@ struct KDOptions {
   double label_smoothing = 0.0;  // epsilon in [0, 1)
   double divergence_scale = 1.0; // tau: T^2 when t2_scale, else 1
   int64_t ignore_index = -100;
+  // forward_kl only: D is the soft-target cross-entropy -sum p log q = KL(p || q) + H(p)
+  // instead of the KL (same gradient); the dense kernels only.
+  bool teacher_entropy = false;
 };
 
 // What the forward and backward passes of every loss receive alike: the student logits, the

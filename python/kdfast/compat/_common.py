@@ -1,24 +1,19 @@
-"""Shared pieces of the drop-in losses: masks from peer labels, row counts, the teacher entropy.
+"""Shared pieces of the drop-in losses: masks from peer labels, row counts, result dtypes.
 
 Peers treat labels as a padding mask only (any value other than `ignore_index` is a kept row,
 even one outside [0, V)), while `kdfast.functional.kd_loss` checks labels against the
 vocabulary. `keep_rows` turns peer labels into kdfast labels that carry only the mask: 0 for a
-kept row, `SKIP` for an ignored one (passed as kdfast's `ignore_index`). `teacher_entropy`
-returns H(softmax(t)) per row from one fused kernel pass (KL to the uniform distribution), for
-peers whose "KL" is the cross-entropy −Σ p·log q.
+kept row, `SKIP` for an ignored one (passed as kdfast's `ignore_index`).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from kdfast.functional import kd_loss
-
-__all__ = ["SKIP", "keep_rows", "kept_count", "result_dtype", "teacher_entropy"]
+__all__ = ["SKIP", "keep_rows", "kept_count", "result_dtype"]
 
 SKIP = -1  # the ignore_index kdfast sees: keep_rows maps ignored rows to it and kept rows to 0
 
@@ -46,19 +41,3 @@ def result_dtype(*tensors: Tensor) -> torch.dtype:
     for tensor in tensors[1:]:
         dtype = torch.promote_types(dtype, tensor.dtype)
     return dtype
-
-
-def teacher_entropy(teacher_rows: Tensor, mask_labels: Optional[Tensor]) -> Tensor:
-    """H(softmax(t)) per row [rows] (0 for ignored rows), float32, without grad.
-
-    Computed as log V − KL(softmax(t) ‖ uniform): the uniform student is one zero row broadcast
-    with a zero row stride, so the kernel reads only the teacher.
-    """
-    vocab = teacher_rows.shape[-1]
-    with torch.no_grad():
-        uniform = teacher_rows.new_zeros(1, vocab).expand(teacher_rows.shape[0], vocab)
-        to_uniform = kd_loss(uniform, teacher_rows, mask_labels, ignore_index=SKIP, reduction="none")
-        entropy = math.log(vocab) - to_uniform
-        if mask_labels is not None:
-            entropy = entropy.masked_fill(mask_labels == SKIP, 0.0)
-    return entropy

@@ -9,8 +9,11 @@ number of kept rows (0 when none). The `...WithChunkedOutputLoss` variants take 
 
 Conventions reproduced, which differ from `kdfast.functional.kd_loss`:
 - torchtune's `ForwardKLLoss` is the cross-entropy −Σ p·log q, i.e. KL(p‖q) plus the
-  teacher's entropy H(p) (the gradient is the KL's); kdfast adds H(p) from one extra
-  teacher-only kernel pass.
+  teacher's entropy H(p) (the gradient is the KL's); the kernels compute it in the same pass
+  (`KDOptions.teacher_entropy`).
+- The normaliser (1 / kept rows, times the symmetric loss's ratio) is known before the kernels
+  run and is folded into their gradient (`KDOptions.divergence_weight`), so that the backward
+  pass hands the one-pass gradient on as it is instead of scaling it.
 - No temperature, no T² factor; the loss is float32 whatever the logits' dtype.
 - Masked vocabulary entries (−inf logits in both models at the same place) contribute 0.
   torchtune also zeroes terms that touch any infinite logit where the other model is finite
@@ -30,8 +33,10 @@ import torch
 import torch.nn.functional as torch_f
 from torch import Tensor, nn
 
-from kdfast.compat._common import SKIP, keep_rows, kept_count, teacher_entropy
-from kdfast.functional import kd_loss
+from kdfast.compat._common import SKIP, keep_rows
+from kdfast.contract.options import KDOptions
+from kdfast.contract.validation import check_kd_inputs
+from kdfast.functional.dense import kd_loss_with_options
 
 __all__ = [
     "ForwardKLLoss",
@@ -69,35 +74,42 @@ def _eager_sum(student: Tensor, teacher: Tensor, keep: Optional[Tensor], directi
     return row.sum()
 
 
-def _kl_sum(student: Tensor, teacher: Tensor, labels: Tensor, ignore_index: int, direction: str) -> Tensor:
-    """Σ over kept rows of torchtune's per-row forward ("forward") or reverse ("reverse") KL."""
+def _kl_sum(student: Tensor, teacher: Tensor, labels: Tensor, ignore_index: int, direction: str,
+            weight: float = 1.0) -> Tensor:
+    """`weight` times the sum over kept rows of torchtune's per-row forward ("forward": the
+    cross-entropy −Σ p·log q) or reverse ("reverse") KL; the weight is folded into the kernels."""
     student, teacher = _rows(student), _rows(teacher)
     keep = keep_rows(labels, ignore_index, student.shape[0])
     divergence = "forward_kl" if direction == "forward" else "reverse_kl"
-    total = kd_loss(student, teacher, keep, divergence=divergence, ignore_index=SKIP, reduction="sum")
-    if direction == "forward":
-        total = total + teacher_entropy(teacher, keep).sum()
+    check_kd_inputs(student, teacher, keep, divergence=divergence, temperature=1.0, alpha=0.0, beta=0.5,
+                    ignore_index=SKIP, reduction="sum", label_smoothing=0.0)
+    options = KDOptions.of(divergence=divergence, reduction="sum", ignore_index=SKIP,
+                           teacher_entropy=direction == "forward", divergence_weight=weight)
+    total = kd_loss_with_options(student, teacher, keep, options)
     if not bool(torch.isfinite(total)):
-        return _eager_sum(student, teacher, keep, direction)
+        return weight * _eager_sum(student, teacher, keep, direction)
     return total
 
 
-def _symmetric_sum(student, teacher, labels, ignore_index: int, ratio: float) -> Tensor:
+def _symmetric_sum(student, teacher, labels, ignore_index: int, ratio: float, weight: float = 1.0) -> Tensor:
     total = 0.0
     if ratio != 0.0:
-        total = ratio * _kl_sum(student, teacher, labels, ignore_index, "forward")
+        total = _kl_sum(student, teacher, labels, ignore_index, "forward", ratio * weight)
     if ratio != 1.0:
-        total = total + (1 - ratio) * _kl_sum(student, teacher, labels, ignore_index, "reverse")
-    return total
+        total = total + _kl_sum(student, teacher, labels, ignore_index, "reverse", (1 - ratio) * weight)
+    return torch.as_tensor(total)
 
 
-def _normalised(total: Tensor, labels: Tensor, ignore_index: int, normalize: bool, device) -> Tensor:
+def _kept(labels: Tensor, ignore_index: int) -> int:
+    return int((labels != ignore_index).sum())
+
+
+def _normaliser(labels: Tensor, ignore_index: int, normalize: bool) -> Optional[float]:
+    """The factor of the summed loss: 1 without `normalize`, else 1 / kept rows (None when none)."""
     if not normalize:
-        return total
-    count = kept_count(keep_rows(labels, ignore_index, labels.numel()), labels.numel())
-    if int(count) == 0:
-        return torch.tensor(0.0, device=device)
-    return total / count.to(device)
+        return 1.0
+    count = _kept(labels, ignore_index)
+    return 1.0 / count if count else None
 
 
 class ForwardKLLoss(nn.Module):
@@ -117,8 +129,10 @@ class ForwardKLLoss(nn.Module):
         self.ignore_index = ignore_index
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, normalize: bool = True) -> Tensor:
-        total = _kl_sum(student_logits, teacher_logits, labels, self.ignore_index, "forward")
-        return _normalised(total, labels, self.ignore_index, normalize, student_logits.device)
+        weight = _normaliser(labels, self.ignore_index, normalize)
+        if weight is None:
+            return torch.tensor(0.0, device=student_logits.device)
+        return _kl_sum(student_logits, teacher_logits, labels, self.ignore_index, "forward", weight)
 
 
 class ReverseKLLoss(nn.Module):
@@ -136,8 +150,10 @@ class ReverseKLLoss(nn.Module):
         self.ignore_index = ignore_index
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, normalize: bool = True) -> Tensor:
-        total = _kl_sum(student_logits, teacher_logits, labels, self.ignore_index, "reverse")
-        return _normalised(total, labels, self.ignore_index, normalize, student_logits.device)
+        weight = _normaliser(labels, self.ignore_index, normalize)
+        if weight is None:
+            return torch.tensor(0.0, device=student_logits.device)
+        return _kl_sum(student_logits, teacher_logits, labels, self.ignore_index, "reverse", weight)
 
 
 class SymmetricKLLoss(nn.Module):
@@ -158,8 +174,10 @@ class SymmetricKLLoss(nn.Module):
         self.sym_kd_ratio = sym_kd_ratio
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, normalize: bool = True) -> Tensor:
-        total = _symmetric_sum(student_logits, teacher_logits, labels, self.ignore_index, self.sym_kd_ratio)
-        return _normalised(torch.as_tensor(total), labels, self.ignore_index, normalize, student_logits.device)
+        weight = _normaliser(labels, self.ignore_index, normalize)
+        if weight is None:
+            return torch.tensor(0.0, device=student_logits.device)
+        return _symmetric_sum(student_logits, teacher_logits, labels, self.ignore_index, self.sym_kd_ratio, weight)
 
 
 class _ChunkedOutputLoss(nn.Module):
@@ -172,19 +190,21 @@ class _ChunkedOutputLoss(nn.Module):
         self.num_output_chunks = num_output_chunks
         self.ignore_index = ignore_index
 
-    def _chunk_sum(self, student: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:
+    def _chunk_sum(self, student: Tensor, teacher: Tensor, labels: Tensor, weight: float) -> Tensor:
         raise NotImplementedError
 
     def forward(self, student_logits: List[Tensor], teacher_logits: List[Tensor], labels: Tensor) -> Tensor:
         """student_logits, teacher_logits: lists of [B, T/c, V] chunks; labels [B, T] -> float32 scalar."""
+        count = _kept(labels, self.ignore_index)
+        if self._zero_when_empty and count == 0:
+            return torch.tensor(0.0, device=student_logits[0].device)
+        weight = 1.0 / count if count else 1.0
         label_chunks = labels.chunk(self.num_output_chunks, dim=1)
         total = 0.0
         for student, teacher, label_chunk in zip(student_logits, teacher_logits, label_chunks):
-            total = total + self._chunk_sum(student, teacher, label_chunk.reshape(-1))
-        count = (labels != self.ignore_index).sum()
-        if self._zero_when_empty and int(count) == 0:
-            return torch.tensor(0.0, device=student_logits[0].device)
-        return torch.as_tensor(total) / count
+            total = total + self._chunk_sum(student, teacher, label_chunk.reshape(-1), weight)
+        total = torch.as_tensor(total)
+        return total if count else total / count  # 0 / 0: NaN, as torchtune
 
 
 class ForwardKLWithChunkedOutputLoss(_ChunkedOutputLoss):
@@ -200,8 +220,8 @@ class ForwardKLWithChunkedOutputLoss(_ChunkedOutputLoss):
 
     _zero_when_empty = True
 
-    def _chunk_sum(self, student, teacher, labels):
-        return _kl_sum(student, teacher, labels, self.ignore_index, "forward")
+    def _chunk_sum(self, student, teacher, labels, weight):
+        return _kl_sum(student, teacher, labels, self.ignore_index, "forward", weight)
 
 
 class ReverseKLWithChunkedOutputLoss(_ChunkedOutputLoss):
@@ -210,8 +230,8 @@ class ReverseKLWithChunkedOutputLoss(_ChunkedOutputLoss):
     Args: as `ForwardKLWithChunkedOutputLoss`. NaN when every label is ignored (as torchtune).
     """
 
-    def _chunk_sum(self, student, teacher, labels):
-        return _kl_sum(student, teacher, labels, self.ignore_index, "reverse")
+    def _chunk_sum(self, student, teacher, labels, weight):
+        return _kl_sum(student, teacher, labels, self.ignore_index, "reverse", weight)
 
 
 class SymmetricKLWithChunkedOutputLoss(_ChunkedOutputLoss):
@@ -232,5 +252,5 @@ class SymmetricKLWithChunkedOutputLoss(_ChunkedOutputLoss):
             raise ValueError("sym_kd_ratio must be in the range [0, 1]")
         self.sym_kd_ratio = sym_kd_ratio
 
-    def _chunk_sum(self, student, teacher, labels):
-        return torch.as_tensor(_symmetric_sum(student, teacher, labels, self.ignore_index, self.sym_kd_ratio))
+    def _chunk_sum(self, student, teacher, labels, weight):
+        return _symmetric_sum(student, teacher, labels, self.ignore_index, self.sym_kd_ratio, weight)

@@ -54,6 +54,14 @@ class KDOptions:
         ignore_index: label value of rows that contribute nothing.
         tail: top-k soft labels only: "bucket" or "renormalize".
         combine: multi-teacher only: "sum" or "mixture".
+        teacher_entropy: dense loss only, forward_kl only: the divergence term is the
+            soft-target cross-entropy −Σ p·log q = KL(p‖q) + H(p) (torchtune's convention)
+            instead of the KL; the gradient is the same. Not part of the public functions'
+            arguments: `kdfast.compat` sets it.
+        divergence_weight: dense loss only: a factor folded into τ (`divergence_scale`), so that
+            a normaliser known before the call (e.g. the kept-token count of several calls)
+            reaches the one-pass gradient and the backward pass needs no scaling pass. Set by
+            `kdfast.compat`, with α = 0.
     """
 
     divergence: str = "forward_kl"
@@ -66,6 +74,8 @@ class KDOptions:
     ignore_index: int = -100
     tail: str = "bucket"
     combine: str = "sum"
+    teacher_entropy: bool = False
+    divergence_weight: float = 1.0
 
     @classmethod
     def of(cls, **values) -> "KDOptions":
@@ -83,13 +93,26 @@ class KDOptions:
     def row_options(self) -> dict:
         """The options a per-row loss takes, as keyword arguments of `kdfast.reference`'s row
         functions: divergence, temperature, alpha, beta, ignore_index, label_smoothing, t2_scale."""
-        return dict(divergence=self.divergence, temperature=self.temperature, alpha=self.alpha, beta=self.beta,
-                    ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, t2_scale=self.t2_scale)
+        values = dict(divergence=self.divergence, temperature=self.temperature, alpha=self.alpha, beta=self.beta,
+                      ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, t2_scale=self.t2_scale)
+        if self.dense_only():
+            values.update(teacher_entropy=self.teacher_entropy, divergence_weight=self.divergence_weight)
+        return values
+
+    def dense_only(self) -> bool:
+        """True when an option only the dense loss honours is set (`teacher_entropy`,
+        `divergence_weight`)."""
+        return self.teacher_entropy or self.divergence_weight != 1.0
+
+    def require_not_dense_only(self, function: str) -> None:
+        """Raises ValueError when `dense_only()`: the other losses' kernels do not take those options."""
+        if self.dense_only():
+            raise ValueError(f"{function}: teacher_entropy and divergence_weight are options of the dense loss only")
 
     @property
     def divergence_scale(self) -> float:
-        """τ of the loss contract: T² when `t2_scale`, else 1."""
-        return self.temperature * self.temperature if self.t2_scale else 1.0
+        """τ of the loss contract, T² when `t2_scale`, else 1, times `divergence_weight`."""
+        return (self.temperature * self.temperature if self.t2_scale else 1.0) * self.divergence_weight
 
 
 FIELD_NAMES = tuple(field.name for field in dataclasses.fields(KDOptions))

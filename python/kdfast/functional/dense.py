@@ -25,7 +25,7 @@ from kdfast.functional._rows import as_rows, uses_kernels
 from kdfast.ops import kd_loss as kd_ops
 from kdfast.reference import dense as reference
 
-__all__ = ["kd_loss"]
+__all__ = ["kd_loss", "kd_loss_with_options"]
 
 
 def kd_loss(
@@ -120,12 +120,17 @@ def kd_loss(
             labels.reshape(-1) if labels is not None else None, process_group, soft=False, options=options,
             leading_shape=student_logits.shape[:-1],
         )
+    return kd_loss_with_options(student_logits, teacher_logits, labels, options, inplace_backward=inplace_backward)
+
+
+def kd_loss_with_options(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor],
+                         options: KDOptions, *, inplace_backward: bool = False) -> Tensor:
+    """`kd_loss` on inputs it has validated, with its options as a `KDOptions` (which may set
+    the dense-only options `teacher_entropy` and `divergence_weight`, as `kdfast.compat` does);
+    no process group. Same shapes, dtypes and reductions as `kd_loss`."""
     if not uses_kernels(student_logits.device):
-        return reference.kd_loss(
-            student_logits, teacher_logits, labels, divergence=divergence, temperature=temperature, alpha=alpha,
-            beta=beta, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-            t2_scale=t2_scale,
-        )
+        return reference.kd_loss(student_logits, teacher_logits, labels, reduction=options.reduction,
+                                 **options.row_options())
     if student_logits.dtype == torch.float64 or teacher_logits.dtype == torch.float64:
         student_logits = student_logits.to(torch.float64)
         teacher_logits = teacher_logits.to(torch.float64)
@@ -135,6 +140,6 @@ def kd_loss(
     teacher_rows = as_rows(teacher_logits.detach(), vocab)
     label_rows = labels.reshape(-1).contiguous() if labels is not None else None
     loss = kd_ops.kd_loss(student_rows, teacher_rows, label_rows, options, inplace=inplace_backward)
-    if reduction == "none":
+    if options.reduction == "none":
         loss = loss.reshape(leading_shape)
     return loss

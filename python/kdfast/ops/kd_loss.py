@@ -98,7 +98,7 @@ def _forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], loss: T
         codes.divergence_codes[options.divergence], codes.reduction_codes[options.reduction], options.temperature,
         options.alpha, options.beta, options.label_smoothing, options.divergence_scale, options.ignore_index,
         loss.data_ptr(), row_stats.data_ptr(), valid_rows.data_ptr(), torch.get_num_threads(), device_index, stream,
-        grad_student.data_ptr() if grad_student is not None else 0,
+        grad_student.data_ptr() if grad_student is not None else 0, options.teacher_entropy,
     )
     if bad_labels:
         _raise_bad_labels(bad_labels, labels, vocab, options.ignore_index)

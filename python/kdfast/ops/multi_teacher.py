@@ -167,4 +167,5 @@ class MultiTeacherKDLossFunction(torch.autograd.Function):
 def multi_teacher_kd_loss(student: Tensor, teachers: List[Tensor], weights: Tensor, labels: Optional[Tensor],
                           options: KDOptions) -> Tensor:
     """The fused multi-teacher loss of [rows, vocab] inputs through `MultiTeacherKDLossFunction`."""
+    options.require_not_dense_only("multi_teacher_kd_loss")
     return MultiTeacherKDLossFunction.apply(student, weights, labels, options, *teachers)

@@ -343,6 +343,7 @@ def sparse_kd_loss(student: Tensor, indices: Tensor, teacher_logprobs: Tensor, t
                    labels: Optional[Tensor], options: KDOptions, inplace: bool = False) -> Tensor:
     """The sparse KD loss of [rows, V] student logits through `SparseKDLossFunction`; `inplace`:
     the one-pass gradient is written over `student` (see `kd_loss.check_inplace_student`)."""
+    options.require_not_dense_only("sparse_kd_loss")
     # Inside Function.forward grad mode is off and needs_input_grad ignores it: decide here.
     one_pass = torch.is_grad_enabled() and student.requires_grad
     # The in-place kernel writes row r's gradient at r * V: rows taken with a step get a fresh one.

@@ -145,6 +145,8 @@ def kd_loss_rows(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     t2_scale: bool = True,
+    teacher_entropy: bool = False,
+    divergence_weight: float = 1.0,
 ) -> torch.Tensor:
     """Per-row KD loss ℓ = α·CE + (1−α)·τ·D on already-flattened, already-validated rows.
 
@@ -154,6 +156,9 @@ def kd_loss_rows(
         labels_rows: int64 [N] or None (every row valid; alpha must then be 0).
         divergence, temperature, alpha, beta, ignore_index, label_smoothing, t2_scale:
             as in `kd_loss`.
+        teacher_entropy: forward_kl only: D = −Σ p·log q = KL(p‖q) + H(p) (terms with p = 0
+            are 0), the soft-target cross-entropy (`KDOptions.teacher_entropy`).
+        divergence_weight: a factor on τ (`KDOptions.divergence_weight`).
 
     Returns:
         Tensor [N] in the compute dtype (float64 if either input is float64, else float32);
@@ -175,8 +180,12 @@ def kd_loss_rows(
     if alpha != 1:
         teacher_log_probs = torch.log_softmax(teacher / temperature, dim=-1)
         student_log_probs = torch.log_softmax(student / temperature, dim=-1)
-        divergence_rows = divergence_from_log_probs(teacher_log_probs, student_log_probs, divergence, beta)
-        divergence_scale = (1.0 - alpha) * (temperature * temperature if t2_scale else 1.0)
+        if teacher_entropy and divergence == "forward_kl":
+            present = teacher_log_probs > -math.inf
+            divergence_rows = -(teacher_log_probs.exp() * torch.where(present, student_log_probs, 0.0)).sum(-1)
+        else:
+            divergence_rows = divergence_from_log_probs(teacher_log_probs, student_log_probs, divergence, beta)
+        divergence_scale = (1.0 - alpha) * (temperature * temperature if t2_scale else 1.0) * divergence_weight
         row_loss = divergence_scale * divergence_rows
     row_loss = add_cross_entropy_and_mask(row_loss, student, labels_rows, valid_rows, alpha, label_smoothing,
                                           vocab_size)
@@ -196,6 +205,8 @@ def kd_loss(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     t2_scale: bool = True,
+    teacher_entropy: bool = False,
+    divergence_weight: float = 1.0,
 ) -> torch.Tensor:
     """Knowledge-distillation loss, written in plain PyTorch (oracle and fallback).
 
@@ -222,6 +233,8 @@ def kd_loss(
             shape of the logits (a 0-dim tensor for a 1-D [V] input).
         label_smoothing: ε in [0, 1) for the cross-entropy (default 0.0).
         t2_scale: multiply the divergence by T² (default True).
+        teacher_entropy, divergence_weight: as in `kd_loss_rows` (`KDOptions`' dense-only
+            options; defaults False and 1).
 
     Returns:
         A 0-dim tensor, or [...] for reduction="none". Its dtype is float64 if either logits
@@ -259,6 +272,8 @@ def kd_loss(
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         t2_scale=t2_scale,
+        teacher_entropy=teacher_entropy,
+        divergence_weight=divergence_weight,
     )
 
     if reduction == "none":
