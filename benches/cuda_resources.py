@@ -12,8 +12,16 @@ build log instead of compiling, for a CMake build configured with
 ``-DCMAKE_CUDA_FLAGS=--ptxas-options=-v`` (the same report for every architecture the build
 targets, at no extra compile time).
 
+With ``--sass`` (needs ``cuobjdump`` and ``nvdisasm`` on PATH, e.g. from the pip packages
+nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm) each compiled object is also disassembled and
+every instance gets three more columns: its local-memory spill instructions (``STL``/``LDL``)
+in all, those inside any loop (an address range closed by a backward branch), and those inside
+an innermost loop (a loop containing no other: the per-element loops, where a spill costs
+bandwidth). ptxas' byte counts cannot tell a spill in the row's one-off finishing from one in
+the element loop; the disassembly can.
+
 Usage: ``python benches/cuda_resources.py [--arch 80 90 100] [--only NAME] [--spills-only]
-[--from-log LOG]``.
+[--from-log LOG] [--sass]``.
 """
 
 from __future__ import annotations
@@ -52,6 +60,41 @@ class KernelResources:
     spill_stores: int = 0
     spill_loads: int = 0
     stack_frame: int = 0
+    sass_spills: int | None = None  # STL/LDL instructions (--sass)
+    loop_spills: int | None = None  # of them inside a loop
+    inner_spills: int | None = None  # of them inside an innermost loop
+
+
+_SASS_FUNCTION = re.compile(r"Function : (\S+)")
+_SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_SASS_BRANCH = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
+_SASS_SPILL = re.compile(r"^(@!?U?P\w+\s+)?(STL|LDL)\b")
+
+
+def sass_spills(text: str) -> dict[str, tuple[int, int, int]]:
+    """Per mangled kernel name in `cuobjdump -sass` output: (spill instructions, those inside a
+    loop, those inside an innermost loop). A loop is the address range [target, branch] of a
+    backward branch; an innermost loop contains no other loop's range."""
+    functions: dict[str, list[tuple[int, str]]] = {}
+    current: list[tuple[int, str]] | None = None
+    for line in text.splitlines():
+        if match := _SASS_FUNCTION.search(line):
+            current = functions.setdefault(match.group(1), [])
+        elif current is not None and (match := _SASS_INSTRUCTION.search(line)):
+            current.append((int(match.group(1), 16), match.group(2).strip()))
+    result = {}
+    for name, code in functions.items():
+        loops = []
+        for address, instruction in code:
+            if (match := _SASS_BRANCH.search(instruction)) and int(match.group(1), 16) <= address:
+                loops.append((int(match.group(1), 16), address))
+        innermost = [(a, b) for a, b in loops
+                     if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
+        spills = [address for address, instruction in code if _SASS_SPILL.search(instruction)]
+        in_loop = sum(1 for x in spills if any(a <= x <= b for a, b in loops))
+        in_inner = sum(1 for x in spills if any(a <= x <= b for a, b in innermost))
+        result[name] = (len(spills), in_loop, in_inner)
+    return result
 
 
 def parse_ptxas(text: str, source: str) -> list[KernelResources]:
@@ -122,13 +165,21 @@ def shorten(name: str) -> str:
     return name[:cut].replace("Storage", "").replace("std::integral_constant<bool, ", "<")
 
 
-def compile_one(source: Path, arch: str) -> tuple[bool, str]:
-    """Compiles one source for sm_<arch>; returns (success, combined output)."""
+def compile_one(source: Path, arch: str, sass: bool = False) -> tuple[bool, str, str]:
+    """Compiles one source for sm_<arch>; returns (success, combined output, the object's SASS
+    when `sass`, else "")."""
     with tempfile.TemporaryDirectory() as tmp:
         command = ["nvcc", *NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-c", str(source),
                    "-o", str(Path(tmp) / "out.o")]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
-    return result.returncode == 0, result.stdout + result.stderr
+        disassembly = ""
+        if sass and result.returncode == 0:
+            dump = subprocess.run(["cuobjdump", "-sass", str(Path(tmp) / "out.o")], capture_output=True, text=True,
+                                  check=False)
+            if dump.returncode != 0:
+                raise RuntimeError(f"cuobjdump -sass failed: {dump.stderr.strip()}")
+            disassembly = dump.stdout
+    return result.returncode == 0, result.stdout + result.stderr, disassembly
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spills-only", action="store_true", help="print only instances that spill")
     parser.add_argument("--csv", type=Path, default=None, help="also write the rows as CSV here")
     parser.add_argument("--from-log", type=Path, default=None, help="parse this build log instead of compiling")
+    parser.add_argument("--sass", action="store_true",
+                        help="also count spill instructions in the disassembly (needs cuobjdump and nvdisasm)")
     args = parser.parse_args(argv)
+    if args.sass and (args.from_log is not None or not (shutil.which("cuobjdump") and shutil.which("nvdisasm"))):
+        parser.error("--sass needs cuobjdump and nvdisasm on PATH, and compiles (not with --from-log)")
 
     sources = sorted(p for p in CUDA_DIR.glob("*.cu") if args.only is None or args.only in p.name)
     all_rows: list[KernelResources] = []
@@ -147,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         all_rows = parse_build_log(args.from_log.read_text(errors="replace"), {p.name for p in sources})
     for source in sources if args.from_log is None else []:
         for arch in args.arch:
-            ok, output = compile_one(source, arch)
+            ok, output, disassembly = compile_one(source, arch, args.sass)
             if not ok:
                 failed = True
                 print(f"== {source.name} sm_{arch}: compilation FAILED\n{output}", file=sys.stderr)
@@ -155,10 +210,16 @@ def main(argv: list[str] | None = None) -> int:
             warnings = [line for line in output.splitlines() if "warning" in line.lower()]
             for line in warnings:
                 print(f"{source.name} sm_{arch}: {line}", file=sys.stderr)
-            all_rows.extend(parse_ptxas(output, source.name))
+            rows = parse_ptxas(output, source.name)
+            if args.sass:
+                counts = sass_spills(disassembly)
+                for row in rows:
+                    row.sass_spills, row.loop_spills, row.inner_spills = counts.get(row.kernel, (0, 0, 0))
+            all_rows.extend(rows)
 
     names = demangle(sorted({row.kernel for row in all_rows}))
-    header = f"{'arch':7} {'regs':>4} {'smem':>6} {'spill st':>8} {'spill ld':>8} {'stack':>5}  kernel"
+    header = f"{'arch':7} {'regs':>4} {'smem':>6} {'spill st':>8} {'spill ld':>8} {'stack':>5}"
+    header += f" {'STL/LDL':>7} {'in loop':>7} {'inner':>5}  kernel" if args.sass else "  kernel"
     for source in sources:
         rows = [row for row in all_rows if row.source == source.name]
         if args.spills_only:
@@ -167,18 +228,23 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"\n== {source.name}\n{header}")
         for row in sorted(rows, key=lambda r: (shorten(names[r.kernel]), r.arch)):
+            sass = f" {row.sass_spills:7d} {row.loop_spills:7d} {row.inner_spills:5d}" if args.sass else ""
             print(f"{row.arch:7} {row.registers:4d} {row.shared_bytes:6d} {row.spill_stores:8d} "
-                  f"{row.spill_loads:8d} {row.stack_frame:5d}  {shorten(names[row.kernel])}")
+                  f"{row.spill_loads:8d} {row.stack_frame:5d}{sass}  {shorten(names[row.kernel])}")
     spilling = [row for row in all_rows if row.spill_stores or row.spill_loads]
     print(f"\n{len(all_rows)} kernel instances, {len(spilling)} with spills")
+    if args.sass:
+        inner = [row for row in all_rows if row.inner_spills]
+        print(f"{len(inner)} with spill instructions inside an innermost loop")
     if args.csv is not None:
         with args.csv.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["source", "arch", "kernel", "registers", "shared_bytes", "spill_stores",
-                             "spill_loads", "stack_frame"])
+                             "spill_loads", "stack_frame", "sass_spills", "loop_spills", "inner_loop_spills"])
             for row in all_rows:
                 writer.writerow([row.source, row.arch, shorten(names[row.kernel]), row.registers,
-                                 row.shared_bytes, row.spill_stores, row.spill_loads, row.stack_frame])
+                                 row.shared_bytes, row.spill_stores, row.spill_loads, row.stack_frame,
+                                 row.sass_spills, row.loop_spills, row.inner_spills])
     return 1 if failed else 0
 
 

@@ -14,4 +14,5 @@ from kdfast.ops import (
     multi_teacher,  # noqa: F401  (registers torch.ops.kdfast.multi_teacher_kd_*)
     sparse,  # noqa: F401  (registers torch.ops.kdfast.topk_compress, sparse_kd_*)
 )
+from kdfast.ops._buffers import cached_gradient_bytes, release_cached_gradients  # noqa: F401
 from kdfast.ops._native import empty_for_writing, native_available, native_module  # noqa: F401

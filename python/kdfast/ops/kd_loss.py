@@ -43,6 +43,7 @@ from torch import Tensor
 from kdfast.contract.options import KDOptions, compute_dtype
 from kdfast.contract.reductions import reduce_rows
 from kdfast.contract.validation import check_label_range
+from kdfast.ops._buffers import gradient_buffer
 from kdfast.ops._native import device_and_stream, facts, native_module, row_stats_width
 from kdfast.ops._op import (
     creating_graph,
@@ -214,7 +215,7 @@ class KDLossFunction(torch.autograd.Function):
                 torch.autograd.graph.increment_version(student)
             ctx.save_for_backward(None, teacher, labels, row_stats, valid_rows, student)
         else:
-            gradient = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+            gradient = gradient_buffer(student.shape, student.dtype, student.device)
             launch(kd_loss_forward_grad, forward_grad_body,
                    (student, teacher, labels, loss, row_stats, valid_rows, gradient), options)
             save_with_gradient(ctx, (student, teacher, labels, row_stats, valid_rows), gradient)
@@ -236,7 +237,7 @@ class KDLossFunction(torch.autograd.Function):
             grad_student = _one_pass_gradient(ctx, grad_loss, gradient, student, teacher, labels, row_stats,
                                               valid_rows)
         elif ctx.needs_input_grad[0]:
-            grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+            grad_student = gradient_buffer(student.shape, student.dtype, student.device)
             launch(kd_loss_backward, backward_body,
                    (grad_loss, student, teacher, labels, row_stats, valid_rows, grad_student), ctx.options)
         return grad_student, None, None, None, None, None
@@ -261,7 +262,7 @@ def _one_pass_gradient(ctx, grad_loss: Tensor, gradient: Tensor, student: Option
                gradient, teacher, labels, row_stats, valid_rows, out, exact), ctx.options)
         return out
     if ctx.handed_out:
-        gradient = torch.empty_like(student)
+        gradient = gradient_buffer(student.shape, student.dtype, student.device)
         scratch = forward_outputs(student, ctx.options)
         forward_grad_body(student, teacher, labels, *scratch, gradient, ctx.options)
     ctx.handed_out, ctx.gradient = True, None

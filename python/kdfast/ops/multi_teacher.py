@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from kdfast.contract.options import KDOptions, compute_dtype
+from kdfast.ops._buffers import gradient_buffer
 from kdfast.ops._native import device_and_stream, facts, native_module, row_stats_width
 from kdfast.ops._op import creating_graph, define_op, differentiable_gradients, launch
 from kdfast.reference import multi_teacher as multi_teacher_reference
@@ -158,7 +159,7 @@ class MultiTeacherKDLossFunction(torch.autograd.Function):
                     grad_buffer.mul_(grad_loss)
                 grad_student = grad_buffer.to(student.dtype)
             else:
-                grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+                grad_student = gradient_buffer(student.shape, student.dtype, student.device)
                 launch(multi_teacher_kd_backward, backward_body, (grad_loss, student, teachers, weights, labels,
                                                                   row_stats, valid_rows, grad_student), ctx.options)
         return (grad_student, None, None, None) + (None,) * len(teachers)

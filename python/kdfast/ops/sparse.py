@@ -42,6 +42,7 @@ from torch import Tensor
 from kdfast.contract.options import KDOptions, compute_dtype
 from kdfast.contract.reductions import reduce_rows
 from kdfast.contract.validation import check_label_range
+from kdfast.ops._buffers import gradient_buffer
 from kdfast.ops._native import (
     cuda_limit,
     device_and_stream,
@@ -285,7 +286,7 @@ class SparseKDLossFunction(torch.autograd.Function):
             ctx.save_for_backward(None, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows,
                                   student)
         elif ctx.one_pass:
-            gradient = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+            gradient = gradient_buffer(student.shape, student.dtype, student.device)
             launch(sparse_kd_forward_grad, forward_grad_body, (*inputs, gradient), options)
             save_with_gradient(ctx, (student, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows),
                                gradient)
@@ -326,14 +327,14 @@ class SparseKDLossFunction(torch.autograd.Function):
             inputs = (student, indices, teacher_logprobs, teacher_tail, labels)
             grad_student = gradient
             if ctx.handed_out:
-                grad_student = torch.empty_like(student)
+                grad_student = gradient_buffer(student.shape, student.dtype, student.device)
                 forward_grad_body(*inputs, *forward_outputs(student, ctx.options), grad_student, ctx.options)
             ctx.handed_out, ctx.gradient = True, None
             if grad_loss.numel() != 1 or ctx.options.reduction == "none" or float(grad_loss) != 1.0:
                 scale_gradient_body(grad_loss, grad_student, student, indices, teacher_logprobs, teacher_tail, labels,
                                     row_stats, valid_rows, grad_student, exact, ctx.options)
         elif ctx.needs_input_grad[0]:
-            grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+            grad_student = gradient_buffer(student.shape, student.dtype, student.device)
             launch(sparse_kd_backward, backward_body, (grad_loss, student, indices, teacher_logprobs, teacher_tail,
                                                        labels, row_stats, valid_rows, grad_student), ctx.options)
         return grad_student, None, None, None, None, None, None, None
