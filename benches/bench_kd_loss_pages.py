@@ -1,15 +1,18 @@
 """First steps and steady state of the fresh-gradient training step under each page policy.
 
-The one-pass kd_loss allocates its N×V gradient afresh on every call (glibc maps blocks over
-its mmap threshold and unmaps them when freed), so every call pays first-touch page faults.
-`KDFAST_HUGE_PAGES` (csrc/cpu/dispatch.cpp) chooses whether the core asks for transparent huge
-pages on that buffer: `always`, `never` or `auto` (only where asking cannot stall in
-synchronous compaction). This script runs one child process per policy (the core reads the
-variable once), times the first `--first` calls of a fresh process and the median of the
-following `--steady` calls, for kdfast fwd+bwd (forward_kl, T = 2, alpha = 0.5) and for the
-floor `s + t` into a fresh tensor, and prints a table plus the THP settings and the load
-average; `--out PATH` appends the rows to a CSV file (default benches/results/kd_loss_pages_cpu.csv,
-`--no-csv` for none). Example: `taskset -c 0 python benches/bench_kd_loss_pages.py --threads 1`.
+Without the gradient cache (`KDFAST_GRADIENT_CACHE=0`) the one-pass kd_loss allocates its N×V
+gradient afresh on every call (glibc maps blocks over its mmap threshold and unmaps them when
+freed), so every call pays first-touch page faults; with it (the default, kdfast/ops/_buffers.py)
+only the first call does, and later calls reuse the block. `KDFAST_HUGE_PAGES`
+(csrc/cpu/dispatch.cpp) chooses whether the core asks for transparent huge pages on a fresh
+buffer: `always`, `never` or `auto` (wherever THP is available). This script runs one child
+process per policy and cache setting (the core reads the variables once), times the first
+`--first` calls of a fresh process and the median of the following `--steady` calls, for kdfast
+fwd+bwd (forward_kl, T = 2, alpha = 0.5) and for the floor `s + t` into a fresh tensor, and
+prints a table plus the THP settings and the load average; the policy column reads
+`POLICY+cache` for runs with the cache. `--out PATH` appends the rows to a CSV file (default
+benches/results/kd_loss_pages_cpu.csv, `--no-csv` for none). Example:
+`taskset -c 0 python benches/bench_kd_loss_pages.py --threads 1`.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def main() -> int:
     parser.add_argument("--first", type=int, default=5, help="first calls reported one by one (default 5)")
     parser.add_argument("--steady", type=int, default=15, help="later calls whose median is reported (default 15)")
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--cache", default="on,off", help="gradient cache settings to run: on, off or on,off")
     parser.add_argument("--out", default=str(RESULTS / "kd_loss_pages_cpu.csv"))
     parser.add_argument("--no-csv", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -90,22 +94,24 @@ def main() -> int:
         return 0
     rows = []
     load_before = os.getloadavg()[0]
-    for policy in options.policies.split(","):
-        environment = dict(os.environ, KDFAST_HUGE_PAGES=policy)
+    settings = [(policy, cache) for cache in options.cache.split(",") for policy in options.policies.split(",")]
+    for policy, cache in settings:
+        environment = dict(os.environ, KDFAST_HUGE_PAGES=policy, KDFAST_GRADIENT_CACHE="1" if cache == "on" else "0")
         command = [sys.executable, __file__, "--child", "--rows", str(options.rows), "--vocab", str(options.vocab),
                    "--dtype", options.dtype, "--threads", str(options.threads), "--first", str(options.first),
                    "--steady", str(options.steady)]
         output = subprocess.run(command, env=environment, check=True, capture_output=True, text=True).stdout
         for name, timing in json.loads(output.strip().splitlines()[-1]).items():
-            rows.append(dict(policy=policy, step=name, first_ms=" ".join(f"{t:.1f}" for t in timing["first"]),
+            label = policy + ("+cache" if cache == "on" else "")
+            rows.append(dict(policy=label, step=name, first_ms=" ".join(f"{t:.1f}" for t in timing["first"]),
                              steady_ms=f"{timing['steady']:.1f}"))
     load = os.getloadavg()[0]
     print(f"page policy: {options.dtype} N={options.rows} V={options.vocab}, {options.threads} thread(s), "
           f"THP enabled: {_thp('enabled')}, defrag: {_thp('defrag')}, load average {load_before:.1f} -> {load:.1f} "
           f"({os.cpu_count()} cores)")
-    print(f"{'policy':<8} {'step':<16} {'first calls (ms)':<40} steady median ms")
+    print(f"{'policy':<13} {'step':<16} {'first calls (ms)':<40} steady median ms")
     for row in rows:
-        print(f"{row['policy']:<8} {row['step']:<16} {row['first_ms']:<40} {row['steady_ms']}")
+        print(f"{row['policy']:<13} {row['step']:<16} {row['first_ms']:<40} {row['steady_ms']}")
     if not options.no_csv:
         path = Path(options.out)
         path.parent.mkdir(parents=True, exist_ok=True)
