@@ -59,8 +59,8 @@ def test_varying_sizes_keep_the_cache_bounded():
     assert smaller.data_ptr() == address
     del smaller
     tiny = _buffers.gradient_buffer((8, 100), torch.float32, "cpu")  # less than half: a block of its own
-    assert tiny.data_ptr() != address
-    assert _buffers.cached_gradient_bytes() == 8 * 100 * 4 + (2 << 20)  # the idle big block was dropped
+    # the idle big block was dropped (its memory may well come back as the new block's)
+    assert _buffers.cached_gradient_bytes() == 8 * 100 * 4 + (2 << 20) and tiny.shape == (8, 100)
     for columns in range(500, 1500, 100):
         _buffers.gradient_buffer((8, columns), torch.float32, "cpu")
     assert _buffers.cached_gradient_bytes() <= 8 * 100 * 4 + 8 * 1400 * 4 + 2 * (2 << 20)
