@@ -8,8 +8,11 @@
 //
 // Kernel: kd_backward_kernel. The rows are cut into chunks of whole batches; a team of
 // threads (32 to 256, all of a block for long rows) handles one (row, chunk) item, so that
-// few long rows still spread over the whole GPU. Each element is recomputed from the saved
-// maxima and log-sums (batch_gradient, kd_loss_cuda_rows.cuh: forward_kl q - p and reverse_kl
+// few long rows still spread over the whole GPU. With skip_unit_rows (after the one-pass
+// kernel, which wrote every row's gradient for grad_output = 1) a row whose grad_output is 1
+// is left as it is, so the usual loss.backward() costs no pass and no host synchronisation.
+// Each element is recomputed from the saved maxima and log-sums (write_row_gradient,
+// kd_loss_cuda_gradient.cuh; batch_gradient, kd_loss_cuda_rows.cuh: forward_kl q - p and reverse_kl
 // with one FMA and a hardware exp2 per probability, reverse_kl's bracket in float math from the
 // row's offsets, rowmath::divergence_grad for JSD and TVD, r - eps/V for the cross-entropy term,
 // minus (1 - eps) at the label) and written once with 16-byte stores (scalar head and tail per
@@ -25,6 +28,7 @@
 #include <type_traits>
 
 #include "kd_loss_cuda_common.cuh"
+#include "kd_loss_cuda_gradient.cuh"
 #include "kd_loss_cuda_rows.cuh"
 #include "kdfast/kdfast.h"
 #include "kdfast/rowmath.h"
@@ -60,6 +64,7 @@ struct BackwardParams {
   const void* row_stats;   // compute dtype, [rows, kRowStats]
   const void* valid_rows;  // compute dtype, one element
   void* grad_student;
+  bool skip_unit_rows;  // rows whose grad_output is 1 already hold their gradient (one-pass)
 };
 
 // kVectorized: rows on the 16-byte group grid (kd_loss_cuda_layout.cuh); kReadOnlyCache:
@@ -69,8 +74,6 @@ template <class SX, class TX, class C, bool kVectorized, bool kReadOnlyCache>
 __global__ void __launch_bounds__(kBackwardBlock, kBackwardMinBlocks)
     kd_backward_kernel(BackwardParams p, Coefficients<C> k) {
   constexpr int kW = BatchLayout<C>::kWidth;
-  constexpr int kU = BatchLayout<C>::kGroups;
-  constexpr int kE = BatchLayout<C>::kElements;
   const int team = p.team_size;
   const int lane = threadIdx.x & (team - 1);
   const int64_t item = static_cast<int64_t>(blockIdx.x) * (kBackwardBlock / team) + threadIdx.x / team;
@@ -96,70 +99,12 @@ __global__ void __launch_bounds__(kBackwardBlock, kBackwardMinBlocks)
   const int64_t label = p.labels != nullptr ? p.labels[row] : int64_t(-1);
   const C* st = static_cast<const C*>(p.row_stats) + row * kRowStats;
   const bool ignored = p.labels != nullptr && label == p.ignore_index;
-  // Ignored rows get zeros; a row whose loss is NaN (a NaN input, or a bad label) gets NaN.
-  if (ignored || st[kRowLossColumn] != st[kRowLossColumn]) {
-    C zeros[kW];
-#pragma unroll
-    for (int e = 0; e < kW; ++e) zeros[e] = ignored ? C(0) : quiet_nan<C>();
-    for (int b = 0; b < batches.total; ++b) {  // head, full and tail batches alike
-      int first[kU];
-      batches.first_elements(b, first);
-#pragma unroll
-      for (int u = 0; u < kU; ++u) store_group<SX, C, kVectorized>(g_row, first[u], vocab, zeros);
-    }
-    return;
-  }
-
-  // Per-row factors, as kd_backward_cpu computes them.
-  double reduction_scale = 1.0;
-  if (p.reduction == Reduction::Mean) {
-    const double valid = static_cast<double>(*static_cast<const C*>(p.valid_rows));
-    reduction_scale = valid > 0.0 ? 1.0 / valid : 0.0;
-  } else if (p.reduction == Reduction::BatchMean) {
-    reduction_scale = p.rows > 0 ? 1.0 / static_cast<double>(p.rows) : 0.0;
-  }
-  const double g = static_cast<double>(static_cast<const C*>(p.grad_output)[row * p.grad_output_stride]) * reduction_scale;
-  GradRow<C> grad_row = rowmath::make_grad_row(g, k, RowStats<C>{st[0], st[1], st[2], st[3], st[4], st[5]},
-                                               static_cast<int64_t>(vocab));
-  constexpr bool kOffsets = kReverseKLOffsets<C>;
-  use_reverse_kl_offsets<kOffsets>(grad_row, k);
-  // reverse_kl's references: s_ref as the forward pass stored it (the student row may be
-  // overwritten in place), t_ref from the teacher row (never written).
-  const bool offsets = uses_reverse_kl_offsets<kOffsets>(k);
-  const ReverseKLRefs<C> refs = reverse_kl_refs(
-      offsets ? st[kStudentRefColumn] : C(0),
-      offsets ? TX::to_compute(load_element<TX, kReadOnlyCache>(t_row)) : C(0), k.diff_scale);
-  const C label_step = grad_row.label_step;
-  const bool step_at_label = k.need_ce && p.labels != nullptr;
-  // One streaming loop per divergence (chosen once per row, not per batch), so that each loop
-  // holds only its own divergence's values in registers.
-  const auto stream = [&](auto divergence) {
-    constexpr Divergence D = decltype(divergence)::value;
-    stream_batches<SX, TX, C, kVectorized, kReadOnlyCache>(
-        s_row, t_row, vocab, batches, k.need_kd, [&](const C* s, const C* t, const int* first, auto) {
-          C out[kE];
-          batch_gradient<D, kOffsets>(s, t, grad_row, k, refs, out);
-#pragma unroll
-          for (int u = 0; u < kU; ++u) {
-            if (step_at_label) {
-              const int64_t offset = label - first[u];
-              if (offset >= 0 && offset < kW) {
-#pragma unroll
-                for (int e = 0; e < kW; ++e) {
-                  if (e == offset) out[u * kW + e] -= label_step;
-                }
-              }
-            }
-            store_group<SX, C, kVectorized>(g_row, first[u], vocab, out + u * kW);
-          }
-        });
-  };
-  switch (k.divergence) {
-    case Divergence::ForwardKL: stream(std::integral_constant<Divergence, Divergence::ForwardKL>{}); break;
-    case Divergence::ReverseKL: stream(std::integral_constant<Divergence, Divergence::ReverseKL>{}); break;
-    case Divergence::JSD: stream(std::integral_constant<Divergence, Divergence::JSD>{}); break;
-    default: stream(std::integral_constant<Divergence, Divergence::TVD>{}); break;
-  }
+  const C grad_output = static_cast<const C*>(p.grad_output)[row * p.grad_output_stride];
+  // The one-pass kernel already wrote this row's gradient for grad_output = 1.
+  if (p.skip_unit_rows && grad_output == C(1)) return;
+  const double g = static_cast<double>(grad_output) * reduction_scale<C>(p.reduction, p.valid_rows, p.rows);
+  write_row_gradient<SX, TX, C, kVectorized, kReadOnlyCache>(g_row, s_row, t_row, vocab, batches, st, ignored, label,
+                                                             p.labels != nullptr, g, k);
 }
 
 template <class SX, class TX, class C>
@@ -185,6 +130,7 @@ void backward_typed(const KDBackwardArgs& args, cudaStream_t stream) {
   params.row_stats = args.row_stats;
   params.valid_rows = args.valid_rows;
   params.grad_student = args.grad_student;
+  params.skip_unit_rows = args.skip_unit_rows;
 
   const int64_t items = args.rows * params.chunks_per_row;
   const int64_t blocks = ceil_div(items, kBackwardBlock / params.team_size);

@@ -38,11 +38,15 @@
 #include <vector>
 
 #include "kd_loss_cuda_common.cuh"
+#include "kd_loss_cuda_gradient.cuh"
 #include "kd_loss_cuda_rows.cuh"
 #include "kdfast/kdfast.h"
 #include "kdfast/rowmath.h"
 
 namespace kdfast {
+
+void kd_backward_cuda(const KDBackwardArgs& args, int device_index, uintptr_t stream_handle);  // kd_loss_backward.cu
+
 namespace cuda {
 
 namespace {
@@ -104,6 +108,11 @@ struct ForwardRowsParams {
   bool write_row_losses;  // reduction none: loss[row] = row loss
   void* loss;
   void* row_stats;
+  // kd_forward_grad_rows_kernel only: the gradient for grad_output = 1 ([rows, vocab],
+  // contiguous), the reduction and the valid-row count it scales by (written before the launch).
+  void* grad_student;
+  Reduction reduction;
+  const void* valid_rows;
 };
 
 // Second sweep of JSD / TVD over one batch, with the row's maxima and log-sums known.
@@ -267,8 +276,11 @@ __device__ __forceinline__ void write_row_outputs(const ForwardRowsParams& p, co
   if (p.write_row_losses) static_cast<C*>(p.loss)[row] = row_loss;
 }
 
+// One row per team: setup, statistics sweep, team merge, finishing (JSD / TVD: the second sweep),
+// and lane 0 writes the row's outputs. Every thread of the block reaches the team barriers,
+// rows past the end included.
 template <class SX, class TX, class C, bool kVectorized>
-__global__ void __launch_bounds__(kMaxRowsBlock, 1) kd_forward_rows_kernel(ForwardRowsParams p, Coefficients<C> k) {
+__device__ __forceinline__ void forward_row(const ForwardRowsParams& p, const Coefficients<C>& k) {
   constexpr int kW = BatchLayout<C>::kWidth;
   constexpr int kWarps = kMaxRowsBlock / 32;
   __shared__ C max_scratch[kWarps][2];
@@ -294,8 +306,54 @@ __global__ void __launch_bounds__(kMaxRowsBlock, 1) kd_forward_rows_kernel(Forwa
     divergence = static_cast<double>(k.divergence == Divergence::JSD ? rowmath::finish_jsd(acc[0], acc[1], k, stats)
                                                                       : rowmath::finish_tvd(acc[0], acc[1], stats));
   }
-  if (row >= p.rows || lane != 0) return;
-  write_row_outputs(p, k, row, r, row_part, stats, divergence);
+  if (row < p.rows && lane == 0) write_row_outputs(p, k, row, r, row_part, stats, divergence);
+}
+
+template <class SX, class TX, class C, bool kVectorized>
+__global__ void __launch_bounds__(kMaxRowsBlock, 1) kd_forward_rows_kernel(ForwardRowsParams p, Coefficients<C> k) {
+  forward_row<SX, TX, C, kVectorized>(p, k);
+}
+
+// Blocks of the one-pass kernel: at most 512 threads (its rows get teams of up to 512 threads:
+// forward_team_size with at least twice as many rows as multiprocessors), so that it may use
+// up to 128 registers, as the backward kernel's gradient loop needs (at 64 it spills in every
+// loop; benches/cuda_resources.py --sass).
+constexpr int kMaxGradRowsBlock = 512;
+
+// The one-pass training kernel (CUDA twin of the CPU's forward_grad_impl): forward_row, then
+// the same team writes the row's gradient for grad_output = 1 times the reduction's scale
+// (write_row_gradient, as kd_backward_kernel computes it) right after, while the row it has
+// just read is in L1/L2 (for rows whose two logits rows fit the cache share of a team). The
+// row's statistics reach the team through row_stats (written by lane 0, visible to the block
+// after the barrier). The gradient, student and teacher rows share one pad (host-checked);
+// the gradient never aliases the student (in place is CPU-only), so loads take the read-only
+// path.
+template <class SX, class TX, class C, bool kVectorized>
+__global__ void __launch_bounds__(kMaxGradRowsBlock, 1) kd_forward_grad_rows_kernel(ForwardRowsParams p,
+                                                                                   Coefficients<C> k) {
+  constexpr int kW = BatchLayout<C>::kWidth;
+  forward_row<SX, TX, C, kVectorized>(p, k);
+  __syncthreads();  // row_stats of the block's rows, written by their lanes 0
+  const int team = p.team_size;
+  const int lane = threadIdx.x & (team - 1);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / team) + threadIdx.x / team;
+  if (row >= p.rows) return;  // no barriers below
+  const int vocab = p.vocab;
+  typename SX::Raw* g_row = static_cast<typename SX::Raw*>(p.grad_student) + row * static_cast<int64_t>(vocab);
+  const typename SX::Raw* s_row = static_cast<const typename SX::Raw*>(p.student) + row * p.student_row_stride;
+  const typename TX::Raw* t_row = static_cast<const typename TX::Raw*>(p.teacher) + row * p.teacher_row_stride;
+  int pad = 0;
+  if (kVectorized) {
+    pad = row_pad<SX>(g_row);
+    if (k.need_kd && row_pad<TX>(t_row) > pad) pad = row_pad<TX>(t_row);
+  }
+  const ThreadBatches<C> batches(vocab, pad, 0, (vocab + pad + kW - 1) / kW, team, lane);
+  const int64_t label = p.labels != nullptr ? p.labels[row] : int64_t(-1);
+  const bool ignored = p.labels != nullptr && label == p.ignore_index;
+  const C* st = static_cast<const C*>(p.row_stats) + row * kRowStats;
+  const double g = reduction_scale<C>(p.reduction, p.valid_rows, p.rows);
+  write_row_gradient<SX, TX, C, kVectorized, true>(g_row, s_row, t_row, vocab, batches, st, ignored, label,
+                                                   p.labels != nullptr, g, k);
 }
 
 // Few long rows on sm_90 and newer (forward_clusters): block `rank` of a row's cluster streams
@@ -436,13 +494,46 @@ bool launch_clusters(const ForwardRowsParams& params, const Coefficients<C>& k, 
   return true;
 }
 
+// kd_forward_rows_kernel, or with `gradient` kd_forward_grad_rows_kernel (the same layout).
 template <class SX, class TX, class C, bool kVectorized>
-void launch_rows(const ForwardRowsParams& params, const Coefficients<C>& k, cudaStream_t stream) {
+void launch_rows(const ForwardRowsParams& params, const Coefficients<C>& k, cudaStream_t stream, bool gradient) {
   const int block = params.team_size < 256 ? 256 : params.team_size;
   const int64_t blocks = ceil_div(params.rows, block / params.team_size);
   if (blocks > int64_t(0x7fffffff)) throw std::invalid_argument("kd_forward_cuda: too many rows for one launch");
-  kd_forward_rows_kernel<SX, TX, C, kVectorized><<<static_cast<unsigned>(blocks), block, 0, stream>>>(params, k);
-  check_launch("kd_forward_rows_kernel");
+  if (gradient) {
+    kd_forward_grad_rows_kernel<SX, TX, C, kVectorized><<<static_cast<unsigned>(blocks), block, 0, stream>>>(params,
+                                                                                                          k);
+    check_launch("kd_forward_grad_rows_kernel");
+  } else {
+    kd_forward_rows_kernel<SX, TX, C, kVectorized><<<static_cast<unsigned>(blocks), block, 0, stream>>>(params, k);
+    check_launch("kd_forward_rows_kernel");
+  }
+}
+
+// grad_output = 1 on the device, for the backward kernel run after the forward kernels when the
+// one-pass kernel does not apply (kd_forward_cuda with grad_student).
+__device__ const float kUnitFloat = 1.0f;
+__device__ const double kUnitDouble = 1.0;
+
+// Its address on the current device, looked up once per device (so that a call inside CUDA
+// graph capture makes no runtime query).
+template <class C>
+const void* device_unit() {
+  static std::mutex mutex;
+  static std::vector<void*> addresses;  // by device index
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mutex);
+  if (static_cast<int>(addresses.size()) <= device) addresses.resize(static_cast<size_t>(device) + 1, nullptr);
+  void*& address = addresses[static_cast<size_t>(device)];
+  if (address == nullptr) {
+    if constexpr (sizeof(C) == sizeof(double)) {
+      check_cuda(cudaGetSymbolAddress(&address, kUnitDouble), "cudaGetSymbolAddress");
+    } else {
+      check_cuda(cudaGetSymbolAddress(&address, kUnitFloat), "cudaGetSymbolAddress");
+    }
+  }
+  return address;
 }
 
 template <class SX, class TX, class C>
@@ -466,7 +557,27 @@ void forward_typed(const KDForwardArgs& args, cudaStream_t stream) {
   params.write_row_losses = args.options.reduction == Reduction::None;
   params.loss = args.loss;
   params.row_stats = args.row_stats;
-  if (args.rows > 0) {
+  params.grad_student = args.grad_student;
+  params.reduction = args.options.reduction;
+  params.valid_rows = args.valid_rows;
+  // The one-pass kernel when there are rows enough for every multiprocessor (otherwise the
+  // backward kernel's split of rows into chunks spreads the gradient better).
+  const bool one_pass = args.grad_student != nullptr && clusters.cluster_size == 1 &&
+                        args.rows >= 2 * static_cast<int64_t>(multiprocessors) && params.team_size <= kMaxGradRowsBlock;
+  if (one_pass) {
+    // valid_rows first (the gradient's mean scale); reduction none writes nothing else.
+    kd_forward_reduce_kernel<C><<<1, kReduceThreads, 0, stream>>>(
+        static_cast<const C*>(args.row_stats), args.labels, args.rows, args.options.ignore_index, Reduction::None,
+        static_cast<C*>(args.loss), static_cast<C*>(args.valid_rows));
+    check_launch("kd_forward_reduce_kernel");
+    const int size_s = static_cast<int>(sizeof(typename SX::Raw));
+    const RowTensor tensors[3] = {{args.grad_student, args.vocab, size_s},
+                                  {args.student, args.student_row_stride, size_s},
+                                  {args.teacher, args.teacher_row_stride, static_cast<int>(sizeof(typename TX::Raw))}};
+    const bool vectorized = rows_share_pad(tensors, k.need_kd ? 3 : 2, args.rows, kGroupWidth<C>);
+    if (vectorized) launch_rows<SX, TX, C, true>(params, k, stream, true);
+    else launch_rows<SX, TX, C, false>(params, k, stream, true);
+  } else if (args.rows > 0) {
     // Per-row 16-byte loads unless the student and teacher rows sit differently on the grid.
     const RowTensor tensors[2] = {{args.student, args.student_row_stride, static_cast<int>(sizeof(typename SX::Raw))},
                                   {args.teacher, args.teacher_row_stride, static_cast<int>(sizeof(typename TX::Raw))}};
@@ -478,13 +589,25 @@ void forward_typed(const KDForwardArgs& args, cudaStream_t stream) {
       launched = vectorized ? launch_clusters<SX, TX, C, true>(cluster_params, k, clusters.cluster_size, stream)
                             : launch_clusters<SX, TX, C, false>(cluster_params, k, clusters.cluster_size, stream);
     }
-    if (!launched && vectorized) launch_rows<SX, TX, C, true>(params, k, stream);
-    if (!launched && !vectorized) launch_rows<SX, TX, C, false>(params, k, stream);
+    if (!launched && vectorized) launch_rows<SX, TX, C, true>(params, k, stream, false);
+    if (!launched && !vectorized) launch_rows<SX, TX, C, false>(params, k, stream, false);
   }
   kd_forward_reduce_kernel<C><<<1, kReduceThreads, 0, stream>>>(
       static_cast<const C*>(args.row_stats), args.labels, args.rows, args.options.ignore_index, args.options.reduction,
       static_cast<C*>(args.loss), static_cast<C*>(args.valid_rows));
   check_launch("kd_forward_reduce_kernel");
+  if (args.grad_student != nullptr && !one_pass) {  // the gradient for grad_output = 1 by the backward kernel
+    KDBackwardArgs backward;
+    static_cast<KDInputs&>(backward) = args;
+    backward.grad_output = device_unit<C>();
+    backward.grad_output_stride = 0;
+    backward.row_stats = args.row_stats;
+    backward.valid_rows = args.valid_rows;
+    backward.grad_student = args.grad_student;
+    int device = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    kd_backward_cuda(backward, device, reinterpret_cast<uintptr_t>(stream));
+  }
 }
 
 template <class SX>

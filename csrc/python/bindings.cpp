@@ -102,7 +102,6 @@ int64_t kd_forward(uintptr_t student, int student_dtype, int64_t student_row_str
   a.valid_rows = as_ptr<void>(valid_rows);
   a.grad_student = as_ptr<void>(grad_student);
   if (device_index < 0) return kdfast::kd_forward_cpu(a);
-  if (a.grad_student) throw std::invalid_argument("kd_forward: the one-pass gradient (grad_student) is CPU-only");
 #if defined(KDFAST_WITH_CUDA)
   return kdfast::kd_forward_cuda(a, device_index, stream);
 #else
@@ -116,7 +115,7 @@ void kd_backward(uintptr_t grad_output, int64_t grad_output_stride, uintptr_t st
                  uintptr_t labels, int64_t rows, int64_t vocab, int divergence, int reduction, double temperature,
                  double alpha, double beta, double label_smoothing, double divergence_scale, int64_t ignore_index,
                  uintptr_t row_stats, uintptr_t valid_rows, uintptr_t grad_student, int num_threads, int device_index,
-                 uintptr_t stream) {
+                 uintptr_t stream, bool skip_unit_rows) {
   kdfast::KDBackwardArgs a;
   fill_dense_inputs(a, student, student_dtype, student_row_stride, teacher, teacher_dtype, teacher_row_stride, labels,
                     rows, vocab,
@@ -128,6 +127,7 @@ void kd_backward(uintptr_t grad_output, int64_t grad_output_stride, uintptr_t st
   a.row_stats = as_ptr<const void>(row_stats);
   a.valid_rows = as_ptr<const void>(valid_rows);
   a.grad_student = as_ptr<void>(grad_student);
+  a.skip_unit_rows = skip_unit_rows;
   if (device_index < 0) return kdfast::kd_backward_cpu(a);
 #if defined(KDFAST_WITH_CUDA)
   kdfast::kd_backward_cuda(a, device_index, stream);
@@ -409,7 +409,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("rows"), py::arg("vocab"), py::arg("divergence"), py::arg("reduction"), py::arg("temperature"),
         py::arg("alpha"), py::arg("beta"), py::arg("label_smoothing"), py::arg("divergence_scale"),
         py::arg("ignore_index"), py::arg("row_stats"), py::arg("valid_rows"), py::arg("grad_student"),
-        py::arg("num_threads"), py::arg("device_index"), py::arg("stream"));
+        py::arg("num_threads"), py::arg("device_index"), py::arg("stream"), py::arg("skip_unit_rows") = false);
   m.def("topk_compress", &topk_compress, py::call_guard<py::gil_scoped_release>(), py::arg("teacher"),
         py::arg("teacher_dtype"), py::arg("teacher_row_stride"), py::arg("rows"), py::arg("vocab"), py::arg("k"),
         py::arg("temperature"), py::arg("indices"), py::arg("indices_int64"), py::arg("logprobs"),

@@ -12,7 +12,8 @@ Skipped unless a GPU is visible and kdfast was built with its CUDA kernels
   warp to 1024 threads, rows cut into chunks in the backward pass), 16-byte-aligned and
   unaligned rows, float64, labels out of range (NaN rows instead of an exception: the kernels
   never synchronise with the host), CUDA-graph capture and replay of forward + backward,
-  a non-default stream, determinism, and no float32 N×V temporary for bfloat16 inputs.
+  a non-default stream, determinism, no float32 N×V temporary for bfloat16 inputs, and the
+  one-pass gradient (the forward pass's, for grad_output = 1) for many and few rows.
 """
 
 from __future__ import annotations
@@ -72,6 +73,30 @@ def test_launch_shapes_match_reference(rows, vocab, divergence, dtype):
         student, teacher, labels, reduction="mean", context=context, divergence=divergence, temperature=2.0,
         alpha=0.5, label_smoothing=0.1,
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("rows, vocab", [(600, 20000), (4096, 1000), (3, 256000), (64, 5000)],
+                         ids=["one-pass-medium", "one-pass-short", "few-long", "few-medium"])
+def test_one_pass_gradient_with_unit_grad_output(rows, vocab, reduction, divergence, dtype):
+    """The gradient the forward pass writes (the one-pass kernel for many rows, the backward
+    kernel after the forward kernels for few) is the one loss.backward() returns: grad_output
+    1 leaves it as it is. With reduction "none" every other row gets 1.5 instead, so that the
+    backward kernel recomputes those rows and leaves the others."""
+    context = f"one-pass/{rows}x{vocab}/{reduction}/{divergence}/{dtype}"
+    student, teacher, labels = random_inputs(rows, vocab, seed=stable_seed(context), dtype=dtype)
+    options = dict(reduction=reduction, divergence=divergence, temperature=2.0, alpha=0.5, label_smoothing=0.1)
+    grad_output = torch.ones(expected_loss_shape((rows,), reduction), dtype=torch.float64, device="cuda")
+    if reduction == "none":
+        grad_output[1::2] = 1.5
+    loss, gradient = run_with_student_grad(functional.kd_loss, student, teacher, labels, grad_output, **options)
+    expected_loss, expected_gradient = run_reference_float64(student, teacher, labels, grad_output, **options)
+    loss_scale, grad_scale = natural_scales(temperature=2.0, alpha=0.5, reduction=reduction, labels=labels,
+                                            row_count=rows, grad_output=grad_output)
+    assert_loss_close(loss, expected_loss, loss_scale=loss_scale, context=context)
+    assert_grad_close(gradient, expected_gradient, grad_scale=grad_scale, context=context)
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])

@@ -124,6 +124,10 @@ struct KDBackwardArgs : KDInputs {
   const void* row_stats = nullptr;    // as written by the forward pass
   const void* valid_rows = nullptr;   // as written by the forward pass (read on the device)
   void* grad_student = nullptr;       // [rows, vocab] contiguous, in the student dtype
+  // CUDA, after the one-pass forward (grad_student already holds the gradient for
+  // grad_output = 1): rows whose grad_output is 1 are not written again. The CPU kernels
+  // ignore it (the CPU backward pass decides on the host).
+  bool skip_unit_rows = false;
 };
 
 // Number of per-row values the forward pass writes to row_stats (see KDForwardArgs).

@@ -14,7 +14,7 @@ Contract (inputs already validated and shaped by kdfast.functional):
 - the backward body writes the student gradient [rows, vocab] (contiguous, student dtype),
   already multiplied by grad_output (read by the kernel; no host synchronisation); it may
   write over `student` itself, each element after its logit was read.
-- one-pass training (CPU): when the student needs a gradient, `forward_grad_body` runs the
+- one-pass training (CPU and CUDA): when the student needs a gradient, `forward_grad_body` runs the
   forward kernel that also writes the gradient for grad_output = 1 (the reduction's scale
   folded in) into `grad_student`, each row while it is cache-resident (`kd_loss_forward_grad`;
   `kd_loss_forward_grad_inplace` writes it into the student's own storage). The backward pass
@@ -24,8 +24,11 @@ Contract (inputs already validated and shaped by kdfast.functional):
   A bfloat16/float16 student that keeps its logits runs the two-pass backward kernel instead
   (into the same buffer), so that its gradient is still rounded once. A second backward pass
   through the same graph recomputes the forward's gradient into a fresh tensor first (the same
-  bits as the first pass). CUDA tensors
-  keep the two-pass forward and backward kernels.
+  bits as the first pass). On CUDA (GPU unverified) the forward writes the gradient with the
+  one-pass kernel when there are rows enough for every multiprocessor, else with the backward
+  kernel right after the forward kernels; the backward pass then runs the backward kernel
+  with `skip_unit_rows`, which leaves every row whose grad_output is 1 as it is and recomputes
+  the others exactly, so nothing reads grad_output on the host. In place is CPU-only.
 `KDLossFunction` is the one autograd wrapper; `forward_outputs` allocates what the forward
 body writes, so the chunked fused-linear loss can call the bodies on its own buffers. A
 backward pass with create_graph=True differentiates `differentiable_loss` (the same loss in
@@ -108,6 +111,13 @@ def _forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], loss: T
 def backward_body(grad_output: Tensor, student: Tensor, teacher: Tensor, labels: Optional[Tensor], row_stats: Tensor,
                   valid_rows: Tensor, grad_student: Tensor, options: KDOptions) -> None:
     """Writes d(grad_output · loss)/d student into `grad_student` ([rows, vocab], contiguous)."""
+    _backward(grad_output, student, teacher, labels, row_stats, valid_rows, grad_student, options, False)
+
+
+def _backward(grad_output: Tensor, student: Tensor, teacher: Tensor, labels: Optional[Tensor], row_stats: Tensor,
+              valid_rows: Tensor, grad_student: Tensor, options: KDOptions, skip_unit_rows: bool) -> None:
+    """`backward_body`; `skip_unit_rows` (CUDA): rows whose grad_output is 1 are left as they are
+    (they hold the one-pass gradient), decided on the device."""
     rows, vocab = student.shape
     codes = facts()
     grad_output = grad_output.to(row_stats.dtype).contiguous()
@@ -120,7 +130,7 @@ def backward_body(grad_output: Tensor, student: Tensor, teacher: Tensor, labels:
         codes.divergence_codes[options.divergence], codes.reduction_codes[options.reduction], options.temperature,
         options.alpha, options.beta, options.label_smoothing, options.divergence_scale, options.ignore_index,
         row_stats.data_ptr(), valid_rows.data_ptr(), grad_student.data_ptr(), torch.get_num_threads(), device_index,
-        stream,
+        stream, skip_unit_rows,
     )
 
 
@@ -130,8 +140,12 @@ def scale_gradient_body(grad_output: Tensor, gradient: Tensor, student: Tensor, 
     """Writes grad_output times the one-pass `gradient` (for grad_output = 1) into `grad_student`:
     a copy when grad_output is the scalar 1, the two-pass backward kernel when `exact` (a
     bfloat16/float16 student whose logits are intact: one rounding), else one scaling pass
-    (per row for reduction "none")."""
-    if grad_output.numel() == 1 and options.reduction != "none" and float(grad_output) == 1.0:
+    (per row for reduction "none"). On CUDA: a copy, then the two-pass backward kernel for the
+    rows whose grad_output is not 1 (decided on the device: no host synchronisation)."""
+    if gradient.is_cuda:
+        grad_student.copy_(gradient)
+        _backward(grad_output, student, teacher, labels, row_stats, valid_rows, grad_student, options, True)
+    elif grad_output.numel() == 1 and options.reduction != "none" and float(grad_output) == 1.0:
         grad_student.copy_(gradient)
     elif exact:
         backward_body(grad_output, student, teacher, labels, row_stats, valid_rows, grad_student, options)
@@ -199,7 +213,7 @@ class KDLossFunction(torch.autograd.Function):
                 inplace: bool = False, one_pass: bool = True) -> Tensor:
         loss, row_stats, valid_rows = forward_outputs(student, options)
         ctx.options = options
-        ctx.one_pass = one_pass and bool(ctx.needs_input_grad[0]) and student.device.type == "cpu"
+        ctx.one_pass = one_pass and bool(ctx.needs_input_grad[0]) and student.device.type in ("cpu", "cuda")
         ctx.inplace = ctx.one_pass and inplace
         if not ctx.one_pass:
             launch(kd_loss_forward, forward_body, (student, teacher, labels, loss, row_stats, valid_rows), options)
@@ -266,6 +280,9 @@ def _one_pass_gradient(ctx, grad_loss: Tensor, gradient: Tensor, student: Option
         scratch = forward_outputs(student, ctx.options)
         forward_grad_body(student, teacher, labels, *scratch, gradient, ctx.options)
     ctx.handed_out, ctx.gradient = True, None
+    if gradient.is_cuda:  # rows whose grad_output is not 1 recomputed exactly, decided on the device
+        _backward(grad_loss, student, teacher, labels, row_stats, valid_rows, gradient, ctx.options, True)
+        return gradient
     if grad_loss.numel() == 1 and ctx.options.reduction != "none" and float(grad_loss) == 1.0:
         return gradient  # the usual loss.backward(): the forward's gradient as it is, no pass at all
     if not ctx.inplace and gradient.dtype not in (torch.float32, torch.float64):
