@@ -81,20 +81,14 @@ __global__ void __launch_bounds__(kBackwardBlock, kBackwardMinBlocks)
   if (row >= p.rows) return;  // no barriers in this kernel
   const int chunk = static_cast<int>(item - row * p.chunks_per_row);
   const int vocab = p.vocab;
-  typename SX::Raw* g_row = static_cast<typename SX::Raw*>(p.grad_student) + row * static_cast<int64_t>(vocab);
-  const typename SX::Raw* s_row = static_cast<const typename SX::Raw*>(p.student) + row * p.student_row_stride;
-  const typename TX::Raw* t_row = static_cast<const typename TX::Raw*>(p.teacher) + row * p.teacher_row_stride;
   // Vectorised: the gradient, student and (when read) teacher rows share one pad (host-checked).
-  int pad = 0;
-  if (kVectorized) {
-    pad = row_pad<SX>(g_row);
-    if (k.need_kd && row_pad<TX>(t_row) > pad) pad = row_pad<TX>(t_row);
-  }
+  const GradientRows<SX, TX> rows = gradient_rows<SX, TX, C, kVectorized>(
+      p.grad_student, p.student, p.student_row_stride, p.teacher, p.teacher_row_stride, row, vocab, k);
   // Chunks are counted on the grid of the largest pad (host), so the last ones may be empty.
-  const int row_groups = (vocab + pad + kW - 1) / kW;
+  const int row_groups = (vocab + rows.pad + kW - 1) / kW;
   const int first_group = chunk * p.chunk_groups;
   const int end_group = first_group + p.chunk_groups < row_groups ? first_group + p.chunk_groups : row_groups;
-  const ThreadBatches<C> batches(vocab, pad, first_group, end_group, team, lane);
+  const ThreadBatches<C> batches(vocab, rows.pad, first_group, end_group, team, lane);
 
   const int64_t label = p.labels != nullptr ? p.labels[row] : int64_t(-1);
   const C* st = static_cast<const C*>(p.row_stats) + row * kRowStats;
@@ -103,8 +97,8 @@ __global__ void __launch_bounds__(kBackwardBlock, kBackwardMinBlocks)
   // The one-pass kernel already wrote this row's gradient for grad_output = 1.
   if (p.skip_unit_rows && grad_output == C(1)) return;
   const double g = static_cast<double>(grad_output) * reduction_scale<C>(p.reduction, p.valid_rows, p.rows);
-  write_row_gradient<SX, TX, C, kVectorized, kReadOnlyCache>(g_row, s_row, t_row, vocab, batches, st, ignored, label,
-                                                             p.labels != nullptr, g, k);
+  write_row_gradient<SX, TX, C, kVectorized, kReadOnlyCache>(rows.g, rows.s, rows.t, vocab, batches, st, ignored,
+                                                             label, p.labels != nullptr, g, k);
 }
 
 template <class SX, class TX, class C>

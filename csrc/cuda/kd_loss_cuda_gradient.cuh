@@ -21,6 +21,34 @@
 namespace kdfast {
 namespace cuda {
 
+// One row's gradient, student and teacher rows and their common pad (kVectorized: the rows
+// share one pad on the 16-byte grid, which the host checked; else 0). The gradient is
+// [rows, vocab] contiguous.
+template <class SX, class TX>
+struct GradientRows {
+  typename SX::Raw* g;
+  const typename SX::Raw* s;
+  const typename TX::Raw* t;
+  int pad;
+};
+
+template <class SX, class TX, class C, bool kVectorized>
+__device__ __forceinline__ GradientRows<SX, TX> gradient_rows(void* grad_student, const void* student,
+                                                              int64_t student_row_stride, const void* teacher,
+                                                              int64_t teacher_row_stride, int64_t row, int vocab,
+                                                              const rowmath::Coefficients<C>& k) {
+  GradientRows<SX, TX> r;
+  r.g = static_cast<typename SX::Raw*>(grad_student) + row * static_cast<int64_t>(vocab);
+  r.s = static_cast<const typename SX::Raw*>(student) + row * student_row_stride;
+  r.t = static_cast<const typename TX::Raw*>(teacher) + row * teacher_row_stride;
+  r.pad = 0;
+  if (kVectorized) {
+    r.pad = row_pad<SX>(r.g);
+    if (k.need_kd && row_pad<TX>(r.t) > r.pad) r.pad = row_pad<TX>(r.t);
+  }
+  return r;
+}
+
 // kReadOnlyCache: logits loaded through the read-only path (never when the gradient overwrites
 // the student logits). `label` is read only when `step_at_label` (alpha > 0 with labels).
 template <class SX, class TX, class C, bool kVectorized, bool kReadOnlyCache>

@@ -339,20 +339,14 @@ __global__ void __launch_bounds__(kMaxGradRowsBlock, 1) kd_forward_grad_rows_ker
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / team) + threadIdx.x / team;
   if (row >= p.rows) return;  // no barriers below
   const int vocab = p.vocab;
-  typename SX::Raw* g_row = static_cast<typename SX::Raw*>(p.grad_student) + row * static_cast<int64_t>(vocab);
-  const typename SX::Raw* s_row = static_cast<const typename SX::Raw*>(p.student) + row * p.student_row_stride;
-  const typename TX::Raw* t_row = static_cast<const typename TX::Raw*>(p.teacher) + row * p.teacher_row_stride;
-  int pad = 0;
-  if (kVectorized) {
-    pad = row_pad<SX>(g_row);
-    if (k.need_kd && row_pad<TX>(t_row) > pad) pad = row_pad<TX>(t_row);
-  }
-  const ThreadBatches<C> batches(vocab, pad, 0, (vocab + pad + kW - 1) / kW, team, lane);
+  const GradientRows<SX, TX> rows = gradient_rows<SX, TX, C, kVectorized>(
+      p.grad_student, p.student, p.student_row_stride, p.teacher, p.teacher_row_stride, row, vocab, k);
+  const ThreadBatches<C> batches(vocab, rows.pad, 0, (vocab + rows.pad + kW - 1) / kW, team, lane);
   const int64_t label = p.labels != nullptr ? p.labels[row] : int64_t(-1);
   const bool ignored = p.labels != nullptr && label == p.ignore_index;
   const C* st = static_cast<const C*>(p.row_stats) + row * kRowStats;
   const double g = reduction_scale<C>(p.reduction, p.valid_rows, p.rows);
-  write_row_gradient<SX, TX, C, kVectorized, true>(g_row, s_row, t_row, vocab, batches, st, ignored, label,
+  write_row_gradient<SX, TX, C, kVectorized, true>(rows.g, rows.s, rows.t, vocab, batches, st, ignored, label,
                                                    p.labels != nullptr, g, k);
 }
 
