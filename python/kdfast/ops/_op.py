@@ -28,7 +28,8 @@ from torch import Tensor
 
 from kdfast.contract.options import FIELD_NAMES, FIELD_TYPES, KDOptions
 
-__all__ = ["creating_graph", "define_op", "differentiable_gradients", "launch", "save_with_gradient", "saved_gradient"]
+__all__ = ["creating_graph", "define_op", "differentiable_gradients", "inplace_gradient_gone", "launch",
+           "save_with_gradient", "saved_gradient"]
 
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -139,3 +140,14 @@ def saved_gradient(ctx, extra: Sequence[Tensor]) -> Optional[Tensor]:
     (`extra`, the tail of ctx.saved_tensors) under torch.compile, else the context attribute
     (None once the first backward pass has handed it out, or when none was kept)."""
     return extra[0] if extra else getattr(ctx, "gradient", None)
+
+
+def inplace_gradient_gone(loss: str, second_pass: bool) -> RuntimeError:
+    """The error of a backward pass through `loss` that needs what `inplace_backward=True`
+    overwrote: the logits (create_graph=True recomputes the loss from them) or, for a second
+    backward pass, the gradient (the student's storage) already handed out."""
+    if second_pass:
+        return RuntimeError(f"{loss}: inplace_backward=True hands its gradient (the student's storage) out once; "
+                            "a second backward pass through this loss cannot reuse it")
+    return RuntimeError(f"{loss}: inplace_backward=True overwrote the student logits with their gradient; "
+                        "a backward pass with create_graph=True needs them (use inplace_backward=False)")

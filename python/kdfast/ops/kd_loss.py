@@ -52,6 +52,7 @@ from kdfast.ops._op import (
     creating_graph,
     define_op,
     differentiable_gradients,
+    inplace_gradient_gone,
     launch,
     save_with_gradient,
     saved_gradient,
@@ -243,8 +244,7 @@ class KDLossFunction(torch.autograd.Function):
         grad_student = None
         if ctx.needs_input_grad[0] and creating_graph():  # second-order gradients: a differentiable recomputation
             if ctx.inplace:
-                raise RuntimeError("kd_loss: inplace_backward=True overwrote the student logits with their gradient; "
-                                   "a backward pass with create_graph=True needs them (use inplace_backward=False)")
+                raise inplace_gradient_gone("kd_loss", second_pass=False)
             grad_student, = differentiable_gradients(lambda: differentiable_loss(student, teacher, labels, ctx.options),
                                                      (student,), (True,), grad_loss)
         elif ctx.needs_input_grad[0] and ctx.one_pass:
@@ -267,8 +267,7 @@ def _one_pass_gradient(ctx, grad_loss: Tensor, gradient: Tensor, student: Option
     pass through the same graph (retain_graph=True) recomputes the forward's gradient into a
     fresh tensor and treats it the same way: bit for bit the first pass's result."""
     if ctx.inplace and ctx.handed_out:
-        raise RuntimeError("kd_loss: inplace_backward=True hands its gradient (the student's storage) out once; "
-                           "a second backward pass through this loss cannot reuse it")
+        raise inplace_gradient_gone("kd_loss", second_pass=True)
     if torch.compiler.is_compiling():
         exact = not ctx.inplace and gradient.dtype not in (torch.float32, torch.float64)
         out = torch.empty_like(gradient)

@@ -56,6 +56,7 @@ from kdfast.ops._op import (
     creating_graph,
     define_op,
     differentiable_gradients,
+    inplace_gradient_gone,
     launch,
     save_with_gradient,
     saved_gradient,
@@ -307,9 +308,7 @@ class SparseKDLossFunction(torch.autograd.Function):
         grad_student = None
         if ctx.needs_input_grad[0] and creating_graph():  # second-order gradients: a differentiable recomputation
             if ctx.inplace:
-                raise RuntimeError("sparse_kd_loss: inplace_backward=True overwrote the student logits with their "
-                                   "gradient; a backward pass with create_graph=True needs them (use "
-                                   "inplace_backward=False)")
+                raise inplace_gradient_gone("sparse_kd_loss", second_pass=False)
             grad_student, = differentiable_gradients(
                 lambda: differentiable_loss(student, indices, teacher_logprobs, teacher_tail, labels, ctx.options),
                 (student,), (True,), grad_loss)
@@ -322,8 +321,7 @@ class SparseKDLossFunction(torch.autograd.Function):
             # The first backward pass owns the forward's gradient (no second N×V buffer); a later
             # one (retain_graph=True) recomputes it into a fresh tensor, bit for bit the same.
             if ctx.inplace and ctx.handed_out:
-                raise RuntimeError("sparse_kd_loss: inplace_backward=True hands its gradient (the student's storage) "
-                                   "out once; a second backward pass through this loss cannot reuse it")
+                raise inplace_gradient_gone("sparse_kd_loss", second_pass=True)
             inputs = (student, indices, teacher_logprobs, teacher_tail, labels)
             grad_student = gradient
             if ctx.handed_out:
