@@ -24,6 +24,7 @@ torch's allocation).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -57,10 +58,8 @@ def gradient_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Te
     """An uninitialised contiguous tensor of `shape` and `dtype` for a gradient the caller writes
     whole (`torch.empty`'s contract); on the CPU, for `MIN_BYTES` and more, over a cached block."""
     device = torch.device(device)
-    numel = 1
-    for size in shape:
-        numel *= int(size)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    numel = math.prod(int(size) for size in shape)
+    nbytes = numel * dtype.itemsize
     if device.type != "cpu" or nbytes < MIN_BYTES or not _enabled() or torch.compiler.is_compiling():
         return empty_for_writing(shape, dtype, device)
     with _lock:
