@@ -113,7 +113,7 @@ def minimum_bytes(case: Case, pass_name: str, with_labels: bool = True) -> int:
     Returns:
         The byte count.
     """
-    element = torch.empty((), dtype=case.dtype).element_size()
+    element = case.dtype.itemsize
     total = case.rows * case.vocab * (element + element)
     if with_labels:
         total += case.rows * 8

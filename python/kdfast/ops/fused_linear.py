@@ -69,7 +69,7 @@ def default_chunk_rows(rows: int, vocab: int, dtype: torch.dtype, device: torch.
     ([chunk, V] in the logits' dtype) fits DEFAULT_CHUNK_BYTES for the device (32 MiB on the
     CPU, 256 MiB elsewhere), at least 1 and at most `rows`."""
     budget = DEFAULT_CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES["cuda"])
-    element_size = torch.empty((), dtype=dtype).element_size()
+    element_size = dtype.itemsize
     fit = max(1, budget // max(1, vocab * element_size))
     return max(1, min(rows, 1 << (fit.bit_length() - 1)))
 
