@@ -58,9 +58,11 @@ def gradient_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Te
     """An uninitialised contiguous tensor of `shape` and `dtype` for a gradient the caller writes
     whole (`torch.empty`'s contract); on the CPU, for `MIN_BYTES` and more, over a cached block."""
     device = torch.device(device)
+    if device.type != "cpu" or not _enabled() or torch.compiler.is_compiling():
+        return empty_for_writing(shape, dtype, device)
     numel = math.prod(int(size) for size in shape)
     nbytes = numel * dtype.itemsize
-    if device.type != "cpu" or nbytes < MIN_BYTES or not _enabled() or torch.compiler.is_compiling():
+    if nbytes < MIN_BYTES:
         return empty_for_writing(shape, dtype, device)
     with _lock:
         fits = [i for i in range(len(_blocks))
