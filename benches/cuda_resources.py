@@ -14,11 +14,13 @@ targets, at no extra compile time).
 
 With ``--sass`` (needs ``cuobjdump`` and ``nvdisasm`` on PATH, e.g. from the pip packages
 nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm) each compiled object is also disassembled and
-every instance gets three more columns: its local-memory spill instructions (``STL``/``LDL``)
-in all, those inside any loop (an address range closed by a backward branch), and those inside
-an innermost loop (a loop containing no other: the per-element loops, where a spill costs
-bandwidth). ptxas' byte counts cannot tell a spill in the row's one-off finishing from one in
-the element loop; the disassembly can.
+every instance gets four more columns: its local-memory spill instructions (``STL``/``LDL``)
+in all, those inside any loop (an address range closed by a backward branch), those inside
+an innermost loop (a loop containing no other), and those inside a streaming loop (an
+innermost loop with a global load and an ``MUFU.EX2``: the per-element loops over a row's V
+logits, where a spill costs bandwidth, as opposed to loops over k kept slots or candidates).
+ptxas' byte counts cannot tell a spill in the row's one-off finishing from one in the element
+loop; the disassembly can.
 
 Usage: ``python benches/cuda_resources.py [--arch 80 90 100] [--only NAME] [--spills-only]
 [--from-log LOG] [--sass]``.
@@ -63,18 +65,23 @@ class KernelResources:
     sass_spills: int | None = None  # STL/LDL instructions (--sass)
     loop_spills: int | None = None  # of them inside a loop
     inner_spills: int | None = None  # of them inside an innermost loop
+    stream_spills: int | None = None  # of them inside an innermost loop that streams (LDG and MUFU.EX2)
 
 
 _SASS_FUNCTION = re.compile(r"Function : (\S+)")
 _SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _SASS_BRANCH = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
 _SASS_SPILL = re.compile(r"^(@!?U?P\w+\s+)?(STL|LDL)\b")
+_SASS_GLOBAL_LOAD = re.compile(r"^(@!?U?P\w+\s+)?LDG\b")
 
 
-def sass_spills(text: str) -> dict[str, tuple[int, int, int]]:
+def sass_spills(text: str) -> dict[str, tuple[int, int, int, int]]:
     """Per mangled kernel name in `cuobjdump -sass` output: (spill instructions, those inside a
-    loop, those inside an innermost loop). A loop is the address range [target, branch] of a
-    backward branch; an innermost loop contains no other loop's range."""
+    loop, those inside an innermost loop, those inside a streaming loop). A loop is the address
+    range [target, branch] of a backward branch; an innermost loop contains no other loop's
+    range; a streaming loop is an innermost loop with a global load (LDG) and an exp2
+    (MUFU.EX2): the loops over a row's V elements, as opposed to the loops over k kept slots,
+    candidates or teachers, which hold no exp2 of the element math."""
     functions: dict[str, list[tuple[int, str]]] = {}
     current: list[tuple[int, str]] | None = None
     for line in text.splitlines():
@@ -93,7 +100,11 @@ def sass_spills(text: str) -> dict[str, tuple[int, int, int]]:
         spills = [address for address, instruction in code if _SASS_SPILL.search(instruction)]
         in_loop = sum(1 for x in spills if any(a <= x <= b for a, b in loops))
         in_inner = sum(1 for x in spills if any(a <= x <= b for a, b in innermost))
-        result[name] = (len(spills), in_loop, in_inner)
+        streaming = [(a, b) for a, b in innermost
+                     if any(a <= x <= b and _SASS_GLOBAL_LOAD.search(i) for x, i in code)
+                     and any(a <= x <= b and "MUFU.EX2" in i for x, i in code)]
+        in_stream = sum(1 for x in spills if any(a <= x <= b for a, b in streaming))
+        result[name] = (len(spills), in_loop, in_inner, in_stream)
     return result
 
 
@@ -214,12 +225,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.sass:
                 counts = sass_spills(disassembly)
                 for row in rows:
-                    row.sass_spills, row.loop_spills, row.inner_spills = counts.get(row.kernel, (0, 0, 0))
+                    (row.sass_spills, row.loop_spills, row.inner_spills,
+                     row.stream_spills) = counts.get(row.kernel, (0, 0, 0, 0))
             all_rows.extend(rows)
 
     names = demangle(sorted({row.kernel for row in all_rows}))
     header = f"{'arch':7} {'regs':>4} {'smem':>6} {'spill st':>8} {'spill ld':>8} {'stack':>5}"
-    header += f" {'STL/LDL':>7} {'in loop':>7} {'inner':>5}  kernel" if args.sass else "  kernel"
+    header += f" {'STL/LDL':>7} {'in loop':>7} {'inner':>5} {'stream':>6}  kernel" if args.sass else "  kernel"
     for source in sources:
         rows = [row for row in all_rows if row.source == source.name]
         if args.spills_only:
@@ -228,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"\n== {source.name}\n{header}")
         for row in sorted(rows, key=lambda r: (shorten(names[r.kernel]), r.arch)):
-            sass = f" {row.sass_spills:7d} {row.loop_spills:7d} {row.inner_spills:5d}" if args.sass else ""
+            sass = (f" {row.sass_spills:7d} {row.loop_spills:7d} {row.inner_spills:5d} {row.stream_spills:6d}"
+                    if args.sass else "")
             print(f"{row.arch:7} {row.registers:4d} {row.shared_bytes:6d} {row.spill_stores:8d} "
                   f"{row.spill_loads:8d} {row.stack_frame:5d}{sass}  {shorten(names[row.kernel])}")
     spilling = [row for row in all_rows if row.spill_stores or row.spill_loads]
@@ -236,15 +249,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.sass:
         inner = [row for row in all_rows if row.inner_spills]
         print(f"{len(inner)} with spill instructions inside an innermost loop")
+        streaming = [row for row in all_rows if row.stream_spills]
+        print(f"{len(streaming)} with spill instructions inside a streaming loop (global loads and exp2)")
     if args.csv is not None:
         with args.csv.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["source", "arch", "kernel", "registers", "shared_bytes", "spill_stores",
-                             "spill_loads", "stack_frame", "sass_spills", "loop_spills", "inner_loop_spills"])
+                             "spill_loads", "stack_frame", "sass_spills", "loop_spills", "inner_loop_spills",
+                             "stream_loop_spills"])
             for row in all_rows:
                 writer.writerow([row.source, row.arch, shorten(names[row.kernel]), row.registers,
                                  row.shared_bytes, row.spill_stores, row.spill_loads, row.stack_frame,
-                                 row.sass_spills, row.loop_spills, row.inner_spills])
+                                 row.sass_spills, row.loop_spills, row.inner_spills, row.stream_spills])
     return 1 if failed else 0
 
 

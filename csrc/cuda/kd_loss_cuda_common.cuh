@@ -248,6 +248,7 @@ struct FullBatch;
 template <class X, class C, bool kReadOnlyCache>
 struct FullBatch<X, C, true, kReadOnlyCache> {
   static constexpr int kVectorsPerGroup = kGroupWidth<C> / X::kPerVector;
+  static constexpr int kRegisters = kGroupsPerBatch<C> * kVectorsPerGroup * 4;  // 32-bit registers held
   uint4 vectors[kGroupsPerBatch<C> * kVectorsPerGroup];
   __device__ __forceinline__ void load(const typename X::Raw* row, const int* first) {
 #pragma unroll
@@ -265,6 +266,8 @@ struct FullBatch<X, C, true, kReadOnlyCache> {
 
 template <class X, class C, bool kReadOnlyCache>
 struct FullBatch<X, C, false, kReadOnlyCache> {
+  // 32-bit registers held: one per 16- or 32-bit element, two per 64-bit one.
+  static constexpr int kRegisters = BatchLayout<C>::kElements * ((sizeof(typename X::Raw) + 3) / 4);
   typename X::Raw values[BatchLayout<C>::kElements];
   __device__ __forceinline__ void load(const typename X::Raw* row, const int* first) {
 #pragma unroll
@@ -295,14 +298,29 @@ __device__ __forceinline__ void load_partial_batch(const typename X::Raw* row, c
   }
 }
 
+// How many 32-bit registers a kernel lets stream_batches hold for the next batch's loads while
+// it computes the current one. kPrefetchAnyBatch: every batch (kernels with up to 128
+// registers per thread). kPrefetchNarrowBatches: only batches whose two raw halves take at
+// most 8 registers (16-byte loads of 16-bit dtypes); the forward kernels with 64 registers per
+// thread use it, since a float32 or element-by-element batch in flight held 16 more registers
+// through the computation and spilled inside the element loop (benches/cuda_resources.py
+// --sass). There the 1024 resident threads per multiprocessor hide the load latency instead.
+constexpr int kPrefetchAnyBatch = 16;
+constexpr int kPrefetchNarrowBatches = 8;
+
+template <class SBatch, class TBatch, int kPrefetchRegisters>
+constexpr bool kPrefetchBatches = SBatch::kRegisters + TBatch::kRegisters <= kPrefetchRegisters;
+
 // Streams a thread's batches of the student row (and of the teacher row when `need_teacher`),
 // calling visit(s, t, first, partial) with the batch in compute precision (-inf outside the
 // row; t is unset without the teacher), the first element index of each group, and
 // std::true_type / std::false_type for batches that do / do not reach outside the row. Order:
-// the head batch, the full batches, the tail (ThreadBatches). The loads of the next full batch
-// are issued before the current one is visited, so that each thread keeps one batch of loads
-// in flight while it computes. kReadOnlyCache: see load_element.
-template <class SX, class TX, class C, bool kVectorized, bool kReadOnlyCache, class Visit>
+// the head batch, the full batches, the tail (ThreadBatches). Where kPrefetchRegisters allows
+// (kPrefetchBatches) the loads of the next full batch are issued before the current one is
+// visited, so that each thread keeps one batch of loads in flight while it computes; otherwise
+// each full batch is loaded, then visited. kReadOnlyCache: see load_element.
+template <class SX, class TX, class C, bool kVectorized, bool kReadOnlyCache,
+          int kPrefetchRegisters = kPrefetchAnyBatch, class Visit>
 __device__ __forceinline__ void stream_batches(const typename SX::Raw* s_row, const typename TX::Raw* t_row,
                                                int vocab, const ThreadBatches<C>& batches, bool need_teacher,
                                                Visit&& visit) {
@@ -318,25 +336,38 @@ __device__ __forceinline__ void stream_batches(const typename SX::Raw* s_row, co
   }
   FullBatch<SX, C, kVectorized, kReadOnlyCache> s_raw;
   FullBatch<TX, C, kVectorized, kReadOnlyCache> t_raw;
-  int next_first[kGroups];
-  if (batches.begin < batches.full) {
-    batches.first_elements(batches.begin, next_first);
-    s_raw.load(s_row, next_first);
-    if (need_teacher) t_raw.load(t_row, next_first);
-  }
-  for (int b = batches.begin; b < batches.full; ++b) {
-    C s[kElements], t[kElements];
-    int first[kGroups];
-#pragma unroll
-    for (int u = 0; u < kGroups; ++u) first[u] = next_first[u];
-    s_raw.to_compute(s);
-    if (need_teacher) t_raw.to_compute(t);
-    if (b + 1 < batches.full) {
-      batches.first_elements(b + 1, next_first);
+  if constexpr (kPrefetchBatches<decltype(s_raw), decltype(t_raw), kPrefetchRegisters>) {
+    int next_first[kGroups];
+    if (batches.begin < batches.full) {
+      batches.first_elements(batches.begin, next_first);
       s_raw.load(s_row, next_first);
       if (need_teacher) t_raw.load(t_row, next_first);
     }
-    visit(static_cast<const C*>(s), static_cast<const C*>(t), static_cast<const int*>(first), std::false_type{});
+    for (int b = batches.begin; b < batches.full; ++b) {
+      C s[kElements], t[kElements];
+      int first[kGroups];
+#pragma unroll
+      for (int u = 0; u < kGroups; ++u) first[u] = next_first[u];
+      s_raw.to_compute(s);
+      if (need_teacher) t_raw.to_compute(t);
+      if (b + 1 < batches.full) {
+        batches.first_elements(b + 1, next_first);
+        s_raw.load(s_row, next_first);
+        if (need_teacher) t_raw.load(t_row, next_first);
+      }
+      visit(static_cast<const C*>(s), static_cast<const C*>(t), static_cast<const int*>(first), std::false_type{});
+    }
+  } else {
+    for (int b = batches.begin; b < batches.full; ++b) {
+      C s[kElements], t[kElements];
+      int first[kGroups];
+      batches.first_elements(b, first);
+      s_raw.load(s_row, first);
+      if (need_teacher) t_raw.load(t_row, first);
+      s_raw.to_compute(s);
+      if (need_teacher) t_raw.to_compute(t);
+      visit(static_cast<const C*>(s), static_cast<const C*>(t), static_cast<const int*>(first), std::false_type{});
+    }
   }
   for (int b = batches.full; b < batches.total; ++b) {
     C s[kElements], t[kElements];

@@ -30,7 +30,8 @@ constexpr int kGroupWidth = sizeof(C) == 4 ? 8 : 2;
 
 // Groups each thread loads per batch (all of a batch's loads are issued before any is used).
 // One keeps the register count low (the forward row kernel has 64 per thread);
-// stream_batches issues the next batch's loads before computing on the current one.
+// stream_batches issues the next batch's loads before computing on the current one where the
+// kernel's register budget allows (kPrefetchBatches, kd_loss_cuda_common.cuh).
 template <class C>
 constexpr int kGroupsPerBatch = 1;
 

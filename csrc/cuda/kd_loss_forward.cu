@@ -14,8 +14,9 @@
 // Kernels: (1) kd_forward_rows_kernel: one team of threads per row (a warp for short rows,
 // up to 512 threads for long ones, 1024 when there are fewer rows than twice the number of
 // multiprocessors) streams the row once with 16-byte loads (scalar head to the row's first
-// 16-byte boundary, vector body, scalar tail; kd_loss_cuda_layout.cuh), one batch of loads in flight per
-// thread while it computes the previous one, keeping per-thread running maxima and sums
+// 16-byte boundary, vector body, scalar tail; kd_loss_cuda_layout.cuh), with 16-bit inputs one
+// batch of loads in flight per thread while it computes the previous one (float32 batches are
+// loaded, then computed: holding them would spill at 64 registers), keeping per-thread running maxima and sums
 // relative to them (accumulate_batch, kd_loss_cuda_rows.cuh); the team then combines them
 // (maxima first, then every thread's sums moved onto them with rebase_row_partial and added)
 // and finishes the row (finish_row_stats, rowmath's cross_entropy and combine_loss). JSD and
@@ -213,12 +214,13 @@ __device__ __forceinline__ RowSetup<SX, TX, C> setup_row(const ForwardRowsParams
   return r;
 }
 
-// Streams the thread's batches of the row into its running statistics.
-template <class SX, class TX, class C, bool kVectorized>
+// Streams the thread's batches of the row into its running statistics (kPrefetch: registers
+// for the next batch's loads, kd_loss_cuda_common.cuh's kPrefetchBatches).
+template <class SX, class TX, class C, bool kVectorized, int kPrefetch>
 __device__ __forceinline__ RowPartial<C> stream_row(const RowSetup<SX, TX, C>& r, const ThreadBatches<C>& batches,
                                                     const Coefficients<C>& k) {
   RowPartial<C> part = rowmath::empty_partial<C>();
-  stream_batches<SX, TX, C, kVectorized, true>(r.s_row, r.t_row, r.vocab, batches, k.need_kd,
+  stream_batches<SX, TX, C, kVectorized, true, kPrefetch>(r.s_row, r.t_row, r.vocab, batches, k.need_kd,
                                                [&](const C* s, const C* t, const int* first, auto partial) {
                                                  accumulate_batch<ScaledExp, kReverseKLOffsets<C>,
                                                                   decltype(partial)::value>(part, s, t, first,
@@ -228,10 +230,10 @@ __device__ __forceinline__ RowPartial<C> stream_row(const RowSetup<SX, TX, C>& r
 }
 
 // JSD / TVD: the thread's sums of the second sweep (sweep_batch) over its batches.
-template <class SX, class TX, class C, bool kVectorized>
+template <class SX, class TX, class C, bool kVectorized, int kPrefetch>
 __device__ __forceinline__ void sweep_row(const RowSetup<SX, TX, C>& r, const ThreadBatches<C>& batches,
                                           const Coefficients<C>& k, const RowStats<C>& stats, C (&acc)[2]) {
-  stream_batches<SX, TX, C, kVectorized, true>(r.s_row, r.t_row, r.vocab, batches, true,
+  stream_batches<SX, TX, C, kVectorized, true, kPrefetch>(r.s_row, r.t_row, r.vocab, batches, true,
                                                [&](const C* s, const C* t, const int*, auto) {
                                                  sweep_batch(s, t, k, stats, acc[0], acc[1]);
                                                });
@@ -278,8 +280,8 @@ __device__ __forceinline__ void write_row_outputs(const ForwardRowsParams& p, co
 
 // One row per team: setup, statistics sweep, team merge, finishing (JSD / TVD: the second sweep),
 // and lane 0 writes the row's outputs. Every thread of the block reaches the team barriers,
-// rows past the end included.
-template <class SX, class TX, class C, bool kVectorized>
+// rows past the end included. kPrefetch: as stream_row.
+template <class SX, class TX, class C, bool kVectorized, int kPrefetch>
 __device__ __forceinline__ void forward_row(const ForwardRowsParams& p, const Coefficients<C>& k) {
   constexpr int kW = BatchLayout<C>::kWidth;
   constexpr int kWarps = kMaxRowsBlock / 32;
@@ -293,7 +295,7 @@ __device__ __forceinline__ void forward_row(const ForwardRowsParams& p, const Co
   const RowSetup<SX, TX, C> r = setup_row<SX, TX, C, kVectorized>(p, k, row);
   const int groups = (r.vocab + r.pad + kW - 1) / kW;
   const ThreadBatches<C> batches(r.vocab, r.pad, 0, groups, team, lane);
-  const RowPartial<C> part = stream_row<SX, TX, C, kVectorized>(r, batches, k);
+  const RowPartial<C> part = stream_row<SX, TX, C, kVectorized, kPrefetch>(r, batches, k);
 
   const RowPartial<C> row_part = team_row_partial(part, k, team, max_scratch, sum_scratch);
   double divergence = 0.0;
@@ -301,7 +303,7 @@ __device__ __forceinline__ void forward_row(const ForwardRowsParams& p, const Co
 
   if (k.need_kd && (k.divergence == Divergence::JSD || k.divergence == Divergence::TVD)) {
     C acc[2] = {C(0), C(0)};
-    sweep_row<SX, TX, C, kVectorized>(r, batches, k, stats, acc);
+    sweep_row<SX, TX, C, kVectorized, kPrefetch>(r, batches, k, stats, acc);
     team_all_reduce(acc, sweep_scratch, team, SumOp{});
     divergence = static_cast<double>(k.divergence == Divergence::JSD ? rowmath::finish_jsd(acc[0], acc[1], k, stats)
                                                                       : rowmath::finish_tvd(acc[0], acc[1], stats));
@@ -311,7 +313,7 @@ __device__ __forceinline__ void forward_row(const ForwardRowsParams& p, const Co
 
 template <class SX, class TX, class C, bool kVectorized>
 __global__ void __launch_bounds__(kMaxRowsBlock, 1) kd_forward_rows_kernel(ForwardRowsParams p, Coefficients<C> k) {
-  forward_row<SX, TX, C, kVectorized>(p, k);
+  forward_row<SX, TX, C, kVectorized, kPrefetchNarrowBatches>(p, k);
 }
 
 // Blocks of the one-pass kernel: at most 512 threads (its rows get teams of up to 512 threads:
@@ -332,7 +334,7 @@ template <class SX, class TX, class C, bool kVectorized>
 __global__ void __launch_bounds__(kMaxGradRowsBlock, 1) kd_forward_grad_rows_kernel(ForwardRowsParams p,
                                                                                    Coefficients<C> k) {
   constexpr int kW = BatchLayout<C>::kWidth;
-  forward_row<SX, TX, C, kVectorized>(p, k);
+  forward_row<SX, TX, C, kVectorized, kPrefetchAnyBatch>(p, k);
   __syncthreads();  // row_stats of the block's rows, written by their lanes 0
   const int team = p.team_size;
   const int lane = threadIdx.x & (team - 1);
@@ -379,7 +381,7 @@ __global__ void __launch_bounds__(kForwardClusterBlock, 1)
   const int end_group = first_group + p.chunk_groups < groups ? first_group + p.chunk_groups : groups;
   const ThreadBatches<C> batches(r.vocab, r.pad, first_group, end_group, kForwardClusterBlock,
                                  static_cast<int>(threadIdx.x));
-  const RowPartial<C> part = stream_row<SX, TX, C, kVectorized>(r, batches, k);
+  const RowPartial<C> part = stream_row<SX, TX, C, kVectorized, kPrefetchNarrowBatches>(r, batches, k);
   const RowPartial<C> block_part = team_row_partial(part, k, kForwardClusterBlock, max_scratch, sum_scratch);
   if (threadIdx.x == 0) chunk_partial = block_part;
   cluster.sync();
@@ -391,7 +393,7 @@ __global__ void __launch_bounds__(kForwardClusterBlock, 1)
   RowStats<C> stats = finish_row_stats<kReverseKLOffsets<C>>(row_part, k, r.refs, &divergence);
   if (k.need_kd && (k.divergence == Divergence::JSD || k.divergence == Divergence::TVD)) {
     C acc[2] = {C(0), C(0)};
-    sweep_row<SX, TX, C, kVectorized>(r, batches, k, stats, acc);
+    sweep_row<SX, TX, C, kVectorized, kPrefetchNarrowBatches>(r, batches, k, stats, acc);
     team_all_reduce(acc, sweep_scratch, kForwardClusterBlock, SumOp{});
     if (threadIdx.x == 0) {
       chunk_sweep[0] = acc[0];

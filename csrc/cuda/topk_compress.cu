@@ -152,6 +152,10 @@ struct Buffers {
   int* kept_index[2];
   Key* new_keys;
   int* new_index;
+  // Kept buffer `which` (0 or 1), chosen by a select: indexing the arrays with a run-time value
+  // would put them in local memory (ptxas: local loads in the candidate loops).
+  __device__ __forceinline__ Key* keys(int which) const { return which == 0 ? kept_keys[0] : kept_keys[1]; }
+  __device__ __forceinline__ int* index(int which) const { return which == 0 ? kept_index[0] : kept_index[1]; }
 };
 
 template <class C>
@@ -172,8 +176,8 @@ __device__ void cut_candidates(CompressShared<C>& sh, Buffers<typename OrderedKe
   using Traits = OrderedKey<C>;
   using Key = typename Traits::Key;
   const int total = st.kept + st.fresh;
-  const Key* keys_a = buf.kept_keys[st.current];
-  const int* index_a = buf.kept_index[st.current];
+  const Key* keys_a = buf.keys(st.current);
+  const int* index_a = buf.index(st.current);
   const int m = st.kept;
   auto entry = [&](int e, Key& key, int& index) {
     if (e < m) {
@@ -185,8 +189,8 @@ __device__ void cut_candidates(CompressShared<C>& sh, Buffers<typename OrderedKe
     }
   };
   if (total <= k) {  // keep everything: append the newcomers in order
-    Key* keys = buf.kept_keys[st.current];
-    int* index = buf.kept_index[st.current];
+    Key* keys = buf.keys(st.current);
+    int* index = buf.index(st.current);
     for (int e = threadIdx.x; e < st.fresh; e += blockDim.x) {
       keys[m + e] = buf.new_keys[e];
       index[m + e] = buf.new_index[e];
@@ -227,8 +231,8 @@ __device__ void cut_candidates(CompressShared<C>& sh, Buffers<typename OrderedKe
   }
   // Compaction into the other kept buffer in entry order (block scan: deterministic).
   const int next = 1 - st.current;
-  Key* out_keys = buf.kept_keys[next];
-  int* out_index = buf.kept_index[next];
+  Key* out_keys = buf.keys(next);
+  int* out_index = buf.index(next);
   int written = 0;
   for (int base = 0; base < total; base += blockDim.x) {
     const int e = base + threadIdx.x;
@@ -377,8 +381,8 @@ __global__ void __launch_bounds__(kCompressMaxBlock, kCompressMinBlocks) topk_co
   Key* sort_keys = buf.new_keys;
   int* sort_index = buf.new_index;
   for (int e = threadIdx.x; e < padded; e += blockDim.x) {
-    sort_keys[e] = e < k ? buf.kept_keys[st.current][e] : Key(0);
-    sort_index[e] = e < k ? buf.kept_index[st.current][e] : 0x7fffffff;
+    sort_keys[e] = e < k ? buf.keys(st.current)[e] : Key(0);
+    sort_index[e] = e < k ? buf.index(st.current)[e] : 0x7fffffff;
   }
   __syncthreads();
   for (int size = 2; size <= padded; size <<= 1) {

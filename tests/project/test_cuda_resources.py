@@ -1,9 +1,10 @@
 """`benches/cuda_resources.py`'s parsers, on fixed ptxas and SASS text (no compiler needed).
 
 The SASS parser decides which spill instructions sit inside loops and inside innermost loops
-(the per-element loops); these tests pin that classification on a small hand-written listing
-in `cuobjdump -sass` format: one outer loop around one inner loop, spills before, in the outer
-loop only, and in the inner loop.
+and inside streaming loops (innermost loops with a global load and an exp2: the per-element
+loops); these tests pin that classification on a small hand-written listing in `cuobjdump
+-sass` format: one outer loop around one inner loop, spills before, in the outer loop only,
+and in the inner loop; then the same inner loop with an exp2 in it.
 """
 
 from __future__ import annotations
@@ -45,9 +46,13 @@ def test_spills_are_classified_by_loop():
     ]
     other = ["LDL R1, [R1+0x0]", "EXIT"]
     text = _listing("_Z6kernelv", code) + "\n" + _listing("_Z5otherv", other)
+    # The same kernel with an exp2 in its inner loop (0x40); the forward branch's target moves on.
+    streaming = code[:4] + ["MUFU.EX2 R5, R5"] + [line.replace("0x90", "0xa0") for line in code[4:]]
+    text += "\n" + _listing("_Z6streamv", streaming)
     counts = _module().sass_spills(text)
-    assert counts["_Z6kernelv"] == (4, 3, 1)
-    assert counts["_Z5otherv"] == (1, 0, 0)
+    assert counts["_Z6kernelv"] == (4, 3, 1, 0)  # the inner loop loads but computes no exp2
+    assert counts["_Z5otherv"] == (1, 0, 0, 0)
+    assert counts["_Z6streamv"] == (4, 3, 1, 1)
 
 
 def test_ptxas_report_is_parsed():
