@@ -402,6 +402,21 @@ __device__ __forceinline__ void store_group(typename X::Raw* row, int first, int
   }
 }
 
+// ------------------------------------------------------------------ reductions
+
+// The reduction's scale of a row's gradient: 1 / valid rows (mean; 0 when none is valid),
+// 1 / rows (batchmean) or 1; `valid_rows` (C: the dtype the forward pass wrote it in)
+// is read on the device, so no host synchronisation is needed.
+template <class C>
+__device__ __forceinline__ double reduction_scale(Reduction reduction, const void* valid_rows, int64_t rows) {
+  if (reduction == Reduction::Mean) {
+    const double valid = static_cast<double>(*static_cast<const C*>(valid_rows));
+    return valid > 0.0 ? 1.0 / valid : 0.0;
+  }
+  if (reduction == Reduction::BatchMean) return rows > 0 ? 1.0 / static_cast<double>(rows) : 0.0;
+  return 1.0;
+}
+
 // ------------------------------------------------------------------ team reductions
 
 // Maximum that ignores NaN (IEEE maxNum, one instruction), like the CPU's running maximum.

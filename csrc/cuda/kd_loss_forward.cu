@@ -52,18 +52,26 @@ namespace cuda {
 
 namespace {
 
-// One attribute of the current device, queried once per device (0 = not queried yet).
-int cached_device_attribute(cudaDeviceAttr attribute, std::vector<int>& cache, std::mutex& mutex) {
+// A value of the current device, made by make(device) on the first call for that device and
+// cached (T{} marks "not made yet"; make must not return it), so that later calls, also inside
+// CUDA graph capture, make no runtime query besides cudaGetDevice.
+template <class T, class Make>
+T per_device(std::vector<T>& cache, std::mutex& mutex, Make&& make) {
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   std::lock_guard<std::mutex> lock(mutex);
-  if (static_cast<int>(cache.size()) <= device) cache.resize(static_cast<size_t>(device) + 1, 0);
-  if (cache[device] == 0) {
+  if (static_cast<int>(cache.size()) <= device) cache.resize(static_cast<size_t>(device) + 1, T{});
+  if (cache[device] == T{}) cache[device] = make(device);
+  return cache[device];
+}
+
+// One attribute of the current device, queried once per device (at least 1).
+int cached_device_attribute(cudaDeviceAttr attribute, std::vector<int>& cache, std::mutex& mutex) {
+  return per_device(cache, mutex, [attribute](int device) {
     int value = 0;
     check_cuda(cudaDeviceGetAttribute(&value, attribute, device), "cudaDeviceGetAttribute");
-    cache[device] = value > 0 ? value : 1;
-  }
-  return cache[device];
+    return value > 0 ? value : 1;
+  });
 }
 
 // Major compute capability of the current device (9 for sm_90).
@@ -511,25 +519,20 @@ void launch_rows(const ForwardRowsParams& params, const Coefficients<C>& k, cuda
 __device__ const float kUnitFloat = 1.0f;
 __device__ const double kUnitDouble = 1.0;
 
-// Its address on the current device, looked up once per device (so that a call inside CUDA
-// graph capture makes no runtime query).
+// Its address on the current device, looked up once per device (per_device).
 template <class C>
 const void* device_unit() {
   static std::mutex mutex;
   static std::vector<void*> addresses;  // by device index
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  std::lock_guard<std::mutex> lock(mutex);
-  if (static_cast<int>(addresses.size()) <= device) addresses.resize(static_cast<size_t>(device) + 1, nullptr);
-  void*& address = addresses[static_cast<size_t>(device)];
-  if (address == nullptr) {
+  return per_device(addresses, mutex, [](int) {
+    void* address = nullptr;
     if constexpr (sizeof(C) == sizeof(double)) {
       check_cuda(cudaGetSymbolAddress(&address, kUnitDouble), "cudaGetSymbolAddress");
     } else {
       check_cuda(cudaGetSymbolAddress(&address, kUnitFloat), "cudaGetSymbolAddress");
     }
-  }
-  return address;
+    return address;
+  });
 }
 
 template <class SX, class TX, class C>
@@ -561,11 +564,14 @@ void forward_typed(const KDForwardArgs& args, cudaStream_t stream) {
   const bool one_pass = args.grad_student != nullptr && clusters.cluster_size == 1 &&
                         args.rows >= 2 * static_cast<int64_t>(multiprocessors) && params.team_size <= kMaxGradRowsBlock;
   if (one_pass) {
-    // valid_rows first (the gradient's mean scale); reduction none writes nothing else.
-    kd_forward_reduce_kernel<C><<<1, kReduceThreads, 0, stream>>>(
-        static_cast<const C*>(args.row_stats), args.labels, args.rows, args.options.ignore_index, Reduction::None,
-        static_cast<C*>(args.loss), static_cast<C*>(args.valid_rows));
-    check_launch("kd_forward_reduce_kernel");
+    if (args.options.reduction == Reduction::Mean) {
+      // valid_rows first (the gradient's mean scale, the only reduction that reads it);
+      // reduction none writes nothing else.
+      kd_forward_reduce_kernel<C><<<1, kReduceThreads, 0, stream>>>(
+          static_cast<const C*>(args.row_stats), args.labels, args.rows, args.options.ignore_index, Reduction::None,
+          static_cast<C*>(args.loss), static_cast<C*>(args.valid_rows));
+      check_launch("kd_forward_reduce_kernel");
+    }
     const int size_s = static_cast<int>(sizeof(typename SX::Raw));
     const RowTensor tensors[3] = {{args.grad_student, args.vocab, size_s},
                                   {args.student, args.student_row_stride, size_s},

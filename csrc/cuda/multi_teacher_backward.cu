@@ -31,13 +31,7 @@ __global__ void __launch_bounds__(kThreads) multi_teacher_backward_kernel(MultiP
   const int threads = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
   const int M = p.num_teachers;
   const C h = k.diff_scale, kappa = k.inv_scaled_t, inv_h = k.inv_diff_scale;
-  double reduction_scale = 1.0;
-  if (p.reduction == Reduction::Mean) {
-    const double valid = static_cast<double>(*static_cast<const C*>(p.valid_rows));
-    reduction_scale = valid > 0.0 ? 1.0 / valid : 0.0;
-  } else if (p.reduction == Reduction::BatchMean) {
-    reduction_scale = p.rows > 0 ? 1.0 / static_cast<double>(p.rows) : 0.0;
-  }
+  const double scale = reduction_scale<C>(p.reduction, p.valid_rows, p.rows);
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const int vocab = p.vocab;
     Raw* g_row = static_cast<Raw*>(p.grad_student) + row * static_cast<int64_t>(vocab);
@@ -63,7 +57,7 @@ __global__ void __launch_bounds__(kThreads) multi_teacher_backward_kernel(MultiP
       continue;
     }
     const double g =
-        static_cast<double>(static_cast<const C*>(p.grad_output)[row * p.grad_output_stride]) * reduction_scale;
+        static_cast<double>(static_cast<const C*>(p.grad_output)[row * p.grad_output_stride]) * scale;
     const C shift_s = st[0] * h, log_sum_t = st[1], log_sum_1 = st[2], mixture_aux = st[3];
     // The row's factors: for the mixture (teacher log-sum 0: y is a log-probability) and per
     // teacher (combine Sum: its weight folded in), one teacher per thread.

@@ -72,14 +72,8 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
     if (ignored) return;
   }
 
-  double reduction_scale = 1.0;
-  if (p.reduction == Reduction::Mean) {
-    const double valid = *p.valid_rows;
-    reduction_scale = valid > 0.0 ? 1.0 / valid : 0.0;
-  } else if (p.reduction == Reduction::BatchMean) {
-    reduction_scale = p.rows > 0 ? 1.0 / static_cast<double>(p.rows) : 0.0;
-  }
-  const double g = static_cast<double>(static_cast<const C*>(p.grad_output)[row * p.grad_output_stride]) * reduction_scale;
+  const double g = static_cast<double>(static_cast<const C*>(p.grad_output)[row * p.grad_output_stride]) *
+                   reduction_scale<double>(p.reduction, p.valid_rows, p.rows);  // valid_rows: float64
   const double inv_t = k.inv_temperature;
   const double kd_factor = k.need_kd ? g * (1.0 - k.alpha) * k.divergence_scale * inv_t : 0.0;
   const double ce_factor = k.need_ce ? g * k.alpha : 0.0;
