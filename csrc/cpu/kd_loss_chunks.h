@@ -3,8 +3,8 @@
 // over one chunk of a row in the compute type (statistics, JSD / TVD's second sweep, the
 // gradient) and their selection for a call's options (`pick_kernels`). Contract: rowmath.h.
 // The statistics sweep can also keep its exponentials (`KeptExps`): the one-pass training
-// kernel stores exp((s - max)/T), exp((t - max)/T) and exp(s - max) of a row into per-thread
-// row buffers, and every gradient but JSD's (TVD: and its second sweep) is then formed from
+// kernel stores exp((s - b)/T), exp((t - b)/T) and exp(s - b) of a row (b: the row's bases,
+// `RowFrame`) into per-thread row buffers, and every gradient but JSD's (TVD: and its second sweep) is then formed from
 // them (`chunk_grad_kept`, `chunk_sweep_tvd`) with no exponential of its own.
 #pragma once
 
@@ -56,22 +56,34 @@ struct KeptExps {
   KeptExps at(int64_t offset) const { return {q + offset, p ? p + offset : nullptr, one ? one + offset : nullptr}; }
 };
 
-// One row's gradient factors (rowmath::GradRow) and the inverse sums 1/Z = exp(-log-sum)
-// that the gradient and sweeps on the lanes multiply by; built once per row.
+// Where a row's exponentials on the lanes are taken from: the bases b (the row's maxima, or the
+// maxima of its first chunk for a one-sweep row, see kd_loss_cpu.cpp) and the factors that
+// normalise exp((x - b)/T) and exp(x - b): 1/Z exp(-(max - b)/T) = exp(-(max - b)/T - log-sum),
+// formed in double from the saved statistics. Every lanes sweep after the statistics (TVD's
+// second sweep, the gradients but JSD's) takes its exponentials and factors from here.
+template <class C>
+struct RowFrame {
+  C base_s, base_t;
+  C inv_zq, inv_zp, inv_z1;  // of exp(ds/T), exp(dt/T), exp(ds), with ds, dt relative to the bases
+};
+
+// One row's gradient factors (rowmath::GradRow, reverse_kl's rkl_c moved onto the bases) and its
+// frame; built once per row.
 template <class C>
 struct ChunkGradRow {
   GradRow<C> row;
-  C inv_zq, inv_zp, inv_z1;  // 1/Z of exp(ds/T), exp(dt/T), exp(ds)
+  RowFrame<C> frame;
 };
 
 // Folds one chunk into the streamed statistics of a row in a single sweep, relative to the
-// row's final maxima, which `part` already holds (stream_row finds them first), then merges it
-// into the row's partial (rowmath::merge_partials, here with no rebase).
+// bases `part` holds (stream_row: the maxima of the row's first chunk, or the row's maxima),
+// then merges it into the row's partial (rowmath::merge_partials, here with no rebase); the
+// running maxima max_s, max_t grow by the chunk's entries (NaN skipped) on the way.
 // FOLD: exp(d κ) with the folded polynomial (lanes.h; when RowExps::t is foldable).
 // KEEP: also stores the chunk's exponentials into `kept` (KeptExps).
 template <class C, Divergence D, bool KD, int S1, bool SMOOTH, bool FOLD, bool KEEP = false>
 void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowExps<C>& exps,
-                 RowPartial<C>& part, KeptExps<C> kept) {
+                 RowPartial<C>& part, KeptExps<C> kept, C& max_s, C& max_t) {
   const Coefficients<C> k = coefficients;
   const C h = k.diff_scale;
   RowPartial<C> chunk = rowmath::empty_partial<C>();
@@ -84,11 +96,14 @@ void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coeff
   const C shift_t = (chunk.teacher_max == kNegInf<C> ? C(0) : chunk.teacher_max) * h;
   // Local copies: they must not alias the sums for the constants to stay in registers.
   const ExpLanes<C> exp_t = exps.t, exp_1 = exps.one;
-  LaneSums<C, 5> acc;  // sums of e_q, of exp(ds) or e_q^S1, e_p, weighted, centered
+  LaneSums<C, 5> acc;  // sums of e_q, of exp(ds) or e_q^S1, e_p, weighted, centered; max of s
+  LaneSums<C, 1> teacher_acc;  // max of t
   sweep_lanes<C>(n, [&](auto lane, int64_t i) {
     using L = Lane<decltype(lane)>;
     auto* sums = acc.sums(lane);
-    const auto ds = fma_(L::load(s + i), L::splat(h), L::splat(-shift_s));
+    const auto x_s = L::load(s + i);
+    acc.max(lane) = max_(x_s, acc.max(lane));
+    const auto ds = fma_(x_s, L::splat(h), L::splat(-shift_s));
     const auto e_q = exp_t.template apply<true, FOLD>(ds);
     sums[0] = sums[0] + e_q;
     if constexpr (KEEP) store(kept.q + i, e_q);
@@ -100,7 +115,9 @@ void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coeff
     if constexpr (S1 == 2 || S1 == 4) sums[1] = sums[1] + rowmath::integer_power<S1>(e_q);
     if constexpr (SMOOTH) sums[4] = sums[4] + ds;
     if constexpr (KD) {
-      const auto dt = fma_(L::load(t + i), L::splat(h), L::splat(-shift_t));
+      const auto x_t = L::load(t + i);
+      teacher_acc.max(lane) = max_(x_t, teacher_acc.max(lane));
+      const auto dt = fma_(x_t, L::splat(h), L::splat(-shift_t));
       const auto e_p = exp_t.template apply<true, FOLD>(dt);
       sums[2] = sums[2] + e_p;
       if constexpr (KEEP && D != Divergence::ReverseKL) store(kept.p + i, e_p);  // reverse_kl's gradient needs no p
@@ -112,18 +129,14 @@ void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coeff
   });
   const C sum_q = acc.total(0), sum_1 = acc.total(1), sum_p = acc.total(2), weighted = acc.total(3),
           centered = acc.total(4);
+  max_s = max_(acc.maximum(), max_s);
+  if constexpr (KD) max_t = max_(teacher_acc.maximum(), max_t);
   chunk.student_sum_T = sum_q;
   chunk.student_sum_1 = sum_1;
   chunk.student_centered_total = centered;
   chunk.teacher_sum = sum_p;
   chunk.weighted = weighted;
   rowmath::merge_partials(part, chunk, k, k.divergence);
-}
-
-// 1/Z = exp(-log-sum) of a row's sum, as the gradient factors and TVD's sweep use it.
-template <class C>
-inline C inverse_sum(C log_sum) {
-  return static_cast<C>(std::exp(-static_cast<double>(log_sum)));
 }
 
 // m = max(m, x_i) over a chunk (NaN entries are skipped, as in every max sweep of the kernels).
@@ -139,9 +152,10 @@ inline void chunk_max(const C* x, int64_t n, C& m) {
 // `exps` unused: JSD needs log m per element).
 template <class C>
 void chunk_sweep_jsd(const C* s, const C* t, KeptExps<C> kept, int64_t n, const Coefficients<C>& coefficients,
-                 const RowExps<C>& exps, const RowStats<C>& stats, C& acc0, C& acc1) {
+                     const RowExps<C>& exps, const RowStats<C>& stats, const RowFrame<C>& frame, C& acc0, C& acc1) {
   (void)kept;
   (void)exps;
+  (void)frame;
   const Coefficients<C> k = coefficients;
   const RowStats<C> st = stats;
   const C h = k.diff_scale, kappa = k.inv_scaled_t;
@@ -161,16 +175,17 @@ void chunk_sweep_jsd(const C* s, const C* t, KeptExps<C> kept, int64_t n, const 
 }
 
 // TVD's second sweep over one chunk on the lanes: acc0 += |q − p|, acc1 += q sign(q − p), with
-// q = exp(ds κ) / Z_q and p = exp(dt κ) / Z_p formed as the gradient forms them.
+// q = exp(ds κ) inv_zq and p = exp(dt κ) inv_zp on the row's frame, formed as the gradient forms them.
 // KEPT: the vector lanes read the exponentials the statistics sweep kept (`kept`) instead of
 // computing them; the scalar tail always computes them from s and t (which need only be valid
 // there), so that both instantiations give the same bits.
 template <class C, bool FOLD, bool KEPT>
 void chunk_sweep_tvd(const C* s, const C* t, KeptExps<C> kept, int64_t n, const Coefficients<C>& coefficients,
-                     const RowExps<C>& exps, const RowStats<C>& stats, C& acc0, C& acc1) {
+                     const RowExps<C>& exps, const RowStats<C>& stats, const RowFrame<C>& frame, C& acc0, C& acc1) {
+  (void)stats;
   const C h = coefficients.diff_scale;
-  const C max_s = stats.student_max * h, max_t = stats.teacher_max * h;
-  const C inv_zq = inverse_sum(stats.student_log_sum_T), inv_zp = inverse_sum(stats.teacher_log_sum);
+  const C max_s = frame.base_s * h, max_t = frame.base_t * h;
+  const C inv_zq = frame.inv_zq, inv_zp = frame.inv_zp;
   const ExpLanes<C> exp_t = exps.t;  // a local copy, as in chunk_stats
   const C* kq = kept.q;
   const C* kp = kept.p;
@@ -228,9 +243,10 @@ template <class C, Divergence D, bool CE, bool KD, int S1, bool FOLD>
 void chunk_grad_lanes(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients,
                       const RowExps<C>& exps, const ChunkGradRow<C>& grad_row, C* out) {
   const GradRow<C> g = grad_row.row;
+  const RowFrame<C> f = grad_row.frame;
   const C h = coefficients.diff_scale;
-  const C max_s = g.stats.student_max * h, max_t = g.stats.teacher_max * h;
-  const C inv_zq = grad_row.inv_zq, inv_zp = grad_row.inv_zp, inv_z1 = grad_row.inv_z1;
+  const C max_s = f.base_s * h, max_t = f.base_t * h;
+  const C inv_zq = f.inv_zq, inv_zp = f.inv_zp, inv_z1 = f.inv_z1;
   const ExpLanes<C> exp_t = exps.t, exp_1 = exps.one;  // local copies, as in chunk_stats
   sweep_lanes<C>(n, [&](auto lane, int64_t i) {
     using L = Lane<decltype(lane)>;
@@ -261,9 +277,10 @@ template <class C, Divergence D, bool CE, bool KD, int S1>
 void chunk_grad_kept(const C* s, const C* t, KeptExps<C> kept, int64_t n, const Coefficients<C>& coefficients,
                      const ChunkGradRow<C>& grad_row, C* out) {
   const GradRow<C> g = grad_row.row;
+  const RowFrame<C> f = grad_row.frame;
   const C h = coefficients.diff_scale;
-  const C max_s = g.stats.student_max * h, max_t = g.stats.teacher_max * h;
-  const C inv_zq = grad_row.inv_zq, inv_zp = grad_row.inv_zp, inv_z1 = grad_row.inv_z1;
+  const C max_s = f.base_s * h, max_t = f.base_t * h;
+  const C inv_zq = f.inv_zq, inv_zp = f.inv_zp, inv_z1 = f.inv_z1;
   const C* kq = kept.q;
   const C* kp = kept.p;
   const C* k1 = kept.one;
@@ -325,13 +342,13 @@ void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& coeffi
 
 template <class C>
 using StatsFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowExps<C>&, RowPartial<C>&,
-                         KeptExps<C>);
+                         KeptExps<C>, C&, C&);
 template <class C>
 using KeptGradFn = void (*)(const C*, const C*, KeptExps<C>, int64_t, const Coefficients<C>&, const ChunkGradRow<C>&,
                             C*);
 template <class C>
 using SweepFn = void (*)(const C*, const C*, KeptExps<C>, int64_t, const Coefficients<C>&, const RowExps<C>&,
-                         const RowStats<C>&, C&, C&);
+                         const RowStats<C>&, const RowFrame<C>&, C&, C&);
 template <class C>
 using GradFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowExps<C>&,
                         const ChunkGradRow<C>&, C*);

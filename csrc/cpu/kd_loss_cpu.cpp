@@ -9,9 +9,12 @@
 // place for float32 / float64), then swept with vectorised loops; the exp-bound sweeps (the
 // forward statistics, the gradients but JSD's, TVD's second sweep) run on the lanes of lanes.h
 // with its exp(x/T).
-// The forward pass reads the row from memory once: a max sweep, then the statistics sweep over
-// the cache-resident row with the final maxima (stream_row; JSD/TVD: one more sweep); the backward pass reads it once more and writes the gradient once, multiplied by
-// grad_output, or NaN for a row whose loss is NaN (NaN in, NaN out: rowmath::row_sums_defined).
+// The forward pass reads the row from memory once, in one statistics sweep whose exponentials
+// are taken from the maxima of the row's first chunk (stream_row: the bases; a row that rises too
+// far above them is streamed again from its maxima; JSD/TVD: one more sweep over the cached
+// row); the backward pass finds the same bases, reads the row once more and writes the gradient
+// once, multiplied by grad_output, or NaN for a row whose loss is NaN (NaN in, NaN out:
+// rowmath::row_sums_defined).
 // With args.grad_student set, the forward pass is forward_grad_impl: each row's gradient is
 // written right after its statistics, from the cache-resident row (and, except for JSD, from
 // the exponentials the statistics sweep kept), so training reads the logits from memory once.
@@ -73,12 +76,39 @@ const C* load_chunk_from(const In* row, int64_t start, int64_t n, int64_t from, 
   return load_chunk<In, C>(row + start + from, n - from, buf + from) - from;
 }
 
+// The statistics of one row (moved onto the row's maxima) and the bases its exponentials were
+// taken from (kept ones included); see stream_row.
+template <class C>
+struct StreamedRow {
+  RowPartial<C> part;
+  C base_s, base_t;
+};
+
+// A row's frame (RowFrame) from its saved statistics and bases, in double: 1/Z times
+// exp(-(max - base)/T) (exp(-(max - base)) for softmax(s)), rounded once.
+template <class C>
+RowFrame<C> row_frame(const Coefficients<C>& k, const RowStats<C>& st, C base_s, C base_t) {
+  const double inv_t = k.inv_scaled_t_d * static_cast<double>(k.diff_scale);
+  const auto rise = [](C base, C max) {
+    return base == max ? 0.0 : static_cast<double>(max) - static_cast<double>(base);
+  };
+  const double rise_s = rise(base_s, st.student_max), rise_t = rise(base_t, st.teacher_max);
+  RowFrame<C> frame;
+  frame.base_s = base_s;
+  frame.base_t = base_t;
+  frame.inv_zq = static_cast<C>(std::exp(-rise_s * inv_t - static_cast<double>(st.student_log_sum_T)));
+  frame.inv_zp = static_cast<C>(std::exp(-rise_t * inv_t - static_cast<double>(st.teacher_log_sum)));
+  frame.inv_z1 = static_cast<C>(std::exp(-rise_s - static_cast<double>(st.student_log_sum_1)));
+  return frame;
+}
+
 // The statistics (RowStats, then the row loss, then 0) of one valid row with a label in range
 // (or none), from its streamed partial: the second sweep of JSD / TVD over the row, the
 // cross-entropy, and NaN where a sum the loss reads is undefined (NaN in, NaN out).
 template <class S, class T, class C>
-void finish_row(const CallSetup<C>& call, const RowPartial<C>& part, const S* s_row, const T* t_row, int64_t label,
+void finish_row(const CallSetup<C>& call, const StreamedRow<C>& row, const S* s_row, const T* t_row, int64_t label,
                 int64_t vocab, KeptExps<C> kept, C* stats_out) {
+  const RowPartial<C>& part = row.part;
   const Coefficients<C>& k = call.k;
   alignas(64) C student_buf[kChunk];
   alignas(64) C teacher_buf[kChunk];
@@ -87,13 +117,14 @@ void finish_row(const CallSetup<C>& call, const RowPartial<C>& part, const S* s_
   if (call.kernels.sweep) {
     C acc0 = 0, acc1 = 0;
     const bool from_kept = kept.q && call.kernels.sweep_kept;
+    const RowFrame<C> frame = row_frame(k, st, row.base_s, row.base_t);
     for (int64_t start = 0; start < vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, vocab - start);
       const int64_t from = from_kept ? kept_bulk<C>(n) : 0;
       const C* s = load_chunk_from<S, C>(s_row, start, n, from, student_buf);
       const C* t = load_chunk_from<T, C>(t_row, start, n, from, teacher_buf);
       (from_kept ? call.kernels.sweep_kept : call.kernels.sweep)(s, t, kept.q ? kept.at(start) : kept, n, k, call.exps,
-                                                                 st, acc0, acc1);
+                                                                 st, frame, acc0, acc1);
     }
     divergence = static_cast<double>(k.divergence == Divergence::JSD ? rowmath::finish_jsd(acc0, acc1, k, st)
                                                                       : rowmath::finish_tvd(acc0, acc1, st));
@@ -136,36 +167,110 @@ void stored_chunk_max(const In* x, int64_t n, C* buf, C& m) {
   }
 }
 
-// The streamed statistics of one row, in two sweeps: the maxima of s and t (the row's one read
-// from memory), then every sum relative to those final maxima while the row is cache-resident,
-// so that no partial is ever rebased and every exponential is exp((x - max)/T) itself, the
-// value the gradient sweeps compute (both passes and the one-pass kernel agree bit for bit).
-// `kept.q` set: the sweep also keeps its exponentials there (all but JSD).
-// (Running the next row's max sweep inside this row's statistics sweep, to overlap memory and
-// exponentials, measured 3-40% slower for V from 8192 to 256000: its loads then come in short
-// bursts between the exponentials instead of one stream.)
+// How far (in e-folds) a one-sweep row's maxima may rise above the bases its exponentials are
+// taken from: exp(30) times any vocabulary stays far inside the float range, and the one-sweep
+// statistics keep the two-sweep accuracy (their rebase onto the row's maxima is exact in double).
+constexpr double kBaseSpread = 30.0;
+
+// Whether the first chunk's maxima (base_s, base_t) can be the bases of a row whose maxima are
+// (max_s, max_t): finite bases no more than kBaseSpread e-folds below the maxima, counted for
+// exp((x - b)/T) and, where CE needs softmax(s) at T != 1, for exp(x - b). The forward pass
+// tests it as the running maxima grow; the backward pass with the saved maxima, and so makes
+// the same choice.
+template <class C>
+bool bases_fit(const Coefficients<C>& k, C base_s, C max_s, C base_t, C max_t) {
+  const double inv_t = k.inv_scaled_t_d * static_cast<double>(k.diff_scale);
+  const double student_rate = k.need_student_1 ? std::max(inv_t, 1.0) : inv_t;
+  const auto fits = [](C base, C max, double rate) {
+    return base > kNegInf<C> && (static_cast<double>(max) - static_cast<double>(base)) * rate <= kBaseSpread;
+  };
+  return fits(base_s, max_s, student_rate) && (!k.need_kd || fits(base_t, max_t, inv_t));
+}
+
+// The maxima of a row's first chunk (kChunk elements, or the whole row when shorter).
 template <class S, class T, class C>
-RowPartial<C> stream_row(const CallSetup<C>& call, const S* s_row, const T* t_row, int64_t vocab, KeptExps<C> kept) {
+void first_chunk_maxima(const Coefficients<C>& k, const S* s_row, const T* t_row, int64_t vocab, C& max_s, C& max_t) {
+  alignas(64) C buf[kChunk];
+  const int64_t n = std::min(kChunk, vocab);
+  max_s = kNegInf<C>;
+  max_t = kNegInf<C>;
+  stored_chunk_max(s_row, n, buf, max_s);
+  if (k.need_kd) stored_chunk_max(t_row, n, buf, max_t);
+}
+
+// The streamed statistics of one row, normally in one sweep from memory: the exponentials of
+// every chunk are taken from the maxima of the row's first chunk (the bases), the running maxima
+// grow alongside, and at the end the partial is moved onto the row's maxima exactly
+// (rowmath::rebase_partial_exact), so that memory traffic and exponentials overlap. Where the
+// bases do not fit (bases_fit: the row rises too far above its first chunk, or that chunk has no
+// finite entry), the row is streamed again in two sweeps, the maxima and then every sum relative
+// to them (bases = maxima). The backward pass finds the same bases (row_bases), so both passes and
+// the one-pass kernel form every exponential alike and agree bit for bit.
+// `kept.q` set: the sweep also keeps its exponentials there (all but JSD).
+template <class S, class T, class C>
+StreamedRow<C> stream_row(const CallSetup<C>& call, const S* s_row, const T* t_row, int64_t vocab, KeptExps<C> kept) {
   const Coefficients<C>& k = call.k;
   alignas(64) C student_buf[kChunk];
   alignas(64) C teacher_buf[kChunk];
-  RowPartial<C> part = rowmath::empty_partial<C>();
-  C max_s = kNegInf<C>, max_t = kNegInf<C>;
+  const auto sweep = [&](const C* s, const C* t, int64_t n, RowPartial<C>& part, int64_t start, C& max_s, C& max_t) {
+    if (kept.q) call.kernels.stats_keep(s, t, n, k, call.exps, part, kept.at(start), max_s, max_t);
+    else call.kernels.stats(s, t, n, k, call.exps, part, kept, max_s, max_t);
+  };
+  StreamedRow<C> row;
+  first_chunk_maxima<S, T, C>(k, s_row, t_row, vocab, row.base_s, row.base_t);
+  C max_s = row.base_s, max_t = row.base_t;
+  bool one_sweep = bases_fit(k, row.base_s, max_s, row.base_t, max_t);
+  if (one_sweep) {
+    row.part = rowmath::empty_partial<C>();
+    row.part.student_max = row.base_s;
+    row.part.teacher_max = row.base_t;
+    for (int64_t start = 0; start < vocab; start += kChunk) {
+      const int64_t n = std::min(kChunk, vocab - start);
+      const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
+      const C* t = k.need_kd ? load_chunk<T, C>(t_row + start, n, teacher_buf) : nullptr;
+      sweep(s, t, n, row.part, start, max_s, max_t);
+      // A chunk that rises too far may have overflowed: the row is streamed again below.
+      if (!bases_fit(k, row.base_s, max_s, row.base_t, max_t)) {
+        one_sweep = false;
+        break;
+      }
+    }
+  }
+  if (one_sweep) {
+    rowmath::rebase_partial_exact(row.part, max_t, max_s, k, k.divergence);
+    return row;
+  }
+  max_s = kNegInf<C>;
+  max_t = kNegInf<C>;
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, vocab - start);
     stored_chunk_max(s_row + start, n, student_buf, max_s);
     if (k.need_kd) stored_chunk_max(t_row + start, n, teacher_buf, max_t);
   }
-  part.student_max = max_s;
-  part.teacher_max = max_t;
+  row.part = rowmath::empty_partial<C>();
+  row.part.student_max = row.base_s = max_s;
+  row.part.teacher_max = row.base_t = max_t;
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t n = std::min(kChunk, vocab - start);
     const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
     const C* t = k.need_kd ? load_chunk<T, C>(t_row + start, n, teacher_buf) : nullptr;
-    if (kept.q) call.kernels.stats_keep(s, t, n, k, call.exps, part, kept.at(start));
-    else call.kernels.stats(s, t, n, k, call.exps, part, kept);
+    C chunk_max_s = kNegInf<C>, chunk_max_t = kNegInf<C>;  // the row's maxima are known: unused
+    sweep(s, t, n, row.part, start, chunk_max_s, chunk_max_t);
   }
-  return part;
+  return row;
+}
+
+// The bases a row's forward pass took its exponentials from (stream_row), found again from its
+// saved maxima (`st`) and its first chunk: those maxima where they fit, else the row's maxima.
+template <class S, class T, class C>
+void row_bases(const Coefficients<C>& k, const C* st, const S* s_row, const T* t_row, int64_t vocab, C& base_s,
+               C& base_t) {
+  first_chunk_maxima<S, T, C>(k, s_row, t_row, vocab, base_s, base_t);
+  const C max_s = st[2], max_t = k.need_kd ? st[0] : kNegInf<C>;
+  if (!bases_fit(k, base_s, max_s, base_t, max_t)) {
+    base_s = max_s;
+    base_t = max_t;
+  }
 }
 
 // Writes the statistics of a row that adds nothing (ignored: zeros) or is NaN (a bad label).
@@ -174,9 +279,10 @@ void fill_stats(C* stats_out, C value) {
   for (int j = 0; j < kRowStats; ++j) stats_out[j] = value;
 }
 
-// A valid row's gradient factors for g = grad_output times the reduction's scale.
+// A valid row's gradient factors for g = grad_output times the reduction's scale, on the bases
+// its exponentials are taken from (reverse_kl's bracket (ds - dt) + c moved onto them).
 template <class C>
-ChunkGradRow<C> chunk_grad_row(double g, const Coefficients<C>& k, const C* st, int64_t vocab) {
+ChunkGradRow<C> chunk_grad_row(double g, const Coefficients<C>& k, const C* st, int64_t vocab, C base_s, C base_t) {
   ChunkGradRow<C> row_grad;
   row_grad.row = rowmath::make_grad_row(g, k, RowStats<C>{st[0], st[1], st[2], st[3], st[4], st[5]}, vocab);
   GradRow<C>& gr = row_grad.row;
@@ -184,9 +290,13 @@ ChunkGradRow<C> chunk_grad_row(double g, const Coefficients<C>& k, const C* st, 
                    ? static_cast<C>(std::exp(static_cast<double>(k.student_1_mode) * static_cast<double>(st[3]) -
                                              static_cast<double>(st[4])))
                    : C(0);
-  row_grad.inv_zq = inverse_sum(gr.stats.student_log_sum_T);
-  row_grad.inv_zp = inverse_sum(gr.stats.teacher_log_sum);
-  row_grad.inv_z1 = inverse_sum(gr.stats.student_log_sum_1);
+  if ((base_s != gr.stats.student_max || base_t != gr.stats.teacher_max) && k.divergence == Divergence::ReverseKL) {
+    const double h = static_cast<double>(k.diff_scale);
+    const double lift = (static_cast<double>(base_s) - static_cast<double>(gr.stats.student_max)) * h -
+                        (static_cast<double>(base_t) - static_cast<double>(gr.stats.teacher_max)) * h;
+    gr.rkl_c = static_cast<C>(static_cast<double>(gr.rkl_c) + lift);
+  }
+  row_grad.frame = row_frame(k, gr.stats, base_s, base_t);
   return row_grad;
 }
 
@@ -202,13 +312,13 @@ inline double reduction_scale(Reduction reduction, double valid, int64_t rows) {
 // gradient over the logits. `g_row` may alias `s_row` (each chunk is read before it is written).
 template <class S, class T, class C>
 void gradient_row(const CallSetup<C>& call, const C* st, double g, const S* s_row, const T* t_row, int64_t label,
-                  int64_t vocab, KeptExps<C> kept, S* g_row) {
+                  int64_t vocab, KeptExps<C> kept, C base_s, C base_t, S* g_row) {
   const Coefficients<C>& k = call.k;
   if (st[6] != st[6]) {  // a NaN row loss (NaN input, or a bad label): a NaN gradient row
     fill_nan(g_row, vocab);
     return;
   }
-  const ChunkGradRow<C> row_grad = chunk_grad_row(g, k, st, vocab);
+  const ChunkGradRow<C> row_grad = chunk_grad_row(g, k, st, vocab, base_s, base_t);
   const C label_step = row_grad.row.label_step;
   alignas(64) C student_buf[kChunk];
   alignas(64) C teacher_buf[kChunk];
@@ -293,8 +403,8 @@ int64_t forward_impl(const KDForwardArgs& args) {
       }
       const S* s_row = student + row * args.student_row_stride;
       const T* t_row = teacher + row * args.teacher_row_stride;
-      const RowPartial<C> part = stream_row<S, T, C>(call, s_row, t_row, vocab, kept);
-      finish_row<S, T, C>(call, part, s_row, t_row, label, vocab, kept, stats_out);
+      const StreamedRow<C> streamed = stream_row<S, T, C>(call, s_row, t_row, vocab, kept);
+      finish_row<S, T, C>(call, streamed, s_row, t_row, label, vocab, kept, stats_out);
     }
   }
 
@@ -308,7 +418,7 @@ int64_t forward_impl(const KDForwardArgs& args) {
 // so that the row is read from memory once. Per row: stream_row (all but JSD keep their
 // exponentials in per-thread row buffers), JSD / TVD's second sweep, then the gradient sweep
 // (all but JSD: from the kept exponentials, no exp; JSD: over the cached row). Both
-// paths stream the statistics the same way and form every exponential from the final maxima, so
+// paths stream the statistics the same way and form every exponential from the same bases, so
 // they give the same statistics and, for grad_output = 1, the same gradient.
 template <class S, class T, class C>
 int64_t forward_grad_impl(const KDForwardArgs& args) {
@@ -346,9 +456,10 @@ int64_t forward_grad_impl(const KDForwardArgs& args) {
       }
       const S* s_row = student + row * args.student_row_stride;
       const T* t_row = teacher + row * args.teacher_row_stride;
-      const RowPartial<C> part = stream_row<S, T, C>(call, s_row, t_row, vocab, kept);
-      finish_row<S, T, C>(call, part, s_row, t_row, label, vocab, kept, stats_out);
-      gradient_row<S, T, C>(call, stats_out, g, s_row, t_row, label, vocab, kept, g_row);
+      const StreamedRow<C> streamed = stream_row<S, T, C>(call, s_row, t_row, vocab, kept);
+      finish_row<S, T, C>(call, streamed, s_row, t_row, label, vocab, kept, stats_out);
+      gradient_row<S, T, C>(call, stats_out, g, s_row, t_row, label, vocab, kept, streamed.base_s, streamed.base_t,
+                            g_row);
     }
   }
 
@@ -378,8 +489,12 @@ void backward_impl(const KDBackwardArgs& args) {
       continue;
     }
     const double g = static_cast<double>(grad_output[row * args.grad_output_stride]) * scale;
-    gradient_row<S, T, C>(call, row_stats + row * kRowStats, g, student + row * args.student_row_stride,
-                          teacher + row * args.teacher_row_stride, args.labels ? args.labels[row] : -1, vocab, none,
+    const C* st = row_stats + row * kRowStats;
+    const S* s_row = student + row * args.student_row_stride;
+    const T* t_row = teacher + row * args.teacher_row_stride;
+    C base_s = st[2], base_t = st[0];
+    if (st[6] == st[6]) row_bases<S, T, C>(call.k, st, s_row, t_row, vocab, base_s, base_t);
+    gradient_row<S, T, C>(call, st, g, s_row, t_row, args.labels ? args.labels[row] : -1, vocab, none, base_s, base_t,
                           g_row);
   }
 }

@@ -94,6 +94,45 @@ def test_one_pass_gradient_matches_two_pass(divergence, reduction, dtype, option
         assert not bool(grad1[1].any()), "an ignored row gets a zero gradient"
 
 
+def _rising_rows(dtype, *, rise, head_masked=False):
+    """6 rows of V = 2053 whose logits after the first 600 sit near the first 600's maximum,
+    except for rows 0 and 3, which rise `rise` logits above it at index 2000 (the student) and
+    1800 (the teacher); with `head_masked`, row 4's first 600 logits are -inf (student and
+    teacher)."""
+    student, teacher, labels = _inputs(6, 2053, torch.float64, seed=29)
+    for x, at in ((student, 2000), (teacher, 1800)):
+        x[[0, 3], at] = x[[0, 3], :600].max(dim=1).values + rise
+    if head_masked:
+        student[4, :600] = float("-inf")
+        teacher[4, :600] = float("-inf")
+    labels[0], labels[4] = 2000, 1000
+    return student.to(dtype), teacher.to(dtype), labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("rise, head_masked", [(12.0, False), (29.0, False), (45.0, True), (400.0, False)])
+def test_rows_that_rise_far_above_their_first_chunk(divergence, dtype, rise, head_masked):
+    """The forward pass streams a row once, with its exponentials taken from the maxima of the
+    row's first chunk, unless the row rises too far above them (or that chunk is masked): then
+    it streams the row again from its maxima. Rises on both sides of that limit (30 e-folds; CE
+    at T = 2 counts exp(s - max), so 29 fits and 45 does not) and a masked head: the one-pass
+    and two-pass kernels agree (statistics and loss exactly, the gradient within 2 ulp) and
+    both match the float64 oracle."""
+    student, teacher, labels = _rising_rows(dtype, rise=rise, head_masked=head_masked)
+    smoothing = 0.0 if head_masked else 0.1  # smoothing over -inf logits makes the loss inf
+    option_sets = [dict(temperature=2.0, alpha=0.5, label_smoothing=smoothing), dict(temperature=1.0, alpha=0.0)]
+    for settings in option_sets:
+        options = KDOptions.of(divergence=divergence, reduction="sum", **settings)
+        loss2, stats2, grad2 = _two_pass(student, teacher, labels, options)
+        loss1, stats1, grad1 = _one_pass(student, teacher, labels, options)
+        assert torch.equal(stats1, stats2) and torch.equal(loss1, loss2), f"{options}: statistics differ"
+        assert int(_ulp_distance(grad1, grad2).max()) <= 2, f"{options}: gradients differ"
+        one = torch.ones((), dtype=torch.float32)
+        _check_against_oracle(student, teacher, labels, one, lambda loss: loss, reduction="sum",
+                              divergence=divergence, context=f"{divergence} rise {rise} {settings}", **settings)
+
+
 def _other_cpu_variants():
     info = kdfast.build_info()
     return [name for name in info["cpu_variants"] if name != info["cpu_variant_selected"]]

@@ -269,6 +269,40 @@ KDFAST_HD void rebase_partial(RowPartial<C>& part, C new_teacher_max, C new_stud
   part.student_max = new_student_max;
 }
 
+// rebase_partial with its shifts, factors and the weighted sums' correction in double, rounded
+// once into the partial: for one partial accumulated on bases below the row's maxima (the CPU
+// kernels' one-sweep rows), moved onto those maxima before finish_stats, so that no float
+// rounding of a factor or of a difference of shifts enters the row's statistics.
+template <class C>
+inline void rebase_partial_exact(RowPartial<C>& part, C new_teacher_max, C new_student_max, const Coefficients<C>& k,
+                                 Divergence divergence) {
+  const double h = static_cast<double>(k.diff_scale);
+  const auto shift = [h](C from, C to) {
+    return from == neg_inf<C>() || from == to ? 0.0 : static_cast<double>(to) * h - static_cast<double>(from) * h;
+  };
+  const double teacher_shift = shift(part.teacher_max, new_teacher_max);
+  const double student_shift = shift(part.student_max, new_student_max);
+  const double inv_h = 1.0 / h;
+  const double teacher_factor = std::exp(-teacher_shift * k.inv_scaled_t_d);
+  const double student_factor_T = std::exp(-student_shift * k.inv_scaled_t_d);
+  const double student_factor_1 = std::exp(-student_shift * inv_h);
+  const double weighted = static_cast<double>(part.weighted);
+  if (divergence == Divergence::ForwardKL && part.teacher_sum > C(0)) {
+    const double centring = teacher_shift * k.teacher_centring_d - student_shift;
+    part.weighted = static_cast<C>(teacher_factor * (weighted - static_cast<double>(part.teacher_sum) * centring));
+  } else if (divergence == Divergence::ReverseKL && part.student_sum_T > C(0)) {
+    const double centring = student_shift - teacher_shift;
+    part.weighted = static_cast<C>(student_factor_T * (weighted - static_cast<double>(part.student_sum_T) * centring));
+  }
+  part.teacher_sum = static_cast<C>(static_cast<double>(part.teacher_sum) * teacher_factor);
+  part.student_sum_T = static_cast<C>(static_cast<double>(part.student_sum_T) * student_factor_T);
+  part.student_sum_1 = static_cast<C>(static_cast<double>(part.student_sum_1) * student_factor_1);
+  part.student_centered_total = static_cast<C>(static_cast<double>(part.student_centered_total) -
+                                               static_cast<double>(part.count) * student_shift);
+  part.teacher_max = new_teacher_max;
+  part.student_max = new_student_max;
+}
+
 // a += b, both first moved onto the common maxima (for lane, warp or chunk partials).
 template <class C>
 KDFAST_HD void merge_partials(RowPartial<C>& a, RowPartial<C> b, const Coefficients<C>& k, Divergence divergence) {
