@@ -67,13 +67,29 @@ struct RowFrame {
   C inv_zq, inv_zp, inv_z1;  // of exp(ds/T), exp(dt/T), exp(ds), with ds, dt relative to the bases
 };
 
-// One row's gradient factors (rowmath::GradRow, reverse_kl's rkl_c moved onto the bases) and its
-// frame; built once per row.
+// forward_kl's gradient with its CE term (and the CE term alone, for any divergence) as one
+// polynomial in the exponentials on the row's frame, whose row factors are formed in double:
+//   kd (q − p) + ce (r − smooth) = e_q (a + b e_q^(T−1)) − c e_p − d   (r = e_q^T inv_z1, T = 2, 4)
+//                                = e_q a + b e_1 − c e_p − d            (r = e_1 inv_z1, other T)
+// with a = kd inv_zq (+ ce inv_zq at T = 1, where r = q), b = ce inv_z1, c = kd inv_zp,
+// d = ce smooth: three multiply-adds per element where normalising q, p and r first takes six.
+template <class C>
+struct PolyGrad {
+  C a, b, neg_c, d;
+};
+
+// One row's gradient factors (rowmath::GradRow, reverse_kl's rkl_c moved onto the bases), its
+// frame and its PolyGrad; built once per row.
 template <class C>
 struct ChunkGradRow {
   GradRow<C> row;
   RowFrame<C> frame;
+  PolyGrad<C> poly;
 };
+
+// Whether a chunk gradient takes the PolyGrad form (forward_kl, or CE alone).
+template <Divergence D, bool KD>
+constexpr bool kPolyGrad = D == Divergence::ForwardKL || !KD;
 
 // Folds one chunk into the streamed statistics of a row in a single sweep, relative to the
 // bases `part` holds (stream_row: the maxima of the row's first chunk, or the row's maxima),
@@ -228,6 +244,25 @@ inline V lanes_divergence_grad(V q, V p, C kd_factor, C aux) {
   }
 }
 
+// The PolyGrad gradient of one element on the lanes, from e_q = exp(ds κ), e_p = exp(dt κ) and
+// (CE at T other than 1, 2, 4) e_1 = exp(ds / h), all on the row's frame.
+template <bool CE, bool KD, int S1, class V, class C>
+inline V lanes_poly_grad(V e_q, V e_p, V e_1, const PolyGrad<C>& w) {
+  using L = Lane<V>;
+  V value;
+  if constexpr (CE && (S1 == 2 || S1 == 4)) {
+    V power = e_q;
+    if constexpr (S1 == 4) power = (e_q * e_q) * e_q;
+    value = e_q * fma_(L::splat(w.b), power, L::splat(w.a));
+  } else {
+    value = e_q * L::splat(w.a);
+    if constexpr (CE && S1 == rowmath::kStudent1Exp) value = fma_(L::splat(w.b), e_1, value);
+  }
+  if constexpr (KD) value = fma_(L::splat(w.neg_c), e_p, value);
+  if constexpr (CE) value = value - L::splat(w.d);
+  return value;
+}
+
 // reverse_kl's gradient term of one element on the lanes (rowmath::reverse_kl_grad):
 // ((q a) ((ds − dt) + c)) b where q > 0, else 0.
 template <class V, class C>
@@ -251,6 +286,14 @@ void chunk_grad_lanes(const C* s, const C* t, int64_t n, const Coefficients<C>& 
   sweep_lanes<C>(n, [&](auto lane, int64_t i) {
     using L = Lane<decltype(lane)>;
     const auto ds = fma_(L::load(s + i), L::splat(h), L::splat(-max_s));
+    if constexpr (kPolyGrad<D, KD>) {
+      const auto e_q = exp_t.template apply<true, FOLD>(ds);
+      auto e_p = L::zero(), e_1 = L::zero();
+      if constexpr (KD) e_p = exp_t.template apply<true, FOLD>(fma_(L::load(t + i), L::splat(h), L::splat(-max_t)));
+      if constexpr (CE && S1 == rowmath::kStudent1Exp) e_1 = exp_1(ds);
+      store(out + i, lanes_poly_grad<CE, KD, S1>(e_q, e_p, e_1, grad_row.poly));
+      return;
+    }
     const auto q = exp_t.template apply<true, FOLD>(ds) * L::splat(inv_zq);
     auto value = L::zero();
     if constexpr (KD && D == Divergence::ReverseKL) {
@@ -286,6 +329,14 @@ void chunk_grad_kept(const C* s, const C* t, KeptExps<C> kept, int64_t n, const 
   const C* k1 = kept.one;
   sweep_lanes<C>(n, [&](auto lane, int64_t i) {
     using L = Lane<decltype(lane)>;
+    if constexpr (kPolyGrad<D, KD>) {
+      const auto e_q = L::load(kq + i);
+      auto e_p = L::zero(), e_1 = L::zero();
+      if constexpr (KD) e_p = L::load(kp + i);
+      if constexpr (CE && S1 == rowmath::kStudent1Exp) e_1 = L::load(k1 + i);
+      store(out + i, lanes_poly_grad<CE, KD, S1>(e_q, e_p, e_1, grad_row.poly));
+      return;
+    }
     const auto q = L::load(kq + i) * L::splat(inv_zq);
     auto value = L::zero();
     if constexpr (KD && D == Divergence::ReverseKL) {

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -84,22 +85,28 @@ struct StreamedRow {
   C base_s, base_t;
 };
 
-// A row's frame (RowFrame) from its saved statistics and bases, in double: 1/Z times
-// exp(-(max - base)/T) (exp(-(max - base)) for softmax(s)), rounded once.
+// A row's normalising factors on its bases, in double: 1/Z times exp(-(max - base)/T) for q and
+// p, exp(-(max - base)) for softmax(s) (RowFrame rounds them once).
+struct FrameFactors {
+  double inv_zq, inv_zp, inv_z1;
+};
+
 template <class C>
-RowFrame<C> row_frame(const Coefficients<C>& k, const RowStats<C>& st, C base_s, C base_t) {
+FrameFactors frame_factors(const Coefficients<C>& k, const RowStats<C>& st, C base_s, C base_t) {
   const double inv_t = k.inv_scaled_t_d * static_cast<double>(k.diff_scale);
   const auto rise = [](C base, C max) {
     return base == max ? 0.0 : static_cast<double>(max) - static_cast<double>(base);
   };
   const double rise_s = rise(base_s, st.student_max), rise_t = rise(base_t, st.teacher_max);
-  RowFrame<C> frame;
-  frame.base_s = base_s;
-  frame.base_t = base_t;
-  frame.inv_zq = static_cast<C>(std::exp(-rise_s * inv_t - static_cast<double>(st.student_log_sum_T)));
-  frame.inv_zp = static_cast<C>(std::exp(-rise_t * inv_t - static_cast<double>(st.teacher_log_sum)));
-  frame.inv_z1 = static_cast<C>(std::exp(-rise_s - static_cast<double>(st.student_log_sum_1)));
-  return frame;
+  return FrameFactors{std::exp(-rise_s * inv_t - static_cast<double>(st.student_log_sum_T)),
+                      std::exp(-rise_t * inv_t - static_cast<double>(st.teacher_log_sum)),
+                      std::exp(-rise_s - static_cast<double>(st.student_log_sum_1))};
+}
+
+template <class C>
+RowFrame<C> row_frame(const Coefficients<C>& k, const RowStats<C>& st, C base_s, C base_t) {
+  const FrameFactors z = frame_factors(k, st, base_s, base_t);
+  return RowFrame<C>{base_s, base_t, static_cast<C>(z.inv_zq), static_cast<C>(z.inv_zp), static_cast<C>(z.inv_z1)};
 }
 
 // The statistics (RowStats, then the row loss, then 0) of one valid row with a label in range
@@ -207,14 +214,24 @@ void first_chunk_maxima(const Coefficients<C>& k, const S* s_row, const T* t_row
 // to them (bases = maxima). The backward pass finds the same bases (row_bases), so both passes and
 // the one-pass kernel form every exponential alike and agree bit for bit.
 // `kept.q` set: the sweep also keeps its exponentials there (all but JSD).
-template <class S, class T, class C>
-StreamedRow<C> stream_row(const CallSetup<C>& call, const S* s_row, const T* t_row, int64_t vocab, KeptExps<C> kept) {
+// `companion(start, n)` runs once for every chunk, right after the sweep has read it: the
+// one-pass kernel writes the previous row's gradient there, so that its reads of the kept
+// exponentials (from L3 for long rows) overlap this row's exponentials.
+template <class S, class T, class C, class Companion>
+StreamedRow<C> stream_row(const CallSetup<C>& call, const S* s_row, const T* t_row, int64_t vocab, KeptExps<C> kept,
+                          Companion&& companion) {
   const Coefficients<C>& k = call.k;
   alignas(64) C student_buf[kChunk];
   alignas(64) C teacher_buf[kChunk];
   const auto sweep = [&](const C* s, const C* t, int64_t n, RowPartial<C>& part, int64_t start, C& max_s, C& max_t) {
     if (kept.q) call.kernels.stats_keep(s, t, n, k, call.exps, part, kept.at(start), max_s, max_t);
     else call.kernels.stats(s, t, n, k, call.exps, part, kept, max_s, max_t);
+  };
+  int64_t companion_done = 0;
+  const auto accompany = [&](int64_t start, int64_t n) {
+    if (start < companion_done) return;
+    companion(start, n);
+    companion_done = start + n;
   };
   StreamedRow<C> row;
   first_chunk_maxima<S, T, C>(k, s_row, t_row, vocab, row.base_s, row.base_t);
@@ -234,6 +251,7 @@ StreamedRow<C> stream_row(const CallSetup<C>& call, const S* s_row, const T* t_r
         one_sweep = false;
         break;
       }
+      accompany(start, n);
     }
   }
   if (one_sweep) {
@@ -256,8 +274,14 @@ StreamedRow<C> stream_row(const CallSetup<C>& call, const S* s_row, const T* t_r
     const C* t = k.need_kd ? load_chunk<T, C>(t_row + start, n, teacher_buf) : nullptr;
     C chunk_max_s = kNegInf<C>, chunk_max_t = kNegInf<C>;  // the row's maxima are known: unused
     sweep(s, t, n, row.part, start, chunk_max_s, chunk_max_t);
+    accompany(start, n);
   }
   return row;
+}
+
+template <class S, class T, class C>
+StreamedRow<C> stream_row(const CallSetup<C>& call, const S* s_row, const T* t_row, int64_t vocab, KeptExps<C> kept) {
+  return stream_row<S, T, C>(call, s_row, t_row, vocab, kept, [](int64_t, int64_t) {});
 }
 
 // The bases a row's forward pass took its exponentials from (stream_row), found again from its
@@ -297,6 +321,15 @@ ChunkGradRow<C> chunk_grad_row(double g, const Coefficients<C>& k, const C* st, 
     gr.rkl_c = static_cast<C>(static_cast<double>(gr.rkl_c) + lift);
   }
   row_grad.frame = row_frame(k, gr.stats, base_s, base_t);
+  // PolyGrad's factors, each one product in double rounded once.
+  const FrameFactors z = frame_factors(k, gr.stats, base_s, base_t);
+  const double kd = k.need_kd ? static_cast<double>(gr.kd_factor) : 0.0;
+  const double ce = k.need_ce ? static_cast<double>(gr.ce_factor) : 0.0;
+  const bool r_is_q = k.student_1_mode == rowmath::kStudent1None;  // CE at T = 1
+  row_grad.poly.a = static_cast<C>((kd + (r_is_q ? ce : 0.0)) * z.inv_zq);
+  row_grad.poly.b = static_cast<C>(r_is_q ? 0.0 : ce * z.inv_z1);
+  row_grad.poly.neg_c = static_cast<C>(-kd * z.inv_zp);
+  row_grad.poly.d = static_cast<C>(ce * static_cast<double>(gr.smooth));
   return row_grad;
 }
 
@@ -307,24 +340,37 @@ inline double reduction_scale(Reduction reduction, double valid, int64_t rows) {
   return 1.0;
 }
 
-// The gradient row of a valid row whose statistics `st` are known, for g (see chunk_grad_row):
-// from the kept exponentials (`kept.q` set: all but JSD in the one-pass kernel) or by the chunk
-// gradient over the logits. `g_row` may alias `s_row` (each chunk is read before it is written).
+// The gradient row of a valid row whose statistics `st` are known, for g (see chunk_grad_row),
+// chunk by chunk: from the kept exponentials (`kept.q` set: all but JSD in the one-pass kernel)
+// or by the chunk gradient over the logits. `g_row` may alias `s_row` (each chunk is read before
+// it is written). A row whose loss is NaN (NaN input, or a bad label) gets a NaN gradient row.
 template <class S, class T, class C>
-void gradient_row(const CallSetup<C>& call, const C* st, double g, const S* s_row, const T* t_row, int64_t label,
-                  int64_t vocab, KeptExps<C> kept, C base_s, C base_t, S* g_row) {
-  const Coefficients<C>& k = call.k;
-  if (st[6] != st[6]) {  // a NaN row loss (NaN input, or a bad label): a NaN gradient row
-    fill_nan(g_row, vocab);
-    return;
+struct GradientRow {
+  const CallSetup<C>* call;
+  const S* s_row;
+  const T* t_row;
+  int64_t label;
+  KeptExps<C> kept;
+  S* g_row;
+  bool nan_row;
+  ChunkGradRow<C> row_grad;
+
+  GradientRow(const CallSetup<C>& setup, const C* st, double g, const S* s, const T* t, int64_t row_label,
+              int64_t vocab, KeptExps<C> kept_exps, C base_s, C base_t, S* out)
+      : call(&setup), s_row(s), t_row(t), label(row_label), kept(kept_exps), g_row(out), nan_row(st[6] != st[6]) {
+    if (!nan_row) row_grad = chunk_grad_row(g, setup.k, st, vocab, base_s, base_t);
   }
-  const ChunkGradRow<C> row_grad = chunk_grad_row(g, k, st, vocab, base_s, base_t);
-  const C label_step = row_grad.row.label_step;
-  alignas(64) C student_buf[kChunk];
-  alignas(64) C teacher_buf[kChunk];
-  alignas(64) C grad_buf[kChunk];
-  for (int64_t start = 0; start < vocab; start += kChunk) {
-    const int64_t n = std::min(kChunk, vocab - start);
+
+  // Writes the gradient of the n elements at `start`.
+  void chunk(int64_t start, int64_t n) const {
+    if (nan_row) {
+      fill_nan(g_row + start, n);
+      return;
+    }
+    const Coefficients<C>& k = call->k;
+    alignas(64) C student_buf[kChunk];
+    alignas(64) C teacher_buf[kChunk];
+    alignas(64) C grad_buf[kChunk];
     C* out;
     if constexpr (std::is_same_v<S, C>) out = g_row + start;
     else out = grad_buf;
@@ -336,25 +382,30 @@ void gradient_row(const CallSetup<C>& call, const C* st, double g, const S* s_ro
       const int64_t bulk = kept_bulk<C>(n);
       const C* s_bulk = nullptr;
       const C* t_bulk = nullptr;
-      if (call.kernels.kept_grad_reads_logits) {
+      if (call->kernels.kept_grad_reads_logits) {
         s_bulk = load_chunk<S, C>(s_row + start, n, student_buf);
         t_bulk = load_chunk<T, C>(t_row + start, n, teacher_buf);
       }
-      call.kernels.grad_kept(s_bulk, t_bulk, kept.at(start), bulk, k, row_grad, out);
+      call->kernels.grad_kept(s_bulk, t_bulk, kept.at(start), bulk, k, row_grad, out);
       if (bulk < n) {
         const C* s = load_chunk_from<S, C>(s_row, start, n, bulk, student_buf);
         const C* t = k.need_kd ? load_chunk_from<T, C>(t_row, start, n, bulk, teacher_buf) : nullptr;
-        call.kernels.grad(s + bulk, t ? t + bulk : nullptr, n - bulk, k, call.exps, row_grad, out + bulk);
+        call->kernels.grad(s + bulk, t ? t + bulk : nullptr, n - bulk, k, call->exps, row_grad, out + bulk);
       }
     } else {
       const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
       const C* t = k.need_kd ? load_chunk<T, C>(t_row + start, n, teacher_buf) : nullptr;
-      call.kernels.grad(s, t, n, k, call.exps, row_grad, out);
+      call->kernels.grad(s, t, n, k, call->exps, row_grad, out);
     }
-    if (k.need_ce && label >= start && label < start + n) out[label - start] -= label_step;
+    if (k.need_ce && label >= start && label < start + n) out[label - start] -= row_grad.row.label_step;
     store_chunk<S, C>(out, n, g_row + start);
   }
-}
+
+  // Writes the chunks from `from` to the end of the row.
+  void rest(int64_t from, int64_t vocab) const {
+    for (int64_t start = from; start < vocab; start += kChunk) chunk(start, std::min(kChunk, vocab - start));
+  }
+};
 
 // Per-thread row buffers of the kept exponentials, kept between calls (the OpenMP threads
 // persist), so that a call does not fault in fresh pages.
@@ -365,11 +416,12 @@ C* kept_buffer(int64_t size) {
   return buffer.data();
 }
 
-// The calling thread's kept-exponential slices for one row (KeptExps), or none when `keep` is false.
+// The calling thread's kept-exponential slices for one row (KeptExps), set `which` of two (the
+// one-pass kernel keeps one row's while it streams the next), or none when `keep` is false.
 template <class C>
-KeptExps<C> thread_kept(const Coefficients<C>& k, int64_t vocab, bool keep) {
+KeptExps<C> thread_kept(const Coefficients<C>& k, int64_t vocab, bool keep, int which = 0) {
   if (!keep) return KeptExps<C>{nullptr, nullptr, nullptr};
-  C* base = kept_buffer<C>(3 * vocab);
+  C* base = kept_buffer<C>(6 * vocab) + which * 3 * vocab;
   return KeptExps<C>{base, k.need_kd ? base + vocab : nullptr,
                      k.student_1_mode == rowmath::kStudent1Exp ? base + 2 * vocab : nullptr};
 }
@@ -437,7 +489,10 @@ int64_t forward_grad_impl(const KDForwardArgs& args) {
 
 #pragma omp parallel num_threads(threads_for(args.num_threads, rows, vocab)) reduction(+ : bad_labels)
   {
-    const KeptExps<C> kept = thread_kept(k, vocab, keep);
+    // With kept exponentials, a row's gradient is written while the thread streams its next row
+    // (stream_row's companion), from the other of two kept sets; the last row's after the loop.
+    int which = 0;
+    std::optional<GradientRow<S, T, C>> pending;
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
       C* stats_out = row_stats + row * kRowStats;
@@ -456,11 +511,20 @@ int64_t forward_grad_impl(const KDForwardArgs& args) {
       }
       const S* s_row = student + row * args.student_row_stride;
       const T* t_row = teacher + row * args.teacher_row_stride;
-      const StreamedRow<C> streamed = stream_row<S, T, C>(call, s_row, t_row, vocab, kept);
+      const KeptExps<C> kept = thread_kept(k, vocab, keep, which);
+      const StreamedRow<C> streamed =
+          pending ? stream_row<S, T, C>(call, s_row, t_row, vocab, kept,
+                                        [&](int64_t start, int64_t n) { pending->chunk(start, n); })
+                  : stream_row<S, T, C>(call, s_row, t_row, vocab, kept);
       finish_row<S, T, C>(call, streamed, s_row, t_row, label, vocab, kept, stats_out);
-      gradient_row<S, T, C>(call, stats_out, g, s_row, t_row, label, vocab, kept, streamed.base_s, streamed.base_t,
-                            g_row);
+      pending.emplace(call, stats_out, g, s_row, t_row, label, vocab, kept, streamed.base_s, streamed.base_t, g_row);
+      which ^= 1;
+      if (!keep) {  // JSD: its gradient computes its own exponentials; nothing to overlap
+        pending->rest(0, vocab);
+        pending.reset();
+      }
     }
+    if (pending) pending->rest(0, vocab);
   }
 
   reduce_row_losses(row_stats, kRowStats, 6, rows, args.labels, args.options, static_cast<C*>(args.loss),
@@ -494,8 +558,9 @@ void backward_impl(const KDBackwardArgs& args) {
     const T* t_row = teacher + row * args.teacher_row_stride;
     C base_s = st[2], base_t = st[0];
     if (st[6] == st[6]) row_bases<S, T, C>(call.k, st, s_row, t_row, vocab, base_s, base_t);
-    gradient_row<S, T, C>(call, st, g, s_row, t_row, args.labels ? args.labels[row] : -1, vocab, none, base_s, base_t,
-                          g_row);
+    GradientRow<S, T, C>(call, st, g, s_row, t_row, args.labels ? args.labels[row] : -1, vocab, none, base_s, base_t,
+                         g_row)
+        .rest(0, vocab);
   }
 }
 
