@@ -407,6 +407,10 @@ struct GradientRow {
   }
 };
 
+// Above this many bytes of logits and kept exponentials per row (about one core's L2), the
+// one-pass kernel writes each row's gradient while it streams the next row.
+constexpr int64_t kInterleaveRowBytes = int64_t(1) << 20;
+
 // Per-thread row buffers of the kept exponentials, kept between calls (the OpenMP threads
 // persist), so that a call does not fault in fresh pages.
 template <class C>
@@ -416,12 +420,13 @@ C* kept_buffer(int64_t size) {
   return buffer.data();
 }
 
-// The calling thread's kept-exponential slices for one row (KeptExps), set `which` of two (the
-// one-pass kernel keeps one row's while it streams the next), or none when `keep` is false.
+// The calling thread's kept-exponential slices for one row (KeptExps), set `which` of `sets` (the
+// interleaving one-pass kernel keeps one row's while it streams the next: two sets of 3 V), or
+// none when `keep` is false.
 template <class C>
-KeptExps<C> thread_kept(const Coefficients<C>& k, int64_t vocab, bool keep, int which = 0) {
+KeptExps<C> thread_kept(const Coefficients<C>& k, int64_t vocab, bool keep, int which = 0, int sets = 1) {
   if (!keep) return KeptExps<C>{nullptr, nullptr, nullptr};
-  C* base = kept_buffer<C>(6 * vocab) + which * 3 * vocab;
+  C* base = kept_buffer<C>(3 * sets * vocab) + which * 3 * vocab;
   return KeptExps<C>{base, k.need_kd ? base + vocab : nullptr,
                      k.student_1_mode == rowmath::kStudent1Exp ? base + 2 * vocab : nullptr};
 }
@@ -485,11 +490,16 @@ int64_t forward_grad_impl(const KDForwardArgs& args) {
   for (int64_t row = 0; row < rows; ++row) valid += label_valid(args.labels, row, args.options.ignore_index) ? 1 : 0;
   const double g = reduction_scale(args.options.reduction, static_cast<double>(valid), rows);
   const bool keep = call.kernels.stats_keep != nullptr;
+  // Rows whose logits and kept exponentials outgrow a core's L2 write their gradient while the
+  // next row streams in; shorter rows are still cached when their own gradient sweep follows,
+  // and interleaving would only crowd two rows into L2 (measured slower at V = 32000).
+  const int64_t row_bytes = vocab * static_cast<int64_t>(sizeof(S) + sizeof(T) + 2 * sizeof(C));
+  const bool interleave = keep && row_bytes > kInterleaveRowBytes;
   int64_t bad_labels = 0;
 
 #pragma omp parallel num_threads(threads_for(args.num_threads, rows, vocab)) reduction(+ : bad_labels)
   {
-    // With kept exponentials, a row's gradient is written while the thread streams its next row
+    // With interleave, a row's gradient is written while the thread streams its next row
     // (stream_row's companion), from the other of two kept sets; the last row's after the loop.
     int which = 0;
     std::optional<GradientRow<S, T, C>> pending;
@@ -511,7 +521,7 @@ int64_t forward_grad_impl(const KDForwardArgs& args) {
       }
       const S* s_row = student + row * args.student_row_stride;
       const T* t_row = teacher + row * args.teacher_row_stride;
-      const KeptExps<C> kept = thread_kept(k, vocab, keep, which);
+      const KeptExps<C> kept = thread_kept(k, vocab, keep, interleave ? which : 0, interleave ? 2 : 1);
       const StreamedRow<C> streamed =
           pending ? stream_row<S, T, C>(call, s_row, t_row, vocab, kept,
                                         [&](int64_t start, int64_t n) { pending->chunk(start, n); })
@@ -519,7 +529,7 @@ int64_t forward_grad_impl(const KDForwardArgs& args) {
       finish_row<S, T, C>(call, streamed, s_row, t_row, label, vocab, kept, stats_out);
       pending.emplace(call, stats_out, g, s_row, t_row, label, vocab, kept, streamed.base_s, streamed.base_t, g_row);
       which ^= 1;
-      if (!keep) {  // JSD: its gradient computes its own exponentials; nothing to overlap
+      if (!interleave) {
         pending->rest(0, vocab);
         pending.reset();
       }

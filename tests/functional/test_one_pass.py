@@ -94,6 +94,26 @@ def test_one_pass_gradient_matches_two_pass(divergence, reduction, dtype, option
         assert not bool(grad1[1].any()), "an ignored row gets a zero gradient"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_long_rows_write_their_gradient_while_the_next_row_streams(divergence, dtype):
+    """Rows whose logits and kept exponentials outgrow a core's L2 (V = 90000 here) write
+    their gradient while the thread streams its next row, across ignored and NaN rows and at
+    the end of each thread's rows: the same statistics, loss and gradient (2 ulp) as the
+    two-pass kernels."""
+    student, teacher, labels = _inputs(7, 90000, dtype, seed=31)
+    student[4, 123] = float("nan")
+    for settings in (dict(temperature=2.0, alpha=0.5, label_smoothing=0.1), dict(temperature=1.0, alpha=0.0)):
+        options = KDOptions.of(divergence=divergence, reduction="mean", **settings)
+        loss2, stats2, grad2 = _two_pass(student, teacher, labels, options)
+        loss1, stats1, grad1 = _one_pass(student, teacher, labels, options)
+        assert torch.equal(stats1.nan_to_num(), stats2.nan_to_num()), f"{options}: row statistics differ"
+        assert torch.equal(loss1.nan_to_num(), loss2.nan_to_num())
+        assert torch.equal(grad1.isnan(), grad2.isnan()) and bool(grad1[4].isnan().all())
+        assert int(_ulp_distance(grad1.nan_to_num(), grad2.nan_to_num()).max()) <= 2, f"{options}: gradients differ"
+        assert not bool(grad1[1].any()), "an ignored row gets a zero gradient"
+
+
 def _rising_rows(dtype, *, rise, head_masked=False):
     """6 rows of V = 2053 whose logits after the first 600 sit near the first 600's maximum,
     except for rows 0 and 3, which rise `rise` logits above it at index 2000 (the student) and
