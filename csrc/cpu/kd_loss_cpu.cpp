@@ -104,8 +104,7 @@ FrameFactors frame_factors(const Coefficients<C>& k, const RowStats<C>& st, C ba
 }
 
 template <class C>
-RowFrame<C> row_frame(const Coefficients<C>& k, const RowStats<C>& st, C base_s, C base_t) {
-  const FrameFactors z = frame_factors(k, st, base_s, base_t);
+RowFrame<C> row_frame(const FrameFactors& z, C base_s, C base_t) {
   return RowFrame<C>{base_s, base_t, static_cast<C>(z.inv_zq), static_cast<C>(z.inv_zp), static_cast<C>(z.inv_z1)};
 }
 
@@ -124,7 +123,7 @@ void finish_row(const CallSetup<C>& call, const StreamedRow<C>& row, const S* s_
   if (call.kernels.sweep) {
     C acc0 = 0, acc1 = 0;
     const bool from_kept = kept.q && call.kernels.sweep_kept;
-    const RowFrame<C> frame = row_frame(k, st, row.base_s, row.base_t);
+    const RowFrame<C> frame = row_frame(frame_factors(k, st, row.base_s, row.base_t), row.base_s, row.base_t);
     for (int64_t start = 0; start < vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, vocab - start);
       const int64_t from = from_kept ? kept_bulk<C>(n) : 0;
@@ -320,9 +319,9 @@ ChunkGradRow<C> chunk_grad_row(double g, const Coefficients<C>& k, const C* st, 
                         (static_cast<double>(base_t) - static_cast<double>(gr.stats.teacher_max)) * h;
     gr.rkl_c = static_cast<C>(static_cast<double>(gr.rkl_c) + lift);
   }
-  row_grad.frame = row_frame(k, gr.stats, base_s, base_t);
-  // PolyGrad's factors, each one product in double rounded once.
   const FrameFactors z = frame_factors(k, gr.stats, base_s, base_t);
+  row_grad.frame = row_frame(z, base_s, base_t);
+  // PolyGrad's factors, each one product in double rounded once.
   const double kd = k.need_kd ? static_cast<double>(gr.kd_factor) : 0.0;
   const double ce = k.need_ce ? static_cast<double>(gr.ce_factor) : 0.0;
   const bool r_is_q = k.student_1_mode == rowmath::kStudent1None;  // CE at T = 1
