@@ -37,6 +37,12 @@
 // barrier the threads overwrite the k kept positions with their own gradient (scattered 2- or
 // 4-byte stores to lines the block just wrote). Bytes per element: forward one read of the
 // student, backward one read of the student and one write of the gradient.
+// One-pass training (args.grad_student set; it must not alias the student): where the rows take
+// one block each, sparse_kd_forward_grad_rows_kernel runs the forward row and then the row's
+// gradient for grad_output = 1 times the reduction's scale in the same block (the backward
+// kernel's sparse_row_gradient, sparse_kd_gradient.cuh: the same bits), rereading the row from
+// L2 where it is still there; rows in clusters run the forward kernels, then the backward
+// kernel with grad_output 1.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -50,11 +56,16 @@
 #include "shared_memory_plan.cuh"
 #include "sparse_bitmap.cuh"
 #include "sparse_kd_common.cuh"
+#include "sparse_kd_gradient.cuh"
 #include "topk_cuda_common.cuh"
 #include "kdfast/kdfast.h"
 #include "kdfast/sparse_rowmath.h"
 
 namespace kdfast {
+
+void sparse_kd_backward_cuda(const SparseKDBackwardArgs& args, int device_index,
+                             uintptr_t stream_handle);  // sparse_kd_backward.cu
+
 namespace cuda {
 namespace {
 
@@ -155,11 +166,15 @@ __device__ __forceinline__ bool merge_cluster_parts(TailPart& part, TailPart* sh
 #endif
 }
 
+// One row's forward pass by one block (or, kCluster, by the row's cluster: the blocks of rank
+// other than 0 return after the merge): row_stats and, for reduction none, the row loss, written
+// by the block's first threads. `bitmap` is the block's dynamic shared memory (bitmap_words
+// words). Every thread of the block calls it; it returns (not exits) so that the one-pass
+// kernel's block can go on to the gradient after a barrier.
 template <class SX, class C, bool kVectorized, bool kCluster>
-__global__ void __launch_bounds__(kSparseMaxBlock)
-    sparse_kd_forward_rows_kernel(SparseRowParams p, SparseCoefficients<double> k) {
+__device__ __forceinline__ void sparse_forward_row(const SparseRowParams& p, const SparseCoefficients<double>& k,
+                                                   unsigned* bitmap) {
   constexpr int kW = BatchLayout<C>::kWidth;
-  extern __shared__ unsigned bitmap[];
   __shared__ BlockScratch<4> max_scratch;
   __shared__ BlockScratch<7> sum_scratch;
   __shared__ BlockScratch<2> term_scratch;
@@ -343,6 +358,29 @@ __global__ void __launch_bounds__(kSparseMaxBlock)
   if (p.write_row_losses) static_cast<C*>(p.loss)[row] = static_cast<C>(loss);
 }
 
+template <class SX, class C, bool kVectorized, bool kCluster>
+__global__ void __launch_bounds__(kSparseMaxBlock)
+    sparse_kd_forward_rows_kernel(SparseRowParams p, SparseCoefficients<double> k) {
+  extern __shared__ unsigned bitmap[];
+  sparse_forward_row<SX, C, kVectorized, kCluster>(p, k, bitmap);
+}
+
+// The one-pass training kernel (CUDA twin of the CPU's sparse forward with grad_student): one
+// block per row runs the forward pass, then, after a barrier (the row's statistics, written to
+// row_stats by its first threads, are then visible to the block), the row's gradient for
+// grad_output = 1 times the reduction's scale (sparse_row_gradient, as the backward kernel
+// computes it: the same bits), while the row it has just read is still in L2. valid_rows is
+// counted ahead of it for reduction mean (the one reduction whose scale reads it).
+template <class SX, class C, bool kVectorized>
+__global__ void __launch_bounds__(kSparseMaxBlock)
+    sparse_kd_forward_grad_rows_kernel(SparseRowParams p, SparseGradientParams g, SparseCoefficients<double> k) {
+  extern __shared__ unsigned bitmap[];
+  sparse_forward_row<SX, C, kVectorized, false>(p, k, bitmap);
+  __syncthreads();
+  sparse_row_gradient<SX, C, kVectorized>(g, k, static_cast<int64_t>(blockIdx.x),
+                                          reduction_scale<double>(g.reduction, g.valid_rows, g.rows));
+}
+
 constexpr int kSparseReduceThreads = 1024;
 
 // One block: the reduced loss from row_stats[:, 7] (fixed order, double accumulator) and the
@@ -407,12 +445,21 @@ inline SparseDevice sparse_device(const void* cluster_kernel) {
   return d;
 }
 
+// How the forward kernel covers the rows: threads per block, blocks per row (a thread-block
+// cluster on sm_90 for few long rows, else 1), the bitmap's words and windows and the dynamic
+// shared memory they take.
+struct SparseForwardLayout {
+  int block;
+  int cluster_size;
+  int bitmap_words;
+  int window_groups;
+  size_t shared_bytes;
+};
+
 template <class SX, class C, bool kVectorized>
-void launch_sparse_forward(SparseRowParams p, const SparseCoefficients<double>& k, int64_t rows, int64_t vocab,
-                           cudaStream_t stream) {
+SparseForwardLayout sparse_forward_layout(int64_t rows, int64_t vocab) {
   const int block = sparse_block_size(vocab);
   auto cluster_kernel = sparse_kd_forward_rows_kernel<SX, C, kVectorized, true>;
-  auto plain_kernel = sparse_kd_forward_rows_kernel<SX, C, kVectorized, false>;
   const SparseDevice device = sparse_device(reinterpret_cast<const void*>(cluster_kernel));
   const size_t limit = static_cast<size_t>(device.shared_limit);
   // Few long rows on sm_90: a cluster of blocks per row, each streaming its share of the
@@ -426,21 +473,29 @@ void launch_sparse_forward(SparseRowParams p, const SparseCoefficients<double>& 
     throw std::invalid_argument("sparse_kd_loss (CUDA): the device offers " + std::to_string(limit) +
                                 " bytes of shared memory per block, too few for one bitmap window of kept tokens");
   }
-  p.bitmap_words = plan.bitmap_words;
-  p.window_groups = plan.window_groups;
-  p.cluster_size = cluster > 1 && plan.windows > 1 ? cluster : 1;
-  const size_t shared_bytes = plan.dynamic_bytes;
+  return SparseForwardLayout{block, cluster > 1 && plan.windows > 1 ? cluster : 1, plan.bitmap_words,
+                             plan.window_groups, plan.dynamic_bytes};
+}
+
+template <class SX, class C, bool kVectorized>
+void launch_sparse_forward(SparseRowParams p, const SparseForwardLayout& layout, const SparseCoefficients<double>& k,
+                           int64_t rows, cudaStream_t stream) {
+  p.bitmap_words = layout.bitmap_words;
+  p.window_groups = layout.window_groups;
+  p.cluster_size = layout.cluster_size;
   if (p.cluster_size == 1) {
-    allow_dynamic_shared_memory(reinterpret_cast<const void*>(plain_kernel), shared_bytes);
-    plain_kernel<<<static_cast<unsigned>(rows), block, shared_bytes, stream>>>(p, k);
+    auto plain_kernel = sparse_kd_forward_rows_kernel<SX, C, kVectorized, false>;
+    allow_dynamic_shared_memory(reinterpret_cast<const void*>(plain_kernel), layout.shared_bytes);
+    plain_kernel<<<static_cast<unsigned>(rows), layout.block, layout.shared_bytes, stream>>>(p, k);
     check_launch("sparse_kd_forward_rows_kernel");
     return;
   }
-  allow_dynamic_shared_memory(reinterpret_cast<const void*>(cluster_kernel), shared_bytes);
+  auto cluster_kernel = sparse_kd_forward_rows_kernel<SX, C, kVectorized, true>;
+  allow_dynamic_shared_memory(reinterpret_cast<const void*>(cluster_kernel), layout.shared_bytes);
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(rows * p.cluster_size));
-  config.blockDim = dim3(static_cast<unsigned>(block));
-  config.dynamicSmemBytes = shared_bytes;
+  config.blockDim = dim3(static_cast<unsigned>(layout.block));
+  config.dynamicSmemBytes = layout.shared_bytes;
   config.stream = stream;
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeClusterDimension;
@@ -452,9 +507,35 @@ void launch_sparse_forward(SparseRowParams p, const SparseCoefficients<double>& 
   check_cuda(cudaLaunchKernelEx(&config, cluster_kernel, p, k), "sparse_kd_forward_rows_kernel (cluster)");
 }
 
+// The one-pass kernel over every row, one block each (layout.cluster_size is 1).
+template <class SX, class C, bool kVectorized>
+void launch_sparse_forward_grad(SparseRowParams p, const SparseGradientParams& gradient,
+                                const SparseForwardLayout& layout, const SparseCoefficients<double>& k, int64_t rows,
+                                cudaStream_t stream) {
+  p.bitmap_words = layout.bitmap_words;
+  p.window_groups = layout.window_groups;
+  p.cluster_size = 1;
+  auto kernel = sparse_kd_forward_grad_rows_kernel<SX, C, kVectorized>;
+  allow_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), layout.shared_bytes);
+  kernel<<<static_cast<unsigned>(rows), layout.block, layout.shared_bytes, stream>>>(p, gradient, k);
+  check_launch("sparse_kd_forward_grad_rows_kernel");
+}
+
+template <class C>
+void launch_reduce(const SparseKDForwardArgs& args, Reduction reduction, cudaStream_t stream) {
+  sparse_kd_reduce_kernel<C><<<1, kSparseReduceThreads, 0, stream>>>(
+      args.row_stats, args.labels, args.rows, args.options.ignore_index, reduction, static_cast<C*>(args.loss),
+      args.valid_rows);
+  check_launch("sparse_kd_reduce_kernel");
+}
+
+// The forward pass; with args.grad_student also the gradient for grad_output = 1: the one-pass
+// kernel where the rows take one block each, else (few long rows in clusters) the backward
+// kernel after the forward kernels.
 template <class SX, class C>
 void sparse_forward_typed(const SparseKDForwardArgs& args, cudaStream_t stream) {
   const SparseCoefficients<double> k = sparse::make_sparse_coefficients<double>(args.options, args.tail);
+  bool gradient_written = args.grad_student == nullptr || args.rows == 0;
   if (args.rows > 0) {
     SparseRowParams p;
     p.student = args.student;
@@ -470,16 +551,37 @@ void sparse_forward_typed(const SparseKDForwardArgs& args, cudaStream_t stream) 
     p.loss = args.loss;
     p.row_stats = args.row_stats;
     if (args.rows > int64_t(0x7fffffff)) throw std::invalid_argument("sparse_kd_forward (CUDA): too many rows for one launch");
-    if (rows_vectorizable<SX, C>(args.student, args.student_row_stride, nullptr, args.vocab, args.rows)) {
-      launch_sparse_forward<SX, C, true>(p, k, args.rows, args.vocab, stream);
+    // The one-pass kernel also needs the gradient rows on the student's 16-byte pad.
+    const bool vectorized = rows_vectorizable<SX, C>(args.student, args.student_row_stride, args.grad_student,
+                                                     args.vocab, args.rows);
+    const SparseForwardLayout layout = vectorized ? sparse_forward_layout<SX, C, true>(args.rows, args.vocab)
+                                                  : sparse_forward_layout<SX, C, false>(args.rows, args.vocab);
+    if (args.grad_student != nullptr && layout.cluster_size == 1) {
+      if (args.options.reduction == Reduction::Mean) launch_reduce<C>(args, Reduction::None, stream);
+      const SparseGradientParams gradient =
+          make_gradient_params(args, k, args.row_stats, args.valid_rows, args.grad_student);
+      if (vectorized) launch_sparse_forward_grad<SX, C, true>(p, gradient, layout, k, args.rows, stream);
+      else launch_sparse_forward_grad<SX, C, false>(p, gradient, layout, k, args.rows, stream);
+      gradient_written = true;
+    } else if (vectorized) {
+      launch_sparse_forward<SX, C, true>(p, layout, k, args.rows, stream);
     } else {
-      launch_sparse_forward<SX, C, false>(p, k, args.rows, args.vocab, stream);
+      launch_sparse_forward<SX, C, false>(p, layout, k, args.rows, stream);
     }
   }
-  sparse_kd_reduce_kernel<C><<<1, kSparseReduceThreads, 0, stream>>>(
-      args.row_stats, args.labels, args.rows, args.options.ignore_index, args.options.reduction,
-      static_cast<C*>(args.loss), args.valid_rows);
-  check_launch("sparse_kd_reduce_kernel");
+  launch_reduce<C>(args, args.options.reduction, stream);
+  if (!gradient_written) {  // the gradient for grad_output = 1 by the backward kernel (nullptr: 1)
+    SparseKDBackwardArgs backward;
+    static_cast<SparseKDInputs&>(backward) = args;
+    backward.grad_output = nullptr;
+    backward.grad_output_stride = 0;
+    backward.row_stats = args.row_stats;
+    backward.valid_rows = args.valid_rows;
+    backward.grad_student = args.grad_student;
+    int device = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    sparse_kd_backward_cuda(backward, device, reinterpret_cast<uintptr_t>(stream));
+  }
 }
 
 }  // namespace

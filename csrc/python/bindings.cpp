@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -85,6 +86,14 @@ void fill_dense_inputs(kdfast::KDInputs& a, uintptr_t student, int student_dtype
 }
 #endif
 
+// The CUDA one-pass kernels read the student row again after writing gradient elements: the
+// gradient written over the student (in place) is CPU-only.
+void refuse_cuda_inplace(uintptr_t grad_student, uintptr_t student, const char* function) {
+  if (grad_student != 0 && grad_student == student) {
+    throw std::invalid_argument(std::string(function) + ": the in-place gradient (grad_student == student) is CPU-only");
+  }
+}
+
 int64_t kd_forward(uintptr_t student, int student_dtype, int64_t student_row_stride, uintptr_t teacher,
                    int teacher_dtype, int64_t teacher_row_stride, uintptr_t labels, int64_t rows, int64_t vocab,
                    int divergence, int reduction, double temperature, double alpha, double beta,
@@ -102,6 +111,7 @@ int64_t kd_forward(uintptr_t student, int student_dtype, int64_t student_row_str
   a.valid_rows = as_ptr<void>(valid_rows);
   a.grad_student = as_ptr<void>(grad_student);
   if (device_index < 0) return kdfast::kd_forward_cpu(a);
+  refuse_cuda_inplace(grad_student, student, "kd_forward");
 #if defined(KDFAST_WITH_CUDA)
   return kdfast::kd_forward_cuda(a, device_index, stream);
 #else
@@ -214,8 +224,7 @@ std::pair<int64_t, int64_t> sparse_kd_forward(uintptr_t student, int student_dty
   a.valid_rows = as_ptr<double>(valid_rows);
   a.grad_student = as_ptr<void>(grad_student);
   if (device_index >= 0) {
-    if (a.grad_student)
-      throw std::invalid_argument("sparse_kd_forward: the one-pass gradient (grad_student) is CPU-only");
+    refuse_cuda_inplace(grad_student, student, "sparse_kd_forward");
 #if defined(KDFAST_WITH_CUDA)
     const kdfast::SparseKDForwardResult result = kdfast::sparse_kd_forward_cuda(a, device_index, stream);
     return {result.bad_labels, result.bad_index_rows};
@@ -234,7 +243,7 @@ void sparse_kd_backward(uintptr_t grad_output, int64_t grad_output_stride, uintp
                         int64_t vocab, int64_t k, int divergence, int tail_mode, int reduction, double temperature,
                         double alpha, double beta, double label_smoothing, double divergence_scale,
                         int64_t ignore_index, uintptr_t row_stats, uintptr_t valid_rows, uintptr_t grad_student,
-                        int num_threads, int device_index, uintptr_t stream) {
+                        int num_threads, int device_index, uintptr_t stream, bool skip_unit_rows) {
   kdfast::SparseKDBackwardArgs a;
   fill_sparse_inputs(a, student, student_dtype, student_row_stride, indices, index_type, logprobs, logprob_dtype,
                      tail_logprob, tail_dtype, labels, rows, vocab, k, tail_mode,
@@ -246,6 +255,7 @@ void sparse_kd_backward(uintptr_t grad_output, int64_t grad_output_stride, uintp
   a.row_stats = as_ptr<const double>(row_stats);
   a.valid_rows = as_ptr<const double>(valid_rows);
   a.grad_student = as_ptr<void>(grad_student);
+  a.skip_unit_rows = skip_unit_rows;
   if (device_index >= 0) {
 #if defined(KDFAST_WITH_CUDA)
     return kdfast::sparse_kd_backward_cuda(a, device_index, stream);
@@ -430,7 +440,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("reduction"), py::arg("temperature"), py::arg("alpha"), py::arg("beta"),
         py::arg("label_smoothing"), py::arg("divergence_scale"), py::arg("ignore_index"), py::arg("row_stats"),
         py::arg("valid_rows"), py::arg("grad_student"), py::arg("num_threads"), py::arg("device_index"),
-        py::arg("stream"));
+        py::arg("stream"), py::arg("skip_unit_rows") = false);
   m.def("multi_teacher_forward", &multi_teacher_forward, py::call_guard<py::gil_scoped_release>(),
         py::arg("student"), py::arg("student_dtype"), py::arg("student_row_stride"), py::arg("teachers"),
         py::arg("teacher_row_strides"), py::arg("teacher_dtype"), py::arg("weights"),

@@ -389,6 +389,66 @@ def test_sparse_tiny_student_tail_is_exact(divergence):
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
 
 
+def loss_and_grad_with(loss_function, student, soft_labels, labels, grad_output, **options):
+    leaf = student.detach().clone().requires_grad_(True)
+    loss = loss_function(leaf, soft_labels, labels, **options)
+    loss.backward(grad_output.to(loss.dtype).to(loss.device))
+    return loss.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("rows, vocab, k", [(600, 20000, 32), (3, 256000, 100), (40, 3000, 9)],
+                         ids=["one-pass", "few-long", "few-short"])
+def test_sparse_one_pass_gradient_with_unit_grad_output(rows, vocab, k, reduction, tail, dtype):
+    """The gradient the forward pass writes (the one-pass kernel, or for few long rows in
+    clusters the backward kernel after the forward kernels) is the one loss.backward() returns
+    for grad_output 1 (the backward kernel leaves those rows as they are). With reduction "none"
+    every other row gets 1.5, so that the backward kernel recomputes those rows."""
+    student, soft_labels, labels = make_case(rows, vocab, k, seed=seed_of("unit", rows, tail, reduction), dtype=dtype)
+    options = dict(tail=tail, reduction=reduction, divergence="forward_kl", alpha=0.5, label_smoothing=0.1)
+    grad_output = torch.ones((rows,) if reduction == "none" else (), dtype=torch.float64)
+    if reduction == "none":
+        grad_output[1::2] = 1.5
+    loss, grad = loss_and_grad_with(functional.sparse_kd_loss, student, soft_labels, labels, grad_output, **options)
+    expected_loss, expected_grad = loss_and_grad_with(reference.sparse_kd_loss, student.to(torch.float64),
+                                                      soft_labels, labels, grad_output, **options)
+    loss, grad, expected_loss, expected_grad = (t.cpu() for t in (loss, grad, expected_loss, expected_grad))
+    loss_error = (loss.double() - expected_loss).abs()
+    assert bool((loss_error <= LOSS_RTOL * expected_loss.abs() + LOSS_ATOL * (1 + expected_loss.abs().max())).all())
+    grad_scale = expected_grad.abs().max().item() + 1e-30
+    allowance = GRAD_RTOL * expected_grad.abs() + GRAD_NORM_ATOL * grad_scale
+    if dtype == torch.bfloat16:
+        allowance = allowance + 2 * (expected_grad.to(dtype).double() - expected_grad).abs().max()
+    grad_error = (grad.double() - expected_grad).abs()
+    assert bool((grad_error <= allowance).all()), f"grad error {grad_error.max().item():.3g} (scale {grad_scale:.3g})"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=["bf16", "fp32", "fp64"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("rows, vocab", [(300, 20000), (3, 256000)], ids=["one-pass", "few-long"])
+def test_sparse_one_pass_equals_two_pass(rows, vocab, reduction, dtype):
+    """The forward's gradient (grad_output 1) is bit for bit the two-pass backward kernel's:
+    both run the same row gradient on the same statistics."""
+    student, soft_labels, labels = make_case(rows, vocab, 40, seed=seed_of("bits", rows, reduction), dtype=dtype)
+    options = KDOptions(divergence="jsd", temperature=2.0, alpha=0.3, label_smoothing=0.1, reduction=reduction)
+    arguments = (soft_labels.indices, soft_labels.logprobs, soft_labels.tail_logprob, labels, options)
+    gradients = []
+    for one_pass in (True, False):
+        leaf = student.detach().clone().requires_grad_(True)
+        loss = sparse_ops.SparseKDLossFunction.apply(leaf, *arguments, one_pass, False)
+        loss.backward(torch.ones_like(loss))
+        gradients.append(leaf.grad)
+    assert torch.equal(gradients[0], gradients[1])
+
+
+def test_sparse_inplace_gradient_is_refused_on_cuda():
+    student, soft_labels, labels = make_case(4, 300, 5, seed=19)
+    with pytest.raises(ValueError, match="CPU"):
+        functional.sparse_kd_loss(student.clone(), soft_labels, labels, inplace_backward=True)
+
+
 def test_sparse_gradient_reach():
     student, soft_labels, _ = make_case(4, 700, 5, seed=9, with_labels=False)
     _, bucket_grad = loss_and_grad(functional.sparse_kd_loss, student, soft_labels, None, 0, tail="bucket")

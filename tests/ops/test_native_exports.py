@@ -55,3 +55,28 @@ def test_cuda_flags_agree_with_build_info():
     assert type(_C.has_cuda_topk) is bool
     assert _C.has_cuda == info["cuda"]
     assert _C.has_cuda_topk == info["cuda_topk"]
+
+
+def test_cuda_entry_points_refuse_an_inplace_gradient():
+    """The CUDA one-pass kernels re-read the student row after writing gradient elements, so a
+    gradient address equal to the student's is refused (ValueError) before any device work; the
+    check runs in builds with and without the CUDA kernels."""
+    import torch
+
+    from kdfast.contract import KDOptions
+    from kdfast.ops import sparse as sparse_ops
+
+    student = torch.zeros(2, 8)
+    options = KDOptions(alpha=0.5)
+    indices = torch.tensor([[0, 1], [2, 3]])
+    logprobs = torch.full((2, 2), -1.0)
+    tail = torch.full((2,), -1.0)
+    outputs = sparse_ops.forward_outputs(student, options)
+    arguments = sparse_ops._sparse_arguments(student, indices, logprobs, tail, None, options)
+    with pytest.raises(ValueError, match="CPU-only"):
+        _C.sparse_kd_forward(*arguments, *(t.data_ptr() for t in outputs), 1, 0, 0, student.data_ptr())
+    codes = _C.dtype_codes
+    with pytest.raises(ValueError, match="CPU-only"):
+        _C.kd_forward(student.data_ptr(), codes["float32"], 8, student.data_ptr(), codes["float32"], 8, 0, 2, 8,
+                      0, 2, 1.0, 0.5, 0.5, 0.0, 1.0, -100, *(t.data_ptr() for t in outputs), 1, 0, 0,
+                      student.data_ptr(), False)

@@ -208,10 +208,10 @@ struct SparseKDForwardArgs : SparseKDInputs {
   void* loss = nullptr;
   double* row_stats = nullptr;
   double* valid_rows = nullptr;
-  // One-pass training (CPU kernels only; the CUDA kernels ignore it): when set, the forward pass
-  // also writes the student gradient for grad_output = 1 with the reduction's scale folded in,
-  // [rows, vocab] contiguous in the student dtype, each row right after its statistics. It may
-  // be the student's own storage (rows contiguous).
+  // One-pass training: when set, the forward pass also writes the student gradient for
+  // grad_output = 1 with the reduction's scale folded in, [rows, vocab] contiguous in the
+  // student dtype, each row right after its statistics. On the CPU it may be the student's own
+  // storage (rows contiguous); on CUDA it must not alias the student.
   void* grad_student = nullptr;
 };
 
@@ -227,6 +227,9 @@ struct SparseKDBackwardArgs : SparseKDInputs {
   const double* row_stats = nullptr;   // as written by the forward pass
   const double* valid_rows = nullptr;  // as written by the forward pass
   void* grad_student = nullptr;        // [rows, vocab] contiguous, in the student dtype
+  // CUDA, after the one-pass forward: rows whose grad_output is 1 are not written again (as
+  // KDBackwardArgs::skip_unit_rows). The CPU kernels ignore it.
+  bool skip_unit_rows = false;
 };
 
 

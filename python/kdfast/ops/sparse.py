@@ -13,14 +13,14 @@ Contract (inputs already validated and shaped by kdfast.functional):
   indices, and indices repeated within a row, raise ValueError on the CPU.
 - sparse_kd_backward writes the student gradient [rows, V] (student dtype, not aliasing the
   student: kept logits are re-read after their chunk's tail gradient is written), already
-  multiplied by grad_output.
+  multiplied by grad_output (read by the kernel; no host synchronisation).
 CUDA tensors run the CUDA kernels when the core was built with them; there compression takes
 k ≤ the core's `cuda_max_topk` and the sparse loss V ≤ `cuda_max_sparse_vocab` (beyond them
 kdfast.reference runs), and bad labels or indices give NaN rows instead of ValueError (the
 kernels never synchronise with the host). `SparseKDLossFunction` is the one autograd wrapper;
 with create_graph=True its backward differentiates `differentiable_loss` (the same loss in
 plain PyTorch), so second-order gradients are exact.
-One-pass training (CPU): when the student needs a gradient, `forward_grad_body`
+One-pass training (CPU and CUDA): when the student needs a gradient, `forward_grad_body`
 (`kdfast::sparse_kd_forward_grad`) also writes the gradient for grad_output = 1 (the
 reduction's scale folded in) into `grad_student`, each row right after its statistics; the
 first backward pass returns that buffer: as it is for the scalar grad_output 1, else scaled
@@ -28,8 +28,13 @@ in place in one pass (`scale_gradient_body`; a bfloat16/float16 student runs the
 kernel into it instead, so that its gradient is rounded once), so no second N×V buffer is
 allocated. A later backward pass through the same graph recomputes that gradient into a fresh
 tensor first (the same bits). `sparse_kd_forward_grad_inplace` writes the gradient over the
-student's own storage (`inplace_backward`; labels and indices are checked before the logits
-are overwritten). CUDA keeps the two-pass kernels.
+student's own storage (`inplace_backward`, CPU only; labels and indices are checked before the
+logits are overwritten). On CUDA (GPU unverified) the forward writes the gradient with the
+one-pass kernel (one block per row: the row's statistics, then its gradient while the row is in
+L2), or, for few long rows that take a thread-block cluster each, with the backward kernel right
+after the forward kernels; the backward pass then runs the backward kernel with
+`skip_unit_rows`, which leaves every row whose grad_output is 1 as it is and recomputes the
+others exactly, so nothing reads grad_output on the host.
 """
 
 from __future__ import annotations
@@ -159,7 +164,7 @@ def forward_grad_body(student: Tensor, indices: Tensor, teacher_logprobs: Tensor
                       labels: Optional[Tensor], loss: Tensor, row_stats: Tensor, valid_rows: Tensor,
                       grad_student: Tensor, options: KDOptions) -> None:
     """`forward_body`, and the gradient for grad_output = 1 into `grad_student` ([rows, V],
-    contiguous, student dtype) in the same pass (CPU only)."""
+    contiguous, student dtype) in the same pass."""
     _forward(student, indices, teacher_logprobs, teacher_tail, labels, loss, row_stats, valid_rows, grad_student,
              options)
 
@@ -204,13 +209,22 @@ def backward_body(grad_output: Tensor, student: Tensor, indices: Tensor, teacher
                   teacher_tail: Tensor, labels: Optional[Tensor], row_stats: Tensor, valid_rows: Tensor,
                   grad_student: Tensor, options: KDOptions) -> None:
     """Writes d(grad_output · loss)/d student into `grad_student` ([rows, V], contiguous)."""
+    _backward(grad_output, student, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows,
+              grad_student, options, False)
+
+
+def _backward(grad_output: Tensor, student: Tensor, indices: Tensor, teacher_logprobs: Tensor, teacher_tail: Tensor,
+              labels: Optional[Tensor], row_stats: Tensor, valid_rows: Tensor, grad_student: Tensor,
+              options: KDOptions, skip_unit_rows: bool) -> None:
+    """`backward_body`; `skip_unit_rows` (CUDA): rows whose grad_output is 1 are left as they are
+    (they hold the one-pass gradient), decided on the device."""
     grad_output = grad_output.to(compute_dtype(student)).contiguous()
     device_index, stream = device_and_stream(student)
     native_module().sparse_kd_backward(
         grad_output.data_ptr(), 1 if options.reduction == "none" else 0,
         *_sparse_arguments(student, indices, teacher_logprobs, teacher_tail, labels, options),
         row_stats.data_ptr(), valid_rows.data_ptr(), grad_student.data_ptr(), torch.get_num_threads(),
-        device_index, stream,
+        device_index, stream, skip_unit_rows,
     )
 
 
@@ -219,8 +233,14 @@ def scale_gradient_body(grad_output: Tensor, gradient: Tensor, student: Tensor, 
                         valid_rows: Tensor, grad_student: Tensor, exact: bool, options: KDOptions) -> None:
     """Writes grad_output times the one-pass `gradient` (for grad_output = 1) into `grad_student`:
     a copy for the scalar 1, the backward kernel when `exact` (a bfloat16/float16 student whose
-    logits are intact: one rounding), else one scaling pass (per row for reduction "none")."""
-    if grad_output.numel() == 1 and options.reduction != "none" and float(grad_output) == 1.0:
+    logits are intact: one rounding), else one scaling pass (per row for reduction "none"). On
+    CUDA: a copy, then the backward kernel for the rows whose grad_output is not 1 (decided on
+    the device: no host synchronisation)."""
+    if gradient.is_cuda:
+        grad_student.copy_(gradient)
+        _backward(grad_output, student, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows,
+                  grad_student, options, True)
+    elif grad_output.numel() == 1 and options.reduction != "none" and float(grad_output) == 1.0:
         grad_student.copy_(gradient)
     elif exact:
         backward_body(grad_output, student, indices, teacher_logprobs, teacher_tail, labels, row_stats, valid_rows,
@@ -267,15 +287,15 @@ def differentiable_loss(student: Tensor, indices: Tensor, teacher_logprobs: Tens
 
 class SparseKDLossFunction(torch.autograd.Function):
     """`apply(student, indices, teacher_logprobs, teacher_tail, labels, options, one_pass, inplace)
-    -> loss`; `one_pass` (CPU, the student needs a gradient): the forward pass computes it too;
-    `inplace`: it writes it over the student's storage."""
+    -> loss`; `one_pass` (the student needs a gradient): the forward pass computes it too;
+    `inplace` (CPU): it writes it over the student's storage."""
 
     @staticmethod
     def forward(ctx, student: Tensor, indices: Tensor, teacher_logprobs: Tensor, teacher_tail: Tensor,
                 labels: Optional[Tensor], options: KDOptions, one_pass: bool = False, inplace: bool = False) -> Tensor:
         loss, row_stats, valid_rows = forward_outputs(student, options)
         inputs = (student, indices, teacher_logprobs, teacher_tail, labels, loss, row_stats, valid_rows)
-        ctx.one_pass = one_pass and bool(ctx.needs_input_grad[0]) and student.device.type == "cpu"
+        ctx.one_pass = one_pass and bool(ctx.needs_input_grad[0]) and student.device.type in ("cpu", "cuda")
         ctx.inplace = ctx.one_pass and inplace
         if ctx.inplace:
             if not torch.compiler.is_compiling():
@@ -328,7 +348,9 @@ class SparseKDLossFunction(torch.autograd.Function):
                 grad_student = gradient_buffer(student.shape, student.dtype, student.device)
                 forward_grad_body(*inputs, *forward_outputs(student, ctx.options), grad_student, ctx.options)
             ctx.handed_out, ctx.gradient = True, None
-            if grad_loss.numel() != 1 or ctx.options.reduction == "none" or float(grad_loss) != 1.0:
+            if grad_student.is_cuda:  # rows whose grad_output is not 1 recomputed exactly, decided on the device
+                _backward(grad_loss, student, *inputs[1:], row_stats, valid_rows, grad_student, ctx.options, True)
+            elif grad_loss.numel() != 1 or ctx.options.reduction == "none" or float(grad_loss) != 1.0:
                 scale_gradient_body(grad_loss, grad_student, student, indices, teacher_logprobs, teacher_tail, labels,
                                     row_stats, valid_rows, grad_student, exact, ctx.options)
         elif ctx.needs_input_grad[0]:
