@@ -5,7 +5,8 @@
 // min) and `ScaledExp`, exp(x / T) for x <= 0.
 // FV is 8 lanes of AVX2 intrinsics where the variant has AVX2 and FMA (the avx2 and avx512
 // variants), else 4 lanes of GCC / Clang vector extensions that the compiler lowers to the
-// target's 128-bit vectors (SSE2 on the baseline x86-64 variant, NEON on aarch64).
+// target's 128-bit vectors (SSE2 on the baseline x86-64 variant, NEON on aarch64). The avx512
+// variant runs the bulk of a row on FW, 16 lanes of AVX-512 intrinsics, before one FV step.
 //
 // ScaledExp<float> contract: for x <= 0 and a scale 1/T = inv_t with 1e-37 <= inv_t <= 1e37
 // (given in double), returns exp(x * inv_t) with relative error below 2e-7 (measured against
@@ -314,6 +315,86 @@ struct ScaledExpFV {
     return {_mm256_andnot_ps(_mm256_cmp_ps(x.v, cutoff, _CMP_LT_OQ), y)};
   }
 };
+
+#if defined(__AVX512F__)
+// ---- 16 float lanes (the AVX-512 variant): the bulk of a row, before one FV block ----
+// The same formulas on 512-bit registers. A core that executes a 512-bit operation as two
+// 256-bit halves (Zen 4) still issues it as one instruction, so twice the elements fit in the
+// out-of-order window of the exp-bound loops, whose long dependency chains (~35 cycles per
+// exp) otherwise keep the multiply-add pipes idle; cores with 512-bit units do twice the work
+// per instruction.
+#define KDFAST_LANES_WIDE 1
+constexpr int kWideLanes = 16;
+struct FW {
+  __m512 v;
+};
+
+template <>
+struct Lane<FW> {
+  using Scalar = float;
+  static FW load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static FW splat(float v) { return {_mm512_set1_ps(v)}; }
+  static FW zero() { return {_mm512_setzero_ps()}; }
+};
+
+inline void store(float* p, FW x) { _mm512_storeu_ps(p, x.v); }
+inline FW operator+(FW a, FW b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline FW operator-(FW a, FW b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline FW operator*(FW a, FW b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline FW fma_(FW a, FW b, FW c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline FW max_(FW a, FW b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline FW min_(FW a, FW b) { return {_mm512_min_ps(a.v, b.v)}; }
+inline FW where_greater(FW a, FW b, FW value) {
+  return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ), value.v)};
+}
+inline FW where_positive(FW condition, FW value) {
+  return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(condition.v, _mm512_setzero_ps(), _CMP_GT_OQ), value.v)};
+}
+inline __m256 high_half(FW x) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x.v), 1)); }
+inline float hsum(FW x) { return hsum(FV{_mm256_add_ps(_mm512_castps512_ps256(x.v), high_half(x))}); }
+inline float hmax(FW x) { return hmax(FV{_mm256_max_ps(_mm512_castps512_ps256(x.v), high_half(x))}); }
+inline float hmin(FW x) { return hmin(FV{_mm256_min_ps(_mm512_castps512_ps256(x.v), high_half(x))}); }
+
+// ScaledExp<float> on 16 lanes: ScaledExpFV's formula; the permute reads the low 4 bits of k,
+// so the table holds its 8 entries twice (the same bits as the 8-lane exp).
+struct ScaledExpFW {
+  __m512 k_scale, step_hi, step_lo, inv_t, b1, b2, b3, fb1, fb2, fb3, cutoff, magic, one;
+  __m512i table;
+  explicit ScaledExpFW(const ScaledExp<float>& e)
+      : k_scale(_mm512_set1_ps(e.k_scale)), step_hi(_mm512_set1_ps(e.step_hi)), step_lo(_mm512_set1_ps(e.step_lo)),
+        inv_t(_mm512_set1_ps(e.inv_t)), b1(_mm512_set1_ps(ScaledExp<float>::b1)),
+        b2(_mm512_set1_ps(ScaledExp<float>::b2)), b3(_mm512_set1_ps(ScaledExp<float>::b3)),
+        fb1(_mm512_set1_ps(e.fb1)), fb2(_mm512_set1_ps(e.fb2)), fb3(_mm512_set1_ps(e.fb3)),
+        cutoff(_mm512_set1_ps(e.cutoff)), magic(_mm512_set1_ps(ScaledExp<float>::kMagic)),
+        one(_mm512_set1_ps(1.0f)),
+        table(_mm512_broadcast_i64x4(_mm256_load_si256(reinterpret_cast<const __m256i*>(e.table)))) {}
+  FW operator()(FW x) const { return apply<true>(x); }
+  template <bool CUTOFF, bool FOLD = false>
+  FW apply(FW x) const {
+    const __m512 shifted = _mm512_fmadd_ps(x.v, k_scale, magic);
+    const __m512 n = _mm512_sub_ps(shifted, magic);
+    __m512 r = _mm512_fnmadd_ps(n, step_hi, x.v);
+    r = _mm512_fnmadd_ps(n, step_lo, r);
+    __m512 p;
+    if constexpr (FOLD) {
+      p = _mm512_fmadd_ps(fb3, r, fb2);
+      p = _mm512_fmadd_ps(p, r, fb1);
+      p = _mm512_fmadd_ps(p, r, one);
+    } else {
+      const __m512 u = _mm512_mul_ps(r, inv_t);
+      p = _mm512_fmadd_ps(b3, u, b2);
+      p = _mm512_fmadd_ps(p, u, b1);
+      p = _mm512_fmadd_ps(p, u, one);
+    }
+    const __m512i k = _mm512_castps_si512(shifted);
+    const __m512i bits = _mm512_add_epi32(_mm512_permutexvar_epi32(k, table), _mm512_slli_epi32(k, 20));
+    if constexpr (!CUTOFF) return {_mm512_mul_ps(p, _mm512_castsi512_ps(bits))};
+    // Lanes below the cutoff become 0 (NaN compares unordered and is kept).
+    const __mmask16 keep = _mm512_cmp_ps_mask(x.v, cutoff, _CMP_NLT_UQ);
+    return {_mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(bits))};
+  }
+};
+#endif
 #endif
 
 #if !defined(KDFAST_LANES_AVX2)
@@ -387,15 +468,22 @@ struct ScaledExpFV {
 };
 #endif
 
-// ScaledExp for every lane type of compute type C: exp(x) for x of type C or FV.
+// ScaledExp for every lane type of compute type C: exp(x) for x of type C, FV (or FW). It holds
+// only the scalar constants (about 130 bytes, cheap to copy: the chunk loops take a local copy
+// per call so that nothing they store can alias it); the vector exps are built from them at
+// each use, and the compiler hoists those broadcasts out of the loops.
 template <class C>
 struct ExpLanes {
   ScaledExp<C> scalar;
-  std::conditional_t<std::is_same_v<C, float>, ScaledExpFV, ScaledExp<C>> vector;
-  explicit ExpLanes(double inv_t) : scalar(inv_t), vector(scalar) {}
-  FV operator()(FV x) const { return vector(x); }
+  explicit ExpLanes(double inv_t) : scalar(inv_t) {}
+#if defined(KDFAST_LANES_WIDE)
+  FW operator()(FW x) const { return ScaledExpFW(scalar)(x); }
   template <bool CUTOFF, bool FOLD = false>
-  FV apply(FV x) const { return vector.template apply<CUTOFF, FOLD>(x); }
+  FW apply(FW x) const { return ScaledExpFW(scalar).template apply<CUTOFF, FOLD>(x); }
+#endif
+  FV operator()(FV x) const { return ScaledExpFV(scalar)(x); }
+  template <bool CUTOFF, bool FOLD = false>
+  FV apply(FV x) const { return ScaledExpFV(scalar).template apply<CUTOFF, FOLD>(x); }
   C operator()(C x) const { return scalar(x); }
   template <bool CUTOFF, bool FOLD = false>
   C apply(C x) const { return scalar.template apply<CUTOFF, FOLD>(x); }
@@ -436,6 +524,9 @@ struct LaneSums {
     for (int j = 0; j < K; ++j) {
       scalar_sums[j] = C(0);
       vector_sums[j] = Lane<FV>::zero();
+#if defined(KDFAST_LANES_WIDE)
+      wide_sums[j] = Lane<FW>::zero();
+#endif
     }
   }
   C* sums(C) { return scalar_sums; }
@@ -444,6 +535,26 @@ struct LaneSums {
   FV* sums(FV) { return vector_sums; }
   FV& max(FV) { return vector_max; }
   FV& min(FV) { return vector_min; }
+#if defined(KDFAST_LANES_WIDE)
+  FW wide_sums[K];
+  FW wide_max = Lane<FW>::splat(-std::numeric_limits<float>::infinity());
+  FW wide_min = Lane<FW>::splat(std::numeric_limits<float>::infinity());
+  FW* sums(FW) { return wide_sums; }
+  FW& max(FW) { return wide_max; }
+  FW& min(FW) { return wide_min; }
+  C total(int j) const {
+    if constexpr (std::is_same_v<C, float>) return (hsum(wide_sums[j]) + hsum(vector_sums[j])) + scalar_sums[j];
+    return scalar_sums[j];
+  }
+  C maximum() const {
+    if constexpr (std::is_same_v<C, float>) return max_(max_(hmax(wide_max), hmax(vector_max)), scalar_max);
+    return scalar_max;
+  }
+  C minimum() const {
+    if constexpr (std::is_same_v<C, float>) return min_(min_(hmin(wide_min), hmin(vector_min)), scalar_min);
+    return scalar_min;
+  }
+#else
   C total(int j) const {
     if constexpr (std::is_same_v<C, float>) return hsum(vector_sums[j]) + scalar_sums[j];
     return scalar_sums[j];
@@ -456,15 +567,21 @@ struct LaneSums {
     if constexpr (std::is_same_v<C, float>) return min_(hmin(vector_min), scalar_min);
     return scalar_min;
   }
+#endif
 };
 
-// Runs body(lane, i) over i in [0, n): for float in steps of kFloatLanes with lane an FV, then one
-// element at a time with lane a C (the tail; every element for double). The body takes the
-// lane's type (decltype) to pick its loads, accumulators and exp.
+// Runs body(lane, i) over i in [0, n): for float in steps of kWideLanes with lane an FW (the
+// AVX-512 variant), then in steps of kFloatLanes with lane an FV (at most one step after FW
+// lanes), then one element at a time with lane a C (the tail; every element for double). So the
+// vector lanes cover the first n - n % kFloatLanes elements in every variant. The body takes
+// the lane's type (decltype) to pick its loads, accumulators and exp.
 template <class C, class Body>
 inline void sweep_lanes(int64_t n, Body&& body) {
   int64_t i = 0;
   if constexpr (std::is_same_v<C, float>) {
+#if defined(KDFAST_LANES_WIDE)
+    for (; i + kWideLanes <= n; i += kWideLanes) body(Lane<FW>::zero(), i);
+#endif
     for (; i + kFloatLanes <= n; i += kFloatLanes) body(Lane<FV>::zero(), i);
   }
   for (; i < n; ++i) body(C(0), i);
