@@ -283,6 +283,7 @@ void chunk_grad_lanes(const C* s, const C* t, int64_t n, const Coefficients<C>& 
   const C max_s = f.base_s * h, max_t = f.base_t * h;
   const C inv_zq = f.inv_zq, inv_zp = f.inv_zp, inv_z1 = f.inv_z1;
   const ExpLanes<C> exp_t = exps.t, exp_1 = exps.one;  // local copies, as in chunk_stats
+  const PolyGrad<C> poly = grad_row.poly;                // (the stores to `out` cannot alias them)
   sweep_lanes<C>(n, [&](auto lane, int64_t i) {
     using L = Lane<decltype(lane)>;
     const auto ds = fma_(L::load(s + i), L::splat(h), L::splat(-max_s));
@@ -291,7 +292,7 @@ void chunk_grad_lanes(const C* s, const C* t, int64_t n, const Coefficients<C>& 
       auto e_p = L::zero(), e_1 = L::zero();
       if constexpr (KD) e_p = exp_t.template apply<true, FOLD>(fma_(L::load(t + i), L::splat(h), L::splat(-max_t)));
       if constexpr (CE && S1 == rowmath::kStudent1Exp) e_1 = exp_1(ds);
-      store(out + i, lanes_poly_grad<CE, KD, S1>(e_q, e_p, e_1, grad_row.poly));
+      store(out + i, lanes_poly_grad<CE, KD, S1>(e_q, e_p, e_1, poly));
       return;
     }
     const auto q = exp_t.template apply<true, FOLD>(ds) * L::splat(inv_zq);
@@ -327,6 +328,7 @@ void chunk_grad_kept(const C* s, const C* t, KeptExps<C> kept, int64_t n, const 
   const C* kq = kept.q;
   const C* kp = kept.p;
   const C* k1 = kept.one;
+  const PolyGrad<C> poly = grad_row.poly;  // a local copy: the stores to `out` cannot alias it
   sweep_lanes<C>(n, [&](auto lane, int64_t i) {
     using L = Lane<decltype(lane)>;
     if constexpr (kPolyGrad<D, KD>) {
@@ -334,7 +336,7 @@ void chunk_grad_kept(const C* s, const C* t, KeptExps<C> kept, int64_t n, const 
       auto e_p = L::zero(), e_1 = L::zero();
       if constexpr (KD) e_p = L::load(kp + i);
       if constexpr (CE && S1 == rowmath::kStudent1Exp) e_1 = L::load(k1 + i);
-      store(out + i, lanes_poly_grad<CE, KD, S1>(e_q, e_p, e_1, grad_row.poly));
+      store(out + i, lanes_poly_grad<CE, KD, S1>(e_q, e_p, e_1, poly));
       return;
     }
     const auto q = L::load(kq + i) * L::splat(inv_zq);
