@@ -542,32 +542,38 @@ struct LaneSums {
   FW* sums(FW) { return wide_sums; }
   FW& max(FW) { return wide_max; }
   FW& min(FW) { return wide_min; }
-  C total(int j) const {
-    if constexpr (std::is_same_v<C, float>) return (hsum(wide_sums[j]) + hsum(vector_sums[j])) + scalar_sums[j];
-    return scalar_sums[j];
-  }
-  C maximum() const {
-    if constexpr (std::is_same_v<C, float>) return max_(max_(hmax(wide_max), hmax(vector_max)), scalar_max);
-    return scalar_max;
-  }
-  C minimum() const {
-    if constexpr (std::is_same_v<C, float>) return min_(min_(hmin(wide_min), hmin(vector_min)), scalar_min);
-    return scalar_min;
-  }
-#else
-  C total(int j) const {
-    if constexpr (std::is_same_v<C, float>) return hsum(vector_sums[j]) + scalar_sums[j];
-    return scalar_sums[j];
-  }
-  C maximum() const {
-    if constexpr (std::is_same_v<C, float>) return max_(hmax(vector_max), scalar_max);
-    return scalar_max;
-  }
-  C minimum() const {
-    if constexpr (std::is_same_v<C, float>) return min_(hmin(vector_min), scalar_min);
-    return scalar_min;
-  }
 #endif
+  // The wide lanes first (AVX-512 variant), then the 8-lane step, then the scalar tail.
+  C total(int j) const {
+    if constexpr (std::is_same_v<C, float>) {
+      float vectors = hsum(vector_sums[j]);
+#if defined(KDFAST_LANES_WIDE)
+      vectors = hsum(wide_sums[j]) + vectors;
+#endif
+      return vectors + scalar_sums[j];
+    }
+    return scalar_sums[j];
+  }
+  C maximum() const {
+    if constexpr (std::is_same_v<C, float>) {
+      float vectors = hmax(vector_max);
+#if defined(KDFAST_LANES_WIDE)
+      vectors = max_(hmax(wide_max), vectors);
+#endif
+      return max_(vectors, scalar_max);
+    }
+    return scalar_max;
+  }
+  C minimum() const {
+    if constexpr (std::is_same_v<C, float>) {
+      float vectors = hmin(vector_min);
+#if defined(KDFAST_LANES_WIDE)
+      vectors = min_(hmin(wide_min), vectors);
+#endif
+      return min_(vectors, scalar_min);
+    }
+    return scalar_min;
+  }
 };
 
 // Runs body(lane, i) over i in [0, n): for float in steps of kWideLanes with lane an FW (the
