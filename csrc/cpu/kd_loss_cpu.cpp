@@ -184,6 +184,8 @@ inline double reduction_scale(Reduction reduction, double valid, int64_t rows) {
 // chunk by chunk: from the kept exponentials (`kept.q` set: all but JSD in the one-pass kernel)
 // or by the chunk gradient over the logits. `g_row` may alias `s_row` (each chunk is read before
 // it is written). A row whose loss is NaN (NaN input, or a bad label) gets a NaN gradient row.
+// `streaming`: the chunks go to g_row with streaming stores (memory_policy.h; the caller
+// fences).
 template <class S, class T, class C>
 struct GradientRow {
   const CallSetup<C>* call;
@@ -193,11 +195,13 @@ struct GradientRow {
   KeptExps<C> kept;
   S* g_row;
   bool nan_row;
+  bool streaming;
   ChunkGradRow<C> row_grad;
 
   GradientRow(const CallSetup<C>& setup, const C* st, double g, const S* s, const T* t, int64_t row_label,
-              int64_t vocab, KeptExps<C> kept_exps, C base_s, C base_t, S* out)
-      : call(&setup), s_row(s), t_row(t), label(row_label), kept(kept_exps), g_row(out), nan_row(st[6] != st[6]) {
+              int64_t vocab, KeptExps<C> kept_exps, C base_s, C base_t, S* out, bool streaming_stores = false)
+      : call(&setup), s_row(s), t_row(t), label(row_label), kept(kept_exps), g_row(out), nan_row(st[6] != st[6]),
+        streaming(streaming_stores) {
     if (!nan_row) row_grad = chunk_grad_row(g, setup.k, st, vocab, base_s, base_t);
   }
 
@@ -211,9 +215,10 @@ struct GradientRow {
     alignas(64) C student_buf[kChunk];
     alignas(64) C teacher_buf[kChunk];
     alignas(64) C grad_buf[kChunk];
-    C* out;
-    if constexpr (std::is_same_v<S, C>) out = g_row + start;
-    else out = grad_buf;
+    C* out = grad_buf;
+    if constexpr (std::is_same_v<S, C>) {
+      if (!streaming) out = g_row + start;
+    }
     if (kept.q) {
       // The whole vectors from the kept exponentials; the scalar tail of a float row (fewer than
       // kFloatLanes elements) by the chunk gradient itself, whose scalar loop is the very code
@@ -238,7 +243,15 @@ struct GradientRow {
       call->kernels.grad(s, t, n, k, call->exps, row_grad, out);
     }
     if (k.need_ce && label >= start && label < start + n) out[label - start] -= row_grad.row.label_step;
-    store_chunk<S, C>(out, n, g_row + start);
+    if (!streaming) {
+      store_chunk<S, C>(out, n, g_row + start);
+    } else if constexpr (std::is_same_v<S, C>) {
+      copy_streaming(g_row + start, out, n);
+    } else {
+      alignas(64) S staged[kChunk];
+      store_chunk<S, C>(out, n, staged);
+      copy_streaming(g_row + start, staged, n);
+    }
   }
 
   // Writes the chunks from `from` to the end of the row.
@@ -247,9 +260,6 @@ struct GradientRow {
   }
 };
 
-// Above this many bytes of logits and kept exponentials per row (about one core's L2), the
-// one-pass kernel writes each row's gradient while it streams the next row.
-constexpr int64_t kInterleaveRowBytes = int64_t(1) << 20;
 
 // Per-thread row buffers of the kept exponentials, kept between calls (the OpenMP threads
 // persist), so that a call does not fault in fresh pages.
@@ -331,13 +341,13 @@ int64_t forward_grad_impl(const KDForwardArgs& args) {
   const double g = reduction_scale(args.options.reduction, static_cast<double>(valid), rows);
   const bool keep = call.kernels.stats_keep != nullptr;
   // Rows whose logits and kept exponentials outgrow a core's L2 write their gradient while the
-  // next row streams in, and so does a gradient of its own storage, whose lines are read from
-  // memory for ownership as it is written; a shorter row's gradient over its own logits
-  // (inplace_backward) follows its statistics while the row is still in L2 (interleaving
-  // measured 1-2 ms slower there, at N = 1024, V = 32000, and 1-2 ms faster for a fresh gradient).
+  // next row streams in; a shorter row's gradient follows its statistics while the row is still
+  // in L2. A large gradient of its own storage (not inplace_backward) is written with streaming
+  // stores, so that its lines are not read for ownership first (memory_policy.h).
   const int64_t row_bytes = vocab * static_cast<int64_t>(sizeof(S) + sizeof(T) + 2 * sizeof(C));
   const bool in_place = static_cast<const void*>(grad_student) == static_cast<const void*>(student);
-  const bool interleave = keep && (row_bytes > kInterleaveRowBytes || !in_place);
+  const bool interleave = keep && row_bytes > l2_cache_bytes();
+  const bool streaming = !in_place && rows * vocab * static_cast<int64_t>(sizeof(S)) > kStreamingStoreBytes;
   int64_t bad_labels = 0;
 
 #pragma omp parallel num_threads(threads_for(args.num_threads, rows, vocab)) reduction(+ : bad_labels)
@@ -370,7 +380,8 @@ int64_t forward_grad_impl(const KDForwardArgs& args) {
                                         [&](int64_t start, int64_t n) { pending->chunk(start, n); })
                   : stream_row<S, T, C>(call, s_row, t_row, vocab, kept);
       finish_row<S, T, C>(call, streamed, s_row, t_row, label, vocab, kept, stats_out);
-      pending.emplace(call, stats_out, g, s_row, t_row, label, vocab, kept, streamed.base_s, streamed.base_t, g_row);
+      pending.emplace(call, stats_out, g, s_row, t_row, label, vocab, kept, streamed.base_s, streamed.base_t, g_row,
+                      streaming);
       which ^= 1;
       if (!interleave) {
         pending->rest(0, vocab);
@@ -378,6 +389,7 @@ int64_t forward_grad_impl(const KDForwardArgs& args) {
       }
     }
     if (pending) pending->rest(0, vocab);
+    if (streaming) streaming_fence();
   }
 
   reduce_row_losses(row_stats, kRowStats, 6, rows, args.labels, args.options, static_cast<C*>(args.loss),

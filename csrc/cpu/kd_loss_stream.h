@@ -5,7 +5,7 @@
 // taken from the maxima of the row's first chunk (`stream_row`; the bases), with the fallback
 // to two sweeps where a row rises too far above them (`bases_fit`), and the same bases found
 // again by the backward pass (`row_bases`). Contract: rowmath.h; the chunk math is
-// kd_loss_chunks.h.
+// kd_loss_chunks.h; where the sweep prefetches ahead, memory_policy.h.
 #pragma once
 
 #include <algorithm>
@@ -14,6 +14,7 @@
 #include "convert.h"
 #include "kd_loss_chunks.h"
 #include "kernel_common.h"
+#include "memory_policy.h"
 #include "kdfast/rowmath.h"
 #include "kdfast/types.h"
 
@@ -30,14 +31,16 @@ using rowmath::Coefficients;
 using rowmath::RowPartial;
 
 // What every row driver of one call shares: the options' coefficients, the exp lanes and the
-// chunk kernels chosen for them.
+// chunk kernels chosen for them, and the call's row count (for its memory policy).
 template <class C>
 struct CallSetup {
   Coefficients<C> k;
   RowExps<C> exps;
   ChunkKernels<C> kernels;
+  int64_t rows;
   explicit CallSetup(const KDInputs& args)
-      : k(rowmath::make_coefficients<C>(args.options, args.vocab)), exps(k), kernels(pick_kernels<C>(k, exps)) {}
+      : k(rowmath::make_coefficients<C>(args.options, args.vocab)), exps(k), kernels(pick_kernels<C>(k, exps)),
+        rows(args.rows) {}
 };
 
 // The statistics of one row (moved onto the row's maxima) and the bases its exponentials were
@@ -109,6 +112,8 @@ void first_chunk_maxima(const Coefficients<C>& k, const S* s_row, const T* t_row
 // `companion(start, n)` runs once for every chunk, right after the sweep has read it: the
 // one-pass kernel writes the previous row's gradient there, so that its reads of the kept
 // exponentials (from L3 for long rows) overlap this row's exponentials.
+// A call with more than kPrefetchCallBytes of logits prefetches the next chunk of s and t
+// while it sweeps this one (memory_policy.h).
 template <class S, class T, class C, class Companion>
 StreamedRow<C> stream_row(const CallSetup<C>& call, const S* s_row, const T* t_row, int64_t vocab, KeptExps<C> kept,
                           Companion&& companion) {
@@ -133,8 +138,15 @@ StreamedRow<C> stream_row(const CallSetup<C>& call, const S* s_row, const T* t_r
     row.part = rowmath::empty_partial<C>();
     row.part.student_max = row.base_s;
     row.part.teacher_max = row.base_t;
+    const bool prefetch =
+        call.rows * vocab * static_cast<int64_t>(sizeof(S) + (k.need_kd ? sizeof(T) : 0)) > kPrefetchCallBytes;
     for (int64_t start = 0; start < vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, vocab - start);
+      if (prefetch && start + kChunk < vocab) {
+        const int64_t ahead = std::min(kChunk, vocab - start - kChunk);
+        prefetch_lines(s_row + start + kChunk, ahead * static_cast<int64_t>(sizeof(S)));
+        if (k.need_kd) prefetch_lines(t_row + start + kChunk, ahead * static_cast<int64_t>(sizeof(T)));
+      }
       const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
       const C* t = k.need_kd ? load_chunk<T, C>(t_row + start, n, teacher_buf) : nullptr;
       sweep(s, t, n, row.part, start, max_s, max_t);

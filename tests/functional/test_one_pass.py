@@ -114,6 +114,30 @@ def test_long_rows_write_their_gradient_while_the_next_row_streams(divergence, d
         assert not bool(grad1[1].any()), "an ignored row gets a zero gradient"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_large_calls_prefetch_and_stream_their_gradient(divergence, dtype):
+    """A call large enough for the memory policy (70 x 120001: float32 logits above 64 MB, so
+    the sweeps prefetch ahead; a gradient above 4 MB, written with streaming stores, and an odd
+    V, so that most rows start off a 64-byte boundary): the same statistics, loss and gradient
+    (2 ulp) as the two-pass kernels, NaN and ignored rows included; with inplace_backward's
+    storage (no streaming stores) the same gradient again."""
+    student, teacher, labels = _inputs(70, 120001, dtype, seed=37)
+    student[5, 777] = float("nan")
+    options = KDOptions.of(divergence=divergence, reduction="mean", temperature=2.0, alpha=0.5,
+                           label_smoothing=0.1)
+    loss2, stats2, grad2 = _two_pass(student, teacher, labels, options)
+    loss1, stats1, grad1 = _one_pass(student, teacher, labels, options)
+    assert torch.equal(stats1.nan_to_num(), stats2.nan_to_num()) and torch.equal(loss1.nan_to_num(), loss2.nan_to_num())
+    assert torch.equal(grad1.isnan(), grad2.isnan()) and bool(grad1[5].isnan().all())
+    assert int(_ulp_distance(grad1.nan_to_num(), grad2.nan_to_num()).max()) <= 2
+    assert not bool(grad1[1].any()), "an ignored row gets a zero gradient"
+    own = student.clone()
+    loss3, stats3, _ = kd_ops.forward_outputs(own, options)
+    kd_ops.forward_grad_body(own, teacher, labels, loss3, stats3, _, own, options)
+    assert torch.equal(own.nan_to_num(), grad1.nan_to_num()), "in place and fresh gradients differ"
+
+
 def _rising_rows(dtype, *, rise, head_masked=False):
     """6 rows of V = 2053 whose logits after the first 600 sit near the first 600's maximum,
     except for rows 0 and 3, which rise `rise` logits above it at index 2000 (the student) and
