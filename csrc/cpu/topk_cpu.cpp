@@ -248,6 +248,40 @@ ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, cons
   const ExpLanes<float> e = exps;  // a local copy: its constants stay in registers
   __m256 sum[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t vector_hits = 0, i = 0;
+#if defined(KDFAST_LANES_WIDE)
+  // The AVX-512 variant: 64 elements per step on 16-float lanes, its hits stored by vcompress;
+  // the rest of the chunk below on 8-float lanes. Its sums fold into sum[0..1].
+  {
+    const __m512i wide_offsets = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 wide_threshold = _mm512_set1_ps(theta);
+    const __m512 wide_minus_inf = _mm512_set1_ps(kNegInf<float>);
+    __m512 wide_sum[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (; i + 64 <= n; i += 64) {
+      __mmask16 above[4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m512 v = _mm512_loadu_ps(x + i + 16 * j);
+        above[j] = _mm512_cmp_ps_mask(v, wide_threshold, _CMP_GT_OQ);
+        const __m512 masked = _mm512_mask_blend_ps(above[j], v, wide_minus_inf);
+        wide_sum[j] = _mm512_add_ps(wide_sum[j],
+                                    e.template apply<true, FOLD>(FW{_mm512_sub_ps(masked, wide_threshold)}).v);
+      }
+      if ((above[0] | above[1] | above[2] | above[3]) != 0) {  // rare once the threshold has settled
+        for (int j = 0; j < 4; ++j) {
+          const int count = __builtin_popcount(static_cast<unsigned>(above[j]));
+          const __m512i offsets = _mm512_add_epi32(wide_offsets, _mm512_set1_epi32(static_cast<int32_t>(i + 16 * j)));
+          _mm512_mask_compressstoreu_ps(staging.values + staged, above[j], _mm512_loadu_ps(x + i + 16 * j));
+          _mm512_mask_compressstoreu_epi32(staging.offsets + staged, above[j], offsets);
+          staged += count;
+          vector_hits += count;
+        }
+      }
+    }
+    const __m512 wide = _mm512_add_ps(_mm512_add_ps(wide_sum[0], wide_sum[1]), _mm512_add_ps(wide_sum[2], wide_sum[3]));
+    sum[0] = _mm512_castps512_ps256(wide);
+    sum[1] = _mm512_extractf32x8_ps(wide, 1);
+  }
+#endif
   for (; i + 32 <= n; i += 32) {
     unsigned hit_bits = 0;
 #pragma GCC unroll 4
