@@ -260,7 +260,6 @@ struct GradientRow {
   }
 };
 
-
 // Per-thread row buffers of the kept exponentials, kept between calls (the OpenMP threads
 // persist), so that a call does not fault in fresh pages.
 template <class C>

@@ -12,7 +12,9 @@
 // nth_element; the evicted entries join the tail sum and theta rises. The tail is therefore a
 // sum over exactly the non-kept entries, never a difference, and it keeps full relative
 // precision however small it is. The split of a float chunk runs on the 8-float lanes of
-// lanes.h (AVX2 and AVX-512 variants) with their table-based exp(x/T): one exp per logit.
+// lanes.h (AVX2 and AVX-512 variants; the AVX-512 variant's 64-element steps on its 16-float
+// lanes) with their table-based exp(x/T): one exp per logit. A call larger than
+// kPrefetchCallBytes prefetches each next chunk (memory_policy.h).
 // The vector split also stages its hits with in-register compresses (no second scan of the
 // chunk) and a cut selects the k-th value by a compress-partitioned quickselect (kth_largest).
 // Rows run in parallel over OpenMP threads.
