@@ -142,10 +142,9 @@ StreamedRow<C> stream_row(const CallSetup<C>& call, const S* s_row, const T* t_r
         call.rows * vocab * static_cast<int64_t>(sizeof(S) + (k.need_kd ? sizeof(T) : 0)) > kPrefetchCallBytes;
     for (int64_t start = 0; start < vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, vocab - start);
-      if (prefetch && start + kChunk < vocab) {
-        const int64_t ahead = std::min(kChunk, vocab - start - kChunk);
-        prefetch_lines(s_row + start + kChunk, ahead * static_cast<int64_t>(sizeof(S)));
-        if (k.need_kd) prefetch_lines(t_row + start + kChunk, ahead * static_cast<int64_t>(sizeof(T)));
+      if (prefetch) {
+        prefetch_next_chunk(s_row, start, kChunk, vocab);
+        if (k.need_kd) prefetch_next_chunk(t_row, start, kChunk, vocab);
       }
       const C* s = load_chunk<S, C>(s_row + start, n, student_buf);
       const C* t = k.need_kd ? load_chunk<T, C>(t_row + start, n, teacher_buf) : nullptr;

@@ -56,6 +56,14 @@ inline void prefetch_lines(const void* p, int64_t bytes) {
   for (; at < end; at += 64) __builtin_prefetch(at, 0, 2);
 }
 
+// Asks for the chunk after the one at `start` of a row of `vocab` elements (what lies of it in
+// the row), while the caller works on this one.
+template <class T>
+inline void prefetch_next_chunk(const T* row, int64_t start, int64_t chunk, int64_t vocab) {
+  const int64_t next = start + chunk;
+  if (next < vocab) prefetch_lines(row + next, std::min(chunk, vocab - next) * static_cast<int64_t>(sizeof(T)));
+}
+
 // dst[0, n) = src[0, n), the 64-byte-aligned body of dst with streaming stores (the head
 // before it and the tail after it with plain ones). Call streaming_fence() before another
 // thread, or the caller, reads dst.

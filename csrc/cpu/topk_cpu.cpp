@@ -472,9 +472,7 @@ void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Sele
   const bool prefetch = args.rows * vocab * static_cast<int64_t>(sizeof(S)) > kPrefetchCallBytes;
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t len = std::min(kChunk, vocab - start);
-    if (prefetch && start + kChunk < vocab) {
-      prefetch_lines(row + start + kChunk, std::min(kChunk, vocab - start - kChunk) * static_cast<int64_t>(sizeof(S)));
-    }
+    if (prefetch) prefetch_next_chunk(row, start, kChunk, vocab);
     const C* x = load_chunk<S, C>(row + start, len, buffer);
     int64_t first = 0;
     if (!seeded && start == 0 && len >= group_count(k)) {
