@@ -394,6 +394,77 @@ struct ScaledExpFW {
     return {_mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(bits))};
   }
 };
+
+// ---- exp(x / T) with a floor, for long sums (the AVX-512 variant) ----
+// FlooredExp: exp(max(x, floor) / T) for x <= 0, floor = -86 T (or -FLT_MAX where that is
+// lower), on 16 lanes: relative error below 2e-7 against float64 for x >= floor; below it the
+// result is exp(floor / T) ~ 4.5e-38 (also for x = -inf), never 0 and never denormal; NaN gives
+// NaN. Meant for sums whose callers keep them only when they are large (compress_topk keeps a
+// chunk's sum of 2048 terms only when it is >= 1e-20, so the floor adds at most 1e-34 of it),
+// where the floor spares the cutoff test of ScaledExp and every denormal.
+// Formula: m = k / 32 = round(32 x / (T ln2)) / 32, read from x / (T ln2) + 1.5 2^18 (whose
+// last five mantissa bits are then k mod 32); r = x - m T ln2 in two parts (the high part has
+// 12 significant bits, as many as |k| < 2^12 leaves room for: m times it is exact); exp(r / T)
+// by a degree-2 minimax polynomial on |r / T| <= ln2 / 64 (relative error 5.3e-8), as q =
+// exp(r / T) - 1; t = 2^((k mod 32) / 32) from a 32-entry table (one two-source permute), then
+// t + t q in one rounding and 2^floor(m) by vscalefps. Measured worst case 1.65e-7 for T from
+// 1e-30 to 1e30. Ten operations per 16 lanes where ScaledExpFW takes thirteen.
+// FOLD: the polynomial in r with 1/T folded in, when those coefficients are normal floats
+// (`foldable`, every practical temperature), else u = r / T first.
+struct FlooredExp {
+  static constexpr float kMagic = 393216.0f;  // 1.5 * 2^18: adding it rounds to a multiple of 1/32
+  // Minimax (relative error) on |u| <= ln2 / 64, constant term fixed at 1.
+  static constexpr double a1 = 1.0000146427641559, a2 = 0.499999980605532;
+  float floor, k_scale, step_hi, step_lo, inv_t;
+  float a1_f, a2_f, fa1, fa2;  // a1, a2 as floats; folded: a1 / T, a2 / T^2
+  bool foldable;
+  alignas(64) float table[32];  // 2^(j / 32)
+
+  explicit FlooredExp(double inv) {
+    const double ln2 = 0.693147180559945309417;
+    const double temperature = 1.0 / inv;
+    floor = static_cast<float>(std::max(-86.0 * temperature, -static_cast<double>(std::numeric_limits<float>::max())));
+    k_scale = static_cast<float>(inv / ln2);
+    const double step = ln2 * temperature;
+    int exponent = 0;
+    std::frexp(step, &exponent);
+    const double quantum = std::ldexp(1.0, exponent - 12);
+    step_hi = static_cast<float>(std::nearbyint(step / quantum) * quantum);
+    step_lo = static_cast<float>(step - static_cast<double>(step_hi));
+    inv_t = static_cast<float>(inv);
+    a1_f = static_cast<float>(a1);
+    a2_f = static_cast<float>(a2);
+    fa1 = static_cast<float>(a1 * inv);
+    fa2 = static_cast<float>(a2 * inv * inv);
+    const double smallest = std::min({1.0, a1 * inv, a2 * inv * inv}), largest = std::max({1.0, a1 * inv, a2 * inv * inv});
+    foldable = smallest > 1e-30 && largest < 1e30;
+    for (int j = 0; j < 32; ++j) table[j] = static_cast<float>(std::exp2(j / 32.0));
+  }
+};
+
+struct FlooredExpFW {
+  __m512 floor, k_scale, step_hi, step_lo, inv_t, a1, a2, magic, table_low, table_high;
+  explicit FlooredExpFW(const FlooredExp& e)
+      : floor(_mm512_set1_ps(e.floor)), k_scale(_mm512_set1_ps(e.k_scale)), step_hi(_mm512_set1_ps(e.step_hi)),
+        step_lo(_mm512_set1_ps(e.step_lo)), inv_t(_mm512_set1_ps(e.inv_t)),
+        a1(_mm512_set1_ps(e.foldable ? e.fa1 : e.a1_f)), a2(_mm512_set1_ps(e.foldable ? e.fa2 : e.a2_f)),
+        magic(_mm512_set1_ps(FlooredExp::kMagic)), table_low(_mm512_load_ps(e.table)),
+        table_high(_mm512_load_ps(e.table + 16)) {}
+  // FOLD must equal the FlooredExp's `foldable`, which chose a1 and a2.
+  template <bool FOLD>
+  FW apply(FW x) const {
+    const __m512 d = _mm512_max_ps(floor, x.v);  // in this order NaN stays NaN
+    const __m512 shifted = _mm512_fmadd_ps(d, k_scale, magic);
+    const __m512 m = _mm512_sub_ps(shifted, magic);
+    __m512 r = _mm512_fnmadd_ps(m, step_hi, d);
+    r = _mm512_fnmadd_ps(m, step_lo, r);
+    if constexpr (!FOLD) r = _mm512_mul_ps(r, inv_t);
+    const __m512 q = _mm512_mul_ps(_mm512_fmadd_ps(a2, r, a1), r);  // exp(r / T) - 1
+    // The permute reads the last five bits of each index: k mod 32. t (1 + q) rounds once.
+    const __m512 t = _mm512_permutex2var_ps(table_low, _mm512_castps_si512(shifted), table_high);
+    return {_mm512_scalef_ps(_mm512_fmadd_ps(t, q, t), m)};  // times 2^floor(m)
+  }
+};
 #endif
 #endif
 

@@ -11,10 +11,10 @@
 // to the tail's own running maximum. When the buffer fills it is cut back to its best k with
 // nth_element; the evicted entries join the tail sum and theta rises. The tail is therefore a
 // sum over exactly the non-kept entries, never a difference, and it keeps full relative
-// precision however small it is. The split of a float chunk runs on the 8-float lanes of
-// lanes.h (AVX2 and AVX-512 variants; the AVX-512 variant's 64-element steps on its 16-float
-// lanes) with their table-based exp(x/T): one exp per logit. A call larger than
-// kPrefetchCallBytes prefetches each next chunk (memory_policy.h).
+// precision however small it is. The split of a float chunk runs on vector lanes, one exp per
+// logit: the AVX2 variant's 8-float lanes with lanes.h's table exp(x/T), the AVX-512 variant's
+// 16-float lanes with FlooredExp. A call larger than kPrefetchCallBytes prefetches each next
+// chunk (memory_policy.h): the AVX-512 float split as it goes, the others before each chunk.
 // The vector split also stages its hits with in-register compresses (no second scan of the
 // chunk) and a cut selects the k-th value by a compress-partitioned quickselect (kth_largest).
 // Rows run in parallel over OpenMP threads.
@@ -55,8 +55,17 @@ constexpr int64_t kChunk = 2048;
 // Per-thread working memory of the selection.
 template <class C>
 struct Selection {
-  explicit Selection(double inv_t) : exps(inv_t) {}
+  explicit Selection(double inv_t)
+      : exps(inv_t)
+#if defined(KDFAST_LANES_WIDE)
+        , floored(inv_t)
+#endif
+  {
+  }
   ExpLanes<C> exps;  // exp(x/T) on the variant's lanes (lanes.h)
+#if defined(KDFAST_LANES_WIDE)
+  FlooredExp floored;  // the float split's exp on 16 lanes (lanes.h)
+#endif
   std::vector<TopKCandidate<C>> candidates;
   std::vector<C> evicted;  // values of the entries a cut removes
   std::vector<float> values, values_scratch;  // the candidates' values, for the cut's selection
@@ -198,12 +207,14 @@ C cut_to_k(Selection<C>& sel, TailSum& tail, double inv_t) {
       n = count - k;
       for (int64_t i = 0; i < n; ++i) evicted[i] = c[k + i].value;
     }
-    C evicted_max = kNegInf<C>;
+    C evicted_max = kNegInf<C>;  // (candidates are never NaN: simd reductions are exact here)
+#pragma omp simd reduction(max : evicted_max)
     for (int64_t i = 0; i < n; ++i) evicted_max = evicted[i] > evicted_max ? evicted[i] : evicted_max;
     add_to_tail(evicted, n, evicted_max, static_cast<C>(inv_t), tail, inv_t);
     sel.count = k;
   }
   C smallest = c[0].value;
+#pragma omp simd reduction(min : smallest)
   for (int64_t i = 1; i < k; ++i) smallest = c[i].value < smallest ? c[i].value : smallest;
   return smallest;
 }
@@ -231,11 +242,61 @@ struct Staging {
 };
 
 
-#if defined(KDFAST_LANES_AVX2)
-// The bulk of split_chunk on 8-float lanes with the lanes' table exp(x/T) of (masked - theta)
-// <= 0: one compare, one blend, one max, a population count and one exp per element, 32
-// elements per step over four independent accumulators. FOLD: the exp's folded coefficients
-// (ExpLanes::foldable), one multiplication less per element.
+#if defined(KDFAST_LANES_WIDE)
+// The AVX-512 variant's split of a float chunk, 64 elements per step on 16-float lanes over four
+// independent accumulators, then 16 at a time with masked loads: per element one compare, one
+// subtraction, FlooredExp (lanes.h) and one masked add. A hit's lane is left out of the sum by
+// the add's mask (not set to -inf), so the exp needs no cutoff test. The hits of a step that
+// has any are stored in order to the staging buffers by vcompress (one branch per such step,
+// no second scan of the chunk). FOLD: FlooredExp::foldable. PREFETCH (x is a large call's row):
+// each step also asks for the lines one chunk ahead, which keeps the memory busy while the step
+// computes (one chunk ahead at once before the split measured 4 GB/s slower on a 2-core Xeon).
+template <bool FOLD, bool PREFETCH>
+ChunkSplit<float> split_chunk_wide(const float* x, int64_t n, float theta, const FlooredExp& exps, Staging staging) {
+  const FlooredExpFW e(exps);  // a local copy: its constants stay in registers
+  const __m512i lane_offsets = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 threshold = _mm512_set1_ps(theta);
+  __m512 sum[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t hits = 0, i = 0;
+  // Appends the lanes `above` of the 16 elements at x + at to the staging buffers, in order.
+  auto stage = [&](__mmask16 above, int64_t at) {
+    const __m512i offsets = _mm512_add_epi32(lane_offsets, _mm512_set1_epi32(static_cast<int32_t>(at)));
+    _mm512_mask_compressstoreu_ps(staging.values + hits, above, _mm512_maskz_loadu_ps(above, x + at));
+    _mm512_mask_compressstoreu_epi32(staging.offsets + hits, above, offsets);
+    hits += __builtin_popcount(static_cast<unsigned>(above));
+  };
+  for (; i + 64 <= n; i += 64) {
+    if constexpr (PREFETCH) prefetch_lines(x + i + kChunk, 64 * sizeof(float));
+    __mmask16 tail[4];  // lanes <= theta, or NaN: the tail's share
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m512 v = _mm512_loadu_ps(x + i + 16 * j);
+      tail[j] = _mm512_cmp_ps_mask(v, threshold, _CMP_NGT_UQ);
+      sum[j] = _mm512_mask_add_ps(sum[j], tail[j], sum[j], e.template apply<FOLD>(FW{_mm512_sub_ps(v, threshold)}).v);
+    }
+    if ((tail[0] & tail[1] & tail[2] & tail[3]) != 0xffffu) {  // rare once the threshold has settled
+      for (int j = 0; j < 4; ++j) stage(static_cast<__mmask16>(~tail[j]), i + 16 * j);
+    }
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 valid = static_cast<__mmask16>(n - i >= 16 ? 0xffffu : (1u << (n - i)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(valid, x + i);
+    const __mmask16 tail = _mm512_mask_cmp_ps_mask(valid, v, threshold, _CMP_NGT_UQ);
+    sum[0] = _mm512_mask_add_ps(sum[0], tail, sum[0], e.template apply<FOLD>(FW{_mm512_sub_ps(v, threshold)}).v);
+    const __mmask16 above = static_cast<__mmask16>(valid & ~tail);
+    if (above != 0) stage(above, i);
+  }
+  ChunkSplit<float> split;
+  split.hits = hits;
+  split.sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(sum[0], sum[1]), _mm512_add_ps(sum[2], sum[3])));
+  split.from_lanes = true;
+  return split;
+}
+#elif defined(KDFAST_LANES_AVX2)
+// The AVX2 variant's split of a float chunk on 8-float lanes with the lanes' table exp(x/T) of
+// (masked - theta) <= 0: one compare, one blend, one max, a population count and one exp per
+// element, 32 elements per step over four independent accumulators. FOLD: the exp's folded
+// coefficients (ExpLanes::foldable), one multiplication less per element.
 // The hits of a 32-element step that has any are also compressed in registers and
 // stored at the end of the staging buffers (one branch per such step, no branch per hit, no
 // second scan of the chunk).
@@ -250,40 +311,6 @@ ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, cons
   const ExpLanes<float> e = exps;  // a local copy: its constants stay in registers
   __m256 sum[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t vector_hits = 0, i = 0;
-#if defined(KDFAST_LANES_WIDE)
-  // The AVX-512 variant: 64 elements per step on 16-float lanes, its hits stored by vcompress;
-  // the rest of the chunk below on 8-float lanes. Its sums fold into sum[0..1].
-  {
-    const __m512i wide_offsets = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512 wide_threshold = _mm512_set1_ps(theta);
-    const __m512 wide_minus_inf = _mm512_set1_ps(kNegInf<float>);
-    __m512 wide_sum[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (; i + 64 <= n; i += 64) {
-      __mmask16 above[4];
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        const __m512 v = _mm512_loadu_ps(x + i + 16 * j);
-        above[j] = _mm512_cmp_ps_mask(v, wide_threshold, _CMP_GT_OQ);
-        const __m512 masked = _mm512_mask_blend_ps(above[j], v, wide_minus_inf);
-        wide_sum[j] = _mm512_add_ps(wide_sum[j],
-                                    e.template apply<true, FOLD>(FW{_mm512_sub_ps(masked, wide_threshold)}).v);
-      }
-      if ((above[0] | above[1] | above[2] | above[3]) != 0) {  // rare once the threshold has settled
-        for (int j = 0; j < 4; ++j) {
-          const int count = __builtin_popcount(static_cast<unsigned>(above[j]));
-          const __m512i offsets = _mm512_add_epi32(wide_offsets, _mm512_set1_epi32(static_cast<int32_t>(i + 16 * j)));
-          _mm512_mask_compressstoreu_ps(staging.values + staged, above[j], _mm512_loadu_ps(x + i + 16 * j));
-          _mm512_mask_compressstoreu_epi32(staging.offsets + staged, above[j], offsets);
-          staged += count;
-          vector_hits += count;
-        }
-      }
-    }
-    const __m512 wide = _mm512_add_ps(_mm512_add_ps(wide_sum[0], wide_sum[1]), _mm512_add_ps(wide_sum[2], wide_sum[3]));
-    sum[0] = _mm512_castps512_ps256(wide);
-    sum[1] = _mm512_extractf32x8_ps(wide, 1);
-  }
-#endif
   for (; i + 32 <= n; i += 32) {
     unsigned hit_bits = 0;
 #pragma GCC unroll 4
@@ -325,19 +352,28 @@ ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, cons
 }
 #endif
 
-template <class C>
-ChunkSplit<C> split_chunk(const C* x, int64_t n, C theta, C inv_t, const ExpLanes<C>& exps, Staging staging) {
+// PREFETCH: x lies in a large call's row, and the split may ask for the chunk after it
+// (the AVX-512 variant's float split does, as it goes).
+template <bool PREFETCH, class C>
+ChunkSplit<C> split_chunk(const C* x, int64_t n, C theta, C inv_t, const Selection<C>& sel, Staging staging) {
   ChunkSplit<C> split;
   int32_t hits = 0;
-#if defined(KDFAST_LANES_AVX2)
+#if defined(KDFAST_LANES_WIDE)
   if constexpr (std::is_same_v<C, float>) {
     if (theta != kNegInf<C>) {
-      return exps.foldable() ? split_chunk_lanes<true>(x, n, theta, exps, staging)
-                             : split_chunk_lanes<false>(x, n, theta, exps, staging);
+      return sel.floored.foldable ? split_chunk_wide<true, PREFETCH>(x, n, theta, sel.floored, staging)
+                                  : split_chunk_wide<false, PREFETCH>(x, n, theta, sel.floored, staging);
+    }
+  }
+#elif defined(KDFAST_LANES_AVX2)
+  if constexpr (std::is_same_v<C, float>) {
+    if (theta != kNegInf<C>) {
+      return sel.exps.foldable() ? split_chunk_lanes<true>(x, n, theta, sel.exps, staging)
+                                 : split_chunk_lanes<false>(x, n, theta, sel.exps, staging);
     }
   }
 #endif
-  (void)exps;
+  (void)sel;
   (void)staging;
   if (theta == kNegInf<C>) {
     int32_t nans = 0;
@@ -467,12 +503,18 @@ void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Sele
   TopKCandidate<C>* c = sel.candidates.data();
 
   // A call that streams its rows from memory asks for the next chunk before it splits this one
-  // (memory_policy.h; on a 2-core Xeon, 1024 x 128256 fp32: 3.9 -> 6.0 GB/s, where prefetching
-  // 32 elements at a time inside the split gained nothing).
+  // (memory_policy.h; on a 2-core Xeon, 1024 x 128256 fp32: 3.9 -> 6.0 GB/s). The AVX-512
+  // variant's float split, reading the row itself, asks for it as it goes instead: with its
+  // cheaper exp that measured 10.7 GB/s, against 8.1 for the prefetch before the chunk.
   const bool prefetch = args.rows * vocab * static_cast<int64_t>(sizeof(S)) > kPrefetchCallBytes;
+#if defined(KDFAST_LANES_WIDE)
+  constexpr bool kSplitPrefetches = std::is_same_v<S, float> && std::is_same_v<C, float>;
+#else
+  constexpr bool kSplitPrefetches = false;
+#endif
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t len = std::min(kChunk, vocab - start);
-    if (prefetch) prefetch_next_chunk(row, start, kChunk, vocab);
+    if (prefetch && !kSplitPrefetches) prefetch_next_chunk(row, start, kChunk, vocab);
     const C* x = load_chunk<S, C>(row + start, len, buffer);
     int64_t first = 0;
     if (!seeded && start == 0 && len >= group_count(k)) {
@@ -505,13 +547,17 @@ void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Sele
     // The tail's share of the chunk is every element <= theta; the rest are hits.
     C chunk_theta = theta;
     const Staging staging{sel.stage_values.data(), sel.stage_offsets.data()};
-    ChunkSplit<C> split = split_chunk(xs, n, chunk_theta, inv_t_c, sel.exps, staging);
+    auto split_at = [&](C bar) {
+      return prefetch ? split_chunk<kSplitPrefetches>(xs, n, bar, inv_t_c, sel, staging)
+                      : split_chunk<false>(xs, n, bar, inv_t_c, sel, staging);
+    };
+    ChunkSplit<C> split = split_at(chunk_theta);
     if (split.hits > std::max<int64_t>(2 * k, 256) && n >= group_count(k) && chunk_theta != kNegInf<C>) {
       // Many hits (e.g. ascending logits): the chunk's own k group maxima give a higher bar.
       const C local = std::nextafter(smallest_group_maximum(xs, n, group_count(k), sel.group_max.data()), kNegInf<C>);
       if (local > chunk_theta) {
         chunk_theta = local;
-        split = split_chunk(xs, n, chunk_theta, inv_t_c, sel.exps, staging);
+        split = split_at(chunk_theta);
       }
     }
     if (chunk_theta == kNegInf<C>) {

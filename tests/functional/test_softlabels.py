@@ -185,6 +185,30 @@ def test_nan_and_fully_masked_rows_give_nan():
     assert torch.isfinite(soft_labels.logprobs[2]).all()
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_large_call_prefetching_as_it_goes_equals_small_calls(temperature):
+    # Above 64 MiB of logits the AVX-512 split asks for the next chunk as it goes, past each
+    # row's end too. An odd V puts most rows off a 64-byte boundary and leaves a masked
+    # remainder; rows with NaN, masked entries, ascending and tiny-tail content ride along.
+    rows, vocab_size, k = 140, 123_457, 64
+    teacher = random_logits((rows, vocab_size), seed=11)
+    teacher[3, 70_000] = math.nan
+    teacher[5, ::3] = -math.inf
+    teacher[7] = teacher[7].sort().values
+    teacher[9] = -90.0
+    teacher[9, [4, 99_999]] = 0.0
+    assert teacher.numel() * teacher.element_size() > 64 * 2**20
+    whole = kdfast.compress_topk(teacher, k, temperature=temperature)
+    parts = [kdfast.compress_topk(teacher[i:i + 10], k, temperature=temperature) for i in range(0, rows, 10)]
+    assert torch.equal(whole.indices, torch.cat([part.indices for part in parts]))
+    for name in ("logprobs", "tail_logprob"):
+        got, want = getattr(whole, name), torch.cat([getattr(part, name) for part in parts])
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num()), name
+    assert torch.isnan(whole.tail_logprob[3]) and not torch.isnan(whole.tail_logprob[[2, 4, 5, 7, 9]]).any()
+    for row in (0, 5, 7, 9, rows - 1):
+        assert_matches_reference(teacher[row:row + 1], k, temperature)
+
+
 def test_non_contiguous_input_and_thread_count():
     base = random_logits((3000, 8), seed=7)
     teacher = base.t()  # [8, 3000] with a non-unit vocabulary stride
