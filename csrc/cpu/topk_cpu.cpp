@@ -169,10 +169,12 @@ float kth_largest(float* a, float* s1, float* s2, int64_t n, int64_t rank) {
 #endif
 
 // Cuts the candidates back to the best k, adds the evicted ones to the tail and returns the
-// new threshold (the smallest kept value). AVX2 / AVX-512: the k-th largest value comes from
-// kth_largest on the values alone, then one branch-free pass keeps every candidate at least as
-// large; only when that value is tied across the cut does the (value, index) order decide, by
-// std::nth_element on the pairs, as on the other variants.
+// new threshold (the smallest kept value). AVX2 / AVX-512 (float): the k-th largest value comes
+// from kth_largest on the values alone, then one branch-free pass keeps every candidate above
+// it and, of those equal to it, the first ones in the buffer up to k in all. The buffer holds
+// its candidates in index order (they are appended in row order and this pass keeps their
+// order), so those are the lower indices, as the (value, index) order wants. The other
+// variants and float64 cut by std::nth_element on the pairs.
 template <class C>
 C cut_to_k(Selection<C>& sel, TailSum& tail, double inv_t) {
   TopKCandidate<C>* c = sel.candidates.data();
@@ -186,11 +188,14 @@ C cut_to_k(Selection<C>& sel, TailSum& tail, double inv_t) {
       float* values = sel.values.data();
       for (int64_t i = 0; i < count; ++i) values[i] = c[i].value;
       const float kth = kth_largest(values, sel.values_scratch.data(), sel.values_scratch.data() + count + 8, count, k - 1);
-      int64_t at_least = 0;
-      for (int64_t i = 0; i < count; ++i) at_least += c[i].value >= kth ? 1 : 0;
-      if (at_least == k) {
-        int64_t kept = 0;
-        n = 0;
+      int64_t above = 0, at_least = 0;
+      for (int64_t i = 0; i < count; ++i) {
+        above += c[i].value > kth ? 1 : 0;
+        at_least += c[i].value >= kth ? 1 : 0;
+      }
+      int64_t kept = 0;
+      n = 0;
+      if (at_least == k) {  // no tie across the cut
         for (int64_t i = 0; i < count; ++i) {
           const TopKCandidate<C> entry = c[i];
           const bool keep = entry.value >= kth;
@@ -198,6 +203,19 @@ C cut_to_k(Selection<C>& sel, TailSum& tail, double inv_t) {
           evicted[n] = entry.value;
           kept += keep ? 1 : 0;
           n += keep ? 0 : 1;
+        }
+      } else {
+        const int64_t ties_kept = k - above;  // >= 1: kth is one of the values
+        int64_t ties = 0;
+        for (int64_t i = 0; i < count; ++i) {
+          const TopKCandidate<C> entry = c[i];
+          const int64_t tie = entry.value == kth ? 1 : 0;  // integer masks: no branch per entry
+          const int64_t keep = (entry.value > kth ? 1 : 0) | (tie & (ties < ties_kept ? 1 : 0));
+          ties += tie;
+          c[kept] = entry;
+          evicted[n] = entry.value;
+          kept += keep;
+          n += 1 - keep;
         }
       }
     }
@@ -243,48 +261,69 @@ struct Staging {
 
 
 #if defined(KDFAST_LANES_WIDE)
-// The AVX-512 variant's split of a float chunk, 64 elements per step on 16-float lanes over four
-// independent accumulators, then 16 at a time with masked loads: per element one compare, one
-// subtraction, FlooredExp (lanes.h) and one masked add. A hit's lane is left out of the sum by
-// the add's mask (not set to -inf), so the exp needs no cutoff test. The hits of a step that
-// has any are stored in order to the staging buffers by vcompress (one branch per such step,
-// no second scan of the chunk). FOLD: FlooredExp::foldable. PREFETCH (x is a large call's row):
-// each step also asks for the lines one chunk ahead, which keeps the memory busy while the step
-// computes (one chunk ahead at once before the split measured 4 GB/s slower on a 2-core Xeon).
-template <bool FOLD, bool PREFETCH>
-ChunkSplit<float> split_chunk_wide(const float* x, int64_t n, float theta, const FlooredExp& exps, Staging staging) {
+// Storage types the AVX-512 split reads straight from the row, widening in registers (all of them
+// but float64).
+template <class S>
+constexpr bool kWideSplitReads = std::is_same_v<S, float> || std::is_same_v<S, bf16_t> || std::is_same_v<S, f16_t>;
+
+// 16 logits at p (the lanes of `valid` only; the others 0) as floats.
+template <class S>
+inline __m512 load_wide(const S* p, __mmask16 valid = 0xffff) {
+  if constexpr (std::is_same_v<S, float>) {
+    return _mm512_maskz_loadu_ps(valid, p);
+  } else if constexpr (std::is_same_v<S, bf16_t>) {  // its bits are the high half of the float's
+    const __m256i raw = _mm256_maskz_loadu_epi16(valid, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  } else {  // float16: the hardware convert (exact)
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, p));
+  }
+}
+
+// The AVX-512 variant's split of a chunk of float, bfloat16 or float16 logits, 64 elements per step on
+// 16-float lanes over four independent accumulators, then 16 at a time with masked loads: per
+// element one compare, one subtraction, FlooredExp (lanes.h) and one masked add. A hit's lane
+// is left out of the sum by the add's mask (not set to -inf), so the exp needs no cutoff test.
+// The hits of a step that has any are stored in order to the staging buffers by vcompress
+// (one branch per such step, no second scan of the chunk). FOLD: FlooredExp::foldable.
+// PREFETCH (x is a large call's row): each step also asks for the lines one chunk ahead, which
+// keeps the memory busy while the step computes (one chunk ahead at once before the split
+// measured 8.1 against 10.7 GB/s on a 2-core Xeon, fp32).
+template <bool FOLD, bool PREFETCH, class S>
+ChunkSplit<float> split_chunk_wide(const S* x, int64_t n, float theta, const FlooredExp& exps, Staging staging) {
   const FlooredExpFW e(exps);  // a local copy: its constants stay in registers
   const __m512i lane_offsets = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512 threshold = _mm512_set1_ps(theta);
   __m512 sum[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   int64_t hits = 0, i = 0;
-  // Appends the lanes `above` of the 16 elements at x + at to the staging buffers, in order.
-  auto stage = [&](__mmask16 above, int64_t at) {
+  // Appends the lanes `above` of the 16 values v (chunk offsets at, at + 1, ...) to the staging
+  // buffers, in order.
+  auto stage = [&](__mmask16 above, __m512 v, int64_t at) {
     const __m512i offsets = _mm512_add_epi32(lane_offsets, _mm512_set1_epi32(static_cast<int32_t>(at)));
-    _mm512_mask_compressstoreu_ps(staging.values + hits, above, _mm512_maskz_loadu_ps(above, x + at));
+    _mm512_mask_compressstoreu_ps(staging.values + hits, above, v);
     _mm512_mask_compressstoreu_epi32(staging.offsets + hits, above, offsets);
     hits += __builtin_popcount(static_cast<unsigned>(above));
   };
   for (; i + 64 <= n; i += 64) {
-    if constexpr (PREFETCH) prefetch_lines(x + i + kChunk, 64 * sizeof(float));
+    if constexpr (PREFETCH) prefetch_lines(x + i + kChunk, 64 * sizeof(S));
+    __m512 v[4];
     __mmask16 tail[4];  // lanes <= theta, or NaN: the tail's share
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      const __m512 v = _mm512_loadu_ps(x + i + 16 * j);
-      tail[j] = _mm512_cmp_ps_mask(v, threshold, _CMP_NGT_UQ);
-      sum[j] = _mm512_mask_add_ps(sum[j], tail[j], sum[j], e.template apply<FOLD>(FW{_mm512_sub_ps(v, threshold)}).v);
+      v[j] = load_wide(x + i + 16 * j);
+      tail[j] = _mm512_cmp_ps_mask(v[j], threshold, _CMP_NGT_UQ);
+      sum[j] = _mm512_mask_add_ps(sum[j], tail[j], sum[j], e.template apply<FOLD>(FW{_mm512_sub_ps(v[j], threshold)}).v);
     }
     if ((tail[0] & tail[1] & tail[2] & tail[3]) != 0xffffu) {  // rare once the threshold has settled
-      for (int j = 0; j < 4; ++j) stage(static_cast<__mmask16>(~tail[j]), i + 16 * j);
+      for (int j = 0; j < 4; ++j) stage(static_cast<__mmask16>(~tail[j]), v[j], i + 16 * j);
     }
   }
   for (; i < n; i += 16) {
     const __mmask16 valid = static_cast<__mmask16>(n - i >= 16 ? 0xffffu : (1u << (n - i)) - 1u);
-    const __m512 v = _mm512_maskz_loadu_ps(valid, x + i);
+    const __m512 v = load_wide(x + i, valid);
     const __mmask16 tail = _mm512_mask_cmp_ps_mask(valid, v, threshold, _CMP_NGT_UQ);
     sum[0] = _mm512_mask_add_ps(sum[0], tail, sum[0], e.template apply<FOLD>(FW{_mm512_sub_ps(v, threshold)}).v);
     const __mmask16 above = static_cast<__mmask16>(valid & ~tail);
-    if (above != 0) stage(above, i);
+    if (above != 0) stage(above, v, i);
   }
   ChunkSplit<float> split;
   split.hits = hits;
@@ -352,20 +391,26 @@ ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, cons
 }
 #endif
 
-// PREFETCH: x lies in a large call's row, and the split may ask for the chunk after it
-// (the AVX-512 variant's float split does, as it goes).
-template <bool PREFETCH, class C>
-ChunkSplit<C> split_chunk(const C* x, int64_t n, C theta, C inv_t, const Selection<C>& sel, Staging staging) {
+// The split of the n logits at `raw` (in the row, storage type S); values() returns them in
+// the compute type (widened into the chunk buffer on first use). PREFETCH: a large call, whose
+// split may ask for the chunk after this one as it goes (the AVX-512 variant's does).
+template <bool PREFETCH, class S, class C, class Values>
+ChunkSplit<C> split_chunk(const S* raw, Values&& values, int64_t n, C theta, C inv_t, const Selection<C>& sel,
+                          Staging staging) {
   ChunkSplit<C> split;
   int32_t hits = 0;
 #if defined(KDFAST_LANES_WIDE)
-  if constexpr (std::is_same_v<C, float>) {
+  if constexpr (std::is_same_v<C, float> && kWideSplitReads<S>) {
     if (theta != kNegInf<C>) {
-      return sel.floored.foldable ? split_chunk_wide<true, PREFETCH>(x, n, theta, sel.floored, staging)
-                                  : split_chunk_wide<false, PREFETCH>(x, n, theta, sel.floored, staging);
+      return sel.floored.foldable ? split_chunk_wide<true, PREFETCH>(raw, n, theta, sel.floored, staging)
+                                  : split_chunk_wide<false, PREFETCH>(raw, n, theta, sel.floored, staging);
     }
   }
-#elif defined(KDFAST_LANES_AVX2)
+#else
+  (void)raw;
+#endif
+  const C* x = values();
+#if defined(KDFAST_LANES_AVX2) && !defined(KDFAST_LANES_WIDE)
   if constexpr (std::is_same_v<C, float>) {
     if (theta != kNegInf<C>) {
       return sel.exps.foldable() ? split_chunk_lanes<true>(x, n, theta, sel.exps, staging)
@@ -504,24 +549,30 @@ void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Sele
 
   // A call that streams its rows from memory asks for the next chunk before it splits this one
   // (memory_policy.h; on a 2-core Xeon, 1024 x 128256 fp32: 3.9 -> 6.0 GB/s). The AVX-512
-  // variant's float split, reading the row itself, asks for it as it goes instead: with its
+  // variant's split, reading the row itself, asks for it as it goes instead: with its
   // cheaper exp that measured 10.7 GB/s, against 8.1 for the prefetch before the chunk.
   const bool prefetch = args.rows * vocab * static_cast<int64_t>(sizeof(S)) > kPrefetchCallBytes;
 #if defined(KDFAST_LANES_WIDE)
-  constexpr bool kSplitPrefetches = std::is_same_v<S, float> && std::is_same_v<C, float>;
+  constexpr bool kSplitReadsRow = std::is_same_v<C, float> && kWideSplitReads<S>;
 #else
-  constexpr bool kSplitPrefetches = false;
+  constexpr bool kSplitReadsRow = false;
 #endif
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t len = std::min(kChunk, vocab - start);
-    if (prefetch && !kSplitPrefetches) prefetch_next_chunk(row, start, kChunk, vocab);
-    const C* x = load_chunk<S, C>(row + start, len, buffer);
+    if (prefetch && !kSplitReadsRow) prefetch_next_chunk(row, start, kChunk, vocab);
+    // The chunk in the compute type, converted on first use: the AVX-512 split reads the row
+    // itself, so a settled chunk of 16-bit logits is never widened into the buffer.
+    const C* x = nullptr;
+    auto values = [&]() {
+      if (x == nullptr) x = load_chunk<S, C>(row + start, len, buffer);
+      return x;
+    };
     int64_t first = 0;
     if (!seeded && start == 0 && len >= group_count(k)) {
       // Seed theta from the first chunk: split it into G >= k groups; every group's maximum
       // is at least the smallest group maximum m, so k elements are >= m and anything below
       // m is out. theta just below m makes the chunk's elements >= m its hits.
-      const C smallest_group_max = smallest_group_maximum(x, len, group_count(k), sel.group_max.data());
+      const C smallest_group_max = smallest_group_maximum(values(), len, group_count(k), sel.group_max.data());
       if (smallest_group_max != kNegInf<C>) {
         theta = std::nextafter(smallest_group_max, kNegInf<C>);
         seeded = true;
@@ -530,7 +581,7 @@ void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Sele
     if (!seeded) {  // the first k elements are candidates unconditionally
       first = std::min(len, k - sel.count);
       for (int64_t i = 0; i < first; ++i) {
-        C value = x[i];
+        C value = values()[i];
         if (value != value) {  // NaN: ranked as -inf for the selection, the row's output is NaN
           ++nan_count;
           value = kNegInf<C>;
@@ -541,20 +592,20 @@ void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Sele
       seeded = true;
       theta = cut_to_k(sel, tail, inv_t);
     }
-    const C* xs = x + first;
     const int64_t n = len - first;
     if (n == 0) continue;
+    auto rest = [&]() { return values() + first; };  // the chunk's elements after `first`
     // The tail's share of the chunk is every element <= theta; the rest are hits.
     C chunk_theta = theta;
     const Staging staging{sel.stage_values.data(), sel.stage_offsets.data()};
     auto split_at = [&](C bar) {
-      return prefetch ? split_chunk<kSplitPrefetches>(xs, n, bar, inv_t_c, sel, staging)
-                      : split_chunk<false>(xs, n, bar, inv_t_c, sel, staging);
+      return prefetch ? split_chunk<kSplitReadsRow>(row + start + first, rest, n, bar, inv_t_c, sel, staging)
+                      : split_chunk<false>(row + start + first, rest, n, bar, inv_t_c, sel, staging);
     };
     ChunkSplit<C> split = split_at(chunk_theta);
     if (split.hits > std::max<int64_t>(2 * k, 256) && n >= group_count(k) && chunk_theta != kNegInf<C>) {
       // Many hits (e.g. ascending logits): the chunk's own k group maxima give a higher bar.
-      const C local = std::nextafter(smallest_group_maximum(xs, n, group_count(k), sel.group_max.data()), kNegInf<C>);
+      const C local = std::nextafter(smallest_group_maximum(rest(), n, group_count(k), sel.group_max.data()), kNegInf<C>);
       if (local > chunk_theta) {
         chunk_theta = local;
         split = split_at(chunk_theta);
@@ -568,6 +619,7 @@ void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Sele
       // The tail's share lies so far below theta that its terms may have underflowed: sum
       // it again relative to its own maximum, so a tiny tail keeps its precision.
       C* masked = sel.masked.data();
+      const C* xs = rest();
       C masked_max = kNegInf<C>;
       for (int64_t i = 0; i < n; ++i) {
         masked[i] = xs[i] > chunk_theta ? kNegInf<C> : xs[i];
@@ -580,7 +632,7 @@ void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Sele
     if (hits > 0) {
       theta = split.from_lanes
                   ? append_staged(staging, hits, start + first, sel, tail, inv_t, std::max(theta, chunk_theta))
-                  : extract_above(xs, n, start + first, chunk_theta, hits, sel, tail, inv_t, std::max(theta, chunk_theta));
+                  : extract_above(rest(), n, start + first, chunk_theta, hits, sel, tail, inv_t, std::max(theta, chunk_theta));
     }
     if (start == 0 && sel.count > k) theta = cut_to_k(sel, tail, inv_t);
   }
