@@ -397,7 +397,8 @@ ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, cons
 
 // The split of the n logits at `raw` (in the row, storage type S); values() returns them in
 // the compute type (widened into the chunk buffer on first use). PREFETCH: a large call, whose
-// split may ask for the chunk after this one as it goes (the AVX-512 variant's does).
+// split may ask for the chunk after this one as it goes (the vector splits that read the row
+// itself do).
 template <bool PREFETCH, class S, class C, class Values>
 ChunkSplit<C> split_chunk(const S* raw, Values&& values, int64_t n, C theta, C inv_t, const Selection<C>& sel,
                           Staging staging) {
