@@ -64,6 +64,23 @@ inline uint16_t float_to_f16(float f) {
   return static_cast<uint16_t>(sign | (x >> 13));
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// 16 values of storage type S (float, bfloat16 or float16) at p as floats in one register, the
+// values load_chunk gives; only the lanes of `valid` are read, the others are 0.
+template <class S>
+inline __m512 load_16(const S* p, __mmask16 valid = 0xffff) {
+  if constexpr (std::is_same_v<S, float>) {
+    return _mm512_maskz_loadu_ps(valid, p);
+  } else if constexpr (std::is_same_v<S, bf16_t>) {  // zero-extend, then shift into the high half
+    const __m256i raw = _mm256_maskz_loadu_epi16(valid, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  } else {
+    static_assert(std::is_same_v<S, f16_t>, "load_16 reads float, bfloat16 or float16");
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, p));  // exact
+  }
+}
+#endif
+
 template <class In, class C>
 inline const C* load_chunk(const In* src, int64_t n, C* buf) {
   if constexpr (std::is_same_v<In, C>) {
@@ -74,11 +91,8 @@ inline const C* load_chunk(const In* src, int64_t n, C* buf) {
 #if defined(__AVX2__)
     if constexpr (std::is_same_v<C, float>) {
       // Widen 16 (AVX-512) or 8 at a time: zero-extend to 32 bits and shift into the high half.
-#if defined(__AVX512F__)
-      for (; i + 16 <= n; i += 16) {
-        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(raw + i));
-        _mm512_storeu_ps(buf + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-      }
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+      for (; i + 16 <= n; i += 16) _mm512_storeu_ps(buf + i, load_16(src + i));
 #endif
       for (; i + 8 <= n; i += 8) {
         const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(raw + i));

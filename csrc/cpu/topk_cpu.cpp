@@ -53,20 +53,23 @@ namespace {
 
 constexpr int64_t kChunk = 2048;
 
+// The exp(x/T) of the float split (lanes.h): FlooredExp on the AVX-512 variant's 16 lanes, the
+// table exp on the AVX2 variant's 8; the portable variant's split is scalar (rowmath::exp_c).
+#if defined(KDFAST_LANES_WIDE)
+using SplitExp = FlooredExp;
+#elif defined(KDFAST_LANES_AVX2)
+using SplitExp = ExpLanes<float>;
+#else
+struct SplitExp {
+  explicit SplitExp(double) {}
+};
+#endif
+
 // Per-thread working memory of the selection.
 template <class C>
 struct Selection {
-  explicit Selection(double inv_t)
-      : exps(inv_t)
-#if defined(KDFAST_LANES_WIDE)
-        , floored(inv_t)
-#endif
-  {
-  }
-  ExpLanes<C> exps;  // exp(x/T) on the variant's lanes (lanes.h)
-#if defined(KDFAST_LANES_WIDE)
-  FlooredExp floored;  // the float split's exp on 16 lanes (lanes.h)
-#endif
+  explicit Selection(double inv_t) : split_exp(inv_t) {}
+  SplitExp split_exp;
   std::vector<TopKCandidate<C>> candidates;
   std::vector<C> evicted;  // values of the entries a cut removes
   std::vector<float> values, values_scratch;  // the candidates' values, for the cut's selection
@@ -267,19 +270,6 @@ struct Staging {
 template <class S>
 constexpr bool kWideSplitReads = std::is_same_v<S, float> || std::is_same_v<S, bf16_t> || std::is_same_v<S, f16_t>;
 
-// 16 logits at p (the lanes of `valid` only; the others 0) as floats.
-template <class S>
-inline __m512 load_wide(const S* p, __mmask16 valid = 0xffff) {
-  if constexpr (std::is_same_v<S, float>) {
-    return _mm512_maskz_loadu_ps(valid, p);
-  } else if constexpr (std::is_same_v<S, bf16_t>) {  // its bits are the high half of the float's
-    const __m256i raw = _mm256_maskz_loadu_epi16(valid, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-  } else {  // float16: the hardware convert (exact)
-    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, p));
-  }
-}
-
 // The AVX-512 variant's split of a chunk of float, bfloat16 or float16 logits, 64 elements per step on
 // 16-float lanes over four independent accumulators, then 16 at a time with masked loads: per
 // element one compare, one subtraction, FlooredExp (lanes.h) and one masked add. A hit's lane
@@ -310,7 +300,7 @@ ChunkSplit<float> split_chunk_wide(const S* x, int64_t n, float theta, const Flo
     __mmask16 tail[4];  // lanes <= theta, or NaN: the tail's share
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      v[j] = load_wide(x + i + 16 * j);
+      v[j] = load_16(x + i + 16 * j);
       tail[j] = _mm512_cmp_ps_mask(v[j], threshold, _CMP_NGT_UQ);
       sum[j] = _mm512_mask_add_ps(sum[j], tail[j], sum[j], e.template apply<FOLD>(FW{_mm512_sub_ps(v[j], threshold)}).v);
     }
@@ -320,7 +310,7 @@ ChunkSplit<float> split_chunk_wide(const S* x, int64_t n, float theta, const Flo
   }
   for (; i < n; i += 16) {
     const __mmask16 valid = static_cast<__mmask16>(n - i >= 16 ? 0xffffu : (1u << (n - i)) - 1u);
-    const __m512 v = load_wide(x + i, valid);
+    const __m512 v = load_16(x + i, valid);
     const __mmask16 tail = _mm512_mask_cmp_ps_mask(valid, v, threshold, _CMP_NGT_UQ);
     sum[0] = _mm512_mask_add_ps(sum[0], tail, sum[0], e.template apply<FOLD>(FW{_mm512_sub_ps(v, threshold)}).v);
     const __mmask16 above = static_cast<__mmask16>(valid & ~tail);
@@ -407,8 +397,8 @@ ChunkSplit<C> split_chunk(const S* raw, Values&& values, int64_t n, C theta, C i
 #if defined(KDFAST_LANES_WIDE)
   if constexpr (std::is_same_v<C, float> && kWideSplitReads<S>) {
     if (theta != kNegInf<C>) {
-      return sel.floored.foldable ? split_chunk_wide<true, PREFETCH>(raw, n, theta, sel.floored, staging)
-                                  : split_chunk_wide<false, PREFETCH>(raw, n, theta, sel.floored, staging);
+      return sel.split_exp.foldable ? split_chunk_wide<true, PREFETCH>(raw, n, theta, sel.split_exp, staging)
+                                    : split_chunk_wide<false, PREFETCH>(raw, n, theta, sel.split_exp, staging);
     }
   }
 #else
@@ -419,8 +409,8 @@ ChunkSplit<C> split_chunk(const S* raw, Values&& values, int64_t n, C theta, C i
   if constexpr (std::is_same_v<C, float>) {
     if (theta != kNegInf<C>) {
       constexpr bool kPrefetch = PREFETCH && std::is_same_v<S, float>;  // x is then the row itself
-      return sel.exps.foldable() ? split_chunk_lanes<true, kPrefetch>(x, n, theta, sel.exps, staging)
-                                 : split_chunk_lanes<false, kPrefetch>(x, n, theta, sel.exps, staging);
+      return sel.split_exp.foldable() ? split_chunk_lanes<true, kPrefetch>(x, n, theta, sel.split_exp, staging)
+                                      : split_chunk_lanes<false, kPrefetch>(x, n, theta, sel.split_exp, staging);
     }
   }
 #endif
