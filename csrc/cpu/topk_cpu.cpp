@@ -8,16 +8,14 @@
 // the current position) splits each chunk: elements > theta are appended to the buffer,
 // elements <= theta can no longer be in the top k (k earlier candidates are at least as large,
 // and earlier wins ties) and are summed straight into the tail, exp((t - tail_max)/T) relative
-// to the tail's own running maximum. When the buffer fills it is cut back to its best k with
-// nth_element; the evicted entries join the tail sum and theta rises. The tail is therefore a
+// to the tail's own running maximum. When the buffer fills it is cut back to its best k
+// (cut_to_k); the evicted entries join the tail sum and theta rises. The tail is therefore a
 // sum over exactly the non-kept entries, never a difference, and it keeps full relative
-// precision however small it is. The split of a float chunk runs on vector lanes, one exp per
-// logit: the AVX2 variant's 8-float lanes with lanes.h's table exp(x/T), the AVX-512 variant's
-// 16-float lanes with FlooredExp. A call larger than kPrefetchCallBytes prefetches each next
-// chunk (memory_policy.h): a vector split that reads the row itself as it goes, the others
-// before each chunk.
-// The vector split also stages its hits with in-register compresses (no second scan of the
-// chunk) and a cut selects the k-th value by a compress-partitioned quickselect (kth_largest).
+// precision however small it is. The split of a chunk is topk_split.h's: on vector lanes, one
+// exp per logit, its hits staged with in-register compresses (no second scan of the chunk). A
+// call larger than kPrefetchCallBytes prefetches each next chunk (memory_policy.h): a vector
+// split that reads the row itself as it goes, the others before each chunk. A cut selects the
+// k-th value by a compress-partitioned quickselect (kth_largest).
 // Rows run in parallel over OpenMP threads.
 #include <algorithm>
 #include <cmath>
@@ -34,6 +32,7 @@
 #include "kernel_common.h"
 #include "memory_policy.h"
 #include "lanes.h"
+#include "topk_split.h"
 #include "kdfast/rowmath.h"
 #include "kdfast/sparse_rowmath.h"
 #include "kdfast/types.h"
@@ -50,20 +49,6 @@ using sparse::TailSum;
 using sparse::TopKCandidate;
 
 namespace {
-
-constexpr int64_t kChunk = 2048;
-
-// The exp(x/T) of the float split (lanes.h): FlooredExp on the AVX-512 variant's 16 lanes, the
-// table exp on the AVX2 variant's 8; the portable variant's split is scalar (rowmath::exp_c).
-#if defined(KDFAST_LANES_WIDE)
-using SplitExp = FlooredExp;
-#elif defined(KDFAST_LANES_AVX2)
-using SplitExp = ExpLanes<float>;
-#else
-struct SplitExp {
-  explicit SplitExp(double) {}
-};
-#endif
 
 // Per-thread working memory of the selection.
 template <class C>
@@ -93,41 +78,6 @@ void add_to_tail(const C* x, int64_t n, C reference, C inv_t, TailSum& tail, dou
 }
 
 #if defined(KDFAST_LANES_AVX2)
-// Compress of 8 lanes: the lanes whose mask bit is set, moved to the front in order (the rest
-// unspecified). AVX-512: vcompress; AVX2: a permutation from a 256-entry table.
-#if !(defined(__AVX512F__) && defined(__AVX512VL__))
-struct CompressTable {
-  alignas(32) int32_t lanes[256][8];
-};
-constexpr CompressTable make_compress_table() {
-  CompressTable table{};
-  for (int mask = 0; mask < 256; ++mask) {
-    int count = 0;
-    for (int bit = 0; bit < 8; ++bit)
-      if ((mask >> bit) & 1) table.lanes[mask][count++] = bit;
-    while (count < 8) table.lanes[mask][count++] = 0;
-  }
-  return table;
-}
-constexpr CompressTable kCompressTable = make_compress_table();
-#endif
-
-inline __m256 compress_ps(unsigned mask, __m256 v) {
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-  return _mm256_maskz_compress_ps(static_cast<__mmask8>(mask), v);
-#else
-  return _mm256_permutevar8x32_ps(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompressTable.lanes[mask])));
-#endif
-}
-
-inline __m256i compress_epi32(unsigned mask, __m256i v) {
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-  return _mm256_maskz_compress_epi32(static_cast<__mmask8>(mask), v);
-#else
-  return _mm256_permutevar8x32_epi32(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompressTable.lanes[mask])));
-#endif
-}
-
 // The rank-th largest (0-based) of n floats (no NaN) in `a`, by quickselect whose three-way
 // partitions run on 8 lanes with in-register compresses: no branch per element, where
 // std::nth_element mispredicts about every other comparison. `a`, `s1` and `s2` hold n + 8
@@ -239,218 +189,6 @@ C cut_to_k(Selection<C>& sel, TailSum& tail, double inv_t) {
 #pragma omp simd reduction(min : smallest)
   for (int64_t i = 1; i < k; ++i) smallest = c[i].value < smallest ? c[i].value : smallest;
   return smallest;
-}
-
-// One chunk split by a threshold: how many elements are above it (hits), and over the rest
-// sum_i exp((x_i - theta)/T) (each term <= 1; NaN propagates) and, from the scalar split, their
-// maximum. With theta = -inf only the hits and the NaN count are computed.
-template <class C>
-struct ChunkSplit {
-  int64_t hits = 0;
-  int64_t nans = 0;
-  C tail_max = kNegInf<C>;
-  C sum = 0;
-  // The lanes' split: its hits' values and chunk offsets are in the Staging buffers, in order,
-  // and it leaves the tail maximum out (see tail_settled).
-  bool from_lanes = false;
-};
-
-// Where the split of a float chunk leaves its hits (AVX2 and AVX-512 variants): values and
-// offsets in the chunk, in ascending offset order, each buffer with room for a chunk plus one
-// vector.
-struct Staging {
-  float* values = nullptr;
-  int32_t* offsets = nullptr;
-};
-
-
-#if defined(KDFAST_LANES_WIDE)
-// Storage types the AVX-512 split reads straight from the row, widening in registers (all of them
-// but float64).
-template <class S>
-constexpr bool kWideSplitReads = std::is_same_v<S, float> || std::is_same_v<S, bf16_t> || std::is_same_v<S, f16_t>;
-
-// The AVX-512 variant's split of a chunk of float, bfloat16 or float16 logits, 64 elements per step on
-// 16-float lanes over four independent accumulators, then 16 at a time with masked loads: per
-// element one compare, one subtraction, FlooredExp (lanes.h) and one masked add. A hit's lane
-// is left out of the sum by the add's mask (not set to -inf), so the exp needs no cutoff test.
-// The hits of a step that has any are stored in order to the staging buffers by vcompress
-// (one branch per such step, no second scan of the chunk). FOLD: FlooredExp::foldable.
-// PREFETCH (x is a large call's row): each step also asks for the lines one chunk ahead, which
-// keeps the memory busy while the step computes (one chunk ahead at once before the split
-// measured 8.1 against 10.7 GB/s on a 2-core Xeon, fp32).
-template <bool FOLD, bool PREFETCH, class S>
-ChunkSplit<float> split_chunk_wide(const S* x, int64_t n, float theta, const FlooredExp& exps, Staging staging) {
-  const FlooredExpFW e(exps);  // a local copy: its constants stay in registers
-  const __m512i lane_offsets = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 threshold = _mm512_set1_ps(theta);
-  __m512 sum[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  int64_t hits = 0, i = 0;
-  // Appends the lanes `above` of the 16 values v (chunk offsets at, at + 1, ...) to the staging
-  // buffers, in order.
-  auto stage = [&](__mmask16 above, __m512 v, int64_t at) {
-    const __m512i offsets = _mm512_add_epi32(lane_offsets, _mm512_set1_epi32(static_cast<int32_t>(at)));
-    _mm512_mask_compressstoreu_ps(staging.values + hits, above, v);
-    _mm512_mask_compressstoreu_epi32(staging.offsets + hits, above, offsets);
-    hits += __builtin_popcount(static_cast<unsigned>(above));
-  };
-  for (; i + 64 <= n; i += 64) {
-    if constexpr (PREFETCH) prefetch_lines(x + i + kChunk, 64 * sizeof(S));
-    __m512 v[4];
-    __mmask16 tail[4];  // lanes <= theta, or NaN: the tail's share
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      v[j] = load_16(x + i + 16 * j);
-      tail[j] = _mm512_cmp_ps_mask(v[j], threshold, _CMP_NGT_UQ);
-      sum[j] = _mm512_mask_add_ps(sum[j], tail[j], sum[j], e.template apply<FOLD>(FW{_mm512_sub_ps(v[j], threshold)}).v);
-    }
-    if ((tail[0] & tail[1] & tail[2] & tail[3]) != 0xffffu) {  // rare once the threshold has settled
-      for (int j = 0; j < 4; ++j) stage(static_cast<__mmask16>(~tail[j]), v[j], i + 16 * j);
-    }
-  }
-  for (; i < n; i += 16) {
-    const __mmask16 valid = static_cast<__mmask16>(n - i >= 16 ? 0xffffu : (1u << (n - i)) - 1u);
-    const __m512 v = load_16(x + i, valid);
-    const __mmask16 tail = _mm512_mask_cmp_ps_mask(valid, v, threshold, _CMP_NGT_UQ);
-    sum[0] = _mm512_mask_add_ps(sum[0], tail, sum[0], e.template apply<FOLD>(FW{_mm512_sub_ps(v, threshold)}).v);
-    const __mmask16 above = static_cast<__mmask16>(valid & ~tail);
-    if (above != 0) stage(above, v, i);
-  }
-  ChunkSplit<float> split;
-  split.hits = hits;
-  split.sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(sum[0], sum[1]), _mm512_add_ps(sum[2], sum[3])));
-  split.from_lanes = true;
-  return split;
-}
-#elif defined(KDFAST_LANES_AVX2)
-// The AVX2 variant's split of a float chunk on 8-float lanes with the lanes' table exp(x/T) of
-// (masked - theta) <= 0: one compare, one blend, one max, a population count and one exp per
-// element, 32 elements per step over four independent accumulators. FOLD: the exp's folded
-// coefficients (ExpLanes::foldable), one multiplication less per element.
-// The hits of a 32-element step that has any are also compressed in registers and
-// stored at the end of the staging buffers (one branch per such step, no branch per hit, no
-// second scan of the chunk). PREFETCH (x is a large call's float row): each step asks for the
-// lines one chunk ahead, as the AVX-512 split does (this variant on a Xeon core: 6.1 -> 8.5
-// GB/s against the prefetch before the chunk).
-template <bool FOLD, bool PREFETCH>
-ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, const ExpLanes<float>& exps,
-                                    Staging staging) {
-  ChunkSplit<float> split;
-  const __m256i lane_offsets = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  int64_t staged = 0;
-  const __m256 threshold = _mm256_set1_ps(theta);
-  const __m256 minus_inf = _mm256_set1_ps(kNegInf<float>);
-  const ExpLanes<float> e = exps;  // a local copy: its constants stay in registers
-  __m256 sum[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  int64_t vector_hits = 0, i = 0;
-  for (; i + 32 <= n; i += 32) {
-    if constexpr (PREFETCH) prefetch_lines(x + i + kChunk, 32 * sizeof(float));
-    unsigned hit_bits = 0;
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      const __m256 v = _mm256_loadu_ps(x + i + 8 * j);
-      const __m256 above = _mm256_cmp_ps(v, threshold, _CMP_GT_OQ);
-      const __m256 masked = _mm256_blendv_ps(v, minus_inf, above);
-      hit_bits |= static_cast<unsigned>(_mm256_movemask_ps(above)) << (8 * j);
-      sum[j] = _mm256_add_ps(sum[j], e.template apply<true, FOLD>(FV{_mm256_sub_ps(masked, threshold)}).v);
-    }
-    vector_hits += __builtin_popcount(hit_bits);
-    if (hit_bits != 0) {  // rare once the threshold has settled
-      for (int j = 0; j < 4; ++j) {
-        const unsigned hit_mask = (hit_bits >> (8 * j)) & 0xffu;
-        const __m256i offsets = _mm256_add_epi32(lane_offsets, _mm256_set1_epi32(static_cast<int32_t>(i + 8 * j)));
-        _mm256_storeu_ps(staging.values + staged, compress_ps(hit_mask, _mm256_loadu_ps(x + i + 8 * j)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(staging.offsets + staged), compress_epi32(hit_mask, offsets));
-        staged += __builtin_popcount(hit_mask);
-      }
-    }
-  }
-  float total = hsum(FV{_mm256_add_ps(_mm256_add_ps(sum[0], sum[1]), _mm256_add_ps(sum[2], sum[3]))});
-  for (; i < n; ++i) {
-    const float v = x[i];
-    const bool above = v > theta;
-    const float masked = above ? kNegInf<float> : v;
-    vector_hits += above ? 1 : 0;
-    if (above) {
-      staging.values[staged] = v;
-      staging.offsets[staged] = static_cast<int32_t>(i);
-      ++staged;
-    }
-    total += e(masked - theta);
-  }
-  split.hits = vector_hits;
-  split.sum = total;
-  split.from_lanes = true;
-  return split;
-}
-#endif
-
-// The split of the n logits at `raw` (in the row, storage type S); values() returns them in
-// the compute type (widened into the chunk buffer on first use). PREFETCH: a large call, whose
-// split may ask for the chunk after this one as it goes (the vector splits that read the row
-// itself do).
-template <bool PREFETCH, class S, class C, class Values>
-ChunkSplit<C> split_chunk(const S* raw, Values&& values, int64_t n, C theta, C inv_t, const Selection<C>& sel,
-                          Staging staging) {
-  ChunkSplit<C> split;
-  int32_t hits = 0;
-#if defined(KDFAST_LANES_WIDE)
-  if constexpr (std::is_same_v<C, float> && kWideSplitReads<S>) {
-    if (theta != kNegInf<C>) {
-      return sel.split_exp.foldable ? split_chunk_wide<true, PREFETCH>(raw, n, theta, sel.split_exp, staging)
-                                    : split_chunk_wide<false, PREFETCH>(raw, n, theta, sel.split_exp, staging);
-    }
-  }
-#else
-  (void)raw;
-#endif
-  const C* x = values();
-#if defined(KDFAST_LANES_AVX2) && !defined(KDFAST_LANES_WIDE)
-  if constexpr (std::is_same_v<C, float>) {
-    if (theta != kNegInf<C>) {
-      constexpr bool kPrefetch = PREFETCH && std::is_same_v<S, float>;  // x is then the row itself
-      return sel.split_exp.foldable() ? split_chunk_lanes<true, kPrefetch>(x, n, theta, sel.split_exp, staging)
-                                      : split_chunk_lanes<false, kPrefetch>(x, n, theta, sel.split_exp, staging);
-    }
-  }
-#endif
-  (void)sel;
-  (void)staging;
-  if (theta == kNegInf<C>) {
-    int32_t nans = 0;
-#pragma omp simd reduction(+ : hits, nans)
-    for (int64_t i = 0; i < n; ++i) {
-      hits += x[i] > theta ? 1 : 0;
-      nans += x[i] != x[i] ? 1 : 0;
-    }
-    split.hits = hits;
-    split.nans = nans;
-    return split;
-  }
-  C tail_max = kNegInf<C>, sum = 0;
-#pragma omp simd reduction(max : tail_max) reduction(+ : hits, sum)
-  for (int64_t i = 0; i < n; ++i) {
-    const C v = x[i];
-    const bool above = v > theta;
-    const C masked = above ? kNegInf<C> : v;
-    tail_max = masked > tail_max ? masked : tail_max;
-    hits += above ? 1 : 0;
-    sum += rowmath::exp_c((masked - theta) * inv_t);
-  }
-  split.hits = hits;
-  split.tail_max = tail_max;
-  split.sum = sum;
-  return split;
-}
-
-// Whether a split's tail sum, relative to theta, keeps full precision: its largest term is at
-// least exp(-60) (from the maximum where the split has it); from the sum alone, a sum of at
-// least 1e-20 over at most kChunk terms has a term of at least exp(-53.7). Terms that underflow
-// (exp below -87) then lie 27 or more e-folds below the largest and do not matter.
-template <class C>
-bool tail_settled(const ChunkSplit<C>& split, C theta, C inv_t) {
-  if (!split.from_lanes) return (split.tail_max - theta) * inv_t > C(-60);
-  return split.sum >= C(1e-20);
 }
 
 // Number of interleaved groups smallest_group_maximum uses for a given k: at least k, a
@@ -598,8 +336,8 @@ void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Sele
     C chunk_theta = theta;
     const Staging staging{sel.stage_values.data(), sel.stage_offsets.data()};
     auto split_at = [&](C bar) {
-      return prefetch ? split_chunk<kSplitReadsRow>(row + start + first, rest, n, bar, inv_t_c, sel, staging)
-                      : split_chunk<false>(row + start + first, rest, n, bar, inv_t_c, sel, staging);
+      return prefetch ? split_chunk<kSplitReadsRow>(row + start + first, rest, n, bar, inv_t_c, sel.split_exp, staging)
+                      : split_chunk<false>(row + start + first, rest, n, bar, inv_t_c, sel.split_exp, staging);
     };
     ChunkSplit<C> split = split_at(chunk_theta);
     if (split.hits > std::max<int64_t>(2 * k, 256) && n >= group_count(k) && chunk_theta != kNegInf<C>) {
