@@ -122,6 +122,48 @@ inline const C* load_chunk(const In* src, int64_t n, C* buf) {
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+// float_to_bf16 on 16 lanes, the same integer steps (round half to even, NaN quietened),
+// narrowed by one truncating pack.
+inline __m256i bf16_16(__m512 value) {
+  const __m512i x = _mm512_castps_si512(value);
+  const __m512i high = _mm512_srli_epi32(x, 16);
+  const __m512i rounded = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), _mm512_and_si512(high, _mm512_set1_epi32(1))),
+      16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(x, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, _mm512_or_si512(high, _mm512_set1_epi32(0x40))));
+}
+
+// Whether this CPU converts to bfloat16 in hardware (AVX512_BF16: Cooper Lake, Sapphire Rapids
+// and later Xeons, Zen 4 and later).
+inline bool cpu_has_bf16_convert() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// store_chunk's float -> bfloat16 with the hardware conversion, 32 values at a time; returns how
+// many it wrote (a multiple of 32). VCVTNE2PS2BF16 rounds half to even and quietens NaN exactly
+// as float_to_bf16 does, but flushes denormal inputs to zero: a block holding a denormal
+// (fpclass bit 5) is converted by the integer steps instead, so the bits never differ.
+// Call it only where cpu_has_bf16_convert().
+__attribute__((target("avx512bf16"))) inline int64_t store_bf16_hardware(const float* src, int64_t n,
+                                                                          uint16_t* raw) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 low = _mm512_loadu_ps(src + i), high = _mm512_loadu_ps(src + i + 16);
+    if (_kortestz_mask16_u8(_mm512_fpclass_ps_mask(low, 0x20), _mm512_fpclass_ps_mask(high, 0x20))) {
+      _mm512_storeu_si512(raw + i, (__m512i)_mm512_cvtne2ps_pbh(high, low));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(raw + i), bf16_16(low));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(raw + i + 16), bf16_16(high));
+    }
+  }
+  return i;
+}
+#endif
+
 template <class Out, class C>
 inline void store_chunk(const C* src, int64_t n, Out* dst) {
   if constexpr (std::is_same_v<Out, C>) {
@@ -129,21 +171,11 @@ inline void store_chunk(const C* src, int64_t n, Out* dst) {
   } else if constexpr (std::is_same_v<Out, bf16_t>) {
     uint16_t* raw = reinterpret_cast<uint16_t*>(dst);
     int64_t i = 0;
-#if defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
     if constexpr (std::is_same_v<C, float>) {
-      // float_to_bf16 on 16 lanes, the same integer steps (round half to even, NaN quietened),
-      // narrowed by one truncating pack.
-      const __m512i round_bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
-      const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), infinity = _mm512_set1_epi32(0x7f800000);
-      const __m512i quiet = _mm512_set1_epi32(0x40);
+      if (cpu_has_bf16_convert()) i = store_bf16_hardware(src, n, raw);
       for (; i + 16 <= n; i += 16) {
-        const __m512i x = _mm512_castps_si512(_mm512_loadu_ps(src + i));
-        const __m512i high = _mm512_srli_epi32(x, 16);
-        const __m512i rounded =
-            _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, round_bias), _mm512_and_si512(high, one)), 16);
-        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(x, magnitude), infinity);
-        const __m512i value = _mm512_mask_blend_epi32(nan, rounded, _mm512_or_si512(high, quiet));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(raw + i), _mm512_cvtepi32_epi16(value));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(raw + i), bf16_16(_mm512_loadu_ps(src + i)));
       }
     }
 #endif
