@@ -18,9 +18,18 @@
 // (`foldable`, every practical temperature on the AVX2 lanes), `apply<CUTOFF, true>` uses
 // those and saves the multiplication u = r * inv_t; for extreme temperatures, where they would
 // overflow or underflow float, `apply<CUTOFF, false>` scales r. Both agree to within rounding.
-// Two formulas, one per build, used by every lane type of that build (vector lanes and the
+// Three formulas, one per build, used by every lane type of that build (vector lanes and the
 // scalar tail agree):
-// - AVX2 ("table"): k = round(8 x / (T ln2)); r = x - k T ln2 / 8 in two parts (Cody-Waite,
+// - AVX-512 ("wide", the avx512 variant): m = k / 32 = round(32 x / (T ln2)) / 32, read from
+//   x / (T ln2) + 1.5 2^18 (whose last five mantissa bits are then k mod 32); r = x - m T ln2
+//   in two parts (the high part has 12 significant bits, so m times it is exact for
+//   |k| < 2^12); exp(u) - 1 = q by a degree-2 minimax polynomial on |u| <= ln2 / 64 (5.3e-8);
+//   t = 2^((k mod 32) / 32) from a 32-entry table (one two-source permute), then t + t q in
+//   one rounding and 2^floor(m) by vscalefps, which the cutoff test masks: ten operations per
+//   16 lanes, against the table formula's twelve. Measured worst case 1.65e-7 for 1/T from
+//   1e-30 to 1e30. Its 8-lane and scalar forms run the same operations (the scalar one with
+//   std::fma and vscalefss), so every lane width gives the same bits.
+// - AVX2 ("table", the avx2 variant): k = round(8 x / (T ln2)); r = x - k T ln2 / 8 in two parts (Cody-Waite,
 //   the high part has 13 significant bits so k times it is exact for |k| < 2^11); exp(u) by a
 //   degree-3 minimax polynomial on |u| <= ln2 / 16 (2.7e-8); 2^(k/8) = 2^(k >> 3) times a
 //   table entry 2^((k & 7) / 8), looked up with one in-register permute. The entries carry
@@ -40,6 +49,9 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define KDFAST_LANES_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+#define KDFAST_LANES_WIDE 1  // 16 float lanes, FW, and the "wide" exp
+#endif
 #endif
 
 #ifndef KDFAST_CPU_VARIANT
@@ -49,6 +61,64 @@
 namespace kdfast {
 namespace cpu {
 namespace KDFAST_CPU_VARIANT {
+
+#if defined(KDFAST_LANES_WIDE)
+// 2^(j / 32), j = 0..31, each rounded once to float: the "wide" exp's table.
+alignas(64) inline constexpr float kExp2Table32[32] = {
+    0x1p+0f,       0x1.059b0ep+0f, 0x1.0b5586p+0f, 0x1.11301ep+0f, 0x1.172b84p+0f, 0x1.1d4874p+0f, 0x1.2387a6p+0f,
+    0x1.29e9ep+0f, 0x1.306fep+0f,  0x1.371a74p+0f, 0x1.3dea64p+0f, 0x1.44e086p+0f, 0x1.4bfdaep+0f, 0x1.5342b6p+0f,
+    0x1.5ab07ep+0f, 0x1.6247ecp+0f, 0x1.6a09e6p+0f, 0x1.71f75ep+0f, 0x1.7a1148p+0f, 0x1.82589ap+0f, 0x1.8ace54p+0f,
+    0x1.93737cp+0f, 0x1.9c4918p+0f, 0x1.a5503cp+0f, 0x1.ae89fap+0f, 0x1.b7f77p+0f,  0x1.c199bep+0f, 0x1.cb720ep+0f,
+    0x1.d5818ep+0f, 0x1.dfc974p+0f, 0x1.ea4afap+0f, 0x1.f50766p+0f};
+
+// The constants of the "wide" exp (file comment) for one temperature, and its scalar form:
+// exp(d / T) for -87.4 T <= d <= 43 T (|32 m| < 2^12), without any range test. ScaledExp<float>
+// adds the cutoff test to it, FlooredExp a floor.
+struct WideExp {
+  static constexpr float kMagic = 393216.0f;  // 1.5 * 2^18: adding it rounds to a multiple of 1/32
+  // Minimax (relative error) on |u| <= ln2 / 64, constant term fixed at 1.
+  static constexpr double a1 = 1.0000146427641559, a2 = 0.499999980605532;
+  float k_scale, step_hi, step_lo, inv_t;
+  float a1_f, a2_f, fa1, fa2;  // a1, a2 as floats; folded: a1 / T, a2 / T^2
+  bool foldable;               // fa1 and fa2 are normal floats with headroom
+
+  explicit WideExp(double inv) {
+    const double ln2 = 0.693147180559945309417;
+    const double temperature = 1.0 / inv;
+    k_scale = static_cast<float>(inv / ln2);
+    // step = T ln2 = hi + lo, hi with 12 significant bits: m hi is exact for |32 m| < 2^12.
+    const double step = ln2 * temperature;
+    int exponent = 0;
+    std::frexp(step, &exponent);
+    const double quantum = std::ldexp(1.0, exponent - 12);
+    step_hi = static_cast<float>(std::nearbyint(step / quantum) * quantum);
+    step_lo = static_cast<float>(step - static_cast<double>(step_hi));
+    inv_t = static_cast<float>(inv);
+    a1_f = static_cast<float>(a1);
+    a2_f = static_cast<float>(a2);
+    fa1 = static_cast<float>(a1 * inv);
+    fa2 = static_cast<float>(a2 * inv * inv);
+    const double smallest = std::min({1.0, a1 * inv, a2 * inv * inv});
+    const double largest = std::max({1.0, a1 * inv, a2 * inv * inv});
+    foldable = smallest > 1e-30 && largest < 1e30;
+  }
+
+  // The same operations, in the same order and roundings, as WideExpFW::core on one lane.
+  template <bool FOLD>
+  float core(float d) const {
+    const float shifted = std::fma(d, k_scale, kMagic);
+    const float m = shifted - kMagic;
+    float r = std::fma(-m, step_hi, d);
+    r = std::fma(-m, step_lo, r);
+    if constexpr (!FOLD) r = r * inv_t;
+    const float q = std::fma(FOLD ? fa2 : a2_f, r, FOLD ? fa1 : a1_f) * r;  // exp(r / T) - 1
+    int32_t k;
+    std::memcpy(&k, &shifted, 4);
+    const float t = kExp2Table32[k & 31];
+    return _mm_cvtss_f32(_mm_scalef_ss(_mm_set_ss(std::fma(t, q, t)), _mm_set_ss(m)));  // times 2^floor(m)
+  }
+};
+#endif
 
 // exp(x / T) for x <= 0; see the file comment. The double version calls std::exp.
 template <class C>
@@ -83,8 +153,15 @@ struct ScaledExp<float> {
   float fb1, fb2, fb3;
   float fc[6];
   bool foldable;
+#if defined(KDFAST_LANES_WIDE)
+  WideExp wide;  // the AVX-512 build's formula
+#endif
 
-  explicit ScaledExp(double inv) {
+  explicit ScaledExp(double inv)
+#if defined(KDFAST_LANES_WIDE)
+      : wide(inv)
+#endif
+  {
     const double ln2 = 0.693147180559945309417;
     inv_t = static_cast<float>(inv);
     cutoff = static_cast<float>(-87.0 / inv);
@@ -122,6 +199,9 @@ struct ScaledExp<float> {
 #endif
     }
     foldable = smallest > 1e-30 && largest < 1e30;
+#if defined(KDFAST_LANES_WIDE)
+    foldable = wide.foldable;
+#endif
   }
 
   float operator()(float x) const { return apply<true>(x); }
@@ -132,7 +212,11 @@ struct ScaledExp<float> {
   // `foldable`).
   template <bool CUTOFF, bool FOLD = false>
   float apply(float x) const {
-#if defined(KDFAST_LANES_AVX2)
+#if defined(KDFAST_LANES_WIDE)
+    const float y = wide.core<FOLD>(x);
+    if constexpr (!CUTOFF) return y;
+    return x < cutoff ? 0.0f : y;  // NaN: the comparison is false and y is NaN
+#elif defined(KDFAST_LANES_AVX2)
     return apply_table<CUTOFF, FOLD>(x);
 #else
     return apply_poly<CUTOFF, FOLD>(x);
@@ -302,28 +386,19 @@ struct ScaledExpFV {
     const __m256i k = _mm256_castps_si256(shifted);
     // permutevar8x32 reads the low 3 bits of each index: the table entry for k & 7.
     const __m256i bits = _mm256_add_epi32(_mm256_permutevar8x32_epi32(table, k), _mm256_slli_epi32(k, 20));
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-    // AVX-512: the cutoff test masks the final multiply (lanes below the cutoff become 0;
-    // NaN compares unordered and is kept).
-    if constexpr (CUTOFF) {
-      const __mmask8 keep = _mm256_cmp_ps_mask(x.v, cutoff, _CMP_NLT_UQ);
-      return {_mm256_maskz_mul_ps(keep, p, _mm256_castsi256_ps(bits))};
-    }
-#endif
     const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
     if constexpr (!CUTOFF) return {y};
     return {_mm256_andnot_ps(_mm256_cmp_ps(x.v, cutoff, _CMP_LT_OQ), y)};
   }
 };
 
-#if defined(__AVX512F__)
+#if defined(KDFAST_LANES_WIDE)
 // ---- 16 float lanes (the AVX-512 variant): the bulk of a row, before one FV block ----
 // The same formulas on 512-bit registers. A core that executes a 512-bit operation as two
 // 256-bit halves (Zen 4) still issues it as one instruction, so twice the elements fit in the
 // out-of-order window of the exp-bound loops, whose long dependency chains (~35 cycles per
 // exp) otherwise keep the multiply-add pipes idle; cores with 512-bit units do twice the work
 // per instruction.
-#define KDFAST_LANES_WIDE 1
 constexpr int kWideLanes = 16;
 struct FW {
   __m512 v;
@@ -355,114 +430,69 @@ inline float hsum(FW x) { return hsum(FV{_mm256_add_ps(_mm512_castps512_ps256(x.
 inline float hmax(FW x) { return hmax(FV{_mm256_max_ps(_mm512_castps512_ps256(x.v), high_half(x))}); }
 inline float hmin(FW x) { return hmin(FV{_mm256_min_ps(_mm512_castps512_ps256(x.v), high_half(x))}); }
 
-// ScaledExp<float> on 16 lanes: ScaledExpFV's formula; the permute reads the low 4 bits of k,
-// so the table holds its 8 entries twice (the same bits as the 8-lane exp).
-struct ScaledExpFW {
-  __m512 k_scale, step_hi, step_lo, inv_t, b1, b2, b3, fb1, fb2, fb3, cutoff, magic, one;
-  __m512i table;
-  explicit ScaledExpFW(const ScaledExp<float>& e)
+// The wide exp on 16 lanes: WideExp::core lane by lane (one two-source permute reads the last
+// five bits of each index, k mod 32). MASKED: lanes outside `keep` become 0 at the last step.
+struct WideExpFW {
+  __m512 k_scale, step_hi, step_lo, inv_t, a1, a2, fa1, fa2, magic, table_low, table_high;
+  explicit WideExpFW(const WideExp& e)
       : k_scale(_mm512_set1_ps(e.k_scale)), step_hi(_mm512_set1_ps(e.step_hi)), step_lo(_mm512_set1_ps(e.step_lo)),
-        inv_t(_mm512_set1_ps(e.inv_t)), b1(_mm512_set1_ps(ScaledExp<float>::b1)),
-        b2(_mm512_set1_ps(ScaledExp<float>::b2)), b3(_mm512_set1_ps(ScaledExp<float>::b3)),
-        fb1(_mm512_set1_ps(e.fb1)), fb2(_mm512_set1_ps(e.fb2)), fb3(_mm512_set1_ps(e.fb3)),
-        cutoff(_mm512_set1_ps(e.cutoff)), magic(_mm512_set1_ps(ScaledExp<float>::kMagic)),
-        one(_mm512_set1_ps(1.0f)),
-        table(_mm512_broadcast_i64x4(_mm256_load_si256(reinterpret_cast<const __m256i*>(e.table)))) {}
-  FW operator()(FW x) const { return apply<true>(x); }
-  template <bool CUTOFF, bool FOLD = false>
-  FW apply(FW x) const {
-    const __m512 shifted = _mm512_fmadd_ps(x.v, k_scale, magic);
-    const __m512 n = _mm512_sub_ps(shifted, magic);
-    __m512 r = _mm512_fnmadd_ps(n, step_hi, x.v);
-    r = _mm512_fnmadd_ps(n, step_lo, r);
-    __m512 p;
-    if constexpr (FOLD) {
-      p = _mm512_fmadd_ps(fb3, r, fb2);
-      p = _mm512_fmadd_ps(p, r, fb1);
-      p = _mm512_fmadd_ps(p, r, one);
-    } else {
-      const __m512 u = _mm512_mul_ps(r, inv_t);
-      p = _mm512_fmadd_ps(b3, u, b2);
-      p = _mm512_fmadd_ps(p, u, b1);
-      p = _mm512_fmadd_ps(p, u, one);
-    }
-    const __m512i k = _mm512_castps_si512(shifted);
-    const __m512i bits = _mm512_add_epi32(_mm512_permutexvar_epi32(k, table), _mm512_slli_epi32(k, 20));
-    if constexpr (!CUTOFF) return {_mm512_mul_ps(p, _mm512_castsi512_ps(bits))};
-    // Lanes below the cutoff become 0 (NaN compares unordered and is kept).
-    const __mmask16 keep = _mm512_cmp_ps_mask(x.v, cutoff, _CMP_NLT_UQ);
-    return {_mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(bits))};
-  }
-};
-
-// ---- exp(x / T) with a floor, for long sums (the AVX-512 variant) ----
-// FlooredExp: exp(max(x, floor) / T) for x <= 0, floor = -86 T (or -FLT_MAX where that is
-// lower), on 16 lanes: relative error below 2e-7 against float64 for x >= floor; below it the
-// result is exp(floor / T) ~ 4.5e-38 (also for x = -inf), never 0 and never denormal; NaN gives
-// NaN. Meant for sums whose callers keep them only when they are large (compress_topk keeps a
-// chunk's sum of 2048 terms only when it is >= 1e-20, so the floor adds at most 1e-34 of it),
-// where the floor spares the cutoff test of ScaledExp and every denormal.
-// Formula: m = k / 32 = round(32 x / (T ln2)) / 32, read from x / (T ln2) + 1.5 2^18 (whose
-// last five mantissa bits are then k mod 32); r = x - m T ln2 in two parts (the high part has
-// 12 significant bits, as many as |k| < 2^12 leaves room for: m times it is exact); exp(r / T)
-// by a degree-2 minimax polynomial on |r / T| <= ln2 / 64 (relative error 5.3e-8), as q =
-// exp(r / T) - 1; t = 2^((k mod 32) / 32) from a 32-entry table (one two-source permute), then
-// t + t q in one rounding and 2^floor(m) by vscalefps. Measured worst case 1.65e-7 for T from
-// 1e-30 to 1e30. Ten operations per 16 lanes where ScaledExpFW takes thirteen.
-// FOLD: the polynomial in r with 1/T folded in, when those coefficients are normal floats
-// (`foldable`, every practical temperature), else u = r / T first.
-struct FlooredExp {
-  static constexpr float kMagic = 393216.0f;  // 1.5 * 2^18: adding it rounds to a multiple of 1/32
-  // Minimax (relative error) on |u| <= ln2 / 64, constant term fixed at 1.
-  static constexpr double a1 = 1.0000146427641559, a2 = 0.499999980605532;
-  float floor, k_scale, step_hi, step_lo, inv_t;
-  float a1_f, a2_f, fa1, fa2;  // a1, a2 as floats; folded: a1 / T, a2 / T^2
-  bool foldable;
-  alignas(64) float table[32];  // 2^(j / 32)
-
-  explicit FlooredExp(double inv) {
-    const double ln2 = 0.693147180559945309417;
-    const double temperature = 1.0 / inv;
-    floor = static_cast<float>(std::max(-86.0 * temperature, -static_cast<double>(std::numeric_limits<float>::max())));
-    k_scale = static_cast<float>(inv / ln2);
-    const double step = ln2 * temperature;
-    int exponent = 0;
-    std::frexp(step, &exponent);
-    const double quantum = std::ldexp(1.0, exponent - 12);
-    step_hi = static_cast<float>(std::nearbyint(step / quantum) * quantum);
-    step_lo = static_cast<float>(step - static_cast<double>(step_hi));
-    inv_t = static_cast<float>(inv);
-    a1_f = static_cast<float>(a1);
-    a2_f = static_cast<float>(a2);
-    fa1 = static_cast<float>(a1 * inv);
-    fa2 = static_cast<float>(a2 * inv * inv);
-    const double smallest = std::min({1.0, a1 * inv, a2 * inv * inv}), largest = std::max({1.0, a1 * inv, a2 * inv * inv});
-    foldable = smallest > 1e-30 && largest < 1e30;
-    for (int j = 0; j < 32; ++j) table[j] = static_cast<float>(std::exp2(j / 32.0));
-  }
-};
-
-struct FlooredExpFW {
-  __m512 floor, k_scale, step_hi, step_lo, inv_t, a1, a2, magic, table_low, table_high;
-  explicit FlooredExpFW(const FlooredExp& e)
-      : floor(_mm512_set1_ps(e.floor)), k_scale(_mm512_set1_ps(e.k_scale)), step_hi(_mm512_set1_ps(e.step_hi)),
-        step_lo(_mm512_set1_ps(e.step_lo)), inv_t(_mm512_set1_ps(e.inv_t)),
-        a1(_mm512_set1_ps(e.foldable ? e.fa1 : e.a1_f)), a2(_mm512_set1_ps(e.foldable ? e.fa2 : e.a2_f)),
-        magic(_mm512_set1_ps(FlooredExp::kMagic)), table_low(_mm512_load_ps(e.table)),
-        table_high(_mm512_load_ps(e.table + 16)) {}
-  // FOLD must equal the FlooredExp's `foldable`, which chose a1 and a2.
-  template <bool FOLD>
-  FW apply(FW x) const {
-    const __m512 d = _mm512_max_ps(floor, x.v);  // in this order NaN stays NaN
+        inv_t(_mm512_set1_ps(e.inv_t)), a1(_mm512_set1_ps(e.a1_f)), a2(_mm512_set1_ps(e.a2_f)),
+        fa1(_mm512_set1_ps(e.fa1)), fa2(_mm512_set1_ps(e.fa2)), magic(_mm512_set1_ps(WideExp::kMagic)),
+        table_low(_mm512_load_ps(kExp2Table32)), table_high(_mm512_load_ps(kExp2Table32 + 16)) {}
+  template <bool FOLD, bool MASKED = false>
+  __m512 core(__m512 d, __mmask16 keep = 0) const {
     const __m512 shifted = _mm512_fmadd_ps(d, k_scale, magic);
     const __m512 m = _mm512_sub_ps(shifted, magic);
     __m512 r = _mm512_fnmadd_ps(m, step_hi, d);
     r = _mm512_fnmadd_ps(m, step_lo, r);
     if constexpr (!FOLD) r = _mm512_mul_ps(r, inv_t);
-    const __m512 q = _mm512_mul_ps(_mm512_fmadd_ps(a2, r, a1), r);  // exp(r / T) - 1
-    // The permute reads the last five bits of each index: k mod 32. t (1 + q) rounds once.
+    const __m512 q = _mm512_mul_ps(_mm512_fmadd_ps(FOLD ? fa2 : a2, r, FOLD ? fa1 : a1), r);  // exp(r / T) - 1
     const __m512 t = _mm512_permutex2var_ps(table_low, _mm512_castps_si512(shifted), table_high);
-    return {_mm512_scalef_ps(_mm512_fmadd_ps(t, q, t), m)};  // times 2^floor(m)
+    const __m512 scaled = _mm512_fmadd_ps(t, q, t);  // t (1 + q), rounded once
+    if constexpr (MASKED) return _mm512_maskz_scalef_ps(keep, scaled, m);  // times 2^floor(m)
+    return _mm512_scalef_ps(scaled, m);
+  }
+};
+
+// ScaledExp<float> on 16 lanes: the wide exp; the cutoff test masks its last step (lanes
+// below the cutoff become 0; NaN compares unordered and is kept).
+struct ScaledExpFW {
+  WideExpFW e;
+  __m512 cutoff;
+  explicit ScaledExpFW(const ScaledExp<float>& x) : e(x.wide), cutoff(_mm512_set1_ps(x.cutoff)) {}
+  FW operator()(FW x) const { return apply<true>(x); }
+  template <bool CUTOFF, bool FOLD = false>
+  FW apply(FW x) const {
+    if constexpr (!CUTOFF) return {e.template core<FOLD>(x.v)};
+    return {e.template core<FOLD, true>(x.v, _mm512_cmp_ps_mask(x.v, cutoff, _CMP_NLT_UQ))};
+  }
+};
+
+// ---- exp(x / T) with a floor, for long sums (the AVX-512 variant) ----
+// FlooredExp: exp(max(x, floor) / T) for x <= 0, floor = -86 T (or -FLT_MAX where that is
+// lower), on 16 lanes: the wide exp of max(x, floor), relative error below 2e-7 against
+// float64 for x >= floor; below it the result is exp(floor / T) ~ 4.5e-38 (also for x = -inf),
+// never 0 and never denormal; NaN gives NaN. Meant for sums whose callers keep them only when
+// they are large (compress_topk keeps a chunk's sum of 2048 terms only when it is >= 1e-20, so
+// the floor adds at most 1e-34 of it), where the floor spares the cutoff test and every
+// denormal: ten operations per 16 lanes. FOLD: `foldable` (WideExp).
+struct FlooredExp {
+  float floor;
+  WideExp wide;
+  bool foldable;
+  explicit FlooredExp(double inv)
+      : floor(static_cast<float>(std::max(-86.0 / inv, -static_cast<double>(std::numeric_limits<float>::max())))),
+        wide(inv), foldable(wide.foldable) {}
+};
+
+struct FlooredExpFW {
+  __m512 floor;
+  WideExpFW e;
+  explicit FlooredExpFW(const FlooredExp& x) : floor(_mm512_set1_ps(x.floor)), e(x.wide) {}
+  // FOLD must equal the FlooredExp's `foldable`.
+  template <bool FOLD>
+  FW apply(FW x) const {
+    return {e.template core<FOLD>(_mm512_max_ps(floor, x.v))};  // in this order NaN stays NaN
   }
 };
 #endif
@@ -552,9 +582,23 @@ struct ExpLanes {
   template <bool CUTOFF, bool FOLD = false>
   FW apply(FW x) const { return ScaledExpFW(scalar).template apply<CUTOFF, FOLD>(x); }
 #endif
+#if defined(KDFAST_LANES_WIDE)
+  // 8 lanes through the 16-lane exp (the upper half zero), so that they give its bits.
+  FV operator()(FV x) const { return apply<true>(x); }
+  template <bool CUTOFF, bool FOLD = false>
+  FV apply(FV x) const {
+    if constexpr (std::is_same_v<C, float>) {
+      const FW y = ScaledExpFW(scalar).template apply<CUTOFF, FOLD>(FW{_mm512_zextps256_ps512(x.v)});
+      return {_mm512_castps512_ps256(y.v)};
+    } else {
+      return ScaledExpFV(scalar).template apply<CUTOFF, FOLD>(x);
+    }
+  }
+#else
   FV operator()(FV x) const { return ScaledExpFV(scalar)(x); }
   template <bool CUTOFF, bool FOLD = false>
   FV apply(FV x) const { return ScaledExpFV(scalar).template apply<CUTOFF, FOLD>(x); }
+#endif
   C operator()(C x) const { return scalar(x); }
   template <bool CUTOFF, bool FOLD = false>
   C apply(C x) const { return scalar.template apply<CUTOFF, FOLD>(x); }
