@@ -8,7 +8,8 @@
 // (converted to float for 16-bit students), the kept logits are read out of it and replaced by
 // -inf, and vectorised loops fold what is left, exactly the non-kept entries, into the tail's
 // log-sum-exp (at T for the tail bucket, at 1 for the cross-entropy), each relative to the
-// tail's own maximum. The k+1 bucket terms are then computed in double, with log-normalisers
+// tail's own maximum (with T = 2 or 4 and both sums, exp(x) as exp(x/T)^T); in large calls
+// that sweep prefetches the row's next chunk as it goes (memory_policy.h). The k+1 bucket terms are then computed in double, with log-normalisers
 // relative to the largest logit each covers (sparse::reference_logit). In "renormalize" mode
 // without cross-entropy the row is not streamed at all: only the k kept logits are read. A NaN
 // (or +inf) logit or soft label the row reads, or a distribution of only -inf, makes the row's
@@ -29,6 +30,7 @@
 #include "convert.h"
 #include "kernel_common.h"
 #include "lanes.h"
+#include "memory_policy.h"
 #include "kdfast/rowmath.h"
 #include "kdfast/sparse_rowmath.h"
 #include "kdfast/types.h"
@@ -99,15 +101,22 @@ struct StreamPlan {
   bool tail_at_t;   // log-sum-exp of the non-kept s/T: the tail bucket
   bool tail_at_1;   // log-sum-exp of the non-kept s: cross-entropy when it cannot reuse the above
   bool smoothing;   // sum of all s: label smoothing
+  int power_1;      // T = 2 or 4 with both sums: exp(x - m) = exp((x - m)/T)^T, one exp per entry
+  bool prefetch;    // the tail sums ask for the row's next chunk as they go (large calls)
   bool any() const { return tail_at_t || tail_at_1 || smoothing; }
 };
 
+// `call_bytes`: the student logits of the call (kPrefetchCallBytes, memory_policy.h).
 template <class C>
-StreamPlan plan_for(const SparseCoefficients<C>& k, double temperature) {
+StreamPlan plan_for(const SparseCoefficients<C>& k, double temperature, int64_t call_bytes) {
   StreamPlan plan;
   plan.tail_at_t = k.bucket && k.need_kd;
   plan.tail_at_1 = k.need_ce && !(plan.tail_at_t && temperature == 1.0);
   plan.smoothing = k.need_ce && k.label_smoothing > C(0);
+  plan.power_1 = plan.tail_at_t && plan.tail_at_1 && (temperature == 2.0 || temperature == 4.0)
+                     ? static_cast<int>(temperature)
+                     : 0;
+  plan.prefetch = call_bytes > kPrefetchCallBytes;
   return plan;
 }
 
@@ -130,15 +139,28 @@ struct TailExps {
 };
 
 // sum_t += sum exp((x_i - m)/T), sum_1 += sum exp(x_i - m) over a chunk whose entries are at
-// most m (or -inf, or NaN, which propagates), on the lanes.
-template <class C, bool SUM_T, bool SUM_1>
-void tail_chunk_sums(const C* x, int64_t n, C m, const TailExps<C>& exps, C& sum_t, C& sum_1) {
+// most m (or -inf, or NaN, which propagates), on the lanes. POW_1 = T (2 or 4, with SUM_T):
+// exp(x_i - m) as that power of exp((x_i - m)/T). `ahead`: the bytes of the row's next chunk
+// (sizeof(S) per element, as an address: it may lie past the tensor; 0 for none), asked for a
+// vector step at a time.
+template <class C, bool SUM_T, bool SUM_1, int POW_1 = 0, class S = C>
+void tail_chunk_sums(const C* x, int64_t n, C m, const TailExps<C>& exps, uintptr_t ahead, C& sum_t, C& sum_1) {
+  static_assert(POW_1 == 0 || (SUM_T && SUM_1), "the power form derives sum_1 from the terms of sum_t");
   const ExpLanes<C> exp_t = exps.t, exp_1 = exps.one;  // local copies: constants stay in registers
   LaneSums<C, 2> acc;
   sweep_lanes<C>(n, [&](auto lane, int64_t i) {
     using L = Lane<decltype(lane)>;
+    if constexpr (!std::is_same_v<decltype(lane), C>) {
+      if (ahead) __builtin_prefetch(reinterpret_cast<const void*>(ahead + i * sizeof(S)), 0, 2);  // never faults
+    }
     auto* sums = acc.sums(lane);
     const auto centred = L::load(x + i) - L::splat(m);
+    if constexpr (POW_1 != 0) {
+      const auto e = exp_t(centred);
+      sums[0] = sums[0] + e;
+      sums[1] = sums[1] + rowmath::integer_power<POW_1>(e);
+      return;
+    }
     if constexpr (SUM_T) sums[0] = sums[0] + exp_t(centred);
     if constexpr (SUM_1) sums[1] = sums[1] + exp_1(centred);
   });
@@ -201,12 +223,19 @@ int forward_row(const SparseKDForwardArgs& args, const SparseCoefficients<double
       nan_count += nans;
       if (chunk_max == kNegInf<C>) continue;
       C sum_t = 0, sum_1 = 0;
+      const uintptr_t ahead = plan.prefetch ? reinterpret_cast<uintptr_t>(s_row + start) + kChunk * sizeof(S) : 0;
       if (plan.tail_at_t && plan.tail_at_1) {
-        tail_chunk_sums<C, true, true>(buffer, n, chunk_max, exps, sum_t, sum_1);
+        if (plan.power_1 == 2) {
+          tail_chunk_sums<C, true, true, 2, S>(buffer, n, chunk_max, exps, ahead, sum_t, sum_1);
+        } else if (plan.power_1 == 4) {
+          tail_chunk_sums<C, true, true, 4, S>(buffer, n, chunk_max, exps, ahead, sum_t, sum_1);
+        } else {
+          tail_chunk_sums<C, true, true, 0, S>(buffer, n, chunk_max, exps, ahead, sum_t, sum_1);
+        }
       } else if (plan.tail_at_t) {
-        tail_chunk_sums<C, true, false>(buffer, n, chunk_max, exps, sum_t, sum_1);
+        tail_chunk_sums<C, true, false, 0, S>(buffer, n, chunk_max, exps, ahead, sum_t, sum_1);
       } else if (plan.tail_at_1) {
-        tail_chunk_sums<C, false, true>(buffer, n, chunk_max, exps, sum_t, sum_1);
+        tail_chunk_sums<C, false, true, 0, S>(buffer, n, chunk_max, exps, ahead, sum_t, sum_1);
       }
       if (plan.tail_at_t) tail_t.add(static_cast<double>(chunk_max), static_cast<double>(sum_t), inv_t);
       if (plan.tail_at_1) tail_1.add(static_cast<double>(chunk_max), static_cast<double>(sum_1), 1.0);
@@ -283,8 +312,8 @@ int forward_row(const SparseKDForwardArgs& args, const SparseCoefficients<double
 template <class S, class C>
 SparseKDForwardResult forward_impl(const SparseKDForwardArgs& args) {
   const SparseCoefficients<double> k = sparse::make_sparse_coefficients<double>(args.options, args.tail);
-  const StreamPlan plan = plan_for(k, args.options.temperature);
   const int64_t rows = args.rows, vocab = args.vocab, kk = args.soft_labels.k;
+  const StreamPlan plan = plan_for(k, args.options.temperature, rows * vocab * static_cast<int64_t>(sizeof(S)));
   double* row_stats = args.row_stats;
   int64_t bad_labels = 0, bad_index_rows = 0;
   const int threads = threads_for(args.num_threads, rows, plan.any() ? vocab : kk * 8);
@@ -325,8 +354,9 @@ SparseKDForwardResult forward_impl(const SparseKDForwardArgs& args) {
 // at 0 so that they stay finite until then).
 //   bucket D term:   kd_tail * e,  e = exp((s - tail_max)/T) / Z_tail (inv_z_tail = 1/Z_tail)
 //   cross-entropy:   ce_factor * (r - eps/V),  r = softmax(s): e * Q_tail when T == 1 and the
-//                    tail bucket is streamed, else exp(s - tail_max) * r_factor
-template <class C, bool KD_TAIL, bool CE, bool CE_FROM_TAIL>
+//                    tail bucket is streamed, else exp(s - tail_max) * r_factor, where with
+//                    POW_1 = T (2 or 4, both terms) exp(s - tail_max) = exp((s - tail_max)/T)^T
+template <class C, bool KD_TAIL, bool CE, bool CE_FROM_TAIL, int POW_1 = 0>
 void tail_chunk_grad(const C* s, int64_t n, C* out, C tail_max, const TailExps<C>& exps, C inv_z_tail, C kd_tail,
                      C q_tail, C ce_factor, C smooth, C r_factor) {
   const ExpLanes<C> exp_t = exps.t, exp_1 = exps.one;  // local copies: constants stay in registers
@@ -334,6 +364,14 @@ void tail_chunk_grad(const C* s, int64_t n, C* out, C tail_max, const TailExps<C
     using L = Lane<decltype(lane)>;
     const auto centred = min_(L::load(s + i) - L::splat(tail_max), L::zero());
     auto value = L::zero();
+    if constexpr (POW_1 != 0) {
+      static_assert(KD_TAIL && CE && !CE_FROM_TAIL, "the power form serves both terms");
+      const auto e = exp_t(centred);
+      value = L::splat(kd_tail) * (e * L::splat(inv_z_tail));
+      value = fma_(L::splat(ce_factor), rowmath::integer_power<POW_1>(e) * L::splat(r_factor) - L::splat(smooth), value);
+      store(out + i, value);
+      return;
+    }
     if constexpr (KD_TAIL) {
       const auto e = exp_t(centred) * L::splat(inv_z_tail);
       value = L::splat(kd_tail) * e;
@@ -349,11 +387,15 @@ void tail_chunk_grad(const C* s, int64_t n, C* out, C tail_max, const TailExps<C
 template <class C>
 using TailGradFn = void (*)(const C*, int64_t, C*, C, const TailExps<C>&, C, C, C, C, C, C);
 
+// power_1: StreamPlan's (with both terms and the cross-entropy not from the tail bucket).
 template <class C>
-TailGradFn<C> pick_tail_grad(bool kd_tail, bool ce, bool ce_from_tail) {
+TailGradFn<C> pick_tail_grad(bool kd_tail, bool ce, bool ce_from_tail, int power_1) {
   if (kd_tail) {
     if (!ce) return tail_chunk_grad<C, true, false, false>;
-    return ce_from_tail ? tail_chunk_grad<C, true, true, true> : tail_chunk_grad<C, true, true, false>;
+    if (ce_from_tail) return tail_chunk_grad<C, true, true, true>;
+    if (power_1 == 2) return tail_chunk_grad<C, true, true, false, 2>;
+    if (power_1 == 4) return tail_chunk_grad<C, true, true, false, 4>;
+    return tail_chunk_grad<C, true, true, false>;
   }
   if (ce) return tail_chunk_grad<C, false, true, false>;
   return nullptr;  // no gradient reaches tail entries: zeros
@@ -370,9 +412,9 @@ struct GradientSetup {
   TailExps<C> exps;
   explicit GradientSetup(const SparseKDInputs& args)
       : k(sparse::make_sparse_coefficients<double>(args.options, args.tail)),
-        plan(plan_for(k, args.options.temperature)),
+        plan(plan_for(k, args.options.temperature, args.rows * args.vocab * dtype_size(args.student_dtype))),
         kd_tail(k.need_kd && k.bucket),
-        tail_grad(pick_tail_grad<C>(kd_tail, k.need_ce, k.need_ce && kd_tail && !plan.tail_at_1)),
+        tail_grad(pick_tail_grad<C>(kd_tail, k.need_ce, k.need_ce && kd_tail && !plan.tail_at_1, plan.power_1)),
         inv_t(1.0 / args.options.temperature),
         alpha(static_cast<double>(k.alpha)),
         eps(static_cast<double>(k.label_smoothing)),

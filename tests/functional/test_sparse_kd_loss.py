@@ -100,7 +100,7 @@ def test_matches_reference(tail, divergence, reduction, dtype):
     )
 
 
-@pytest.mark.parametrize("temperature", [0.5, 1.0])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
 @pytest.mark.parametrize("alpha, label_smoothing", [(0.0, 0.0), (0.5, 0.0), (0.5, 0.2), (1.0, 0.1)])
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 @pytest.mark.parametrize("tail", TAILS)
