@@ -4,8 +4,9 @@
 // gradient) and their selection for a call's options (`pick_kernels`). Contract: rowmath.h.
 // The statistics sweep can also keep its exponentials (`KeptExps`): the one-pass training
 // kernel stores exp((s - b)/T), exp((t - b)/T) and exp(s - b) of a row (b: the row's bases,
-// `RowFrame`) into per-thread row buffers, and every gradient but JSD's (TVD: and its second sweep) is then formed from
-// them (`chunk_grad_kept`, `chunk_sweep_tvd`) with no exponential of its own.
+// `RowFrame`) into per-thread row buffers, and every gradient (JSD and TVD: and their second
+// sweeps) is then formed from them (`chunk_grad_kept`, `chunk_sweep_jsd_kept`,
+// `chunk_sweep_tvd`) with no exponential of its own; JSD's second sweep keeps log m too.
 #pragma once
 
 #include <algorithm>
@@ -46,21 +47,25 @@ struct RowExps {
 };
 
 // Where the statistics sweep keeps its exponentials (one chunk's slice of per-thread row
-// buffers): q: exp(ds κ), p: exp(dt κ), one: exp(ds / h) (CE at T other than 1, 2, 4). Only the
-// slices the call's options need are written.
+// buffers): q: exp(ds κ), p: exp(dt κ), one: exp(ds / h) (CE at T other than 1, 2, 4); and
+// log_m: JSD's log m per element, which its second sweep writes for the gradient. Only the
+// slices the call's options need are set.
 template <class C>
 struct KeptExps {
   C* q;
   C* p;
   C* one;
-  KeptExps at(int64_t offset) const { return {q + offset, p ? p + offset : nullptr, one ? one + offset : nullptr}; }
+  C* log_m = nullptr;
+  KeptExps at(int64_t offset) const {
+    return {q + offset, p ? p + offset : nullptr, one ? one + offset : nullptr, log_m ? log_m + offset : nullptr};
+  }
 };
 
 // Where a row's exponentials on the lanes are taken from: the bases b (the row's maxima, or the
 // maxima of its first chunk for a one-sweep row, see kd_loss_cpu.cpp) and the factors that
 // normalise exp((x - b)/T) and exp(x - b): 1/Z exp(-(max - b)/T) = exp(-(max - b)/T - log-sum),
 // formed in double from the saved statistics. Every lanes sweep after the statistics (TVD's
-// second sweep, the gradients but JSD's) takes its exponentials and factors from here.
+// and JSD's second sweeps, the gradients) takes its exponentials and factors from here.
 template <class C>
 struct RowFrame {
   C base_s, base_t;
@@ -164,8 +169,103 @@ inline void chunk_max(const C* x, int64_t n, C& m) {
   m = value;
 }
 
+// JSD from the kept exponentials. Every JSD path takes p = exp(dt κ) inv_zp and q = exp(ds κ)
+// inv_zq on the row's frame (the statistics sweep's exponentials, kept or formed again the
+// same way), log m = log(β p + (1 − β) q) by jsd_log_m, and log p, log q from the logits
+// relative to the row's maxima. jsd_log_m is one out-of-line function, so the second sweep
+// (which keeps log m for the one-pass gradient) and the two-pass backward get the same bits.
+template <class C>
+__attribute__((noinline)) void jsd_log_m(const C* kq, const C* kp, int64_t n, C inv_zq, C inv_zp, C beta, C* log_m) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) log_m[i] = rowmath::log_c(beta * (kp[i] * inv_zp) + (C(1) - beta) * (kq[i] * inv_zq));
+}
+
+// JSD's second sweep over one chunk from the kept exponentials (`kept.q`, `kept.p`, all n
+// entries) and the logits: acc0 += Σ p (log p − log m), acc1 += Σ q (log q − log m); writes
+// log m to kept.log_m.
+template <class C>
+void chunk_sweep_jsd_kept(const C* s, const C* t, KeptExps<C> kept, int64_t n, const Coefficients<C>& coefficients,
+                          const RowExps<C>& exps, const RowStats<C>& stats, const RowFrame<C>& frame, C& acc0,
+                          C& acc1) {
+  (void)exps;
+  const Coefficients<C> k = coefficients;
+  const RowStats<C> st = stats;
+  const C inv_zq = frame.inv_zq, inv_zp = frame.inv_zp;
+  const C* kq = kept.q;
+  const C* kp = kept.p;
+  C* lm = kept.log_m;
+  jsd_log_m(kq, kp, n, inv_zq, inv_zp, k.beta, lm);
+  const C h = k.diff_scale, kappa = k.inv_scaled_t;
+  const C max_t = st.teacher_max * h, max_s = st.student_max * h;
+  C sum0 = 0, sum1 = 0;
+#pragma omp simd reduction(+ : sum0, sum1)
+  for (int64_t i = 0; i < n; ++i) {
+    const C p = kp[i] * inv_zp, q = kq[i] * inv_zq;
+    const C log_p = rowmath::scaled_difference(t[i], h, max_t) * kappa - st.teacher_log_sum;
+    const C log_q = rowmath::scaled_difference(s[i], h, max_s) * kappa - st.student_log_sum_T;
+    sum0 += p > C(0) ? p * (log_p - lm[i]) : C(0);
+    sum1 += q > C(0) ? q * (log_q - lm[i]) : C(0);
+  }
+  acc0 += sum0;
+  acc1 += sum1;
+}
+
+// JSD's gradient of one chunk (with its KD term) from q's kept exponentials, log m
+// (`kept.log_m`) and the student logits: kd_factor (1 − β) q (log q − log m − aux) plus the
+// cross-entropy term (r as chunk_grad_kept forms it).
+template <class C, bool CE, int S1>
+void chunk_grad_kept_jsd(const C* s, KeptExps<C> kept, int64_t n, const Coefficients<C>& coefficients,
+                         const ChunkGradRow<C>& grad_row, C* out) {
+  const Coefficients<C> k = coefficients;  // local copies: the stores to `out` cannot alias them
+  const GradRow<C> g = grad_row.row;
+  const RowFrame<C> f = grad_row.frame;
+  const C h = k.diff_scale, kappa = k.inv_scaled_t, one_minus_beta = C(1) - k.beta;
+  const C max_s = g.stats.student_max * h;
+  const C* kq = kept.q;
+  const C* k1 = kept.one;
+  const C* lm = kept.log_m;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const C q = kq[i] * f.inv_zq;
+    const C log_q = rowmath::scaled_difference(s[i], h, max_s) * kappa - g.stats.student_log_sum_T;
+    C value = g.kd_factor * (q > C(0) ? one_minus_beta * q * (log_q - lm[i] - g.stats.aux) : C(0));
+    if constexpr (CE) {
+      C r = q;  // T == 1
+      if constexpr (S1 == rowmath::kStudent1Exp) r = k1[i] * f.inv_z1;
+      if constexpr (S1 == 2 || S1 == 4) r = rowmath::integer_power<S1>(q) * g.r_scale;
+      value += g.ce_factor * (r - g.smooth);
+    }
+    out[i] = value;
+  }
+}
+
+// JSD's gradient of one chunk (with its KD term) over the logits alone (the two-pass
+// backward, and the scalar tail of the one-pass one): the statistics sweep's exponentials formed
+// again on the row's frame, log m by jsd_log_m, then chunk_grad_kept_jsd.
+template <class C, bool CE, int S1, bool FOLD>
+void chunk_grad_jsd(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowExps<C>& exps,
+                    const ChunkGradRow<C>& grad_row, C* out) {
+  alignas(64) C e_q[kChunk];
+  alignas(64) C e_p[kChunk];
+  alignas(64) C e_1[kChunk];
+  alignas(64) C log_m[kChunk];
+  const RowFrame<C> f = grad_row.frame;
+  const C h = coefficients.diff_scale;
+  const C max_s = f.base_s * h, max_t = f.base_t * h;
+  const ExpLanes<C> exp_t = exps.t, exp_1 = exps.one;  // local copies, as in chunk_stats
+  sweep_lanes<C>(n, [&](auto lane, int64_t i) {
+    using L = Lane<decltype(lane)>;
+    const auto ds = fma_(L::load(s + i), L::splat(h), L::splat(-max_s));
+    store(e_q + i, exp_t.template apply<true, FOLD>(ds));
+    store(e_p + i, exp_t.template apply<true, FOLD>(fma_(L::load(t + i), L::splat(h), L::splat(-max_t))));
+    if constexpr (CE && S1 == rowmath::kStudent1Exp) store(e_1 + i, exp_1(ds));
+  });
+  jsd_log_m<C>(e_q, e_p, n, f.inv_zq, f.inv_zp, coefficients.beta, log_m);
+  chunk_grad_kept_jsd<C, CE, S1>(s, KeptExps<C>{e_q, e_p, e_1, log_m}, n, coefficients, grad_row, out);
+}
+
 // Second sweep of JSD over one chunk, with the row's maxima and log-sums known (`kept` and
-// `exps` unused: JSD needs log m per element).
+// `exps` unused: JSD needs log m per element). Used where no exponentials were kept.
 template <class C>
 void chunk_sweep_jsd(const C* s, const C* t, KeptExps<C> kept, int64_t n, const Coefficients<C>& coefficients,
                      const RowExps<C>& exps, const RowStats<C>& stats, const RowFrame<C>& frame, C& acc0, C& acc1) {
@@ -318,8 +418,8 @@ void chunk_grad_lanes(const C* s, const C* t, int64_t n, const Coefficients<C>& 
 // arithmetic as chunk_grad_lanes on the same exp(d κ) values, without computing them again.
 // reverse_kl also reads the chunk's logits s and t (its term needs ds − dt); the others ignore them.
 template <class C, Divergence D, bool CE, bool KD, int S1>
-void chunk_grad_kept(const C* s, const C* t, KeptExps<C> kept, int64_t n, const Coefficients<C>& coefficients,
-                     const ChunkGradRow<C>& grad_row, C* out) {
+void chunk_grad_kept_lanes(const C* s, const C* t, KeptExps<C> kept, int64_t n, const Coefficients<C>& coefficients,
+                           const ChunkGradRow<C>& grad_row, C* out) {
   const GradRow<C> g = grad_row.row;
   const RowFrame<C> f = grad_row.frame;
   const C h = coefficients.diff_scale;
@@ -357,37 +457,28 @@ void chunk_grad_kept(const C* s, const C* t, KeptExps<C> kept, int64_t n, const 
   });
 }
 
-// Gradient of one chunk (before the label fix-up), written to `out`: JSD's here (it needs log m
-// per element), the others' by chunk_grad_lanes above.
+// The kept-exponential gradient of one chunk: JSD's with its KD term by chunk_grad_kept_jsd
+// (it also reads log m and the student logits), the others' by chunk_grad_kept_lanes.
+template <class C, Divergence D, bool CE, bool KD, int S1>
+void chunk_grad_kept(const C* s, const C* t, KeptExps<C> kept, int64_t n, const Coefficients<C>& coefficients,
+                     const ChunkGradRow<C>& grad_row, C* out) {
+  if constexpr (D == Divergence::JSD && KD) {
+    chunk_grad_kept_jsd<C, CE, S1>(s, kept, n, coefficients, grad_row, out);
+  } else {
+    chunk_grad_kept_lanes<C, D, CE, KD, S1>(s, t, kept, n, coefficients, grad_row, out);
+  }
+}
+
+// Gradient of one chunk (before the label fix-up) over the logits, written to `out`: JSD's
+// with its KD term by chunk_grad_jsd, the others' (and JSD's cross-entropy alone) by
+// chunk_grad_lanes above.
 template <class C, Divergence D, bool CE, bool KD, int S1, bool FOLD>
 void chunk_grad(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowExps<C>& exps,
                 const ChunkGradRow<C>& grad_row, C* out) {
-  if constexpr (D != Divergence::JSD) {
-    return chunk_grad_lanes<C, D, CE, KD, S1, FOLD>(s, t, n, coefficients, exps, grad_row, out);
-  }
-  (void)exps;
-  // Local copies: the loop's invariants must not alias `out` for the loop to vectorise.
-  const Coefficients<C> k = coefficients;
-  const GradRow<C> g = grad_row.row;
-  const C h = k.diff_scale, kappa = k.inv_scaled_t, inv_h = k.inv_diff_scale;
-  const C max_s = g.stats.student_max * h, max_t = g.stats.teacher_max * h;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const C ds = rowmath::scaled_difference(s[i], h, max_s);
-    const C log_q = ds * kappa - g.stats.student_log_sum_T;
-    const C q = rowmath::exp_c(log_q);
-    C value = 0;
-    if constexpr (KD) {
-      const C log_p = rowmath::scaled_difference(t[i], h, max_t) * kappa - g.stats.teacher_log_sum;
-      value += g.kd_factor * rowmath::divergence_grad<Divergence::JSD>(log_p, log_q, q, g.stats.aux, k);
-    }
-    if constexpr (CE) {
-      C r = q;  // T == 1
-      if constexpr (S1 == rowmath::kStudent1Exp) r = rowmath::exp_c(ds * inv_h - g.stats.student_log_sum_1);
-      if constexpr (S1 == 2 || S1 == 4) r = rowmath::integer_power<S1>(q) * g.r_scale;
-      value += g.ce_factor * (r - g.smooth);
-    }
-    out[i] = value;
+  if constexpr (D == Divergence::JSD && KD) {
+    chunk_grad_jsd<C, CE, S1, FOLD>(s, t, n, coefficients, exps, grad_row, out);
+  } else {
+    chunk_grad_lanes<C, D, CE, KD, S1, FOLD>(s, t, n, coefficients, exps, grad_row, out);
   }
 }
 
@@ -465,36 +556,40 @@ struct ChunkKernels {
   StatsFn<C> stats;
   SweepFn<C> sweep;  // null for the one-pass divergences
   GradFn<C> grad;
-  // All but JSD (else null): the statistics sweep that keeps its exponentials, and the
-  // gradient (TVD: also the second sweep) from them (the one-pass training kernel).
+  // All but float64 reverse_kl (else null): the statistics sweep that keeps its exponentials,
+  // and the gradient (JSD and TVD: also the second sweep) from them.
   StatsFn<C> stats_keep;
   KeptGradFn<C> grad_kept;
   SweepFn<C> sweep_kept;
-  bool kept_grad_reads_logits;  // grad_kept also reads the chunk's s and t (reverse_kl)
+  bool kept_grad_reads_logits;   // grad_kept also reads the chunk's s and t (reverse_kl, JSD)
+  bool kept_sweep_reads_logits;  // sweep_kept reads all of the chunk's s and t (JSD), not only its scalar tail
+  bool keeps_log_m;              // the kept sets hold JSD's log m as well
 };
 
 template <class C, Divergence D, bool FOLD>
 ChunkKernels<C> pick_for(const Coefficients<C>& k) {
   ChunkKernels<C> kernels;
-  // JSD's gradient does not use the lanes' exp: it shares one instantiation.
-  constexpr bool kLanes = D != Divergence::JSD;
-  constexpr bool kGradFold = FOLD && kLanes;
   kernels.stats = pick_stats<C, D, FOLD>(k.need_kd, k.student_1_mode, k.need_ce && k.label_smoothing > C(0));
   kernels.sweep = nullptr;
   kernels.sweep_kept = nullptr;
-  if constexpr (D == Divergence::JSD) kernels.sweep = k.need_kd ? chunk_sweep_jsd<C> : nullptr;
+  kernels.kept_sweep_reads_logits = D == Divergence::JSD;
+  kernels.keeps_log_m = D == Divergence::JSD && k.need_kd;
+  if constexpr (D == Divergence::JSD) {
+    kernels.sweep = k.need_kd ? chunk_sweep_jsd<C> : nullptr;
+    kernels.sweep_kept = k.need_kd ? chunk_sweep_jsd_kept<C> : nullptr;
+  }
   if constexpr (D == Divergence::TVD) {
     kernels.sweep = k.need_kd ? chunk_sweep_tvd<C, FOLD, false> : nullptr;
     kernels.sweep_kept = k.need_kd ? chunk_sweep_tvd<C, FOLD, true> : nullptr;
   }
-  kernels.grad = pick_grad<C, D, kGradFold>(k.need_ce, k.need_kd, k.student_1_mode);
+  kernels.grad = pick_grad<C, D, FOLD>(k.need_ce, k.need_kd, k.student_1_mode);
   kernels.stats_keep = nullptr;
   kernels.grad_kept = nullptr;
-  kernels.kept_grad_reads_logits = D == Divergence::ReverseKL && k.need_kd;
+  kernels.kept_grad_reads_logits = (D == Divergence::ReverseKL || D == Divergence::JSD) && k.need_kd;
   // float64 reverse_kl recomputes q in its gradient: with no vector lanes, every element would
   // come from the kept path, whose code the compiler may contract differently from the
   // recomputing path, and the bracket's cancellation would show that as more than 2 ulp.
-  constexpr bool kKeep = kLanes && !(D == Divergence::ReverseKL && std::is_same_v<C, double>);
+  constexpr bool kKeep = !(D == Divergence::ReverseKL && std::is_same_v<C, double>);
   if constexpr (kKeep) {
     kernels.stats_keep = pick_stats<C, D, FOLD, true>(k.need_kd, k.student_1_mode, k.need_ce && k.label_smoothing > C(0));
     kernels.grad_kept = pick_kept_grad<C, D>(k.need_ce, k.need_kd, k.student_1_mode);

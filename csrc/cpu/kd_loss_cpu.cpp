@@ -7,8 +7,7 @@
 // Rows are split over OpenMP threads (args.num_threads, no more); each row is streamed in
 // chunks of kChunk elements: converted to the compute type into a stack buffer (or used in
 // place for float32 / float64), then swept with vectorised loops; the exp-bound sweeps (the
-// forward statistics, the gradients but JSD's, TVD's second sweep) run on the lanes of lanes.h
-// with its exp(x/T).
+// forward statistics, the gradients) run on the lanes of lanes.h with its exp(x/T).
 // The forward pass reads the row from memory once, in one statistics sweep whose exponentials
 // are taken from the maxima of the row's first chunk (stream_row: the bases; a row that rises too
 // far above them is streamed again from its maxima; JSD/TVD: one more sweep over the cached
@@ -16,8 +15,9 @@
 // once, multiplied by grad_output, or NaN for a row whose loss is NaN (NaN in, NaN out:
 // rowmath::row_sums_defined).
 // With args.grad_student set, the forward pass is forward_grad_impl: each row's gradient is
-// written right after its statistics, from the cache-resident row (and, except for JSD, from
-// the exponentials the statistics sweep kept), so training reads the logits from memory once.
+// written right after its statistics, from the cache-resident row and the exponentials the
+// statistics sweep kept (JSD: and the log m its second sweep kept), so training reads the
+// logits from memory once.
 // Logits enter as scaled differences h x - h max (rowmath::difference_scale) and the per-row
 // finishing (loss, gradient factors) runs in double.
 #include <algorithm>
@@ -108,7 +108,7 @@ void finish_row(const CallSetup<C>& call, const StreamedRow<C>& row, const S* s_
     const RowFrame<C> frame = row_frame(frame_factors(k, st, row.base_s, row.base_t), row.base_s, row.base_t);
     for (int64_t start = 0; start < vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, vocab - start);
-      const int64_t from = from_kept ? kept_bulk<C>(n) : 0;
+      const int64_t from = from_kept && !call.kernels.kept_sweep_reads_logits ? kept_bulk<C>(n) : 0;
       const C* s = load_chunk_from<S, C>(s_row, start, n, from, student_buf);
       const C* t = load_chunk_from<T, C>(t_row, start, n, from, teacher_buf);
       (from_kept ? call.kernels.sweep_kept : call.kernels.sweep)(s, t, kept.q ? kept.at(start) : kept, n, k, call.exps,
@@ -270,14 +270,17 @@ C* kept_buffer(int64_t size) {
 }
 
 // The calling thread's kept-exponential slices for one row (KeptExps), set `which` of `sets` (the
-// interleaving one-pass kernel keeps one row's while it streams the next: two sets of 3 V), or
-// none when `keep` is false.
+// interleaving one-pass kernel keeps one row's while it streams the next: two sets of 3 V, or
+// 4 V with JSD's log m), or none when `keep` is false.
 template <class C>
-KeptExps<C> thread_kept(const Coefficients<C>& k, int64_t vocab, bool keep, int which = 0, int sets = 1) {
+KeptExps<C> thread_kept(const CallSetup<C>& call, int64_t vocab, bool keep, int which = 0, int sets = 1) {
   if (!keep) return KeptExps<C>{nullptr, nullptr, nullptr};
-  C* base = kept_buffer<C>(3 * sets * vocab) + which * 3 * vocab;
+  const Coefficients<C>& k = call.k;
+  const int64_t slices = call.kernels.keeps_log_m ? 4 : 3;
+  C* base = kept_buffer<C>(slices * sets * vocab) + which * slices * vocab;
   return KeptExps<C>{base, k.need_kd ? base + vocab : nullptr,
-                     k.student_1_mode == rowmath::kStudent1Exp ? base + 2 * vocab : nullptr};
+                     k.student_1_mode == rowmath::kStudent1Exp ? base + 2 * vocab : nullptr,
+                     call.kernels.keeps_log_m ? base + 3 * vocab : nullptr};
 }
 
 template <class S, class T, class C>
@@ -287,13 +290,13 @@ int64_t forward_impl(const KDForwardArgs& args) {
   const S* student = static_cast<const S*>(args.student);
   const T* teacher = static_cast<const T*>(args.teacher);
   C* row_stats = static_cast<C*>(args.row_stats);
-  // TVD's second sweep reads the exponentials its statistics sweep kept (no exp of its own).
+  // JSD's and TVD's second sweeps read the exponentials their statistics sweep kept.
   const bool keep = call.kernels.sweep_kept != nullptr;
   int64_t bad_labels = 0;
 
 #pragma omp parallel num_threads(threads_for(args.num_threads, rows, vocab)) reduction(+ : bad_labels)
   {
-    const KeptExps<C> kept = thread_kept(call.k, vocab, keep);
+    const KeptExps<C> kept = thread_kept(call, vocab, keep);
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
       C* stats_out = row_stats + row * kRowStats;
@@ -321,15 +324,14 @@ int64_t forward_impl(const KDForwardArgs& args) {
 
 // The one-pass training kernel: the forward pass of forward_impl and, for each row right after
 // its statistics, its gradient for grad_output = 1 times the reduction's scale (args.grad_student),
-// so that the row is read from memory once. Per row: stream_row (all but JSD keep their
-// exponentials in per-thread row buffers), JSD / TVD's second sweep, then the gradient sweep
-// (all but JSD: from the kept exponentials, no exp; JSD: over the cached row). Both
+// so that the row is read from memory once. Per row: stream_row (keeping its exponentials in
+// per-thread row buffers, except float64 reverse_kl), JSD / TVD's second sweep from them (JSD
+// also keeps log m), then the gradient sweep from the kept values, with no exp or log. Both
 // paths stream the statistics the same way and form every exponential from the same bases, so
 // they give the same statistics and, for grad_output = 1, the same gradient.
 template <class S, class T, class C>
 int64_t forward_grad_impl(const KDForwardArgs& args) {
   const CallSetup<C> call(args);
-  const Coefficients<C>& k = call.k;
   const int64_t rows = args.rows, vocab = args.vocab;
   const S* student = static_cast<const S*>(args.student);
   const T* teacher = static_cast<const T*>(args.teacher);
@@ -343,7 +345,8 @@ int64_t forward_grad_impl(const KDForwardArgs& args) {
   // next row streams in; a shorter row's gradient follows its statistics while the row is still
   // in L2. A large gradient of its own storage (not inplace_backward) is written with streaming
   // stores, so that its lines are not read for ownership first (memory_policy.h).
-  const int64_t row_bytes = vocab * static_cast<int64_t>(sizeof(S) + sizeof(T) + 2 * sizeof(C));
+  const int64_t row_bytes =
+      vocab * static_cast<int64_t>(sizeof(S) + sizeof(T) + (call.kernels.keeps_log_m ? 3 : 2) * sizeof(C));
   const bool in_place = static_cast<const void*>(grad_student) == static_cast<const void*>(student);
   const bool interleave = keep && row_bytes > l2_cache_bytes();
   const bool streaming = !in_place && rows * vocab * static_cast<int64_t>(sizeof(S)) > kStreamingStoreBytes;
@@ -373,7 +376,7 @@ int64_t forward_grad_impl(const KDForwardArgs& args) {
       }
       const S* s_row = student + row * args.student_row_stride;
       const T* t_row = teacher + row * args.teacher_row_stride;
-      const KeptExps<C> kept = thread_kept(k, vocab, keep, interleave ? which : 0, interleave ? 2 : 1);
+      const KeptExps<C> kept = thread_kept(call, vocab, keep, interleave ? which : 0, interleave ? 2 : 1);
       const StreamedRow<C> streamed =
           pending ? stream_row<S, T, C>(call, s_row, t_row, vocab, kept,
                                         [&](int64_t start, int64_t n) { pending->chunk(start, n); })
