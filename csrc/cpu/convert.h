@@ -81,6 +81,23 @@ inline __m512 load_16(const S* p, __mmask16 valid = 0xffff) {
 }
 #endif
 
+#if defined(__AVX2__) && defined(__F16C__)
+// 8 values of storage type S (float, bfloat16 or float16) at p as floats, the values
+// load_chunk gives.
+template <class S>
+inline __m256 load_8(const S* p) {
+  if constexpr (std::is_same_v<S, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<S, bf16_t>) {  // zero-extend, then shift into the high half
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    static_assert(std::is_same_v<S, f16_t>, "load_8 reads float, bfloat16 or float16");
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));  // exact
+  }
+}
+#endif
+
 template <class In, class C>
 inline const C* load_chunk(const In* src, int64_t n, C* buf) {
   if constexpr (std::is_same_v<In, C>) {
@@ -94,10 +111,9 @@ inline const C* load_chunk(const In* src, int64_t n, C* buf) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
       for (; i + 16 <= n; i += 16) _mm512_storeu_ps(buf + i, load_16(src + i));
 #endif
-      for (; i + 8 <= n; i += 8) {
-        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(raw + i));
-        _mm256_storeu_ps(buf + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
-      }
+#if defined(__F16C__)
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(buf + i, load_8(src + i));
+#endif
     }
 #endif
     for (; i < n; ++i) buf[i] = static_cast<C>(bf16_to_float(raw[i]));
@@ -105,12 +121,9 @@ inline const C* load_chunk(const In* src, int64_t n, C* buf) {
   } else if constexpr (std::is_same_v<In, f16_t>) {
     const uint16_t* raw = reinterpret_cast<const uint16_t*>(src);
     int64_t i = 0;
-#if defined(__F16C__)
+#if defined(__AVX2__) && defined(__F16C__)
     if constexpr (std::is_same_v<C, float>) {
-      for (; i + 8 <= n; i += 8) {
-        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(raw + i));
-        _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(h));
-      }
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(buf + i, load_8(src + i));
     }
 #endif
     for (; i < n; ++i) buf[i] = static_cast<C>(f16_to_float(raw[i]));

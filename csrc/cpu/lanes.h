@@ -431,13 +431,14 @@ inline float hmax(FW x) { return hmax(FV{_mm256_max_ps(_mm512_castps512_ps256(x.
 inline float hmin(FW x) { return hmin(FV{_mm256_min_ps(_mm512_castps512_ps256(x.v), high_half(x))}); }
 
 // The wide exp on 16 lanes: WideExp::core lane by lane (one two-source permute reads the last
-// five bits of each index, k mod 32). MASKED: lanes outside `keep` become 0 at the last step.
+// five bits of each index, k mod 32). `fold` picks the polynomial's coefficients: core<FOLD>
+// must be called with FOLD == fold. MASKED: lanes outside `keep` become 0 at the last step.
 struct WideExpFW {
-  __m512 k_scale, step_hi, step_lo, inv_t, a1, a2, fa1, fa2, magic, table_low, table_high;
-  explicit WideExpFW(const WideExp& e)
+  __m512 k_scale, step_hi, step_lo, inv_t, a1, a2, magic, table_low, table_high;
+  WideExpFW(const WideExp& e, bool fold)
       : k_scale(_mm512_set1_ps(e.k_scale)), step_hi(_mm512_set1_ps(e.step_hi)), step_lo(_mm512_set1_ps(e.step_lo)),
-        inv_t(_mm512_set1_ps(e.inv_t)), a1(_mm512_set1_ps(e.a1_f)), a2(_mm512_set1_ps(e.a2_f)),
-        fa1(_mm512_set1_ps(e.fa1)), fa2(_mm512_set1_ps(e.fa2)), magic(_mm512_set1_ps(WideExp::kMagic)),
+        inv_t(_mm512_set1_ps(e.inv_t)), a1(_mm512_set1_ps(fold ? e.fa1 : e.a1_f)),
+        a2(_mm512_set1_ps(fold ? e.fa2 : e.a2_f)), magic(_mm512_set1_ps(WideExp::kMagic)),
         table_low(_mm512_load_ps(kExp2Table32)), table_high(_mm512_load_ps(kExp2Table32 + 16)) {}
   template <bool FOLD, bool MASKED = false>
   __m512 core(__m512 d, __mmask16 keep = 0) const {
@@ -446,7 +447,7 @@ struct WideExpFW {
     __m512 r = _mm512_fnmadd_ps(m, step_hi, d);
     r = _mm512_fnmadd_ps(m, step_lo, r);
     if constexpr (!FOLD) r = _mm512_mul_ps(r, inv_t);
-    const __m512 q = _mm512_mul_ps(_mm512_fmadd_ps(FOLD ? fa2 : a2, r, FOLD ? fa1 : a1), r);  // exp(r / T) - 1
+    const __m512 q = _mm512_mul_ps(_mm512_fmadd_ps(a2, r, a1), r);  // exp(r / T) - 1
     const __m512 t = _mm512_permutex2var_ps(table_low, _mm512_castps_si512(shifted), table_high);
     const __m512 scaled = _mm512_fmadd_ps(t, q, t);  // t (1 + q), rounded once
     if constexpr (MASKED) return _mm512_maskz_scalef_ps(keep, scaled, m);  // times 2^floor(m)
@@ -459,7 +460,9 @@ struct WideExpFW {
 struct ScaledExpFW {
   WideExpFW e;
   __m512 cutoff;
-  explicit ScaledExpFW(const ScaledExp<float>& x) : e(x.wide), cutoff(_mm512_set1_ps(x.cutoff)) {}
+  // fold: the FOLD that apply will be called with.
+  explicit ScaledExpFW(const ScaledExp<float>& x, bool fold = false)
+      : e(x.wide, fold), cutoff(_mm512_set1_ps(x.cutoff)) {}
   FW operator()(FW x) const { return apply<true>(x); }
   template <bool CUTOFF, bool FOLD = false>
   FW apply(FW x) const {
@@ -488,7 +491,7 @@ struct FlooredExp {
 struct FlooredExpFW {
   __m512 floor;
   WideExpFW e;
-  explicit FlooredExpFW(const FlooredExp& x) : floor(_mm512_set1_ps(x.floor)), e(x.wide) {}
+  explicit FlooredExpFW(const FlooredExp& x) : floor(_mm512_set1_ps(x.floor)), e(x.wide, x.foldable) {}
   // FOLD must equal the FlooredExp's `foldable`.
   template <bool FOLD>
   FW apply(FW x) const {
@@ -580,7 +583,7 @@ struct ExpLanes {
 #if defined(KDFAST_LANES_WIDE)
   FW operator()(FW x) const { return ScaledExpFW(scalar)(x); }
   template <bool CUTOFF, bool FOLD = false>
-  FW apply(FW x) const { return ScaledExpFW(scalar).template apply<CUTOFF, FOLD>(x); }
+  FW apply(FW x) const { return ScaledExpFW(scalar, FOLD).template apply<CUTOFF, FOLD>(x); }
 #endif
 #if defined(KDFAST_LANES_WIDE)
   // 8 lanes through the 16-lane exp (the upper half zero), so that they give its bits.
@@ -588,7 +591,7 @@ struct ExpLanes {
   template <bool CUTOFF, bool FOLD = false>
   FV apply(FV x) const {
     if constexpr (std::is_same_v<C, float>) {
-      const FW y = ScaledExpFW(scalar).template apply<CUTOFF, FOLD>(FW{_mm512_zextps256_ps512(x.v)});
+      const FW y = ScaledExpFW(scalar, FOLD).template apply<CUTOFF, FOLD>(FW{_mm512_zextps256_ps512(x.v)});
       return {_mm512_castps512_ps256(y.v)};
     } else {
       return ScaledExpFV(scalar).template apply<CUTOFF, FOLD>(x);

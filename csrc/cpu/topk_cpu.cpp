@@ -283,22 +283,20 @@ void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Sele
 
   // A call that streams its rows from memory asks for the next chunk before it splits this one
   // (memory_policy.h; on a 2-core Xeon, 1024 x 128256 fp32: 3.9 -> 6.0 GB/s). A vector split
-  // that reads the row itself (AVX-512: every storage type but float64; AVX2: float) asks for
+  // that reads the row itself (AVX-512 and AVX2: every storage type but float64) asks for
   // it as it goes instead: on AVX-512, with its cheaper exp, that measured 10.7 GB/s against
   // 8.1 for the prefetch before the chunk.
   const bool prefetch = args.rows * vocab * static_cast<int64_t>(sizeof(S)) > kPrefetchCallBytes;
-#if defined(KDFAST_LANES_WIDE)
-  constexpr bool kSplitReadsRow = std::is_same_v<C, float> && kWideSplitReads<S>;
-#elif defined(KDFAST_LANES_AVX2)
-  constexpr bool kSplitReadsRow = std::is_same_v<S, float> && std::is_same_v<C, float>;
+#if defined(KDFAST_LANES_AVX2)
+  constexpr bool kSplitReadsRow = std::is_same_v<C, float> && kSplitReadsStorage<S>;
 #else
   constexpr bool kSplitReadsRow = false;
 #endif
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t len = std::min(kChunk, vocab - start);
     if (prefetch && !kSplitReadsRow) prefetch_next_chunk(row, start, kChunk, vocab);
-    // The chunk in the compute type, converted on first use: the AVX-512 split reads the row
-    // itself, so a settled chunk of 16-bit logits is never widened into the buffer.
+    // The chunk in the compute type, converted on first use: the vector splits read the row
+    // themselves, so a settled chunk of 16-bit logits is never widened into the buffer.
     const C* x = nullptr;
     auto values = [&]() {
       if (x == nullptr) x = load_chunk<S, C>(row + start, len, buffer);

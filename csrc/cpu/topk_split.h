@@ -3,8 +3,8 @@
 // by the vector splits) and the sum of exp((x - theta)/T) over the rest, the tail's share.
 // One split per build, chosen by split_chunk: the AVX-512 variant's on 16-float lanes with
 // FlooredExp, reading float, bfloat16 and float16 rows itself; the AVX2 variant's on 8-float
-// lanes with the table exp; the portable scalar split (also float64, and theta = -inf on every
-// variant). The vector splits that read the row itself prefetch one chunk ahead as they go.
+// lanes with the table exp, reading the same rows; the portable scalar split (also float64,
+// and theta = -inf on every variant). The vector splits that read the row itself prefetch one chunk ahead as they go.
 // Like the other CPU kernel headers, this lives in the instruction-set variant's namespace.
 #pragma once
 
@@ -104,12 +104,12 @@ struct Staging {
   int32_t* offsets = nullptr;
 };
 
+// Storage types the vector splits (AVX-512 and AVX2) read straight from the row, widening in
+// registers (all of them but float64).
+template <class S>
+constexpr bool kSplitReadsStorage = std::is_same_v<S, float> || std::is_same_v<S, bf16_t> || std::is_same_v<S, f16_t>;
 
 #if defined(KDFAST_LANES_WIDE)
-// Storage types the AVX-512 split reads straight from the row, widening in registers (all of them
-// but float64).
-template <class S>
-constexpr bool kWideSplitReads = std::is_same_v<S, float> || std::is_same_v<S, bf16_t> || std::is_same_v<S, f16_t>;
 
 // The AVX-512 variant's split of a chunk of float, bfloat16 or float16 logits, 64 elements per step on
 // 16-float lanes over four independent accumulators, then 16 at a time with masked loads: per
@@ -164,17 +164,18 @@ ChunkSplit<float> split_chunk_wide(const S* x, int64_t n, float theta, const Flo
   return split;
 }
 #elif defined(KDFAST_LANES_AVX2)
-// The AVX2 variant's split of a float chunk on 8-float lanes with the lanes' table exp(x/T) of
+// The AVX2 variant's split of a chunk of float, bfloat16 or float16 logits (read from the row,
+// widened in registers) on 8-float lanes with the lanes' table exp(x/T) of
 // (masked - theta) <= 0: one compare, one blend, one max, a population count and one exp per
 // element, 32 elements per step over four independent accumulators. FOLD: the exp's folded
 // coefficients (ExpLanes::foldable), one multiplication less per element.
 // The hits of a 32-element step that has any are also compressed in registers and
 // stored at the end of the staging buffers (one branch per such step, no branch per hit, no
-// second scan of the chunk). PREFETCH (x is a large call's float row): each step asks for the
+// second scan of the chunk). PREFETCH (x is a large call's row): each step asks for the
 // lines one chunk ahead, as the AVX-512 split does (this variant on a Xeon core: 6.1 -> 8.5
 // GB/s against the prefetch before the chunk).
-template <bool FOLD, bool PREFETCH>
-ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, const ExpLanes<float>& exps,
+template <bool FOLD, bool PREFETCH, class S>
+ChunkSplit<float> split_chunk_lanes(const S* x, int64_t n, float theta, const ExpLanes<float>& exps,
                                     Staging staging) {
   ChunkSplit<float> split;
   const __m256i lane_offsets = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -185,11 +186,11 @@ ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, cons
   __m256 sum[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t vector_hits = 0, i = 0;
   for (; i + 32 <= n; i += 32) {
-    if constexpr (PREFETCH) prefetch_lines(x + i + kChunk, 32 * sizeof(float));
+    if constexpr (PREFETCH) prefetch_lines(x + i + kChunk, 32 * sizeof(S));
     unsigned hit_bits = 0;
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      const __m256 v = _mm256_loadu_ps(x + i + 8 * j);
+      const __m256 v = load_8(x + i + 8 * j);
       const __m256 above = _mm256_cmp_ps(v, threshold, _CMP_GT_OQ);
       const __m256 masked = _mm256_blendv_ps(v, minus_inf, above);
       hit_bits |= static_cast<unsigned>(_mm256_movemask_ps(above)) << (8 * j);
@@ -200,7 +201,7 @@ ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, cons
       for (int j = 0; j < 4; ++j) {
         const unsigned hit_mask = (hit_bits >> (8 * j)) & 0xffu;
         const __m256i offsets = _mm256_add_epi32(lane_offsets, _mm256_set1_epi32(static_cast<int32_t>(i + 8 * j)));
-        _mm256_storeu_ps(staging.values + staged, compress_ps(hit_mask, _mm256_loadu_ps(x + i + 8 * j)));
+        _mm256_storeu_ps(staging.values + staged, compress_ps(hit_mask, load_8(x + i + 8 * j)));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(staging.offsets + staged), compress_epi32(hit_mask, offsets));
         staged += __builtin_popcount(hit_mask);
       }
@@ -208,7 +209,7 @@ ChunkSplit<float> split_chunk_lanes(const float* x, int64_t n, float theta, cons
   }
   float total = hsum(FV{_mm256_add_ps(_mm256_add_ps(sum[0], sum[1]), _mm256_add_ps(sum[2], sum[3]))});
   for (; i < n; ++i) {
-    const float v = x[i];
+    const float v = load_one<S, float>(x + i);
     const bool above = v > theta;
     const float masked = above ? kNegInf<float> : v;
     vector_hits += above ? 1 : 0;
@@ -236,25 +237,23 @@ ChunkSplit<C> split_chunk(const S* raw, Values&& values, int64_t n, C theta, C i
   ChunkSplit<C> split;
   int32_t hits = 0;
 #if defined(KDFAST_LANES_WIDE)
-  if constexpr (std::is_same_v<C, float> && kWideSplitReads<S>) {
+  if constexpr (std::is_same_v<C, float> && kSplitReadsStorage<S>) {
     if (theta != kNegInf<C>) {
       return exps.foldable ? split_chunk_wide<true, PREFETCH>(raw, n, theta, exps, staging)
                            : split_chunk_wide<false, PREFETCH>(raw, n, theta, exps, staging);
+    }
+  }
+#elif defined(KDFAST_LANES_AVX2)
+  if constexpr (std::is_same_v<C, float> && kSplitReadsStorage<S>) {
+    if (theta != kNegInf<C>) {
+      return exps.foldable() ? split_chunk_lanes<true, PREFETCH>(raw, n, theta, exps, staging)
+                             : split_chunk_lanes<false, PREFETCH>(raw, n, theta, exps, staging);
     }
   }
 #else
   (void)raw;
 #endif
   const C* x = values();
-#if defined(KDFAST_LANES_AVX2) && !defined(KDFAST_LANES_WIDE)
-  if constexpr (std::is_same_v<C, float>) {
-    if (theta != kNegInf<C>) {
-      constexpr bool kPrefetch = PREFETCH && std::is_same_v<S, float>;  // x is then the row itself
-      return exps.foldable() ? split_chunk_lanes<true, kPrefetch>(x, n, theta, exps, staging)
-                             : split_chunk_lanes<false, kPrefetch>(x, n, theta, exps, staging);
-    }
-  }
-#endif
   (void)exps;
   (void)staging;
   if (theta == kNegInf<C>) {
