@@ -161,6 +161,7 @@ void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coeff
 }
 
 // m = max(m, x_i) over a chunk (NaN entries are skipped, as in every max sweep of the kernels).
+KDFAST_FILLED_BUFFERS_BEGIN  // x: often a chunk buffer load_chunk has just filled
 template <class C>
 inline void chunk_max(const C* x, int64_t n, C& m) {
   C value = m;
@@ -168,6 +169,7 @@ inline void chunk_max(const C* x, int64_t n, C& m) {
   for (int64_t i = 0; i < n; ++i) value = x[i] > value ? x[i] : value;
   m = value;
 }
+KDFAST_FILLED_BUFFERS_END
 
 // JSD from the kept exponentials. Every JSD path takes p = exp(dt κ) inv_zp and q = exp(ds κ)
 // inv_zq on the row's frame (the statistics sweep's exponentials, kept or formed again the
@@ -242,6 +244,7 @@ void chunk_grad_kept_jsd(const C* s, KeptExps<C> kept, int64_t n, const Coeffici
 // JSD's gradient of one chunk (with its KD term) over the logits alone (the two-pass
 // backward, and the scalar tail of the one-pass one): the statistics sweep's exponentials formed
 // again on the row's frame, log m by jsd_log_m, then chunk_grad_kept_jsd.
+KDFAST_FILLED_BUFFERS_BEGIN  // e_q, e_p, e_1: filled by the sweep over the same n elements
 template <class C, bool CE, int S1, bool FOLD>
 void chunk_grad_jsd(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowExps<C>& exps,
                     const ChunkGradRow<C>& grad_row, C* out) {
@@ -263,6 +266,7 @@ void chunk_grad_jsd(const C* s, const C* t, int64_t n, const Coefficients<C>& co
   jsd_log_m<C>(e_q, e_p, n, f.inv_zq, f.inv_zp, coefficients.beta, log_m);
   chunk_grad_kept_jsd<C, CE, S1>(s, KeptExps<C>{e_q, e_p, e_1, log_m}, n, coefficients, grad_row, out);
 }
+KDFAST_FILLED_BUFFERS_END
 
 // Second sweep of JSD over one chunk, with the row's maxima and log-sums known (`kept` and
 // `exps` unused: JSD needs log m per element). Used where no exponentials were kept.

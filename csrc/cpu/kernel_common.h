@@ -9,6 +9,18 @@
 
 #include "kdfast/types.h"
 
+// GCC before 13 reports a stack buffer that one vectorised loop fills and another reads as
+// "may be used uninitialized" (it does not follow the first loop's trip count). Code between
+// these brackets reads only buffers a loop over the same n elements has filled.
+#if defined(__GNUC__) && !defined(__clang__)
+#define KDFAST_FILLED_BUFFERS_BEGIN \
+  _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#define KDFAST_FILLED_BUFFERS_END _Pragma("GCC diagnostic pop")
+#else
+#define KDFAST_FILLED_BUFFERS_BEGIN
+#define KDFAST_FILLED_BUFFERS_END
+#endif
+
 #ifndef KDFAST_CPU_VARIANT
 #error "kernel_common.h belongs to a CPU kernel variant: KDFAST_CPU_VARIANT must be defined"
 #endif
