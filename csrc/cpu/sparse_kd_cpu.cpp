@@ -9,8 +9,9 @@
 // -inf, and vectorised loops fold what is left, exactly the non-kept entries, into the tail's
 // log-sum-exp (at T for the tail bucket, at 1 for the cross-entropy), each relative to the
 // tail's own maximum (with T = 2 or 4 and both sums, exp(x) as exp(x/T)^T); in large calls
-// that sweep prefetches the row's next chunk as it goes (memory_policy.h). The k+1 bucket terms are then computed in double, with log-normalisers
-// relative to the largest logit each covers (sparse::reference_logit). In "renormalize" mode
+// that sweep prefetches the row's next chunk as it goes (memory_policy.h). The k+1 bucket
+// terms are then computed in double, with log-normalisers relative to the largest logit each
+// covers (sparse::reference_logit). In "renormalize" mode
 // without cross-entropy the row is not streamed at all: only the k kept logits are read. A NaN
 // (or +inf) logit or soft label the row reads, or a distribution of only -inf, makes the row's
 // loss NaN (sparse::row_defined), and the backward pass writes a NaN gradient row for it.
