@@ -268,32 +268,6 @@ void chunk_grad_jsd(const C* s, const C* t, int64_t n, const Coefficients<C>& co
 }
 KDFAST_FILLED_BUFFERS_END
 
-// Second sweep of JSD over one chunk, with the row's maxima and log-sums known (`kept` and
-// `exps` unused: JSD needs log m per element). Used where no exponentials were kept.
-template <class C>
-void chunk_sweep_jsd(const C* s, const C* t, KeptExps<C> kept, int64_t n, const Coefficients<C>& coefficients,
-                     const RowExps<C>& exps, const RowStats<C>& stats, const RowFrame<C>& frame, C& acc0, C& acc1) {
-  (void)kept;
-  (void)exps;
-  (void)frame;
-  const Coefficients<C> k = coefficients;
-  const RowStats<C> st = stats;
-  const C h = k.diff_scale, kappa = k.inv_scaled_t;
-  const C max_t = st.teacher_max * h, max_s = st.student_max * h;
-  C sum0 = 0, sum1 = 0;
-#pragma omp simd reduction(+ : sum0, sum1)
-  for (int64_t i = 0; i < n; ++i) {
-    const C log_p = rowmath::scaled_difference(t[i], h, max_t) * kappa - st.teacher_log_sum;
-    const C log_q = rowmath::scaled_difference(s[i], h, max_s) * kappa - st.student_log_sum_T;
-    C x0 = 0, x1 = 0;
-    rowmath::jsd_terms(log_p, log_q, k, x0, x1);
-    sum0 += x0;
-    sum1 += x1;
-  }
-  acc0 += sum0;
-  acc1 += sum1;
-}
-
 // TVD's second sweep over one chunk on the lanes: acc0 += |q − p|, acc1 += q sign(q − p), with
 // q = exp(ds κ) inv_zq and p = exp(dt κ) inv_zp on the row's frame, formed as the gradient forms them.
 // KEPT: the vector lanes read the exponentials the statistics sweep kept (`kept`) instead of
@@ -558,10 +532,10 @@ GradFn<C> pick_grad(bool ce, bool kd, int student_1_mode) {
 template <class C>
 struct ChunkKernels {
   StatsFn<C> stats;
-  SweepFn<C> sweep;  // null for the one-pass divergences
+  SweepFn<C> sweep;  // the second sweep without kept exponentials (TVD); null for the others
   GradFn<C> grad;
   // All but float64 reverse_kl (else null): the statistics sweep that keeps its exponentials,
-  // and the gradient (JSD and TVD: also the second sweep) from them.
+  // and the gradient (JSD and TVD: also the second sweep, which JSD has in this form only) from them.
   StatsFn<C> stats_keep;
   KeptGradFn<C> grad_kept;
   SweepFn<C> sweep_kept;
@@ -578,10 +552,7 @@ ChunkKernels<C> pick_for(const Coefficients<C>& k) {
   kernels.sweep_kept = nullptr;
   kernels.kept_sweep_reads_logits = D == Divergence::JSD;
   kernels.keeps_log_m = D == Divergence::JSD && k.need_kd;
-  if constexpr (D == Divergence::JSD) {
-    kernels.sweep = k.need_kd ? chunk_sweep_jsd<C> : nullptr;
-    kernels.sweep_kept = k.need_kd ? chunk_sweep_jsd_kept<C> : nullptr;
-  }
+  if constexpr (D == Divergence::JSD) kernels.sweep_kept = k.need_kd ? chunk_sweep_jsd_kept<C> : nullptr;
   if constexpr (D == Divergence::TVD) {
     kernels.sweep = k.need_kd ? chunk_sweep_tvd<C, FOLD, false> : nullptr;
     kernels.sweep_kept = k.need_kd ? chunk_sweep_tvd<C, FOLD, true> : nullptr;

@@ -102,7 +102,7 @@ void finish_row(const CallSetup<C>& call, const StreamedRow<C>& row, const S* s_
   alignas(64) C teacher_buf[kChunk];
   double divergence = 0.0;
   RowStats<C> st = rowmath::finish_stats(part, k, &divergence);
-  if (call.kernels.sweep) {
+  if (call.kernels.sweep_kept || call.kernels.sweep) {  // JSD / TVD: kept is then set (thread_kept)
     C acc0 = 0, acc1 = 0;
     const bool from_kept = kept.q && call.kernels.sweep_kept;
     const RowFrame<C> frame = row_frame(frame_factors(k, st, row.base_s, row.base_t), row.base_s, row.base_t);

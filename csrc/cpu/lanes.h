@@ -198,9 +198,10 @@ struct ScaledExp<float> {
       largest = std::max(largest, value);
 #endif
     }
-    foldable = smallest > 1e-30 && largest < 1e30;
 #if defined(KDFAST_LANES_WIDE)
-    foldable = wide.foldable;
+    foldable = wide.foldable;  // the coefficients the build's formula folds
+#else
+    foldable = smallest > 1e-30 && largest < 1e30;
 #endif
   }
 
@@ -590,12 +591,8 @@ struct ExpLanes {
   FV operator()(FV x) const { return apply<true>(x); }
   template <bool CUTOFF, bool FOLD = false>
   FV apply(FV x) const {
-    if constexpr (std::is_same_v<C, float>) {
-      const FW y = ScaledExpFW(scalar, FOLD).template apply<CUTOFF, FOLD>(FW{_mm512_zextps256_ps512(x.v)});
-      return {_mm512_castps512_ps256(y.v)};
-    } else {
-      return ScaledExpFV(scalar).template apply<CUTOFF, FOLD>(x);
-    }
+    const FW y = ScaledExpFW(scalar, FOLD).template apply<CUTOFF, FOLD>(FW{_mm512_zextps256_ps512(x.v)});
+    return {_mm512_castps512_ps256(y.v)};
   }
 #else
   FV operator()(FV x) const { return ScaledExpFV(scalar)(x); }

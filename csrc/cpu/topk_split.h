@@ -64,20 +64,17 @@ constexpr CompressTable make_compress_table() {
 constexpr CompressTable kCompressTable = make_compress_table();
 #endif
 
-inline __m256 compress_ps(unsigned mask, __m256 v) {
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-  return _mm256_maskz_compress_ps(static_cast<__mmask8>(mask), v);
-#else
-  return _mm256_permutevar8x32_ps(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompressTable.lanes[mask])));
-#endif
-}
-
 inline __m256i compress_epi32(unsigned mask, __m256i v) {
 #if defined(__AVX512F__) && defined(__AVX512VL__)
   return _mm256_maskz_compress_epi32(static_cast<__mmask8>(mask), v);
 #else
   return _mm256_permutevar8x32_epi32(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompressTable.lanes[mask])));
 #endif
+}
+
+// The same lane moves on floats (their bits are moved, never converted).
+inline __m256 compress_ps(unsigned mask, __m256 v) {
+  return _mm256_castsi256_ps(compress_epi32(mask, _mm256_castps_si256(v)));
 }
 
 #endif
