@@ -19,6 +19,7 @@
 // Rows run in parallel over OpenMP threads.
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -122,6 +123,24 @@ float kth_largest(float* a, float* s1, float* s2, int64_t n, int64_t rank) {
 }
 #endif
 
+// The selection order (sparse::candidate_before) as a function object, which std::sort and
+// std::nth_element inline.
+struct CandidateBefore {
+  template <class C>
+  bool operator()(const TopKCandidate<C>& a, const TopKCandidate<C>& b) const {
+    return sparse::candidate_before(a, b);
+  }
+};
+
+#if defined(KDFAST_LANES_WIDE)
+static_assert(sizeof(TopKCandidate<float>) == 8 && offsetof(TopKCandidate<float>, value) == 0,
+              "a float candidate is one 64-bit word with its value in the low half");
+// The values of the 8 candidates at c: the low 32 bits of each 64-bit candidate.
+inline __m256 candidate_values(const TopKCandidate<float>* c) {
+  return _mm256_castsi256_ps(_mm512_cvtepi64_epi32(_mm512_loadu_si512(c)));
+}
+#endif
+
 // Cuts the candidates back to the best k, adds the evicted ones to the tail and returns the
 // new threshold (the smallest kept value). AVX2 / AVX-512 (float): the k-th largest value comes
 // from kth_largest on the values alone, then one branch-free pass keeps every candidate above
@@ -140,17 +159,45 @@ C cut_to_k(Selection<C>& sel, TailSum& tail, double inv_t) {
 #if defined(KDFAST_LANES_AVX2)
     if constexpr (std::is_same_v<C, float>) {
       float* values = sel.values.data();
-      for (int64_t i = 0; i < count; ++i) values[i] = c[i].value;
+      int64_t i = 0;
+#if defined(KDFAST_LANES_WIDE)
+      for (; i + 8 <= count; i += 8) _mm256_storeu_ps(values + i, candidate_values(c + i));
+#endif
+      for (; i < count; ++i) values[i] = c[i].value;
       const float kth = kth_largest(values, sel.values_scratch.data(), sel.values_scratch.data() + count + 8, count, k - 1);
       int64_t above = 0, at_least = 0;
-      for (int64_t i = 0; i < count; ++i) {
+      i = 0;
+#if defined(KDFAST_LANES_WIDE)
+      const __m256 bar = _mm256_set1_ps(kth);
+      for (; i + 8 <= count; i += 8) {
+        const __m256 v = candidate_values(c + i);
+        above += __builtin_popcount(static_cast<unsigned>(_mm256_cmp_ps_mask(v, bar, _CMP_GT_OQ)));
+        at_least += __builtin_popcount(static_cast<unsigned>(_mm256_cmp_ps_mask(v, bar, _CMP_GE_OQ)));
+      }
+#endif
+      for (; i < count; ++i) {
         above += c[i].value > kth ? 1 : 0;
         at_least += c[i].value >= kth ? 1 : 0;
       }
       int64_t kept = 0;
       n = 0;
       if (at_least == k) {  // no tie across the cut
-        for (int64_t i = 0; i < count; ++i) {
+        i = 0;
+#if defined(KDFAST_LANES_WIDE)
+        // 8 candidates per step, moved by in-register compresses. Each full store ends at or
+        // before the last candidate this step read (kept <= i, n <= i), so none is lost.
+        for (; i + 8 <= count; i += 8) {
+          const __m512i pairs = _mm512_loadu_si512(c + i);
+          const __m256 v = _mm256_castsi256_ps(_mm512_cvtepi64_epi32(pairs));
+          const __mmask8 keep = _mm256_cmp_ps_mask(v, bar, _CMP_GE_OQ);
+          _mm512_storeu_si512(c + kept, _mm512_maskz_compress_epi64(keep, pairs));
+          _mm256_storeu_ps(evicted + n, _mm256_maskz_compress_ps(static_cast<__mmask8>(~keep), v));
+          const int64_t kept_here = __builtin_popcount(static_cast<unsigned>(keep));
+          kept += kept_here;
+          n += 8 - kept_here;
+        }
+#endif
+        for (; i < count; ++i) {
           const TopKCandidate<C> entry = c[i];
           const bool keep = entry.value >= kth;
           c[kept] = entry;
@@ -175,7 +222,7 @@ C cut_to_k(Selection<C>& sel, TailSum& tail, double inv_t) {
     }
 #endif
     if (n < 0) {
-      std::nth_element(c, c + k, c + count, sparse::candidate_before<C>);
+      std::nth_element(c, c + k, c + count, CandidateBefore{});
       n = count - k;
       for (int64_t i = 0; i < n; ++i) evicted[i] = c[k + i].value;
     }
@@ -372,7 +419,7 @@ void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Sele
     if (start == 0 && sel.count > k) theta = cut_to_k(sel, tail, inv_t);
   }
   cut_to_k(sel, tail, inv_t);
-  std::sort(c, c + k, sparse::candidate_before<C>);
+  std::sort(c, c + k, CandidateBefore{});
 
   // Normalise over the full row: log Z = M/T + log(sum_kept exp((t - M)/T) + tail).
   const double top = static_cast<double>(c[0].value);
