@@ -13,8 +13,9 @@
 // sum over exactly the non-kept entries, never a difference, and it keeps full relative
 // precision however small it is. The split of a chunk is topk_split.h's: on vector lanes, one
 // exp per logit, its hits staged with in-register compresses (no second scan of the chunk). A
-// call larger than kPrefetchCallBytes prefetches each next chunk (memory_policy.h): a vector
-// split that reads the row itself as it goes, the others before each chunk. A cut selects the
+// call larger than kPrefetchCallBytes prefetches ahead (memory_policy.h): a vector split that
+// reads the row itself as it goes (the thread's next row, in several streams; rows over 1 MiB
+// their own next chunk), the others each next chunk before they split this one. A cut selects the
 // k-th value by a compress-partitioned quickselect (kth_largest).
 // Rows run in parallel over OpenMP threads.
 #include <algorithm>
@@ -317,7 +318,8 @@ C append_staged(const Staging& staging, int64_t hits, int64_t base, Selection<C>
 }
 
 template <class S, class C>
-void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Selection<C>& sel, int64_t row_index) {
+void compress_row(const S* row, const S* next_row, const TopKCompressArgs& args, double inv_t, Selection<C>& sel,
+                  int64_t row_index) {
   const int64_t vocab = args.vocab, k = args.k;
   const C inv_t_c = static_cast<C>(inv_t);
   sel.count = 0;
@@ -328,17 +330,26 @@ void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Sele
   alignas(64) C buffer[kChunk];
   TopKCandidate<C>* c = sel.candidates.data();
 
-  // A call that streams its rows from memory asks for the next chunk before it splits this one
-  // (memory_policy.h; on a 2-core Xeon, 1024 x 128256 fp32: 3.9 -> 6.0 GB/s). A vector split
-  // that reads the row itself (AVX-512 and AVX2: every storage type but float64) asks for
-  // it as it goes instead: on AVX-512, with its cheaper exp, that measured 10.7 GB/s against
-  // 8.1 for the prefetch before the chunk.
+  // A call that streams its rows from memory asks for lines ahead of the split
+  // (memory_policy.h). The scalar splits ask for the next chunk before they split this one (on
+  // a 2-core Xeon, 1024 x 128256 fp32: 3.9 -> 6.0 GB/s). A vector split that reads the row
+  // itself (AVX-512 and AVX2: every storage type but float64) asks as it goes: for the row
+  // its thread compresses next, in kAheadStreams streams, where there is one and the row is
+  // at most kNextRowBytes; else one chunk ahead in this row (on AVX-512 that measured 10.7
+  // GB/s against 8.1 for the prefetch before the chunk).
   const bool prefetch = args.rows * vocab * static_cast<int64_t>(sizeof(S)) > kPrefetchCallBytes;
 #if defined(KDFAST_LANES_AVX2)
   constexpr bool kSplitReadsRow = std::is_same_v<C, float> && kSplitReadsStorage<S>;
 #else
   constexpr bool kSplitReadsRow = false;
 #endif
+  const int64_t row_bytes = vocab * static_cast<int64_t>(sizeof(S));
+  const bool ahead_next_row = kSplitReadsRow && prefetch && next_row != nullptr && row_bytes <= kNextRowBytes;
+  AheadPlan plan;
+  if (ahead_next_row) {
+    plan.next_row = reinterpret_cast<const char*>(next_row);
+    plan.part_bytes = row_bytes / kAheadStreams;
+  }
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t len = std::min(kChunk, vocab - start);
     if (prefetch && !kSplitReadsRow) prefetch_next_chunk(row, start, kChunk, vocab);
@@ -380,9 +391,14 @@ void compress_row(const S* row, const TopKCompressArgs& args, double inv_t, Sele
     // The tail's share of the chunk is every element <= theta; the rest are hits.
     C chunk_theta = theta;
     const Staging staging{sel.stage_values.data(), sel.stage_offsets.data()};
+    plan.offset_bytes = (start + first) * static_cast<int64_t>(sizeof(S));
     auto split_at = [&](C bar) {
-      return prefetch ? split_chunk<kSplitReadsRow>(row + start + first, rest, n, bar, inv_t_c, sel.split_exp, staging)
-                      : split_chunk<false>(row + start + first, rest, n, bar, inv_t_c, sel.split_exp, staging);
+      const S* x = row + start + first;
+      if constexpr (kSplitReadsRow) {
+        if (ahead_next_row) return split_chunk<Ahead::kNextRow>(x, rest, n, bar, inv_t_c, sel.split_exp, staging, plan);
+        if (prefetch) return split_chunk<Ahead::kInRow>(x, rest, n, bar, inv_t_c, sel.split_exp, staging, plan);
+      }
+      return split_chunk<Ahead::kNone>(x, rest, n, bar, inv_t_c, sel.split_exp, staging, plan);
     };
     ChunkSplit<C> split = split_at(chunk_theta);
     if (split.hits > std::max<int64_t>(2 * k, 256) && n >= group_count(k) && chunk_theta != kNegInf<C>) {
@@ -474,8 +490,11 @@ void compress_impl(const TopKCompressArgs& args) {
     sel.stage_offsets.resize(static_cast<size_t>(kChunk + 8));
     sel.k = k;
 #pragma omp for schedule(static)
-    for (int64_t row = 0; row < rows; ++row)
-      compress_row<S, C>(teacher + row * args.teacher_row_stride, args, inv_t, sel, row);
+    for (int64_t row = 0; row < rows; ++row) {
+      // The next row is usually this thread's next (contiguous blocks of rows per thread).
+      const S* next = row + 1 < rows ? teacher + (row + 1) * args.teacher_row_stride : nullptr;
+      compress_row<S, C>(teacher + row * args.teacher_row_stride, next, args, inv_t, sel, row);
+    }
   }
 }
 

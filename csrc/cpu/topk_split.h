@@ -4,7 +4,8 @@
 // One split per build, chosen by split_chunk: the AVX-512 variant's on 16-float lanes with
 // FlooredExp, reading float, bfloat16 and float16 rows itself; the AVX2 variant's on 8-float
 // lanes with the table exp, reading the same rows; the portable scalar split (also float64,
-// and theta = -inf on every variant). The vector splits that read the row itself prefetch one chunk ahead as they go.
+// and theta = -inf on every variant). In a large call the vector splits, which read the row
+// themselves, prefetch as they go: the thread's next row, or one chunk ahead in theirs (Ahead).
 // Like the other CPU kernel headers, this lives in the instruction-set variant's namespace.
 #pragma once
 
@@ -101,6 +102,43 @@ struct Staging {
   int32_t* offsets = nullptr;
 };
 
+// How a large call's vector split asks for lines ahead of itself as it goes (memory_policy.h).
+// kInRow: the lines one chunk ahead in its own row. kNextRow: the row its thread compresses
+// next, as kAheadStreams concurrent streams (that row's eighths, each advancing an eighth as
+// fast as the split), so that the row is in L2 when its turn comes. Several streams keep more
+// misses in flight than one: on a 2-core Xeon (4 KiB pages, 1024 x 128256, alternating builds)
+// fp32 went from 10.1-10.7 to 11.0 GB/s with 1 thread and from 9.3-9.5 to 10.8 GB/s per core
+// with 2; bfloat16 from 5.8 to 6.8-6.9 GB/s (4 streams: 10.5 fp32; 16: 10.5).
+enum class Ahead { kNone, kInRow, kNextRow };
+constexpr int64_t kAheadStreams = 8;
+// Rows up to this many bytes take kNextRow. At any time the current row's unread part and the
+// next row's fetched part add up to about one row, which then fits a core's L2 (2 MiB on the
+// Xeon, 1 MiB on Zen 4) beside the rest.
+constexpr int64_t kNextRowBytes = int64_t(1) << 20;
+
+// A split's prefetch position. kNextRow: the next row's first byte, the bytes of each of its
+// kAheadStreams parts, and the byte offset in the current row at which this split starts.
+struct AheadPlan {
+  const char* next_row = nullptr;
+  int64_t part_bytes = 0;
+  int64_t offset_bytes = 0;
+};
+
+// kNextRow: asks for one line of each stream per 64 * kAheadStreams bytes that the split has
+// read, for a step that reads STEP bytes starting at byte `at` of the split (at + offset_bytes
+// of the row). A hint: changes no value.
+template <int64_t STEP>
+inline void prefetch_next_row(const AheadPlan& plan, int64_t at) {
+  constexpr int64_t kRowBytesPerLine = 64 * kAheadStreams;
+  static_assert(STEP <= kRowBytesPerLine, "one line per stream per step at most");
+  const int64_t done = plan.offset_bytes + at;
+  if (STEP == kRowBytesPerLine || done % kRowBytesPerLine < STEP) {
+    const char* line = plan.next_row + done / kAheadStreams;
+    for (int64_t stream = 0; stream < kAheadStreams; ++stream)
+      __builtin_prefetch(line + stream * plan.part_bytes, 0, 2);
+  }
+}
+
 // Storage types the vector splits (AVX-512 and AVX2) read straight from the row, widening in
 // registers (all of them but float64).
 template <class S>
@@ -114,11 +152,12 @@ constexpr bool kSplitReadsStorage = std::is_same_v<S, float> || std::is_same_v<S
 // is left out of the sum by the add's mask (not set to -inf), so the exp needs no cutoff test.
 // The hits of a step that has any are stored in order to the staging buffers by vcompress
 // (one branch per such step, no second scan of the chunk). FOLD: FlooredExp::foldable.
-// PREFETCH (x is a large call's row): each step also asks for the lines one chunk ahead, which
-// keeps the memory busy while the step computes (one chunk ahead at once before the split
-// measured 8.1 against 10.7 GB/s on a 2-core Xeon, fp32).
-template <bool FOLD, bool PREFETCH, class S>
-ChunkSplit<float> split_chunk_wide(const S* x, int64_t n, float theta, const FlooredExp& exps, Staging staging) {
+// AHEAD (x is a large call's row): each step also asks for lines ahead (Ahead, with `plan`),
+// which keeps the memory busy while the step computes (one chunk ahead at once before the
+// split measured 8.1 against 10.7 GB/s for kInRow on a 2-core Xeon, fp32).
+template <bool FOLD, Ahead AHEAD, class S>
+ChunkSplit<float> split_chunk_wide(const S* x, int64_t n, float theta, const FlooredExp& exps, Staging staging,
+                                   AheadPlan plan) {
   const FlooredExpFW e(exps);  // a local copy: its constants stay in registers
   const __m512i lane_offsets = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512 threshold = _mm512_set1_ps(theta);
@@ -133,7 +172,8 @@ ChunkSplit<float> split_chunk_wide(const S* x, int64_t n, float theta, const Flo
     hits += __builtin_popcount(static_cast<unsigned>(above));
   };
   for (; i + 64 <= n; i += 64) {
-    if constexpr (PREFETCH) prefetch_lines(x + i + kChunk, 64 * sizeof(S));
+    if constexpr (AHEAD == Ahead::kInRow) prefetch_lines(x + i + kChunk, 64 * sizeof(S));
+    if constexpr (AHEAD == Ahead::kNextRow) prefetch_next_row<64 * sizeof(S)>(plan, i * static_cast<int64_t>(sizeof(S)));
     __m512 v[4];
     __mmask16 tail[4];  // lanes <= theta, or NaN: the tail's share
 #pragma GCC unroll 4
@@ -168,12 +208,12 @@ ChunkSplit<float> split_chunk_wide(const S* x, int64_t n, float theta, const Flo
 // coefficients (ExpLanes::foldable), one multiplication less per element.
 // The hits of a 32-element step that has any are also compressed in registers and
 // stored at the end of the staging buffers (one branch per such step, no branch per hit, no
-// second scan of the chunk). PREFETCH (x is a large call's row): each step asks for the
-// lines one chunk ahead, as the AVX-512 split does (this variant on a Xeon core: 6.1 -> 8.5
-// GB/s against the prefetch before the chunk).
-template <bool FOLD, bool PREFETCH, class S>
+// second scan of the chunk). AHEAD (x is a large call's row): each step asks for lines ahead,
+// as the AVX-512 split does (kInRow on a Xeon core: 6.1 -> 8.5 GB/s against the prefetch
+// before the chunk; kNextRow measured the same there: this split is bound by its exp).
+template <bool FOLD, Ahead AHEAD, class S>
 ChunkSplit<float> split_chunk_lanes(const S* x, int64_t n, float theta, const ExpLanes<float>& exps,
-                                    Staging staging) {
+                                    Staging staging, AheadPlan plan) {
   ChunkSplit<float> split;
   const __m256i lane_offsets = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   int64_t staged = 0;
@@ -183,7 +223,8 @@ ChunkSplit<float> split_chunk_lanes(const S* x, int64_t n, float theta, const Ex
   __m256 sum[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t vector_hits = 0, i = 0;
   for (; i + 32 <= n; i += 32) {
-    if constexpr (PREFETCH) prefetch_lines(x + i + kChunk, 32 * sizeof(S));
+    if constexpr (AHEAD == Ahead::kInRow) prefetch_lines(x + i + kChunk, 32 * sizeof(S));
+    if constexpr (AHEAD == Ahead::kNextRow) prefetch_next_row<32 * sizeof(S)>(plan, i * static_cast<int64_t>(sizeof(S)));
     unsigned hit_bits = 0;
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
@@ -225,26 +266,26 @@ ChunkSplit<float> split_chunk_lanes(const S* x, int64_t n, float theta, const Ex
 #endif
 
 // The split of the n logits at `raw` (in the row, storage type S); values() returns them in
-// the compute type (widened into the chunk buffer on first use). PREFETCH: a large call, whose
-// split may ask for the chunk after this one as it goes (the vector splits that read the row
-// itself do).
-template <bool PREFETCH, class S, class C, class Values>
+// the compute type (widened into the chunk buffer on first use). AHEAD and plan: how a large
+// call's split asks for lines ahead as it goes (the vector splits, which read the row
+// themselves, do; the scalar split ignores them).
+template <Ahead AHEAD, class S, class C, class Values>
 ChunkSplit<C> split_chunk(const S* raw, Values&& values, int64_t n, C theta, C inv_t, const SplitExp& exps,
-                          Staging staging) {
+                          Staging staging, AheadPlan plan) {
   ChunkSplit<C> split;
   int32_t hits = 0;
 #if defined(KDFAST_LANES_WIDE)
   if constexpr (std::is_same_v<C, float> && kSplitReadsStorage<S>) {
     if (theta != kNegInf<C>) {
-      return exps.foldable ? split_chunk_wide<true, PREFETCH>(raw, n, theta, exps, staging)
-                           : split_chunk_wide<false, PREFETCH>(raw, n, theta, exps, staging);
+      return exps.foldable ? split_chunk_wide<true, AHEAD>(raw, n, theta, exps, staging, plan)
+                           : split_chunk_wide<false, AHEAD>(raw, n, theta, exps, staging, plan);
     }
   }
 #elif defined(KDFAST_LANES_AVX2)
   if constexpr (std::is_same_v<C, float> && kSplitReadsStorage<S>) {
     if (theta != kNegInf<C>) {
-      return exps.foldable() ? split_chunk_lanes<true, PREFETCH>(raw, n, theta, exps, staging)
-                             : split_chunk_lanes<false, PREFETCH>(raw, n, theta, exps, staging);
+      return exps.foldable() ? split_chunk_lanes<true, AHEAD>(raw, n, theta, exps, staging, plan)
+                             : split_chunk_lanes<false, AHEAD>(raw, n, theta, exps, staging, plan);
     }
   }
 #else
@@ -253,6 +294,7 @@ ChunkSplit<C> split_chunk(const S* raw, Values&& values, int64_t n, C theta, C i
   const C* x = values();
   (void)exps;
   (void)staging;
+  (void)plan;
   if (theta == kNegInf<C>) {
     int32_t nans = 0;
 #pragma omp simd reduction(+ : hits, nans)

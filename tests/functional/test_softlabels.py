@@ -185,15 +185,19 @@ def test_nan_and_fully_masked_rows_give_nan():
     assert torch.isfinite(soft_labels.logprobs[2]).all()
 
 
-@pytest.mark.parametrize("dtype, temperature", [(torch.float32, 1.0), (torch.float32, 2.0), (torch.bfloat16, 1.0),
-                                                (torch.float16, 2.0)], ids=["fp32-T1", "fp32-T2", "bf16-T1", "fp16-T2"])
-def test_large_call_prefetching_as_it_goes_equals_small_calls(dtype, temperature):
-    # Above 64 MiB of logits the AVX-512 split asks for the next chunk as it goes, past each
-    # row's end too, and reads 16-bit logits straight from the row. An odd V puts most rows off
-    # a 64-byte boundary and leaves a masked remainder; rows with NaN, masked entries,
+@pytest.mark.parametrize("dtype, temperature, vocab_size",
+                         [(torch.float32, 1.0, 123_457), (torch.float32, 2.0, 123_457), (torch.bfloat16, 1.0, 123_457),
+                          (torch.float16, 2.0, 123_457), (torch.float32, 1.0, 300_007)],
+                         ids=["fp32-T1", "fp32-T2", "bf16-T1", "fp16-T2", "fp32-T1-rows-over-1MiB"])
+def test_large_call_prefetching_as_it_goes_equals_small_calls(dtype, temperature, vocab_size):
+    # Above 64 MiB of logits the vector splits ask for lines ahead as they go: rows up to 1 MiB
+    # for the next row, in several streams (past the call's last row too), longer rows one chunk
+    # ahead in their own row; 16-bit logits are read straight from the row. An odd V puts most
+    # rows off a 64-byte boundary and leaves a masked remainder; rows with NaN, masked entries,
     # ascending and tiny-tail content ride along (16-bit logits also tie often).
-    vocab_size, k = 123_457, 64
-    rows = 140 * 4 // torch.tensor([], dtype=dtype).element_size()
+    k = 64
+    element_size = torch.tensor([], dtype=dtype).element_size()
+    rows = 10 * math.ceil(70 * 2**20 / (vocab_size * element_size) / 10)  # a multiple of 10, over 64 MiB in all
     teacher = random_logits((rows, vocab_size), seed=11, dtype=dtype)
     teacher[3, 70_000] = math.nan
     teacher[5, ::3] = -math.inf
