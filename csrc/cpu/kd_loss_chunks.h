@@ -270,10 +270,9 @@ KDFAST_FILLED_BUFFERS_END
 
 // TVD's second sweep over one chunk on the lanes: acc0 += |q − p|, acc1 += q sign(q − p), with
 // q = exp(ds κ) inv_zq and p = exp(dt κ) inv_zp on the row's frame, formed as the gradient forms them.
-// KEPT: the vector lanes read the exponentials the statistics sweep kept (`kept`) instead of
-// computing them; the scalar tail always computes them from s and t (which need only be valid
-// there), so that both instantiations give the same bits.
-template <class C, bool FOLD, bool KEPT>
+// The vector lanes read the exponentials the statistics sweep kept (`kept`); the scalar tail
+// computes them from s and t (which need only be valid there), as that sweep did.
+template <class C, bool FOLD>
 void chunk_sweep_tvd(const C* s, const C* t, KeptExps<C> kept, int64_t n, const Coefficients<C>& coefficients,
                      const RowExps<C>& exps, const RowStats<C>& stats, const RowFrame<C>& frame, C& acc0, C& acc1) {
   (void)stats;
@@ -286,7 +285,7 @@ void chunk_sweep_tvd(const C* s, const C* t, KeptExps<C> kept, int64_t n, const 
   LaneSums<C, 2> acc;
   sweep_lanes<C>(n, [&](auto lane, int64_t i) {
     using L = Lane<decltype(lane)>;
-    constexpr bool kFromKept = KEPT && !std::is_same_v<decltype(lane), C>;
+    constexpr bool kFromKept = !std::is_same_v<decltype(lane), C>;
     auto* sums = acc.sums(lane);
     decltype(lane) e_q, e_p;
     if constexpr (kFromKept) {
@@ -532,10 +531,9 @@ GradFn<C> pick_grad(bool ce, bool kd, int student_1_mode) {
 template <class C>
 struct ChunkKernels {
   StatsFn<C> stats;
-  SweepFn<C> sweep;  // the second sweep without kept exponentials (TVD); null for the others
   GradFn<C> grad;
   // All but float64 reverse_kl (else null): the statistics sweep that keeps its exponentials,
-  // and the gradient (JSD and TVD: also the second sweep, which JSD has in this form only) from them.
+  // and the gradient (JSD and TVD: also their second sweep, which exists in this form only) from them.
   StatsFn<C> stats_keep;
   KeptGradFn<C> grad_kept;
   SweepFn<C> sweep_kept;
@@ -548,15 +546,11 @@ template <class C, Divergence D, bool FOLD>
 ChunkKernels<C> pick_for(const Coefficients<C>& k) {
   ChunkKernels<C> kernels;
   kernels.stats = pick_stats<C, D, FOLD>(k.need_kd, k.student_1_mode, k.need_ce && k.label_smoothing > C(0));
-  kernels.sweep = nullptr;
   kernels.sweep_kept = nullptr;
   kernels.kept_sweep_reads_logits = D == Divergence::JSD;
   kernels.keeps_log_m = D == Divergence::JSD && k.need_kd;
   if constexpr (D == Divergence::JSD) kernels.sweep_kept = k.need_kd ? chunk_sweep_jsd_kept<C> : nullptr;
-  if constexpr (D == Divergence::TVD) {
-    kernels.sweep = k.need_kd ? chunk_sweep_tvd<C, FOLD, false> : nullptr;
-    kernels.sweep_kept = k.need_kd ? chunk_sweep_tvd<C, FOLD, true> : nullptr;
-  }
+  if constexpr (D == Divergence::TVD) kernels.sweep_kept = k.need_kd ? chunk_sweep_tvd<C, FOLD> : nullptr;
   kernels.grad = pick_grad<C, D, FOLD>(k.need_ce, k.need_kd, k.student_1_mode);
   kernels.stats_keep = nullptr;
   kernels.grad_kept = nullptr;

@@ -102,17 +102,15 @@ void finish_row(const CallSetup<C>& call, const StreamedRow<C>& row, const S* s_
   alignas(64) C teacher_buf[kChunk];
   double divergence = 0.0;
   RowStats<C> st = rowmath::finish_stats(part, k, &divergence);
-  if (call.kernels.sweep_kept || call.kernels.sweep) {  // JSD / TVD: kept is then set (thread_kept)
+  if (call.kernels.sweep_kept) {  // JSD / TVD: every caller keeps their exponentials (thread_kept)
     C acc0 = 0, acc1 = 0;
-    const bool from_kept = kept.q && call.kernels.sweep_kept;
     const RowFrame<C> frame = row_frame(frame_factors(k, st, row.base_s, row.base_t), row.base_s, row.base_t);
     for (int64_t start = 0; start < vocab; start += kChunk) {
       const int64_t n = std::min(kChunk, vocab - start);
-      const int64_t from = from_kept && !call.kernels.kept_sweep_reads_logits ? kept_bulk<C>(n) : 0;
+      const int64_t from = call.kernels.kept_sweep_reads_logits ? 0 : kept_bulk<C>(n);
       const C* s = load_chunk_from<S, C>(s_row, start, n, from, student_buf);
       const C* t = load_chunk_from<T, C>(t_row, start, n, from, teacher_buf);
-      (from_kept ? call.kernels.sweep_kept : call.kernels.sweep)(s, t, kept.q ? kept.at(start) : kept, n, k, call.exps,
-                                                                 st, frame, acc0, acc1);
+      call.kernels.sweep_kept(s, t, kept.at(start), n, k, call.exps, st, frame, acc0, acc1);
     }
     divergence = static_cast<double>(k.divergence == Divergence::JSD ? rowmath::finish_jsd(acc0, acc1, k, st)
                                                                       : rowmath::finish_tvd(acc0, acc1, st));
