@@ -317,9 +317,12 @@ C append_staged(const Staging& staging, int64_t hits, int64_t base, Selection<C>
   return next_theta;
 }
 
+// next_row: the row this thread compresses next (null for none); warm: this row was fetched
+// ahead while the thread compressed the previous one. Returns whether its splits asked for
+// next_row (a hint: a row whose splits all ran scalar asked for nothing, which costs only time).
 template <class S, class C>
-void compress_row(const S* row, const S* next_row, const TopKCompressArgs& args, double inv_t, Selection<C>& sel,
-                  int64_t row_index) {
+bool compress_row(const S* row, const S* next_row, bool warm, const TopKCompressArgs& args, double inv_t,
+                  Selection<C>& sel, int64_t row_index) {
   const int64_t vocab = args.vocab, k = args.k;
   const C inv_t_c = static_cast<C>(inv_t);
   sel.count = 0;
@@ -335,8 +338,9 @@ void compress_row(const S* row, const S* next_row, const TopKCompressArgs& args,
   // a 2-core Xeon, 1024 x 128256 fp32: 3.9 -> 6.0 GB/s). A vector split that reads the row
   // itself (AVX-512 and AVX2: every storage type but float64) asks as it goes: for the row
   // its thread compresses next, in kAheadStreams streams, where there is one and the row is
-  // at most kNextRowBytes; else one chunk ahead in this row (on AVX-512 that measured 10.7
-  // GB/s against 8.1 for the prefetch before the chunk).
+  // at most kNextRowBytes (and one chunk ahead in this row too where no earlier row fetched
+  // it); else one chunk ahead in this row (on AVX-512 that measured 10.7 GB/s against 8.1 for
+  // the prefetch before the chunk).
   const bool prefetch = args.rows * vocab * static_cast<int64_t>(sizeof(S)) > kPrefetchCallBytes;
 #if defined(KDFAST_LANES_AVX2)
   constexpr bool kSplitReadsRow = std::is_same_v<C, float> && kSplitReadsStorage<S>;
@@ -395,7 +399,9 @@ void compress_row(const S* row, const S* next_row, const TopKCompressArgs& args,
     auto split_at = [&](C bar) {
       const S* x = row + start + first;
       if constexpr (kSplitReadsRow) {
-        if (ahead_next_row) return split_chunk<Ahead::kNextRow>(x, rest, n, bar, inv_t_c, sel.split_exp, staging, plan);
+        if (ahead_next_row && warm)
+          return split_chunk<Ahead::kNextRow>(x, rest, n, bar, inv_t_c, sel.split_exp, staging, plan);
+        if (ahead_next_row) return split_chunk<Ahead::kBoth>(x, rest, n, bar, inv_t_c, sel.split_exp, staging, plan);
         if (prefetch) return split_chunk<Ahead::kInRow>(x, rest, n, bar, inv_t_c, sel.split_exp, staging, plan);
       }
       return split_chunk<Ahead::kNone>(x, rest, n, bar, inv_t_c, sel.split_exp, staging, plan);
@@ -466,6 +472,7 @@ void compress_row(const S* row, const S* next_row, const TopKCompressArgs& args,
     int32_t* out = static_cast<int32_t*>(args.indices) + row_index * k;
     for (int64_t i = 0; i < k; ++i) out[i] = c[i].index;
   }
+  return ahead_next_row;
 }
 
 template <class S, class C>
@@ -489,11 +496,14 @@ void compress_impl(const TopKCompressArgs& args) {
     sel.stage_values.resize(static_cast<size_t>(kChunk + 8));
     sel.stage_offsets.resize(static_cast<size_t>(kChunk + 8));
     sel.k = k;
+    int64_t fetched = -1;  // the row this thread fetched ahead
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
       // The next row is usually this thread's next (contiguous blocks of rows per thread).
       const S* next = row + 1 < rows ? teacher + (row + 1) * args.teacher_row_stride : nullptr;
-      compress_row<S, C>(teacher + row * args.teacher_row_stride, next, args, inv_t, sel, row);
+      const bool fetching = compress_row<S, C>(teacher + row * args.teacher_row_stride, next, row == fetched, args,
+                                               inv_t, sel, row);
+      fetched = fetching ? row + 1 : -1;
     }
   }
 }
