@@ -5,7 +5,9 @@ topk_storage.csv; `--out DIR` changes the folder, `--no-csv` skips writing):
 
 1. compress: `kdfast.compress_topk(t, k, temperature=T)` against eager PyTorch doing the same
    job with `torch.topk` + `torch.log_softmax` (+ gather, + the tail as log1p(−Σ kept), which
-   is what an eager user writes), and optionally `torch.compile` of that (`--providers`).
+   is what an eager user writes), optionally `torch.compile` of that (`--providers`), and
+   `read`: `torch.sum` of the same teacher, the core's read rate in that run (printed as a
+   ratio under the table).
    Minimum bytes: N·V·size_t read + N·k·(4 + 4) + 4·N written.
 2. sparse loss, forward and forward+backward (gradient w.r.t. the student): the bucket-mode
    `kdfast.functional.sparse_kd_loss` against the same bucket loss written eagerly with
@@ -106,6 +108,9 @@ def bench_compress(dtype, rows, vocab, k, options, results: List[Dict]) -> None:
     if "compile" in options.providers:
         compiled = torch.compile(eager_compress, dynamic=False)
         providers["compile"] = lambda: compiled(teacher, k, temperature)
+    # The core's read rate in this hour: torch.sum reads the same teacher bytes once (it moves
+    # between runs on a VM, and compress_topk with it).
+    providers["read"] = lambda: teacher.sum()
     min_bytes = rows * vocab * teacher.element_size() + rows * k * 8 + rows * 4
     expected = eager_compress(teacher, k, temperature)
     for name, step in providers.items():
@@ -114,10 +119,11 @@ def bench_compress(dtype, rows, vocab, k, options, results: List[Dict]) -> None:
         status = "ok"
         try:
             out = step()
-            logprobs = out.logprobs if name == "kdfast" else out[1]
-            difference = relative_difference(logprobs.float(), expected[1])
-            if difference > 1e-4:
-                status = f"differs from eager: rel {difference:.1e}"
+            if name != "read":
+                logprobs = out.logprobs if name == "kdfast" else out[1]
+                difference = relative_difference(logprobs.float(), expected[1])
+                if difference > 1e-4:
+                    status = f"differs from eager: rel {difference:.1e}"
             wall, cpu, repeats = time_within_budget(step, repeats=options.repeats,
                                                     min_repeats=options.min_repeats, budget_s=options.budget)
         except Exception as error:  # keep going: one failing provider must not end the table
@@ -229,6 +235,20 @@ def format_table(results: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def read_rate_lines(results: List[Dict]) -> List[str]:
+    """kdfast's compress_topk against torch.sum of the same teacher, per dtype (GB/s of CPU time)."""
+    lines = []
+    for row in results:
+        if row["benchmark"] != "compress" or row["provider"] != "kdfast":
+            continue
+        read = next((other for other in results if other["benchmark"] == "compress" and other["provider"] == "read"
+                     and other["dtype"] == row["dtype"]), None)
+        if read and read["gbps_cpu"] > 0:
+            lines.append(f"compress {row['dtype']}: kdfast {row['gbps_cpu']:.2f} GB/s per core, "
+                         f"{row['gbps_cpu'] / read['gbps_cpu']:.2f} of torch.sum's {read['gbps_cpu']:.2f}")
+    return lines
+
+
 def format_storage(rows: List[Dict]) -> str:
     header = f"{'V':>7} {'k':>4} {'layout':<28} {'bytes/token':>12} {'dense bf16 / this':>18}"
     lines = [header, "-" * len(header)]
@@ -251,9 +271,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--providers", default="kdfast,eager,dense",
-                        help="comma list of kdfast, eager, dense (dense kd_loss; loss table only) and "
-                             "compile (torch.compile of the eager compression; compress table only)")
+    parser.add_argument("--providers", default="kdfast,eager,dense,read",
+                        help="comma list of kdfast, eager, dense (dense kd_loss; loss table only), "
+                             "compile (torch.compile of the eager compression; compress table only) and read "
+                             "(torch.sum of the same teacher, the core's read rate; compress table only)")
     parser.add_argument("--passes", default="fwd,fwd+bwd")
     parser.add_argument("--benchmarks", default="compress,sparse,storage")
     parser.add_argument("--threads", type=int, default=1)
@@ -291,6 +312,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if results:
         add_speedups(results)
         print(format_table(results))
+        for line in read_rate_lines(results):
+            print(line)
     storage = storage_rows([32000, 128256, 151936, 256000], [32, 64]) if "storage" in options.benchmarks else []
     if storage:
         print()
