@@ -9,7 +9,8 @@
 // -inf, and vectorised loops fold what is left, exactly the non-kept entries, into the tail's
 // log-sum-exp (at T for the tail bucket, at 1 for the cross-entropy), each relative to the
 // tail's own maximum (with T = 2 or 4 and both sums, exp(x) as exp(x/T)^T); in large calls
-// that sweep prefetches the row's next chunk as it goes (memory_policy.h). The k+1 bucket
+// that sweep prefetches as it goes (memory_policy.h): the forward without grad the thread's next
+// row, in streams, the one-pass kernel the row's next chunk. The k+1 bucket
 // terms are then computed in double, with log-normalisers relative to the largest logit each
 // covers (sparse::reference_logit). In "renormalize" mode
 // without cross-entropy the row is not streamed at all: only the k kept logits are read. A NaN
@@ -143,9 +144,11 @@ struct TailExps {
 // most m (or -inf, or NaN, which propagates), on the lanes. POW_1 = T (2 or 4, with SUM_T):
 // exp(x_i - m) as that power of exp((x_i - m)/T). `ahead`: the bytes of the row's next chunk
 // (sizeof(S) per element, as an address: it may lie past the tensor; 0 for none), asked for a
-// vector step at a time.
+// vector step at a time; `next`: the thread's next row, asked for in streams (memory_policy.h;
+// next.next_row null for none).
 template <class C, bool SUM_T, bool SUM_1, int POW_1 = 0, class S = C>
-void tail_chunk_sums(const C* x, int64_t n, C m, const TailExps<C>& exps, uintptr_t ahead, C& sum_t, C& sum_1) {
+void tail_chunk_sums(const C* x, int64_t n, C m, const TailExps<C>& exps, uintptr_t ahead, const AheadPlan& next,
+                     C& sum_t, C& sum_1) {
   static_assert(POW_1 == 0 || (SUM_T && SUM_1), "the power form derives sum_1 from the terms of sum_t");
   const ExpLanes<C> exp_t = exps.t, exp_1 = exps.one;  // local copies: constants stay in registers
   LaneSums<C, 2> acc;
@@ -153,6 +156,8 @@ void tail_chunk_sums(const C* x, int64_t n, C m, const TailExps<C>& exps, uintpt
     using L = Lane<decltype(lane)>;
     if constexpr (!std::is_same_v<decltype(lane), C>) {
       if (ahead) __builtin_prefetch(reinterpret_cast<const void*>(ahead + i * sizeof(S)), 0, 2);  // never faults
+      constexpr int64_t kStep = static_cast<int64_t>(sizeof(decltype(lane)) / sizeof(C) * sizeof(S));
+      if (next.next_row) prefetch_next_row<kStep>(next, i * static_cast<int64_t>(sizeof(S)));
     }
     auto* sums = acc.sums(lane);
     const auto centred = L::load(x + i) - L::splat(m);
@@ -184,9 +189,12 @@ struct RowScratch {
 
 // ---- forward ----
 
+// `next_row`: the thread's next row, asked for by the tail sums (memory_policy.h; none by
+// default); `warm`: this row was asked for that way, so it does not ask for its own next chunks.
 template <class S, class C>
 int forward_row(const SparseKDForwardArgs& args, const SparseCoefficients<double>& k, const StreamPlan& plan,
-                const TailExps<C>& exps, int64_t row, RowScratch& scratch, double* stats) {
+                const TailExps<C>& exps, int64_t row, RowScratch& scratch, double* stats, AheadPlan next_row = {},
+                bool warm = false) {
   const int64_t vocab = args.vocab, kk = args.soft_labels.k;
   const double inv_t = 1.0 / args.options.temperature;
   const S* s_row = static_cast<const S*>(args.student) + row * args.student_row_stride;
@@ -224,19 +232,21 @@ int forward_row(const SparseKDForwardArgs& args, const SparseCoefficients<double
       nan_count += nans;
       if (chunk_max == kNegInf<C>) continue;
       C sum_t = 0, sum_1 = 0;
-      const uintptr_t ahead = plan.prefetch ? reinterpret_cast<uintptr_t>(s_row + start) + kChunk * sizeof(S) : 0;
+      const uintptr_t ahead =
+          plan.prefetch && !warm ? reinterpret_cast<uintptr_t>(s_row + start) + kChunk * sizeof(S) : 0;
+      next_row.offset_bytes = start * static_cast<int64_t>(sizeof(S));
       if (plan.tail_at_t && plan.tail_at_1) {
         if (plan.power_1 == 2) {
-          tail_chunk_sums<C, true, true, 2, S>(buffer, n, chunk_max, exps, ahead, sum_t, sum_1);
+          tail_chunk_sums<C, true, true, 2, S>(buffer, n, chunk_max, exps, ahead, next_row, sum_t, sum_1);
         } else if (plan.power_1 == 4) {
-          tail_chunk_sums<C, true, true, 4, S>(buffer, n, chunk_max, exps, ahead, sum_t, sum_1);
+          tail_chunk_sums<C, true, true, 4, S>(buffer, n, chunk_max, exps, ahead, next_row, sum_t, sum_1);
         } else {
-          tail_chunk_sums<C, true, true, 0, S>(buffer, n, chunk_max, exps, ahead, sum_t, sum_1);
+          tail_chunk_sums<C, true, true, 0, S>(buffer, n, chunk_max, exps, ahead, next_row, sum_t, sum_1);
         }
       } else if (plan.tail_at_t) {
-        tail_chunk_sums<C, true, false, 0, S>(buffer, n, chunk_max, exps, ahead, sum_t, sum_1);
+        tail_chunk_sums<C, true, false, 0, S>(buffer, n, chunk_max, exps, ahead, next_row, sum_t, sum_1);
       } else if (plan.tail_at_1) {
-        tail_chunk_sums<C, false, true, 0, S>(buffer, n, chunk_max, exps, ahead, sum_t, sum_1);
+        tail_chunk_sums<C, false, true, 0, S>(buffer, n, chunk_max, exps, ahead, next_row, sum_t, sum_1);
       }
       if (plan.tail_at_t) tail_t.add(static_cast<double>(chunk_max), static_cast<double>(sum_t), inv_t);
       if (plan.tail_at_1) tail_1.add(static_cast<double>(chunk_max), static_cast<double>(sum_1), 1.0);
@@ -319,10 +329,13 @@ SparseKDForwardResult forward_impl(const SparseKDForwardArgs& args) {
   int64_t bad_labels = 0, bad_index_rows = 0;
   const int threads = threads_for(args.num_threads, rows, plan.any() ? vocab : kk * 8);
   const TailExps<C> exps(1.0 / args.options.temperature);
+  const S* student = static_cast<const S*>(args.student);
+  const int64_t row_bytes = vocab * static_cast<int64_t>(sizeof(S));
 
 #pragma omp parallel num_threads(threads) reduction(+ : bad_labels, bad_index_rows)
   {
     RowScratch scratch(kk);
+    int64_t fetched = -1;  // the row this thread asked for ahead
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < rows; ++row) {
       double* stats = row_stats + row * kSparseRowStats;
@@ -335,10 +348,16 @@ SparseKDForwardResult forward_impl(const SparseKDForwardArgs& args) {
         for (int j = 0; j < kSparseRowStats; ++j) stats[j] = kNaN;
         continue;
       }
-      if (forward_row<S, C>(args, k, plan, exps, row, scratch, stats) != 0) {
+      // Forward only: the thread's next row streams in while this one's tail sums run. (The
+      // one-pass kernel does not: there the next row evicts this one before its gradient.)
+      const AheadPlan next = plan.prefetch && (plan.tail_at_t || plan.tail_at_1) && row + 1 < rows
+                                 ? next_row_plan(student + (row + 1) * args.student_row_stride, row_bytes)
+                                 : AheadPlan{};
+      if (forward_row<S, C>(args, k, plan, exps, row, scratch, stats, next, row == fetched) != 0) {
         ++bad_index_rows;
         for (int j = 0; j < kSparseRowStats; ++j) stats[j] = kNaN;
       }
+      fetched = next.next_row ? row + 1 : -1;
     }
   }
 

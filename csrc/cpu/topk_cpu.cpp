@@ -347,13 +347,9 @@ bool compress_row(const S* row, const S* next_row, bool warm, const TopKCompress
 #else
   constexpr bool kSplitReadsRow = false;
 #endif
-  const int64_t row_bytes = vocab * static_cast<int64_t>(sizeof(S));
-  const bool ahead_next_row = kSplitReadsRow && prefetch && next_row != nullptr && row_bytes <= kNextRowBytes;
-  AheadPlan plan;
-  if (ahead_next_row) {
-    plan.next_row = reinterpret_cast<const char*>(next_row);
-    plan.part_bytes = row_bytes / kAheadStreams;
-  }
+  AheadPlan plan = kSplitReadsRow && prefetch ? next_row_plan(next_row, vocab * static_cast<int64_t>(sizeof(S)))
+                                              : AheadPlan{};
+  const bool ahead_next_row = plan.next_row != nullptr;
   for (int64_t start = 0; start < vocab; start += kChunk) {
     const int64_t len = std::min(kChunk, vocab - start);
     if (prefetch && !kSplitReadsRow) prefetch_next_chunk(row, start, kChunk, vocab);

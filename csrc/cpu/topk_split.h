@@ -111,34 +111,6 @@ struct Staging {
 // fp32 went from 10.1-10.7 to 11.0 GB/s with 1 thread and from 9.3-9.5 to 10.8 GB/s per core
 // with 2; bfloat16 from 5.8 to 6.8-6.9 GB/s (4 streams: 10.5 fp32; 16: 10.5).
 enum class Ahead { kNone, kInRow, kNextRow, kBoth };
-constexpr int64_t kAheadStreams = 8;
-// Rows up to this many bytes take kNextRow. At any time the current row's unread part and the
-// next row's fetched part add up to about one row, which then fits a core's L2 (2 MiB on the
-// Xeon, 1 MiB on Zen 4) beside the rest.
-constexpr int64_t kNextRowBytes = int64_t(1) << 20;
-
-// A split's prefetch position. kNextRow: the next row's first byte, the bytes of each of its
-// kAheadStreams parts, and the byte offset in the current row at which this split starts.
-struct AheadPlan {
-  const char* next_row = nullptr;
-  int64_t part_bytes = 0;
-  int64_t offset_bytes = 0;
-};
-
-// kNextRow: asks for one line of each stream per 64 * kAheadStreams bytes that the split has
-// read, for a step that reads STEP bytes starting at byte `at` of the split (at + offset_bytes
-// of the row). A hint: changes no value.
-template <int64_t STEP>
-inline void prefetch_next_row(const AheadPlan& plan, int64_t at) {
-  constexpr int64_t kRowBytesPerLine = 64 * kAheadStreams;
-  static_assert(STEP <= kRowBytesPerLine, "one line per stream per step at most");
-  const int64_t done = plan.offset_bytes + at;
-  if (STEP == kRowBytesPerLine || done % kRowBytesPerLine < STEP) {
-    const char* line = plan.next_row + done / kAheadStreams;
-    for (int64_t stream = 0; stream < kAheadStreams; ++stream)
-      __builtin_prefetch(line + stream * plan.part_bytes, 0, 2);
-  }
-}
 
 // Storage types the vector splits (AVX-512 and AVX2) read straight from the row, widening in
 // registers (all of them but float64).

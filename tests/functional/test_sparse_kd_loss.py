@@ -141,6 +141,31 @@ def test_large_logits_and_non_contiguous_student():
     assert_close_to_reference(wide[:, ::2], soft_labels, labels, divergence="tvd")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda dtype: DTYPE_IDS[dtype])
+def test_large_forward_call_prefetching_equals_small_calls(dtype):
+    # Above 64 MiB of student logits the forward's tail sums ask for lines ahead as they go;
+    # without grad, for the thread's next row in several streams (past the call's last row too).
+    # An odd V puts most rows off a 64-byte boundary; a NaN row and ignored rows ride along.
+    vocab_size, k = 120_001, 16
+    rows = 10 * math.ceil(70 * 2**20 / (vocab_size * torch.tensor([], dtype=dtype).element_size()) / 10)
+    generator = torch.Generator().manual_seed(41)
+    student = (torch.randn(rows, vocab_size, generator=generator) * 3).to(dtype)
+    soft_labels = kdfast.compress_topk(torch.randn(rows, vocab_size, generator=generator) * 3, k, temperature=2.0)
+    labels = torch.randint(0, vocab_size, (rows,), generator=generator)
+    labels[::7] = -100
+    student[3, 777] = math.nan
+    assert student.numel() * student.element_size() > 64 * 2**20
+    options = dict(reduction="none", alpha=0.5, label_smoothing=0.1)
+    with torch.no_grad():
+        whole = functional.sparse_kd_loss(student, soft_labels, labels, **options)
+        parts = torch.cat([functional.sparse_kd_loss(student[i:i + 10], soft_labels[i:i + 10], labels[i:i + 10],
+                                                     **options) for i in range(0, rows, 10)])
+    assert torch.equal(whole.isnan(), parts.isnan()) and bool(whole[3].isnan())
+    assert torch.equal(whole.nan_to_num(), parts.nan_to_num())
+    for row in (0, 5, rows - 1):
+        assert_close_to_reference(student[row:row + 1], soft_labels[row:row + 1], labels[row:row + 1], **options)
+
+
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "tvd"])
 @pytest.mark.parametrize("tail", TAILS)
 def test_soft_labels_with_masked_teacher_entries(tail, divergence):
