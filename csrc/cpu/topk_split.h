@@ -104,13 +104,21 @@ struct Staging {
 
 // How a large call's vector split asks for lines ahead of itself as it goes (memory_policy.h).
 // kInRow: the lines one chunk ahead in its own row. kNextRow: the row its thread compresses
-// next, as kAheadStreams concurrent streams (that row's eighths, each advancing an eighth as
-// fast as the split), so that the row is in L2 when its turn comes. kBoth: both, for a thread's
-// first row, which no earlier row fetched. Several streams keep more
-// misses in flight than one: on a 2-core Xeon (4 KiB pages, 1024 x 128256, alternating builds)
-// fp32 went from 10.1-10.7 to 11.0 GB/s with 1 thread and from 9.3-9.5 to 10.8 GB/s per core
-// with 2; bfloat16 from 5.8 to 6.8-6.9 GB/s (4 streams: 10.5 fp32; 16: 10.5).
+// next, in kAheadStreams concurrent streams (prefetch_next_row). kBoth: both, for a thread's
+// first row, which no earlier row fetched. The streams keep more misses in flight than one
+// chunk ahead: on a 2-core Xeon (4 KiB pages, 1024 x 128256, alternating builds) fp32 went from
+// 10.1-10.7 to 11.0 GB/s with 1 thread and from 9.3-9.5 to 10.8 GB/s per core with 2; bfloat16
+// from 5.8 to 6.8-6.9 GB/s (4 streams: 10.5 fp32; 16: 10.5).
 enum class Ahead { kNone, kInRow, kNextRow, kBoth };
+
+// The asks of one split step that reads STEP elements of type S at x + i (x: the split's
+// start in the row; plan: AHEAD's next row). Hints only: no value changes.
+template <Ahead AHEAD, int64_t STEP, class S>
+inline void ask_ahead(const S* x, int64_t i, const AheadPlan& plan) {
+  if constexpr (AHEAD == Ahead::kInRow || AHEAD == Ahead::kBoth) prefetch_lines(x + i + kChunk, STEP * sizeof(S));
+  if constexpr (AHEAD == Ahead::kNextRow || AHEAD == Ahead::kBoth)
+    prefetch_next_row<STEP * sizeof(S)>(plan, i * static_cast<int64_t>(sizeof(S)));
+}
 
 // Storage types the vector splits (AVX-512 and AVX2) read straight from the row, widening in
 // registers (all of them but float64).
@@ -145,9 +153,7 @@ ChunkSplit<float> split_chunk_wide(const S* x, int64_t n, float theta, const Flo
     hits += __builtin_popcount(static_cast<unsigned>(above));
   };
   for (; i + 64 <= n; i += 64) {
-    if constexpr (AHEAD == Ahead::kInRow || AHEAD == Ahead::kBoth) prefetch_lines(x + i + kChunk, 64 * sizeof(S));
-    if constexpr (AHEAD == Ahead::kNextRow || AHEAD == Ahead::kBoth)
-      prefetch_next_row<64 * sizeof(S)>(plan, i * static_cast<int64_t>(sizeof(S)));
+    ask_ahead<AHEAD, 64>(x, i, plan);
     __m512 v[4];
     __mmask16 tail[4];  // lanes <= theta, or NaN: the tail's share
 #pragma GCC unroll 4
@@ -197,9 +203,7 @@ ChunkSplit<float> split_chunk_lanes(const S* x, int64_t n, float theta, const Ex
   __m256 sum[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t vector_hits = 0, i = 0;
   for (; i + 32 <= n; i += 32) {
-    if constexpr (AHEAD == Ahead::kInRow || AHEAD == Ahead::kBoth) prefetch_lines(x + i + kChunk, 32 * sizeof(S));
-    if constexpr (AHEAD == Ahead::kNextRow || AHEAD == Ahead::kBoth)
-      prefetch_next_row<32 * sizeof(S)>(plan, i * static_cast<int64_t>(sizeof(S)));
+    ask_ahead<AHEAD, 32>(x, i, plan);
     unsigned hit_bits = 0;
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
