@@ -14,8 +14,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "exp_lanes.h"
 #include "kernel_common.h"
-#include "lanes.h"
 #include "kdfast/rowmath.h"
 #include "kdfast/types.h"
 
@@ -38,7 +38,7 @@ constexpr int64_t kChunk = 512;
 // ---- chunk math: operates on compute-type buffers, independent of the storage dtypes ----
 
 // exp((x - max)/T) and exp(x - max) of a scaled difference d = h x - h max (rowmath.h,
-// difference_scale) on the variant's lanes (lanes.h): exp(d κ) and exp(d / h), built once per call.
+// difference_scale) on the variant's lanes (exp_lanes.h): exp(d κ) and exp(d / h), built once per call.
 template <class C>
 struct RowExps {
   ExpLanes<C> t, one;
@@ -100,7 +100,7 @@ constexpr bool kPolyGrad = D == Divergence::ForwardKL || !KD;
 // bases `part` holds (stream_row: the maxima of the row's first chunk, or the row's maxima),
 // then merges it into the row's partial (rowmath::merge_partials, here with no rebase); the
 // running maxima max_s, max_t grow by the chunk's entries (NaN skipped) on the way.
-// FOLD: exp(d κ) with the folded polynomial (lanes.h; when RowExps::t is foldable).
+// FOLD: exp(d κ) with the folded polynomial (exp_scalar.h; when RowExps::t is foldable).
 // KEEP: also stores the chunk's exponentials into `kept` (KeptExps).
 template <class C, Divergence D, bool KD, int S1, bool SMOOTH, bool FOLD, bool KEEP = false>
 void chunk_stats(const C* s, const C* t, int64_t n, const Coefficients<C>& coefficients, const RowExps<C>& exps,
@@ -474,7 +474,7 @@ template <class C>
 using GradFn = void (*)(const C*, const C*, int64_t, const Coefficients<C>&, const RowExps<C>&,
                         const ChunkGradRow<C>&, C*);
 
-// FOLD: the lanes' exp with folded coefficients (lanes.h), chosen per call where foldable;
+// FOLD: the lanes' exp with folded coefficients (exp_scalar.h), chosen per call where foldable;
 // the other chunk functions do not use the lanes' exp and ignore it.
 template <class C, Divergence D, bool KD, bool SMOOTH, bool FOLD, bool KEEP>
 StatsFn<C> pick_stats_mode(int student_1_mode) {

@@ -7,7 +7,7 @@
 // Rows are split over OpenMP threads (args.num_threads, no more); each row is streamed in
 // chunks of kChunk elements: converted to the compute type into a stack buffer (or used in
 // place for float32 / float64), then swept with vectorised loops; the exp-bound sweeps (the
-// forward statistics, the gradients) run on the lanes of lanes.h with its exp(x/T).
+// forward statistics, the gradients) run on the lanes of lanes.h with the exp(x/T) of exp_lanes.h.
 // The forward pass reads the row from memory once, in one statistics sweep whose exponentials
 // are taken from the maxima of the row's first chunk (stream_row: the bases; a row that rises too
 // far above them is streamed again from its maxima; JSD/TVD: one more sweep over the cached

@@ -25,8 +25,8 @@
 #endif
 
 #include "convert.h"
+#include "exp_lanes.h"
 #include "kernel_common.h"
-#include "lanes.h"
 #include "multi_teacher_common.h"
 #include "kdfast/rowmath.h"
 #include "kdfast/types.h"
@@ -65,10 +65,10 @@ namespace {
 // exponentiated once (twice with CE at a temperature other than 1, 2, 4). The gradient is
 // written for grad_output = 1 (reductions applied) into args.grad_student, a contiguous
 // [rows, vocab] buffer in the compute type; the caller scales it by grad_output.
-// The exp passes (1, 2) are written once over lanes (lanes.h): 8 float lanes with AVX2 and
+// The exp passes (1, 2) are written once over lanes (lanes.h, exp_lanes.h): 8 float lanes with AVX2 and
 // a table-based exp(x/T), plain float / double elsewhere. Being bound by their exps (and
 // not by memory: the rows stream at a fraction of the bandwidth), they are where the time
-// goes; see lanes.h for the exp and the note before student_exp_row for its cutoff test.
+// goes; see exp_scalar.h for the exp and the note before student_exp_row for its cutoff test.
 
 template <class C>
 C row_max(const C* x, int64_t n) {
@@ -89,7 +89,7 @@ C row_max(const C* x, int64_t n) {
 // NEXT: also the maximum of the next row to process (`next`, a teacher row), so its first
 // read from memory overlaps this pass's arithmetic. exp_t, exp_1: exp(x/T) and exp(x).
 // Returns false when CHECKED is false and some s_i - shift is below a cutoff. FOLD: exp(x/T)
-// with the folded polynomial (lanes.h, where exp_t is foldable; the unchecked pass only).
+// with the folded polynomial (exp_scalar.h, where exp_t is foldable; the unchecked pass only).
 template <class C, int S1, bool SMOOTH, bool NEXT, bool CHECKED, bool FOLD>
 bool student_exp_row(const C* s, int64_t n, C h, C shift, const ExpLanes<C>& exp_t_in, const ExpLanes<C>& exp_1_in,
                      C* es, C& sum_t, C& sum_1, C& centered, const C* next, C& next_max) {

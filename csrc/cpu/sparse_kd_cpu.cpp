@@ -30,8 +30,8 @@
 #include <vector>
 
 #include "convert.h"
+#include "exp_lanes.h"
 #include "kernel_common.h"
-#include "lanes.h"
 #include "memory_policy.h"
 #include "kdfast/rowmath.h"
 #include "kdfast/sparse_rowmath.h"
@@ -133,7 +133,7 @@ void copy_chunk(const S* src, int64_t n, C* buffer) {
   }
 }
 
-// exp(x/T) and exp(x) on the variant's lanes (lanes.h), for x <= 0: built once per call.
+// exp(x/T) and exp(x) on the variant's lanes (exp_lanes.h), for x <= 0: built once per call.
 template <class C>
 struct TailExps {
   ExpLanes<C> t, one;

@@ -17,8 +17,8 @@
 #endif
 
 #include "convert.h"
+#include "exp_lanes.h"
 #include "kernel_common.h"
-#include "lanes.h"
 #include "memory_policy.h"
 #include "kdfast/rowmath.h"
 
@@ -33,7 +33,7 @@ namespace {
 
 constexpr int64_t kChunk = 2048;  // elements per chunk of a row
 
-// The exp(x/T) of the float split (lanes.h): FlooredExp on the AVX-512 variant's 16 lanes, the
+// The exp(x/T) of the float split (exp_lanes.h): FlooredExp on the AVX-512 variant's 16 lanes, the
 // table exp on the AVX2 variant's 8; the portable variant's split is scalar (rowmath::exp_c).
 #if defined(KDFAST_LANES_WIDE)
 using SplitExp = FlooredExp;
@@ -129,7 +129,7 @@ constexpr bool kSplitReadsStorage = std::is_same_v<S, float> || std::is_same_v<S
 
 // The AVX-512 variant's split of a chunk of float, bfloat16 or float16 logits, 64 elements per step on
 // 16-float lanes over four independent accumulators, then 16 at a time with masked loads: per
-// element one compare, one subtraction, FlooredExp (lanes.h) and one masked add. A hit's lane
+// element one compare, one subtraction, FlooredExp (exp_lanes.h) and one masked add. A hit's lane
 // is left out of the sum by the add's mask (not set to -inf), so the exp needs no cutoff test.
 // The hits of a step that has any are stored in order to the staging buffers by vcompress
 // (one branch per such step, no second scan of the chunk). FOLD: FlooredExp::foldable.

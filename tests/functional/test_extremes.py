@@ -4,7 +4,7 @@ Every temperature the contract accepts, from 1e-20 to 1e20, gives a loss and a g
 float32 accuracy of `kdfast.reference` (the rule of tests/fp32_rows.py) for the dense, sparse
 and multi-teacher losses, and one outside that range raises ValueError in every entry point.
 Logits up to ±3.4e38 (finite, opposite signs in one row, so that x − max overflows float) do
-the same. The vector lanes' exp(x/T) (csrc/cpu/lanes.h) keeps its stated accuracy for scales
+the same. The vector lanes' exp(x/T) (csrc/cpu/exp_lanes.h) keeps its stated accuracy for scales
 1/T from 1e-30 to 1e30 on every CPU variant. The `cuda` cases run where a GPU is visible.
 """
 

@@ -1,16 +1,17 @@
-// Host check of FlooredExp (csrc/cpu/lanes.h), the AVX-512 variant's exp(max(x, floor) / T) on
-// 16 lanes that compress_topk's float split sums, built by test_cpu_vector_paths.py with the
-// variant's flags. For temperatures from 1e-30 to 1e30 (folded and unfolded coefficients):
-// x / T over [-86, 0] densely, relative error below 2e-7 against float64; below the floor,
-// -inf included, bitwise the floor's own value, a normal float; exp(0) = 1 exactly; NaN stays
-// NaN. Prints "checked N cases, M failures", or "not built in this variant".
+// Host check of FlooredExp (csrc/cpu/exp_scalar.h, exp_lanes.h), the AVX-512 variant's
+// exp(max(x, floor) / T) on 16 lanes that compress_topk's float split sums, built by
+// test_cpu_vector_paths.py with the variant's flags. For temperatures from 1e-30 to 1e30
+// (folded and unfolded coefficients): x / T over [-86, 0] densely, relative error below 2e-7
+// against float64; below the floor, -inf included, bitwise the floor's own value, a normal
+// float; exp(0) = 1 exactly; NaN stays NaN. Prints "checked N cases, M failures", or "not
+// built in this variant".
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <limits>
 #include <vector>
 
-#include "lanes.h"
+#include "exp_lanes.h"
 
 using namespace kdfast::cpu::KDFAST_CPU_VARIANT;
 

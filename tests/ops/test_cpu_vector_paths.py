@@ -1,7 +1,7 @@
 """Host check of the CPU kernels' hand-written vector paths, one build per instruction-set
 variant this machine runs: the bfloat16 conversions of convert.h (the AVX-512 store and the
 widening loads) against their scalar rules bit for bit, and memory_policy.h's streaming copy
-against memcpy at every alignment (`cpu_convert_check.cpp`); lanes.h's FlooredExp against
+against memcpy at every alignment (`cpu_convert_check.cpp`); exp_lanes.h's FlooredExp against
 float64 (`cpu_floored_exp_check.cpp`). The variants' compiler flags are
 read from CMakeLists.txt, so the check builds what the package builds. Skipped without a C++
 compiler on PATH or off x86-64.
@@ -62,7 +62,7 @@ def test_vector_paths_match_their_scalar_rules(variant, tmp_path):
 
 @pytest.mark.parametrize("variant", _runnable_variants())
 def test_floored_exp_within_its_stated_error(variant, tmp_path):
-    """FlooredExp (lanes.h), the AVX-512 variant's exp of compress_topk's float split:
+    """FlooredExp (exp_lanes.h), the AVX-512 variant's exp of compress_topk's float split:
     relative error below 2e-7 over x / T in [-86, 0] for T from 1e-30 to 1e30, the floor's value
     below it (-inf included), exp(0) = 1 and NaN kept (cpu_floored_exp_check.cpp)."""
     summary = _build_and_run(FLOORED_EXP_SOURCE, variant, tmp_path)

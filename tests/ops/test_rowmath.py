@@ -57,7 +57,7 @@ def test_log_special_values():
     assert torch.isnan(log_out[3])
 
 
-# ---- exp(x / T) of the CPU kernels' vector lanes (csrc/cpu/lanes.h, ScaledExp) ----
+# ---- exp(x / T) of the CPU kernels' vector lanes (csrc/cpu/exp_scalar.h and exp_lanes.h, ScaledExp) ----
 
 def _supported_variants():
     module = native_module()

@@ -29,7 +29,7 @@ void sparse_kd_backward_cpu(const SparseKDBackwardArgs& args);
 int64_t multi_teacher_forward_cpu(const MultiTeacherKDArgs& args);
 void multi_teacher_backward_cpu(const MultiTeacherKDArgs& args);
 
-// Test hook: exp(x / T) (T = 1 / inv_t) of the CPU kernels' vector lanes (csrc/cpu/lanes.h)
+// Test hook: exp(x / T) (T = 1 / inv_t) of the CPU kernels' vector lanes (csrc/cpu/exp_lanes.h)
 // over n floats, run by the named instruction-set variant in the form the kernels use (folded
 // coefficients where they are normal floats); cutoff = false is its form without the cutoff
 // test. Returns false when that variant is not compiled in or not
