@@ -16,19 +16,13 @@ per process, `KDFAST_CPU_VARIANT`).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
+from cpu_variants import other_cpu_variants, run_on_cpu_variant
 from fuzz_cases import check_case, draw_case
-from kdfast.ops._native import native_module
 
 CASES = 400
 VARIANT_CASES = 80
-TESTS_DIR = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("seed", range(CASES))
@@ -36,17 +30,6 @@ def test_fuzz_case(device, seed):
     check_case(draw_case(seed, device))
 
 
-def _other_cpu_variants():
-    info = native_module().build_info()
-    return [name for name in info["cpu_variants"] if name != info["cpu_variant_selected"]]
-
-
-@pytest.mark.parametrize("variant", _other_cpu_variants())
+@pytest.mark.parametrize("variant", other_cpu_variants())
 def test_fuzz_on_other_cpu_variants(variant):
-    environment = dict(os.environ, KDFAST_CPU_VARIANT=variant,
-                       PYTHONPATH=os.pathsep.join([str(TESTS_DIR)] + sys.path))
-    script = (f"import kdfast.ops._native as n; assert n.native_module().build_info()['cpu_variant_selected'] == "
-              f"{variant!r}; from fuzz_cases import check_seeds; check_seeds(range({VARIANT_CASES}))")
-    completed = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
-                               timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    run_on_cpu_variant(variant, f"from fuzz_cases import check_seeds; check_seeds(range({VARIANT_CASES}))")

@@ -7,13 +7,15 @@ per-teacher and per-row weights, ignore_index (including every row ignored), gra
 ≠ 1, vocabularies spanning several kernel chunks, extreme and masked logits, sequence and
 stacked teachers, non-contiguous rows, bad labels, gradcheck in float64,
 `torch.library.opcheck` and `torch.compile(fullgraph=True)` forward and backward, and the
-`kdfast.MultiTeacherKDLoss` module.
+`kdfast.MultiTeacherKDLoss` module; the float32 cases again on every other CPU variant the
+machine has.
 """
 
 import pytest
 import torch
 
 import kdfast
+from cpu_variants import other_cpu_variants, run_on_cpu_variant
 from kdfast import functional
 from kdfast.contract import KDOptions
 from kdfast.methods import multi_teacher_kd_loss as plain_loss
@@ -97,6 +99,18 @@ def test_float32_matches_float64_plain(divergence, combine, option_index):
     assert loss.dtype == torch.float32 and grad.dtype == torch.float32
     assert abs(loss.double() - ref_loss) <= 2e-5 * abs(ref_loss) + 1e-5
     assert (grad.double() - ref_grad).abs().max() <= 2e-5 * ref_grad.abs().max() + 1e-7
+
+
+@pytest.mark.parametrize("variant", other_cpu_variants())
+def test_float32_matches_float64_plain_on_other_cpu_variants(variant):
+    """The same float32 cases on every other CPU variant: their lane widths sum in other
+    orders (the 4-lane baseline variant once lost 1e-6 of a reverse_kl mixture's Σ q)."""
+    run_on_cpu_variant(variant, (
+        "import itertools\n"
+        "import test_multi_teacher_fused as t\n"
+        "for d, c, o in itertools.product(t.DIVERGENCES, t.COMBINES, range(len(t.OPTION_SETS))):\n"
+        "    t.test_float32_matches_float64_plain(d, c, o)\n"
+    ))
 
 
 @pytest.mark.parametrize("student_dtype,teacher_dtypes", [

@@ -13,15 +13,11 @@
 - the one-pass / two-pass agreement again on every other CPU variant the machine has.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import kdfast
+from cpu_variants import other_cpu_variants, run_on_cpu_variant
 from kd_checks import DTYPE_IDS, assert_grad_close, assert_loss_close, natural_scales, run_reference_float64
 from kdfast.contract import KDOptions
 from kdfast.ops import kd_loss as kd_ops
@@ -177,28 +173,16 @@ def test_rows_that_rise_far_above_their_first_chunk(divergence, dtype, rise, hea
                               divergence=divergence, context=f"{divergence} rise {rise} {settings}", **settings)
 
 
-def _other_cpu_variants():
-    info = kdfast.build_info()
-    return [name for name in info["cpu_variants"] if name != info["cpu_variant_selected"]]
-
-
-@pytest.mark.parametrize("variant", _other_cpu_variants())
+@pytest.mark.parametrize("variant", other_cpu_variants())
 def test_one_pass_matches_two_pass_on_other_cpu_variants(variant):
     """The kept-exponential paths (and their scalar tails) exist per CPU variant: the one-pass
     and two-pass kernels agree there too, for every divergence and dtype, two option sets."""
-    script = (
-        "import itertools, kdfast\n"
-        f"assert kdfast.build_info()['cpu_variant_selected'] == {variant!r}\n"
+    run_on_cpu_variant(variant, (
+        "import itertools\n"
         "import test_one_pass as t\n"
         "for d, dt, o in itertools.product(t.DIVERGENCES, t.DTYPES, [(2.0, 0.3, 0.0), (1.7, 0.6, 0.1)]):\n"
         "    t.test_one_pass_gradient_matches_two_pass(d, 'mean', dt, o)\n"
-    )
-    tests_dir = Path(__file__).resolve().parents[1]
-    environment = dict(os.environ, KDFAST_CPU_VARIANT=variant, PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).resolve().parent), str(tests_dir)] + sys.path))
-    completed = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
-                               timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    ))
 
 
 def test_one_pass_writes_nan_rows_and_reports_bad_labels():

@@ -10,15 +10,12 @@ probabilities. The container's checks, conversions and storage sizes are tested 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import kdfast
+from cpu_variants import other_cpu_variants, run_on_cpu_variant
 from kdfast import reference
 from kdfast.ops import sparse as sparse_ops
 from kdfast.softlabels import SoftLabels, smallest_index_dtype
@@ -96,18 +93,12 @@ def test_sorted_rows(order, k):
     assert_matches_reference(teacher, k)
 
 
-def _other_cpu_variants():
-    info = kdfast.build_info()
-    return [name for name in info["cpu_variants"] if name != info["cpu_variant_selected"]]
-
-
-@pytest.mark.parametrize("variant", _other_cpu_variants())
+@pytest.mark.parametrize("variant", other_cpu_variants())
 def test_selection_on_other_cpu_variants(variant):
     """The selection's vector paths differ per variant (AVX-512: vcompress; AVX2: a permute
     table; baseline: scalar): ties, random rows with many cuts, and sorted rows on each."""
-    script = (
-        "import kdfast, torch\n"
-        f"assert kdfast.build_info()['cpu_variant_selected'] == {variant!r}\n"
+    run_on_cpu_variant(variant, (
+        "import torch\n"
         "from test_softlabels import assert_matches_reference, random_logits\n"
         "g = torch.Generator().manual_seed(7)\n"
         "for k in (16, 64, 1000):\n"
@@ -115,12 +106,7 @@ def test_selection_on_other_cpu_variants(variant):
         "    assert_matches_reference(random_logits((3, 50257), seed=k), k, 2.0)\n"
         "    assert_matches_reference(random_logits((2, 9000), seed=k).sort(-1).values, k)\n"
         "assert_matches_reference(random_logits((2, 20000), seed=3, dtype=torch.bfloat16), 64)\n"
-    )
-    environment = dict(os.environ, KDFAST_CPU_VARIANT=variant,
-                       PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent)] + sys.path))
-    completed = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
-                               timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    ))
 
 
 def test_masked_vocabulary_entries():
