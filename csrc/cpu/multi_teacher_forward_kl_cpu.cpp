@@ -70,12 +70,7 @@ namespace {
 // not by memory: the rows stream at a fraction of the bandwidth), they are where the time
 // goes; see exp_scalar.h for the exp and the note before student_exp_row for its cutoff test.
 
-// The row sums of the passes below add kSumBlock elements at a time on the lanes, in the
-// compute type, and the blocks' totals in double: summed over a whole row in float, a lane
-// holding a large term rounds away the small ones added to it, which grew with the
-// vocabulary (V = 128256, T = 0.7: 1.1e-5 relative in the loss on the 4-lane baseline
-// variant, 3e-6 on 16 lanes).
-constexpr int64_t kSumBlock = 2048;
+// The row sums of the passes below add up by blocks of kSumBlock elements (lanes.h, RowSums).
 
 template <class C>
 C row_max(const C* x, int64_t n) {
@@ -102,33 +97,26 @@ bool student_exp_row(const C* s, int64_t n, C h, C shift, const ExpLanes<C>& exp
                      C* es, C& sum_t, C& sum_1, C& centered, const C* next, C& next_max) {
   // Local copies: stores through es cannot alias them, so the constants stay in registers.
   const ExpLanes<C> exp_t = exp_t_in, exp_1 = exp_1_in;
-  double totals[3] = {0.0, 0.0, 0.0};
-  C block_max = kNegInf<C>, low = std::numeric_limits<C>::infinity();
-  for (int64_t start = 0; start < n; start += kSumBlock) {
-    LaneSums<C, 3> acc;
-    sweep_lanes<C>(std::min(kSumBlock, n - start), [&](auto lane, int64_t j) {
-      using L = Lane<decltype(lane)>;
-      const int64_t i = start + j;
-      auto* sums = acc.sums(lane);
-      const auto ds = fma_(L::load(s + i), L::splat(h), L::splat(-shift));
-      const auto e = exp_t.template apply<CHECKED, FOLD>(ds);
-      store(es + i, e);
-      sums[0] = sums[0] + e;
-      if constexpr (S1 == rowmath::kStudent1Exp) sums[1] = sums[1] + exp_1.template apply<CHECKED>(ds);
-      if constexpr (S1 == 2 || S1 == 4) sums[1] = sums[1] + rowmath::integer_power<S1>(e);
-      if constexpr (SMOOTH) sums[2] = sums[2] + ds;
-      if constexpr (NEXT) acc.max(lane) = max_(acc.max(lane), L::load(next + i));
-      if constexpr (!CHECKED) acc.min(lane) = min_(acc.min(lane), ds);
-    });
-    for (int j = 0; j < 3; ++j) totals[j] += static_cast<double>(acc.total(j));
-    if constexpr (NEXT) block_max = max_(acc.maximum(), block_max);
-    if constexpr (!CHECKED) low = min_(acc.minimum(), low);
-  }
-  sum_t = static_cast<C>(totals[0]);
-  sum_1 = static_cast<C>(totals[1]);
-  centered = static_cast<C>(totals[2]);
-  if constexpr (NEXT) next_max = block_max;
+  RowSums<C, 3> row;
+  row.sweep(n, [&](auto& acc, auto lane, int64_t i) {
+    using L = Lane<decltype(lane)>;
+    auto* sums = acc.sums(lane);
+    const auto ds = fma_(L::load(s + i), L::splat(h), L::splat(-shift));
+    const auto e = exp_t.template apply<CHECKED, FOLD>(ds);
+    store(es + i, e);
+    sums[0] = sums[0] + e;
+    if constexpr (S1 == rowmath::kStudent1Exp) sums[1] = sums[1] + exp_1.template apply<CHECKED>(ds);
+    if constexpr (S1 == 2 || S1 == 4) sums[1] = sums[1] + rowmath::integer_power<S1>(e);
+    if constexpr (SMOOTH) sums[2] = sums[2] + ds;
+    if constexpr (NEXT) acc.max(lane) = max_(acc.max(lane), L::load(next + i));
+    if constexpr (!CHECKED) acc.min(lane) = min_(acc.min(lane), ds);
+  });
+  sum_t = row.total(0);
+  sum_1 = row.total(1);
+  centered = row.total(2);
+  if constexpr (NEXT) next_max = row.maximum;
   if constexpr (CHECKED) return true;
+  const C low = row.minimum;
   return low >= exp_t_in.scalar_cutoff() && (S1 != rowmath::kStudent1Exp || low >= exp_1_in.scalar_cutoff());
 }
 
@@ -175,38 +163,29 @@ bool teacher_exp_row(const C* t, int64_t n, C h, C shift, const ExpLanes<C>& exp
   // A -inf logit has e = 0: its dt is clamped to the lowest finite value so that e * dt = 0.
   constexpr C kLowest = std::numeric_limits<C>::lowest();
   const ExpLanes<C> exp_t = exp_t_in;  // a local copy, as in student_exp_row
-  double z = 0.0, a = 0.0;
-  C block_max = kNegInf<C>, low = std::numeric_limits<C>::infinity();
-  for (int64_t start = 0; start < n; start += kSumBlock) {
-    LaneSums<C, 2> acc;
-    sweep_lanes<C>(std::min(kSumBlock, n - start), [&](auto lane, int64_t j) {
-      using L = Lane<decltype(lane)>;
-      const int64_t i = start + j;
-      auto* sums = acc.sums(lane);
-      const auto dt = fma_(L::load(t + i), L::splat(h), L::splat(-shift));
-      const auto e = exp_t.template apply<CHECKED, FOLD>(dt);
-      store(scratch + i, e);
-      sums[0] = sums[0] + e;
-      if constexpr (SUM && CHECKED) sums[1] = fma_(e, max_(dt, L::splat(kLowest)), sums[1]);
-      if constexpr (SUM && !CHECKED) sums[1] = fma_(e, dt, sums[1]);
-      if constexpr (!CHECKED) acc.min(lane) = min_(acc.min(lane), dt);
-      if constexpr (NEXT) acc.max(lane) = max_(acc.max(lane), L::load(next + i));
-      if constexpr (PREV) {
-        const auto add = L::splat(prev_c) * L::load(prev + i);
-        if constexpr (FIRST) store(mixture + i, add);
-        else store(mixture + i, L::load(mixture + i) + add);
-      }
-    });
-    z += static_cast<double>(acc.total(0));
-    a += static_cast<double>(acc.total(1));
-    if constexpr (NEXT) block_max = max_(acc.maximum(), block_max);
-    if constexpr (!CHECKED) low = min_(acc.minimum(), low);
-  }
-  z_out = static_cast<C>(z);
-  a_out = static_cast<C>(a);
-  if constexpr (NEXT) next_max = block_max;
+  RowSums<C, 2> row;
+  row.sweep(n, [&](auto& acc, auto lane, int64_t i) {
+    using L = Lane<decltype(lane)>;
+    auto* sums = acc.sums(lane);
+    const auto dt = fma_(L::load(t + i), L::splat(h), L::splat(-shift));
+    const auto e = exp_t.template apply<CHECKED, FOLD>(dt);
+    store(scratch + i, e);
+    sums[0] = sums[0] + e;
+    if constexpr (SUM && CHECKED) sums[1] = fma_(e, max_(dt, L::splat(kLowest)), sums[1]);
+    if constexpr (SUM && !CHECKED) sums[1] = fma_(e, dt, sums[1]);
+    if constexpr (!CHECKED) acc.min(lane) = min_(acc.min(lane), dt);
+    if constexpr (NEXT) acc.max(lane) = max_(acc.max(lane), L::load(next + i));
+    if constexpr (PREV) {
+      const auto add = L::splat(prev_c) * L::load(prev + i);
+      if constexpr (FIRST) store(mixture + i, add);
+      else store(mixture + i, L::load(mixture + i) + add);
+    }
+  });
+  z_out = row.total(0);
+  a_out = row.total(1);
+  if constexpr (NEXT) next_max = row.maximum;
   if constexpr (CHECKED) return true;
-  return low >= exp_t_in.scalar_cutoff();
+  return row.minimum >= exp_t_in.scalar_cutoff();
 }
 
 template <class C, bool SUM, bool CHECKED, bool FOLD>
